@@ -1,0 +1,24 @@
+//! Systolic's compiler crate: the graph IR and everything that reads it.
+//!
+//! - [`graph`]: the typed IR (NHWC f32, HWIO kernels) on petgraph, its builder and RON files;
+//! - [`tensors`]: named tensors and their safetensors files;
+//! - [`zoo`]: reference CNNs (simple_cnn … resnet50, mobilenet_v1);
+//! - [`reference`]: the f32 CPU interpreter, the executable meaning of every op;
+//! - [`autodiff`]: reverse-mode differentiation as a graph transformation;
+//! - [`cost`]: FLOP and parameter counts per node.
+//!
+//! The compiler knows nothing of estimators or command lines; it depends only on the simulator
+//! (from the lowering issue on).
+
+pub mod autodiff;
+pub mod cost;
+pub mod error;
+pub mod graph;
+pub mod reference;
+pub mod rng;
+pub mod tensors;
+pub mod zoo;
+
+pub use error::{Error, Result};
+pub use graph::{Graph, Node, NodeId, Op, Shape};
+pub use tensors::{Tensor, TensorMap};

@@ -1,0 +1,362 @@
+//! Convolutions in NHWC with HWIO kernels: forward, input-gradient and kernel-gradient.
+//!
+//! Dense and grouped convolutions gather input patches into a row-major panel (im2col, one
+//! block of output pixels at a time so the panel stays in cache) and multiply it with the kernel
+//! seen as a `[kh·kw·cin_g, cout]` matrix; 1×1 stride-1 convolutions skip the gather. Depthwise
+//! convolutions (one input channel per group) have too little reduction depth for a matrix
+//! product, so they run as direct loops vectorised over channels.
+
+use rayon::prelude::*;
+
+use super::gemm::{self, MatRef, matmul, row_block};
+use crate::graph::{Conv2d, Window2d};
+
+/// The geometry of one convolution, resolved for concrete shapes.
+#[derive(Clone, Copy, Debug)]
+pub struct ConvGeom {
+    pub n: usize,
+    pub h: usize,
+    pub w: usize,
+    pub c: usize,
+    pub kh: usize,
+    pub kw: usize,
+    pub co: usize,
+    pub groups: usize,
+    pub sh: usize,
+    pub sw: usize,
+    pub dh: usize,
+    pub dw: usize,
+    pub win: Window2d,
+}
+
+impl ConvGeom {
+    pub fn new(conv: &Conv2d, x: [usize; 4], kernel: [usize; 4]) -> ConvGeom {
+        let [n, h, w, c] = x;
+        let [kh, kw, _, co] = kernel;
+        let win = conv
+            .window([h, w], [kh, kw])
+            .expect("shapes were checked when the node was added");
+        ConvGeom {
+            n,
+            h,
+            w,
+            c,
+            kh,
+            kw,
+            co,
+            groups: conv.groups,
+            sh: conv.strides[0],
+            sw: conv.strides[1],
+            dh: conv.dilation[0],
+            dw: conv.dilation[1],
+            win,
+        }
+    }
+
+    pub fn cin_g(&self) -> usize {
+        self.c / self.groups
+    }
+
+    pub fn cout_g(&self) -> usize {
+        self.co / self.groups
+    }
+
+    /// Reduction depth of one group's matrix product.
+    pub fn depth(&self) -> usize {
+        self.kh * self.kw * self.cin_g()
+    }
+
+    pub fn out_pixels_per_image(&self) -> usize {
+        self.win.out_h * self.win.out_w
+    }
+
+    fn is_pointwise(&self) -> bool {
+        self.kh == 1
+            && self.kw == 1
+            && self.sh == 1
+            && self.sw == 1
+            && self.win.pad_top == 0
+            && self.win.pad_left == 0
+            && self.groups == 1
+    }
+
+    fn is_depthwise(&self) -> bool {
+        self.cin_g() == 1 && self.groups > 1
+    }
+
+    /// Input row and column read by output `(oh, ow)` at kernel tap `(i, j)`, if inside.
+    #[inline]
+    fn tap(&self, oh: usize, ow: usize, i: usize, j: usize) -> Option<(usize, usize)> {
+        let ih = (oh * self.sh + i * self.dh).checked_sub(self.win.pad_top)?;
+        let iw = (ow * self.sw + j * self.dw).checked_sub(self.win.pad_left)?;
+        (ih < self.h && iw < self.w).then_some((ih, iw))
+    }
+
+    /// Gathers the patches of output pixels `p0 .. p0 + rows` (flattened over n, oh, ow) of
+    /// channel group `g` into `panel` (`rows × depth`, row-major); taps outside are zero.
+    fn im2col(&self, x: &[f32], g: usize, p0: usize, rows: usize, panel: &mut [f32]) {
+        let (cg, depth, ohw) = (self.cin_g(), self.depth(), self.out_pixels_per_image());
+        for r in 0..rows {
+            let p = p0 + r;
+            let (img, rem) = (p / ohw, p % ohw);
+            let (oh, ow) = (rem / self.win.out_w, rem % self.win.out_w);
+            let row = &mut panel[r * depth..(r + 1) * depth];
+            for i in 0..self.kh {
+                for j in 0..self.kw {
+                    let dst = &mut row[(i * self.kw + j) * cg..(i * self.kw + j + 1) * cg];
+                    match self.tap(oh, ow, i, j) {
+                        Some((ih, iw)) => {
+                            let src = ((img * self.h + ih) * self.w + iw) * self.c + g * cg;
+                            dst.copy_from_slice(&x[src..src + cg]);
+                        }
+                        None => dst.fill(0.0),
+                    }
+                }
+            }
+        }
+    }
+
+    /// The inverse of [`Self::im2col`] for one image: adds each panel entry back into `dx`.
+    fn col2im_add(&self, panel: &[f32], g: usize, p0: usize, rows: usize, dx_img: &mut [f32]) {
+        let (cg, depth) = (self.cin_g(), self.depth());
+        for r in 0..rows {
+            let p = p0 + r;
+            let (oh, ow) = (p / self.win.out_w, p % self.win.out_w);
+            let row = &panel[r * depth..(r + 1) * depth];
+            for i in 0..self.kh {
+                for j in 0..self.kw {
+                    if let Some((ih, iw)) = self.tap(oh, ow, i, j) {
+                        let dst = (ih * self.w + iw) * self.c + g * cg;
+                        let src = &row[(i * self.kw + j) * cg..(i * self.kw + j + 1) * cg];
+                        dx_img[dst..dst + cg]
+                            .iter_mut()
+                            .zip(src)
+                            .for_each(|(d, s)| *d += s);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `y = conv(x, kernel)`: x `[n, h, w, c]`, kernel HWIO; returns `[n, oh, ow, co]` row-major.
+pub fn forward(g: &ConvGeom, x: &[f32], kernel: &[f32]) -> Vec<f32> {
+    let pixels = g.n * g.out_pixels_per_image();
+    let mut y = vec![0f32; pixels * g.co];
+    if g.is_depthwise() {
+        depthwise_forward(g, x, kernel, &mut y);
+        return y;
+    }
+    if g.is_pointwise() {
+        gemm::par_matmul(
+            pixels,
+            g.c,
+            g.co,
+            MatRef::rows(x, g.c),
+            MatRef::rows(kernel, g.co),
+            &mut y,
+        );
+        return y;
+    }
+    let (depth, cog) = (g.depth(), g.cout_g());
+    let block = row_block(depth);
+    let w = MatRef::rows(kernel, g.co);
+    y.par_chunks_mut(block * g.co)
+        .enumerate()
+        .for_each_init(Vec::new, |panel, (bi, yb)| {
+            let rows = yb.len() / g.co;
+            panel.resize(rows * depth, 0.0);
+            for grp in 0..g.groups {
+                g.im2col(x, grp, bi * block, rows, panel);
+                matmul(
+                    rows,
+                    depth,
+                    cog,
+                    MatRef::rows(panel, depth),
+                    w.col_offset(grp * cog),
+                    &mut yb[grp * cog..],
+                    g.co,
+                    false,
+                );
+            }
+        });
+    y
+}
+
+/// `dx` of a convolution from `dy` `[n, oh, ow, co]` and the kernel; returns `[n, h, w, c]`.
+pub fn backprop_input(g: &ConvGeom, dy: &[f32], kernel: &[f32]) -> Vec<f32> {
+    let img = g.h * g.w * g.c;
+    let mut dx = vec![0f32; g.n * img];
+    if g.is_depthwise() {
+        depthwise_backprop_input(g, dy, kernel, &mut dx);
+        return dx;
+    }
+    let ohw = g.out_pixels_per_image();
+    if g.is_pointwise() {
+        let wt = MatRef::rows(kernel, g.co).t();
+        gemm::par_matmul(g.n * ohw, g.co, g.c, MatRef::rows(dy, g.co), wt, &mut dx);
+        return dx;
+    }
+    let (depth, cog) = (g.depth(), g.cout_g());
+    let block = row_block(depth);
+    let wt = MatRef::rows(kernel, g.co).t();
+    dx.par_chunks_mut(img)
+        .enumerate()
+        .for_each_init(Vec::new, |panel, (n, dx_img)| {
+            let dy_img = &dy[n * ohw * g.co..(n + 1) * ohw * g.co];
+            for p0 in (0..ohw).step_by(block) {
+                let rows = block.min(ohw - p0);
+                panel.resize(rows * depth, 0.0);
+                for grp in 0..g.groups {
+                    let dyb = MatRef::rows(&dy_img[p0 * g.co..], g.co).col_offset(grp * cog);
+                    matmul(
+                        rows,
+                        cog,
+                        depth,
+                        dyb,
+                        wt.row_offset(grp * cog),
+                        panel,
+                        depth,
+                        false,
+                    );
+                    g.col2im_add(panel, grp, p0, rows, dx_img);
+                }
+            }
+        });
+    dx
+}
+
+/// Images per partial kernel gradient: at most 16 partials, whatever the thread count.
+fn images_per_partial(n: usize) -> usize {
+    n.div_ceil(16).max(1)
+}
+
+/// `dkernel` of a convolution from `x` and `dy`; returns HWIO `[kh, kw, c / groups, co]`.
+pub fn backprop_filter(g: &ConvGeom, x: &[f32], dy: &[f32]) -> Vec<f32> {
+    let (depth, cog, ohw) = (g.depth(), g.cout_g(), g.out_pixels_per_image());
+    let len = depth * g.co;
+    if g.is_pointwise() {
+        return gemm::par_matmul_tn(g.n * ohw, g.c, g.co, x, dy);
+    }
+    let per = images_per_partial(g.n);
+    let partials: Vec<Vec<f32>> = (0..g.n.div_ceil(per))
+        .into_par_iter()
+        .map(|chunk| {
+            let mut dk = vec![0f32; len];
+            if g.is_depthwise() {
+                depthwise_backprop_filter(
+                    g,
+                    x,
+                    dy,
+                    chunk * per..((chunk + 1) * per).min(g.n),
+                    &mut dk,
+                );
+                return dk;
+            }
+            let block = row_block(depth);
+            let mut panel = Vec::new();
+            let mut first = true;
+            for n in chunk * per..((chunk + 1) * per).min(g.n) {
+                for p0 in (0..ohw).step_by(block) {
+                    let rows = block.min(ohw - p0);
+                    panel.resize(rows * depth, 0.0);
+                    let dyb = &dy[(n * ohw + p0) * g.co..];
+                    for grp in 0..g.groups {
+                        g.im2col(x, grp, n * ohw + p0, rows, &mut panel);
+                        let at = MatRef::rows(&panel, depth).t();
+                        let b = MatRef::rows(dyb, g.co).col_offset(grp * cog);
+                        matmul(depth, rows, cog, at, b, &mut dk[grp * cog..], g.co, !first);
+                    }
+                    first = false;
+                }
+            }
+            dk
+        })
+        .collect();
+    gemm::sum_in_order(partials, len)
+}
+
+/// Depthwise forward: `y[.., c·m + j] = Σ_taps x[.., c] · k[i, j, 0, c·m + j]`, in tap order.
+fn depthwise_forward(g: &ConvGeom, x: &[f32], kernel: &[f32], y: &mut [f32]) {
+    let mult = g.cout_g();
+    let row_len = g.win.out_w * g.co;
+    y.par_chunks_mut(row_len).enumerate().for_each(|(r, yrow)| {
+        let (n, oh) = (r / g.win.out_h, r % g.win.out_h);
+        for ow in 0..g.win.out_w {
+            let out = &mut yrow[ow * g.co..(ow + 1) * g.co];
+            for i in 0..g.kh {
+                for j in 0..g.kw {
+                    let Some((ih, iw)) = g.tap(oh, ow, i, j) else {
+                        continue;
+                    };
+                    let xs = &x[((n * g.h + ih) * g.w + iw) * g.c..][..g.c];
+                    let ks = &kernel[(i * g.kw + j) * g.co..][..g.co];
+                    if mult == 1 {
+                        for ((o, &xv), &kv) in out.iter_mut().zip(xs).zip(ks) {
+                            *o += xv * kv;
+                        }
+                    } else {
+                        for (oc, o) in out.iter_mut().enumerate() {
+                            *o += xs[oc / mult] * ks[oc];
+                        }
+                    }
+                }
+            }
+        }
+    });
+}
+
+fn depthwise_backprop_input(g: &ConvGeom, dy: &[f32], kernel: &[f32], dx: &mut [f32]) {
+    let mult = g.cout_g();
+    let img = g.h * g.w * g.c;
+    let ohw = g.out_pixels_per_image();
+    dx.par_chunks_mut(img).enumerate().for_each(|(n, dx_img)| {
+        for oh in 0..g.win.out_h {
+            for ow in 0..g.win.out_w {
+                let d = &dy[((n * ohw) + oh * g.win.out_w + ow) * g.co..][..g.co];
+                for i in 0..g.kh {
+                    for j in 0..g.kw {
+                        let Some((ih, iw)) = g.tap(oh, ow, i, j) else {
+                            continue;
+                        };
+                        let dst = &mut dx_img[(ih * g.w + iw) * g.c..][..g.c];
+                        let ks = &kernel[(i * g.kw + j) * g.co..][..g.co];
+                        for (oc, (&dv, &kv)) in d.iter().zip(ks).enumerate() {
+                            dst[oc / mult] += dv * kv;
+                        }
+                    }
+                }
+            }
+        }
+    });
+}
+
+fn depthwise_backprop_filter(
+    g: &ConvGeom,
+    x: &[f32],
+    dy: &[f32],
+    images: std::ops::Range<usize>,
+    dk: &mut [f32],
+) {
+    let mult = g.cout_g();
+    let ohw = g.out_pixels_per_image();
+    for n in images {
+        for oh in 0..g.win.out_h {
+            for ow in 0..g.win.out_w {
+                let d = &dy[((n * ohw) + oh * g.win.out_w + ow) * g.co..][..g.co];
+                for i in 0..g.kh {
+                    for j in 0..g.kw {
+                        let Some((ih, iw)) = g.tap(oh, ow, i, j) else {
+                            continue;
+                        };
+                        let xs = &x[((n * g.h + ih) * g.w + iw) * g.c..][..g.c];
+                        let ks = &mut dk[(i * g.kw + j) * g.co..][..g.co];
+                        for (oc, (k, &dv)) in ks.iter_mut().zip(d).enumerate() {
+                            *k += xs[oc / mult] * dv;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,185 @@
+//! Named tensors and safetensors files.
+//!
+//! Every value the tools exchange — weights, inputs, labels, outputs, gradients — is a
+//! safetensors file of tensors named after graph nodes (`conv1/kernel`, `image`, `logits`), so
+//! PyTorch (`safetensors.torch.load_file`) and NumPy (`safetensors.numpy.load_file`) read them.
+//! Inside Systolic every tensor is f32; files may also hold f16, bf16, f64 and integer tensors
+//! (integers for labels), which are converted on load.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use safetensors::{Dtype, SafeTensors, View};
+
+use crate::error::{Error, Result};
+
+/// A dense f32 tensor in row-major (C) order.
+pub type Tensor = ndarray::ArrayD<f32>;
+
+/// Tensors by name, in name order (so files and reports are deterministic).
+pub type TensorMap = BTreeMap<String, Tensor>;
+
+fn file_error(path: &Path, reason: impl Into<String>) -> Error {
+    Error::TensorFile {
+        path: path.to_path_buf(),
+        reason: reason.into(),
+    }
+}
+
+/// Decodes one safetensors view to f32.
+fn decode(path: &Path, name: &str, dtype: Dtype, shape: &[usize], data: &[u8]) -> Result<Tensor> {
+    let bad = |what: &str| file_error(path, format!("tensor '{name}': {what}"));
+    let values: Vec<f32> = match dtype {
+        Dtype::F32 => data
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
+        Dtype::F64 => data
+            .chunks_exact(8)
+            .map(|b| f64::from_le_bytes(b.try_into().expect("chunk of 8")) as f32)
+            .collect(),
+        Dtype::BF16 => data
+            .chunks_exact(2)
+            .map(|b| f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16))
+            .collect(),
+        Dtype::F16 => data
+            .chunks_exact(2)
+            .map(|b| f16_to_f32(u16::from_le_bytes([b[0], b[1]])))
+            .collect(),
+        Dtype::I64 => data
+            .chunks_exact(8)
+            .map(|b| i64::from_le_bytes(b.try_into().expect("chunk of 8")) as f32)
+            .collect(),
+        Dtype::I32 => data
+            .chunks_exact(4)
+            .map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f32)
+            .collect(),
+        Dtype::I16 => data
+            .chunks_exact(2)
+            .map(|b| i16::from_le_bytes([b[0], b[1]]) as f32)
+            .collect(),
+        Dtype::U8 => data.iter().map(|&b| b as f32).collect(),
+        Dtype::I8 => data.iter().map(|&b| b as i8 as f32).collect(),
+        other => {
+            return Err(bad(&format!(
+                "dtype {other:?} is not supported; store it as F32"
+            )));
+        }
+    };
+    Tensor::from_shape_vec(shape.to_vec(), values).map_err(|e| bad(&e.to_string()))
+}
+
+/// IEEE half to f32 (exact).
+fn f16_to_f32(h: u16) -> f32 {
+    let sign = ((h >> 15) as u32) << 31;
+    let exp = ((h >> 10) & 0x1f) as u32;
+    let frac = (h & 0x3ff) as u32;
+    let bits = match (exp, frac) {
+        (0, 0) => sign,
+        (0, f) => {
+            // Subnormal: renormalise.
+            let shift = f.leading_zeros() - 21;
+            sign | ((127 - 15 + 1 - shift) << 23) | ((f << shift) & 0x3ff) << 13
+        }
+        (0x1f, f) => sign | 0x7f80_0000 | (f << 13),
+        (e, f) => sign | ((e + 127 - 15) << 23) | (f << 13),
+    };
+    f32::from_bits(bits)
+}
+
+/// Reads every tensor of a safetensors file, converted to f32.
+pub fn load(path: impl AsRef<Path>) -> Result<TensorMap> {
+    let path = path.as_ref();
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let st = SafeTensors::deserialize(&bytes)
+        .map_err(|e| file_error(path, format!("not a valid safetensors file ({e})")))?;
+    let mut out = TensorMap::new();
+    for (name, view) in st.tensors() {
+        let t = decode(path, &name, view.dtype(), view.shape(), view.data())?;
+        out.insert(name, t);
+    }
+    Ok(out)
+}
+
+struct F32View<'a>(&'a Tensor, Vec<u8>);
+
+impl View for &F32View<'_> {
+    fn dtype(&self) -> Dtype {
+        Dtype::F32
+    }
+    fn shape(&self) -> &[usize] {
+        self.0.shape()
+    }
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        std::borrow::Cow::Borrowed(&self.1)
+    }
+    fn data_len(&self) -> usize {
+        self.1.len()
+    }
+}
+
+/// Serialises tensors as an F32 safetensors file image.
+pub fn to_bytes(tensors: &TensorMap) -> Vec<u8> {
+    let views: Vec<(String, F32View)> = tensors
+        .iter()
+        .map(|(name, t)| {
+            let bytes: Vec<u8> = t.iter().flat_map(|v| v.to_le_bytes()).collect();
+            (name.clone(), F32View(t, bytes))
+        })
+        .collect();
+    safetensors::serialize(views.iter().map(|(n, v)| (n.as_str(), v)), None)
+        .expect("f32 tensors with consistent shapes always serialise")
+}
+
+/// Writes tensors as an F32 safetensors file, atomically.
+pub fn save(path: impl AsRef<Path>, tensors: &TensorMap) -> Result<()> {
+    write_atomically(path.as_ref(), &to_bytes(tensors))
+}
+
+/// Writes `bytes` to a temporary file beside `path` and renames it into place, so an
+/// interrupted write never leaves a truncated file behind.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    let file_name = path
+        .file_name()
+        .ok_or_else(|| file_error(path, "is not a file path"))?;
+    let tmp = path.with_file_name(format!(
+        ".{}.tmp{}",
+        file_name.to_string_lossy(),
+        std::process::id()
+    ));
+    std::fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        Error::io(path, e)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn f16_conversion_is_exact() {
+        assert_eq!(f16_to_f32(0x3c00), 1.0);
+        assert_eq!(f16_to_f32(0xc000), -2.0);
+        assert_eq!(f16_to_f32(0x0001), 2f32.powi(-24));
+        assert_eq!(f16_to_f32(0x7bff), 65504.0);
+        assert!(f16_to_f32(0x7c00).is_infinite());
+    }
+
+    #[test]
+    fn round_trip_through_bytes() {
+        let mut m = TensorMap::new();
+        m.insert(
+            "a/kernel".into(),
+            Tensor::from_shape_vec(vec![2, 3], (0..6).map(|i| i as f32 * 0.5).collect()).unwrap(),
+        );
+        m.insert("scalar".into(), Tensor::from_elem(vec![], 3.25));
+        let dir = std::env::temp_dir().join(format!("systolic-tensors-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("t.safetensors");
+        save(&p, &m).unwrap();
+        assert_eq!(load(&p).unwrap(), m);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

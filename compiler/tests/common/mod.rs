@@ -1,0 +1,286 @@
+//! Shared test helpers: random tensors, naive (loop-by-loop, f64) versions of every op, and a
+//! gradient checker that compares autodiff with central finite differences.
+#![allow(dead_code)]
+
+use ndarray::{ArrayD, IxDyn};
+use systolic_compiler::autodiff;
+use systolic_compiler::graph::{Graph, NodeId, Padding, Window2d};
+use systolic_compiler::reference::{self, RunOptions};
+use systolic_compiler::rng;
+use systolic_compiler::{Tensor, TensorMap};
+
+/// Uniform values in [-1, 1), deterministic in `seed`.
+pub fn rand_tensor(shape: &[usize], seed: u64) -> Tensor {
+    let n: usize = shape.iter().product();
+    let v = (0..n)
+        .map(|i| 2.0 * rng::uniform(seed, i as u64) - 1.0)
+        .collect();
+    Tensor::from_shape_vec(shape.to_vec(), v).unwrap()
+}
+
+/// Values bounded away from 0 (|v| in [0.05, 1]), so ReLU kinks are far from finite-difference steps.
+pub fn away_from_zero(shape: &[usize], seed: u64) -> Tensor {
+    rand_tensor(shape, seed).mapv(|v| v.signum() * (0.05 + 0.95 * v.abs()))
+}
+
+/// Distinct values 0.02 apart in random order, so max-pool windows have no near-ties.
+pub fn distinct(shape: &[usize], seed: u64) -> Tensor {
+    let n: usize = shape.iter().product();
+    let mut idx: Vec<usize> = (0..n).collect();
+    idx.sort_by_key(|&i| rng::derive(seed, i as u64));
+    let v = idx
+        .iter()
+        .map(|&i| (i as f32 - n as f32 / 2.0) * 0.02)
+        .collect();
+    Tensor::from_shape_vec(shape.to_vec(), v).unwrap()
+}
+
+/// Evaluates one node of a graph.
+pub fn eval(graph: &Graph, node: NodeId, bindings: &TensorMap, opts: RunOptions) -> Tensor {
+    let mut ev = reference::run(graph, bindings, &[node], opts).unwrap();
+    ev.take(node).unwrap()
+}
+
+/// Asserts two tensors are equal in shape and within `atol + rtol·|want|` elementwise.
+pub fn assert_close(got: &Tensor, want: &ArrayD<f64>, atol: f64, rtol: f64, what: &str) {
+    assert_eq!(got.shape(), want.shape(), "{what}: shape");
+    for (i, (g, w)) in got.iter().zip(want.iter()).enumerate() {
+        let tol = atol + rtol * w.abs();
+        assert!(
+            (*g as f64 - w).abs() <= tol,
+            "{what}: element {i}: got {g}, want {w} (tol {tol})"
+        );
+    }
+}
+
+pub fn f64s(t: &Tensor) -> ArrayD<f64> {
+    t.mapv(|v| v as f64)
+}
+
+/// Resolves padding exactly as the IR defines it (restated here so tests do not trust the code).
+pub fn pads(p: Padding, in_hw: [usize; 2], win: [usize; 2], s: [usize; 2]) -> Window2d {
+    match p {
+        Padding::Valid => Window2d {
+            out_h: (in_hw[0] - win[0]) / s[0] + 1,
+            out_w: (in_hw[1] - win[1]) / s[1] + 1,
+            pad_top: 0,
+            pad_left: 0,
+            pad_bottom: 0,
+            pad_right: 0,
+        },
+        Padding::Same => {
+            let oh = in_hw[0].div_ceil(s[0]);
+            let ow = in_hw[1].div_ceil(s[1]);
+            let th = ((oh - 1) * s[0] + win[0]).saturating_sub(in_hw[0]);
+            let tw = ((ow - 1) * s[1] + win[1]).saturating_sub(in_hw[1]);
+            Window2d {
+                out_h: oh,
+                out_w: ow,
+                pad_top: th / 2,
+                pad_bottom: th - th / 2,
+                pad_left: tw / 2,
+                pad_right: tw - tw / 2,
+            }
+        }
+        Padding::Explicit {
+            top,
+            bottom,
+            left,
+            right,
+        } => Window2d {
+            out_h: (in_hw[0] + top + bottom - win[0]) / s[0] + 1,
+            out_w: (in_hw[1] + left + right - win[1]) / s[1] + 1,
+            pad_top: top,
+            pad_left: left,
+            pad_bottom: bottom,
+            pad_right: right,
+        },
+    }
+}
+
+pub struct ConvCase {
+    pub strides: [usize; 2],
+    pub dilation: [usize; 2],
+    pub groups: usize,
+    pub padding: Padding,
+}
+
+/// Direct convolution in f64: y[n,oh,ow,o] = Σ_{i,j,ci} x[n, oh·s+i·d-pt, ow·s+j·d-pl, g·cg+ci] · k[i,j,ci,o].
+pub fn naive_conv(x: &Tensor, k: &Tensor, bias: Option<&Tensor>, c: &ConvCase) -> ArrayD<f64> {
+    let (n, h, w, cin) = (x.shape()[0], x.shape()[1], x.shape()[2], x.shape()[3]);
+    let (kh, kw, cg, co) = (k.shape()[0], k.shape()[1], k.shape()[2], k.shape()[3]);
+    let eff = [(kh - 1) * c.dilation[0] + 1, (kw - 1) * c.dilation[1] + 1];
+    let win = pads(c.padding, [h, w], eff, c.strides);
+    let cog = co / c.groups;
+    assert_eq!(cg * c.groups, cin);
+    let mut y = ArrayD::<f64>::zeros(IxDyn(&[n, win.out_h, win.out_w, co]));
+    for b in 0..n {
+        for oh in 0..win.out_h {
+            for ow in 0..win.out_w {
+                for o in 0..co {
+                    let g = o / cog;
+                    let mut acc = bias.map_or(0.0, |bt| bt[[o]] as f64);
+                    for i in 0..kh {
+                        for j in 0..kw {
+                            let ih = (oh * c.strides[0] + i * c.dilation[0]) as isize
+                                - win.pad_top as isize;
+                            let iw = (ow * c.strides[1] + j * c.dilation[1]) as isize
+                                - win.pad_left as isize;
+                            if ih < 0 || iw < 0 || ih >= h as isize || iw >= w as isize {
+                                continue;
+                            }
+                            for ci in 0..cg {
+                                acc += x[[b, ih as usize, iw as usize, g * cg + ci]] as f64
+                                    * k[[i, j, ci, o]] as f64;
+                            }
+                        }
+                    }
+                    y[[b, oh, ow, o]] = acc;
+                }
+            }
+        }
+    }
+    y
+}
+
+/// Direct pooling in f64; average pooling divides by the taps inside the image.
+pub fn naive_pool(
+    x: &Tensor,
+    window: [usize; 2],
+    strides: [usize; 2],
+    padding: Padding,
+    max: bool,
+) -> ArrayD<f64> {
+    let (n, h, w, c) = (x.shape()[0], x.shape()[1], x.shape()[2], x.shape()[3]);
+    let win = pads(padding, [h, w], window, strides);
+    let mut y = ArrayD::<f64>::zeros(IxDyn(&[n, win.out_h, win.out_w, c]));
+    for b in 0..n {
+        for oh in 0..win.out_h {
+            for ow in 0..win.out_w {
+                for ch in 0..c {
+                    let mut best = f64::NEG_INFINITY;
+                    let (mut sum, mut count) = (0.0, 0.0);
+                    for i in 0..window[0] {
+                        for j in 0..window[1] {
+                            let ih = (oh * strides[0] + i) as isize - win.pad_top as isize;
+                            let iw = (ow * strides[1] + j) as isize - win.pad_left as isize;
+                            if ih < 0 || iw < 0 || ih >= h as isize || iw >= w as isize {
+                                continue;
+                            }
+                            let v = x[[b, ih as usize, iw as usize, ch]] as f64;
+                            best = best.max(v);
+                            sum += v;
+                            count += 1.0;
+                        }
+                    }
+                    y[[b, oh, ow, ch]] = if max { best } else { sum / count };
+                }
+            }
+        }
+    }
+    y
+}
+
+/// Batch norm in f64 over the last axis, with batch statistics or the given moving ones.
+pub fn naive_batch_norm(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    stats: Option<(&Tensor, &Tensor)>,
+    eps: f64,
+) -> ArrayD<f64> {
+    let c = *x.shape().last().unwrap();
+    let rows = x.len() / c;
+    let xs: Vec<f64> = x.iter().map(|&v| v as f64).collect();
+    let mut y = ArrayD::<f64>::zeros(IxDyn(x.shape()));
+    for ch in 0..c {
+        let (mean, var) = match stats {
+            Some((m, v)) => (m[[ch]] as f64, v[[ch]] as f64),
+            None => {
+                let mean = (0..rows).map(|r| xs[r * c + ch]).sum::<f64>() / rows as f64;
+                let var = (0..rows)
+                    .map(|r| (xs[r * c + ch] - mean).powi(2))
+                    .sum::<f64>()
+                    / rows as f64;
+                (mean, var)
+            }
+        };
+        for r in 0..rows {
+            let v = (xs[r * c + ch] - mean) / (var + eps).sqrt() * gamma[[ch]] as f64
+                + beta[[ch]] as f64;
+            y.as_slice_mut().unwrap()[r * c + ch] = v;
+        }
+    }
+    y
+}
+
+/// Central finite differences against autodiff for node `out` with respect to the named leaves.
+///
+/// For a scalar loss node the checked function is the loss; otherwise it is `Σ u ⊙ out` for a
+/// random upstream `u`. Up to `samples` coordinates of each tensor are probed with step `eps`.
+pub fn check_gradients(
+    graph: &Graph,
+    out: NodeId,
+    bindings: &TensorMap,
+    wrt: &[&str],
+    opts: RunOptions,
+    eps: f32,
+    samples: usize,
+) {
+    let ids: Vec<NodeId> = wrt.iter().map(|n| graph.find(n).unwrap()).collect();
+    let grads = autodiff::differentiate(graph, out, &ids).unwrap();
+    let mut b = bindings.clone();
+    // The upstream gradient has the value's concrete shape: evaluate once to learn it.
+    let value = eval(graph, out, bindings, opts);
+    let upstream = grads
+        .upstream
+        .map(|id| (id, rand_tensor(value.shape(), 99)));
+    if let Some((id, u)) = &upstream {
+        b.insert(grads.graph.node(*id).name.clone(), u.clone());
+    }
+    let fetch: Vec<NodeId> = wrt
+        .iter()
+        .filter_map(|n| grads.grads.get(*n).copied())
+        .collect();
+    let ev = reference::run(&grads.graph, &b, &fetch, opts).unwrap();
+    let objective = |bind: &TensorMap| -> f64 {
+        let v = eval(graph, out, bind, opts);
+        match &upstream {
+            Some((_, u)) => v
+                .iter()
+                .zip(u.iter())
+                .map(|(a, b)| *a as f64 * *b as f64)
+                .sum(),
+            None => v.iter().map(|a| *a as f64).sum(),
+        }
+    };
+    for name in wrt {
+        let analytic = match grads.grads.get(*name) {
+            Some(&id) => ev.get(id).unwrap().clone(),
+            None => Tensor::zeros(bindings[*name].raw_dim()),
+        };
+        let base = &bindings[*name];
+        assert_eq!(analytic.shape(), base.shape(), "gradient shape of {name}");
+        let n = base.len();
+        let picks: Vec<usize> = if n <= samples {
+            (0..n).collect()
+        } else {
+            (0..samples)
+                .map(|i| (rng::derive(7, i as u64) % n as u64) as usize)
+                .collect()
+        };
+        for &i in &picks {
+            let mut plus = bindings.clone();
+            plus.get_mut(*name).unwrap().as_slice_mut().unwrap()[i] += eps;
+            let mut minus = bindings.clone();
+            minus.get_mut(*name).unwrap().as_slice_mut().unwrap()[i] -= eps;
+            let fd = (objective(&plus) - objective(&minus)) / (2.0 * eps as f64);
+            let an = analytic.as_slice().unwrap()[i] as f64;
+            let tol = 2e-3 + 2e-2 * fd.abs().max(an.abs());
+            assert!(
+                (fd - an).abs() <= tol,
+                "d/d {name}[{i}]: autodiff {an}, finite differences {fd} (tol {tol})"
+            );
+        }
+    }
+}

@@ -1,0 +1,471 @@
+//! Every op of the IR against a naive implementation (forward) and against central finite
+//! differences (gradients from autodiff), over random shapes, strides, paddings and groups.
+
+mod common;
+
+use common::*;
+use ndarray::{ArrayD, IxDyn};
+use proptest::prelude::*;
+use systolic_compiler::graph::*;
+use systolic_compiler::reference::{Mode, RunOptions};
+use systolic_compiler::{Tensor, TensorMap};
+
+const INFER: RunOptions = RunOptions {
+    mode: Mode::Inference,
+    step: 0,
+};
+const TRAIN: RunOptions = RunOptions {
+    mode: Mode::Training,
+    step: 3,
+};
+
+fn param(g: &mut Graph, name: &str, shape: &[usize]) -> NodeId {
+    g.add(
+        name,
+        Op::Parameter(Parameter {
+            shape: shape.to_vec(),
+            init: Init::Zeros,
+            trainable: true,
+        }),
+        &[],
+    )
+    .unwrap()
+}
+
+fn padding_strategy(max_pad: usize) -> impl Strategy<Value = Padding> {
+    prop_oneof![
+        Just(Padding::Valid),
+        Just(Padding::Same),
+        (0..=max_pad, 0..=max_pad, 0..=max_pad, 0..=max_pad).prop_map(
+            |(top, bottom, left, right)| Padding::Explicit {
+                top,
+                bottom,
+                left,
+                right
+            }
+        ),
+    ]
+}
+
+fn config(cases: u32) -> ProptestConfig {
+    ProptestConfig {
+        cases,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    }
+}
+
+#[derive(Debug, Clone)]
+struct ConvParams {
+    n: usize,
+    hw: [usize; 2],
+    cg: usize,
+    groups: usize,
+    cog: usize,
+    k: [usize; 2],
+    strides: [usize; 2],
+    dilation: [usize; 2],
+    padding: Padding,
+    bias: bool,
+}
+
+fn conv_params() -> impl Strategy<Value = ConvParams> {
+    (
+        (1usize..3, 1usize..9, 1usize..9),
+        (1usize..4, 1usize..4, 1usize..4),
+        (1usize..4, 1usize..4),
+        (1usize..3, 1usize..3, 1usize..3, 1usize..3),
+        padding_strategy(2),
+        any::<bool>(),
+    )
+        .prop_map(
+            |((n, h, w), (cg, groups, cog), (kh, kw), (sh, sw, dh, dw), padding, bias)| {
+                ConvParams {
+                    n,
+                    hw: [h, w],
+                    cg,
+                    groups,
+                    cog,
+                    k: [kh, kw],
+                    strides: [sh, sw],
+                    dilation: [dh, dw],
+                    padding,
+                    bias,
+                }
+            },
+        )
+}
+
+/// A graph `x -> conv(x, k, b)`, or None when the case is not a valid convolution.
+fn conv_graph(p: &ConvParams) -> Option<(Graph, NodeId, TensorMap)> {
+    let mut g = Graph::new("conv");
+    let c = p.cg * p.groups;
+    let co = p.cog * p.groups;
+    let x = g.input("x", &[p.hw[0], p.hw[1], c]).unwrap();
+    let k = param(&mut g, "k", &[p.k[0], p.k[1], p.cg, co]);
+    let mut inputs = vec![x, k];
+    if p.bias {
+        inputs.push(param(&mut g, "b", &[co]));
+    }
+    let conv = Conv2d {
+        strides: p.strides,
+        padding: p.padding,
+        dilation: p.dilation,
+        groups: p.groups,
+    };
+    let y = g.add("conv", Op::Conv2d(conv), &inputs).ok()?;
+    let mut b = TensorMap::new();
+    b.insert("x".into(), rand_tensor(&[p.n, p.hw[0], p.hw[1], c], 1));
+    b.insert("k".into(), rand_tensor(&[p.k[0], p.k[1], p.cg, co], 2));
+    b.insert("b".into(), rand_tensor(&[co], 3));
+    Some((g, y, b))
+}
+
+proptest! {
+    #![proptest_config(config(64))]
+
+    #[test]
+    fn conv_forward_matches_naive(p in conv_params()) {
+        let Some((g, y, b)) = conv_graph(&p) else { return Ok(()) };
+        let case = ConvCase { strides: p.strides, dilation: p.dilation, groups: p.groups, padding: p.padding };
+        let want = naive_conv(&b["x"], &b["k"], p.bias.then(|| &b["b"]), &case);
+        assert_close(&eval(&g, y, &b, INFER), &want, 1e-5, 1e-5, "conv");
+    }
+
+    #[test]
+    fn conv_gradients_match_finite_differences(p in conv_params()) {
+        let Some((g, y, b)) = conv_graph(&p) else { return Ok(()) };
+        let wrt: &[&str] = if p.bias { &["x", "k", "b"] } else { &["x", "k"] };
+        check_gradients(&g, y, &b, wrt, INFER, 1e-2, 16);
+    }
+}
+
+#[derive(Debug, Clone)]
+struct PoolParams {
+    n: usize,
+    hw: [usize; 2],
+    c: usize,
+    window: [usize; 2],
+    strides: [usize; 2],
+    padding: Padding,
+    max: bool,
+}
+
+fn pool_params() -> impl Strategy<Value = PoolParams> {
+    (
+        (1usize..3, 1usize..9, 1usize..9, 1usize..4),
+        (1usize..4, 1usize..4, 1usize..4, 1usize..4),
+        padding_strategy(2),
+        any::<bool>(),
+    )
+        .prop_map(
+            |((n, h, w, c), (wh, ww, sh, sw), padding, max)| PoolParams {
+                n,
+                hw: [h, w],
+                c,
+                window: [wh, ww],
+                strides: [sh, sw],
+                padding,
+                max,
+            },
+        )
+}
+
+fn pool_graph(p: &PoolParams) -> Option<(Graph, NodeId, TensorMap)> {
+    let mut g = Graph::new("pool");
+    let x = g.input("x", &[p.hw[0], p.hw[1], p.c]).unwrap();
+    let pool = Pool {
+        window: p.window,
+        strides: p.strides,
+        padding: p.padding,
+    };
+    let op = if p.max {
+        Op::MaxPool(pool)
+    } else {
+        Op::AvgPool(pool)
+    };
+    let y = g.add("pool", op, &[x]).ok()?;
+    let mut b = TensorMap::new();
+    b.insert("x".into(), distinct(&[p.n, p.hw[0], p.hw[1], p.c], 5));
+    Some((g, y, b))
+}
+
+proptest! {
+    #![proptest_config(config(64))]
+
+    #[test]
+    fn pool_forward_matches_naive(p in pool_params()) {
+        let Some((g, y, b)) = pool_graph(&p) else { return Ok(()) };
+        let want = naive_pool(&b["x"], p.window, p.strides, p.padding, p.max);
+        assert_close(&eval(&g, y, &b, INFER), &want, 1e-6, 1e-6, "pool");
+    }
+
+    #[test]
+    fn pool_gradients_match_finite_differences(p in pool_params()) {
+        let Some((g, y, b)) = pool_graph(&p) else { return Ok(()) };
+        check_gradients(&g, y, &b, &["x"], INFER, 5e-3, 24);
+    }
+
+    #[test]
+    fn dense_matches_naive_and_differentiates((lead, din, dout, rows, bias) in (prop::option::of(1usize..4), 1usize..12, 1usize..12, 1usize..5, any::<bool>())) {
+        let mut g = Graph::new("dense");
+        let per: Vec<usize> = lead.into_iter().chain([din]).collect();
+        let x = g.input("x", &per).unwrap();
+        let k = param(&mut g, "k", &[din, dout]);
+        let mut inputs = vec![x, k];
+        if bias {
+            inputs.push(param(&mut g, "b", &[dout]));
+        }
+        let y = g.add("dense", Op::Dense, &inputs).unwrap();
+        let mut shape = vec![rows];
+        shape.extend(&per);
+        let mut b = TensorMap::new();
+        b.insert("x".into(), rand_tensor(&shape, 1));
+        b.insert("k".into(), rand_tensor(&[din, dout], 2));
+        b.insert("b".into(), rand_tensor(&[dout], 3));
+        let got = eval(&g, y, &b, INFER);
+        let flat = b["x"].len() / din;
+        let mut want = vec![0f64; flat * dout];
+        for r in 0..flat {
+            for o in 0..dout {
+                let mut acc = if bias { b["b"][[o]] as f64 } else { 0.0 };
+                for i in 0..din {
+                    acc += b["x"].as_slice().unwrap()[r * din + i] as f64 * b["k"][[i, o]] as f64;
+                }
+                want[r * dout + o] = acc;
+            }
+        }
+        let mut out_shape = shape.clone();
+        *out_shape.last_mut().unwrap() = dout;
+        assert_close(&got, &ArrayD::from_shape_vec(IxDyn(&out_shape), want).unwrap(), 1e-5, 1e-5, "dense");
+        let wrt: &[&str] = if bias { &["x", "k", "b"] } else { &["x", "k"] };
+        check_gradients(&g, y, &b, wrt, INFER, 1e-2, 16);
+    }
+
+    #[test]
+    fn batch_norm_matches_naive_and_differentiates((rows, spatial, c, train) in (1usize..4, 1usize..4, 1usize..5, any::<bool>())) {
+        let mut g = Graph::new("bn");
+        let x = g.input("x", &[spatial, spatial, c]).unwrap();
+        let bn = BatchNorm { momentum: 0.9, epsilon: 1e-3 };
+        let y = g.batch_norm("bn", x, bn.clone()).unwrap();
+        let mut b = TensorMap::new();
+        let n = if train { rows + 1 } else { rows };
+        b.insert("x".into(), rand_tensor(&[n, spatial, spatial, c], 1));
+        b.insert("bn/gamma".into(), rand_tensor(&[c], 2) + 1.5);
+        b.insert("bn/beta".into(), rand_tensor(&[c], 3));
+        b.insert("bn/moving_mean".into(), rand_tensor(&[c], 4) * 0.1);
+        b.insert("bn/moving_variance".into(), rand_tensor(&[c], 5) * 0.1 + 1.0);
+        let opts = if train { TRAIN } else { INFER };
+        let stats = (!train).then(|| (&b["bn/moving_mean"], &b["bn/moving_variance"]));
+        let want = naive_batch_norm(&b["x"], &b["bn/gamma"], &b["bn/beta"], stats, 1e-3);
+        let mut ev = systolic_compiler::reference::run(&g, &b, &[y], opts).unwrap();
+        assert_close(&ev.take(y).unwrap(), &want, 1e-5, 1e-5, "batch norm");
+        if train {
+            // Moving statistics: momentum-weighted with the batch mean and unbiased variance.
+            let xs = &b["x"];
+            let m = xs.len() / c;
+            for ch in 0..c {
+                let vals: Vec<f64> = xs.iter().skip(ch).step_by(c).map(|&v| v as f64).collect();
+                let mean = vals.iter().sum::<f64>() / m as f64;
+                let var = vals.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (m as f64 - 1.0);
+                let want_mean = 0.9 * b["bn/moving_mean"][[ch]] as f64 + 0.1 * mean;
+                let want_var = 0.9 * b["bn/moving_variance"][[ch]] as f64 + 0.1 * var;
+                prop_assert!((ev.updates["bn/moving_mean"][[ch]] as f64 - want_mean).abs() < 1e-6);
+                prop_assert!((ev.updates["bn/moving_variance"][[ch]] as f64 - want_var).abs() < 1e-5);
+            }
+        } else {
+            prop_assert!(ev.updates.is_empty());
+        }
+        check_gradients(&g, y, &b, &["x", "bn/gamma", "bn/beta"], opts, 1e-2, 16);
+    }
+
+    #[test]
+    fn elementwise_ops_match_their_definitions((n, d, c) in (1usize..4, 1usize..5, 1usize..6)) {
+        let mut g = Graph::new("ew");
+        let a = g.input("a", &[d, c]).unwrap();
+        let bb = g.input("b", &[d, c]).unwrap();
+        let bias = param(&mut g, "bias", &[c]);
+        let ops: Vec<(&str, NodeId)> = vec![
+            ("add", g.add("add", Op::Add, &[a, bb]).unwrap()),
+            ("mul", g.add("mul", Op::Mul, &[a, bb]).unwrap()),
+            ("relu", g.add("relu", Op::Relu, &[a]).unwrap()),
+            ("relu6", g.add("relu6", Op::Relu6, &[bb]).unwrap()),
+            ("bias_add", g.add("bias_add", Op::BiasAdd, &[a, bias]).unwrap()),
+            ("softmax", g.add("softmax", Op::Softmax, &[a]).unwrap()),
+        ];
+        let mut b = TensorMap::new();
+        b.insert("a".into(), away_from_zero(&[n, d, c], 1) * 3.0);
+        b.insert("b".into(), away_from_zero(&[n, d, c], 2) * 4.0 + 3.0);
+        b.insert("bias".into(), rand_tensor(&[c], 3));
+        let (av, bv) = (f64s(&b["a"]), f64s(&b["b"]));
+        for (name, id) in &ops {
+            let want: ArrayD<f64> = match *name {
+                "add" => &av + &bv,
+                "mul" => &av * &bv,
+                "relu" => av.mapv(|v| v.max(0.0)),
+                "relu6" => bv.mapv(|v| v.clamp(0.0, 6.0)),
+                "bias_add" => &av + &f64s(&b["bias"]),
+                _ => {
+                    let mut s = av.clone();
+                    for mut row in s.rows_mut() {
+                        let m = row.fold(f64::NEG_INFINITY, |a, &b| a.max(b));
+                        row.mapv_inplace(|v| (v - m).exp());
+                        let sum = row.sum();
+                        row.mapv_inplace(|v| v / sum);
+                    }
+                    s
+                }
+            };
+            assert_close(&eval(&g, *id, &b, INFER), &want, 1e-5, 1e-5, name);
+            let wrt: &[&str] = match *name {
+                "add" | "mul" => &["a", "b"],
+                "relu" | "softmax" => &["a"],
+                "relu6" => &["b"],
+                _ => &["a", "bias"],
+            };
+            check_gradients(&g, *id, &b, wrt, INFER, 1e-2, 16);
+        }
+    }
+
+    #[test]
+    fn shape_ops_move_values_and_gradients((n, h, w, c1, c2) in (1usize..3, 1usize..4, 1usize..4, 1usize..4, 1usize..4)) {
+        let mut g = Graph::new("shape");
+        let a = g.input("a", &[h, w, c1]).unwrap();
+        let bb = g.input("b", &[h, w, c2]).unwrap();
+        let cat = g.concat("cat", &[a, bb], -1).unwrap();
+        let flat = g.flatten("flat", a).unwrap();
+        let re = g.reshape("re", a, &[-1, c1 as i64]).unwrap();
+        let gap = g.global_avg_pool("gap", a).unwrap();
+        let mut b = TensorMap::new();
+        b.insert("a".into(), rand_tensor(&[n, h, w, c1], 1));
+        b.insert("b".into(), rand_tensor(&[n, h, w, c2], 2));
+        let (av, bv) = (&b["a"], &b["b"]);
+        let want_cat = ndarray::concatenate(ndarray::Axis(3), &[av.view(), bv.view()]).unwrap();
+        assert_close(&eval(&g, cat, &b, INFER), &f64s(&want_cat), 0.0, 0.0, "concat");
+        let want_flat = av.clone().into_shape_with_order(IxDyn(&[n, h * w * c1])).unwrap();
+        assert_close(&eval(&g, flat, &b, INFER), &f64s(&want_flat), 0.0, 0.0, "flatten");
+        let want_re = av.clone().into_shape_with_order(IxDyn(&[n, h * w, c1])).unwrap();
+        assert_close(&eval(&g, re, &b, INFER), &f64s(&want_re), 0.0, 0.0, "reshape");
+        let want_gap = f64s(av).mean_axis(ndarray::Axis(1)).unwrap().mean_axis(ndarray::Axis(1)).unwrap();
+        assert_close(&eval(&g, gap, &b, INFER), &want_gap, 1e-6, 1e-6, "global average pool");
+        check_gradients(&g, cat, &b, &["a", "b"], INFER, 1e-2, 16);
+        check_gradients(&g, flat, &b, &["a"], INFER, 1e-2, 16);
+        check_gradients(&g, re, &b, &["a"], INFER, 1e-2, 16);
+        check_gradients(&g, gap, &b, &["a"], INFER, 1e-2, 16);
+    }
+
+    #[test]
+    fn cross_entropy_matches_its_definition((n, classes, smoothing) in (1usize..6, 2usize..8, prop_oneof![Just(0.0f32), 0.0f32..0.3])) {
+        let mut g = Graph::new("sce");
+        let z = g.input("z", &[classes]).unwrap();
+        let y = g.labels("y").unwrap();
+        let loss = g.softmax_cross_entropy("loss", z, y, smoothing).unwrap();
+        let mut b = TensorMap::new();
+        b.insert("z".into(), rand_tensor(&[n, classes], 1) * 3.0);
+        let labels: Vec<f32> = (0..n).map(|i| ((i * 7 + 3) % classes) as f32).collect();
+        b.insert("y".into(), Tensor::from_shape_vec(vec![n], labels.clone()).unwrap());
+        let zs = f64s(&b["z"]);
+        let mut want = 0.0;
+        for (r, row) in zs.rows().into_iter().enumerate() {
+            let m = row.fold(f64::NEG_INFINITY, |a, &b| a.max(b));
+            let lse = m + row.mapv(|v| (v - m).exp()).sum().ln();
+            for (k, &v) in row.iter().enumerate() {
+                let q = if k == labels[r] as usize { 1.0 - smoothing as f64 } else { 0.0 } + smoothing as f64 / classes as f64;
+                want += q * (lse - v);
+            }
+        }
+        want /= n as f64;
+        let got = eval(&g, loss, &b, INFER);
+        prop_assert!(got.ndim() == 0);
+        prop_assert!((got.first().copied().unwrap() as f64 - want).abs() < 1e-5 * want.abs().max(1.0));
+        check_gradients(&g, loss, &b, &["z"], INFER, 1e-2, 32);
+    }
+}
+
+#[test]
+fn dropout_drops_at_its_rate_and_scales_the_rest() {
+    let mut g = Graph::new("drop");
+    let x = g.input("x", &[1000]).unwrap();
+    let y = g.dropout("drop", x, 0.3, 42).unwrap();
+    let mut b = TensorMap::new();
+    b.insert("x".into(), Tensor::from_elem(vec![20, 1000], 1.0));
+    assert_eq!(eval(&g, y, &b, INFER), b["x"], "identity at inference");
+    let train = eval(&g, y, &b, TRAIN);
+    let kept = train.iter().filter(|&&v| v != 0.0).count() as f64 / train.len() as f64;
+    assert!((kept - 0.7).abs() < 0.01, "kept {kept}");
+    assert!(
+        train
+            .iter()
+            .all(|&v| v == 0.0 || (v - 1.0 / 0.7).abs() < 1e-6)
+    );
+    // The mask is a function of (seed, step): the same step repeats it, another step does not.
+    assert_eq!(eval(&g, y, &b, TRAIN), train);
+    assert_ne!(eval(&g, y, &b, RunOptions { step: 4, ..TRAIN }), train);
+    b.insert("x".into(), rand_tensor(&[3, 1000], 9));
+    check_gradients(&g, y, &b, &["x"], TRAIN, 1e-2, 32);
+}
+
+#[test]
+fn depthwise_with_multiplier_matches_naive() {
+    // Depthwise (one input channel per group) with two outputs per channel, strided and dilated.
+    let p = ConvParams {
+        n: 2,
+        hw: [7, 6],
+        cg: 1,
+        groups: 5,
+        cog: 2,
+        k: [3, 3],
+        strides: [2, 1],
+        dilation: [1, 2],
+        padding: Padding::Same,
+        bias: true,
+    };
+    let (g, y, b) = conv_graph(&p).unwrap();
+    let case = ConvCase {
+        strides: p.strides,
+        dilation: p.dilation,
+        groups: p.groups,
+        padding: p.padding,
+    };
+    let want = naive_conv(&b["x"], &b["k"], Some(&b["b"]), &case);
+    assert_close(&eval(&g, y, &b, INFER), &want, 1e-5, 1e-5, "depthwise");
+    check_gradients(&g, y, &b, &["x", "k", "b"], INFER, 1e-2, 64);
+}
+
+#[test]
+fn large_convolutions_take_the_blocked_paths() {
+    // Deep enough for several im2col blocks per image and a pointwise (1x1) fast path.
+    for (k, cin, stride) in [(3, 64, 1), (1, 96, 1), (1, 32, 2), (5, 24, 2)] {
+        let p = ConvParams {
+            n: 2,
+            hw: [20, 17],
+            cg: cin,
+            groups: 1,
+            cog: 24,
+            k: [k, k],
+            strides: [stride, stride],
+            dilation: [1, 1],
+            padding: if k == 1 {
+                Padding::Valid
+            } else {
+                Padding::Same
+            },
+            bias: false,
+        };
+        let (g, y, b) = conv_graph(&p).unwrap();
+        let case = ConvCase {
+            strides: p.strides,
+            dilation: p.dilation,
+            groups: 1,
+            padding: p.padding,
+        };
+        assert_close(
+            &eval(&g, y, &b, INFER),
+            &naive_conv(&b["x"], &b["k"], None, &case),
+            1e-4,
+            1e-4,
+            "conv",
+        );
+        check_gradients(&g, y, &b, &["x", "k"], INFER, 1e-2, 24);
+    }
+}

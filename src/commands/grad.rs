@@ -1,0 +1,98 @@
+//! `systolic grad`: the loss and its gradient for every parameter and input, on the CPU reference.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use systolic::compiler::reference::{self, Mode, RunOptions};
+use systolic::compiler::{Tensor, TensorMap, autodiff};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// A zoo model name or a `.ron` graph.
+    model: String,
+    /// Parameter values (safetensors); without it, initialise from --seed.
+    #[arg(long)]
+    weights: Option<PathBuf>,
+    /// Seed for parameter initialisation when no --weights are given.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Input tensors (safetensors), named after the graph's Input nodes.
+    #[arg(long)]
+    input: PathBuf,
+    /// Integer class labels, one per example (a tensor named `labels`, or the file's only tensor).
+    #[arg(long)]
+    labels: PathBuf,
+    /// Where to write `loss` and the gradients (named like the parameters and inputs).
+    #[arg(long)]
+    output: PathBuf,
+    /// Label smoothing of the cross-entropy loss added to the model's logits.
+    #[arg(long, default_value_t = 0.0)]
+    label_smoothing: f32,
+    /// Differentiate with inference semantics (moving batch-norm statistics, no dropout).
+    #[arg(long)]
+    inference_mode: bool,
+    /// Training step mixed into dropout masks.
+    #[arg(long, default_value_t = 0)]
+    step: u64,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let model = super::load_model(&args.model)?;
+    let train = autodiff::training_graph(&model, args.label_smoothing)?;
+    let graph = &train.graph;
+    let mut bindings = super::load_weights(graph, args.weights.as_deref(), args.seed)?;
+    bindings.extend(super::load_inputs(&args.input)?);
+
+    let labels_node = graph.node(graph.node(train.root).inputs[1]).name.clone();
+    let label_file = super::load_inputs(&args.labels)?;
+    let labels = match label_file.get(&labels_node) {
+        Some(t) => t.clone(),
+        None if label_file.len() == 1 => label_file.into_values().next().context("one tensor")?,
+        None => anyhow::bail!(
+            "{}: has no tensor '{labels_node}' (and more than one tensor, so none can be taken as the labels)",
+            args.labels.display()
+        ),
+    };
+    bindings.insert(labels_node, labels);
+
+    let mode = if args.inference_mode {
+        Mode::Inference
+    } else {
+        Mode::Training
+    };
+    let fetch = graph.outputs().to_vec();
+    let files = [("inputs", args.input.as_path())];
+    let mut ev = reference::run(
+        graph,
+        &bindings,
+        &fetch,
+        RunOptions {
+            mode,
+            step: args.step,
+        },
+    )
+    .map_err(|e| super::blame(e, graph, &files))?;
+
+    let mut out = TensorMap::new();
+    let loss = ev.take(train.root).context("the loss is fetched")?;
+    let loss_value = loss.first().copied().unwrap_or(f32::NAN);
+    out.insert("loss".to_string(), loss);
+    for (name, &id) in &train.grads {
+        out.insert(
+            name.clone(),
+            ev.get(id).context("gradients are fetched")?.clone(),
+        );
+    }
+    for name in &train.unconnected {
+        let node = graph.node(graph.expect(name)?);
+        out.insert(name.clone(), Tensor::zeros(node.shape.concrete(ev.batch)));
+    }
+    super::save_tensors(&args.output, &out)?;
+    println!(
+        "loss {loss_value:.6} over a batch of {}; wrote the loss and {} gradients to {}",
+        ev.batch,
+        out.len() - 1,
+        args.output.display()
+    );
+    Ok(())
+}

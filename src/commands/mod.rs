@@ -1,0 +1,71 @@
+//! One module per subcommand, plus what several of them share: loading models, weights and
+//! inputs with errors that name the file.
+
+pub mod export;
+pub mod grad;
+pub mod inspect;
+pub mod run;
+pub mod zoo;
+
+use std::path::Path;
+
+use anyhow::Result;
+use systolic::compiler::{Error, Graph, Op, TensorMap, tensors, zoo as model_zoo};
+
+/// Loads MODEL: a zoo name or a `.ron` file.
+pub fn load_model(spec: &str) -> Result<Graph> {
+    Ok(model_zoo::resolve(spec)?)
+}
+
+/// Parameter values: from a weights file (checked against the graph) or initialised from `seed`.
+pub fn load_weights(graph: &Graph, path: Option<&Path>, seed: u64) -> Result<TensorMap> {
+    let Some(path) = path else {
+        return Ok(graph.init_parameters(seed));
+    };
+    let weights = tensors::load(path)?;
+    for id in graph.parameters() {
+        let node = graph.node(id);
+        match weights.get(&node.name) {
+            None => anyhow::bail!(
+                "{}: has no tensor '{}' (parameter of shape {}); export weights with `systolic run --save-weights` or pass --seed instead",
+                path.display(),
+                node.name,
+                node.shape
+            ),
+            Some(t) if t.shape() != node.shape.dims.as_slice() => anyhow::bail!(
+                "{}: tensor '{}' has shape {:?} but the parameter needs {}",
+                path.display(),
+                node.name,
+                t.shape(),
+                node.shape
+            ),
+            Some(_) => {}
+        }
+    }
+    Ok(weights)
+}
+
+/// Reads input tensors, named after the graph's Input nodes.
+pub fn load_inputs(path: &Path) -> Result<TensorMap> {
+    Ok(tensors::load(path)?)
+}
+
+/// Adds the file a bad tensor came from to a binding error.
+pub fn blame(err: Error, graph: &Graph, files: &[(&str, &Path)]) -> anyhow::Error {
+    if let Error::Binding { name, .. } = &err {
+        let kind = match graph.find(name).map(|id| &graph.node(id).op) {
+            Some(Op::Parameter(_)) => "weights",
+            Some(Op::Input(_)) => "inputs",
+            _ => "",
+        };
+        if let Some((_, path)) = files.iter().find(|(k, _)| *k == kind) {
+            return anyhow::Error::new(err).context(format!("{}", path.display()));
+        }
+    }
+    err.into()
+}
+
+/// Writes tensors to a safetensors file (atomically).
+pub fn save_tensors(path: &Path, tensors: &TensorMap) -> Result<()> {
+    Ok(tensors::save(path, tensors)?)
+}

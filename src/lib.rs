@@ -1,0 +1,7 @@
+//! Systolic: a TPU-style accelerator toolchain.
+//!
+//! This facade re-exports the workspace's crates so users depend on one package:
+//! [`compiler`] (graph IR, model zoo, CPU reference, autodiff). The simulator and runtime join
+//! as they land. The `systolic` binary (src/main.rs) is the command line over all of it.
+
+pub use systolic_compiler as compiler;

@@ -1,0 +1,56 @@
+//! The `systolic` command line: compile, simulate and compare models on TPU-like machines.
+//!
+//! Each subcommand lives in `commands/`; this file only parses arguments and reports errors as
+//! one line (`error: ...`) with a non-zero exit status.
+
+mod commands;
+mod table;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "systolic",
+    version,
+    about = "A TPU-style accelerator toolchain: models, CPU reference, gradients"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// List the model zoo: parameters, FLOPs per example, input shape.
+    Zoo(commands::zoo::Args),
+    /// Show a model layer by layer: op, output shape, parameters, FLOPs.
+    Inspect(commands::inspect::Args),
+    /// Write a model as a `.ron` graph file to start from.
+    Export(commands::export::Args),
+    /// Evaluate a model on the CPU reference and write every graph output.
+    Run(commands::run::Args),
+    /// Write the loss and the gradient of every parameter and input.
+    Grad(commands::grad::Args),
+}
+
+fn main() {
+    // Die quietly on a closed pipe (`systolic inspect resnet50 | head`) like other Unix tools,
+    // instead of panicking in `println!`.
+    #[cfg(unix)]
+    // SAFETY: restoring the default disposition of SIGPIPE before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Zoo(a) => commands::zoo::run(a),
+        Command::Inspect(a) => commands::inspect::run(a),
+        Command::Export(a) => commands::export::run(a),
+        Command::Run(a) => commands::run::run(a),
+        Command::Grad(a) => commands::grad::run(a),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
