@@ -9,11 +9,7 @@ mod table;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(
-    name = "systolic",
-    version,
-    about = "A TPU-style accelerator toolchain: models, CPU reference, gradients"
-)]
+#[command(name = "systolic", version, about = "A TPU-style accelerator toolchain: models, CPU reference, gradients")]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -8,10 +8,7 @@ pub struct Table {
 
 impl Table {
     pub fn new(headers: &[&str]) -> Table {
-        Table {
-            headers: headers.iter().map(|h| h.to_string()).collect(),
-            rows: Vec::new(),
-        }
+        Table { headers: headers.iter().map(|h| h.to_string()).collect(), rows: Vec::new() }
     }
 
     pub fn row(&mut self, cells: Vec<String>) {
@@ -30,13 +27,7 @@ impl Table {
             let cells: Vec<String> = row
                 .iter()
                 .zip(&width)
-                .map(|(cell, &w)| {
-                    if numeric(cell) {
-                        format!("{cell:>w$}")
-                    } else {
-                        format!("{cell:<w$}")
-                    }
-                })
+                .map(|(cell, &w)| if numeric(cell) { format!("{cell:>w$}") } else { format!("{cell:<w$}") })
                 .collect();
             out.push_str(cells.join("  ").trim_end());
             out.push('\n');
@@ -59,9 +50,7 @@ fn numeric(cell: &str) -> bool {
     let cell = cell.trim_end_matches(['%', 'x']);
     let mut parts = cell.split(' ');
     let number = parts.next().is_some_and(|n| n.parse::<f64>().is_ok());
-    let unit = parts
-        .next()
-        .is_none_or(|u| u.len() <= 2 && u.chars().all(|c| c.is_ascii_alphabetic()));
+    let unit = parts.next().is_none_or(|u| u.len() <= 2 && u.chars().all(|c| c.is_ascii_alphabetic()));
     number && unit && parts.next().is_none()
 }
 
@@ -70,7 +59,7 @@ pub fn thousands(n: u64) -> String {
     let s = n.to_string();
     let mut out = String::with_capacity(s.len() + s.len() / 3);
     for (i, ch) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(ch);
@@ -106,9 +95,6 @@ mod tests {
         let mut t = Table::new(&["name", "params"]);
         t.row(vec!["conv1".into(), "260".into()]);
         t.row(vec!["fc".into(), "96,300".into()]);
-        assert_eq!(
-            t.render(),
-            "name   params\n-----  ------\nconv1     260\nfc     96,300\n"
-        );
+        assert_eq!(t.render(), "name   params\n-----  ------\nconv1     260\nfc     96,300\n");
     }
 }

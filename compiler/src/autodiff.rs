@@ -37,9 +37,7 @@ fn operand_name(op: &Op, slot: usize) -> String {
         Op::SoftmaxCrossEntropy(_) => &["logits"],
         _ => &[],
     };
-    names
-        .get(slot)
-        .map_or_else(|| format!("input{slot}"), |s| s.to_string())
+    names.get(slot).map_or_else(|| format!("input{slot}"), |s| s.to_string())
 }
 
 struct Builder<'a> {
@@ -52,11 +50,7 @@ struct Builder<'a> {
 impl Builder<'_> {
     fn err(&self, node: NodeId, reason: String) -> Error {
         let n = self.forward.node(node);
-        Error::Node {
-            node: n.name.clone(),
-            op: n.op.kind(),
-            reason,
-        }
+        Error::Node { node: n.name.clone(), op: n.op.kind(), reason }
     }
 
     /// Adds a backward node computing the gradient for operand `slot` of `consumer`.
@@ -78,11 +72,7 @@ impl Builder<'_> {
         let name = format!("grad/{}", self.forward.node(id).name);
         let mut acc = first;
         for (i, &p) in rest.iter().enumerate() {
-            let n = if i + 1 == rest.len() {
-                name.clone()
-            } else {
-                format!("{name}/partial{}", i + 1)
-            };
+            let n = if i + 1 == rest.len() { name.clone() } else { format!("{name}/partial{}", i + 1) };
             acc = self.graph.add(n, Op::Add, &[acc, p])?;
         }
         Ok(Some(acc))
@@ -95,8 +85,7 @@ impl Builder<'_> {
         let wants = |slot: usize| ins.get(slot).is_some_and(|i| relevant[i.index()]);
         let forward = self.forward;
         let shape_of = |i: NodeId| forward.node(i).shape.dims.clone();
-        let push =
-            |b: &mut Self, slot: usize, g: NodeId| b.contributions[ins[slot].index()].push(g);
+        let push = |b: &mut Self, slot: usize, g: NodeId| b.contributions[ins[slot].index()].push(g);
         match &node.op {
             Op::Input(_) | Op::Parameter(_) => {}
             Op::Conv2d(conv) => {
@@ -146,10 +135,7 @@ impl Builder<'_> {
             Op::AvgPool(p) => {
                 if wants(0) {
                     let d = shape_of(ins[0]);
-                    let op = Op::AvgPoolGrad(PoolGrad {
-                        pool: p.clone(),
-                        input_shape: [d[0], d[1], d[2]],
-                    });
+                    let op = Op::AvgPoolGrad(PoolGrad { pool: p.clone(), input_shape: [d[0], d[1], d[2]] });
                     let g = self.emit(id, 0, op, &[dy])?;
                     push(self, 0, g);
                 }
@@ -157,14 +143,8 @@ impl Builder<'_> {
             Op::GlobalAvgPool => {
                 if wants(0) {
                     let d = shape_of(ins[0]);
-                    let g = self.emit(
-                        id,
-                        0,
-                        Op::GlobalAvgPoolGrad(GlobalPoolGrad {
-                            input_hw: [d[0], d[1]],
-                        }),
-                        &[dy],
-                    )?;
+                    let g =
+                        self.emit(id, 0, Op::GlobalAvgPoolGrad(GlobalPoolGrad { input_hw: [d[0], d[1]] }), &[dy])?;
                     push(self, 0, g);
                 }
             }
@@ -194,32 +174,19 @@ impl Builder<'_> {
             }
             Op::Relu | Op::Relu6 => {
                 if wants(0) {
-                    let op = if matches!(node.op, Op::Relu) {
-                        Op::ReluGrad
-                    } else {
-                        Op::Relu6Grad
-                    };
+                    let op = if matches!(node.op, Op::Relu) { Op::ReluGrad } else { Op::Relu6Grad };
                     let g = self.emit(id, 0, op, &[ins[0], dy])?;
                     push(self, 0, g);
                 }
             }
             Op::BatchNorm(bn) => {
                 if wants(0) {
-                    let g = self.emit(
-                        id,
-                        0,
-                        Op::BatchNormGradInput(bn.clone()),
-                        &[ins[0], ins[1], ins[3], ins[4], dy],
-                    )?;
+                    let g =
+                        self.emit(id, 0, Op::BatchNormGradInput(bn.clone()), &[ins[0], ins[1], ins[3], ins[4], dy])?;
                     push(self, 0, g);
                 }
                 if wants(1) {
-                    let g = self.emit(
-                        id,
-                        1,
-                        Op::BatchNormGradGamma(bn.clone()),
-                        &[ins[0], ins[3], ins[4], dy],
-                    )?;
+                    let g = self.emit(id, 1, Op::BatchNormGradGamma(bn.clone()), &[ins[0], ins[3], ins[4], dy])?;
                     push(self, 1, g);
                 }
                 if wants(2) {
@@ -245,19 +212,10 @@ impl Builder<'_> {
                 let rank = node.shape.rank();
                 let axis = per_example_axis(c.axis, rank).map_err(|e| self.err(id, e))?;
                 let mut start = 0;
-                for slot in 0..ins.len() {
-                    let len = shape_of(ins[slot])[axis];
+                for (slot, &input) in ins.iter().enumerate() {
+                    let len = shape_of(input)[axis];
                     if wants(slot) {
-                        let g = self.emit(
-                            id,
-                            slot,
-                            Op::Slice(Slice {
-                                axis: c.axis,
-                                start,
-                                len,
-                            }),
-                            &[dy],
-                        )?;
+                        let g = self.emit(id, slot, Op::Slice(Slice { axis: c.axis, start, len }), &[dy])?;
                         push(self, slot, g);
                     }
                     start += len;
@@ -277,13 +235,7 @@ impl Builder<'_> {
                 ));
             }
             other => {
-                return Err(self.err(
-                    id,
-                    format!(
-                        "differentiating a gradient op ({}) is not supported",
-                        other.kind()
-                    ),
-                ));
+                return Err(self.err(id, format!("differentiating a gradient op ({}) is not supported", other.kind())));
             }
         }
         Ok(())
@@ -296,11 +248,7 @@ impl Builder<'_> {
 /// new graph gets an Input `<root>/upstream` of the root's shape: the result is then the
 /// vector-Jacobian product with that input.
 pub fn differentiate(graph: &Graph, root: NodeId, wrt: &[NodeId]) -> Result<Gradients> {
-    let mut b = Builder {
-        forward: graph,
-        graph: graph.clone(),
-        contributions: vec![Vec::new(); graph.len()],
-    };
+    let mut b = Builder { forward: graph, graph: graph.clone(), contributions: vec![Vec::new(); graph.len()] };
 
     // Nodes on a path from some wrt node to the root.
     let ancestors = graph.ancestors(&[root]);
@@ -313,11 +261,7 @@ pub fn differentiate(graph: &Graph, root: NodeId, wrt: &[NodeId]) -> Result<Grad
             depends[id.index()] = true;
         }
     }
-    let relevant: Vec<bool> = ancestors
-        .iter()
-        .zip(&depends)
-        .map(|(a, d)| *a && *d)
-        .collect();
+    let relevant: Vec<bool> = ancestors.iter().zip(&depends).map(|(a, d)| *a && *d).collect();
 
     let root_node = graph.node(root);
     let mut upstream = None;
@@ -331,21 +275,15 @@ pub fn differentiate(graph: &Graph, root: NodeId, wrt: &[NodeId]) -> Result<Grad
                 }
             }
             _ if root_node.shape.batched => {
-                let input = Op::Input(Input {
-                    shape: root_node.shape.dims.clone(),
-                    dtype: DType::F32,
-                });
-                let u = b
-                    .graph
-                    .add(format!("{}/upstream", root_node.name), input, &[])?;
+                let input = Op::Input(Input { shape: root_node.shape.dims.clone(), dtype: DType::F32 });
+                let u = b.graph.add(format!("{}/upstream", root_node.name), input, &[])?;
                 upstream = Some(u);
                 b.contributions[root.index()].push(u);
             }
             _ => {
-                return Err(b.err(
-                    root,
-                    "can only differentiate a loss (SoftmaxCrossEntropy) or a batched value".into(),
-                ));
+                return Err(
+                    b.err(root, "can only differentiate a loss (SoftmaxCrossEntropy) or a batched value".into())
+                );
             }
         }
     }
@@ -357,9 +295,7 @@ pub fn differentiate(graph: &Graph, root: NodeId, wrt: &[NodeId]) -> Result<Grad
     }
     let order: Vec<NodeId> = graph.node_ids().collect();
     for &id in order.iter().rev() {
-        if !relevant[id.index()]
-            || (id == root && matches!(root_node.op, Op::SoftmaxCrossEntropy(_)))
-        {
+        if !relevant[id.index()] || (id == root && matches!(root_node.op, Op::SoftmaxCrossEntropy(_))) {
             continue;
         }
         let Some(dy) = b.total(id)? else { continue };
@@ -368,18 +304,8 @@ pub fn differentiate(graph: &Graph, root: NodeId, wrt: &[NodeId]) -> Result<Grad
         }
         b.backward(id, dy, &relevant)?;
     }
-    let unconnected = wrt
-        .iter()
-        .map(|&w| graph.node(w).name.clone())
-        .filter(|n| !grads.contains_key(n))
-        .collect();
-    Ok(Gradients {
-        graph: b.graph,
-        root,
-        upstream,
-        grads,
-        unconnected,
-    })
+    let unconnected = wrt.iter().map(|&w| graph.node(w).name.clone()).filter(|n| !grads.contains_key(n)).collect();
+    Ok(Gradients { graph: b.graph, root, upstream, grads, unconnected })
 }
 
 /// A classifier's training graph: its loss (added if absent, see
@@ -388,11 +314,7 @@ pub fn differentiate(graph: &Graph, root: NodeId, wrt: &[NodeId]) -> Result<Grad
 pub fn training_graph(graph: &Graph, label_smoothing: f32) -> Result<Gradients> {
     let (g, loss) = graph.with_classifier_loss(label_smoothing)?;
     let mut wrt = g.trainable_parameters();
-    wrt.extend(
-        g.inputs()
-            .into_iter()
-            .filter(|&i| matches!(&g.node(i).op, Op::Input(inp) if inp.dtype == DType::F32)),
-    );
+    wrt.extend(g.inputs().into_iter().filter(|&i| matches!(&g.node(i).op, Op::Input(inp) if inp.dtype == DType::F32)));
     let mut grads = differentiate(&g, loss, &wrt)?;
     let mut outputs = vec![loss];
     outputs.extend(grads.grads.values().copied());

@@ -14,8 +14,7 @@ pub fn flops(graph: &Graph, id: NodeId, batch: usize) -> u64 {
     let elems = |s: &Shape| (s.numel() * if s.batched { batch } else { 1 }) as u64;
     let shape_of = |slot: usize| &graph.node(node.inputs[slot]).shape;
     let out = elems(&node.shape);
-    let macs_conv =
-        |kernel: &[usize], out_elems: u64| out_elems * (kernel[0] * kernel[1] * kernel[2]) as u64;
+    let macs_conv = |kernel: &[usize], out_elems: u64| out_elems * (kernel[0] * kernel[1] * kernel[2]) as u64;
     match &node.op {
         Op::Input(_) | Op::Parameter(_) => 0,
         Op::Conv2d(_) => {
@@ -43,9 +42,7 @@ pub fn flops(graph: &Graph, id: NodeId, batch: usize) -> u64 {
         Op::AvgPoolGrad(p) => elems(shape_of(0)) * (p.pool.window[0] * p.pool.window[1]) as u64,
         Op::GlobalAvgPoolGrad(_) => out,
         Op::DenseBackpropInput => 2 * out * shape_of(1).dims[1] as u64,
-        Op::DenseBackpropKernel => {
-            2 * elems(shape_of(0)) * shape_of(1).dims.last().copied().unwrap_or(1) as u64
-        }
+        Op::DenseBackpropKernel => 2 * elems(shape_of(0)) * shape_of(1).dims.last().copied().unwrap_or(1) as u64,
     }
 }
 

@@ -10,11 +10,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 pub enum Error {
     /// A node is ill-formed: wrong number of inputs, shapes that do not fit, bad attributes.
     #[error("node '{node}' ({op}): {reason}")]
-    Node {
-        node: String,
-        op: &'static str,
-        reason: String,
-    },
+    Node { node: String, op: &'static str, reason: String },
 
     /// A graph-level problem that is not about one node (duplicate names, missing outputs, ...).
     #[error("graph '{graph}': {reason}")]
@@ -22,19 +18,11 @@ pub enum Error {
 
     /// A model file could not be parsed or does not describe a valid graph.
     #[error("{}:{line}:{col}: {reason}", path.display())]
-    ModelFile {
-        path: PathBuf,
-        line: usize,
-        col: usize,
-        reason: String,
-    },
+    ModelFile { path: PathBuf, line: usize, col: usize, reason: String },
 
     /// A model name that is neither a zoo model nor a readable `.ron` file.
     #[error("unknown model '{name}': not a file, and not a zoo model (known: {})", known.join(", "))]
-    UnknownModel {
-        name: String,
-        known: Vec<&'static str>,
-    },
+    UnknownModel { name: String, known: Vec<&'static str> },
 
     /// A tensor file could not be read or written, or holds a tensor we cannot use.
     #[error("{}: {reason}", path.display())]
@@ -45,25 +33,16 @@ pub enum Error {
     Binding { name: String, reason: String },
 
     /// Reading or writing a file failed.
-    #[error("{}: {source}", path.display())]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    #[error("{}: {cause}", path.display())]
+    Io { path: PathBuf, cause: std::io::Error },
 }
 
 impl Error {
-    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io {
-            path: path.into(),
-            source,
-        }
+    pub(crate) fn io(path: impl Into<PathBuf>, cause: std::io::Error) -> Self {
+        Error::Io { path: path.into(), cause }
     }
 
     pub(crate) fn binding(name: impl Into<String>, reason: impl Into<String>) -> Self {
-        Error::Binding {
-            name: name.into(),
-            reason: reason.into(),
-        }
+        Error::Binding { name: name.into(), reason: reason.into() }
     }
 }

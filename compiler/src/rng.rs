@@ -71,10 +71,7 @@ mod tests {
             buckets[(u * 10.0) as usize] += 1;
         }
         for b in buckets {
-            assert!(
-                (b as f64 - n as f64 / 10.0).abs() < n as f64 * 0.01,
-                "{buckets:?}"
-            );
+            assert!((b as f64 - n as f64 / 10.0).abs() < n as f64 * 0.01, "{buckets:?}");
         }
     }
 

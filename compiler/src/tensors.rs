@@ -20,50 +20,30 @@ pub type Tensor = ndarray::ArrayD<f32>;
 pub type TensorMap = BTreeMap<String, Tensor>;
 
 fn file_error(path: &Path, reason: impl Into<String>) -> Error {
-    Error::TensorFile {
-        path: path.to_path_buf(),
-        reason: reason.into(),
-    }
+    Error::TensorFile { path: path.to_path_buf(), reason: reason.into() }
 }
 
 /// Decodes one safetensors view to f32.
 fn decode(path: &Path, name: &str, dtype: Dtype, shape: &[usize], data: &[u8]) -> Result<Tensor> {
     let bad = |what: &str| file_error(path, format!("tensor '{name}': {what}"));
     let values: Vec<f32> = match dtype {
-        Dtype::F32 => data
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect(),
-        Dtype::F64 => data
-            .chunks_exact(8)
-            .map(|b| f64::from_le_bytes(b.try_into().expect("chunk of 8")) as f32)
-            .collect(),
-        Dtype::BF16 => data
-            .chunks_exact(2)
-            .map(|b| f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16))
-            .collect(),
-        Dtype::F16 => data
-            .chunks_exact(2)
-            .map(|b| f16_to_f32(u16::from_le_bytes([b[0], b[1]])))
-            .collect(),
-        Dtype::I64 => data
-            .chunks_exact(8)
-            .map(|b| i64::from_le_bytes(b.try_into().expect("chunk of 8")) as f32)
-            .collect(),
-        Dtype::I32 => data
-            .chunks_exact(4)
-            .map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f32)
-            .collect(),
-        Dtype::I16 => data
-            .chunks_exact(2)
-            .map(|b| i16::from_le_bytes([b[0], b[1]]) as f32)
-            .collect(),
+        Dtype::F32 => data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+        Dtype::F64 => {
+            data.chunks_exact(8).map(|b| f64::from_le_bytes(b.try_into().expect("chunk of 8")) as f32).collect()
+        }
+        Dtype::BF16 => {
+            data.chunks_exact(2).map(|b| f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16)).collect()
+        }
+        Dtype::F16 => data.chunks_exact(2).map(|b| f16_to_f32(u16::from_le_bytes([b[0], b[1]]))).collect(),
+        Dtype::I64 => {
+            data.chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().expect("chunk of 8")) as f32).collect()
+        }
+        Dtype::I32 => data.chunks_exact(4).map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f32).collect(),
+        Dtype::I16 => data.chunks_exact(2).map(|b| i16::from_le_bytes([b[0], b[1]]) as f32).collect(),
         Dtype::U8 => data.iter().map(|&b| b as f32).collect(),
         Dtype::I8 => data.iter().map(|&b| b as i8 as f32).collect(),
         other => {
-            return Err(bad(&format!(
-                "dtype {other:?} is not supported; store it as F32"
-            )));
+            return Err(bad(&format!("dtype {other:?} is not supported; store it as F32")));
         }
     };
     Tensor::from_shape_vec(shape.to_vec(), values).map_err(|e| bad(&e.to_string()))
@@ -139,15 +119,9 @@ pub fn save(path: impl AsRef<Path>, tensors: &TensorMap) -> Result<()> {
 /// Writes `bytes` to a temporary file beside `path` and renames it into place, so an
 /// interrupted write never leaves a truncated file behind.
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    let file_name = path
-        .file_name()
-        .ok_or_else(|| file_error(path, "is not a file path"))?;
-    let tmp = path.with_file_name(format!(
-        ".{}.tmp{}",
-        file_name.to_string_lossy(),
-        std::process::id()
-    ));
-    std::fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
+    let file_name = path.file_name().ok_or_else(|| file_error(path, "is not a file path"))?;
+    let tmp = path.with_file_name(format!(".{}.tmp{}", file_name.to_string_lossy(), std::process::id()));
+    std::fs::write(&tmp, bytes).map_err(|e| Error::io(path, e))?;
     std::fs::rename(&tmp, path).map_err(|e| {
         let _ = std::fs::remove_file(&tmp);
         Error::io(path, e)

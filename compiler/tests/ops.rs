@@ -10,49 +10,28 @@ use systolic_compiler::graph::*;
 use systolic_compiler::reference::{Mode, RunOptions};
 use systolic_compiler::{Tensor, TensorMap};
 
-const INFER: RunOptions = RunOptions {
-    mode: Mode::Inference,
-    step: 0,
-};
-const TRAIN: RunOptions = RunOptions {
-    mode: Mode::Training,
-    step: 3,
-};
+const INFER: RunOptions = RunOptions { mode: Mode::Inference, step: 0 };
+const TRAIN: RunOptions = RunOptions { mode: Mode::Training, step: 3 };
 
 fn param(g: &mut Graph, name: &str, shape: &[usize]) -> NodeId {
-    g.add(
-        name,
-        Op::Parameter(Parameter {
-            shape: shape.to_vec(),
-            init: Init::Zeros,
-            trainable: true,
-        }),
-        &[],
-    )
-    .unwrap()
+    g.add(name, Op::Parameter(Parameter { shape: shape.to_vec(), init: Init::Zeros, trainable: true }), &[]).unwrap()
 }
 
 fn padding_strategy(max_pad: usize) -> impl Strategy<Value = Padding> {
     prop_oneof![
         Just(Padding::Valid),
         Just(Padding::Same),
-        (0..=max_pad, 0..=max_pad, 0..=max_pad, 0..=max_pad).prop_map(
-            |(top, bottom, left, right)| Padding::Explicit {
-                top,
-                bottom,
-                left,
-                right
-            }
-        ),
+        (0..=max_pad, 0..=max_pad, 0..=max_pad, 0..=max_pad).prop_map(|(top, bottom, left, right)| Padding::Explicit {
+            top,
+            bottom,
+            left,
+            right
+        }),
     ]
 }
 
 fn config(cases: u32) -> ProptestConfig {
-    ProptestConfig {
-        cases,
-        failure_persistence: None,
-        ..ProptestConfig::default()
-    }
+    ProptestConfig { cases, failure_persistence: None, ..ProptestConfig::default() }
 }
 
 #[derive(Debug, Clone)]
@@ -78,22 +57,18 @@ fn conv_params() -> impl Strategy<Value = ConvParams> {
         padding_strategy(2),
         any::<bool>(),
     )
-        .prop_map(
-            |((n, h, w), (cg, groups, cog), (kh, kw), (sh, sw, dh, dw), padding, bias)| {
-                ConvParams {
-                    n,
-                    hw: [h, w],
-                    cg,
-                    groups,
-                    cog,
-                    k: [kh, kw],
-                    strides: [sh, sw],
-                    dilation: [dh, dw],
-                    padding,
-                    bias,
-                }
-            },
-        )
+        .prop_map(|((n, h, w), (cg, groups, cog), (kh, kw), (sh, sw, dh, dw), padding, bias)| ConvParams {
+            n,
+            hw: [h, w],
+            cg,
+            groups,
+            cog,
+            k: [kh, kw],
+            strides: [sh, sw],
+            dilation: [dh, dw],
+            padding,
+            bias,
+        })
 }
 
 /// A graph `x -> conv(x, k, b)`, or None when the case is not a valid convolution.
@@ -107,12 +82,7 @@ fn conv_graph(p: &ConvParams) -> Option<(Graph, NodeId, TensorMap)> {
     if p.bias {
         inputs.push(param(&mut g, "b", &[co]));
     }
-    let conv = Conv2d {
-        strides: p.strides,
-        padding: p.padding,
-        dilation: p.dilation,
-        groups: p.groups,
-    };
+    let conv = Conv2d { strides: p.strides, padding: p.padding, dilation: p.dilation, groups: p.groups };
     let y = g.add("conv", Op::Conv2d(conv), &inputs).ok()?;
     let mut b = TensorMap::new();
     b.insert("x".into(), rand_tensor(&[p.n, p.hw[0], p.hw[1], c], 1));
@@ -158,32 +128,22 @@ fn pool_params() -> impl Strategy<Value = PoolParams> {
         padding_strategy(2),
         any::<bool>(),
     )
-        .prop_map(
-            |((n, h, w, c), (wh, ww, sh, sw), padding, max)| PoolParams {
-                n,
-                hw: [h, w],
-                c,
-                window: [wh, ww],
-                strides: [sh, sw],
-                padding,
-                max,
-            },
-        )
+        .prop_map(|((n, h, w, c), (wh, ww, sh, sw), padding, max)| PoolParams {
+            n,
+            hw: [h, w],
+            c,
+            window: [wh, ww],
+            strides: [sh, sw],
+            padding,
+            max,
+        })
 }
 
 fn pool_graph(p: &PoolParams) -> Option<(Graph, NodeId, TensorMap)> {
     let mut g = Graph::new("pool");
     let x = g.input("x", &[p.hw[0], p.hw[1], p.c]).unwrap();
-    let pool = Pool {
-        window: p.window,
-        strides: p.strides,
-        padding: p.padding,
-    };
-    let op = if p.max {
-        Op::MaxPool(pool)
-    } else {
-        Op::AvgPool(pool)
-    };
+    let pool = Pool { window: p.window, strides: p.strides, padding: p.padding };
+    let op = if p.max { Op::MaxPool(pool) } else { Op::AvgPool(pool) };
     let y = g.add("pool", op, &[x]).ok()?;
     let mut b = TensorMap::new();
     b.insert("x".into(), distinct(&[p.n, p.hw[0], p.hw[1], p.c], 5));
@@ -393,11 +353,7 @@ fn dropout_drops_at_its_rate_and_scales_the_rest() {
     let train = eval(&g, y, &b, TRAIN);
     let kept = train.iter().filter(|&&v| v != 0.0).count() as f64 / train.len() as f64;
     assert!((kept - 0.7).abs() < 0.01, "kept {kept}");
-    assert!(
-        train
-            .iter()
-            .all(|&v| v == 0.0 || (v - 1.0 / 0.7).abs() < 1e-6)
-    );
+    assert!(train.iter().all(|&v| v == 0.0 || (v - 1.0 / 0.7).abs() < 1e-6));
     // The mask is a function of (seed, step): the same step repeats it, another step does not.
     assert_eq!(eval(&g, y, &b, TRAIN), train);
     assert_ne!(eval(&g, y, &b, RunOptions { step: 4, ..TRAIN }), train);
@@ -421,12 +377,7 @@ fn depthwise_with_multiplier_matches_naive() {
         bias: true,
     };
     let (g, y, b) = conv_graph(&p).unwrap();
-    let case = ConvCase {
-        strides: p.strides,
-        dilation: p.dilation,
-        groups: p.groups,
-        padding: p.padding,
-    };
+    let case = ConvCase { strides: p.strides, dilation: p.dilation, groups: p.groups, padding: p.padding };
     let want = naive_conv(&b["x"], &b["k"], Some(&b["b"]), &case);
     assert_close(&eval(&g, y, &b, INFER), &want, 1e-5, 1e-5, "depthwise");
     check_gradients(&g, y, &b, &["x", "k", "b"], INFER, 1e-2, 64);
@@ -445,27 +396,25 @@ fn large_convolutions_take_the_blocked_paths() {
             k: [k, k],
             strides: [stride, stride],
             dilation: [1, 1],
-            padding: if k == 1 {
-                Padding::Valid
-            } else {
-                Padding::Same
-            },
+            padding: if k == 1 { Padding::Valid } else { Padding::Same },
             bias: false,
         };
         let (g, y, b) = conv_graph(&p).unwrap();
-        let case = ConvCase {
-            strides: p.strides,
-            dilation: p.dilation,
-            groups: 1,
-            padding: p.padding,
-        };
-        assert_close(
-            &eval(&g, y, &b, INFER),
-            &naive_conv(&b["x"], &b["k"], None, &case),
-            1e-4,
-            1e-4,
-            "conv",
-        );
+        let case = ConvCase { strides: p.strides, dilation: p.dilation, groups: 1, padding: p.padding };
+        assert_close(&eval(&g, y, &b, INFER), &naive_conv(&b["x"], &b["k"], None, &case), 1e-4, 1e-4, "conv");
         check_gradients(&g, y, &b, &["x", "k"], INFER, 1e-2, 24);
     }
+}
+
+#[test]
+fn max_pool_sends_the_gradient_to_the_first_of_tied_maxima() {
+    let mut g = Graph::new("ties");
+    let x = g.input("x", &[2, 2, 1]).unwrap();
+    let y = g.max_pool("pool", x, Pool::default()).unwrap();
+    let grads = systolic_compiler::autodiff::differentiate(&g, y, &[x]).unwrap();
+    let mut b = TensorMap::new();
+    b.insert("x".into(), Tensor::from_shape_vec(vec![1, 2, 2, 1], vec![1.0, 3.0, 3.0, 2.0]).unwrap());
+    b.insert("pool/upstream".into(), Tensor::from_elem(vec![1, 1, 1, 1], 5.0));
+    let ev = systolic_compiler::reference::run(&grads.graph, &b, &[grads.grads["x"]], INFER).unwrap();
+    assert_eq!(ev.get(grads.grads["x"]).unwrap().as_slice().unwrap(), &[0.0, 5.0, 0.0, 0.0]);
 }

@@ -26,11 +26,7 @@ fn every_model_ends_in_logits() {
         let g = zoo::build(name).unwrap();
         assert_eq!(g.outputs().len(), 1, "{name}");
         let out = g.node(g.outputs()[0]);
-        let classes = if matches!(name, "simple_cnn" | "digits_cnn" | "lenet5") {
-            10
-        } else {
-            1000
-        };
+        let classes = if matches!(name, "simple_cnn" | "digits_cnn" | "lenet5") { 10 } else { 1000 };
         assert_eq!(out.shape.dims, vec![classes], "{name}");
         assert!(out.shape.batched);
     }
@@ -53,14 +49,7 @@ fn resnet50_shapes_follow_the_paper() {
 #[test]
 fn small_inputs_build() {
     for name in ["resnet18", "resnet50", "mobilenet_v1", "vgg16"] {
-        let g = zoo::build_with(
-            name,
-            zoo::ZooOptions {
-                input_hw: Some([32, 32]),
-                classes: Some(10),
-            },
-        )
-        .unwrap();
+        let g = zoo::build_with(name, zoo::ZooOptions { input_hw: Some([32, 32]), classes: Some(10) }).unwrap();
         assert_eq!(g.node(g.outputs()[0]).shape.dims, vec![10]);
     }
 }
@@ -68,10 +57,5 @@ fn small_inputs_build() {
 #[test]
 fn unknown_model_lists_the_known_ones() {
     let e = zoo::build("resnet51").unwrap_err().to_string();
-    assert!(
-        e.contains("unknown model 'resnet51'")
-            && e.contains("resnet50")
-            && e.contains("mobilenet_v1"),
-        "{e}"
-    );
+    assert!(e.contains("unknown model 'resnet51'") && e.contains("resnet50") && e.contains("mobilenet_v1"), "{e}");
 }

@@ -3,8 +3,8 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
+use systolic::compiler::autodiff;
 use systolic::compiler::reference::{self, Mode, RunOptions};
-use systolic::compiler::{Tensor, TensorMap, autodiff};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -53,44 +53,20 @@ pub fn run(args: Args) -> Result<()> {
             args.labels.display()
         ),
     };
-    bindings.insert(labels_node, labels);
+    bindings.insert(labels_node.clone(), labels);
 
-    let mode = if args.inference_mode {
-        Mode::Inference
-    } else {
-        Mode::Training
-    };
-    let fetch = graph.outputs().to_vec();
-    let files = [("inputs", args.input.as_path())];
-    let mut ev = reference::run(
-        graph,
-        &bindings,
-        &fetch,
-        RunOptions {
-            mode,
-            step: args.step,
-        },
-    )
-    .map_err(|e| super::blame(e, graph, &files))?;
-
-    let mut out = TensorMap::new();
-    let loss = ev.take(train.root).context("the loss is fetched")?;
-    let loss_value = loss.first().copied().unwrap_or(f32::NAN);
-    out.insert("loss".to_string(), loss);
-    for (name, &id) in &train.grads {
-        out.insert(
-            name.clone(),
-            ev.get(id).context("gradients are fetched")?.clone(),
-        );
-    }
-    for name in &train.unconnected {
-        let node = graph.node(graph.expect(name)?);
-        out.insert(name.clone(), Tensor::zeros(node.shape.concrete(ev.batch)));
-    }
+    let mode = if args.inference_mode { Mode::Inference } else { Mode::Training };
+    let values = reference::run_gradients(&train, &bindings, RunOptions { mode, step: args.step }).map_err(|e| {
+        let labels = Some((labels_node.as_str(), args.labels.as_path()));
+        super::blame(e, |name| super::source_of(graph, name, args.weights.as_deref(), labels, &args.input))
+    })?;
+    let loss_value = values.root.first().copied().unwrap_or(f32::NAN);
+    let mut out = values.grads;
+    out.insert("loss".to_string(), values.root);
     super::save_tensors(&args.output, &out)?;
     println!(
         "loss {loss_value:.6} over a batch of {}; wrote the loss and {} gradients to {}",
-        ev.batch,
+        values.batch,
         out.len() - 1,
         args.output.display()
     );

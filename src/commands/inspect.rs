@@ -29,6 +29,8 @@ struct Leaf {
 struct Layer {
     name: String,
     op: &'static str,
+    /// The op with its attributes, as in model files.
+    attrs: serde_json::Value,
     inputs: Vec<String>,
     output_shape: Vec<usize>,
     params: usize,
@@ -65,11 +67,8 @@ pub fn run(args: Args) -> Result<()> {
             op => layers.push(Layer {
                 name: node.name.clone(),
                 op: op.kind(),
-                inputs: node
-                    .inputs
-                    .iter()
-                    .map(|&i| g.node(i).name.clone())
-                    .collect(),
+                attrs: serde_json::to_value(op)?,
+                inputs: node.inputs.iter().map(|&i| g.node(i).name.clone()).collect(),
                 output_shape: node.shape.concrete(args.batch),
                 params: cost::layer_params(&g, id),
                 flops: cost::flops(&g, id, args.batch),
@@ -80,11 +79,7 @@ pub fn run(args: Args) -> Result<()> {
         model: g.name().to_string(),
         batch: args.batch,
         inputs,
-        outputs: g
-            .outputs()
-            .iter()
-            .map(|&o| g.node(o).name.clone())
-            .collect(),
+        outputs: g.outputs().iter().map(|&o| g.node(o).name.clone()).collect(),
         trainable_params: g.trainable_param_count(),
         non_trainable_params: non_trainable,
         total_flops: layers.iter().map(|l| l.flops).sum(),

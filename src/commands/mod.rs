@@ -50,19 +50,32 @@ pub fn load_inputs(path: &Path) -> Result<TensorMap> {
     Ok(tensors::load(path)?)
 }
 
-/// Adds the file a bad tensor came from to a binding error.
-pub fn blame(err: Error, graph: &Graph, files: &[(&str, &Path)]) -> anyhow::Error {
-    if let Error::Binding { name, .. } = &err {
-        let kind = match graph.find(name).map(|id| &graph.node(id).op) {
-            Some(Op::Parameter(_)) => "weights",
-            Some(Op::Input(_)) => "inputs",
-            _ => "",
-        };
-        if let Some((_, path)) = files.iter().find(|(k, _)| *k == kind) {
-            return anyhow::Error::new(err).context(format!("{}", path.display()));
-        }
+/// Adds the file a bad tensor came from to a binding error; `source` maps a tensor (node)
+/// name to the file it was read from.
+pub fn blame<'a>(err: Error, source: impl Fn(&str) -> Option<&'a Path>) -> anyhow::Error {
+    if let Error::Binding { name, .. } = &err
+        && let Some(path) = source(name)
+    {
+        return anyhow::Error::new(err).context(path.display().to_string());
     }
     err.into()
+}
+
+/// The file a bound tensor came from: the weights file for parameters (when one was given),
+/// the labels file for the labels, the input file for everything else.
+pub fn source_of<'a>(
+    graph: &Graph,
+    name: &str,
+    weights: Option<&'a Path>,
+    labels: Option<(&str, &'a Path)>,
+    input: &'a Path,
+) -> Option<&'a Path> {
+    let is_param = graph.find(name).is_some_and(|id| matches!(graph.node(id).op, Op::Parameter(_)));
+    match labels {
+        _ if is_param => weights,
+        Some((node, path)) if node == name => Some(path),
+        _ => Some(input),
+    }
 }
 
 /// Writes tensors to a safetensors file (atomically).

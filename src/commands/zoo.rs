@@ -26,11 +26,7 @@ pub fn run(args: Args) -> Result<()> {
     let mut entries = Vec::new();
     for name in zoo::names() {
         let g = zoo::build(name)?;
-        let input = g
-            .inputs()
-            .first()
-            .map(|&i| g.node(i).shape.dims.clone())
-            .unwrap_or_default();
+        let input = g.inputs().first().map(|&i| g.node(i).shape.dims.clone()).unwrap_or_default();
         entries.push(Entry {
             name,
             params: g.trainable_param_count(),

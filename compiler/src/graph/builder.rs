@@ -52,10 +52,7 @@ impl ConvSpec {
 
     /// A depthwise `kernel`×`kernel` convolution (depth multiplier 1).
     pub fn depthwise(kernel: usize) -> ConvSpec {
-        ConvSpec {
-            depthwise: true,
-            ..ConvSpec::new(1, kernel)
-        }
+        ConvSpec { depthwise: true, ..ConvSpec::new(1, kernel) }
     }
 
     pub fn kernel_hw(mut self, kh: usize, kw: usize) -> Self {
@@ -80,12 +77,7 @@ impl ConvSpec {
 
     /// Symmetric explicit padding of `p` pixels (PyTorch's `padding=p`).
     pub fn pad(self, p: usize) -> Self {
-        self.padding(Padding::Explicit {
-            top: p,
-            bottom: p,
-            left: p,
-            right: p,
-        })
+        self.padding(Padding::Explicit { top: p, bottom: p, left: p, right: p })
     }
 
     pub fn dilation(mut self, d: usize) -> Self {
@@ -120,12 +112,7 @@ pub struct DenseSpec {
 
 impl DenseSpec {
     pub fn new(units: usize) -> DenseSpec {
-        DenseSpec {
-            units,
-            use_bias: true,
-            kernel_init: Init::GlorotUniform,
-            bias_init: Init::Zeros,
-        }
+        DenseSpec { units, use_bias: true, kernel_init: Init::GlorotUniform, bias_init: Init::Zeros }
     }
 
     pub fn no_bias(mut self) -> Self {
@@ -146,44 +133,22 @@ impl From<usize> for DenseSpec {
 }
 
 fn param(shape: Vec<usize>, init: Init) -> Op {
-    Op::Parameter(Parameter {
-        shape,
-        init,
-        trainable: true,
-    })
+    Op::Parameter(Parameter { shape, init, trainable: true })
 }
 
 fn frozen(shape: Vec<usize>, init: Init) -> Op {
-    Op::Parameter(Parameter {
-        shape,
-        init,
-        trainable: false,
-    })
+    Op::Parameter(Parameter { shape, init, trainable: false })
 }
 
 impl Graph {
     /// A batched f32 input; `shape` is one example's shape.
     pub fn input(&mut self, name: &str, shape: &[usize]) -> Result<NodeId> {
-        self.add(
-            name,
-            Op::Input(Input {
-                shape: shape.to_vec(),
-                dtype: DType::F32,
-            }),
-            &[],
-        )
+        self.add(name, Op::Input(Input { shape: shape.to_vec(), dtype: DType::F32 }), &[])
     }
 
     /// A batched input of integer class ids (one per example).
     pub fn labels(&mut self, name: &str) -> Result<NodeId> {
-        self.add(
-            name,
-            Op::Input(Input {
-                shape: vec![],
-                dtype: DType::I32,
-            }),
-            &[],
-        )
+        self.add(name, Op::Input(Input { shape: vec![], dtype: DType::I32 }), &[])
     }
 
     /// Checks that `op` applied to `x` and parameters of `param_shapes` is well-formed, then adds
@@ -202,11 +167,7 @@ impl Graph {
             return Err(Error::Node {
                 node: name.to_string(),
                 op: op.kind(),
-                reason: format!(
-                    "{reason} (input: {} {})",
-                    self.node(x).name,
-                    self.node(x).shape
-                ),
+                reason: format!("{reason} (input: {} {})", self.node(x).name, self.node(x).shape),
             });
         }
         for (suffix, _) in &params {
@@ -228,15 +189,11 @@ impl Graph {
 
     fn channels(&self, x: NodeId, layer: &str, kind: &'static str) -> Result<usize> {
         let s = &self.node(x).shape;
-        s.dims
-            .last()
-            .copied()
-            .filter(|_| s.batched)
-            .ok_or_else(|| Error::Node {
-                node: layer.to_string(),
-                op: kind,
-                reason: format!("input {} {s} has no channel axis", self.node(x).name),
-            })
+        s.dims.last().copied().filter(|_| s.batched).ok_or_else(|| Error::Node {
+            node: layer.to_string(),
+            op: kind,
+            reason: format!("input {} {s} has no channel axis", self.node(x).name),
+        })
     }
 
     /// A 2-D convolution (with `<name>/kernel` and, if used, `<name>/bias`).
@@ -249,13 +206,8 @@ impl Graph {
         } else {
             (cin / conv.groups.max(1), spec.filters)
         };
-        let mut params = vec![(
-            "kernel",
-            param(
-                vec![spec.kernel[0], spec.kernel[1], per_group, filters],
-                spec.kernel_init,
-            ),
-        )];
+        let mut params =
+            vec![("kernel", param(vec![spec.kernel[0], spec.kernel[1], per_group, filters], spec.kernel_init))];
         if spec.use_bias {
             params.push(("bias", param(vec![filters], spec.bias_init)));
         }
@@ -289,12 +241,7 @@ impl Graph {
     /// A learned bias on the last axis (`<name>/bias`).
     pub fn bias_add(&mut self, name: &str, x: NodeId) -> Result<NodeId> {
         let c = self.channels(x, name, "BiasAdd")?;
-        self.layer(
-            name,
-            Op::BiasAdd,
-            x,
-            vec![("bias", param(vec![c], Init::Zeros))],
-        )
+        self.layer(name, Op::BiasAdd, x, vec![("bias", param(vec![c], Init::Zeros))])
     }
 
     pub fn relu(&mut self, name: &str, x: NodeId) -> Result<NodeId> {
@@ -330,13 +277,7 @@ impl Graph {
     }
 
     pub fn reshape(&mut self, name: &str, x: NodeId, shape: &[i64]) -> Result<NodeId> {
-        self.add(
-            name,
-            Op::Reshape(Reshape {
-                shape: shape.to_vec(),
-            }),
-            &[x],
-        )
+        self.add(name, Op::Reshape(Reshape { shape: shape.to_vec() }), &[x])
     }
 
     pub fn add_op(&mut self, name: &str, a: NodeId, b: NodeId) -> Result<NodeId> {
@@ -359,11 +300,7 @@ impl Graph {
         labels: NodeId,
         label_smoothing: f32,
     ) -> Result<NodeId> {
-        self.add(
-            name,
-            Op::SoftmaxCrossEntropy(SoftmaxCrossEntropy { label_smoothing }),
-            &[logits, labels],
-        )
+        self.add(name, Op::SoftmaxCrossEntropy(SoftmaxCrossEntropy { label_smoothing }), &[logits, labels])
     }
 
     /// A copy of this classifier with a `labels` input and a `loss` node
@@ -373,16 +310,9 @@ impl Graph {
         if let Some(loss) = self.loss_node() {
             return Ok((self.clone(), loss));
         }
-        let &logits = self
-            .outputs
-            .first()
-            .ok_or_else(|| self.graph_error("has no outputs to attach a loss to"))?;
+        let &logits = self.outputs.first().ok_or_else(|| self.graph_error("has no outputs to attach a loss to"))?;
         let mut g = self.clone();
-        let labels_name = if g.find("labels").is_none() {
-            "labels"
-        } else {
-            "loss/labels"
-        };
+        let labels_name = if g.find("labels").is_none() { "labels" } else { "loss/labels" };
         let labels = g.labels(labels_name)?;
         let loss = g.softmax_cross_entropy("loss", logits, labels, label_smoothing)?;
         Ok((g, loss))

@@ -43,49 +43,36 @@ impl Graph {
                 .map(|(_, n)| NodeDef {
                     name: n.name.clone(),
                     op: n.op.clone(),
-                    inputs: n
-                        .inputs
-                        .iter()
-                        .map(|&i| self.node(i).name.clone())
-                        .collect(),
+                    inputs: n.inputs.iter().map(|&i| self.node(i).name.clone()).collect(),
                 })
                 .collect(),
-            outputs: self
-                .outputs
-                .iter()
-                .map(|&o| self.node(o).name.clone())
-                .collect(),
+            outputs: self.outputs.iter().map(|&o| self.node(o).name.clone()).collect(),
         };
-        let config = ron::ser::PrettyConfig::new()
-            .depth_limit(3)
-            .indentor("  ")
-            .struct_names(false)
-            .extensions(extensions());
+        let config =
+            ron::ser::PrettyConfig::new().depth_limit(3).indentor("  ").struct_names(false).extensions(extensions());
         ron::ser::to_string_pretty(&file, config).expect("graphs always serialise")
     }
 
     /// Parses RON text; `origin` names the source in errors (a path, or `<string>`).
     pub fn from_ron(text: &str, origin: &Path) -> Result<Graph> {
-        let file: GraphFile = ron::Options::default()
-            .with_default_extension(extensions())
-            .from_str(text)
-            .map_err(|e| Error::ModelFile {
-                path: origin.to_path_buf(),
-                line: e.span.start.line,
-                col: e.span.start.col,
-                reason: e.code.to_string(),
+        let file: GraphFile =
+            ron::Options::default().with_default_extension(extensions()).from_str(text).map_err(|e| {
+                Error::ModelFile {
+                    path: origin.to_path_buf(),
+                    line: e.span.start.line,
+                    col: e.span.start.col,
+                    reason: e.code.to_string(),
+                }
             })?;
-        let at = |node: &str, reason: String| {
-            let (line, col) = locate_node(text, node);
-            Error::ModelFile {
-                path: origin.to_path_buf(),
-                line,
-                col,
-                reason,
-            }
+        // The n-th definition of a name (n > 0 only for duplicates) is where its errors point.
+        let mut seen: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+        let at = |node: &str, nth: usize, reason: String| {
+            let (line, col) = locate_node(text, node, nth);
+            Error::ModelFile { path: origin.to_path_buf(), line, col, reason }
         };
         let mut graph = Graph::new(file.name);
         for def in file.nodes {
+            let nth = *seen.entry(def.name.clone()).and_modify(|n| *n += 1).or_insert(0);
             let mut inputs = Vec::with_capacity(def.inputs.len());
             for input in &def.inputs {
                 match graph.find(input) {
@@ -93,6 +80,7 @@ impl Graph {
                     None => {
                         return Err(at(
                             &def.name,
+                            nth,
                             format!(
                                 "node '{}': input '{input}' is not defined above it (define nodes before their use)",
                                 def.name
@@ -102,9 +90,7 @@ impl Graph {
                 }
             }
             let name = def.name.clone();
-            graph
-                .add(def.name, def.op, &inputs)
-                .map_err(|e| at(&name, e.to_string()))?;
+            graph.add(def.name, def.op, &inputs).map_err(|e| at(&name, nth, e.to_string()))?;
         }
         if file.outputs.is_empty() {
             return Err(Error::ModelFile {
@@ -152,19 +138,22 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
 
 /// The 1-based line and column of `needle`'s first occurrence (1:1 when absent).
 fn locate(text: &str, needle: &str) -> (usize, usize) {
-    text.find(needle)
-        .map_or((1, 1), |offset| line_col(text, offset))
+    text.find(needle).map_or((1, 1), |offset| line_col(text, offset))
 }
 
-/// Where a node named `node` is defined in the file text.
-fn locate_node(text: &str, node: &str) -> (usize, usize) {
+/// Where the `nth` definition (`name: "<node>"`) of a node is in the file text.
+fn locate_node(text: &str, node: &str, nth: usize) -> (usize, usize) {
     let quoted = format!("\"{node}\"");
     let mut offset = 0;
+    let mut found = 0;
     while let Some(pos) = text[offset..].find(&quoted) {
         let at = offset + pos;
         let head = text[..at].trim_end();
         if head.ends_with(':') && head[..head.len() - 1].trim_end().ends_with("name") {
-            return line_col(text, at);
+            if found == nth {
+                return line_col(text, at);
+            }
+            found += 1;
         }
         offset = at + quoted.len();
     }

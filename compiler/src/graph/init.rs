@@ -11,7 +11,7 @@ use crate::rng;
 use crate::tensors::{Tensor, TensorMap};
 
 /// Stddev correction of a standard normal truncated at ±2σ (Keras' `VarianceScaling`).
-const TRUNCATED_STDDEV: f32 = 0.879_625_66;
+const TRUNCATED_STDDEV: f32 = 0.879_625_7;
 
 /// Fan-in and fan-out of a weight shape: HWIO kernels `[kh, kw, in, out]`, dense `[in, out]`.
 pub fn fans(shape: &[usize]) -> (f32, f32) {
@@ -33,26 +33,19 @@ impl Init {
         let n: usize = shape.iter().product();
         let (fan_in, fan_out) = fans(shape);
         let uniform = |low: f32, high: f32| -> Vec<f32> {
-            (0..n)
-                .into_par_iter()
-                .map(|i| low + (high - low) * rng::uniform(key, i as u64))
-                .collect()
+            (0..n).into_par_iter().map(|i| low + (high - low) * rng::uniform(key, i as u64)).collect()
         };
         let truncated = |stddev: f32| -> Vec<f32> {
-            (0..n)
-                .into_par_iter()
-                .map(|i| stddev * rng::truncated_normal(key, i as u64))
-                .collect()
+            (0..n).into_par_iter().map(|i| stddev * rng::truncated_normal(key, i as u64)).collect()
         };
         match *self {
             Init::Zeros => vec![0.0; n],
             Init::Ones => vec![1.0; n],
             Init::Constant(c) => vec![c; n],
             Init::Uniform { low, high } => uniform(low, high),
-            Init::Normal { mean, stddev } => (0..n)
-                .into_par_iter()
-                .map(|i| mean + stddev * rng::normal(key, i as u64))
-                .collect(),
+            Init::Normal { mean, stddev } => {
+                (0..n).into_par_iter().map(|i| mean + stddev * rng::normal(key, i as u64)).collect()
+            }
             Init::GlorotUniform => {
                 let limit = (6.0 / (fan_in + fan_out)).sqrt();
                 uniform(-limit, limit)
@@ -76,8 +69,7 @@ impl Graph {
             if let Op::Parameter(p) = &node.op {
                 let key = rng::derive(seed, rng::hash_str(&node.name));
                 let data = p.init.sample(&p.shape, key);
-                let tensor = Tensor::from_shape_vec(p.shape.clone(), data)
-                    .expect("sample returns numel values");
+                let tensor = Tensor::from_shape_vec(p.shape.clone(), data).expect("sample returns numel values");
                 out.insert(node.name.clone(), tensor);
             }
         }
@@ -101,10 +93,7 @@ mod tests {
         let v = Init::HeNormal.sample(&shape, 11);
         let var = v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>() / v.len() as f64;
         let want = 2.0 / (9.0 * 64.0);
-        assert!(
-            (var / want - 1.0).abs() < 0.03,
-            "variance {var}, want {want}"
-        );
+        assert!((var / want - 1.0).abs() < 0.03, "variance {var}, want {want}");
     }
 
     #[test]

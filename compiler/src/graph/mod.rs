@@ -58,12 +58,7 @@ impl PartialEq for Graph {
 
 impl Graph {
     pub fn new(name: impl Into<String>) -> Graph {
-        Graph {
-            name: name.into(),
-            dag: DiGraph::default(),
-            by_name: HashMap::new(),
-            outputs: Vec::new(),
-        }
+        Graph { name: name.into(), dag: DiGraph::default(), by_name: HashMap::new(), outputs: Vec::new() }
     }
 
     pub fn name(&self) -> &str {
@@ -77,43 +72,23 @@ impl Graph {
     /// Adds a node, checking its name, its inputs and its shape. The error names the node.
     pub fn add(&mut self, name: impl Into<String>, op: Op, inputs: &[NodeId]) -> Result<NodeId> {
         let name = name.into();
-        let fail = |reason: String| Error::Node {
-            node: name.clone(),
-            op: op.kind(),
-            reason,
-        };
+        let fail = |reason: String| Error::Node { node: name.clone(), op: op.kind(), reason };
         if name.is_empty() {
             return Err(fail("node names must not be empty".into()));
         }
         if self.by_name.contains_key(&name) {
-            return Err(fail(
-                "a node with this name already exists; node names must be unique".into(),
-            ));
+            return Err(fail("a node with this name already exists; node names must be unique".into()));
         }
         if let Some(bad) = inputs.iter().find(|id| id.index() >= self.dag.node_count()) {
-            return Err(fail(format!(
-                "input #{} does not exist in this graph",
-                bad.index()
-            )));
+            return Err(fail(format!("input #{} does not exist in this graph", bad.index())));
         }
         let shapes: Vec<&Shape> = inputs.iter().map(|&i| &self.dag[i].shape).collect();
         let shape = op.infer_shape(&shapes).map_err(|reason| {
-            let operands: Vec<String> = inputs
-                .iter()
-                .map(|&i| format!("{} {}", self.dag[i].name, self.dag[i].shape))
-                .collect();
-            if operands.is_empty() {
-                fail(reason)
-            } else {
-                fail(format!("{reason} (inputs: {})", operands.join(", ")))
-            }
+            let operands: Vec<String> =
+                inputs.iter().map(|&i| format!("{} {}", self.dag[i].name, self.dag[i].shape)).collect();
+            if operands.is_empty() { fail(reason) } else { fail(format!("{reason} (inputs: {})", operands.join(", "))) }
         })?;
-        let id = self.dag.add_node(Node {
-            name: name.clone(),
-            op,
-            inputs: inputs.to_vec(),
-            shape,
-        });
+        let id = self.dag.add_node(Node { name: name.clone(), op, inputs: inputs.to_vec(), shape });
         for (slot, &input) in inputs.iter().enumerate() {
             self.dag.add_edge(input, id, slot);
         }
@@ -164,18 +139,13 @@ impl Graph {
 
     /// Looks a node up by name, with an error that lists what the graph has of that kind.
     pub fn expect(&self, name: &str) -> Result<NodeId> {
-        self.find(name).ok_or_else(|| Error::Graph {
-            graph: self.name.clone(),
-            reason: format!("has no node named '{name}'"),
-        })
+        self.find(name)
+            .ok_or_else(|| Error::Graph { graph: self.name.clone(), reason: format!("has no node named '{name}'") })
     }
 
     /// The nodes that read `id`'s value, in topological order (each once).
     pub fn consumers(&self, id: NodeId) -> Vec<NodeId> {
-        let mut out: Vec<NodeId> = self
-            .dag
-            .neighbors_directed(id, Direction::Outgoing)
-            .collect();
+        let mut out: Vec<NodeId> = self.dag.neighbors_directed(id, Direction::Outgoing).collect();
         out.sort();
         out.dedup();
         out
@@ -183,34 +153,22 @@ impl Graph {
 
     /// The graph's Input nodes, in order.
     pub fn inputs(&self) -> Vec<NodeId> {
-        self.nodes()
-            .filter(|(_, n)| matches!(n.op, Op::Input(_)))
-            .map(|(id, _)| id)
-            .collect()
+        self.nodes().filter(|(_, n)| matches!(n.op, Op::Input(_))).map(|(id, _)| id).collect()
     }
 
     /// The graph's Parameter nodes, in order.
     pub fn parameters(&self) -> Vec<NodeId> {
-        self.nodes()
-            .filter(|(_, n)| matches!(n.op, Op::Parameter(_)))
-            .map(|(id, _)| id)
-            .collect()
+        self.nodes().filter(|(_, n)| matches!(n.op, Op::Parameter(_))).map(|(id, _)| id).collect()
     }
 
     /// Trainable parameter nodes, in order.
     pub fn trainable_parameters(&self) -> Vec<NodeId> {
-        self.nodes()
-            .filter(|(_, n)| matches!(&n.op, Op::Parameter(p) if p.trainable))
-            .map(|(id, _)| id)
-            .collect()
+        self.nodes().filter(|(_, n)| matches!(&n.op, Op::Parameter(p) if p.trainable)).map(|(id, _)| id).collect()
     }
 
     /// The number of trainable parameter values.
     pub fn trainable_param_count(&self) -> usize {
-        self.trainable_parameters()
-            .iter()
-            .map(|&id| self.node(id).shape.numel())
-            .sum()
+        self.trainable_parameters().iter().map(|&id| self.node(id).shape.numel()).sum()
     }
 
     /// The nodes `roots` depend on (including themselves), as a mask indexed by node.
@@ -231,15 +189,10 @@ impl Graph {
 
     /// The first SoftmaxCrossEntropy node, if the graph already has a loss.
     pub fn loss_node(&self) -> Option<NodeId> {
-        self.nodes()
-            .find(|(_, n)| matches!(n.op, Op::SoftmaxCrossEntropy(_)))
-            .map(|(id, _)| id)
+        self.nodes().find(|(_, n)| matches!(n.op, Op::SoftmaxCrossEntropy(_))).map(|(id, _)| id)
     }
 
     fn graph_error(&self, reason: impl Into<String>) -> Error {
-        Error::Graph {
-            graph: self.name.clone(),
-            reason: reason.into(),
-        }
+        Error::Graph { graph: self.name.clone(), reason: reason.into() }
     }
 }

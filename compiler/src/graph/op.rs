@@ -16,12 +16,7 @@ pub enum Padding {
     /// Output size `ceil(in / stride)`; the extra padding goes after (bottom/right), as in TF.
     Same,
     /// Explicit zero padding on each side (PyTorch style), in pixels.
-    Explicit {
-        top: usize,
-        bottom: usize,
-        left: usize,
-        right: usize,
-    },
+    Explicit { top: usize, bottom: usize, left: usize, right: usize },
 }
 
 /// Padding resolved against a concrete input size: pixels added on each side and the output size.
@@ -37,12 +32,7 @@ pub struct Window2d {
 
 impl Padding {
     /// Resolves the padding for an `in_hw` input, an effective (dilated) window and strides.
-    pub fn resolve(
-        &self,
-        in_hw: [usize; 2],
-        window: [usize; 2],
-        strides: [usize; 2],
-    ) -> Result<Window2d, String> {
+    pub fn resolve(&self, in_hw: [usize; 2], window: [usize; 2], strides: [usize; 2]) -> Result<Window2d, String> {
         let axis = |i: usize, before: usize, after: usize| -> Result<usize, String> {
             let padded = in_hw[i] + before + after;
             if padded < window[i] {
@@ -68,8 +58,7 @@ impl Padding {
                 let mut outs = [0; 2];
                 for i in 0..2 {
                     let out = in_hw[i].div_ceil(strides[i]);
-                    let total =
-                        ((out.max(1) - 1) * strides[i] + window[i]).saturating_sub(in_hw[i]);
+                    let total = ((out.max(1) - 1) * strides[i] + window[i]).saturating_sub(in_hw[i]);
                     pads[i] = (total / 2, total - total / 2);
                     outs[i] = out;
                 }
@@ -85,17 +74,8 @@ impl Padding {
                     pad_right: pads[1].1,
                 })
             }
-            Padding::Explicit {
-                top,
-                bottom,
-                left,
-                right,
-            } => {
-                if top >= window[0]
-                    || bottom >= window[0]
-                    || left >= window[1]
-                    || right >= window[1]
-                {
+            Padding::Explicit { top, bottom, left, right } => {
+                if top >= window[0] || bottom >= window[0] || left >= window[1] || right >= window[1] {
                     return Err(format!(
                         "explicit padding {top},{bottom},{left},{right} must be smaller than the window {}x{} on each side",
                         window[0], window[1]
@@ -128,28 +108,19 @@ pub struct Conv2d {
 
 impl Default for Conv2d {
     fn default() -> Self {
-        Conv2d {
-            strides: [1, 1],
-            padding: Padding::Valid,
-            dilation: [1, 1],
-            groups: 1,
-        }
+        Conv2d { strides: [1, 1], padding: Padding::Valid, dilation: [1, 1], groups: 1 }
     }
 }
 
 impl Conv2d {
     /// The dilated window size for a `[kh, kw]` kernel.
     pub fn effective_window(&self, kernel_hw: [usize; 2]) -> [usize; 2] {
-        [
-            (kernel_hw[0] - 1) * self.dilation[0] + 1,
-            (kernel_hw[1] - 1) * self.dilation[1] + 1,
-        ]
+        [(kernel_hw[0] - 1) * self.dilation[0] + 1, (kernel_hw[1] - 1) * self.dilation[1] + 1]
     }
 
     /// Resolves output size and padding for an input of `in_hw` and a kernel of `kernel_hw`.
     pub fn window(&self, in_hw: [usize; 2], kernel_hw: [usize; 2]) -> Result<Window2d, String> {
-        self.padding
-            .resolve(in_hw, self.effective_window(kernel_hw), self.strides)
+        self.padding.resolve(in_hw, self.effective_window(kernel_hw), self.strides)
     }
 }
 
@@ -165,11 +136,7 @@ pub struct Pool {
 
 impl Default for Pool {
     fn default() -> Self {
-        Pool {
-            window: [2, 2],
-            strides: [2, 2],
-            padding: Padding::Valid,
-        }
+        Pool { window: [2, 2], strides: [2, 2], padding: Padding::Valid }
     }
 }
 
@@ -192,10 +159,7 @@ pub struct BatchNorm {
 
 impl Default for BatchNorm {
     fn default() -> Self {
-        BatchNorm {
-            momentum: 0.99,
-            epsilon: 1e-3,
-        }
+        BatchNorm { momentum: 0.99, epsilon: 1e-3 }
     }
 }
 

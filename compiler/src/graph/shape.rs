@@ -18,17 +18,11 @@ pub struct Shape {
 
 impl Shape {
     pub fn batched(dims: impl Into<Vec<usize>>) -> Shape {
-        Shape {
-            dims: dims.into(),
-            batched: true,
-        }
+        Shape { dims: dims.into(), batched: true }
     }
 
     pub fn fixed(dims: impl Into<Vec<usize>>) -> Shape {
-        Shape {
-            dims: dims.into(),
-            batched: false,
-        }
+        Shape { dims: dims.into(), batched: false }
     }
 
     pub fn scalar() -> Shape {
@@ -42,13 +36,7 @@ impl Shape {
 
     /// The concrete dimensions for a batch of `batch` examples.
     pub fn concrete(&self, batch: usize) -> Vec<usize> {
-        if self.batched {
-            std::iter::once(batch)
-                .chain(self.dims.iter().copied())
-                .collect()
-        } else {
-            self.dims.clone()
-        }
+        if self.batched { std::iter::once(batch).chain(self.dims.iter().copied()).collect() } else { self.dims.clone() }
     }
 
     /// The rank of the value, counting the batch dimension.
@@ -74,9 +62,7 @@ impl Shape {
     fn image(&self, what: &str) -> Result<[usize; 3], String> {
         match (self.batched, self.dims.as_slice()) {
             (true, &[h, w, c]) => Ok([h, w, c]),
-            _ => Err(format!(
-                "{what} must be a batched image [N, H, W, C], got {self}"
-            )),
+            _ => Err(format!("{what} must be a batched image [N, H, W, C], got {self}")),
         }
     }
 }
@@ -92,9 +78,7 @@ impl fmt::Display for Shape {
 pub fn per_example_axis(axis: i64, rank: usize) -> Result<usize, String> {
     let full = if axis < 0 { rank as i64 + axis } else { axis };
     if full <= 0 || full >= rank as i64 {
-        return Err(format!(
-            "axis {axis} is out of range for a rank-{rank} tensor (the batch axis 0 cannot be used)"
-        ));
+        return Err(format!("axis {axis} is out of range for a rank-{rank} tensor (the batch axis 0 cannot be used)"));
     }
     Ok(full as usize - 1)
 }
@@ -108,26 +92,17 @@ fn expect_same(a: &Shape, b: &Shape, what: &str) -> Result<(), String> {
 
 fn expect_fixed(s: &Shape, dims: &[usize], what: &str) -> Result<(), String> {
     if s.batched || s.dims != dims {
-        return Err(format!(
-            "{what} must have shape {}, got {s}",
-            Shape::fixed(dims.to_vec())
-        ));
+        return Err(format!("{what} must have shape {}, got {s}", Shape::fixed(dims.to_vec())));
     }
     Ok(())
 }
 
-fn conv_shapes(
-    conv: &Conv2d,
-    x: &Shape,
-    kernel: &Shape,
-) -> Result<([usize; 3], [usize; 4]), String> {
+fn conv_shapes(conv: &Conv2d, x: &Shape, kernel: &Shape) -> Result<([usize; 3], [usize; 4]), String> {
     let [h, w, c] = x.image("conv input")?;
     let k: [usize; 4] = match (kernel.batched, kernel.dims.as_slice()) {
         (false, &[kh, kw, ci, co]) => [kh, kw, ci, co],
         _ => {
-            return Err(format!(
-                "kernel must be a fixed HWIO tensor [kh, kw, cin/groups, cout], got {kernel}"
-            ));
+            return Err(format!("kernel must be a fixed HWIO tensor [kh, kw, cin/groups, cout], got {kernel}"));
         }
     };
     if conv.strides.contains(&0) || conv.dilation.contains(&0) || conv.groups == 0 {
@@ -140,11 +115,8 @@ fn conv_shapes(
         return Err(format!("kernel shape {kernel} has a zero dimension"));
     }
     let g = conv.groups;
-    if c % g != 0 || k[3] % g != 0 {
-        return Err(format!(
-            "groups {g} must divide the input channels ({c}) and the filters ({})",
-            k[3]
-        ));
+    if !c.is_multiple_of(g) || !k[3].is_multiple_of(g) {
+        return Err(format!("groups {g} must divide the input channels ({c}) and the filters ({})", k[3]));
     }
     if k[2] * g != c {
         return Err(format!(
@@ -167,10 +139,7 @@ fn conv_output(conv: &Conv2d, x: &Shape, kernel: &Shape) -> Result<Shape, String
 fn pool_output(pool: &Pool, x: &Shape) -> Result<Shape, String> {
     let [h, w, c] = x.image("pool input")?;
     if pool.window.contains(&0) || pool.strides.contains(&0) {
-        return Err(format!(
-            "window {:?} and strides {:?} must be at least 1",
-            pool.window, pool.strides
-        ));
+        return Err(format!("window {:?} and strides {:?} must be at least 1", pool.window, pool.strides));
     }
     let win = pool.resolve([h, w])?;
     Ok(Shape::batched(vec![win.out_h, win.out_w, c]))
@@ -178,9 +147,7 @@ fn pool_output(pool: &Pool, x: &Shape) -> Result<Shape, String> {
 
 fn bn_check(x: &Shape, params: &[&Shape], names: &[&str]) -> Result<usize, String> {
     if !x.batched || x.dims.is_empty() {
-        return Err(format!(
-            "batch norm input must be batched with a channel axis, got {x}"
-        ));
+        return Err(format!("batch norm input must be batched with a channel axis, got {x}"));
     }
     let c = x.last().unwrap_or(0);
     for (p, name) in params.iter().zip(names) {
@@ -215,10 +182,7 @@ impl Op {
             }
             Op::Parameter(p) => {
                 if p.shape.contains(&0) {
-                    return Err(format!(
-                        "parameter shape {:?} has a zero dimension",
-                        p.shape
-                    ));
+                    return Err(format!("parameter shape {:?} has a zero dimension", p.shape));
                 }
                 Ok(Shape::fixed(p.shape.clone()))
             }
@@ -237,9 +201,7 @@ impl Op {
             Op::Dense => {
                 let (x, k) = (x(), inputs[1]);
                 let Some(din) = x.last().filter(|_| x.batched) else {
-                    return Err(format!(
-                        "dense input must be batched with a feature axis, got {x}"
-                    ));
+                    return Err(format!("dense input must be batched with a feature axis, got {x}"));
                 };
                 let dout = match (k.batched, k.dims.as_slice()) {
                     (false, &[i, o]) if i == din => o,
@@ -277,17 +239,10 @@ impl Op {
                 Ok(x().clone())
             }
             Op::BatchNorm(bn) => {
-                if !(bn.epsilon > 0.0) || !(0.0..=1.0).contains(&bn.momentum) {
-                    return Err(format!(
-                        "epsilon {} must be > 0 and momentum {} in [0, 1]",
-                        bn.epsilon, bn.momentum
-                    ));
+                if bn.epsilon.is_nan() || bn.epsilon <= 0.0 || !(0.0..=1.0).contains(&bn.momentum) {
+                    return Err(format!("epsilon {} must be > 0 and momentum {} in [0, 1]", bn.epsilon, bn.momentum));
                 }
-                bn_check(
-                    x(),
-                    &inputs[1..],
-                    &["gamma", "beta", "moving_mean", "moving_variance"],
-                )?;
+                bn_check(x(), &inputs[1..], &["gamma", "beta", "moving_mean", "moving_variance"])?;
                 Ok(x().clone())
             }
             Op::Flatten => {
@@ -304,35 +259,17 @@ impl Op {
                 let known: i64 = r.shape.iter().filter(|&&d| d != -1).product();
                 let wildcards = r.shape.iter().filter(|&&d| d == -1).count();
                 if r.shape.iter().any(|&d| d == 0 || d < -1) || wildcards > 1 {
-                    return Err(format!(
-                        "target shape {:?} must hold positive sizes and at most one -1",
-                        r.shape
-                    ));
+                    return Err(format!("target shape {:?} must hold positive sizes and at most one -1", r.shape));
                 }
                 let total = x.numel() as i64;
                 let dims: Vec<usize> = if wildcards == 1 {
                     if total % known != 0 {
-                        return Err(format!(
-                            "cannot reshape {x} ({total} elements per example) to {:?}",
-                            r.shape
-                        ));
+                        return Err(format!("cannot reshape {x} ({total} elements per example) to {:?}", r.shape));
                     }
-                    r.shape
-                        .iter()
-                        .map(|&d| {
-                            if d == -1 {
-                                (total / known) as usize
-                            } else {
-                                d as usize
-                            }
-                        })
-                        .collect()
+                    r.shape.iter().map(|&d| if d == -1 { (total / known) as usize } else { d as usize }).collect()
                 } else {
                     if known != total {
-                        return Err(format!(
-                            "cannot reshape {x} ({total} elements per example) to {:?}",
-                            r.shape
-                        ));
+                        return Err(format!("cannot reshape {x} ({total} elements per example) to {:?}", r.shape));
                     }
                     r.shape.iter().map(|&d| d as usize).collect()
                 };
@@ -349,16 +286,9 @@ impl Op {
                 for s in inputs {
                     let fits = s.batched
                         && s.dims.len() == first.dims.len()
-                        && s.dims
-                            .iter()
-                            .zip(&first.dims)
-                            .enumerate()
-                            .all(|(i, (a, b))| i == axis || a == b);
+                        && s.dims.iter().zip(&first.dims).enumerate().all(|(i, (a, b))| i == axis || a == b);
                     if !fits {
-                        return Err(format!(
-                            "inputs {first} and {s} must agree on every axis but {}",
-                            c.axis
-                        ));
+                        return Err(format!("inputs {first} and {s} must agree on every axis but {}", c.axis));
                     }
                     dims[axis] += s.dims[axis];
                 }
@@ -370,15 +300,10 @@ impl Op {
                     return Err(format!("logits must be [N, classes], got {logits}"));
                 }
                 if !labels.batched || !labels.dims.is_empty() {
-                    return Err(format!(
-                        "labels must be [N] integer class ids, got {labels}"
-                    ));
+                    return Err(format!("labels must be [N] integer class ids, got {labels}"));
                 }
                 if !(0.0..=1.0).contains(&sce.label_smoothing) {
-                    return Err(format!(
-                        "label smoothing {} must be in [0, 1]",
-                        sce.label_smoothing
-                    ));
+                    return Err(format!("label smoothing {} must be in [0, 1]", sce.label_smoothing));
                 }
                 Ok(match self {
                     Op::SoftmaxCrossEntropy(_) => Shape::scalar(),
@@ -413,16 +338,9 @@ impl Op {
             Op::GlobalAvgPoolGrad(g) => {
                 let dy = x();
                 if !dy.batched || dy.dims.len() != 1 || g.input_hw.contains(&0) {
-                    return Err(format!(
-                        "dy must be [N, C] and the image non-empty, got {dy} and {:?}",
-                        g.input_hw
-                    ));
+                    return Err(format!("dy must be [N, C] and the image non-empty, got {dy} and {:?}", g.input_hw));
                 }
-                Ok(Shape::batched(vec![
-                    g.input_hw[0],
-                    g.input_hw[1],
-                    dy.dims[0],
-                ]))
+                Ok(Shape::batched(vec![g.input_hw[0], g.input_hw[1], dy.dims[0]]))
             }
             Op::DenseBackpropInput => {
                 let (dy, k) = (x(), inputs[1]);
@@ -443,14 +361,9 @@ impl Op {
                     && !xs.dims.is_empty()
                     && xs.dims[..xs.dims.len() - 1] == dy.dims[..dy.dims.len() - 1];
                 if !fits {
-                    return Err(format!(
-                        "x {xs} and dy {dy} must agree on every axis but the last"
-                    ));
+                    return Err(format!("x {xs} and dy {dy} must agree on every axis but the last"));
                 }
-                Ok(Shape::fixed(vec![
-                    xs.last().unwrap_or(0),
-                    dy.last().unwrap_or(0),
-                ]))
+                Ok(Shape::fixed(vec![xs.last().unwrap_or(0), dy.last().unwrap_or(0)]))
             }
             Op::BiasAddGrad => {
                 let dy = x();
@@ -460,20 +373,12 @@ impl Op {
                 }
             }
             Op::ReluGrad | Op::Relu6Grad | Op::SoftmaxGrad => {
-                expect_same(
-                    x(),
-                    inputs[1],
-                    "forward value and dy must have the same shape",
-                )?;
+                expect_same(x(), inputs[1], "forward value and dy must have the same shape")?;
                 Ok(x().clone())
             }
             Op::BatchNormGradInput(_) => {
                 let dy = inputs[4];
-                bn_check(
-                    x(),
-                    &inputs[1..4],
-                    &["gamma", "moving_mean", "moving_variance"],
-                )?;
+                bn_check(x(), &inputs[1..4], &["gamma", "moving_mean", "moving_variance"])?;
                 expect_same(x(), dy, "x and dy must have the same shape")?;
                 Ok(x().clone())
             }

@@ -33,9 +33,7 @@ impl ConvGeom {
     pub fn new(conv: &Conv2d, x: [usize; 4], kernel: [usize; 4]) -> ConvGeom {
         let [n, h, w, c] = x;
         let [kh, kw, _, co] = kernel;
-        let win = conv
-            .window([h, w], [kh, kw])
-            .expect("shapes were checked when the node was added");
+        let win = conv.window([h, w], [kh, kw]).expect("shapes were checked when the node was added");
         ConvGeom {
             n,
             h,
@@ -128,10 +126,7 @@ impl ConvGeom {
                     if let Some((ih, iw)) = self.tap(oh, ow, i, j) {
                         let dst = (ih * self.w + iw) * self.c + g * cg;
                         let src = &row[(i * self.kw + j) * cg..(i * self.kw + j + 1) * cg];
-                        dx_img[dst..dst + cg]
-                            .iter_mut()
-                            .zip(src)
-                            .for_each(|(d, s)| *d += s);
+                        dx_img[dst..dst + cg].iter_mut().zip(src).for_each(|(d, s)| *d += s);
                     }
                 }
             }
@@ -148,38 +143,29 @@ pub fn forward(g: &ConvGeom, x: &[f32], kernel: &[f32]) -> Vec<f32> {
         return y;
     }
     if g.is_pointwise() {
-        gemm::par_matmul(
-            pixels,
-            g.c,
-            g.co,
-            MatRef::rows(x, g.c),
-            MatRef::rows(kernel, g.co),
-            &mut y,
-        );
+        gemm::par_matmul(pixels, g.c, g.co, MatRef::rows(x, g.c), MatRef::rows(kernel, g.co), &mut y);
         return y;
     }
     let (depth, cog) = (g.depth(), g.cout_g());
     let block = row_block(depth);
     let w = MatRef::rows(kernel, g.co);
-    y.par_chunks_mut(block * g.co)
-        .enumerate()
-        .for_each_init(Vec::new, |panel, (bi, yb)| {
-            let rows = yb.len() / g.co;
-            panel.resize(rows * depth, 0.0);
-            for grp in 0..g.groups {
-                g.im2col(x, grp, bi * block, rows, panel);
-                matmul(
-                    rows,
-                    depth,
-                    cog,
-                    MatRef::rows(panel, depth),
-                    w.col_offset(grp * cog),
-                    &mut yb[grp * cog..],
-                    g.co,
-                    false,
-                );
-            }
-        });
+    y.par_chunks_mut(block * g.co).enumerate().for_each_init(Vec::new, |panel, (bi, yb)| {
+        let rows = yb.len() / g.co;
+        panel.resize(rows * depth, 0.0);
+        for grp in 0..g.groups {
+            g.im2col(x, grp, bi * block, rows, panel);
+            matmul(
+                rows,
+                depth,
+                cog,
+                MatRef::rows(panel, depth),
+                w.col_offset(grp * cog),
+                &mut yb[grp * cog..],
+                g.co,
+                false,
+            );
+        }
+    });
     y
 }
 
@@ -200,29 +186,18 @@ pub fn backprop_input(g: &ConvGeom, dy: &[f32], kernel: &[f32]) -> Vec<f32> {
     let (depth, cog) = (g.depth(), g.cout_g());
     let block = row_block(depth);
     let wt = MatRef::rows(kernel, g.co).t();
-    dx.par_chunks_mut(img)
-        .enumerate()
-        .for_each_init(Vec::new, |panel, (n, dx_img)| {
-            let dy_img = &dy[n * ohw * g.co..(n + 1) * ohw * g.co];
-            for p0 in (0..ohw).step_by(block) {
-                let rows = block.min(ohw - p0);
-                panel.resize(rows * depth, 0.0);
-                for grp in 0..g.groups {
-                    let dyb = MatRef::rows(&dy_img[p0 * g.co..], g.co).col_offset(grp * cog);
-                    matmul(
-                        rows,
-                        cog,
-                        depth,
-                        dyb,
-                        wt.row_offset(grp * cog),
-                        panel,
-                        depth,
-                        false,
-                    );
-                    g.col2im_add(panel, grp, p0, rows, dx_img);
-                }
+    dx.par_chunks_mut(img).enumerate().for_each_init(Vec::new, |panel, (n, dx_img)| {
+        let dy_img = &dy[n * ohw * g.co..(n + 1) * ohw * g.co];
+        for p0 in (0..ohw).step_by(block) {
+            let rows = block.min(ohw - p0);
+            panel.resize(rows * depth, 0.0);
+            for grp in 0..g.groups {
+                let dyb = MatRef::rows(&dy_img[p0 * g.co..], g.co).col_offset(grp * cog);
+                matmul(rows, cog, depth, dyb, wt.row_offset(grp * cog), panel, depth, false);
+                g.col2im_add(panel, grp, p0, rows, dx_img);
             }
-        });
+        }
+    });
     dx
 }
 
@@ -244,13 +219,7 @@ pub fn backprop_filter(g: &ConvGeom, x: &[f32], dy: &[f32]) -> Vec<f32> {
         .map(|chunk| {
             let mut dk = vec![0f32; len];
             if g.is_depthwise() {
-                depthwise_backprop_filter(
-                    g,
-                    x,
-                    dy,
-                    chunk * per..((chunk + 1) * per).min(g.n),
-                    &mut dk,
-                );
+                depthwise_backprop_filter(g, x, dy, chunk * per..((chunk + 1) * per).min(g.n), &mut dk);
                 return dk;
             }
             let block = row_block(depth);
@@ -331,13 +300,7 @@ fn depthwise_backprop_input(g: &ConvGeom, dy: &[f32], kernel: &[f32], dx: &mut [
     });
 }
 
-fn depthwise_backprop_filter(
-    g: &ConvGeom,
-    x: &[f32],
-    dy: &[f32],
-    images: std::ops::Range<usize>,
-    dk: &mut [f32],
-) {
+fn depthwise_backprop_filter(g: &ConvGeom, x: &[f32], dy: &[f32], images: std::ops::Range<usize>, dk: &mut [f32]) {
     let mult = g.cout_g();
     let ohw = g.out_pixels_per_image();
     for n in images {

@@ -19,16 +19,12 @@ pub struct Output {
 
 impl From<Tensor> for Output {
     fn from(value: Tensor) -> Self {
-        Output {
-            value,
-            updates: Vec::new(),
-        }
+        Output { value, updates: Vec::new() }
     }
 }
 
 fn data(t: &Tensor) -> &[f32] {
-    t.as_slice()
-        .expect("the interpreter keeps every tensor in standard layout")
+    t.as_slice().expect("the interpreter keeps every tensor in standard layout")
 }
 
 fn tensor(shape: Vec<usize>, values: Vec<f32>) -> Tensor {
@@ -46,20 +42,8 @@ fn last(t: &Tensor) -> usize {
 
 fn pool_geom(p: &Pool, x: [usize; 4]) -> PoolGeom {
     let [n, h, w, c] = x;
-    let win = p
-        .resolve([h, w])
-        .expect("shapes were checked when the node was added");
-    PoolGeom {
-        n,
-        h,
-        w,
-        c,
-        kh: p.window[0],
-        kw: p.window[1],
-        sh: p.strides[0],
-        sw: p.strides[1],
-        win,
-    }
+    let win = p.resolve([h, w]).expect("shapes were checked when the node was added");
+    PoolGeom { n, h, w, c, kh: p.window[0], kw: p.window[1], sh: p.strides[0], sw: p.strides[1], win }
 }
 
 fn with_batch(batch: usize, dims: &[usize]) -> Vec<usize> {
@@ -69,10 +53,7 @@ fn with_batch(batch: usize, dims: &[usize]) -> Vec<usize> {
 /// Applies `f` elementwise to two same-shaped tensors, in parallel.
 fn zip_map(a: &Tensor, b: &Tensor, f: impl Fn(f32, f32) -> f32 + Sync + Send) -> Tensor {
     let mut out = Tensor::zeros(a.raw_dim());
-    Zip::from(&mut out)
-        .and(a)
-        .and(b)
-        .par_for_each(|o, &x, &y| *o = f(x, y));
+    Zip::from(&mut out).and(a).and(b).par_for_each(|o, &x, &y| *o = f(x, y));
     out
 }
 
@@ -93,11 +74,7 @@ fn add_bias(y: &mut [f32], bias: &[f32]) {
 
 /// Inverted-dropout scale of element `i` for `(seed, step)`: 0 or `1 / (1 - rate)`.
 fn dropout_scale(rate: f32, key: u64, i: usize) -> f32 {
-    if rng::uniform(key, i as u64) < rate {
-        0.0
-    } else {
-        1.0 / (1.0 - rate)
-    }
+    if rng::uniform(key, i as u64) < rate { 0.0 } else { 1.0 / (1.0 - rate) }
 }
 
 /// Evaluates node `id` of `graph` on `inputs` (the values of its input nodes, in order).
@@ -119,19 +96,11 @@ pub fn eval(graph: &Graph, id: NodeId, inputs: &[&Tensor], opts: RunOptions) -> 
         }
         Op::MaxPool(p) => {
             let g = pool_geom(p, dims4(x()));
-            tensor(
-                vec![g.n, g.win.out_h, g.win.out_w, g.c],
-                pool::max_forward(&g, data(x())),
-            )
-            .into()
+            tensor(vec![g.n, g.win.out_h, g.win.out_w, g.c], pool::max_forward(&g, data(x()))).into()
         }
         Op::AvgPool(p) => {
             let g = pool_geom(p, dims4(x()));
-            tensor(
-                vec![g.n, g.win.out_h, g.win.out_w, g.c],
-                pool::avg_forward(&g, data(x())),
-            )
-            .into()
+            tensor(vec![g.n, g.win.out_h, g.win.out_w, g.c], pool::avg_forward(&g, data(x()))).into()
         }
         Op::GlobalAvgPool => {
             let [n, h, w, c] = dims4(x());
@@ -167,30 +136,16 @@ pub fn eval(graph: &Graph, id: NodeId, inputs: &[&Tensor], opts: RunOptions) -> 
         Op::Relu6 => map(x(), |v| v.clamp(0.0, 6.0)).into(),
         Op::BatchNorm(bn) => {
             let c = last(x());
-            let (gamma, beta, mm, mv) = (
-                data(inputs[1]),
-                data(inputs[2]),
-                data(inputs[3]),
-                data(inputs[4]),
-            );
+            let (gamma, beta, mm, mv) = (data(inputs[1]), data(inputs[2]), data(inputs[3]), data(inputs[4]));
             if training {
                 let (mean, var) = norm::moments(data(x()), c);
-                let y = norm::forward(
-                    data(x()),
-                    c,
-                    &norm::Stats::new(mean.clone(), &var, bn.epsilon),
-                    gamma,
-                    beta,
-                );
+                let y = norm::forward(data(x()), c, &norm::Stats::new(mean.clone(), &var, bn.epsilon), gamma, beta);
                 let rows = (x().len() / c) as f64;
                 let bessel = if rows > 1.0 { rows / (rows - 1.0) } else { 1.0 };
                 let m = bn.momentum as f64;
-                let new_mean: Vec<f32> = (0..c)
-                    .map(|i| (m * mm[i] as f64 + (1.0 - m) * mean[i]) as f32)
-                    .collect();
-                let new_var: Vec<f32> = (0..c)
-                    .map(|i| (m * mv[i] as f64 + (1.0 - m) * var[i] * bessel) as f32)
-                    .collect();
+                let new_mean: Vec<f32> = (0..c).map(|i| (m * mm[i] as f64 + (1.0 - m) * mean[i]) as f32).collect();
+                let new_var: Vec<f32> =
+                    (0..c).map(|i| (m * mv[i] as f64 + (1.0 - m) * var[i] * bessel) as f32).collect();
                 Output {
                     value: tensor(x().shape().to_vec(), y),
                     updates: vec![
@@ -203,13 +158,7 @@ pub fn eval(graph: &Graph, id: NodeId, inputs: &[&Tensor], opts: RunOptions) -> 
                 let var: Vec<f64> = mv.iter().map(|&v| v as f64).collect();
                 tensor(
                     x().shape().to_vec(),
-                    norm::forward(
-                        data(x()),
-                        c,
-                        &norm::Stats::new(mean, &var, bn.epsilon),
-                        gamma,
-                        beta,
-                    ),
+                    norm::forward(data(x()), c, &norm::Stats::new(mean, &var, bn.epsilon), gamma, beta),
                 )
                 .into()
             }
@@ -220,11 +169,8 @@ pub fn eval(graph: &Graph, id: NodeId, inputs: &[&Tensor], opts: RunOptions) -> 
             } else {
                 let key = rng::derive(d.seed, opts.step);
                 let rate = d.rate;
-                let y: Vec<f32> = data(x())
-                    .par_iter()
-                    .enumerate()
-                    .map(|(i, &v)| v * dropout_scale(rate, key, i))
-                    .collect();
+                let y: Vec<f32> =
+                    data(x()).par_iter().enumerate().map(|(i, &v)| v * dropout_scale(rate, key, i)).collect();
                 tensor(x().shape().to_vec(), y).into()
             }
         }
@@ -246,45 +192,25 @@ pub fn eval(graph: &Graph, id: NodeId, inputs: &[&Tensor], opts: RunOptions) -> 
         Op::SoftmaxCrossEntropy(sce) => {
             let c = last(x());
             let labels = loss::check_labels(&graph.node(node.inputs[1]).name, data(inputs[1]), c)?;
-            Tensor::from_elem(
-                vec![],
-                loss::cross_entropy(data(x()), &labels, c, sce.label_smoothing),
-            )
-            .into()
+            Tensor::from_elem(vec![], loss::cross_entropy(data(x()), &labels, c, sce.label_smoothing)).into()
         }
         Op::SoftmaxCrossEntropyGrad(sce) => {
             let c = last(x());
             let labels = loss::check_labels(&graph.node(node.inputs[1]).name, data(inputs[1]), c)?;
-            tensor(
-                x().shape().to_vec(),
-                loss::cross_entropy_grad(data(x()), &labels, c, sce.label_smoothing),
-            )
-            .into()
+            tensor(x().shape().to_vec(), loss::cross_entropy_grad(data(x()), &labels, c, sce.label_smoothing)).into()
         }
         Op::Conv2dBackpropInput(b) => {
             let [h, w, c] = b.input_shape;
             let g = ConvGeom::new(&b.conv, [batch, h, w, c], dims4(inputs[1]));
-            tensor(
-                vec![batch, h, w, c],
-                conv::backprop_input(&g, data(x()), data(inputs[1])),
-            )
-            .into()
+            tensor(vec![batch, h, w, c], conv::backprop_input(&g, data(x()), data(inputs[1]))).into()
         }
         Op::Conv2dBackpropFilter(b) => {
             let g = ConvGeom::new(&b.conv, dims4(x()), b.kernel_shape);
-            tensor(
-                b.kernel_shape.to_vec(),
-                conv::backprop_filter(&g, data(x()), data(inputs[1])),
-            )
-            .into()
+            tensor(b.kernel_shape.to_vec(), conv::backprop_filter(&g, data(x()), data(inputs[1]))).into()
         }
         Op::MaxPoolGrad(p) => {
             let g = pool_geom(p, dims4(x()));
-            tensor(
-                x().shape().to_vec(),
-                pool::max_backward(&g, data(x()), data(inputs[1])),
-            )
-            .into()
+            tensor(x().shape().to_vec(), pool::max_backward(&g, data(x()), data(inputs[1]))).into()
         }
         Op::AvgPoolGrad(pg) => {
             let [h, w, c] = pg.input_shape;
@@ -294,25 +220,14 @@ pub fn eval(graph: &Graph, id: NodeId, inputs: &[&Tensor], opts: RunOptions) -> 
         Op::GlobalAvgPoolGrad(gg) => {
             let [h, w] = gg.input_hw;
             let c = last(x());
-            tensor(
-                vec![batch, h, w, c],
-                pool::global_avg_backward(batch, h * w, c, data(x())),
-            )
-            .into()
+            tensor(vec![batch, h, w, c], pool::global_avg_backward(batch, h * w, c, data(x()))).into()
         }
         Op::DenseBackpropInput => {
             let (din, dout) = (inputs[1].shape()[0], inputs[1].shape()[1]);
             let rows = x().len() / dout;
             let mut dx = vec![0f32; rows * din];
             let wt = gemm::MatRef::rows(data(inputs[1]), dout).t();
-            gemm::par_matmul(
-                rows,
-                dout,
-                din,
-                gemm::MatRef::rows(data(x()), dout),
-                wt,
-                &mut dx,
-            );
+            gemm::par_matmul(rows, dout, din, gemm::MatRef::rows(data(x()), dout), wt, &mut dx);
             let mut shape = x().shape().to_vec();
             *shape.last_mut().expect("dy has a feature axis") = din;
             tensor(shape, dx).into()
@@ -320,11 +235,7 @@ pub fn eval(graph: &Graph, id: NodeId, inputs: &[&Tensor], opts: RunOptions) -> 
         Op::DenseBackpropKernel => {
             let (din, dout) = (last(x()), last(inputs[1]));
             let rows = x().len() / din;
-            tensor(
-                vec![din, dout],
-                gemm::par_matmul_tn(rows, din, dout, data(x()), data(inputs[1])),
-            )
-            .into()
+            tensor(vec![din, dout], gemm::par_matmul_tn(rows, din, dout, data(x()), data(inputs[1]))).into()
         }
         Op::BiasAddGrad => {
             let c = last(x());
@@ -332,75 +243,33 @@ pub fn eval(graph: &Graph, id: NodeId, inputs: &[&Tensor], opts: RunOptions) -> 
             tensor(vec![c], sums.into_iter().map(|s| s as f32).collect()).into()
         }
         Op::ReluGrad => zip_map(x(), inputs[1], |v, d| if v > 0.0 { d } else { 0.0 }).into(),
-        Op::Relu6Grad => zip_map(
-            x(),
-            inputs[1],
-            |v, d| if v > 0.0 && v < 6.0 { d } else { 0.0 },
-        )
-        .into(),
+        Op::Relu6Grad => zip_map(x(), inputs[1], |v, d| if v > 0.0 && v < 6.0 { d } else { 0.0 }).into(),
         Op::BatchNormGradInput(bn) => {
             let c = last(x());
-            let stats = bn_stats(
-                data(x()),
-                c,
-                data(inputs[2]),
-                data(inputs[3]),
-                bn.epsilon,
-                training,
-            );
+            let stats = bn_stats(data(x()), c, data(inputs[2]), data(inputs[3]), bn.epsilon, training);
             tensor(
                 x().shape().to_vec(),
-                norm::grad_input(
-                    data(x()),
-                    data(inputs[4]),
-                    c,
-                    &stats,
-                    data(inputs[1]),
-                    training,
-                ),
+                norm::grad_input(data(x()), data(inputs[4]), c, &stats, data(inputs[1]), training),
             )
             .into()
         }
         Op::BatchNormGradGamma(bn) => {
             let c = last(x());
-            let stats = bn_stats(
-                data(x()),
-                c,
-                data(inputs[1]),
-                data(inputs[2]),
-                bn.epsilon,
-                training,
-            );
-            tensor(
-                vec![c],
-                norm::grad_gamma(data(x()), data(inputs[3]), c, &stats),
-            )
-            .into()
+            let stats = bn_stats(data(x()), c, data(inputs[1]), data(inputs[2]), bn.epsilon, training);
+            tensor(vec![c], norm::grad_gamma(data(x()), data(inputs[3]), c, &stats)).into()
         }
-        Op::SoftmaxGrad => tensor(
-            x().shape().to_vec(),
-            loss::softmax_grad(data(x()), data(inputs[1]), last(x())),
-        )
-        .into(),
+        Op::SoftmaxGrad => {
+            tensor(x().shape().to_vec(), loss::softmax_grad(data(x()), data(inputs[1]), last(x()))).into()
+        }
         Op::Slice(s) => {
             let axis = per_example_axis(s.axis, x().ndim()).expect("checked when added") + 1;
-            x().slice_axis(Axis(axis), (s.start..s.start + s.len).into())
-                .as_standard_layout()
-                .into_owned()
-                .into()
+            x().slice_axis(Axis(axis), (s.start..s.start + s.len).into()).as_standard_layout().into_owned().into()
         }
     })
 }
 
 /// Batch statistics in training, moving statistics in inference.
-fn bn_stats(
-    x: &[f32],
-    c: usize,
-    moving_mean: &[f32],
-    moving_var: &[f32],
-    eps: f32,
-    training: bool,
-) -> norm::Stats {
+fn bn_stats(x: &[f32], c: usize, moving_mean: &[f32], moving_var: &[f32], eps: f32, training: bool) -> norm::Stats {
     if training {
         let (mean, var) = norm::moments(x, c);
         norm::Stats::new(mean, &var, eps)

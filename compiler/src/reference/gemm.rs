@@ -19,36 +19,22 @@ pub struct MatRef<'a> {
 impl<'a> MatRef<'a> {
     /// A row-major `rows × cols` matrix (`cols` is the row stride).
     pub fn rows(data: &'a [f32], cols: usize) -> Self {
-        MatRef {
-            data,
-            rs: cols,
-            cs: 1,
-        }
+        MatRef { data, rs: cols, cs: 1 }
     }
 
     /// The transpose of this view (no copy).
     pub fn t(self) -> Self {
-        MatRef {
-            data: self.data,
-            rs: self.cs,
-            cs: self.rs,
-        }
+        MatRef { data: self.data, rs: self.cs, cs: self.rs }
     }
 
     /// The view starting at column `j`.
     pub fn col_offset(self, j: usize) -> Self {
-        MatRef {
-            data: &self.data[j * self.cs..],
-            ..self
-        }
+        MatRef { data: &self.data[j * self.cs..], ..self }
     }
 
     /// The view starting at row `i`.
     pub fn row_offset(self, i: usize) -> Self {
-        MatRef {
-            data: &self.data[i * self.rs..],
-            ..self
-        }
+        MatRef { data: &self.data[i * self.rs..], ..self }
     }
 
     fn fits(&self, m: usize, n: usize) -> bool {
@@ -58,21 +44,10 @@ impl<'a> MatRef<'a> {
 
 /// `c[m×n] = a[m×k] · b[k×n]` (or `+=` with `accumulate`), `c` with row stride `ldc`.
 /// Single-threaded; the sum over `k` happens in a fixed order for a given shape.
-pub fn matmul(
-    m: usize,
-    k: usize,
-    n: usize,
-    a: MatRef,
-    b: MatRef,
-    c: &mut [f32],
-    ldc: usize,
-    accumulate: bool,
-) {
+#[allow(clippy::too_many_arguments)] // BLAS-style: three shapes, three operands, a mode
+pub fn matmul(m: usize, k: usize, n: usize, a: MatRef, b: MatRef, c: &mut [f32], ldc: usize, accumulate: bool) {
     assert!(a.fits(m, k) && b.fits(k, n), "matmul operand out of bounds");
-    assert!(
-        m == 0 || n == 0 || (m - 1) * ldc + n <= c.len(),
-        "matmul output out of bounds"
-    );
+    assert!(m == 0 || n == 0 || (m - 1) * ldc + n <= c.len(), "matmul output out of bounds");
     if m == 0 || n == 0 {
         return;
     }
@@ -120,13 +95,10 @@ pub fn row_block(k: usize) -> usize {
 /// `c[m×n] = a[m×k] · b[k×n]` with row blocks in parallel; `c` is row-major `m × n`.
 pub fn par_matmul(m: usize, k: usize, n: usize, a: MatRef, b: MatRef, c: &mut [f32]) {
     let block = row_block(k);
-    c[..m * n]
-        .par_chunks_mut(block * n)
-        .enumerate()
-        .for_each(|(bi, cb)| {
-            let rows = cb.len() / n;
-            matmul(rows, k, n, a.row_offset(bi * block), b, cb, n, false);
-        });
+    c[..m * n].par_chunks_mut(block * n).enumerate().for_each(|(bi, cb)| {
+        let rows = cb.len() / n;
+        matmul(rows, k, n, a.row_offset(bi * block), b, cb, n, false);
+    });
 }
 
 /// `aᵀ · b` for row-major `a[rows×p]` and `b[rows×q]`, summing over the (long) row axis: fixed
@@ -140,16 +112,7 @@ pub fn par_matmul_tn(rows: usize, p: usize, q: usize, a: &[f32], b: &[f32]) -> V
             let r = CHUNK.min(rows - r0);
             let mut out = vec![0f32; p * q];
             let at = MatRef::rows(&a[r0 * p..], p).t();
-            matmul(
-                p,
-                r,
-                q,
-                at,
-                MatRef::rows(&b[r0 * q..], q),
-                &mut out,
-                q,
-                false,
-            );
+            matmul(p, r, q, at, MatRef::rows(&b[r0 * q..], q), &mut out, q, false);
             out
         })
         .collect();
@@ -170,7 +133,7 @@ pub fn sum_in_order(parts: Vec<Vec<f32>>, len: usize) -> Vec<f32> {
 /// combined in order.
 pub fn column_sums(data: &[f32], cols: usize, f: impl Fn(usize, f32) -> f64 + Sync) -> Vec<f64> {
     const CHUNK_ROWS: usize = 1024;
-    let rows = if cols == 0 { 0 } else { data.len() / cols };
+    let rows = data.len().checked_div(cols).unwrap_or(0);
     let partials: Vec<Vec<f64>> = (0..rows.div_ceil(CHUNK_ROWS))
         .into_par_iter()
         .map(|ci| {
@@ -199,9 +162,7 @@ mod tests {
         let mut c = vec![0f32; m * n];
         for i in 0..m {
             for j in 0..n {
-                c[i * n + j] = (0..k)
-                    .map(|p| a[i * k + p] as f64 * b[p * n + j] as f64)
-                    .sum::<f64>() as f32;
+                c[i * n + j] = (0..k).map(|p| a[i * k + p] as f64 * b[p * n + j] as f64).sum::<f64>() as f32;
             }
         }
         c
@@ -210,12 +171,8 @@ mod tests {
     #[test]
     fn matmul_and_transposed_products_match_naive() {
         let (m, k, n) = (37, 53, 29);
-        let a: Vec<f32> = (0..m * k)
-            .map(|i| ((i * 31 % 17) as f32 - 8.0) / 8.0)
-            .collect();
-        let b: Vec<f32> = (0..k * n)
-            .map(|i| ((i * 7 % 13) as f32 - 6.0) / 6.0)
-            .collect();
+        let a: Vec<f32> = (0..m * k).map(|i| ((i * 31 % 17) as f32 - 8.0) / 8.0).collect();
+        let b: Vec<f32> = (0..k * n).map(|i| ((i * 7 % 13) as f32 - 6.0) / 6.0).collect();
         let want = naive(m, k, n, &a, &b);
         let mut c = vec![0f32; m * n];
         par_matmul(m, k, n, MatRef::rows(&a, k), MatRef::rows(&b, n), &mut c);

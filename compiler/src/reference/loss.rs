@@ -23,14 +23,12 @@ pub fn softmax(x: &[f32], c: usize) -> Vec<f32> {
 /// `dx = y · (dy - Σ dy·y)` per row.
 pub fn softmax_grad(y: &[f32], dy: &[f32], c: usize) -> Vec<f32> {
     let mut dx = vec![0f32; y.len()];
-    dx.par_chunks_mut(c)
-        .zip(y.par_chunks(c).zip(dy.par_chunks(c)))
-        .for_each(|(dr, (yr, dyr))| {
-            let dot: f64 = yr.iter().zip(dyr).map(|(&a, &b)| a as f64 * b as f64).sum();
-            for ((d, &yv), &g) in dr.iter_mut().zip(yr).zip(dyr) {
-                *d = (yv as f64 * (g as f64 - dot)) as f32;
-            }
-        });
+    dx.par_chunks_mut(c).zip(y.par_chunks(c).zip(dy.par_chunks(c))).for_each(|(dr, (yr, dyr))| {
+        let dot: f64 = yr.iter().zip(dyr).map(|(&a, &b)| a as f64 * b as f64).sum();
+        for ((d, &yv), &g) in dr.iter_mut().zip(yr).zip(dyr) {
+            *d = (yv as f64 * (g as f64 - dot)) as f32;
+        }
+    });
     dx
 }
 
@@ -66,17 +64,8 @@ pub fn cross_entropy(logits: &[f32], labels: &[usize], c: usize, smoothing: f32)
         .zip(labels.par_iter())
         .map(|(row, &label)| {
             let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
-            let lse = max
-                + row
-                    .iter()
-                    .map(|&v| (v as f64 - max).exp())
-                    .sum::<f64>()
-                    .ln();
-            let dot: f64 = row
-                .iter()
-                .enumerate()
-                .map(|(k, &v)| target(k, label, c, smoothing) * v as f64)
-                .sum();
+            let lse = max + row.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln();
+            let dot: f64 = row.iter().enumerate().map(|(k, &v)| target(k, label, c, smoothing) * v as f64).sum();
             lse - dot
         })
         .collect();
@@ -87,12 +76,10 @@ pub fn cross_entropy(logits: &[f32], labels: &[usize], c: usize, smoothing: f32)
 pub fn cross_entropy_grad(logits: &[f32], labels: &[usize], c: usize, smoothing: f32) -> Vec<f32> {
     let mut d = softmax(logits, c);
     let rows = labels.len() as f64;
-    d.par_chunks_mut(c)
-        .zip(labels.par_iter())
-        .for_each(|(row, &label)| {
-            for (k, v) in row.iter_mut().enumerate() {
-                *v = ((*v as f64 - target(k, label, c, smoothing)) / rows) as f32;
-            }
-        });
+    d.par_chunks_mut(c).zip(labels.par_iter()).for_each(|(row, &label)| {
+        for (k, v) in row.iter_mut().enumerate() {
+            *v = ((*v as f64 - target(k, label, c, smoothing)) / rows) as f32;
+        }
+    });
     d
 }

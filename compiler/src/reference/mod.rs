@@ -15,8 +15,13 @@ pub mod loss;
 pub mod norm;
 pub mod pool;
 
+use crate::autodiff::Gradients;
 use crate::error::{Error, Result};
+use std::borrow::Cow;
+use std::time::Instant;
+
 use ndarray::Dimension;
+use rayon::prelude::*;
 
 use crate::graph::{Graph, NodeId, Op, Shape};
 use crate::tensors::{Tensor, TensorMap};
@@ -39,10 +44,7 @@ pub struct RunOptions {
 
 impl RunOptions {
     pub fn training(step: u64) -> Self {
-        RunOptions {
-            mode: Mode::Training,
-            step,
-        }
+        RunOptions { mode: Mode::Training, step }
     }
 }
 
@@ -53,6 +55,8 @@ pub struct Evaluation {
     values: Vec<Option<Tensor>>,
     pub updates: TensorMap,
     pub batch: usize,
+    /// Wall-clock seconds each evaluated node took, in evaluation order.
+    pub node_seconds: Vec<(NodeId, f64)>,
 }
 
 impl Evaluation {
@@ -71,11 +75,7 @@ impl Evaluation {
 fn check_binding(graph: &Graph, id: NodeId, t: &Tensor) -> Result<Option<usize>> {
     let node = graph.node(id);
     let Shape { dims, batched } = &node.shape;
-    let what = if matches!(node.op, Op::Input(_)) {
-        "input"
-    } else {
-        "parameter"
-    };
+    let what = if matches!(node.op, Op::Input(_)) { "input" } else { "parameter" };
     let fits = if *batched {
         t.ndim() == dims.len() + 1 && &t.shape()[1..] == dims.as_slice()
     } else {
@@ -84,27 +84,23 @@ fn check_binding(graph: &Graph, id: NodeId, t: &Tensor) -> Result<Option<usize>>
     if !fits {
         return Err(Error::binding(
             &node.name,
-            format!(
-                "has shape {:?} but {what} '{}' takes {}",
-                t.shape(),
-                node.name,
-                node.shape
-            ),
+            format!("has shape {:?} but {what} '{}' takes {}", t.shape(), node.name, node.shape),
         ));
     }
     if *batched && t.shape()[0] == 0 {
-        return Err(Error::binding(
-            &node.name,
-            "has a batch of zero examples; give at least one",
-        ));
+        return Err(Error::binding(&node.name, "has a batch of zero examples; give at least one"));
+    }
+    let all_finite = match t.as_slice_memory_order() {
+        Some(s) => s.par_iter().all(|v| v.is_finite()),
+        None => t.iter().all(|v| v.is_finite()),
+    };
+    if all_finite {
+        return Ok(batched.then(|| t.shape()[0]));
     }
     if let Some((at, v)) = t.indexed_iter().find(|(_, v)| !v.is_finite()) {
         return Err(Error::binding(
             &node.name,
-            format!(
-                "element {:?} is {v}; inputs and weights must be finite",
-                at.slice()
-            ),
+            format!("element {:?} is {v}; inputs and weights must be finite", at.slice()),
         ));
     }
     Ok(batched.then(|| t.shape()[0]))
@@ -112,12 +108,7 @@ fn check_binding(graph: &Graph, id: NodeId, t: &Tensor) -> Result<Option<usize>>
 
 /// Runs `graph` and returns the values of `fetch`. `bindings` gives every needed Input and
 /// Parameter by node name; other tensors in it are ignored.
-pub fn run(
-    graph: &Graph,
-    bindings: &TensorMap,
-    fetch: &[NodeId],
-    opts: RunOptions,
-) -> Result<Evaluation> {
+pub fn run(graph: &Graph, bindings: &TensorMap, fetch: &[NodeId], opts: RunOptions) -> Result<Evaluation> {
     // Only what the fetched values depend on runs; in training mode the batch norms among them
     // also report their moving-statistics updates.
     let needed = graph.ancestors(fetch);
@@ -127,24 +118,18 @@ pub fn run(
     }
 
     // Bind leaves and find the batch size.
-    let mut values: Vec<Option<Tensor>> = vec![None; graph.len()];
+    // Bound tensors are borrowed (copied only if not in standard layout); computed ones owned.
+    let mut values: Vec<Option<Cow<Tensor>>> = vec![None; graph.len()];
     let mut batch: Option<(usize, String)> = None;
     for (id, node) in graph.nodes() {
         if !needed[id.index()] || !node.op.is_leaf() {
             continue;
         }
         let t = bindings.get(&node.name).ok_or_else(|| {
-            let what = if matches!(node.op, Op::Input(_)) {
-                "input"
-            } else {
-                "parameter"
-            };
+            let what = if matches!(node.op, Op::Input(_)) { "input" } else { "parameter" };
             Error::binding(
                 &node.name,
-                format!(
-                    "is missing: {what} '{}' needs a {} tensor of that name",
-                    node.name, node.shape
-                ),
+                format!("is missing: {what} '{}' needs a {} tensor of that name", node.name, node.shape),
             )
         })?;
         if let Some(b) = check_binding(graph, id, t)? {
@@ -152,16 +137,18 @@ pub fn run(
                 Some((b0, first)) if *b0 != b => {
                     return Err(Error::binding(
                         &node.name,
-                        format!(
-                            "has a batch of {b} but '{first}' has {b0}; every input needs the same batch"
-                        ),
+                        format!("has a batch of {b} but '{first}' has {b0}; every input needs the same batch"),
                     ));
                 }
                 None => batch = Some((b, node.name.clone())),
                 _ => {}
             }
         }
-        values[id.index()] = Some(t.as_standard_layout().into_owned());
+        values[id.index()] = Some(if t.is_standard_layout() {
+            Cow::Borrowed(t)
+        } else {
+            Cow::Owned(t.as_standard_layout().into_owned())
+        });
     }
     let batch = batch.map_or(1, |(b, _)| b);
 
@@ -176,45 +163,37 @@ pub fn run(
     }
 
     let mut updates = TensorMap::new();
+    let mut node_seconds = Vec::new();
     for (id, node) in graph.nodes() {
         if !needed[id.index()] || node.op.is_leaf() {
             continue;
         }
+        let start = Instant::now();
         let out = {
             let inputs: Vec<&Tensor> = node
                 .inputs
                 .iter()
-                .map(|&i| {
-                    values[i.index()]
-                        .as_ref()
-                        .expect("inputs are evaluated before use")
-                })
+                .map(|&i| values[i.index()].as_deref().expect("inputs are evaluated before use"))
                 .collect();
             eval::eval(graph, id, &inputs, opts)?
         };
         for (pid, t) in out.updates {
             updates.insert(graph.node(pid).name.clone(), t);
         }
-        values[id.index()] = Some(out.value);
+        values[id.index()] = Some(Cow::Owned(out.value));
+        node_seconds.push((id, start.elapsed().as_secs_f64()));
         for &i in &node.inputs {
             if last_use[i.index()] == id.index() && !fetched[i.index()] {
                 values[i.index()] = None;
             }
         }
     }
-    Ok(Evaluation {
-        values,
-        updates,
-        batch,
-    })
+    let values = values.into_iter().enumerate().map(|(i, v)| v.filter(|_| fetched[i]).map(Cow::into_owned)).collect();
+    Ok(Evaluation { values, updates, batch, node_seconds })
 }
 
 /// Runs the graph's declared outputs and returns them by node name.
-pub fn run_outputs(
-    graph: &Graph,
-    bindings: &TensorMap,
-    opts: RunOptions,
-) -> Result<(TensorMap, TensorMap)> {
+pub fn run_outputs(graph: &Graph, bindings: &TensorMap, opts: RunOptions) -> Result<(TensorMap, TensorMap)> {
     let outputs = graph.outputs().to_vec();
     let mut ev = run(graph, bindings, &outputs, opts)?;
     let mut out = TensorMap::new();
@@ -223,4 +202,32 @@ pub fn run_outputs(
         out.insert(graph.node(id).name.clone(), t);
     }
     Ok((out, ev.updates))
+}
+
+/// The value of a differentiated root and its gradients, by the names of the nodes they are
+/// gradients of (zeros for requested nodes the root does not depend on).
+#[derive(Debug)]
+pub struct GradientValues {
+    pub root: Tensor,
+    pub grads: TensorMap,
+    /// New values of non-trainable parameters (training mode).
+    pub updates: TensorMap,
+    pub batch: usize,
+}
+
+/// Runs a graph built by [`crate::autodiff::differentiate`] and collects the gradients by name.
+pub fn run_gradients(grads: &Gradients, bindings: &TensorMap, opts: RunOptions) -> Result<GradientValues> {
+    let mut fetch = vec![grads.root];
+    fetch.extend(grads.grads.values().copied());
+    let mut ev = run(&grads.graph, bindings, &fetch, opts)?;
+    let mut out = TensorMap::new();
+    for (name, &id) in &grads.grads {
+        out.insert(name.clone(), ev.get(id).expect("gradients are fetched").clone());
+    }
+    for name in &grads.unconnected {
+        let node = grads.graph.node(grads.graph.expect(name)?);
+        out.insert(name.clone(), Tensor::zeros(node.shape.concrete(ev.batch)));
+    }
+    let root = ev.take(grads.root).expect("the root is fetched");
+    Ok(GradientValues { root, grads: out, updates: std::mem::take(&mut ev.updates), batch: ev.batch })
 }

@@ -15,14 +15,9 @@ use super::gemm::column_sums;
 /// Per-channel mean and biased variance of a row-major `rows × c` matrix.
 pub fn moments(x: &[f32], c: usize) -> (Vec<f64>, Vec<f64>) {
     let rows = (x.len() / c.max(1)) as f64;
-    let mean: Vec<f64> = column_sums(x, c, |_, v| v as f64)
-        .into_iter()
-        .map(|s| s / rows)
-        .collect();
-    let var: Vec<f64> = column_sums(x, c, |ch, v| (v as f64 - mean[ch]).powi(2))
-        .into_iter()
-        .map(|s| s / rows)
-        .collect();
+    let mean: Vec<f64> = column_sums(x, c, |_, v| v as f64).into_iter().map(|s| s / rows).collect();
+    let var: Vec<f64> =
+        column_sums(x, c, |ch, v| (v as f64 - mean[ch]).powi(2)).into_iter().map(|s| s / rows).collect();
     (mean, var)
 }
 
@@ -34,32 +29,24 @@ pub struct Stats {
 
 impl Stats {
     pub fn new(mean: Vec<f64>, var: &[f64], epsilon: f32) -> Stats {
-        let inv_std = var
-            .iter()
-            .map(|v| 1.0 / (v + epsilon as f64).sqrt())
-            .collect();
+        let inv_std = var.iter().map(|v| 1.0 / (v + epsilon as f64).sqrt()).collect();
         Stats { mean, inv_std }
     }
 }
 
 /// `y = γ · (x - μ) / σ + β`.
 pub fn forward(x: &[f32], c: usize, stats: &Stats, gamma: &[f32], beta: &[f32]) -> Vec<f32> {
-    let scale: Vec<f32> = (0..c)
-        .map(|ch| (gamma[ch] as f64 * stats.inv_std[ch]) as f32)
-        .collect();
-    let shift: Vec<f32> = (0..c)
-        .map(|ch| (beta[ch] as f64 - stats.mean[ch] * gamma[ch] as f64 * stats.inv_std[ch]) as f32)
-        .collect();
+    let scale: Vec<f32> = (0..c).map(|ch| (gamma[ch] as f64 * stats.inv_std[ch]) as f32).collect();
+    let shift: Vec<f32> =
+        (0..c).map(|ch| (beta[ch] as f64 - stats.mean[ch] * gamma[ch] as f64 * stats.inv_std[ch]) as f32).collect();
     let mut y = vec![0f32; x.len()];
-    y.par_chunks_mut(c * 64)
-        .zip(x.par_chunks(c * 64))
-        .for_each(|(yb, xb)| {
-            for (yr, xr) in yb.chunks_exact_mut(c).zip(xb.chunks_exact(c)) {
-                for ch in 0..c {
-                    yr[ch] = xr[ch] * scale[ch] + shift[ch];
-                }
+    y.par_chunks_mut(c * 64).zip(x.par_chunks(c * 64)).for_each(|(yb, xb)| {
+        for (yr, xr) in yb.chunks_exact_mut(c).zip(xb.chunks_exact(c)) {
+            for ch in 0..c {
+                yr[ch] = xr[ch] * scale[ch] + shift[ch];
             }
-        });
+        }
+    });
     y
 }
 
@@ -77,29 +64,16 @@ fn xhat_times_dy(x: &[f32], dy: &[f32], c: usize, stats: &Stats) -> Vec<f32> {
 
 /// `Σ dy · x̂` per channel.
 pub fn grad_gamma(x: &[f32], dy: &[f32], c: usize, stats: &Stats) -> Vec<f32> {
-    column_sums(&xhat_times_dy(x, dy, c, stats), c, |_, v| v as f64)
-        .into_iter()
-        .map(|s| s as f32)
-        .collect()
+    column_sums(&xhat_times_dy(x, dy, c, stats), c, |_, v| v as f64).into_iter().map(|s| s as f32).collect()
 }
 
 /// The input gradient; `training` selects whether the statistics depend on x.
-pub fn grad_input(
-    x: &[f32],
-    dy: &[f32],
-    c: usize,
-    stats: &Stats,
-    gamma: &[f32],
-    training: bool,
-) -> Vec<f32> {
+pub fn grad_input(x: &[f32], dy: &[f32], c: usize, stats: &Stats, gamma: &[f32], training: bool) -> Vec<f32> {
     let rows = (x.len() / c.max(1)) as f64;
     let (mean_dy, mean_dy_xhat) = if training {
         let sum_dy = column_sums(dy, c, |_, v| v as f64);
         let sum_xhat_dy = column_sums(&xhat_times_dy(x, dy, c, stats), c, |_, v| v as f64);
-        (
-            sum_dy.iter().map(|s| s / rows).collect(),
-            sum_xhat_dy.iter().map(|s| s / rows).collect(),
-        )
+        (sum_dy.iter().map(|s| s / rows).collect(), sum_xhat_dy.iter().map(|s| s / rows).collect())
     } else {
         (vec![0f64; c], vec![0f64; c])
     };

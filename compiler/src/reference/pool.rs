@@ -149,13 +149,11 @@ pub fn global_avg_forward(n: usize, hw: usize, c: usize, x: &[f32]) -> Vec<f32> 
 
 pub fn global_avg_backward(n: usize, hw: usize, c: usize, dy: &[f32]) -> Vec<f32> {
     let mut dx = vec![0f32; n * hw * c];
-    dx.par_chunks_mut(hw * c)
-        .enumerate()
-        .for_each(|(img, dx_img)| {
-            let d = &dy[img * c..(img + 1) * c];
-            for px in dx_img.chunks_exact_mut(c) {
-                px.iter_mut().zip(d).for_each(|(o, &v)| *o = v / hw as f32);
-            }
-        });
+    dx.par_chunks_mut(hw * c).enumerate().for_each(|(img, dx_img)| {
+        let d = &dy[img * c..(img + 1) * c];
+        for px in dx_img.chunks_exact_mut(c) {
+            px.iter_mut().zip(d).for_each(|(o, &v)| *o = v / hw as f32);
+        }
+    });
     dx
 }

@@ -9,11 +9,7 @@ fn hw(opts: ZooOptions, default: usize) -> [usize; 2] {
 }
 
 fn pool(window: usize, stride: usize) -> Pool {
-    Pool {
-        window: [window, window],
-        strides: [stride, stride],
-        ..Pool::default()
-    }
+    Pool { window: [window, window], strides: [stride, stride], ..Pool::default() }
 }
 
 /// conv → relu, named `<name>` and `<name>_relu`.
@@ -83,12 +79,7 @@ pub fn alexnet(opts: ZooOptions) -> Result<Graph> {
     let [h, w] = hw(opts, 224);
     let mut g = Graph::new("alexnet");
     let x = g.input("image", &[h, w, 3])?;
-    let x = conv_relu(
-        &mut g,
-        "features.0",
-        x,
-        ConvSpec::new(64, 11).stride(4).pad(2),
-    )?;
+    let x = conv_relu(&mut g, "features.0", x, ConvSpec::new(64, 11).stride(4).pad(2))?;
     let x = g.max_pool("features.2", x, pool(3, 2))?;
     let x = conv_relu(&mut g, "features.3", x, ConvSpec::new(192, 5).pad(2))?;
     let x = g.max_pool("features.5", x, pool(3, 2))?;
@@ -111,21 +102,10 @@ pub fn vgg16(opts: ZooOptions) -> Result<Graph> {
     let [h, w] = hw(opts, 224);
     let mut g = Graph::new("vgg16");
     let mut x = g.input("image", &[h, w, 3])?;
-    let stages: [&[usize]; 5] = [
-        &[64, 64],
-        &[128, 128],
-        &[256, 256, 256],
-        &[512, 512, 512],
-        &[512, 512, 512],
-    ];
+    let stages: [&[usize]; 5] = [&[64, 64], &[128, 128], &[256, 256, 256], &[512, 512, 512], &[512, 512, 512]];
     for (s, filters) in stages.iter().enumerate() {
         for (i, &f) in filters.iter().enumerate() {
-            x = conv_relu(
-                &mut g,
-                &format!("block{}_conv{}", s + 1, i + 1),
-                x,
-                ConvSpec::new(f, 3).pad(1),
-            )?;
+            x = conv_relu(&mut g, &format!("block{}_conv{}", s + 1, i + 1), x, ConvSpec::new(f, 3).pad(1))?;
         }
         x = g.max_pool(&format!("block{}_pool", s + 1), x, pool(2, 2))?;
     }

@@ -8,23 +8,11 @@ use crate::error::Result;
 use crate::graph::{BatchNorm, ConvSpec, Graph, NodeId, Padding};
 
 /// Keras' BatchNormalization defaults.
-const BN: BatchNorm = BatchNorm {
-    momentum: 0.99,
-    epsilon: 1e-3,
-};
+const BN: BatchNorm = BatchNorm { momentum: 0.99, epsilon: 1e-3 };
 
 /// Keras pads stride-2 layers by (0, 1) on each axis, then applies a VALID convolution.
 fn padding(stride: usize) -> Padding {
-    if stride == 2 {
-        Padding::Explicit {
-            top: 0,
-            bottom: 1,
-            left: 0,
-            right: 1,
-        }
-    } else {
-        Padding::Same
-    }
+    if stride == 2 { Padding::Explicit { top: 0, bottom: 1, left: 0, right: 1 } } else { Padding::Same }
 }
 
 fn bn_relu6(g: &mut Graph, name: &str, x: NodeId) -> Result<NodeId> {
@@ -37,11 +25,7 @@ pub fn mobilenet_v1(opts: ZooOptions) -> Result<Graph> {
     let [h, w] = opts.input_hw.unwrap_or([224, 224]);
     let mut g = Graph::new("mobilenet_v1");
     let x = g.input("image", &[h, w, 3])?;
-    let x = g.conv2d(
-        "conv1",
-        x,
-        ConvSpec::new(32, 3).stride(2).padding(padding(2)).no_bias(),
-    )?;
+    let x = g.conv2d("conv1", x, ConvSpec::new(32, 3).stride(2).padding(padding(2)).no_bias())?;
     let mut x = bn_relu6(&mut g, "conv1", x)?;
     let blocks: [(usize, usize); 13] = [
         (64, 1),
@@ -60,27 +44,16 @@ pub fn mobilenet_v1(opts: ZooOptions) -> Result<Graph> {
     ];
     for (i, &(filters, stride)) in blocks.iter().enumerate() {
         let id = i + 1;
-        let dw = ConvSpec::depthwise(3)
-            .stride(stride)
-            .padding(padding(stride))
-            .no_bias();
+        let dw = ConvSpec::depthwise(3).stride(stride).padding(padding(stride)).no_bias();
         x = g.conv2d(&format!("conv_dw_{id}"), x, dw)?;
         x = bn_relu6(&mut g, &format!("conv_dw_{id}"), x)?;
-        x = g.conv2d(
-            &format!("conv_pw_{id}"),
-            x,
-            ConvSpec::new(filters, 1).no_bias(),
-        )?;
+        x = g.conv2d(&format!("conv_pw_{id}"), x, ConvSpec::new(filters, 1).no_bias())?;
         x = bn_relu6(&mut g, &format!("conv_pw_{id}"), x)?;
     }
     let x = g.global_avg_pool("global_average_pooling2d", x)?;
     let x = g.reshape("reshape_1", x, &[1, 1, 1024])?;
     let x = g.dropout("dropout", x, 1e-3, 1)?;
-    let x = g.conv2d(
-        "conv_preds",
-        x,
-        ConvSpec::new(opts.classes.unwrap_or(1000), 1),
-    )?;
+    let x = g.conv2d("conv_preds", x, ConvSpec::new(opts.classes.unwrap_or(1000), 1))?;
     let logits = g.reshape("reshape_2", x, &[-1])?;
     g.add_output(logits);
     Ok(g)

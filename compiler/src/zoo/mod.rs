@@ -32,46 +32,14 @@ const MODELS: &[(&str, &str, BuildFn)] = &[
         "28x28x1: conv5x5x10, pool, conv5x5x20, pool, dense 300, dropout 0.25, dense 10",
         classic::simple_cnn,
     ),
-    (
-        "digits_cnn",
-        "8x8x1 handwritten digits: two 3x3 convs with pooling, dense 64, dense 10",
-        classic::digits_cnn,
-    ),
-    (
-        "lenet5",
-        "LeCun et al. 1998, 32x32x1, ReLU and average-pool subsampling",
-        classic::lenet5,
-    ),
-    (
-        "alexnet",
-        "Krizhevsky et al. 2012, torchvision's single-tower variant, 224x224x3",
-        classic::alexnet,
-    ),
-    (
-        "vgg16",
-        "Simonyan & Zisserman 2014, configuration D, 224x224x3",
-        classic::vgg16,
-    ),
-    (
-        "resnet18",
-        "He et al. 2015, basic blocks [2, 2, 2, 2], 224x224x3",
-        resnet::resnet18,
-    ),
-    (
-        "resnet34",
-        "He et al. 2015, basic blocks [3, 4, 6, 3], 224x224x3",
-        resnet::resnet34,
-    ),
-    (
-        "resnet50",
-        "He et al. 2015, v1.5 bottlenecks [3, 4, 6, 3] (stride in the 3x3), 224x224x3",
-        resnet::resnet50,
-    ),
-    (
-        "mobilenet_v1",
-        "Howard et al. 2017, depthwise separable, alpha 1.0, 224x224x3",
-        mobilenet::mobilenet_v1,
-    ),
+    ("digits_cnn", "8x8x1 handwritten digits: two 3x3 convs with pooling, dense 64, dense 10", classic::digits_cnn),
+    ("lenet5", "LeCun et al. 1998, 32x32x1, ReLU and average-pool subsampling", classic::lenet5),
+    ("alexnet", "Krizhevsky et al. 2012, torchvision's single-tower variant, 224x224x3", classic::alexnet),
+    ("vgg16", "Simonyan & Zisserman 2014, configuration D, 224x224x3", classic::vgg16),
+    ("resnet18", "He et al. 2015, basic blocks [2, 2, 2, 2], 224x224x3", resnet::resnet18),
+    ("resnet34", "He et al. 2015, basic blocks [3, 4, 6, 3], 224x224x3", resnet::resnet34),
+    ("resnet50", "He et al. 2015, v1.5 bottlenecks [3, 4, 6, 3] (stride in the 3x3), 224x224x3", resnet::resnet50),
+    ("mobilenet_v1", "Howard et al. 2017, depthwise separable, alpha 1.0, 224x224x3", mobilenet::mobilenet_v1),
 ];
 
 /// The zoo's model names, in a fixed order.
@@ -93,10 +61,7 @@ pub fn build(name: &str) -> Result<Graph> {
 pub fn build_with(name: &str, opts: ZooOptions) -> Result<Graph> {
     match MODELS.iter().find(|m| m.0 == name) {
         Some(m) => (m.2)(opts),
-        None => Err(Error::UnknownModel {
-            name: name.to_string(),
-            known: names(),
-        }),
+        None => Err(Error::UnknownModel { name: name.to_string(), known: names() }),
     }
 }
 

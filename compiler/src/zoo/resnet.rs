@@ -7,17 +7,10 @@ use crate::error::Result;
 use crate::graph::{BatchNorm, ConvSpec, Graph, Init, NodeId, Padding, Pool};
 
 /// PyTorch's BatchNorm2d defaults (momentum 0.1 in PyTorch's convention is 0.9 in Keras').
-const BN: BatchNorm = BatchNorm {
-    momentum: 0.9,
-    epsilon: 1e-5,
-};
+const BN: BatchNorm = BatchNorm { momentum: 0.9, epsilon: 1e-5 };
 
 fn conv(filters: usize, kernel: usize, stride: usize) -> ConvSpec {
-    ConvSpec::new(filters, kernel)
-        .stride(stride)
-        .pad(kernel / 2)
-        .no_bias()
-        .kernel_init(Init::HeNormal)
+    ConvSpec::new(filters, kernel).stride(stride).pad(kernel / 2).no_bias().kernel_init(Init::HeNormal)
 }
 
 /// conv → batch norm, named `<prefix>conv<i>` and `<prefix>bn<i>`.
@@ -27,32 +20,16 @@ fn conv_bn(g: &mut Graph, prefix: &str, i: usize, x: NodeId, spec: ConvSpec) -> 
 }
 
 /// The shortcut: identity, or a strided 1×1 projection with batch norm when the shape changes.
-fn shortcut(
-    g: &mut Graph,
-    prefix: &str,
-    x: NodeId,
-    filters: usize,
-    stride: usize,
-) -> Result<NodeId> {
+fn shortcut(g: &mut Graph, prefix: &str, x: NodeId, filters: usize, stride: usize) -> Result<NodeId> {
     let cin = *g.node(x).shape.dims.last().unwrap_or(&0);
     if stride == 1 && cin == filters {
         return Ok(x);
     }
-    let s = g.conv2d(
-        &format!("{prefix}downsample.0"),
-        x,
-        conv(filters, 1, stride),
-    )?;
+    let s = g.conv2d(&format!("{prefix}downsample.0"), x, conv(filters, 1, stride))?;
     g.batch_norm(&format!("{prefix}downsample.1"), s, BN)
 }
 
-fn basic_block(
-    g: &mut Graph,
-    prefix: &str,
-    x: NodeId,
-    filters: usize,
-    stride: usize,
-) -> Result<NodeId> {
+fn basic_block(g: &mut Graph, prefix: &str, x: NodeId, filters: usize, stride: usize) -> Result<NodeId> {
     let y = conv_bn(g, prefix, 1, x, conv(filters, 3, stride))?;
     let y = g.relu(&format!("{prefix}relu1"), y)?;
     let y = conv_bn(g, prefix, 2, y, conv(filters, 3, 1))?;
@@ -61,13 +38,7 @@ fn basic_block(
     g.relu(&format!("{prefix}relu"), y)
 }
 
-fn bottleneck(
-    g: &mut Graph,
-    prefix: &str,
-    x: NodeId,
-    width: usize,
-    stride: usize,
-) -> Result<NodeId> {
+fn bottleneck(g: &mut Graph, prefix: &str, x: NodeId, width: usize, stride: usize) -> Result<NodeId> {
     let y = conv_bn(g, prefix, 1, x, conv(width, 1, 1))?;
     let y = g.relu(&format!("{prefix}relu1"), y)?;
     let y = conv_bn(g, prefix, 2, y, conv(width, 3, stride))?;
@@ -85,21 +56,8 @@ fn resnet(name: &str, blocks: [usize; 4], bottlenecks: bool, opts: ZooOptions) -
     let x = g.conv2d("conv1", x, conv(64, 7, 2))?;
     let x = g.batch_norm("bn1", x, BN)?;
     let x = g.relu("relu", x)?;
-    let pad = Padding::Explicit {
-        top: 1,
-        bottom: 1,
-        left: 1,
-        right: 1,
-    };
-    let mut x = g.max_pool(
-        "maxpool",
-        x,
-        Pool {
-            window: [3, 3],
-            strides: [2, 2],
-            padding: pad,
-        },
-    )?;
+    let pad = Padding::Explicit { top: 1, bottom: 1, left: 1, right: 1 };
+    let mut x = g.max_pool("maxpool", x, Pool { window: [3, 3], strides: [2, 2], padding: pad })?;
     for (stage, &count) in blocks.iter().enumerate() {
         let width = 64 << stage;
         for b in 0..count {

@@ -1,0 +1,106 @@
+//! Model files: every zoo model round-trips through RON exactly, and bad files give errors with
+//! the file, line and column and what to change.
+
+use std::path::Path;
+
+use systolic_compiler::{Error, Graph, zoo};
+
+fn parse(text: &str) -> Result<Graph, Error> {
+    Graph::from_ron(text, Path::new("model.ron"))
+}
+
+const TINY: &str = r#"#![enable(unwrap_variant_newtypes)]
+(
+  name: "tiny",
+  nodes: [
+    (name: "image", op: Input(shape: [8, 8, 2])),
+    (name: "conv/kernel", op: Parameter(shape: [3, 3, 2, 4], init: HeNormal)),
+    (name: "conv", op: Conv2d(padding: Same), inputs: ["image", "conv/kernel"]),
+    (name: "relu", op: Relu, inputs: ["conv"]),
+  ],
+  outputs: ["relu"],
+)
+"#;
+
+#[test]
+fn every_zoo_model_round_trips_exactly() {
+    for name in zoo::names() {
+        let g = zoo::build(name).unwrap();
+        let text = g.to_ron();
+        let back = parse(&text).unwrap();
+        assert_eq!(back, g, "{name}");
+        assert_eq!(back.to_ron(), text, "{name}: saving again gives the same text");
+    }
+}
+
+#[test]
+fn save_and_load_through_a_file() {
+    let dir = std::env::temp_dir().join(format!("systolic-files-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("resnet18.ron");
+    let g = zoo::build("resnet18").unwrap();
+    g.save(&path).unwrap();
+    assert_eq!(Graph::load(&path).unwrap(), g);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn hand_written_files_may_omit_defaults() {
+    let g = parse(TINY).unwrap();
+    let conv = g.node(g.find("conv").unwrap());
+    assert_eq!(conv.shape.dims, vec![8, 8, 4]);
+    assert_eq!(g.node(g.outputs()[0]).name, "relu");
+}
+
+fn expect_error(text: &str, line: usize, needle: &str) {
+    match parse(text) {
+        Err(Error::ModelFile { line: l, reason, .. }) => {
+            assert_eq!(l, line, "wrong line for: {reason}");
+            assert!(reason.contains(needle), "'{reason}' should mention '{needle}'");
+        }
+        other => panic!("expected a model-file error, got {other:?}"),
+    }
+}
+
+#[test]
+fn syntax_errors_give_line_and_column() {
+    let broken =
+        TINY.replace(r#"(name: "relu", op: Relu, inputs: ["conv"]),"#, r#"(name: "relu" op: Relu, inputs: ["conv"]),"#);
+    expect_error(&broken, 8, "");
+    let e = parse(&broken).unwrap_err().to_string();
+    assert!(e.starts_with("model.ron:8:"), "{e}");
+}
+
+#[test]
+fn unknown_ops_are_named() {
+    let broken = TINY.replace("op: Relu,", "op: Gelu,");
+    expect_error(&broken, 8, "Gelu");
+}
+
+#[test]
+fn undefined_inputs_point_at_the_node() {
+    let broken = TINY.replace(r#"inputs: ["conv"]"#, r#"inputs: ["conv2"]"#);
+    expect_error(&broken, 8, "input 'conv2' is not defined");
+}
+
+#[test]
+fn mismatched_conv_channels_point_at_the_conv() {
+    let broken = TINY.replace("shape: [3, 3, 2, 4]", "shape: [3, 3, 3, 4]");
+    expect_error(&broken, 7, "input has 2 channels but the kernel");
+    let e = parse(&broken).unwrap_err().to_string();
+    assert!(e.contains("node 'conv'") && e.contains("change the kernel's third dimension to 2"), "{e}");
+}
+
+#[test]
+fn duplicate_names_and_missing_outputs_are_rejected() {
+    let dup = TINY.replace(r#"(name: "relu", op: Relu"#, r#"(name: "conv", op: Relu"#);
+    expect_error(&dup, 8, "already exists");
+    let no_out = TINY.replace(r#"outputs: ["relu"]"#, r#"outputs: ["nope"]"#);
+    expect_error(&no_out, 10, "output 'nope' is not a node");
+}
+
+#[test]
+fn missing_files_say_which() {
+    let e = Graph::load("/nonexistent/model.ron").unwrap_err().to_string();
+    assert!(e.contains("/nonexistent/model.ron"), "{e}");
+}

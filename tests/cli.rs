@@ -1,0 +1,354 @@
+//! The `systolic` command line as a user drives it: JSON listings, run and grad through
+//! safetensors files, and one clear error line (never a panic) for each kind of bad input.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use systolic::compiler::reference::{self, RunOptions};
+use systolic::compiler::{Tensor, TensorMap, autodiff, tensors, zoo};
+
+fn systolic(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_systolic")).args(args).output().expect("the binary runs")
+}
+
+fn ok(args: &[&str]) -> String {
+    let out = systolic(args);
+    assert!(out.status.success(), "systolic {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Runs a command that must fail and returns its one error line.
+fn fails(args: &[&str]) -> String {
+    let out = systolic(args);
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(!out.status.success(), "systolic {args:?} should fail");
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(!stderr.contains("panicked"), "systolic {args:?} panicked: {stderr}");
+    assert_eq!(stderr.lines().count(), 1, "one error line expected, got: {stderr}");
+    assert!(stderr.starts_with("error: "), "{stderr}");
+    stderr
+}
+
+struct Dir(tempfile::TempDir);
+
+impl Dir {
+    fn new() -> Dir {
+        Dir(tempfile::tempdir().unwrap())
+    }
+    fn path(&self, name: &str) -> PathBuf {
+        self.0.path().join(name)
+    }
+    fn s(&self, name: &str) -> String {
+        self.path(name).to_string_lossy().into_owned()
+    }
+}
+
+fn image_batch(shape: &[usize]) -> TensorMap {
+    let n: usize = shape.iter().product();
+    let t = Tensor::from_shape_vec(shape.to_vec(), (0..n).map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0).collect());
+    TensorMap::from([("image".to_string(), t.unwrap())])
+}
+
+#[test]
+fn zoo_json_lists_published_parameter_counts() {
+    let v: serde_json::Value = serde_json::from_str(&ok(&["zoo", "--json"])).unwrap();
+    let find = |name: &str| v.as_array().unwrap().iter().find(|m| m["name"] == name).unwrap().clone();
+    for (name, params) in
+        [("resnet18", 11_689_512), ("resnet50", 25_557_032), ("vgg16", 138_357_544), ("mobilenet_v1", 4_231_976)]
+    {
+        let m = find(name);
+        assert_eq!(m["params"], params, "{name}");
+        assert_eq!(m["input_shape"], serde_json::json!([224, 224, 3]));
+        assert!(m["flops_per_example"].as_u64().unwrap() > 1_000_000_000);
+    }
+    assert_eq!(find("simple_cnn")["input_shape"], serde_json::json!([28, 28, 1]));
+}
+
+#[test]
+fn inspect_lists_inputs_layers_and_totals() {
+    let v: serde_json::Value = serde_json::from_str(&ok(&["inspect", "simple_cnn", "--batch", "4", "--json"])).unwrap();
+    assert_eq!(v["inputs"][0]["name"], "image");
+    assert_eq!(v["inputs"][0]["shape"], serde_json::json!([4, 28, 28, 1]));
+    let conv1 = &v["layers"][0];
+    assert_eq!(conv1["name"], "conv1");
+    assert_eq!(conv1["op"], "Conv2d");
+    assert_eq!(conv1["output_shape"], serde_json::json!([4, 24, 24, 10]));
+    assert_eq!(conv1["params"], 260);
+    // 2 * 24*24*10 outputs * 25 taps + bias, for 4 examples.
+    assert_eq!(conv1["flops"], 4 * (2 * 5760 * 25 + 5760));
+    assert_eq!(v["trainable_params"], 104_590);
+    let table = ok(&["inspect", "resnet50"]);
+    assert!(table.contains("layer4.2.conv3") && table.contains("25,557,032 trainable parameters"), "{table}");
+}
+
+#[test]
+fn run_writes_what_the_library_computes() {
+    let d = Dir::new();
+    tensors::save(d.path("x.safetensors"), &image_batch(&[3, 28, 28, 1])).unwrap();
+    let out = ok(&[
+        "run",
+        "simple_cnn",
+        "--seed",
+        "7",
+        "--input",
+        &d.s("x.safetensors"),
+        "--output",
+        &d.s("y.safetensors"),
+        "--save-weights",
+        &d.s("w.safetensors"),
+    ]);
+    assert!(out.contains("logits [3, 10]"), "{out}");
+    let y = tensors::load(d.path("y.safetensors")).unwrap();
+    let w = tensors::load(d.path("w.safetensors")).unwrap();
+    let g = zoo::build("simple_cnn").unwrap();
+    assert_eq!(w, g.init_parameters(7), "--save-weights writes the parameters used");
+    let mut b = w.clone();
+    b.extend(image_batch(&[3, 28, 28, 1]));
+    let (want, _) = reference::run_outputs(&g, &b, RunOptions::default()).unwrap();
+    assert_eq!(y, want);
+    // Running again from the saved weights gives the same bits.
+    ok(&[
+        "run",
+        "simple_cnn",
+        "--weights",
+        &d.s("w.safetensors"),
+        "--input",
+        &d.s("x.safetensors"),
+        "--output",
+        &d.s("y2.safetensors"),
+    ]);
+    assert_eq!(tensors::load(d.path("y2.safetensors")).unwrap(), want);
+}
+
+#[test]
+fn train_mode_updates_batch_norm_statistics() {
+    let d = Dir::new();
+    let g = zoo::build_with("resnet18", zoo::ZooOptions { input_hw: Some([32, 32]), classes: Some(10) }).unwrap();
+    g.save(d.path("r18.ron")).unwrap();
+    tensors::save(d.path("x.safetensors"), &image_batch(&[2, 32, 32, 3])).unwrap();
+    let run = |mode: &[&str], weights: &str| {
+        let mut args = vec!["run", "", "--input", "", "--output", "", "--save-weights", weights];
+        let (model, x, y) = (d.s("r18.ron"), d.s("x.safetensors"), d.s("y.safetensors"));
+        args[1] = &model;
+        args[3] = &x;
+        args[5] = &y;
+        args.extend(mode);
+        ok(&args);
+        tensors::load(weights).unwrap()
+    };
+    let (w_infer, w_train) = (d.s("wi.safetensors"), d.s("wt.safetensors"));
+    let inference = run(&[], &w_infer);
+    let training = run(&["--train-mode"], &w_train);
+    assert_eq!(inference["bn1/moving_mean"], g.init_parameters(0)["bn1/moving_mean"]);
+    assert_ne!(training["bn1/moving_mean"], inference["bn1/moving_mean"]);
+    assert_eq!(training["conv1/kernel"], inference["conv1/kernel"]);
+}
+
+#[test]
+fn grad_writes_the_loss_and_every_gradient() {
+    let d = Dir::new();
+    tensors::save(d.path("x.safetensors"), &image_batch(&[4, 8, 8, 1])).unwrap();
+    let labels = Tensor::from_shape_vec(vec![4], vec![1.0, 7.0, 3.0, 0.0]).unwrap();
+    tensors::save(d.path("l.safetensors"), &TensorMap::from([("labels".to_string(), labels.clone())])).unwrap();
+    ok(&[
+        "run",
+        "digits_cnn",
+        "--input",
+        &d.s("x.safetensors"),
+        "--output",
+        &d.s("y.safetensors"),
+        "--save-weights",
+        &d.s("w.safetensors"),
+    ]);
+    let out = ok(&[
+        "grad",
+        "digits_cnn",
+        "--weights",
+        &d.s("w.safetensors"),
+        "--input",
+        &d.s("x.safetensors"),
+        "--labels",
+        &d.s("l.safetensors"),
+        "--output",
+        &d.s("g.safetensors"),
+    ]);
+    assert!(out.starts_with("loss "), "{out}");
+    let grads = tensors::load(d.path("g.safetensors")).unwrap();
+
+    let g = zoo::build("digits_cnn").unwrap();
+    let train = autodiff::training_graph(&g, 0.0).unwrap();
+    let mut b = tensors::load(d.path("w.safetensors")).unwrap();
+    b.extend(image_batch(&[4, 8, 8, 1]));
+    b.insert("labels".into(), labels);
+    let want = reference::run_gradients(&train, &b, RunOptions::training(0)).unwrap();
+    assert_eq!(grads["loss"], want.root);
+    let mut names: Vec<&str> = grads.keys().map(String::as_str).collect();
+    names.sort();
+    let mut expected: Vec<String> = g.trainable_parameters().iter().map(|&p| g.node(p).name.clone()).collect();
+    expected.extend(["image".to_string(), "loss".to_string()]);
+    expected.sort();
+    assert_eq!(names, expected);
+    for (name, t) in &want.grads {
+        assert_eq!(&grads[name], t, "{name}");
+    }
+}
+
+#[test]
+fn export_then_run_from_the_file() {
+    let d = Dir::new();
+    ok(&["export", "lenet5", "--out", &d.s("lenet5.ron")]);
+    let g = systolic::compiler::Graph::load(d.path("lenet5.ron")).unwrap();
+    assert_eq!(g, zoo::build("lenet5").unwrap());
+    tensors::save(d.path("x.safetensors"), &image_batch(&[1, 32, 32, 1])).unwrap();
+    ok(&["run", &d.s("lenet5.ron"), "--input", &d.s("x.safetensors"), "--output", &d.s("y.safetensors")]);
+}
+
+/// Writes the files the error cases need: weights and an input for simple_cnn.
+fn fixtures(d: &Dir) {
+    tensors::save(d.path("x.safetensors"), &image_batch(&[2, 28, 28, 1])).unwrap();
+    ok(&[
+        "run",
+        "simple_cnn",
+        "--input",
+        &d.s("x.safetensors"),
+        "--output",
+        &d.s("y.safetensors"),
+        "--save-weights",
+        &d.s("w.safetensors"),
+    ]);
+}
+
+fn run_args<'a>(model: &'a str, weights: &'a str, input: &'a str, output: &'a str) -> Vec<&'a str> {
+    vec!["run", model, "--weights", weights, "--input", input, "--output", output]
+}
+
+#[test]
+fn unknown_model_lists_the_known_ones() {
+    let e = fails(&["inspect", "resnet51"]);
+    assert!(e.contains("unknown model 'resnet51'") && e.contains("resnet50") && e.contains("digits_cnn"), "{e}");
+}
+
+#[test]
+fn malformed_model_files_give_file_line_and_column() {
+    let d = Dir::new();
+    std::fs::write(
+        d.path("bad.ron"),
+        "(\n  name: \"x\",\n  nodes: [\n    (name: \"a\" op: Relu),\n  ],\n  outputs: [],\n)\n",
+    )
+    .unwrap();
+    let e = fails(&["inspect", &d.s("bad.ron")]);
+    assert!(e.contains("bad.ron:4:"), "{e}");
+}
+
+#[test]
+fn mismatched_conv_channels_in_a_file_name_the_node() {
+    let d = Dir::new();
+    ok(&["export", "simple_cnn", "--out", &d.s("m.ron")]);
+    let text = std::fs::read_to_string(d.path("m.ron")).unwrap();
+    // conv2's kernel expects 10 input channels; claim 12.
+    let text = text.replace("shape: [5, 5, 10, 20]", "shape: [5, 5, 12, 20]");
+    std::fs::write(d.path("m.ron"), text).unwrap();
+    let e = fails(&["inspect", &d.s("m.ron")]);
+    assert!(e.contains("m.ron:") && e.contains("node 'conv2'") && e.contains("10 channels"), "{e}");
+}
+
+#[test]
+fn wrong_input_shape_names_the_tensor_and_the_expected_shape() {
+    let d = Dir::new();
+    fixtures(&d);
+    tensors::save(d.path("bad.safetensors"), &image_batch(&[2, 32, 32, 1])).unwrap();
+    let e = fails(&run_args("simple_cnn", &d.s("w.safetensors"), &d.s("bad.safetensors"), &d.s("y.safetensors")));
+    assert!(e.contains("bad.safetensors") && e.contains("'image'") && e.contains("[N, 28, 28, 1]"), "{e}");
+}
+
+#[test]
+fn missing_input_tensor_is_named() {
+    let d = Dir::new();
+    fixtures(&d);
+    let other = TensorMap::from([("pixels".to_string(), Tensor::zeros(vec![2, 28, 28, 1]))]);
+    tensors::save(d.path("other.safetensors"), &other).unwrap();
+    let e = fails(&run_args("simple_cnn", &d.s("w.safetensors"), &d.s("other.safetensors"), &d.s("y.safetensors")));
+    assert!(e.contains("'image'") && e.contains("missing"), "{e}");
+}
+
+#[test]
+fn weights_missing_a_tensor_or_with_a_wrong_shape() {
+    let d = Dir::new();
+    fixtures(&d);
+    let mut w = tensors::load(d.path("w.safetensors")).unwrap();
+    w.remove("conv2/bias");
+    tensors::save(d.path("missing.safetensors"), &w).unwrap();
+    let e = fails(&run_args("simple_cnn", &d.s("missing.safetensors"), &d.s("x.safetensors"), &d.s("y.safetensors")));
+    assert!(e.contains("missing.safetensors") && e.contains("'conv2/bias'") && e.contains("[20]"), "{e}");
+
+    w.insert("conv2/bias".into(), Tensor::zeros(vec![21]));
+    tensors::save(d.path("shape.safetensors"), &w).unwrap();
+    let e = fails(&run_args("simple_cnn", &d.s("shape.safetensors"), &d.s("x.safetensors"), &d.s("y.safetensors")));
+    assert!(e.contains("shape.safetensors") && e.contains("[21]") && e.contains("[20]"), "{e}");
+}
+
+#[test]
+fn unreadable_tensor_files_and_bad_labels() {
+    let d = Dir::new();
+    fixtures(&d);
+    std::fs::write(d.path("junk.safetensors"), b"not a tensor file").unwrap();
+    let e = fails(&run_args("simple_cnn", &d.s("w.safetensors"), &d.s("junk.safetensors"), &d.s("y.safetensors")));
+    assert!(e.contains("junk.safetensors") && e.contains("not a valid safetensors file"), "{e}");
+    let e = fails(&run_args("simple_cnn", &d.s("w.safetensors"), &d.s("nowhere.safetensors"), &d.s("y.safetensors")));
+    assert!(e.contains("nowhere.safetensors"), "{e}");
+
+    let labels = Tensor::from_shape_vec(vec![2], vec![3.0, 12.0]).unwrap();
+    tensors::save(d.path("l.safetensors"), &TensorMap::from([("labels".to_string(), labels)])).unwrap();
+    let mut args = vec!["grad", "simple_cnn", "--weights", "", "--input", "", "--labels", "", "--output", ""];
+    let (w, x, l, g) = (d.s("w.safetensors"), d.s("x.safetensors"), d.s("l.safetensors"), d.s("g.safetensors"));
+    args[3] = &w;
+    args[5] = &x;
+    args[7] = &l;
+    args[9] = &g;
+    let e = fails(&args);
+    assert!(e.contains("label 12") && e.contains("[0, 10)"), "{e}");
+}
+
+#[test]
+fn a_batch_of_zero_is_refused() {
+    let d = Dir::new();
+    fixtures(&d);
+    tensors::save(
+        d.path("empty.safetensors"),
+        &TensorMap::from([("image".to_string(), Tensor::zeros(vec![0, 28, 28, 1]))]),
+    )
+    .unwrap();
+    let e = fails(&run_args("simple_cnn", &d.s("w.safetensors"), &d.s("empty.safetensors"), &d.s("y.safetensors")));
+    assert!(e.contains("batch of zero"), "{e}");
+}
+
+#[test]
+fn written_files_follow_the_safetensors_layout() {
+    // The format PyTorch's and NumPy's loaders read: u64 header length, a JSON header with
+    // dtype/shape/data_offsets per tensor, then the little-endian data.
+    let d = Dir::new();
+    fixtures(&d);
+    let bytes = std::fs::read(d.path("y.safetensors")).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let logits = &header["logits"];
+    assert_eq!(logits["dtype"], "F32");
+    assert_eq!(logits["shape"], serde_json::json!([2, 10]));
+    let offsets = logits["data_offsets"].as_array().unwrap();
+    let (start, end) = (offsets[0].as_u64().unwrap() as usize, offsets[1].as_u64().unwrap() as usize);
+    assert_eq!(end - start, 2 * 10 * 4);
+    let first = f32::from_le_bytes(bytes[8 + n + start..8 + n + start + 4].try_into().unwrap());
+    assert_eq!(first, tensors::load(d.path("y.safetensors")).unwrap()["logits"][[0, 0]]);
+}
+
+#[test]
+fn reads_files_written_by_numpy() {
+    // Written by `safetensors.numpy.save_file` (see tests/fixtures/README.md): f32, f16, bf16,
+    // i64 labels.
+    let t = tensors::load(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/numpy.safetensors")).unwrap();
+    assert_eq!(t["f32"].as_slice().unwrap(), &[0.5, -1.25, 3.0, 1e-3]);
+    assert_eq!(t["f16"].as_slice().unwrap(), &[0.5, -1.25, 3.0, 1049.0 / 1048576.0]); // f16(1e-3) = 1049 * 2^-20
+    assert_eq!(t["bf16"].as_slice().unwrap(), &[0.5, -1.25, 3.0, 131.0 / 131072.0]); // bf16(1e-3) = 131 * 2^-17
+    assert_eq!(t["labels"].as_slice().unwrap(), &[0.0, 9.0, 3.0]);
+    assert_eq!(t["f32"].shape(), &[2, 2]);
+}
