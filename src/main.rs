@@ -9,7 +9,7 @@ mod table;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "systolic", version, about = "A TPU-style accelerator toolchain: models, CPU reference, gradients")]
+#[command(name = "systolic", version, about = "A TPU-style accelerator toolchain: models, CPU reference, machines, MXU simulation")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -27,6 +27,10 @@ enum Command {
     Run(commands::run::Args),
     /// Write the loss and the gradient of every parameter and input.
     Grad(commands::grad::Args),
+    /// List the machine presets, or show one machine with the source of every figure.
+    Machines(commands::machines::Args),
+    /// Run one matmul on a core's MXUs: cycles, utilisation and why.
+    Mxu(commands::mxu::Args),
 }
 
 fn main() {
@@ -44,6 +48,8 @@ fn main() {
         Command::Export(a) => commands::export::run(a),
         Command::Run(a) => commands::run::run(a),
         Command::Grad(a) => commands::grad::run(a),
+        Command::Machines(a) => commands::machines::run(a),
+        Command::Mxu(a) => commands::mxu::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

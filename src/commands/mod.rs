@@ -4,6 +4,8 @@
 pub mod export;
 pub mod grad;
 pub mod inspect;
+pub mod machines;
+pub mod mxu;
 pub mod run;
 pub mod zoo;
 
@@ -11,6 +13,19 @@ use std::path::Path;
 
 use anyhow::Result;
 use systolic::compiler::{Error, Graph, Op, TensorMap, tensors, zoo as model_zoo};
+use systolic::simulator::Machine;
+
+/// A machine preset or `.ron` file, with `FIELD=VALUE` overrides applied in order.
+pub fn load_machine(spec: &str, sets: &[String]) -> Result<Machine> {
+    let mut m = Machine::resolve(spec)?;
+    for set in sets {
+        let Some((field, value)) = set.split_once('=') else {
+            anyhow::bail!("--set {set}: write FIELD=VALUE, e.g. --set core.mxu.rows=256");
+        };
+        m.set(field.trim(), value.trim())?;
+    }
+    Ok(m)
+}
 
 /// Loads MODEL: a zoo name or a `.ron` file.
 pub fn load_model(spec: &str) -> Result<Graph> {

@@ -1,0 +1,332 @@
+//! Machine configurations: cores, chips, hosts and slices, as RON-serialisable data.
+//!
+//! A [`Machine`] describes one slice of TPU-like hardware. Presets named like Cloud TPU slices
+//! (`v2-8` … `v4-8192`, the number counts TensorCores) live in [`presets`]; each figure there
+//! cites its public source, and [`Machine::sources`] carries the citations with the data so
+//! that reports can show them. Users override any field by path (`core.mxu.rows=256`) or load
+//! their own RON file; [`Machine::validate`] rejects impossible machines with the field's path
+//! and the reason.
+
+pub mod presets;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// One TensorCore.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Core {
+    /// Clock frequency in Hz.
+    pub clock_hz: f64,
+    pub mxu: Mxu,
+    /// Vector memory (the on-core scratchpad) in bytes.
+    pub vmem_bytes: u64,
+    pub vpu: Vpu,
+    pub hbm: Hbm,
+    pub dma: Dma,
+}
+
+/// The matrix units of a core: `count` systolic arrays of `rows × cols` bf16 MACs.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Mxu {
+    pub count: usize,
+    pub rows: usize,
+    pub cols: usize,
+    /// Two weight banks per PE: the next tile loads while the current one streams.
+    pub weight_double_buffering: bool,
+}
+
+/// The vector unit: `lanes × sublanes` f32 elements per vector, `alus` operations on each per cycle.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Vpu {
+    pub lanes: usize,
+    pub sublanes: usize,
+    pub alus: usize,
+}
+
+/// The core's share of the chip's HBM.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Hbm {
+    pub bytes: u64,
+    /// Bandwidth in bytes per core clock cycle.
+    pub bytes_per_cycle: f64,
+}
+
+/// DMA engines that move data between HBM and VMEM.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Dma {
+    pub engines: usize,
+    /// Fixed cost of a transfer (issue to first byte), in core cycles.
+    pub latency_cycles: u64,
+}
+
+/// One chip: TensorCores and inter-chip interconnect (ICI) links.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Chip {
+    pub cores: usize,
+    pub ici: Ici,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Ici {
+    /// Links per chip.
+    pub links: usize,
+    /// Bandwidth of one link in one direction, bytes per second.
+    pub bytes_per_second: f64,
+    /// Latency of one hop, seconds.
+    pub latency_seconds: f64,
+}
+
+/// One host and its chips.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Host {
+    pub chips: usize,
+    /// Host-to-chip (PCIe) bandwidth per chip, bytes per second.
+    pub pcie_bytes_per_second: f64,
+}
+
+/// The slice's chips in a 2-D or 3-D torus (or mesh, without wraparound).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Slice {
+    /// Chips along each dimension.
+    pub torus: Vec<usize>,
+    /// Whether each dimension wraps around.
+    pub wraparound: Vec<bool>,
+}
+
+/// A whole machine: a slice of chips, each of cores.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Machine {
+    pub name: String,
+    pub core: Core,
+    pub chip: Chip,
+    pub host: Host,
+    pub slice: Slice,
+    /// Where each number comes from, by field path (`core.clock_hz` → "HC20: 700 MHz").
+    #[serde(default)]
+    pub sources: BTreeMap<String, String>,
+}
+
+impl Machine {
+    pub fn chips(&self) -> usize {
+        self.slice.torus.iter().product()
+    }
+
+    pub fn cores(&self) -> usize {
+        self.chips() * self.chip.cores
+    }
+
+    pub fn hosts(&self) -> usize {
+        self.chips().div_ceil(self.host.chips)
+    }
+
+    /// Multiply-accumulates one core's MXUs complete per cycle.
+    pub fn macs_per_cycle(&self) -> u64 {
+        (self.core.mxu.count * self.core.mxu.rows * self.core.mxu.cols) as u64
+    }
+
+    /// Peak bf16 FLOP/s of one core (2 FLOP per multiply-accumulate).
+    pub fn core_peak_flops(&self) -> f64 {
+        2.0 * self.macs_per_cycle() as f64 * self.core.clock_hz
+    }
+
+    /// Peak bf16 FLOP/s of one chip.
+    pub fn chip_peak_flops(&self) -> f64 {
+        self.core_peak_flops() * self.chip.cores as f64
+    }
+
+    /// Peak bf16 FLOP/s of the whole slice.
+    pub fn peak_flops(&self) -> f64 {
+        self.chip_peak_flops() * self.chips() as f64
+    }
+
+    /// HBM bandwidth of one core in bytes per second.
+    pub fn hbm_bytes_per_second(&self) -> f64 {
+        self.core.hbm.bytes_per_cycle * self.core.clock_hz
+    }
+
+    /// Loads a machine from a RON file (validated).
+    pub fn load(path: impl AsRef<Path>) -> Result<Machine> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|e| Error::Io { path: path.to_path_buf(), cause: e })?;
+        let m: Machine = ron::from_str(&text).map_err(|e| Error::ConfigFile {
+            path: path.to_path_buf(),
+            line: e.span.start.line,
+            col: e.span.start.col,
+            reason: e.code.to_string(),
+        })?;
+        m.validate()?;
+        Ok(m)
+    }
+
+    /// The machine as RON text.
+    pub fn to_ron(&self) -> String {
+        ron::ser::to_string_pretty(self, ron::ser::PrettyConfig::new().indentor("  ".to_string()))
+            .expect("machines always serialise")
+    }
+
+    /// A preset by name (`v3-8`), or a RON file by path.
+    pub fn resolve(spec: &str) -> Result<Machine> {
+        let path = Path::new(spec);
+        if path.is_file() || spec.ends_with(".ron") {
+            return Machine::load(path);
+        }
+        presets::preset(spec)
+    }
+
+    /// Sets the field at a dotted `path` (`core.mxu.rows`) from text (`256`, `true`, `[4, 4]`),
+    /// then re-validates. The error names the path and says what is wrong.
+    pub fn set(&mut self, path: &str, value: &str) -> Result<()> {
+        let bad = |reason: String| Error::Config { field: path.to_string(), reason };
+        let mut tree = serde_json::to_value(&*self).expect("machines serialise to JSON");
+        let mut node = &mut tree;
+        for (depth, key) in path.split('.').enumerate() {
+            let here = node;
+            let known: Vec<String> =
+                here.as_object().map(|o| o.keys().filter(|k| *k != "sources").cloned().collect()).unwrap_or_default();
+            node = match here.get_mut(key) {
+                Some(child) if key != "sources" => child,
+                _ => {
+                    let parent = path.split('.').take(depth).collect::<Vec<_>>().join(".");
+                    let at = if parent.is_empty() { "a machine".to_string() } else { format!("'{parent}'") };
+                    return Err(bad(format!("{at} has no field '{key}' (fields: {})", known.join(", "))));
+                }
+            };
+        }
+        let parsed: serde_json::Value = ron::from_str::<ron::Value>(value)
+            .ok()
+            .and_then(|v| serde_json::to_value(v).ok())
+            .unwrap_or_else(|| serde_json::Value::String(value.to_string()));
+        // Integers written for float fields (and vice versa) are fine; other kinds must match.
+        let fits = matches!(
+            (&*node, &parsed),
+            (serde_json::Value::Number(_), serde_json::Value::Number(_))
+                | (serde_json::Value::Bool(_), serde_json::Value::Bool(_))
+                | (serde_json::Value::String(_), serde_json::Value::String(_))
+                | (serde_json::Value::Array(_), serde_json::Value::Array(_))
+        );
+        if !fits {
+            return Err(bad(format!("'{value}' is not a {} like the current value {}", kind(node), node)));
+        }
+        *node = parsed;
+        // A new torus shape keeps its wraparound flags only if they still fit; otherwise it
+        // becomes a mesh (set slice.wraparound after slice.torus to change that).
+        if path == "slice.torus" {
+            let dims = tree["slice"]["torus"].as_array().map_or(0, |a| a.len());
+            if tree["slice"]["wraparound"].as_array().map_or(0, |a| a.len()) != dims {
+                tree["slice"]["wraparound"] = serde_json::Value::Array(vec![serde_json::Value::Bool(false); dims]);
+            }
+        }
+        let updated: Machine = serde_json::from_value(tree).map_err(|e| bad(format!("'{value}' does not fit: {e}")))?;
+        *self = Machine { sources: self.sources.clone(), ..updated };
+        self.sources.insert(path.to_string(), format!("set by the user to {value}"));
+        self.validate()
+    }
+
+    /// Checks that the machine can exist; the error names the field and the reason.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |field: &str, reason: String| Err(Error::Config { field: field.to_string(), reason });
+        let c = &self.core;
+        let positive: [(&str, f64); 4] = [
+            ("core.clock_hz", c.clock_hz),
+            ("core.hbm.bytes_per_cycle", c.hbm.bytes_per_cycle),
+            ("chip.ici.bytes_per_second", self.chip.ici.bytes_per_second),
+            ("host.pcie_bytes_per_second", self.host.pcie_bytes_per_second),
+        ];
+        for (field, v) in positive {
+            if !(v.is_finite() && v > 0.0) {
+                return bad(field, format!("must be a positive number, got {v}"));
+            }
+        }
+        let latency = self.chip.ici.latency_seconds;
+        if !(latency.is_finite() && latency >= 0.0) {
+            return bad("chip.ici.latency_seconds", format!("must be zero or positive, got {latency}"));
+        }
+        let counts: [(&str, u64); 11] = [
+            ("core.mxu.count", c.mxu.count as u64),
+            ("core.mxu.rows", c.mxu.rows as u64),
+            ("core.mxu.cols", c.mxu.cols as u64),
+            ("core.vmem_bytes", c.vmem_bytes),
+            ("core.vpu.lanes", c.vpu.lanes as u64),
+            ("core.vpu.sublanes", c.vpu.sublanes as u64),
+            ("core.vpu.alus", c.vpu.alus as u64),
+            ("core.hbm.bytes", c.hbm.bytes),
+            ("core.dma.engines", c.dma.engines as u64),
+            ("chip.cores", self.chip.cores as u64),
+            ("host.chips", self.host.chips as u64),
+        ];
+        for (field, v) in counts {
+            if v == 0 {
+                return bad(field, "must be at least 1".into());
+            }
+        }
+        if c.mxu.rows > 4096 || c.mxu.cols > 4096 {
+            return bad("core.mxu.rows", format!("{}x{} is beyond any systolic array this simulator models (at most 4096)", c.mxu.rows, c.mxu.cols));
+        }
+        let tile = (c.mxu.rows * c.mxu.cols * 4) as u64;
+        if c.vmem_bytes < tile {
+            return bad(
+                "core.vmem_bytes",
+                format!(
+                    "{} bytes is smaller than one {}x{} f32 tile ({tile} bytes): raise core.vmem_bytes or lower core.mxu.rows/cols",
+                    c.vmem_bytes, c.mxu.rows, c.mxu.cols
+                ),
+            );
+        }
+        let dims = self.slice.torus.len();
+        if !(1..=3).contains(&dims) {
+            return bad("slice.torus", format!("must have 1 to 3 dimensions, got {dims}"));
+        }
+        if self.slice.torus.contains(&0) {
+            return bad("slice.torus", format!("{:?} has a zero dimension", self.slice.torus));
+        }
+        if self.slice.wraparound.len() != dims {
+            return bad(
+                "slice.wraparound",
+                format!("needs one entry per torus dimension ({dims}), got {}", self.slice.wraparound.len()),
+            );
+        }
+        // Each dimension with more than one chip needs a link to each neighbour.
+        let needed: usize = self.slice.torus.iter().map(|&d| if d > 1 { 2 } else { 0 }).sum();
+        if needed > self.chip.ici.links {
+            return bad(
+                "slice.torus",
+                format!(
+                    "a {:?} torus needs {needed} ICI links per chip but chips have {} (chip.ici.links)",
+                    self.slice.torus, self.chip.ici.links
+                ),
+            );
+        }
+        if self.chips() > self.host.chips && self.chips() % self.host.chips != 0 {
+            return bad(
+                "host.chips",
+                format!("{} chips cannot be split evenly over hosts of {} chips", self.chips(), self.host.chips),
+            );
+        }
+        Ok(())
+    }
+}
+
+fn kind(v: &serde_json::Value) -> &'static str {
+    match v {
+        serde_json::Value::Number(_) => "number",
+        serde_json::Value::Bool(_) => "boolean (true or false)",
+        serde_json::Value::String(_) => "string",
+        serde_json::Value::Array(_) => "list",
+        serde_json::Value::Object(_) => "group of fields (set one of its fields instead)",
+        serde_json::Value::Null => "value",
+    }
+}

@@ -1,0 +1,260 @@
+//! The functional engine: runs a validated program on real data.
+//!
+//! Memories hold bytes (f32 or bf16 elements, little-endian) and grow on demand up to their
+//! capacity, so an 8 GiB HBM costs only what a program touches. Instructions execute in
+//! program order: validation has proved the program race-free, so any order its dependencies
+//! allow gives these same values. The MXU follows the numerics contract bit for bit
+//! ([`crate::mxu::kernel`]); the VPU computes in f32.
+
+use crate::config::Machine;
+use crate::error::{Error, Result};
+use crate::isa::*;
+use crate::mxu::kernel::{Matrix, matmul};
+use crate::numerics::bf16_bits;
+
+/// One memory space's bytes.
+#[derive(Clone, Debug, Default)]
+struct Memory {
+    bytes: Vec<u8>,
+}
+
+impl Memory {
+    fn ensure(&mut self, end: u64) {
+        if self.bytes.len() < end as usize {
+            self.bytes.resize(end as usize, 0);
+        }
+    }
+
+    fn read(&self, t: &Tile) -> Vec<f32> {
+        let size = t.dtype.size() as usize;
+        let mut out = Vec::with_capacity(t.elements() as usize);
+        for r in 0..t.rows as usize {
+            let start = t.offset as usize + r * t.stride as usize * size;
+            for c in 0..t.cols as usize {
+                let at = start + c * size;
+                let v = match t.dtype {
+                    DType::F32 => {
+                        self.bytes.get(at..at + 4).map_or(0.0, |b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                    }
+                    DType::Bf16 => self
+                        .bytes
+                        .get(at..at + 2)
+                        .map_or(0.0, |b| f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16)),
+                };
+                out.push(v);
+            }
+        }
+        out
+    }
+
+    fn write(&mut self, t: &Tile, values: &[f32]) {
+        self.ensure(t.span().1);
+        let size = t.dtype.size() as usize;
+        for r in 0..t.rows as usize {
+            let start = t.offset as usize + r * t.stride as usize * size;
+            for c in 0..t.cols as usize {
+                let v = values[r * t.cols as usize + c];
+                let at = start + c * size;
+                match t.dtype {
+                    DType::F32 => self.bytes[at..at + 4].copy_from_slice(&v.to_le_bytes()),
+                    DType::Bf16 => self.bytes[at..at + 2].copy_from_slice(&bf16_bits(v).to_le_bytes()),
+                }
+            }
+        }
+    }
+}
+
+/// A core's memories and the machine they belong to.
+pub struct Functional {
+    machine: Machine,
+    hbm: Memory,
+    vmem: Memory,
+}
+
+impl Functional {
+    pub fn new(machine: &Machine) -> Functional {
+        Functional { machine: machine.clone(), hbm: Memory::default(), vmem: Memory::default() }
+    }
+
+    fn memory(&mut self, space: Space) -> &mut Memory {
+        match space {
+            Space::Hbm => &mut self.hbm,
+            Space::Vmem => &mut self.vmem,
+        }
+    }
+
+    fn check(&self, t: &Tile, values: Option<usize>) -> Result<()> {
+        let capacity = match t.space {
+            Space::Hbm => self.machine.core.hbm.bytes,
+            Space::Vmem => self.machine.core.vmem_bytes,
+        };
+        if t.rows == 0 || t.cols == 0 || t.stride < t.cols || t.span().1 > capacity {
+            return Err(Error::Data(format!("tile {t} is empty, malformed or beyond the memory's {capacity} bytes")));
+        }
+        if let Some(n) = values
+            && n as u64 != t.elements()
+        {
+            return Err(Error::Data(format!("{n} values given for tile {t} of {} elements", t.elements())));
+        }
+        Ok(())
+    }
+
+    /// Stores row-major `values` into a tile (rounded to bf16 for bf16 tiles).
+    pub fn write(&mut self, t: Tile, values: &[f32]) -> Result<()> {
+        self.check(&t, Some(values.len()))?;
+        self.memory(t.space).write(&t, values);
+        Ok(())
+    }
+
+    /// Reads a tile as row-major f32 values.
+    pub fn read(&mut self, t: Tile) -> Result<Vec<f32>> {
+        self.check(&t, None)?;
+        Ok(self.memory(t.space).read(&t))
+    }
+
+    /// Validates and runs a program.
+    pub fn run(&mut self, program: &Program) -> Result<()> {
+        program.validate(&self.machine)?;
+        for (i, instr) in program.instrs.iter().enumerate() {
+            self.execute(&instr.op).map_err(|reason| Error::Program { index: i, op: instr.op.name(), reason })?;
+        }
+        Ok(())
+    }
+
+    fn execute(&mut self, op: &Op) -> std::result::Result<(), String> {
+        match *op {
+            Op::Dma { src, dst, .. } => {
+                let v = self.memory(src.space).read(&src);
+                self.memory(dst.space).write(&dst, &v);
+            }
+            Op::MatMul { lhs, rhs, out, accumulate, precision, .. } => {
+                let a = self.vmem.read(&lhs);
+                let b = self.vmem.read(&rhs);
+                let mut c = if accumulate { self.vmem.read(&out) } else { vec![0.0; out.elements() as usize] };
+                let (m, k, n) = (lhs.rows as usize, lhs.cols as usize, rhs.cols as usize);
+                matmul(Matrix::new(&a, m, k), Matrix::new(&b, k, n), &mut c, n, self.machine.core.mxu.rows, precision);
+                self.vmem.write(&out, &c);
+            }
+            Op::Unary { op, src, dst } => {
+                let v: Vec<f32> = self.vmem.read(&src).into_iter().map(|x| unary(op, x)).collect();
+                self.vmem.write(&dst, &v);
+            }
+            Op::Binary { op, a, b, dst } => {
+                let (av, bv) = (self.vmem.read(&a), self.vmem.read(&b));
+                let cols = a.cols as usize;
+                let broadcast = b.rows == 1 && a.rows > 1;
+                let v: Vec<f32> = av
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &x)| binary(op, x, if broadcast { bv[i % cols] } else { bv[i] }))
+                    .collect();
+                self.vmem.write(&dst, &v);
+            }
+            Op::Reduce { op, axis, src, dst } => {
+                let v = self.vmem.read(&src);
+                let (rows, cols) = (src.rows as usize, src.cols as usize);
+                let init = match op {
+                    ReduceOp::Sum => 0.0,
+                    ReduceOp::Max => f32::NEG_INFINITY,
+                };
+                let combine = |acc: f32, x: f32| match op {
+                    ReduceOp::Sum => acc + x,
+                    ReduceOp::Max => acc.max(x),
+                };
+                let out: Vec<f32> = match axis {
+                    Axis::Rows => (0..cols).map(|c| (0..rows).fold(init, |acc, r| combine(acc, v[r * cols + c]))).collect(),
+                    Axis::Cols => (0..rows).map(|r| v[r * cols..(r + 1) * cols].iter().fold(init, |acc, &x| combine(acc, x))).collect(),
+                };
+                self.vmem.write(&dst, &out);
+            }
+            Op::Pool { op, shape, src, dst } => {
+                let v = self.vmem.read(&src);
+                let out = pool(op, &shape, &v, src.cols as usize);
+                self.vmem.write(&dst, &out);
+            }
+            Op::Transpose { src, dst } => {
+                let v = self.vmem.read(&src);
+                let (rows, cols) = (src.rows as usize, src.cols as usize);
+                let t: Vec<f32> = (0..cols).flat_map(|c| (0..rows).map(move |r| (r, c))).map(|(r, c)| v[r * cols + c]).collect();
+                self.vmem.write(&dst, &t);
+            }
+            Op::Barrier => {}
+            Op::AllReduce { replicas, .. } => {
+                if replicas > 1 {
+                    return Err(format!("an all-reduce over {replicas} replicas needs the pod simulator; one core runs alone"));
+                }
+            }
+            Op::Infeed { .. } | Op::Outfeed { .. } => {
+                return Err("infeed and outfeed exchange data with a host; run them through the pod simulator".into());
+            }
+        }
+        Ok(())
+    }
+}
+
+fn unary(op: UnaryOp, x: f32) -> f32 {
+    match op {
+        UnaryOp::Copy => x,
+        UnaryOp::Relu => x.max(0.0),
+        UnaryOp::Relu6 => x.clamp(0.0, 6.0),
+        UnaryOp::Neg => -x,
+        UnaryOp::Exp => x.exp(),
+        UnaryOp::Log => x.ln(),
+        UnaryOp::Sqrt => x.sqrt(),
+        UnaryOp::Rsqrt => 1.0 / x.sqrt(),
+        UnaryOp::Square => x * x,
+        UnaryOp::Reciprocal => 1.0 / x,
+        UnaryOp::Scale(c) => x * c,
+        UnaryOp::AddScalar(c) => x + c,
+    }
+}
+
+fn binary(op: BinaryOp, a: f32, b: f32) -> f32 {
+    match op {
+        BinaryOp::Add => a + b,
+        BinaryOp::Sub => a - b,
+        BinaryOp::Mul => a * b,
+        BinaryOp::Div => a / b,
+        BinaryOp::Max => a.max(b),
+        BinaryOp::Min => a.min(b),
+        BinaryOp::MaskPositive => {
+            if a > 0.0 {
+                b
+            } else {
+                0.0
+            }
+        }
+    }
+}
+
+/// Pooling over `n` NHWC images stored as `n·h·w × c` rows.
+fn pool(op: PoolOp, s: &PoolShape, v: &[f32], c: usize) -> Vec<f32> {
+    let (h, w) = (s.h as i64, s.w as i64);
+    let mut out = Vec::with_capacity((s.n * s.out_h * s.out_w) as usize * c);
+    for img in 0..s.n as i64 {
+        for oh in 0..s.out_h as i64 {
+            for ow in 0..s.out_w as i64 {
+                for ch in 0..c {
+                    let (mut acc, mut count) = (if op == PoolOp::Max { f32::NEG_INFINITY } else { 0.0 }, 0u32);
+                    for i in 0..s.window[0] as i64 {
+                        for j in 0..s.window[1] as i64 {
+                            let ih = oh * s.strides[0] as i64 + i - s.pad[0] as i64;
+                            let iw = ow * s.strides[1] as i64 + j - s.pad[1] as i64;
+                            if ih < 0 || iw < 0 || ih >= h || iw >= w {
+                                continue;
+                            }
+                            let x = v[((img * h + ih) * w + iw) as usize * c + ch];
+                            match op {
+                                PoolOp::Max => acc = if x > acc { x } else { acc },
+                                PoolOp::Avg => acc += x,
+                            }
+                            count += 1;
+                        }
+                    }
+                    out.push(if op == PoolOp::Avg { acc / count.max(1) as f32 } else { acc });
+                }
+            }
+        }
+    }
+    out
+}

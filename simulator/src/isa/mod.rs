@@ -1,0 +1,385 @@
+//! The instruction set: per-core programs as data (see `docs/isa.md`).
+//!
+//! A [`Program`] is a list of instructions for one TensorCore. Each instruction runs on one
+//! [`Unit`] — a DMA engine, an MXU, the vector unit (VPU), the scalar unit, the ICI or the host
+//! link — and names the instructions it waits for (`deps`, always earlier ones). Units run their
+//! own instructions in program order and in parallel with each other; dependencies are the only
+//! other ordering, so DMA, MXU and VPU work overlap unless a dependency says otherwise. Operands
+//! are [`Tile`]s: 2-D strided views of HBM or VMEM.
+//!
+//! Programs serialise with serde, print as a readable listing (`Display`), and are checked by
+//! [`Program::validate`] before anything runs.
+
+mod validate;
+
+/// Whether two tiles share any byte (exact for strided tiles).
+pub fn overlaps(a: &Tile, b: &Tile) -> bool {
+    validate::overlap(a, b)
+}
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::numerics::Precision;
+
+/// A memory space of one core.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Space {
+    /// High-bandwidth memory: large, off-chip, reached through DMA.
+    Hbm,
+    /// Vector memory: the on-core scratchpad the MXU and VPU read and write.
+    Vmem,
+}
+
+/// Element types in memory. Compute is f32 (VPU) or bf16-in/f32-accumulate (MXU).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum DType {
+    F32,
+    Bf16,
+}
+
+impl DType {
+    pub fn size(self) -> u64 {
+        match self {
+            DType::F32 => 4,
+            DType::Bf16 => 2,
+        }
+    }
+}
+
+/// A 2-D strided tile: `rows × cols` elements of `dtype`, the first at byte `offset` of
+/// `space`, consecutive rows `stride` elements apart (`stride ≥ cols`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Tile {
+    pub space: Space,
+    pub offset: u64,
+    pub rows: u32,
+    pub cols: u32,
+    pub stride: u32,
+    pub dtype: DType,
+}
+
+impl Tile {
+    /// A contiguous row-major `rows × cols` tile.
+    pub fn new(space: Space, offset: u64, rows: usize, cols: usize, dtype: DType) -> Tile {
+        Tile { space, offset, rows: rows as u32, cols: cols as u32, stride: cols as u32, dtype }
+    }
+
+    /// Columns `c0 .. c0 + cols` of this tile (same rows and stride).
+    pub fn columns(&self, c0: usize, cols: usize) -> Tile {
+        Tile { offset: self.offset + c0 as u64 * self.dtype.size(), cols: cols as u32, ..*self }
+    }
+
+    /// Rows `r0 .. r0 + rows` of this tile.
+    pub fn rows(&self, r0: usize, rows: usize) -> Tile {
+        Tile { offset: self.offset + r0 as u64 * self.stride as u64 * self.dtype.size(), rows: rows as u32, ..*self }
+    }
+
+    pub fn elements(&self) -> u64 {
+        self.rows as u64 * self.cols as u64
+    }
+
+    /// Bytes of data (not counting the gaps between strided rows).
+    pub fn bytes(&self) -> u64 {
+        self.elements() * self.dtype.size()
+    }
+
+    /// The byte range from the first element to just past the last one.
+    pub fn span(&self) -> (u64, u64) {
+        let size = self.dtype.size();
+        let last = (self.rows.max(1) as u64 - 1) * self.stride as u64 + self.cols as u64;
+        (self.offset, self.offset + last * size)
+    }
+
+    pub fn same_shape(&self, other: &Tile) -> bool {
+        self.rows == other.rows && self.cols == other.cols
+    }
+}
+
+impl fmt::Display for Tile {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let space = match self.space {
+            Space::Hbm => "hbm",
+            Space::Vmem => "vmem",
+        };
+        let dtype = match self.dtype {
+            DType::F32 => "f32",
+            DType::Bf16 => "bf16",
+        };
+        write!(f, "{space}@{:#x}[{}x{}", self.offset, self.rows, self.cols)?;
+        if self.stride != self.cols {
+            write!(f, " /{}", self.stride)?;
+        }
+        write!(f, " {dtype}]")
+    }
+}
+
+/// Elementwise operations with one operand.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub enum UnaryOp {
+    Copy,
+    Relu,
+    Relu6,
+    Neg,
+    Exp,
+    Log,
+    Sqrt,
+    /// 1 / sqrt(x).
+    Rsqrt,
+    Square,
+    Reciprocal,
+    /// x * c.
+    Scale(f32),
+    /// x + c.
+    AddScalar(f32),
+}
+
+/// Elementwise operations with two operands; the second may be one row broadcast over rows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BinaryOp {
+    Add,
+    Sub,
+    Mul,
+    Div,
+    Max,
+    Min,
+    /// `b` where `a > 0`, else 0 (the ReLU gradient).
+    MaskPositive,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ReduceOp {
+    Sum,
+    Max,
+}
+
+/// Which axis a reduction removes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Axis {
+    /// Sum over rows: `rows × cols -> 1 × cols`.
+    Rows,
+    /// Sum over columns: `rows × cols -> rows × 1`.
+    Cols,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PoolOp {
+    Max,
+    /// Average over the window taps inside the image.
+    Avg,
+}
+
+/// Pooling geometry: the source holds `n` images of `h × w` pixels as rows (NHWC flattened to
+/// `n·h·w × c`), the destination `n · out_h · out_w × c`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolShape {
+    pub n: u32,
+    pub h: u32,
+    pub w: u32,
+    pub window: [u32; 2],
+    pub strides: [u32; 2],
+    /// Padding before the first row and column (padding never wins a max or counts in an average).
+    pub pad: [u32; 2],
+    pub out_h: u32,
+    pub out_w: u32,
+}
+
+/// What an instruction does.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Op {
+    /// Copy a tile between (or within) memory spaces on DMA engine `engine`.
+    Dma { engine: u8, src: Tile, dst: Tile },
+    /// `out (+)= lhs · rhs` on MXU `mxu`: weights (`rhs`) loaded tile by tile, `lhs` rows
+    /// streamed, f32 sums accumulated into `out`. Inputs are rounded (or split) to bf16.
+    MatMul { mxu: u8, lhs: Tile, rhs: Tile, out: Tile, accumulate: bool, precision: Precision },
+    /// `dst = op(src)` on the VPU.
+    Unary { op: UnaryOp, src: Tile, dst: Tile },
+    /// `dst = a op b` on the VPU; `b` is either `a`'s shape or one row broadcast over rows.
+    Binary { op: BinaryOp, a: Tile, b: Tile, dst: Tile },
+    /// `dst = reduce(src)` along an axis on the VPU.
+    Reduce { op: ReduceOp, axis: Axis, src: Tile, dst: Tile },
+    /// Pooling windows over images on the VPU.
+    Pool { op: PoolOp, shape: PoolShape, src: Tile, dst: Tile },
+    /// `dst = srcᵀ` on the VPU's transpose unit.
+    Transpose { src: Tile, dst: Tile },
+    /// Waits for its dependencies (a join point); costs one scalar cycle.
+    Barrier,
+    /// Sums (or maxes) `tile` over `replicas` cores in place. Executed by the pod simulator.
+    AllReduce { op: ReduceOp, tile: Tile, replicas: u32 },
+    /// Receives host data into `dst` (HBM) over PCIe.
+    Infeed { dst: Tile },
+    /// Sends `src` (HBM) to the host over PCIe.
+    Outfeed { src: Tile },
+}
+
+/// The unit that executes an instruction.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Unit {
+    Dma(u8),
+    Mxu(u8),
+    Vpu,
+    Scalar,
+    Ici,
+    Host,
+}
+
+impl fmt::Display for Unit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Unit::Dma(i) => write!(f, "dma{i}"),
+            Unit::Mxu(i) => write!(f, "mxu{i}"),
+            Unit::Vpu => f.write_str("vpu"),
+            Unit::Scalar => f.write_str("scalar"),
+            Unit::Ici => f.write_str("ici"),
+            Unit::Host => f.write_str("host"),
+        }
+    }
+}
+
+impl Op {
+    pub fn unit(&self) -> Unit {
+        match self {
+            Op::Dma { engine, .. } => Unit::Dma(*engine),
+            Op::MatMul { mxu, .. } => Unit::Mxu(*mxu),
+            Op::Unary { .. } | Op::Binary { .. } | Op::Reduce { .. } | Op::Pool { .. } | Op::Transpose { .. } => Unit::Vpu,
+            Op::Barrier => Unit::Scalar,
+            Op::AllReduce { .. } => Unit::Ici,
+            Op::Infeed { .. } | Op::Outfeed { .. } => Unit::Host,
+        }
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Op::Dma { .. } => "dma",
+            Op::MatMul { .. } => "matmul",
+            Op::Unary { .. } => "unary",
+            Op::Binary { .. } => "binary",
+            Op::Reduce { .. } => "reduce",
+            Op::Pool { .. } => "pool",
+            Op::Transpose { .. } => "transpose",
+            Op::Barrier => "barrier",
+            Op::AllReduce { .. } => "all_reduce",
+            Op::Infeed { .. } => "infeed",
+            Op::Outfeed { .. } => "outfeed",
+        }
+    }
+
+    /// The tiles the instruction reads.
+    pub fn reads(&self) -> Vec<Tile> {
+        match *self {
+            Op::Dma { src, .. } => vec![src],
+            Op::MatMul { lhs, rhs, out, accumulate, .. } => {
+                if accumulate {
+                    vec![lhs, rhs, out]
+                } else {
+                    vec![lhs, rhs]
+                }
+            }
+            Op::Unary { src, .. } | Op::Reduce { src, .. } | Op::Pool { src, .. } | Op::Transpose { src, .. } => vec![src],
+            Op::Binary { a, b, .. } => vec![a, b],
+            Op::Barrier | Op::Infeed { .. } => vec![],
+            Op::AllReduce { tile, .. } => vec![tile],
+            Op::Outfeed { src } => vec![src],
+        }
+    }
+
+    /// The tiles the instruction writes.
+    pub fn writes(&self) -> Vec<Tile> {
+        match *self {
+            Op::Dma { dst, .. }
+            | Op::Unary { dst, .. }
+            | Op::Binary { dst, .. }
+            | Op::Reduce { dst, .. }
+            | Op::Pool { dst, .. }
+            | Op::Transpose { dst, .. }
+            | Op::Infeed { dst } => vec![dst],
+            Op::MatMul { out, .. } => vec![out],
+            Op::AllReduce { tile, .. } => vec![tile],
+            Op::Barrier | Op::Outfeed { .. } => vec![],
+        }
+    }
+}
+
+/// One instruction and the (earlier) instructions it waits for.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Instr {
+    pub op: Op,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deps: Vec<u32>,
+}
+
+/// A program for one core.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Program {
+    pub name: String,
+    pub instrs: Vec<Instr>,
+}
+
+impl Program {
+    pub fn new(name: impl Into<String>) -> Program {
+        Program { name: name.into(), instrs: Vec::new() }
+    }
+
+    /// Appends an instruction; returns its index for later dependencies.
+    pub fn push(&mut self, op: Op, deps: &[u32]) -> u32 {
+        self.instrs.push(Instr { op, deps: deps.to_vec() });
+        (self.instrs.len() - 1) as u32
+    }
+
+    pub fn len(&self) -> usize {
+        self.instrs.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.instrs.is_empty()
+    }
+}
+
+impl fmt::Display for Op {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Op::Dma { src, dst, .. } => write!(f, "dma        {src} -> {dst}"),
+            Op::MatMul { lhs, rhs, out, accumulate, precision, .. } => {
+                let op = if *accumulate { "+=" } else { "=" };
+                write!(f, "matmul.{:<7} {out} {op} {lhs} x {rhs}", precision.name())
+            }
+            Op::Unary { op, src, dst } => write!(f, "{:<10} {dst} = {src}", format!("{op:?}").to_lowercase()),
+            Op::Binary { op, a, b, dst } => write!(f, "{:<10} {dst} = {a}, {b}", format!("{op:?}").to_lowercase()),
+            Op::Reduce { op, axis, src, dst } => {
+                write!(f, "reduce.{}  {dst} = {src} over {}", format!("{op:?}").to_lowercase(), format!("{axis:?}").to_lowercase())
+            }
+            Op::Pool { op, shape, src, dst } => write!(
+                f,
+                "pool.{}   {dst} = {src} window {}x{} stride {}x{}",
+                format!("{op:?}").to_lowercase(),
+                shape.window[0],
+                shape.window[1],
+                shape.strides[0],
+                shape.strides[1]
+            ),
+            Op::Transpose { src, dst } => write!(f, "transpose  {dst} = {src}ᵀ"),
+            Op::Barrier => write!(f, "barrier"),
+            Op::AllReduce { op, tile, replicas } => {
+                write!(f, "all_reduce.{} {tile} over {replicas} replicas", format!("{op:?}").to_lowercase())
+            }
+            Op::Infeed { dst } => write!(f, "infeed     {dst}"),
+            Op::Outfeed { src } => write!(f, "outfeed    {src}"),
+        }
+    }
+}
+
+impl fmt::Display for Program {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "program {} ({} instructions)", self.name, self.instrs.len())?;
+        for (i, instr) in self.instrs.iter().enumerate() {
+            write!(f, "{i:>6}  {:<7} {}", instr.op.unit().to_string(), instr.op)?;
+            if !instr.deps.is_empty() {
+                let deps: Vec<String> = instr.deps.iter().map(|d| d.to_string()).collect();
+                write!(f, "  after {}", deps.join(" "))?;
+            }
+            writeln!(f)?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,409 @@
+//! Program validation: every tile in bounds and aligned, shapes that fit each op, units that
+//! exist, dependencies that point backwards, and no data races — two instructions that touch
+//! overlapping bytes, at least one writing, with neither ordered before the other.
+//!
+//! Ordering ("happens before") is program order on the same unit (units run in order; the MXU
+//! interlocks on its own results) plus declared dependencies, transitively. It is tracked with
+//! one vector clock per instruction, and races are found FastTrack-style: each access is checked
+//! against the last writes and the reads since, of overlapping bytes.
+
+use std::collections::{BTreeMap, HashMap};
+
+use super::*;
+use crate::config::Machine;
+use crate::error::{Error, Result};
+
+struct Checker<'a> {
+    machine: &'a Machine,
+    index: usize,
+    op: &'static str,
+}
+
+impl Checker<'_> {
+    fn fail(&self, reason: String) -> Error {
+        Error::Program { index: self.index, op: self.op, reason }
+    }
+
+    fn tile(&self, what: &str, t: &Tile) -> Result<()> {
+        if t.rows == 0 || t.cols == 0 {
+            return Err(self.fail(format!("{what} {t} is empty")));
+        }
+        if t.stride < t.cols {
+            return Err(self.fail(format!("{what} {t} has a row stride {} shorter than its {} columns", t.stride, t.cols)));
+        }
+        if !t.offset.is_multiple_of(t.dtype.size()) {
+            return Err(self.fail(format!("{what} {t} starts at byte {}, not a multiple of its element size {}", t.offset, t.dtype.size())));
+        }
+        let (capacity, field) = match t.space {
+            Space::Hbm => (self.machine.core.hbm.bytes, "core.hbm.bytes"),
+            Space::Vmem => (self.machine.core.vmem_bytes, "core.vmem_bytes"),
+        };
+        let (_, end) = t.span();
+        if end > capacity {
+            let space = if t.space == Space::Hbm { "HBM" } else { "VMEM" };
+            return Err(self.fail(format!(
+                "{what} {t} ends at byte {end} but {space} holds {capacity} bytes ({field}): the buffer does not fit"
+            )));
+        }
+        Ok(())
+    }
+
+    fn in_vmem(&self, what: &str, t: &Tile) -> Result<()> {
+        if t.space != Space::Vmem {
+            return Err(self.fail(format!("{what} {t} must be in VMEM (the MXU and VPU read and write only VMEM)")));
+        }
+        Ok(())
+    }
+
+    fn disjoint(&self, what: &str, a: &Tile, b: &Tile) -> Result<()> {
+        if overlap(a, b) {
+            return Err(self.fail(format!("{what}: {a} and {b} overlap")));
+        }
+        Ok(())
+    }
+
+    /// In-place elementwise ops may write exactly their input; any other overlap is an error.
+    fn disjoint_or_same(&self, dst: &Tile, src: &Tile) -> Result<()> {
+        if dst != src && overlap(dst, src) {
+            return Err(self.fail(format!("the destination {dst} partly overlaps the source {src} (only exact in-place is allowed)")));
+        }
+        Ok(())
+    }
+
+    fn same_shape(&self, what: &str, a: &Tile, b: &Tile) -> Result<()> {
+        if !a.same_shape(b) {
+            return Err(self.fail(format!("{what}: {a} and {b} have different shapes")));
+        }
+        Ok(())
+    }
+
+    fn op(&self, op: &Op) -> Result<()> {
+        for t in op.reads().iter().chain(op.writes().iter()) {
+            self.tile("operand", t)?;
+        }
+        match op {
+            Op::Dma { engine, src, dst } => {
+                if *engine as usize >= self.machine.core.dma.engines {
+                    return Err(self.fail(format!(
+                        "DMA engine {engine} does not exist (the core has {}, core.dma.engines)",
+                        self.machine.core.dma.engines
+                    )));
+                }
+                self.same_shape("source and destination", src, dst)?;
+                if src.dtype != dst.dtype {
+                    return Err(self.fail(format!("DMA copies bytes: {src} and {dst} must have one element type")));
+                }
+                self.disjoint("source and destination", src, dst)
+            }
+            Op::MatMul { mxu, lhs, rhs, out, .. } => {
+                if *mxu as usize >= self.machine.core.mxu.count {
+                    return Err(self.fail(format!(
+                        "MXU {mxu} does not exist (the core has {}, core.mxu.count)",
+                        self.machine.core.mxu.count
+                    )));
+                }
+                for (what, t) in [("lhs", lhs), ("rhs", rhs), ("out", out)] {
+                    self.in_vmem(what, t)?;
+                }
+                if lhs.cols != rhs.rows || out.rows != lhs.rows || out.cols != rhs.cols {
+                    return Err(self.fail(format!(
+                        "shapes do not multiply: {}x{} times {}x{} into {}x{}",
+                        lhs.rows, lhs.cols, rhs.rows, rhs.cols, out.rows, out.cols
+                    )));
+                }
+                if out.dtype != DType::F32 {
+                    return Err(self.fail(format!("out {out} must be f32 (the MXU accumulates in f32)")));
+                }
+                self.disjoint("out and lhs", out, lhs)?;
+                self.disjoint("out and rhs", out, rhs)
+            }
+            Op::Unary { src, dst, .. } => {
+                self.in_vmem("src", src)?;
+                self.in_vmem("dst", dst)?;
+                self.same_shape("src and dst", src, dst)?;
+                self.disjoint_or_same(dst, src)
+            }
+            Op::Binary { a, b, dst, .. } => {
+                for (what, t) in [("a", a), ("b", b), ("dst", dst)] {
+                    self.in_vmem(what, t)?;
+                }
+                self.same_shape("a and dst", a, dst)?;
+                if !(a.same_shape(b) || (b.rows == 1 && b.cols == a.cols)) {
+                    return Err(self.fail(format!("b {b} must have a's shape {}x{} or be one row of {} broadcast", a.rows, a.cols, a.cols)));
+                }
+                self.disjoint_or_same(dst, a)?;
+                self.disjoint_or_same(dst, b)
+            }
+            Op::Reduce { axis, src, dst, .. } => {
+                self.in_vmem("src", src)?;
+                self.in_vmem("dst", dst)?;
+                let want = match axis {
+                    Axis::Rows => (1, src.cols),
+                    Axis::Cols => (src.rows, 1),
+                };
+                if (dst.rows, dst.cols) != want {
+                    return Err(self.fail(format!("dst {dst} must be {}x{} to reduce {src} over {axis:?}", want.0, want.1)));
+                }
+                self.disjoint("src and dst", src, dst)
+            }
+            Op::Pool { shape, src, dst, .. } => {
+                self.in_vmem("src", src)?;
+                self.in_vmem("dst", dst)?;
+                let s = shape;
+                if s.window.contains(&0) || s.strides.contains(&0) || s.h == 0 || s.w == 0 || s.n == 0 {
+                    return Err(self.fail(format!("pool geometry {s:?} has a zero size")));
+                }
+                let fits = |size: u32, win: u32, stride: u32, pad: u32, out: u32| {
+                    out >= 1 && (out - 1) * stride < size + pad && pad < win
+                };
+                if !fits(s.h, s.window[0], s.strides[0], s.pad[0], s.out_h) || !fits(s.w, s.window[1], s.strides[1], s.pad[1], s.out_w) {
+                    return Err(self.fail(format!("pool output {}x{} does not fit a {}x{} image with {s:?}", s.out_h, s.out_w, s.h, s.w)));
+                }
+                if src.rows != s.n * s.h * s.w || dst.rows != s.n * s.out_h * s.out_w || src.cols != dst.cols {
+                    return Err(self.fail(format!(
+                        "src {src} must be {}x{c} and dst {dst} {}x{c} for {} images of {}x{} pooled to {}x{}",
+                        s.n * s.h * s.w,
+                        s.n * s.out_h * s.out_w,
+                        s.n,
+                        s.h,
+                        s.w,
+                        s.out_h,
+                        s.out_w,
+                        c = src.cols
+                    )));
+                }
+                self.disjoint("src and dst", src, dst)
+            }
+            Op::Transpose { src, dst } => {
+                self.in_vmem("src", src)?;
+                self.in_vmem("dst", dst)?;
+                if dst.rows != src.cols || dst.cols != src.rows {
+                    return Err(self.fail(format!("dst {dst} must be {}x{}, the transpose of {src}", src.cols, src.rows)));
+                }
+                self.disjoint("src and dst", src, dst)
+            }
+            Op::Barrier => Ok(()),
+            Op::AllReduce { replicas, .. } => {
+                if *replicas == 0 {
+                    return Err(self.fail("an all-reduce needs at least one replica".into()));
+                }
+                Ok(())
+            }
+            Op::Infeed { dst: t } | Op::Outfeed { src: t } => {
+                if t.space != Space::Hbm {
+                    return Err(self.fail(format!("{t} must be in HBM (the host link reaches HBM)")));
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Floor division for signed values.
+fn floor_div(a: i128, b: i128) -> i128 {
+    a.div_euclid(b)
+}
+
+/// Whether the byte interval `[s, e)` meets any row of `t`.
+fn interval_meets_tile(s: i128, e: i128, t: &Tile) -> bool {
+    let size = t.dtype.size() as i128;
+    let (t0, st, wt, rt) = (t.offset as i128, t.stride as i128 * size, t.cols as i128 * size, t.rows as i128);
+    // Rows j with t0 + j·st < e and t0 + j·st + wt > s.
+    let j_min = (floor_div(s - wt - t0, st) + 1).max(0);
+    let j_max = (floor_div(e - t0 - 1, st)).min(rt - 1);
+    j_min <= j_max
+}
+
+/// Whether two tiles share any byte.
+pub(crate) fn overlap(a: &Tile, b: &Tile) -> bool {
+    if a.space != b.space {
+        return false;
+    }
+    let ((a0, a1), (b0, b1)) = (a.span(), b.span());
+    if a1 <= b0 || b1 <= a0 {
+        return false;
+    }
+    let contiguous = |t: &Tile| t.rows == 1 || t.stride == t.cols;
+    if contiguous(a) {
+        return interval_meets_tile(a0 as i128, a1 as i128, b);
+    }
+    if contiguous(b) {
+        return interval_meets_tile(b0 as i128, b1 as i128, a);
+    }
+    let (sa, sb) = (a.stride as i128 * a.dtype.size() as i128, b.stride as i128 * b.dtype.size() as i128);
+    if sa == sb {
+        // Row i of a meets row j of b iff -wa < d + (i - j)·s < wb with d = a0 - b0.
+        let (wa, wb) = (a.cols as i128 * a.dtype.size() as i128, b.cols as i128 * b.dtype.size() as i128);
+        let d = a0 as i128 - b0 as i128;
+        let t_min = (floor_div(-wa - d, sa) + 1).max(-(b.rows as i128 - 1));
+        let t_max = floor_div(wb - 1 - d, sa).min(a.rows as i128 - 1);
+        return t_min <= t_max;
+    }
+    // Different strides: test each row of the shorter tile.
+    let (short, long) = if a.rows <= b.rows { (a, b) } else { (b, a) };
+    (0..short.rows).any(|r| {
+        let row = short.rows(r as usize, 1);
+        let (s, e) = row.span();
+        interval_meets_tile(s as i128, e as i128, long)
+    })
+}
+
+/// Whether `w` certainly covers every byte of `t` (so later checks against `t` are redundant).
+fn covers(w: &Tile, t: &Tile) -> bool {
+    if w.space != t.space {
+        return false;
+    }
+    let ((w0, w1), (t0, t1)) = (w.span(), t.span());
+    if w.rows == 1 || w.stride == w.cols {
+        return w0 <= t0 && t1 <= w1;
+    }
+    if w.stride as u64 * w.dtype.size() != t.stride as u64 * t.dtype.size() || t0 < w0 {
+        return false;
+    }
+    let s = w.stride as u64 * w.dtype.size();
+    let (row, col) = ((t0 - w0) / s, (t0 - w0) % s);
+    col + t.cols as u64 * t.dtype.size() <= w.cols as u64 * w.dtype.size() && row + t.rows as u64 <= w.rows as u64
+}
+
+#[derive(Clone, Copy)]
+struct Access {
+    tile: Tile,
+    instr: u32,
+    write: bool,
+}
+
+impl Program {
+    /// Checks the program against a machine; the error names the instruction and what to change.
+    pub fn validate(&self, machine: &Machine) -> Result<()> {
+        // Unit indices for the vector clocks.
+        let mut units: HashMap<Unit, usize> = HashMap::new();
+        for instr in &self.instrs {
+            let next = units.len();
+            units.entry(instr.op.unit()).or_insert(next);
+        }
+        let n_units = units.len();
+        let mut clocks: Vec<u32> = Vec::with_capacity(self.instrs.len() * n_units);
+        let mut seq_of: Vec<u32> = Vec::with_capacity(self.instrs.len());
+        let mut unit_of: Vec<usize> = Vec::with_capacity(self.instrs.len());
+        let mut last_on_unit: Vec<Option<usize>> = vec![None; n_units];
+        let mut counters = vec![0u32; n_units];
+        // Active accesses per space, keyed by span start; and the longest span seen.
+        let mut active: BTreeMap<(Space, u64), Vec<Access>> = BTreeMap::new();
+        let mut longest: HashMap<Space, u64> = HashMap::new();
+
+        for (i, instr) in self.instrs.iter().enumerate() {
+            let checker = Checker { machine, index: i, op: instr.op.name() };
+            checker.op(&instr.op)?;
+            let u = units[&instr.op.unit()];
+            let mut clock = vec![0u32; n_units];
+            let join = |other: usize, clock: &mut Vec<u32>| {
+                for (c, &o) in clock.iter_mut().zip(&clocks[other * n_units..(other + 1) * n_units]) {
+                    *c = (*c).max(o);
+                }
+            };
+            for &d in &instr.deps {
+                if d as usize >= i {
+                    return Err(checker.fail(format!(
+                        "depends on instruction {d}, which is not earlier; dependencies must point to earlier instructions"
+                    )));
+                }
+                join(d as usize, &mut clock);
+            }
+            if let Some(prev) = last_on_unit[u] {
+                join(prev, &mut clock);
+            }
+            counters[u] += 1;
+            clock[u] = counters[u];
+            clocks.extend_from_slice(&clock);
+            seq_of.push(counters[u]);
+            unit_of.push(u);
+            last_on_unit[u] = Some(i);
+            let ordered_before_me = |j: u32| clock[unit_of[j as usize]] >= seq_of[j as usize];
+
+            let accesses = instr
+                .op
+                .reads()
+                .into_iter()
+                .map(|t| (t, false))
+                .chain(instr.op.writes().into_iter().map(|t| (t, true)));
+            for (tile, write) in accesses {
+                let (start, end) = tile.span();
+                let reach = *longest.get(&tile.space).unwrap_or(&0);
+                let from = (tile.space, start.saturating_sub(reach));
+                let mut covered = Vec::new();
+                for (&key, list) in active.range(from..(tile.space, end)) {
+                    for (slot, a) in list.iter().enumerate() {
+                        if a.instr as usize == i || !(write || a.write) || !overlap(&a.tile, &tile) {
+                            continue;
+                        }
+                        if !ordered_before_me(a.instr) {
+                            let other = &self.instrs[a.instr as usize].op;
+                            let (mine, theirs) = (if write { "writes" } else { "reads" }, if a.write { "writes" } else { "reads" });
+                            return Err(checker.fail(format!(
+                                "{mine} {tile}, which instruction {} ({}) {theirs} at {}, and neither waits for the other: \
+                                 add {} to this instruction's deps",
+                                a.instr,
+                                other.name(),
+                                a.tile,
+                                a.instr
+                            )));
+                        }
+                        if write && covers(&tile, &a.tile) {
+                            covered.push((key, slot));
+                        }
+                    }
+                }
+                // A write that covers older accesses (ordered before it) supersedes them.
+                for (key, slot) in covered.into_iter().rev() {
+                    if let Some(list) = active.get_mut(&key) {
+                        list.swap_remove(slot);
+                        if list.is_empty() {
+                            active.remove(&key);
+                        }
+                    }
+                }
+                active.entry((tile.space, start)).or_default().push(Access { tile, instr: i as u32, write });
+                let l = longest.entry(tile.space).or_insert(0);
+                *l = (*l).max(end - start);
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+
+    use super::*;
+
+    fn bytes(t: &Tile) -> HashSet<u64> {
+        let size = t.dtype.size();
+        (0..t.rows as u64)
+            .flat_map(|r| (0..t.cols as u64 * size).map(move |c| t.offset + r * t.stride as u64 * size + c))
+            .collect()
+    }
+
+    #[test]
+    fn overlap_and_cover_match_brute_force() {
+        let mut seed = 12345u64;
+        let mut next = |n: u64| {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (seed >> 33) % n
+        };
+        for _ in 0..20_000 {
+            let mut tile = || {
+                let dtype = if next(2) == 0 { DType::F32 } else { DType::Bf16 };
+                let cols = 1 + next(6) as u32;
+                let stride = cols + next(5) as u32;
+                Tile { space: Space::Vmem, offset: next(40) * dtype.size(), rows: 1 + next(5) as u32, cols, stride, dtype }
+            };
+            let (a, b) = (tile(), tile());
+            let (ba, bb) = (bytes(&a), bytes(&b));
+            assert_eq!(overlap(&a, &b), !ba.is_disjoint(&bb), "{a:?} {b:?}");
+            if covers(&a, &b) {
+                assert!(bb.is_subset(&ba), "covers claims {a:?} covers {b:?}");
+            }
+        }
+    }
+}

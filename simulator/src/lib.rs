@@ -1,0 +1,24 @@
+//! Systolic's simulator: the hardware half of the toolchain. It knows nothing of graphs.
+//!
+//! - [`config`]: machines (cores, chips, hosts, slices) and the Cloud-TPU-named presets;
+//! - [`numerics`]: bf16 rounding and the precision passes (the MXU contract);
+//! - [`mxu`]: the matrix unit — bit-exact fast matmul, its timing model, and the PE-level
+//!   systolic array that is the oracle for both;
+//! - [`isa`]: per-core programs as data, and their validator;
+//! - [`functional`]: runs programs on real data;
+//! - [`timing`]: runs programs on the clock: cycles, busy time and utilisation per unit;
+//! - [`trace`]: Chrome trace-event JSON of a timed run;
+//! - [`kernels`]: small programs built from the ISA (one matmul, for the `mxu` command).
+
+pub mod config;
+pub mod error;
+pub mod functional;
+pub mod isa;
+pub mod kernels;
+pub mod mxu;
+pub mod numerics;
+pub mod timing;
+pub mod trace;
+
+pub use config::Machine;
+pub use error::{Error, Result};

@@ -1,0 +1,299 @@
+//! The fast bit-exact MXU product: `acc += A · B` under the numerics contract.
+//!
+//! For every output element and every (K-chunk, precision pass) in order, the chunk sum starts
+//! at +0.0 and takes one f32 fused multiply-add per k in order (exact bf16 products, one rounding
+//! per step), then is added to the accumulator. That is a blocked GEMM whose K-block is the
+//! array's height: operands are packed once per (chunk, pass) with the bf16 rounding or split
+//! applied, and a register-blocked micro-kernel computes `MR × NR` chunk sums at a time.
+//!
+//! The micro-kernel is AVX-512 where the CPU has it and portable Rust (`f32::mul_add`)
+//! elsewhere; both perform the same operations in the same order, so the bits never depend on
+//! the machine, and tiles are independent, so they never depend on the thread count.
+
+use rayon::prelude::*;
+
+use crate::numerics::{Precision, bf16, split};
+
+/// Rows of the micro-kernel's register block.
+const MR: usize = 12;
+/// Columns of the micro-kernel's register block (two 16-lane vectors).
+const NR: usize = 32;
+/// Row strips per parallel task (96 rows).
+const TASK_STRIPS_M: usize = 8;
+/// Column strips per parallel task (256 columns).
+const TASK_STRIPS_N: usize = 8;
+
+/// A row-major matrix view with a row stride.
+#[derive(Clone, Copy)]
+pub struct Matrix<'a> {
+    pub data: &'a [f32],
+    pub rows: usize,
+    pub cols: usize,
+    pub stride: usize,
+}
+
+impl<'a> Matrix<'a> {
+    pub fn new(data: &'a [f32], rows: usize, cols: usize) -> Self {
+        Matrix { data, rows, cols, stride: cols }
+    }
+
+    #[inline]
+    fn at(&self, r: usize, c: usize) -> f32 {
+        self.data[r * self.stride + c]
+    }
+}
+
+/// `acc (m × n, row stride ldc) += A (m × k) · B (k × n)` with K-chunks of `chunk` (the MXU's rows)
+/// and the passes of `precision`. Follows the contract bit for bit; parallel over output tiles.
+pub fn matmul(a: Matrix, b: Matrix, acc: &mut [f32], ldc: usize, chunk: usize, precision: Precision) {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    assert_eq!(b.rows, k, "inner dimensions differ");
+    assert!(chunk > 0 && ldc >= n, "bad chunk or stride");
+    assert!(m == 0 || n == 0 || (m - 1) * ldc + n <= acc.len(), "accumulator too small");
+    if m == 0 || n == 0 || k == 0 {
+        return;
+    }
+    let passes = precision.passes();
+    let chunks = k.div_ceil(chunk);
+    let (strips_m, strips_n) = (m.div_ceil(MR), n.div_ceil(NR));
+    // Operands are packed once per (chunk, pass) step with the bf16 rounding or split applied:
+    // A into k-major strips of MR rows (so the micro-kernel's broadcasts are consecutive), B into
+    // strips of NR columns.
+    let steps: Vec<(usize, u8, u8, usize)> = (0..chunks)
+        .flat_map(|c| passes.iter().map(move |&(pa, pb)| (c, pa, pb, chunk.min(k - c * chunk))))
+        .collect();
+    let sizes: Vec<(usize, usize)> = steps.iter().map(|s| (strips_m * s.3 * MR, strips_n * s.3 * NR)).collect();
+    let total: usize = sizes.iter().map(|(a, b)| a + b).sum();
+    // Taken out of the thread-local while in use: a nested call (rayon may run one on this
+    // thread while it waits) finds it empty and allocates its own. Fresh multi-megabyte
+    // buffers cost more in page faults than the packing itself.
+    let mut buf = WORKSPACE.take();
+    if buf.len() < total {
+        buf = vec![0f32; total];
+    }
+    {
+        let mut rest = &mut buf[..total];
+        let mut views: Vec<(&mut [f32], &mut [f32], usize, u8, u8, usize)> = Vec::with_capacity(steps.len());
+        for (&(c, pa, pb, kc), &(sa, sb)) in steps.iter().zip(&sizes) {
+            let (a_view, tail) = rest.split_at_mut(sa);
+            let (b_view, tail) = tail.split_at_mut(sb);
+            rest = tail;
+            views.push((a_view, b_view, c * chunk, pa, pb, kc));
+        }
+        views.par_iter_mut().for_each(|(a_view, b_view, k0, pa, pb, kc)| {
+            pack_a(a, *k0, *kc, *pa, a_view);
+            pack_b(b, *k0, *kc, *pb, b_view);
+        });
+        let packed: Vec<(&[f32], &[f32], usize)> = views.iter().map(|(a, b, _, _, _, kc)| (&a[..], &b[..], *kc)).collect();
+        multiply(&packed, m, n, strips_m, strips_n, acc, ldc);
+    }
+    WORKSPACE.set(buf);
+}
+
+/// Packs one chunk of A for one split part: strips of `MR` rows, each `kc × MR` (k-major),
+/// padded with zero rows.
+fn pack_a(a: Matrix, k0: usize, kc: usize, part: u8, out: &mut [f32]) {
+    let mut row = vec![0f32; kc];
+    for (s, strip) in out.chunks_mut(kc * MR).enumerate() {
+        for r in 0..MR {
+            let i = s * MR + r;
+            if i < a.rows {
+                round_into(&mut row, &a.data[i * a.stride + k0..i * a.stride + k0 + kc], part);
+            } else {
+                row.fill(0.0);
+            }
+            for (kk, &v) in row.iter().enumerate() {
+                strip[kk * MR + r] = v;
+            }
+        }
+    }
+}
+
+/// `dst[i] = split(src[i], part)`, specialised so the common case vectorises.
+fn round_into(dst: &mut [f32], src: &[f32], part: u8) {
+    match part {
+        0 => dst.iter_mut().zip(src).for_each(|(d, &v)| *d = bf16(v)),
+        _ => dst.iter_mut().zip(src).for_each(|(d, &v)| *d = split(v, part)),
+    }
+}
+
+thread_local! {
+    /// Packing space of the calling thread, kept between calls.
+    static WORKSPACE: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Runs the micro-kernel over every output tile and packed step: `(packed A, packed B, kc)`.
+fn multiply(packed: &[(&[f32], &[f32], usize)], m: usize, n: usize, strips_m: usize, strips_n: usize, acc: &mut [f32], ldc: usize) {
+    let tasks_m = strips_m.div_ceil(TASK_STRIPS_M);
+    let tasks_n = strips_n.div_ceil(TASK_STRIPS_N);
+    let out = SharedOut(acc.as_mut_ptr(), acc.len());
+    let kernel = select_kernel();
+    (0..tasks_m * tasks_n).into_par_iter().for_each(|task| {
+        let (tm, tn) = (task / tasks_n, task % tasks_n);
+        let rows = tm * TASK_STRIPS_M..((tm + 1) * TASK_STRIPS_M).min(strips_m);
+        let cols = tn * TASK_STRIPS_N..((tn + 1) * TASK_STRIPS_N).min(strips_n);
+        for &(pa, pb, kc) in packed {
+            for sj in cols.clone() {
+                let bs = &pb[sj * kc * NR..(sj + 1) * kc * NR];
+                let n_valid = NR.min(n - sj * NR);
+                for si in rows.clone() {
+                    let a_strip = &pa[si * kc * MR..(si + 1) * kc * MR];
+                    let m_valid = MR.min(m - si * MR);
+                    // SAFETY: tasks cover disjoint (row strip, column strip) tiles, so no two
+                    // threads touch the same accumulator element; `tile` checks bounds.
+                    unsafe { kernel(kc, a_strip, bs, out.tile(si * MR, sj * NR, m_valid, n_valid, ldc), ldc, m_valid, n_valid) };
+                }
+            }
+        }
+    });
+}
+
+/// The accumulator shared by tasks that write disjoint tiles.
+#[derive(Clone, Copy)]
+struct SharedOut(*mut f32, usize);
+
+// SAFETY: every task writes a disjoint set of elements (see `matmul`).
+unsafe impl Send for SharedOut {}
+unsafe impl Sync for SharedOut {}
+
+impl SharedOut {
+    /// A pointer to element (r, c), after checking the whole tile lies inside the buffer.
+    fn tile(&self, r: usize, c: usize, rows: usize, cols: usize, ldc: usize) -> *mut f32 {
+        assert!((r + rows - 1) * ldc + c + cols <= self.1, "tile outside the accumulator");
+        // SAFETY: the offset is within the allocation (checked above).
+        unsafe { self.0.add(r * ldc + c) }
+    }
+}
+
+/// Packs one chunk of B for one split part: column strip after strip, each `kc × NR`, padded
+/// with zeros.
+fn pack_b(b: Matrix, k0: usize, kc: usize, part: u8, out: &mut [f32]) {
+    out.chunks_mut(kc * NR).enumerate().for_each(|(s, strip)| {
+        let c0 = s * NR;
+        let width = NR.min(b.cols - c0);
+        for kk in 0..kc {
+            let src = &b.data[(k0 + kk) * b.stride + c0..(k0 + kk) * b.stride + c0 + width];
+            let dst = &mut strip[kk * NR..(kk + 1) * NR];
+            round_into(&mut dst[..width], src, part);
+            dst[width..].fill(0.0);
+        }
+    });
+}
+
+/// `c[r][j] += Σ_k a[k][r] · b[k][j]` for an `m_valid × n_valid` tile from packed strips: the
+/// chunk sum from +0.0 in k order with FMAs, then one add into the accumulator.
+type Kernel = unsafe fn(usize, &[f32], &[f32], *mut f32, usize, usize, usize);
+
+fn select_kernel() -> Kernel {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx512f") {
+            return avx512::kernel;
+        }
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            return portable_fma;
+        }
+    }
+    portable
+}
+
+/// The portable micro-kernel (also the definition the vector kernels must equal).
+///
+/// # Safety
+/// `c` must point to an `m_valid × n_valid` tile with row stride `ldc` inside one allocation.
+unsafe fn portable(kc: usize, a: &[f32], b: &[f32], c: *mut f32, ldc: usize, m_valid: usize, n_valid: usize) {
+    let mut acc = [[0f32; NR]; MR];
+    for kk in 0..kc {
+        let bk = &b[kk * NR..(kk + 1) * NR];
+        for (r, row) in acc.iter_mut().enumerate() {
+            let av = a[kk * MR + r];
+            for (x, &bv) in row.iter_mut().zip(bk) {
+                *x = av.mul_add(bv, *x);
+            }
+        }
+    }
+    for (r, row) in acc.iter().enumerate().take(m_valid) {
+        for (j, v) in row.iter().enumerate().take(n_valid) {
+            // SAFETY: inside the tile the caller guarantees.
+            unsafe { *c.add(r * ldc + j) += v };
+        }
+    }
+}
+
+/// The portable kernel compiled for AVX2 + FMA (the same operations, vectorised by LLVM).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn portable_fma_inner(kc: usize, a: &[f32], b: &[f32], c: *mut f32, ldc: usize, m_valid: usize, n_valid: usize) {
+    // SAFETY: forwarded contract.
+    unsafe { portable(kc, a, b, c, ldc, m_valid, n_valid) }
+}
+
+#[cfg(target_arch = "x86_64")]
+unsafe fn portable_fma(kc: usize, a: &[f32], b: &[f32], c: *mut f32, ldc: usize, m_valid: usize, n_valid: usize) {
+    // SAFETY: only selected when the CPU has AVX2 and FMA; forwarded contract.
+    unsafe { portable_fma_inner(kc, a, b, c, ldc, m_valid, n_valid) }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use super::{MR, NR};
+
+    /// The AVX-512 micro-kernel: 12 × 32 chunk sums in 24 registers.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F; `a` holds `kc × MR` and `b` `kc × NR` packed values; `c`
+    /// points to an `m_valid × n_valid` tile with row stride `ldc` inside one allocation.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn kernel(kc: usize, a: &[f32], b: &[f32], c: *mut f32, ldc: usize, m_valid: usize, n_valid: usize) {
+        assert!(a.len() >= kc * MR && b.len() >= kc * NR);
+        let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+        let (ap, bp) = (a.as_ptr(), b.as_ptr());
+        for kk in 0..kc {
+            // SAFETY: kk < kc, so these reads are inside `a` and `b` (asserted above).
+            unsafe {
+                let b0 = _mm512_loadu_ps(bp.add(kk * NR));
+                let b1 = _mm512_loadu_ps(bp.add(kk * NR + 16));
+                let ak = ap.add(kk * MR);
+                for (r, row) in acc.iter_mut().enumerate() {
+                    let av = _mm512_set1_ps(*ak.add(r));
+                    row[0] = _mm512_fmadd_ps(av, b0, row[0]);
+                    row[1] = _mm512_fmadd_ps(av, b1, row[1]);
+                }
+            }
+        }
+        let mask = |lanes: usize| -> __mmask16 { if lanes >= 16 { 0xFFFF } else { ((1u32 << lanes) - 1) as __mmask16 } };
+        let (m0, m1) = (mask(n_valid), mask(n_valid.saturating_sub(16)));
+        for (r, row) in acc.iter().enumerate().take(m_valid) {
+            // SAFETY: masked loads and stores touch only the tile's first n_valid columns.
+            unsafe {
+                let p = c.add(r * ldc);
+                let c0 = _mm512_maskz_loadu_ps(m0, p);
+                _mm512_mask_storeu_ps(p, m0, _mm512_add_ps(c0, row[0]));
+                if n_valid > 16 {
+                    let c1 = _mm512_maskz_loadu_ps(m1, p.add(16));
+                    _mm512_mask_storeu_ps(p.add(16), m1, _mm512_add_ps(c1, row[1]));
+                }
+            }
+        }
+    }
+}
+
+/// The contract written as plainly as possible: the definition the tests hold the fast kernel to.
+pub fn matmul_reference(a: Matrix, b: Matrix, acc: &mut [f32], ldc: usize, chunk: usize, precision: Precision) {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    for k0 in (0..k).step_by(chunk.max(1)) {
+        for &(pa, pb) in precision.passes() {
+            for i in 0..m {
+                for j in 0..n {
+                    let mut s = 0.0f32;
+                    for kk in k0..(k0 + chunk).min(k) {
+                        s = split(a.at(i, kk), pa).mul_add(split(b.at(kk, j), pb), s);
+                    }
+                    acc[i * ldc + j] += s;
+                }
+            }
+        }
+    }
+}

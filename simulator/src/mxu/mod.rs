@@ -1,0 +1,168 @@
+//! The matrix unit (MXU): a weight-stationary systolic array of `rows × cols` bf16 MACs.
+//!
+//! A matmul runs as a sequence of **passes** ([`Pass`]): load one weight tile (at most
+//! `rows × cols`: one K-chunk by one column block, one precision part), then stream `m` LHS rows
+//! through it, adding the chunk sums to the f32 accumulator. Three models share this vocabulary:
+//!
+//! - [`kernel`]: the fast bit-exact product (the numerics contract, vectorised);
+//! - [`Timeline`]: the fast cycle model, closed-form per pass;
+//! - [`pe_array`]: every processing element, every cycle — the oracle both must match, in bits
+//!   and in cycles.
+//!
+//! ## The timing mechanism (see `docs/timing.md`)
+//!
+//! Weights are written into a weight bank one array row per cycle, rows in order. LHS row `m`
+//! of a pass enters array row `i` at cycle `start + m + i` (the input skew) and moves one column
+//! per cycle; partial sums move down one row per cycle through all `rows` rows and are added to
+//! the accumulator one cycle after leaving the bottom. Hence, for pass `t`:
+//!
+//! - `load_t ≥ load_{t-1} + k_{t-1}` — one weight-load port, one row per cycle;
+//! - `load_t ≥ start_u + m_u + n_u - 1` — the bank's previous user `u` (pass `t-2` with two
+//!   banks, `t-1` with one) must have finished reading row `r` before row `r` is rewritten at
+//!   `load_t + r`;
+//! - `start_t ≥ load_t + 1` — row `i` is written at `load_t + i`, before the first LHS row
+//!   reaches it at `start_t + i`;
+//! - `start_t ≥ start_{t-1} + m_{t-1}` — one LHS row enters per cycle;
+//! - the pass ends (its last sum accumulated) at `start_t + m_t + rows + n_t - 1`.
+//!
+//! With double buffering the next tile's load hides under the current stream once `m ≥ k`
+//! and `2m ≥ m + n`; with one bank, tile `t+1` cannot start until tile `t` has left the columns
+//! it uses, so nothing overlaps but the load with the drain.
+
+pub mod kernel;
+pub mod pe_array;
+
+use serde::Serialize;
+
+use crate::numerics::Precision;
+
+/// One weight tile streamed by LHS rows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Pass {
+    /// LHS rows streamed.
+    pub m: usize,
+    /// Weight rows (the K-chunk), at most the array's rows.
+    pub k: usize,
+    /// Weight columns, at most the array's columns.
+    pub n: usize,
+}
+
+/// The passes of an `m × k × n` matmul on a `rows × cols` array: column blocks outer, K-chunks
+/// in order, precision passes innermost (the order the accumulator sees them).
+pub fn passes(m: usize, k: usize, n: usize, rows: usize, cols: usize, precision: Precision) -> Vec<Pass> {
+    let mut out = Vec::new();
+    for n0 in (0..n).step_by(cols) {
+        for k0 in (0..k).step_by(rows) {
+            for _ in precision.passes() {
+                out.push(Pass { m, k: rows.min(k - k0), n: cols.min(n - n0) });
+            }
+        }
+    }
+    out
+}
+
+/// When one pass ran: its weight load, its stream, and its end (exclusive).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct PassTiming {
+    pub load: u64,
+    pub start: u64,
+    pub end: u64,
+}
+
+/// The fast MXU cycle model: the recurrence of the module docs, pass by pass. It keeps the
+/// state of the last two passes, so consecutive matmuls on one MXU pipeline into each other.
+#[derive(Clone, Debug)]
+pub struct Timeline {
+    rows: u64,
+    double_buffered: bool,
+    /// (start, m, n) of the last two passes, most recent last.
+    recent: [Option<(u64, u64, u64)>; 2],
+    /// When the weight-load port is next free.
+    load_port_free: u64,
+    /// When the LHS input port is next free.
+    input_free: u64,
+    /// Cycles the array was streaming, loading or draining (union of [load, end) intervals).
+    pub busy: u64,
+    busy_until: u64,
+    /// Multiply-accumulates performed by all passes (padding excluded, every precision pass counted).
+    pub pass_macs: u64,
+}
+
+impl Timeline {
+    pub fn new(rows: usize, double_buffered: bool) -> Timeline {
+        Timeline {
+            rows: rows as u64,
+            double_buffered,
+            recent: [None, None],
+            load_port_free: 0,
+            input_free: 0,
+            busy: 0,
+            busy_until: 0,
+            pass_macs: 0,
+        }
+    }
+
+    /// Schedules a pass whose operands are ready at cycle `ready`.
+    pub fn schedule(&mut self, pass: Pass, ready: u64) -> PassTiming {
+        let (m, k, n) = (pass.m as u64, pass.k as u64, pass.n as u64);
+        let load = self.next_load(ready);
+        let start = (load + 1).max(self.input_free);
+        let end = start + m + self.rows + n - 1;
+        self.load_port_free = load + k;
+        self.input_free = start + m;
+        self.recent = [self.recent[1], Some((start, m, n))];
+        self.busy += end.saturating_sub(load.max(self.busy_until));
+        self.busy_until = self.busy_until.max(end);
+        self.pass_macs += m * k * n;
+        PassTiming { load, start, end }
+    }
+
+    /// When the next pass's weight load could begin, for operands ready at `ready`: the load
+    /// port must be free and the bank's previous user must have finished reading it.
+    pub fn next_load(&self, ready: u64) -> u64 {
+        let previous_user = if self.double_buffered { self.recent[0] } else { self.recent[1] };
+        let bank_free = previous_user.map_or(0, |(s, pm, pn)| s + pm + pn - 1);
+        ready.max(self.load_port_free).max(bank_free)
+    }
+
+    /// Schedules every pass of a matmul; returns the cycle the last one ends.
+    pub fn schedule_all(&mut self, passes: &[Pass], ready: u64) -> u64 {
+        passes.iter().map(|&p| self.schedule(p, ready).end).max().unwrap_or(ready)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lone_full_tile_takes_fill_stream_and_drain() {
+        let mut t = Timeline::new(128, true);
+        let p = t.schedule(Pass { m: 128, k: 128, n: 128 }, 0);
+        assert_eq!(p, PassTiming { load: 0, start: 1, end: 1 + 128 + 128 + 128 - 1 });
+    }
+
+    #[test]
+    fn double_buffering_hides_the_load_under_the_stream() {
+        let run = |double: bool, m: usize| {
+            let mut t = Timeline::new(128, double);
+            let ps = passes(m, 1024, 1024, 128, 128, Precision::Default);
+            let end = t.schedule_all(&ps, 0);
+            (m * 1024 * 1024) as f64 / (end as f64 * 128.0 * 128.0)
+        };
+        assert!(run(true, 128) > 0.95, "{}", run(true, 128));
+        assert!((run(false, 128) - 0.5).abs() < 0.02, "{}", run(false, 128));
+        assert!(run(true, 8) < 0.07, "weights load one row per cycle: {}", run(true, 8));
+    }
+
+    #[test]
+    fn passes_cover_the_product_in_accumulation_order() {
+        let ps = passes(5, 300, 200, 128, 128, Precision::High);
+        assert_eq!(ps.len(), 2 * 3 * 3);
+        assert_eq!(ps[0], Pass { m: 5, k: 128, n: 128 });
+        assert_eq!(ps[8], Pass { m: 5, k: 44, n: 128 });
+        assert_eq!(ps[17], Pass { m: 5, k: 44, n: 72 });
+        let macs: usize = ps.iter().map(|p| p.m * p.k * p.n).sum();
+        assert_eq!(macs, 3 * 5 * 300 * 200);
+    }
+}

@@ -1,0 +1,280 @@
+//! The cycle-level timing engine (see `docs/timing.md`).
+//!
+//! Event-driven list scheduling: every unit (each DMA engine, each MXU, the VPU, the scalar
+//! unit, the host link) runs its own instructions in program order, concurrently with the
+//! others; an instruction starts when its unit is free and its dependencies have finished.
+//! Among the instructions that could start, the earliest goes first, so shared resources — the
+//! HBM port all DMA engines use — are granted in time order.
+//!
+//! Costs come from mechanisms:
+//! - DMA: `latency + bytes / bytes_per_cycle`; the data phase holds the HBM port when either side
+//!   is HBM, so concurrent transfers share its bandwidth.
+//! - MXU: weight load, fill, stream and drain of every pass ([`crate::mxu::Timeline`]); a matmul
+//!   that reads what an earlier one on the same MXU still writes waits for it (interlock).
+//! - VPU: tiles occupy `ceil(rows / sublanes) · ceil(cols / lanes)` vector registers; each
+//!   register-wide operation takes `1 / alus` cycles.
+//! - Host link: bytes over the chip's PCIe bandwidth, shared by its cores.
+
+use std::collections::{HashMap, VecDeque};
+
+use serde::Serialize;
+
+use crate::config::Machine;
+use crate::error::{Error, Result};
+use crate::isa::*;
+use crate::mxu::{Timeline, passes};
+
+/// Busy time of one unit.
+#[derive(Clone, Debug, Serialize)]
+pub struct UnitReport {
+    pub unit: String,
+    pub instructions: u64,
+    pub busy_cycles: u64,
+    pub utilization: f64,
+}
+
+/// The result of a timed run.
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    pub cycles: u64,
+    pub seconds: f64,
+    pub instructions: u64,
+    pub units: Vec<UnitReport>,
+    /// Multiply-accumulates the matmuls asked for (their `m·k·n`, once per matmul).
+    pub useful_macs: u64,
+    /// Useful MACs over what every MXU could have done in `cycles`.
+    pub mxu_utilization: f64,
+    pub hbm_bytes: u64,
+    pub hbm_bytes_per_second: f64,
+    /// Achieved over peak HBM bandwidth.
+    pub hbm_utilization: f64,
+}
+
+/// When one instruction ran (for traces).
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct Span {
+    pub instr: u32,
+    pub unit: Unit,
+    pub start: u64,
+    pub end: u64,
+}
+
+/// A timed run: the report, each instruction's finish cycle, and optionally every span.
+#[derive(Clone, Debug)]
+pub struct Timing {
+    pub report: Report,
+    pub finish: Vec<u64>,
+    pub spans: Vec<Span>,
+}
+
+/// Vector registers a tile occupies: rows fill sublanes, columns fill lanes.
+fn vregs(machine: &Machine, t: &Tile) -> u64 {
+    let v = &machine.core.vpu;
+    (t.rows as u64).div_ceil(v.sublanes as u64) * (t.cols as u64).div_ceil(v.lanes as u64)
+}
+
+/// Cycles of a vector-unit instruction.
+fn vpu_cycles(machine: &Machine, op: &Op) -> u64 {
+    let alus = machine.core.vpu.alus as u64;
+    let ops = |n: u64| n.div_ceil(alus).max(1);
+    match op {
+        Op::Unary { dst, .. } | Op::Binary { dst, .. } => ops(vregs(machine, dst)),
+        Op::Reduce { axis, src, .. } => {
+            // Combine registers elementwise, then reduce across sublanes or lanes (log steps).
+            let across = match axis {
+                Axis::Rows => machine.core.vpu.sublanes,
+                Axis::Cols => machine.core.vpu.lanes,
+            };
+            ops(vregs(machine, src)) + (across as u64).next_power_of_two().trailing_zeros() as u64
+        }
+        Op::Pool { shape, dst, .. } => ops(vregs(machine, dst) * (shape.window[0] * shape.window[1]) as u64),
+        // One register through the transpose unit per cycle.
+        Op::Transpose { src, .. } => vregs(machine, src).max(1),
+        _ => 1,
+    }
+}
+
+struct Engine<'a> {
+    machine: &'a Machine,
+    program: &'a Program,
+    finish: Vec<u64>,
+    unit_free: Vec<u64>,
+    busy: Vec<u64>,
+    count: Vec<u64>,
+    timelines: Vec<Timeline>,
+    /// Recent matmuls per MXU: (out tile, end) for the interlock.
+    recent: Vec<VecDeque<(Tile, u64)>>,
+    hbm_free: u64,
+    hbm_bytes: u64,
+    useful_macs: u64,
+    spans: Option<Vec<Span>>,
+}
+
+impl Engine<'_> {
+    fn ready(&self, i: usize) -> Option<u64> {
+        let mut t = 0;
+        for &d in &self.program.instrs[i].deps {
+            let f = self.finish[d as usize];
+            if f == u64::MAX {
+                return None;
+            }
+            t = t.max(f);
+        }
+        Some(t)
+    }
+
+    /// Runs instruction `i` on unit slot `u` no earlier than `at`; returns (start, end).
+    fn run(&mut self, i: usize, u: usize, at: u64) -> Result<(u64, u64)> {
+        let m = self.machine;
+        let op = &self.program.instrs[i].op;
+        let (start, end) = match *op {
+            Op::Dma { src, dst, .. } => {
+                let bytes = src.bytes();
+                let uses_hbm = src.space == Space::Hbm || dst.space == Space::Hbm;
+                let data_ready = at + m.core.dma.latency_cycles;
+                let data_start = if uses_hbm { data_ready.max(self.hbm_free) } else { data_ready };
+                let end = data_start + (bytes as f64 / m.core.hbm.bytes_per_cycle).ceil() as u64;
+                if uses_hbm {
+                    self.hbm_free = end;
+                    self.hbm_bytes += bytes;
+                }
+                (at, end)
+            }
+            Op::MatMul { mxu, lhs, rhs, out, precision, .. } => {
+                let x = mxu as usize;
+                let mut ready = at;
+                for &(t, end) in &self.recent[x] {
+                    if crate::isa::overlaps(&t, &lhs) || crate::isa::overlaps(&t, &rhs) {
+                        ready = ready.max(end);
+                    }
+                }
+                let (mm, kk, nn) = (lhs.rows as usize, lhs.cols as usize, rhs.cols as usize);
+                let ps = passes(mm, kk, nn, m.core.mxu.rows, m.core.mxu.cols, precision);
+                let first = self.timelines[x].next_load(ready);
+                let end = self.timelines[x].schedule_all(&ps, ready);
+                self.useful_macs += (mm * kk * nn) as u64;
+                self.recent[x].push_back((out, end));
+                if self.recent[x].len() > 8 {
+                    self.recent[x].pop_front();
+                }
+                (first, end)
+            }
+            Op::Unary { .. } | Op::Binary { .. } | Op::Reduce { .. } | Op::Pool { .. } | Op::Transpose { .. } => {
+                (at, at + vpu_cycles(m, op))
+            }
+            Op::Barrier => (at, at + 1),
+            Op::AllReduce { replicas, .. } => {
+                if replicas > 1 {
+                    return Err(Error::Program {
+                        index: i,
+                        op: op.name(),
+                        reason: format!("an all-reduce over {replicas} replicas needs the pod simulator; one core runs alone"),
+                    });
+                }
+                (at, at)
+            }
+            Op::Infeed { dst: t } | Op::Outfeed { src: t } => {
+                let per_core = m.host.pcie_bytes_per_second / m.chip.cores as f64;
+                let cycles = (t.bytes() as f64 / per_core * m.core.clock_hz).ceil() as u64;
+                (at, at + cycles)
+            }
+        };
+        if !matches!(op, Op::MatMul { .. }) {
+            self.busy[u] += end - start;
+        }
+        self.unit_free[u] = if matches!(op, Op::MatMul { .. }) { start } else { end };
+        self.count[u] += 1;
+        Ok((start, end))
+    }
+}
+
+/// Simulates a program's timing on one core of `machine` (validating it first).
+pub fn simulate(machine: &Machine, program: &Program, keep_spans: bool) -> Result<Timing> {
+    program.validate(machine)?;
+    simulate_unchecked(machine, program, keep_spans)
+}
+
+/// As [`simulate`], for programs already validated.
+pub fn simulate_unchecked(machine: &Machine, program: &Program, keep_spans: bool) -> Result<Timing> {
+    let n = program.instrs.len();
+    // Units in a fixed order: DMA engines, MXUs, VPU, scalar, ICI, host.
+    let mut unit_list: Vec<Unit> = (0..machine.core.dma.engines as u8).map(Unit::Dma).collect();
+    unit_list.extend((0..machine.core.mxu.count as u8).map(Unit::Mxu));
+    unit_list.extend([Unit::Vpu, Unit::Scalar, Unit::Ici, Unit::Host]);
+    let slot: HashMap<Unit, usize> = unit_list.iter().enumerate().map(|(i, &u)| (u, i)).collect();
+    let mut queues: Vec<Vec<u32>> = vec![Vec::new(); unit_list.len()];
+    for (i, instr) in program.instrs.iter().enumerate() {
+        let u = *slot.get(&instr.op.unit()).ok_or_else(|| Error::Program {
+            index: i,
+            op: instr.op.name(),
+            reason: format!("unit {} does not exist on {}", instr.op.unit(), machine.name),
+        })?;
+        queues[u].push(i as u32);
+    }
+    let mut e = Engine {
+        machine,
+        program,
+        finish: vec![u64::MAX; n],
+        unit_free: vec![0; unit_list.len()],
+        busy: vec![0; unit_list.len()],
+        count: vec![0; unit_list.len()],
+        timelines: (0..machine.core.mxu.count)
+            .map(|_| Timeline::new(machine.core.mxu.rows, machine.core.mxu.weight_double_buffering))
+            .collect(),
+        recent: vec![VecDeque::new(); machine.core.mxu.count],
+        hbm_free: 0,
+        hbm_bytes: 0,
+        useful_macs: 0,
+        spans: keep_spans.then(|| Vec::with_capacity(n)),
+    };
+    let mut heads = vec![0usize; unit_list.len()];
+    for _ in 0..n {
+        // The unit whose next instruction can start earliest (ties: earlier instruction).
+        let mut best: Option<(u64, u32, usize)> = None;
+        for (u, queue) in queues.iter().enumerate() {
+            let Some(&i) = queue.get(heads[u]) else { continue };
+            let Some(ready) = e.ready(i as usize) else { continue };
+            let at = ready.max(e.unit_free[u]);
+            if best.is_none_or(|(t, j, _)| (at, i) < (t, j)) {
+                best = Some((at, i, u));
+            }
+        }
+        let (at, i, u) = best.expect("a validated program always has a runnable instruction");
+        let (start, end) = e.run(i as usize, u, at)?;
+        e.finish[i as usize] = end;
+        heads[u] += 1;
+        if let Some(spans) = e.spans.as_mut() {
+            spans.push(Span { instr: i, unit: unit_list[u], start, end });
+        }
+    }
+    let cycles = e.finish.iter().copied().max().unwrap_or(0);
+    for (x, t) in e.timelines.iter().enumerate() {
+        e.busy[slot[&Unit::Mxu(x as u8)]] = t.busy;
+    }
+    let seconds = cycles as f64 / machine.core.clock_hz;
+    let units = unit_list
+        .iter()
+        .enumerate()
+        .filter(|&(u, _)| e.count[u] > 0)
+        .map(|(u, unit)| UnitReport {
+            unit: unit.to_string(),
+            instructions: e.count[u],
+            busy_cycles: e.busy[u],
+            utilization: if cycles == 0 { 0.0 } else { e.busy[u] as f64 / cycles as f64 },
+        })
+        .collect();
+    let peak_macs = cycles as f64 * machine.macs_per_cycle() as f64;
+    let hbm_bytes_per_second = if seconds > 0.0 { e.hbm_bytes as f64 / seconds } else { 0.0 };
+    let report = Report {
+        cycles,
+        seconds,
+        instructions: n as u64,
+        units,
+        useful_macs: e.useful_macs,
+        mxu_utilization: if peak_macs > 0.0 { e.useful_macs as f64 / peak_macs } else { 0.0 },
+        hbm_bytes: e.hbm_bytes,
+        hbm_bytes_per_second,
+        hbm_utilization: hbm_bytes_per_second / machine.hbm_bytes_per_second(),
+    };
+    Ok(Timing { report, finish: e.finish, spans: e.spans.unwrap_or_default() })
+}

@@ -1,0 +1,333 @@
+//! Machines, programs, the validator, the functional engine, the timing engine and traces.
+
+use systolic_simulator::config::presets;
+use systolic_simulator::functional::Functional;
+use systolic_simulator::isa::*;
+use systolic_simulator::kernels;
+use systolic_simulator::mxu::kernel::{Matrix, matmul_reference};
+use systolic_simulator::mxu::{Timeline, passes};
+use systolic_simulator::numerics::{Precision, bf16};
+use systolic_simulator::timing::simulate;
+use systolic_simulator::trace::chrome_trace;
+use systolic_simulator::{Error, Machine};
+
+fn v2() -> Machine {
+    presets::preset("v2-8").unwrap()
+}
+
+fn values(n: usize, seed: u32) -> Vec<f32> {
+    (0..n).map(|i| (((i as u32).wrapping_mul(2_654_435_761) ^ seed) % 2001) as f32 / 1000.0 - 1.0).collect()
+}
+
+fn vmem(offset: u64, rows: usize, cols: usize) -> Tile {
+    Tile::new(Space::Vmem, offset, rows, cols, DType::F32)
+}
+
+fn hbm(offset: u64, rows: usize, cols: usize) -> Tile {
+    Tile::new(Space::Hbm, offset, rows, cols, DType::F32)
+}
+
+fn program_error(p: &Program, m: &Machine) -> String {
+    match p.validate(m) {
+        Err(e @ Error::Program { .. }) => e.to_string(),
+        other => panic!("expected a program error, got {other:?}"),
+    }
+}
+
+// ---- machines ----
+
+#[test]
+fn overrides_change_fields_and_derived_figures() {
+    let mut m = v2();
+    let peak = m.chip_peak_flops();
+    m.set("core.mxu.rows", "256").unwrap();
+    m.set("core.mxu.cols", "256").unwrap();
+    assert_eq!(m.core.mxu.rows, 256);
+    assert!((m.chip_peak_flops() / peak - 4.0).abs() < 1e-9);
+    m.set("core.mxu.weight_double_buffering", "false").unwrap();
+    assert!(!m.core.mxu.weight_double_buffering);
+    m.set("slice.torus", "[4, 4]").unwrap();
+    assert_eq!(m.cores(), 32);
+    assert!(m.sources["core.mxu.rows"].contains("set by the user"));
+}
+
+#[test]
+fn impossible_machines_are_rejected_with_the_field_path() {
+    let cases: [(&str, &str, &str); 7] = [
+        ("core.mxu.rows", "0", "core.mxu.rows"),
+        ("core.vmem_bytes", "1000", "smaller than one 128x128 f32 tile"),
+        ("slice.torus", "[4, 4, 4]", "needs 6 ICI links per chip but chips have 4"),
+        ("slice.torus", "[0, 4]", "zero dimension"),
+        ("core.clock_hz", "-1", "positive"),
+        ("core.mxu.colls", "3", "'core.mxu' has no field 'colls' (fields: "),
+        ("core.mxu.count", "true", "is not a number"),
+    ];
+    for (field, value, needle) in cases {
+        let e = v2().set(field, value).unwrap_err().to_string();
+        assert!(e.starts_with("machine field '"), "{e}");
+        assert!(e.contains(needle), "setting {field}={value}: {e}");
+    }
+    let e = v2().set("slice.wraparound", "[true]").unwrap_err().to_string();
+    assert!(e.contains("slice.wraparound") && e.contains("one entry per torus dimension"), "{e}");
+}
+
+#[test]
+fn machines_round_trip_through_ron_files() {
+    let dir = std::env::temp_dir().join(format!("systolic-machines-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("mine.ron");
+    let mut m = presets::preset("v3-32").unwrap();
+    m.set("core.mxu.count", "4").unwrap();
+    std::fs::write(&path, m.to_ron()).unwrap();
+    assert_eq!(Machine::resolve(path.to_str().unwrap()).unwrap(), m);
+    std::fs::write(&path, m.to_ron().replace("count: 4", "count: 0")).unwrap();
+    let e = Machine::load(&path).unwrap_err().to_string();
+    assert!(e.contains("core.mxu.count") && e.contains("at least 1"), "{e}");
+    std::fs::write(&path, "(name: \"x\",\n core: oops)").unwrap();
+    let e = Machine::load(&path).unwrap_err().to_string();
+    assert!(e.contains("mine.ron:2:"), "{e}");
+    std::fs::remove_dir_all(&dir).unwrap();
+    let e = Machine::resolve("v5-8").unwrap_err().to_string();
+    assert!(e.contains("unknown machine 'v5-8'") && e.contains("v4-8192"), "{e}");
+}
+
+// ---- validation ----
+
+#[test]
+fn out_of_bounds_and_over_capacity_tiles_are_rejected() {
+    let m = v2();
+    let mut p = Program::new("big");
+    p.push(Op::Unary { op: UnaryOp::Relu, src: vmem(0, 2049, 2048), dst: vmem(0, 2049, 2048) }, &[]);
+    let e = program_error(&p, &m);
+    assert!(e.contains("instruction 0 (unary)") && e.contains("VMEM holds 16777216 bytes"), "{e}");
+
+    let mut p = Program::new("hbm");
+    let far = m.core.hbm.bytes - 64;
+    p.push(Op::Dma { engine: 0, src: hbm(far, 1, 32), dst: vmem(0, 1, 32) }, &[]);
+    assert!(program_error(&p, &m).contains("HBM holds"));
+
+    let mut p = Program::new("misaligned");
+    p.push(Op::Dma { engine: 0, src: hbm(2, 1, 4), dst: vmem(0, 1, 4) }, &[]);
+    assert!(program_error(&p, &m).contains("not a multiple of its element size"));
+}
+
+#[test]
+fn shapes_units_and_dependencies_are_checked() {
+    let m = v2();
+    let mut p = Program::new("shape");
+    p.push(Op::MatMul { mxu: 0, lhs: vmem(0, 8, 16), rhs: vmem(4096, 17, 8), out: vmem(8192, 8, 8), accumulate: false, precision: Precision::Default }, &[]);
+    assert!(program_error(&p, &m).contains("shapes do not multiply: 8x16 times 17x8"));
+
+    let mut p = Program::new("unit");
+    p.push(Op::MatMul { mxu: 1, lhs: vmem(0, 8, 16), rhs: vmem(4096, 16, 8), out: vmem(8192, 8, 8), accumulate: false, precision: Precision::Default }, &[]);
+    assert!(program_error(&p, &m).contains("MXU 1 does not exist (the core has 1"));
+
+    let mut p = Program::new("overlap");
+    p.push(Op::MatMul { mxu: 0, lhs: vmem(0, 8, 16), rhs: vmem(4096, 16, 8), out: vmem(64, 8, 8), accumulate: false, precision: Precision::Default }, &[]);
+    assert!(program_error(&p, &m).contains("out and lhs"));
+
+    let mut p = Program::new("deps");
+    p.push(Op::Barrier, &[1]);
+    p.push(Op::Barrier, &[]);
+    assert!(program_error(&p, &m).contains("depends on instruction 1, which is not earlier"));
+}
+
+#[test]
+fn races_are_found_and_dependencies_remove_them() {
+    let m = v2();
+    let racy = |deps: &[u32], engine: u8| {
+        let mut p = Program::new("race");
+        p.push(Op::Dma { engine: 0, src: hbm(0, 16, 16), dst: vmem(0, 16, 16) }, &[]);
+        // Reads part of what instruction 0 writes, on another unit.
+        p.push(Op::Unary { op: UnaryOp::Relu, src: vmem(256, 4, 16), dst: vmem(4096, 4, 16) }, deps);
+        p.push(Op::Dma { engine, src: vmem(4096, 4, 16), dst: hbm(8192, 4, 16) }, &[]);
+        p
+    };
+    let e = program_error(&racy(&[], 0), &m);
+    assert!(e.contains("instruction 1 (unary)") && e.contains("instruction 0 (dma) writes") && e.contains("add 0"), "{e}");
+    // With the dependency, 1 follows 0; instruction 2 is then a race with 1 unless ordered.
+    let e = program_error(&racy(&[0], 1), &m);
+    assert!(e.contains("instruction 2 (dma)") && e.contains("add 1"), "{e}");
+    // On the same engine as 0 it is still unordered with 1 (different units).
+    assert!(program_error(&racy(&[0], 0), &m).contains("instruction 2"));
+
+    // Interleaved column blocks of one matrix do not overlap; the same block does.
+    let c = vmem(0, 64, 256);
+    let mut p = Program::new("columns");
+    p.push(Op::Unary { op: UnaryOp::Copy, src: vmem(1 << 20, 64, 128), dst: c.columns(0, 128) }, &[]);
+    p.push(Op::Dma { engine: 0, src: vmem(1 << 21, 64, 128), dst: c.columns(128, 128) }, &[]);
+    p.validate(&m).unwrap();
+    p.push(Op::Dma { engine: 1, src: vmem(1 << 22, 64, 128), dst: c.columns(64, 128) }, &[]);
+    assert!(program_error(&p, &m).contains("instruction 2 (dma): writes"));
+}
+
+// ---- functional engine ----
+
+#[test]
+fn a_program_computes_what_its_instructions_say() {
+    let m = v2();
+    let (rows, k, n) = (24, 40, 20);
+    let a_vals = values(rows * k, 1);
+    let b_vals = values(k * n, 2);
+    let bias = values(n, 3);
+    let mut p = Program::new("layer");
+    let (a_h, b_h, bias_h, out_h) = (hbm(0, rows, k), hbm(8192, k, n), hbm(16384, 1, n), hbm(32768, 1, n));
+    let (a, b, bv) = (vmem(0, rows, k), vmem(8192, k, n), vmem(16384, 1, n));
+    let (c, r, s) = (vmem(20480, rows, n), vmem(24576, rows, n), vmem(28672, 1, n));
+    let i0 = p.push(Op::Dma { engine: 0, src: a_h, dst: a }, &[]);
+    let i1 = p.push(Op::Dma { engine: 1, src: b_h, dst: b }, &[]);
+    let i2 = p.push(Op::Dma { engine: 2, src: bias_h, dst: bv }, &[]);
+    let i3 = p.push(Op::MatMul { mxu: 0, lhs: a, rhs: b, out: c, accumulate: false, precision: Precision::High }, &[i0, i1]);
+    let i4 = p.push(Op::Binary { op: BinaryOp::Add, a: c, b: bv, dst: r }, &[i2, i3]);
+    let i5 = p.push(Op::Unary { op: UnaryOp::Relu, src: r, dst: r }, &[i4]);
+    let i6 = p.push(Op::Reduce { op: ReduceOp::Sum, axis: Axis::Rows, src: r, dst: s }, &[i5]);
+    p.push(Op::Dma { engine: 0, src: s, dst: out_h }, &[i6]);
+
+    let mut f = Functional::new(&m);
+    f.write(a_h, &a_vals).unwrap();
+    f.write(b_h, &b_vals).unwrap();
+    f.write(bias_h, &bias).unwrap();
+    f.run(&p).unwrap();
+
+    let mut prod = vec![0f32; rows * n];
+    matmul_reference(Matrix::new(&a_vals, rows, k), Matrix::new(&b_vals, k, n), &mut prod, n, 128, Precision::High);
+    let want: Vec<f32> = (0..n)
+        .map(|j| (0..rows).map(|i| (prod[i * n + j] + bias[j]).max(0.0)).fold(0.0, |acc, v| acc + v))
+        .collect();
+    assert_eq!(f.read(out_h).unwrap(), want);
+}
+
+#[test]
+fn pooling_transpose_and_bf16_storage() {
+    let m = v2();
+    // Two 5x5 images of 3 channels, 3x3 max pool stride 2 with padding 1 -> 3x3.
+    let shape = PoolShape { n: 2, h: 5, w: 5, window: [3, 3], strides: [2, 2], pad: [1, 1], out_h: 3, out_w: 3 };
+    let x = values(2 * 25 * 3, 9);
+    let (src, dst) = (vmem(0, 50, 3), vmem(4096, 18, 3));
+    let (t_src, t_dst) = (vmem(8192, 3, 7), vmem(12288, 7, 3));
+    let half = Tile::new(Space::Vmem, 16384, 3, 7, DType::Bf16);
+    let mut p = Program::new("misc");
+    p.push(Op::Pool { op: PoolOp::Max, shape, src, dst }, &[]);
+    p.push(Op::Transpose { src: t_src, dst: t_dst }, &[]);
+    p.push(Op::Unary { op: UnaryOp::Copy, src: t_src, dst: half }, &[]);
+    let mut f = Functional::new(&m);
+    f.write(src, &x).unwrap();
+    let t = values(21, 4);
+    f.write(t_src, &t).unwrap();
+    f.run(&p).unwrap();
+    let pooled = f.read(dst).unwrap();
+    // Output (0, 0) of image 1, channel 2 covers rows 0..=1, columns 0..=1 (padding excluded).
+    let at = |img: usize, h: usize, w: usize, ch: usize| x[((img * 5 + h) * 5 + w) * 3 + ch];
+    let want = [at(1, 0, 0, 2), at(1, 0, 1, 2), at(1, 1, 0, 2), at(1, 1, 1, 2)].into_iter().fold(f32::MIN, f32::max);
+    assert_eq!(pooled[9 * 3 + 2], want);
+    let tr = f.read(t_dst).unwrap();
+    assert_eq!(tr[4 * 3 + 1], t[7 + 4]);
+    assert_eq!(f.read(half).unwrap(), t.iter().map(|&v| bf16(v)).collect::<Vec<_>>());
+}
+
+// ---- timing ----
+
+#[test]
+fn dma_costs_latency_plus_bytes_over_bandwidth_and_shares_hbm() {
+    let m = v2();
+    let bytes = 64 * 1024 * 4;
+    let mut p = Program::new("dma");
+    p.push(Op::Dma { engine: 0, src: hbm(0, 64, 1024), dst: vmem(0, 64, 1024) }, &[]);
+    p.push(Op::Dma { engine: 1, src: hbm(1 << 20, 64, 1024), dst: vmem(1 << 20, 64, 1024) }, &[]);
+    let t = simulate(&m, &p, true).unwrap();
+    let transfer = (bytes as f64 / m.core.hbm.bytes_per_cycle).ceil() as u64;
+    let latency = m.core.dma.latency_cycles;
+    assert_eq!(t.finish[0], latency + transfer);
+    // Both start at once, but the second's data waits for the HBM port.
+    assert_eq!(t.finish[1], latency + 2 * transfer);
+    assert_eq!(t.report.hbm_bytes, 2 * bytes);
+    // Two transfers behind one 500-cycle latency: the port is busy for 2 x transfer of the cycles.
+    let busy = 2.0 * transfer as f64 / t.report.cycles as f64;
+    assert!((t.report.hbm_utilization - busy).abs() < 0.01, "{} vs {busy}", t.report.hbm_utilization);
+}
+
+#[test]
+fn vector_work_is_counted_in_registers() {
+    let m = v2();
+    let mut p = Program::new("vpu");
+    // 8 x 128 is one register; 9 x 129 needs 4 (two sublane groups x two lane groups).
+    p.push(Op::Unary { op: UnaryOp::Relu, src: vmem(0, 64, 1024), dst: vmem(0, 64, 1024) }, &[]);
+    p.push(Op::Unary { op: UnaryOp::Relu, src: vmem(1 << 20, 9, 129), dst: vmem(1 << 20, 9, 129) }, &[]);
+    let t = simulate(&m, &p, false).unwrap();
+    assert_eq!(t.finish[0], 64 / 2, "64 registers, 2 ALUs");
+    assert_eq!(t.finish[1] - t.finish[0], 2);
+}
+
+#[test]
+fn matmul_time_is_the_mxu_pipeline_and_overlaps_independent_dma() {
+    let m = v2();
+    let (mm, k, n) = (256, 512, 384);
+    let mp = kernels::matmul(&m, mm, k, n, Precision::Default).unwrap();
+    let mut p = mp.program.clone();
+    // An unrelated transfer runs alongside the matmul.
+    p.push(Op::Dma { engine: 0, src: hbm(0, 128, 128), dst: vmem(8 << 20, 128, 128) }, &[]);
+    let t = simulate(&m, &p, true).unwrap();
+    let mut tl = Timeline::new(128, true);
+    let want = tl.schedule_all(&passes(mm, k, n, 128, 128, Precision::Default), 0);
+    assert_eq!(t.finish[0], want);
+    assert_eq!(t.report.cycles, want.max(t.finish[1]));
+    assert!(t.finish[1] < want, "the DMA overlaps the matmul");
+    let util = (mm * k * n) as f64 / (want as f64 * 128.0 * 128.0);
+    assert!((t.report.mxu_utilization - util).abs() < 1e-12);
+
+    // Dependencies order units: the same DMA after the matmul starts when it ends.
+    let mut q = mp.program.clone();
+    q.push(Op::Dma { engine: 0, src: mp.c.columns(0, 128).rows(0, 64), dst: hbm(0, 64, 128) }, &[0]);
+    let t = simulate(&m, &q, false).unwrap();
+    assert!(t.finish[1] >= want + m.core.dma.latency_cycles);
+}
+
+#[test]
+fn multiple_mxus_share_a_matmul() {
+    let v3 = presets::preset("v3-8").unwrap();
+    let mp = kernels::matmul(&v3, 512, 512, 512, Precision::Default).unwrap();
+    assert_eq!(mp.program.len(), 2, "two MXUs per v3 core");
+    let t = simulate(&v3, &mp.program, false).unwrap();
+    let mut tl = Timeline::new(128, true);
+    assert_eq!(t.report.cycles, tl.schedule_all(&passes(512, 512, 256, 128, 128, Precision::Default), 0));
+    assert!(t.report.mxu_utilization > 0.8, "{}", t.report.mxu_utilization);
+}
+
+#[test]
+fn an_mxu_waits_for_its_own_results_before_reading_them() {
+    let m = v2();
+    let mut p = Program::new("chain");
+    let (a, b, c, d) = (vmem(0, 128, 128), vmem(65536, 128, 128), vmem(131072, 128, 128), vmem(196608, 128, 128));
+    p.push(Op::MatMul { mxu: 0, lhs: a, rhs: b, out: c, accumulate: false, precision: Precision::Default }, &[]);
+    p.push(Op::MatMul { mxu: 0, lhs: c, rhs: b, out: d, accumulate: false, precision: Precision::Default }, &[]);
+    let t = simulate(&m, &p, true).unwrap();
+    assert!(t.spans[1].start >= t.finish[0], "{:?}", t.spans);
+    // Independent matmuls pipeline instead.
+    let mut q = Program::new("pipelined");
+    q.push(Op::MatMul { mxu: 0, lhs: a, rhs: b, out: c, accumulate: false, precision: Precision::Default }, &[]);
+    q.push(Op::MatMul { mxu: 0, lhs: a, rhs: b, out: d, accumulate: false, precision: Precision::Default }, &[]);
+    let u = simulate(&m, &q, true).unwrap();
+    assert!(u.spans[1].start < u.finish[0]);
+    assert!(u.report.cycles < t.report.cycles);
+}
+
+#[test]
+fn timing_is_deterministic_and_traces_have_a_track_per_unit() {
+    let m = presets::preset("v4-8").unwrap();
+    let mp = kernels::matmul(&m, 128, 640, 1000, Precision::High).unwrap();
+    let mut p = mp.program.clone();
+    p.push(Op::Dma { engine: 1, src: mp.c, dst: Tile::new(Space::Hbm, 0, 128, 1000, DType::F32) }, &[0, 1, 2, 3]);
+    let a = simulate(&m, &p, true).unwrap();
+    let b = simulate(&m, &p, true).unwrap();
+    assert_eq!(a.finish, b.finish);
+    let trace = chrome_trace(&m, &p, &a.spans);
+    let events = trace["traceEvents"].as_array().unwrap();
+    let names: Vec<&str> = events
+        .iter()
+        .filter(|e| e["name"] == "thread_name")
+        .map(|e| e["args"]["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["dma1", "mxu0", "mxu1", "mxu2", "mxu3"]);
+    let slices = events.iter().filter(|e| e["ph"] == "X").count();
+    assert_eq!(slices, p.len());
+}
