@@ -9,7 +9,11 @@ mod table;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "systolic", version, about = "A TPU-style accelerator toolchain: models, CPU reference, machines, MXU simulation")]
+#[command(
+    name = "systolic",
+    version,
+    about = "A TPU-style accelerator toolchain: models, CPU reference, machines, MXU simulation"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

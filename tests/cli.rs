@@ -352,3 +352,74 @@ fn reads_files_written_by_numpy() {
     assert_eq!(t["labels"].as_slice().unwrap(), &[0.0, 9.0, 3.0]);
     assert_eq!(t["f32"].shape(), &[2, 2]);
 }
+
+// ---- machines and the MXU ----
+
+#[test]
+fn machines_json_lists_every_preset_with_published_peaks() {
+    let v: serde_json::Value = serde_json::from_str(&ok(&["machines", "--json"])).unwrap();
+    let all = v.as_array().unwrap();
+    let find = |name: &str| all.iter().find(|m| m["name"] == name).unwrap_or_else(|| panic!("{name} missing")).clone();
+    for name in ["v2-8", "v2-32", "v2-128", "v2-512", "v3-8", "v3-32", "v3-128", "v3-512", "v3-2048", "v4-8", "v4-8192"] {
+        let m = find(name);
+        let cores: u64 = name.split('-').nth(1).unwrap().parse().unwrap();
+        assert_eq!(m["cores"], cores, "{name}");
+        assert_eq!(m["chips"].as_u64().unwrap() * 2, cores);
+    }
+    let per_chip = |name: &str| find(name)["chip_peak_tflops"].as_f64().unwrap();
+    assert!((per_chip("v2-8") - 45.9).abs() < 0.05);
+    assert!((per_chip("v3-8") - 123.2).abs() < 0.05);
+    assert!((per_chip("v4-8") - 275.3).abs() < 0.05);
+    assert!((find("v2-512")["peak_tflops"].as_f64().unwrap() - 256.0 * 45.875).abs() < 1.0);
+    let shown = ok(&["machines", "v3-8", "--set", "core.mxu.rows=256"]);
+    assert!(shown.contains("rows: 256") && shown.contains("set by the user to 256") && shown.contains("HC20"), "{shown}");
+}
+
+#[test]
+fn mxu_shows_why_small_batches_waste_the_array() {
+    let run = |m: &str, extra: &[&str]| -> serde_json::Value {
+        let mut args = vec!["mxu", "--m", m, "--k", "1024", "--n", "1024", "--json"];
+        args.extend(extra);
+        serde_json::from_str(&ok(&args)).unwrap()
+    };
+    let small = run("8", &[]);
+    let big = run("128", &[]);
+    assert!(small["mxu_utilization"].as_f64().unwrap() < 0.07, "{small}");
+    assert!(big["mxu_utilization"].as_f64().unwrap() > 0.95, "{big}");
+    assert!(small["bound"].as_str().unwrap().contains("weight loading"));
+    let single = run("128", &["--set", "core.mxu.weight_double_buffering=false"]);
+    assert!((single["mxu_utilization"].as_f64().unwrap() - 0.5).abs() < 0.02, "{single}");
+    // Two MXUs per v3 core, the PE-level array agreeing in bits and cycles.
+    let v3 = run("64", &["--machine", "v3-8", "--precision", "high", "--pe-level"]);
+    assert_eq!(v3["mxus"], 2);
+    assert_eq!(v3["pe_level"]["cycles_match"], true);
+    assert_eq!(v3["pe_level"]["bits_identical"], true);
+    let text = ok(&["mxu", "--m", "8", "--k", "256", "--n", "256"]);
+    assert!(text.contains("MXU utilization") && text.contains("weight loading"), "{text}");
+}
+
+#[test]
+fn mxu_writes_a_trace_and_rejects_bad_input() {
+    let d = Dir::new();
+    ok(&["mxu", "--m", "256", "--k", "256", "--n", "512", "--machine", "v4-8", "--trace", &d.s("t.json")]);
+    let trace: serde_json::Value = serde_json::from_slice(&std::fs::read(d.path("t.json")).unwrap()).unwrap();
+    let events = trace["traceEvents"].as_array().unwrap();
+    assert!(events.iter().any(|e| e["ph"] == "X" && e["name"] == "matmul"));
+    assert!(events.iter().any(|e| e["name"] == "thread_name" && e["args"]["name"] == "mxu3"));
+
+    let e = fails(&["mxu", "--m", "8", "--k", "8", "--n", "8", "--set", "core.mxu.rows=0"]);
+    assert!(e.contains("core.mxu.rows") && e.contains("at least 1"), "{e}");
+    let e = fails(&["mxu", "--m", "8", "--k", "8", "--n", "8", "--set", "core.vmem_bytes=1024"]);
+    assert!(e.contains("smaller than one 128x128 f32 tile"), "{e}");
+    let e = fails(&["mxu", "--m", "8", "--k", "8", "--n", "8", "--machine", "v2-8", "--set", "slice.torus=[4,4,4]"]);
+    assert!(e.contains("needs 6 ICI links per chip but chips have 4"), "{e}");
+    let e = fails(&["mxu", "--m", "8", "--k", "8", "--n", "8", "--machine", "v9-8"]);
+    assert!(e.contains("unknown machine 'v9-8'") && e.contains("v3-2048"), "{e}");
+    let e = fails(&["mxu", "--m", "4096", "--k", "4096", "--n", "4096"]);
+    assert!(e.contains("VMEM") && e.contains("lower M, K or N"), "{e}");
+    let e = fails(&["mxu", "--m", "8", "--k", "8", "--n", "8", "--precision", "ultra"]);
+    assert!(e.contains("use default, high or highest"), "{e}");
+    std::fs::write(d.path("bad.ron"), "(name: \"x\", core: (clock_hz: 1.0,)").unwrap();
+    let e = fails(&["mxu", "--m", "8", "--k", "8", "--n", "8", "--machine", &d.s("bad.ron")]);
+    assert!(e.contains("bad.ron:1:"), "{e}");
+}

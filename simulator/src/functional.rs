@@ -162,8 +162,12 @@ impl Functional {
                     ReduceOp::Max => acc.max(x),
                 };
                 let out: Vec<f32> = match axis {
-                    Axis::Rows => (0..cols).map(|c| (0..rows).fold(init, |acc, r| combine(acc, v[r * cols + c]))).collect(),
-                    Axis::Cols => (0..rows).map(|r| v[r * cols..(r + 1) * cols].iter().fold(init, |acc, &x| combine(acc, x))).collect(),
+                    Axis::Rows => {
+                        (0..cols).map(|c| (0..rows).fold(init, |acc, r| combine(acc, v[r * cols + c]))).collect()
+                    }
+                    Axis::Cols => (0..rows)
+                        .map(|r| v[r * cols..(r + 1) * cols].iter().fold(init, |acc, &x| combine(acc, x)))
+                        .collect(),
                 };
                 self.vmem.write(&dst, &out);
             }
@@ -175,13 +179,16 @@ impl Functional {
             Op::Transpose { src, dst } => {
                 let v = self.vmem.read(&src);
                 let (rows, cols) = (src.rows as usize, src.cols as usize);
-                let t: Vec<f32> = (0..cols).flat_map(|c| (0..rows).map(move |r| (r, c))).map(|(r, c)| v[r * cols + c]).collect();
+                let t: Vec<f32> =
+                    (0..cols).flat_map(|c| (0..rows).map(move |r| (r, c))).map(|(r, c)| v[r * cols + c]).collect();
                 self.vmem.write(&dst, &t);
             }
             Op::Barrier => {}
             Op::AllReduce { replicas, .. } => {
                 if replicas > 1 {
-                    return Err(format!("an all-reduce over {replicas} replicas needs the pod simulator; one core runs alone"));
+                    return Err(format!(
+                        "an all-reduce over {replicas} replicas needs the pod simulator; one core runs alone"
+                    ));
                 }
             }
             Op::Infeed { .. } | Op::Outfeed { .. } => {

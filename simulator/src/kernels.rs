@@ -51,7 +51,14 @@ pub fn matmul(machine: &Machine, m: usize, k: usize, n: usize, precision: Precis
         let c0 = first * cols;
         let width = (per_mxu * cols).min(n - c0);
         program.push(
-            Op::MatMul { mxu: x as u8, lhs: a, rhs: b.columns(c0, width), out: c.columns(c0, width), accumulate: false, precision },
+            Op::MatMul {
+                mxu: x as u8,
+                lhs: a,
+                rhs: b.columns(c0, width),
+                out: c.columns(c0, width),
+                accumulate: false,
+                precision,
+            },
             &[],
         );
     }

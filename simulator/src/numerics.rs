@@ -99,7 +99,7 @@ mod tests {
             f32::from_bits(1), // smallest subnormal
             f32::INFINITY,
             f32::NEG_INFINITY,
-            -3.14159,
+            -2.718_281_7,
             65504.0,
         ];
         for x in specials {

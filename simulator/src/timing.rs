@@ -168,7 +168,9 @@ impl Engine<'_> {
                     return Err(Error::Program {
                         index: i,
                         op: op.name(),
-                        reason: format!("an all-reduce over {replicas} replicas needs the pod simulator; one core runs alone"),
+                        reason: format!(
+                            "an all-reduce over {replicas} replicas needs the pod simulator; one core runs alone"
+                        ),
                     });
                 }
                 (at, at)

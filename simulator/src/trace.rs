@@ -19,7 +19,9 @@ pub fn chrome_trace(machine: &Machine, program: &Program, spans: &[Span]) -> Val
         "args": { "name": format!("{} core 0: {}", machine.name, program.name) }
     })];
     for &u in &units {
-        events.push(json!({ "name": "thread_name", "ph": "M", "pid": 0, "tid": tid(u), "args": { "name": u.to_string() } }));
+        events.push(
+            json!({ "name": "thread_name", "ph": "M", "pid": 0, "tid": tid(u), "args": { "name": u.to_string() } }),
+        );
         events.push(json!({ "name": "thread_sort_index", "ph": "M", "pid": 0, "tid": tid(u), "args": { "sort_index": tid(u) } }));
     }
     for s in spans {

@@ -29,6 +29,7 @@ fn precision() -> impl Strategy<Value = Precision> {
 }
 
 /// Runs all three models on one case and checks they agree.
+#[allow(clippy::too_many_arguments)] // one case: shape, array, mode, seed
 fn agree(m: usize, k: usize, n: usize, rows: usize, cols: usize, double: bool, p: Precision, seed: u64) {
     let a = values(m * k, seed);
     let b = values(k * n, seed + 1);

@@ -115,15 +115,45 @@ fn out_of_bounds_and_over_capacity_tiles_are_rejected() {
 fn shapes_units_and_dependencies_are_checked() {
     let m = v2();
     let mut p = Program::new("shape");
-    p.push(Op::MatMul { mxu: 0, lhs: vmem(0, 8, 16), rhs: vmem(4096, 17, 8), out: vmem(8192, 8, 8), accumulate: false, precision: Precision::Default }, &[]);
+    p.push(
+        Op::MatMul {
+            mxu: 0,
+            lhs: vmem(0, 8, 16),
+            rhs: vmem(4096, 17, 8),
+            out: vmem(8192, 8, 8),
+            accumulate: false,
+            precision: Precision::Default,
+        },
+        &[],
+    );
     assert!(program_error(&p, &m).contains("shapes do not multiply: 8x16 times 17x8"));
 
     let mut p = Program::new("unit");
-    p.push(Op::MatMul { mxu: 1, lhs: vmem(0, 8, 16), rhs: vmem(4096, 16, 8), out: vmem(8192, 8, 8), accumulate: false, precision: Precision::Default }, &[]);
+    p.push(
+        Op::MatMul {
+            mxu: 1,
+            lhs: vmem(0, 8, 16),
+            rhs: vmem(4096, 16, 8),
+            out: vmem(8192, 8, 8),
+            accumulate: false,
+            precision: Precision::Default,
+        },
+        &[],
+    );
     assert!(program_error(&p, &m).contains("MXU 1 does not exist (the core has 1"));
 
     let mut p = Program::new("overlap");
-    p.push(Op::MatMul { mxu: 0, lhs: vmem(0, 8, 16), rhs: vmem(4096, 16, 8), out: vmem(64, 8, 8), accumulate: false, precision: Precision::Default }, &[]);
+    p.push(
+        Op::MatMul {
+            mxu: 0,
+            lhs: vmem(0, 8, 16),
+            rhs: vmem(4096, 16, 8),
+            out: vmem(64, 8, 8),
+            accumulate: false,
+            precision: Precision::Default,
+        },
+        &[],
+    );
     assert!(program_error(&p, &m).contains("out and lhs"));
 
     let mut p = Program::new("deps");
@@ -144,7 +174,10 @@ fn races_are_found_and_dependencies_remove_them() {
         p
     };
     let e = program_error(&racy(&[], 0), &m);
-    assert!(e.contains("instruction 1 (unary)") && e.contains("instruction 0 (dma) writes") && e.contains("add 0"), "{e}");
+    assert!(
+        e.contains("instruction 1 (unary)") && e.contains("instruction 0 (dma) writes") && e.contains("add 0"),
+        "{e}"
+    );
     // With the dependency, 1 follows 0; instruction 2 is then a race with 1 unless ordered.
     let e = program_error(&racy(&[0], 1), &m);
     assert!(e.contains("instruction 2 (dma)") && e.contains("add 1"), "{e}");
@@ -177,7 +210,8 @@ fn a_program_computes_what_its_instructions_say() {
     let i0 = p.push(Op::Dma { engine: 0, src: a_h, dst: a }, &[]);
     let i1 = p.push(Op::Dma { engine: 1, src: b_h, dst: b }, &[]);
     let i2 = p.push(Op::Dma { engine: 2, src: bias_h, dst: bv }, &[]);
-    let i3 = p.push(Op::MatMul { mxu: 0, lhs: a, rhs: b, out: c, accumulate: false, precision: Precision::High }, &[i0, i1]);
+    let i3 =
+        p.push(Op::MatMul { mxu: 0, lhs: a, rhs: b, out: c, accumulate: false, precision: Precision::High }, &[i0, i1]);
     let i4 = p.push(Op::Binary { op: BinaryOp::Add, a: c, b: bv, dst: r }, &[i2, i3]);
     let i5 = p.push(Op::Unary { op: UnaryOp::Relu, src: r, dst: r }, &[i4]);
     let i6 = p.push(Op::Reduce { op: ReduceOp::Sum, axis: Axis::Rows, src: r, dst: s }, &[i5]);
@@ -191,9 +225,8 @@ fn a_program_computes_what_its_instructions_say() {
 
     let mut prod = vec![0f32; rows * n];
     matmul_reference(Matrix::new(&a_vals, rows, k), Matrix::new(&b_vals, k, n), &mut prod, n, 128, Precision::High);
-    let want: Vec<f32> = (0..n)
-        .map(|j| (0..rows).map(|i| (prod[i * n + j] + bias[j]).max(0.0)).fold(0.0, |acc, v| acc + v))
-        .collect();
+    let want: Vec<f32> =
+        (0..n).map(|j| (0..rows).map(|i| (prod[i * n + j] + bias[j]).max(0.0)).fold(0.0, |acc, v| acc + v)).collect();
     assert_eq!(f.read(out_h).unwrap(), want);
 }
 
@@ -322,11 +355,8 @@ fn timing_is_deterministic_and_traces_have_a_track_per_unit() {
     assert_eq!(a.finish, b.finish);
     let trace = chrome_trace(&m, &p, &a.spans);
     let events = trace["traceEvents"].as_array().unwrap();
-    let names: Vec<&str> = events
-        .iter()
-        .filter(|e| e["name"] == "thread_name")
-        .map(|e| e["args"]["name"].as_str().unwrap())
-        .collect();
+    let names: Vec<&str> =
+        events.iter().filter(|e| e["name"] == "thread_name").map(|e| e["args"]["name"].as_str().unwrap()).collect();
     assert_eq!(names, ["dma1", "mxu0", "mxu1", "mxu2", "mxu3"]);
     let slices = events.iter().filter(|e| e["ph"] == "X").count();
     assert_eq!(slices, p.len());

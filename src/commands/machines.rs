@@ -91,7 +91,16 @@ pub fn run(args: Args) -> Result<()> {
         return Ok(());
     }
     let mut t = Table::new(&[
-        "machine", "chips", "cores", "torus", "peak bf16 TFLOP/s", "HBM/core", "HBM GB/s/core", "VMEM", "ICI links", "ICI GB/s/link",
+        "machine",
+        "chips",
+        "cores",
+        "torus",
+        "peak bf16 TFLOP/s",
+        "HBM/core",
+        "HBM GB/s/core",
+        "VMEM",
+        "ICI links",
+        "ICI GB/s/link",
     ]);
     for r in &rows {
         let dims: Vec<String> = r.torus.iter().map(|d| d.to_string()).collect();

@@ -5,13 +5,13 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use serde_json::json;
+use systolic::simulator::Machine;
 use systolic::simulator::kernels;
 use systolic::simulator::mxu::kernel::{Matrix, matmul};
 use systolic::simulator::mxu::{passes, pe_array};
 use systolic::simulator::numerics::Precision;
 use systolic::simulator::timing::simulate;
 use systolic::simulator::trace::chrome_trace;
-use systolic::simulator::Machine;
 
 use crate::table::{si, thousands};
 
@@ -44,6 +44,9 @@ pub struct Args {
     /// With --values: time this many runs (median and fastest reported).
     #[arg(long, default_value_t = 5)]
     repeat: usize,
+    /// Print the program (the ISA listing) before the results.
+    #[arg(long)]
+    show_program: bool,
     /// Write a Chrome trace (open it in ui.perfetto.dev).
     #[arg(long)]
     trace: Option<PathBuf>,
@@ -58,6 +61,9 @@ pub fn run(args: Args) -> Result<()> {
         .with_context(|| format!("--precision {}: use default, high or highest", args.precision))?;
     let (m, k, n) = (args.m, args.k, args.n);
     let mp = kernels::matmul(&machine, m, k, n, precision)?;
+    if args.show_program {
+        println!("{}", mp.program);
+    }
     let timing = simulate(&machine, &mp.program, args.trace.is_some())?;
     let r = &timing.report;
     let core = &machine.core;
@@ -70,7 +76,10 @@ pub fn run(args: Args) -> Result<()> {
     let mut bound = explain(&machine, m, k, n, per_mxu_passes, r.cycles);
     let extra = precision.passes().len();
     if extra > 1 {
-        bound = format!("{} precision runs {extra} bf16 passes per product, so at most 1/{extra} of the MXU time is useful; {bound}", precision.name());
+        bound = format!(
+            "{} precision runs {extra} bf16 passes per product, so at most 1/{extra} of the MXU time is useful; {bound}",
+            precision.name()
+        );
     }
 
     if let Some(path) = &args.trace {
@@ -89,7 +98,8 @@ pub fn run(args: Args) -> Result<()> {
             "mxu_utilization": r.mxu_utilization, "tflops": tflops, "peak_tflops": core_peak, "bound": bound,
         });
         if let Some((cycles, identical)) = pe {
-            out["pe_level"] = json!({ "cycles": cycles, "cycles_match": cycles == r.cycles, "bits_identical": identical });
+            out["pe_level"] =
+                json!({ "cycles": cycles, "cycles_match": cycles == r.cycles, "bits_identical": identical });
         }
         if let Some((median, fastest)) = host {
             out["host_seconds"] = json!(median);
@@ -110,13 +120,20 @@ pub fn run(args: Args) -> Result<()> {
     println!(
         "matmul {m}x{k}x{n}, {} precision: {per_mxu_passes} passes per MXU (weight tiles of up to {rows}x{cols}{})",
         precision.name(),
-        if precision.passes().len() > 1 { format!(", {} bf16 passes each", precision.passes().len()) } else { String::new() }
+        if precision.passes().len() > 1 {
+            format!(", {} bf16 passes each", precision.passes().len())
+        } else {
+            String::new()
+        }
     );
     println!();
     println!("cycles            {}", thousands(r.cycles));
     println!("time              {:.2} us", r.seconds * 1e6);
-    println!("MXU utilization   {:.1}%  (useful multiply-adds / what the MXUs could do in that time)", 100.0 * r.mxu_utilization);
-    println!("achieved          {} of {core_peak:.1} TFLOP/s peak per core", si(tflops * 1e12).replace(' ', " ") + "FLOP/s");
+    println!(
+        "MXU utilization   {:.1}%  (useful multiply-adds / what the MXUs could do in that time)",
+        100.0 * r.mxu_utilization
+    );
+    println!("achieved          {} of {core_peak:.1} TFLOP/s peak per core", si(tflops * 1e12) + "FLOP/s");
     println!("bound             {bound}");
     if let Some((cycles, identical)) = pe {
         println!(
@@ -167,7 +184,9 @@ fn explain(machine: &Machine, m: usize, k: usize, n: usize, passes: usize, cycle
              (one row per cycle); M >= {kc} keeps the array busy"
         );
     }
-    format!("streaming: each pass's weight load ({kc} cycles) hides under its {m} streamed rows; the rest is pipeline fill and drain")
+    format!(
+        "streaming: each pass's weight load ({kc} cycles) hides under its {m} streamed rows; the rest is pipeline fill and drain"
+    )
 }
 
 /// Runs the PE-level array on random data for every MXU's share; returns its cycles and whether
@@ -185,7 +204,16 @@ fn pe_check(machine: &Machine, m: usize, k: usize, n: usize, precision: Precisio
         let w = block.min(n - c0);
         let bb: Vec<f32> = (0..k).flat_map(|r| b[r * n + c0..r * n + c0 + w].iter().copied()).collect();
         let mut acc = vec![0f32; m * w];
-        let run = pe_array::matmul(&a, &bb, (m, k, w), core.mxu.rows, core.mxu.cols, core.mxu.weight_double_buffering, precision, &mut acc)?;
+        let run = pe_array::matmul(
+            &a,
+            &bb,
+            (m, k, w),
+            core.mxu.rows,
+            core.mxu.cols,
+            core.mxu.weight_double_buffering,
+            precision,
+            &mut acc,
+        )?;
         cycles = cycles.max(run.cycles);
         identical &= (0..m).all(|i| (0..w).all(|j| acc[i * w + j].to_bits() == fast[i * n + c0 + j].to_bits()));
     }
@@ -193,7 +221,14 @@ fn pe_check(machine: &Machine, m: usize, k: usize, n: usize, precision: Precisio
 }
 
 /// Times the bit-exact MXU kernel on this host: (median, fastest) seconds.
-fn time_values(machine: &Machine, m: usize, k: usize, n: usize, precision: Precision, repeat: usize) -> Result<(f64, f64)> {
+fn time_values(
+    machine: &Machine,
+    m: usize,
+    k: usize,
+    n: usize,
+    precision: Precision,
+    repeat: usize,
+) -> Result<(f64, f64)> {
     anyhow::ensure!(repeat >= 1, "--repeat must be at least 1");
     let a = random_values(m * k, 1);
     let b = random_values(k * n, 2);

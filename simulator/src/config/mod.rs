@@ -274,7 +274,13 @@ impl Machine {
             }
         }
         if c.mxu.rows > 4096 || c.mxu.cols > 4096 {
-            return bad("core.mxu.rows", format!("{}x{} is beyond any systolic array this simulator models (at most 4096)", c.mxu.rows, c.mxu.cols));
+            return bad(
+                "core.mxu.rows",
+                format!(
+                    "{}x{} is beyond any systolic array this simulator models (at most 4096)",
+                    c.mxu.rows, c.mxu.cols
+                ),
+            );
         }
         let tile = (c.mxu.rows * c.mxu.cols * 4) as u64;
         if c.vmem_bytes < tile {
@@ -310,7 +316,7 @@ impl Machine {
                 ),
             );
         }
-        if self.chips() > self.host.chips && self.chips() % self.host.chips != 0 {
+        if self.chips() > self.host.chips && !self.chips().is_multiple_of(self.host.chips) {
             return bad(
                 "host.chips",
                 format!("{} chips cannot be split evenly over hosts of {} chips", self.chips(), self.host.chips),

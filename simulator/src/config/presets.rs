@@ -147,12 +147,14 @@ fn build(g: &Generation, name: &str, torus: &[usize], wrap: &[bool]) -> Machine 
     cite("core.hbm.bytes", g.hbm_src);
     cite(
         "core.hbm.bytes_per_cycle",
-        &format!("derived: {} GB/s per chip / 2 cores / {} MHz ({})", g.hbm_bandwidth_per_chip / 1e9, g.clock_hz / 1e6, g.hbm_src),
+        &format!(
+            "derived: {} GB/s per chip / 2 cores / {} MHz ({})",
+            g.hbm_bandwidth_per_chip / 1e9,
+            g.clock_hz / 1e6,
+            g.hbm_src
+        ),
     );
-    cite(
-        "core.dma.engines",
-        "assumption: no public figure; 4 engines let transfers overlap their start-up latency",
-    );
+    cite("core.dma.engines", "assumption: no public figure; 4 engines let transfers overlap their start-up latency");
     cite(
         "core.dma.latency_cycles",
         "assumption: no public figure; 500 cycles (0.5-0.7 us), the order of an HBM round trip",

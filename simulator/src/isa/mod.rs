@@ -242,7 +242,9 @@ impl Op {
         match self {
             Op::Dma { engine, .. } => Unit::Dma(*engine),
             Op::MatMul { mxu, .. } => Unit::Mxu(*mxu),
-            Op::Unary { .. } | Op::Binary { .. } | Op::Reduce { .. } | Op::Pool { .. } | Op::Transpose { .. } => Unit::Vpu,
+            Op::Unary { .. } | Op::Binary { .. } | Op::Reduce { .. } | Op::Pool { .. } | Op::Transpose { .. } => {
+                Unit::Vpu
+            }
             Op::Barrier => Unit::Scalar,
             Op::AllReduce { .. } => Unit::Ici,
             Op::Infeed { .. } | Op::Outfeed { .. } => Unit::Host,
@@ -276,7 +278,9 @@ impl Op {
                     vec![lhs, rhs]
                 }
             }
-            Op::Unary { src, .. } | Op::Reduce { src, .. } | Op::Pool { src, .. } | Op::Transpose { src, .. } => vec![src],
+            Op::Unary { src, .. } | Op::Reduce { src, .. } | Op::Pool { src, .. } | Op::Transpose { src, .. } => {
+                vec![src]
+            }
             Op::Binary { a, b, .. } => vec![a, b],
             Op::Barrier | Op::Infeed { .. } => vec![],
             Op::AllReduce { tile, .. } => vec![tile],
@@ -347,7 +351,12 @@ impl fmt::Display for Op {
             Op::Unary { op, src, dst } => write!(f, "{:<10} {dst} = {src}", format!("{op:?}").to_lowercase()),
             Op::Binary { op, a, b, dst } => write!(f, "{:<10} {dst} = {a}, {b}", format!("{op:?}").to_lowercase()),
             Op::Reduce { op, axis, src, dst } => {
-                write!(f, "reduce.{}  {dst} = {src} over {}", format!("{op:?}").to_lowercase(), format!("{axis:?}").to_lowercase())
+                write!(
+                    f,
+                    "reduce.{}  {dst} = {src} over {}",
+                    format!("{op:?}").to_lowercase(),
+                    format!("{axis:?}").to_lowercase()
+                )
             }
             Op::Pool { op, shape, src, dst } => write!(
                 f,

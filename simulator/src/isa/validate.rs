@@ -29,10 +29,16 @@ impl Checker<'_> {
             return Err(self.fail(format!("{what} {t} is empty")));
         }
         if t.stride < t.cols {
-            return Err(self.fail(format!("{what} {t} has a row stride {} shorter than its {} columns", t.stride, t.cols)));
+            return Err(
+                self.fail(format!("{what} {t} has a row stride {} shorter than its {} columns", t.stride, t.cols))
+            );
         }
         if !t.offset.is_multiple_of(t.dtype.size()) {
-            return Err(self.fail(format!("{what} {t} starts at byte {}, not a multiple of its element size {}", t.offset, t.dtype.size())));
+            return Err(self.fail(format!(
+                "{what} {t} starts at byte {}, not a multiple of its element size {}",
+                t.offset,
+                t.dtype.size()
+            )));
         }
         let (capacity, field) = match t.space {
             Space::Hbm => (self.machine.core.hbm.bytes, "core.hbm.bytes"),
@@ -65,7 +71,9 @@ impl Checker<'_> {
     /// In-place elementwise ops may write exactly their input; any other overlap is an error.
     fn disjoint_or_same(&self, dst: &Tile, src: &Tile) -> Result<()> {
         if dst != src && overlap(dst, src) {
-            return Err(self.fail(format!("the destination {dst} partly overlaps the source {src} (only exact in-place is allowed)")));
+            return Err(self.fail(format!(
+                "the destination {dst} partly overlaps the source {src} (only exact in-place is allowed)"
+            )));
         }
         Ok(())
     }
@@ -129,7 +137,10 @@ impl Checker<'_> {
                 }
                 self.same_shape("a and dst", a, dst)?;
                 if !(a.same_shape(b) || (b.rows == 1 && b.cols == a.cols)) {
-                    return Err(self.fail(format!("b {b} must have a's shape {}x{} or be one row of {} broadcast", a.rows, a.cols, a.cols)));
+                    return Err(self.fail(format!(
+                        "b {b} must have a's shape {}x{} or be one row of {} broadcast",
+                        a.rows, a.cols, a.cols
+                    )));
                 }
                 self.disjoint_or_same(dst, a)?;
                 self.disjoint_or_same(dst, b)
@@ -142,7 +153,9 @@ impl Checker<'_> {
                     Axis::Cols => (src.rows, 1),
                 };
                 if (dst.rows, dst.cols) != want {
-                    return Err(self.fail(format!("dst {dst} must be {}x{} to reduce {src} over {axis:?}", want.0, want.1)));
+                    return Err(
+                        self.fail(format!("dst {dst} must be {}x{} to reduce {src} over {axis:?}", want.0, want.1))
+                    );
                 }
                 self.disjoint("src and dst", src, dst)
             }
@@ -156,8 +169,13 @@ impl Checker<'_> {
                 let fits = |size: u32, win: u32, stride: u32, pad: u32, out: u32| {
                     out >= 1 && (out - 1) * stride < size + pad && pad < win
                 };
-                if !fits(s.h, s.window[0], s.strides[0], s.pad[0], s.out_h) || !fits(s.w, s.window[1], s.strides[1], s.pad[1], s.out_w) {
-                    return Err(self.fail(format!("pool output {}x{} does not fit a {}x{} image with {s:?}", s.out_h, s.out_w, s.h, s.w)));
+                if !fits(s.h, s.window[0], s.strides[0], s.pad[0], s.out_h)
+                    || !fits(s.w, s.window[1], s.strides[1], s.pad[1], s.out_w)
+                {
+                    return Err(self.fail(format!(
+                        "pool output {}x{} does not fit a {}x{} image with {s:?}",
+                        s.out_h, s.out_w, s.h, s.w
+                    )));
                 }
                 if src.rows != s.n * s.h * s.w || dst.rows != s.n * s.out_h * s.out_w || src.cols != dst.cols {
                     return Err(self.fail(format!(
@@ -178,7 +196,9 @@ impl Checker<'_> {
                 self.in_vmem("src", src)?;
                 self.in_vmem("dst", dst)?;
                 if dst.rows != src.cols || dst.cols != src.rows {
-                    return Err(self.fail(format!("dst {dst} must be {}x{}, the transpose of {src}", src.cols, src.rows)));
+                    return Err(
+                        self.fail(format!("dst {dst} must be {}x{}, the transpose of {src}", src.cols, src.rows))
+                    );
                 }
                 self.disjoint("src and dst", src, dst)
             }
@@ -338,7 +358,8 @@ impl Program {
                         }
                         if !ordered_before_me(a.instr) {
                             let other = &self.instrs[a.instr as usize].op;
-                            let (mine, theirs) = (if write { "writes" } else { "reads" }, if a.write { "writes" } else { "reads" });
+                            let (mine, theirs) =
+                                (if write { "writes" } else { "reads" }, if a.write { "writes" } else { "reads" });
                             return Err(checker.fail(format!(
                                 "{mine} {tile}, which instruction {} ({}) {theirs} at {}, and neither waits for the other: \
                                  add {} to this instruction's deps",
@@ -396,7 +417,14 @@ mod tests {
                 let dtype = if next(2) == 0 { DType::F32 } else { DType::Bf16 };
                 let cols = 1 + next(6) as u32;
                 let stride = cols + next(5) as u32;
-                Tile { space: Space::Vmem, offset: next(40) * dtype.size(), rows: 1 + next(5) as u32, cols, stride, dtype }
+                Tile {
+                    space: Space::Vmem,
+                    offset: next(40) * dtype.size(),
+                    rows: 1 + next(5) as u32,
+                    cols,
+                    stride,
+                    dtype,
+                }
             };
             let (a, b) = (tile(), tile());
             let (ba, bb) = (bytes(&a), bytes(&b));

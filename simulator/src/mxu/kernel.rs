@@ -56,55 +56,77 @@ pub fn matmul(a: Matrix, b: Matrix, acc: &mut [f32], ldc: usize, chunk: usize, p
     let passes = precision.passes();
     let chunks = k.div_ceil(chunk);
     let (strips_m, strips_n) = (m.div_ceil(MR), n.div_ceil(NR));
-    // Operands are packed once per (chunk, pass) step with the bf16 rounding or split applied:
-    // A into k-major strips of MR rows (so the micro-kernel's broadcasts are consecutive), B into
-    // strips of NR columns.
-    let steps: Vec<(usize, u8, u8, usize)> = (0..chunks)
-        .flat_map(|c| passes.iter().map(move |&(pa, pb)| (c, pa, pb, chunk.min(k - c * chunk))))
+    // B is packed once per (chunk, pass) step, with the bf16 rounding or split applied, into
+    // strips of NR columns; A is packed by each task for its own rows, just before use.
+    let steps: Vec<Step> = (0..chunks)
+        .flat_map(|c| passes.iter().map(move |&(pa, pb)| Step { k0: c * chunk, kc: chunk.min(k - c * chunk), pa, pb }))
         .collect();
-    let sizes: Vec<(usize, usize)> = steps.iter().map(|s| (strips_m * s.3 * MR, strips_n * s.3 * NR)).collect();
-    let total: usize = sizes.iter().map(|(a, b)| a + b).sum();
+    // Every packed strip starts on a 64-byte boundary, so no 16-lane load splits a cache line.
+    let sizes: Vec<usize> = steps.iter().map(|s| (strips_n * s.kc * NR).div_ceil(16) * 16).collect();
+    let total: usize = sizes.iter().sum();
     // Taken out of the thread-local while in use: a nested call (rayon may run one on this
     // thread while it waits) finds it empty and allocates its own. Fresh multi-megabyte
     // buffers cost more in page faults than the packing itself.
     let mut buf = WORKSPACE.take();
-    if buf.len() < total {
-        buf = vec![0f32; total];
+    if buf.len() < total + 16 {
+        buf = vec![0f32; total + 16];
     }
     {
-        let mut rest = &mut buf[..total];
-        let mut views: Vec<(&mut [f32], &mut [f32], usize, u8, u8, usize)> = Vec::with_capacity(steps.len());
-        for (&(c, pa, pb, kc), &(sa, sb)) in steps.iter().zip(&sizes) {
-            let (a_view, tail) = rest.split_at_mut(sa);
-            let (b_view, tail) = tail.split_at_mut(sb);
+        let start = buf.as_ptr().align_offset(64).min(16);
+        let mut rest = &mut buf[start..start + total];
+        let mut views: Vec<&mut [f32]> = Vec::with_capacity(steps.len());
+        for &size in &sizes {
+            let (view, tail) = rest.split_at_mut(size);
             rest = tail;
-            views.push((a_view, b_view, c * chunk, pa, pb, kc));
+            views.push(view);
         }
-        views.par_iter_mut().for_each(|(a_view, b_view, k0, pa, pb, kc)| {
-            pack_a(a, *k0, *kc, *pa, a_view);
-            pack_b(b, *k0, *kc, *pb, b_view);
-        });
-        let packed: Vec<(&[f32], &[f32], usize)> = views.iter().map(|(a, b, _, _, _, kc)| (&a[..], &b[..], *kc)).collect();
-        multiply(&packed, m, n, strips_m, strips_n, acc, ldc);
+        views.par_iter_mut().zip(&steps).for_each(|(view, st)| pack_b(b, st.k0, st.kc, st.pb, view));
+        let packed: Vec<(&Step, &[f32])> = steps.iter().zip(views.iter().map(|v| &v[..])).collect();
+        multiply(a, &packed, m, n, strips_m, strips_n, acc, ldc);
     }
     WORKSPACE.set(buf);
 }
 
-/// Packs one chunk of A for one split part: strips of `MR` rows, each `kc × MR` (k-major),
-/// padded with zero rows.
-fn pack_a(a: Matrix, k0: usize, kc: usize, part: u8, out: &mut [f32]) {
-    let mut row = vec![0f32; kc];
-    for (s, strip) in out.chunks_mut(kc * MR).enumerate() {
+/// One (K-chunk, precision pass) step of the product.
+struct Step {
+    k0: usize,
+    kc: usize,
+    pa: u8,
+    pb: u8,
+}
+
+/// Packs rows `r0 ..` (at most `strips` strips of MR) of one chunk of A for one split part:
+/// each strip `kc × MR` (k-major), padded with zero rows.
+fn pack_a(a: Matrix, r0: usize, strips: usize, st: &Step, out: &mut [f32]) {
+    let kc = st.kc;
+    // Round the strip's rows (vectorised), then interleave them k-major.
+    let mut rows = vec![0f32; MR * kc];
+    for s in 0..strips {
         for r in 0..MR {
-            let i = s * MR + r;
+            let i = r0 + s * MR + r;
+            let dst = &mut rows[r * kc..(r + 1) * kc];
             if i < a.rows {
-                round_into(&mut row, &a.data[i * a.stride + k0..i * a.stride + k0 + kc], part);
+                let src = i * a.stride + st.k0;
+                round_into(dst, &a.data[src..src + kc], st.pa);
             } else {
-                row.fill(0.0);
+                dst.fill(0.0);
             }
-            for (kk, &v) in row.iter().enumerate() {
-                strip[kk * MR + r] = v;
-            }
+        }
+        interleave(&rows, kc, &mut out[s * kc * MR..(s + 1) * kc * MR]);
+    }
+}
+
+/// `strip[kk * MR + r] = rows[r * kc + kk]`: MR rows of `kc` values, k-major.
+fn interleave(rows: &[f32], kc: usize, strip: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx512f") {
+        // SAFETY: AVX-512F is present; `rows` and `strip` hold MR × kc values each.
+        unsafe { avx512::interleave(rows, kc, strip) };
+        return;
+    }
+    for (kk, slot) in strip.chunks_exact_mut(MR).enumerate() {
+        for (r, v) in slot.iter_mut().enumerate() {
+            *v = rows[r * kc + kk];
         }
     }
 }
@@ -122,26 +144,54 @@ thread_local! {
     static WORKSPACE: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// Runs the micro-kernel over every output tile and packed step: `(packed A, packed B, kc)`.
-fn multiply(packed: &[(&[f32], &[f32], usize)], m: usize, n: usize, strips_m: usize, strips_n: usize, acc: &mut [f32], ldc: usize) {
+/// Runs the micro-kernel over every output tile and step. Tasks are blocks of rows (and, when
+/// there are few rows, of columns too); each packs its rows of A per step and sweeps its columns.
+#[allow(clippy::too_many_arguments)] // the operands and their shapes
+fn multiply(
+    a: Matrix,
+    packed: &[(&Step, &[f32])],
+    m: usize,
+    n: usize,
+    strips_m: usize,
+    strips_n: usize,
+    acc: &mut [f32],
+    ldc: usize,
+) {
     let tasks_m = strips_m.div_ceil(TASK_STRIPS_M);
-    let tasks_n = strips_n.div_ceil(TASK_STRIPS_N);
+    let tasks_n = if tasks_m >= 4 { 1 } else { strips_n.div_ceil(TASK_STRIPS_N) };
+    let cols_per_task = strips_n.div_ceil(tasks_n);
     let out = SharedOut(acc.as_mut_ptr(), acc.len());
     let kernel = select_kernel();
+    let kc_max = packed.iter().map(|(st, _)| st.kc).max().unwrap_or(0);
     (0..tasks_m * tasks_n).into_par_iter().for_each(|task| {
         let (tm, tn) = (task / tasks_n, task % tasks_n);
         let rows = tm * TASK_STRIPS_M..((tm + 1) * TASK_STRIPS_M).min(strips_m);
-        let cols = tn * TASK_STRIPS_N..((tn + 1) * TASK_STRIPS_N).min(strips_n);
-        for &(pa, pb, kc) in packed {
+        let cols = tn * cols_per_task..((tn + 1) * cols_per_task).min(strips_n);
+        let mut a_buf = vec![0f32; TASK_STRIPS_M * kc_max * MR + 16];
+        let a_start = a_buf.as_ptr().align_offset(64).min(16);
+        let a_pack = &mut a_buf[a_start..a_start + TASK_STRIPS_M * kc_max * MR];
+        for &(st, pb) in packed {
+            let kc = st.kc;
+            pack_a(a, rows.start * MR, rows.len(), st, a_pack);
             for sj in cols.clone() {
                 let bs = &pb[sj * kc * NR..(sj + 1) * kc * NR];
                 let n_valid = NR.min(n - sj * NR);
-                for si in rows.clone() {
-                    let a_strip = &pa[si * kc * MR..(si + 1) * kc * MR];
+                for (s, si) in rows.clone().enumerate() {
+                    let a_strip = &a_pack[s * kc * MR..(s + 1) * kc * MR];
                     let m_valid = MR.min(m - si * MR);
                     // SAFETY: tasks cover disjoint (row strip, column strip) tiles, so no two
                     // threads touch the same accumulator element; `tile` checks bounds.
-                    unsafe { kernel(kc, a_strip, bs, out.tile(si * MR, sj * NR, m_valid, n_valid, ldc), ldc, m_valid, n_valid) };
+                    unsafe {
+                        kernel(
+                            kc,
+                            a_strip,
+                            bs,
+                            out.tile(si * MR, sj * NR, m_valid, n_valid, ldc),
+                            ldc,
+                            m_valid,
+                            n_valid,
+                        )
+                    };
                 }
             }
         }
@@ -168,16 +218,16 @@ impl SharedOut {
 /// Packs one chunk of B for one split part: column strip after strip, each `kc × NR`, padded
 /// with zeros.
 fn pack_b(b: Matrix, k0: usize, kc: usize, part: u8, out: &mut [f32]) {
-    out.chunks_mut(kc * NR).enumerate().for_each(|(s, strip)| {
-        let c0 = s * NR;
-        let width = NR.min(b.cols - c0);
-        for kk in 0..kc {
-            let src = &b.data[(k0 + kk) * b.stride + c0..(k0 + kk) * b.stride + c0 + width];
-            let dst = &mut strip[kk * NR..(kk + 1) * NR];
-            round_into(&mut dst[..width], src, part);
-            dst[width..].fill(0.0);
+    // Round whole rows (vectorised), then copy NR-wide pieces into their strips.
+    let strips = b.cols.div_ceil(NR);
+    let mut row = vec![0f32; strips * NR];
+    for kk in 0..kc {
+        let src = &b.data[(k0 + kk) * b.stride..(k0 + kk) * b.stride + b.cols];
+        round_into(&mut row[..b.cols], src, part);
+        for (s, piece) in row.chunks_exact(NR).enumerate() {
+            out[(s * kc + kk) * NR..(s * kc + kk + 1) * NR].copy_from_slice(piece);
         }
-    });
+    }
 }
 
 /// `c[r][j] += Σ_k a[k][r] · b[k][j]` for an `m_valid × n_valid` tile from packed strips: the
@@ -240,6 +290,41 @@ mod avx512 {
 
     use super::{MR, NR};
 
+    /// `strip[kk * MR + r] = rows[r * kc + kk]` with gathers: each block of 16 k values is
+    /// `MR` (12) output vectors of 16 consecutive entries.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F; `rows` and `strip` must hold `MR × kc` values.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn interleave(rows: &[f32], kc: usize, strip: &mut [f32]) {
+        assert!(rows.len() >= MR * kc && strip.len() >= MR * kc && kc < (1 << 24));
+        let mut index = [_mm512_setzero_si512(); MR];
+        for (v, idx) in index.iter_mut().enumerate() {
+            let lanes: [i32; 16] = std::array::from_fn(|l| {
+                let p = v * 16 + l;
+                ((p % MR) * kc + p / MR) as i32
+            });
+            // SAFETY: reading 16 i32 from a local array.
+            *idx = unsafe { _mm512_loadu_si512(lanes.as_ptr().cast()) };
+        }
+        let blocks = kc / 16;
+        for kb in 0..blocks {
+            for (v, idx) in index.iter().enumerate() {
+                // SAFETY: every index points inside `rows` (row < MR, column < kb·16 + 16 ≤ kc),
+                // and the 16 outputs lie inside `strip`.
+                unsafe {
+                    let g = _mm512_i32gather_ps::<4>(*idx, rows.as_ptr().add(kb * 16));
+                    _mm512_storeu_ps(strip.as_mut_ptr().add(kb * 16 * MR + v * 16), g);
+                }
+            }
+        }
+        for kk in blocks * 16..kc {
+            for r in 0..MR {
+                strip[kk * MR + r] = rows[r * kc + kk];
+            }
+        }
+    }
+
     /// The AVX-512 micro-kernel: 12 × 32 chunk sums in 24 registers.
     ///
     /// # Safety
@@ -247,14 +332,15 @@ mod avx512 {
     /// points to an `m_valid × n_valid` tile with row stride `ldc` inside one allocation.
     #[target_feature(enable = "avx512f")]
     pub unsafe fn kernel(kc: usize, a: &[f32], b: &[f32], c: *mut f32, ldc: usize, m_valid: usize, n_valid: usize) {
-        assert!(a.len() >= kc * MR && b.len() >= kc * NR);
+        assert!(a.len() >= kc * MR && b.len() >= kc * NR && (b.as_ptr() as usize).is_multiple_of(64));
         let mut acc = [[_mm512_setzero_ps(); 2]; MR];
         let (ap, bp) = (a.as_ptr(), b.as_ptr());
-        for kk in 0..kc {
-            // SAFETY: kk < kc, so these reads are inside `a` and `b` (asserted above).
+        let step = |acc: &mut [[__m512; 2]; MR], kk: usize| {
+            // SAFETY: kk < kc, so these reads are inside `a` and `b` (asserted above); `b` is
+            // 64-byte aligned and each packed row is 128 bytes.
             unsafe {
-                let b0 = _mm512_loadu_ps(bp.add(kk * NR));
-                let b1 = _mm512_loadu_ps(bp.add(kk * NR + 16));
+                let b0 = _mm512_load_ps(bp.add(kk * NR));
+                let b1 = _mm512_load_ps(bp.add(kk * NR + 16));
                 let ak = ap.add(kk * MR);
                 for (r, row) in acc.iter_mut().enumerate() {
                     let av = _mm512_set1_ps(*ak.add(r));
@@ -262,8 +348,18 @@ mod avx512 {
                     row[1] = _mm512_fmadd_ps(av, b1, row[1]);
                 }
             }
+        };
+        let mut kk = 0;
+        while kk + 2 <= kc {
+            step(&mut acc, kk);
+            step(&mut acc, kk + 1);
+            kk += 2;
         }
-        let mask = |lanes: usize| -> __mmask16 { if lanes >= 16 { 0xFFFF } else { ((1u32 << lanes) - 1) as __mmask16 } };
+        if kk < kc {
+            step(&mut acc, kk);
+        }
+        let mask =
+            |lanes: usize| -> __mmask16 { if lanes >= 16 { 0xFFFF } else { ((1u32 << lanes) - 1) as __mmask16 } };
         let (m0, m1) = (mask(n_valid), mask(n_valid.saturating_sub(16)));
         for (r, row) in acc.iter().enumerate().take(m_valid) {
             // SAFETY: masked loads and stores touch only the tile's first n_valid columns.

@@ -57,7 +57,14 @@ const NO_PSUM: Psum = Psum { pass: EMPTY, m: 0, value: 0.0 };
 
 /// Runs `passes` in order on a `rows × cols` array and adds their results into `acc`
 /// (`acc_cols` columns per row). Returns the cycle count and per-pass timings.
-pub fn run(rows: usize, cols: usize, double_buffered: bool, passes: &[PassData], acc: &mut [f32], acc_cols: usize) -> Result<PeRun> {
+pub fn run(
+    rows: usize,
+    cols: usize,
+    double_buffered: bool,
+    passes: &[PassData],
+    acc: &mut [f32],
+    acc_cols: usize,
+) -> Result<PeRun> {
     let fail = |reason: String| Error::Data(format!("PE-level array: {reason}"));
     for (t, p) in passes.iter().enumerate() {
         let Pass { m, k, n } = p.pass;
@@ -65,10 +72,17 @@ pub fn run(rows: usize, cols: usize, double_buffered: bool, passes: &[PassData],
             return Err(fail(format!("pass {t} is {m}x{k}x{n}, which does not fit a {rows}x{cols} array")));
         }
         if p.weights.len() != k * n || p.lhs.len() != m * k {
-            return Err(fail(format!("pass {t} has {} weights and {} LHS values for {m}x{k}x{n}", p.weights.len(), p.lhs.len())));
+            return Err(fail(format!(
+                "pass {t} has {} weights and {} LHS values for {m}x{k}x{n}",
+                p.weights.len(),
+                p.lhs.len()
+            )));
         }
         if (m - 1) * acc_cols + p.out_col + n > acc.len() || p.out_col + n > acc_cols {
-            return Err(fail(format!("pass {t} writes outside the {}x{acc_cols} accumulator", acc.len() / acc_cols.max(1))));
+            return Err(fail(format!(
+                "pass {t} writes outside the {}x{acc_cols} accumulator",
+                acc.len() / acc_cols.max(1)
+            )));
         }
     }
     let banks = if double_buffered { 2 } else { 1 };
@@ -136,8 +150,8 @@ pub fn run(rows: usize, cols: usize, double_buffered: bool, passes: &[PassData],
         injected[slot] = None;
         if stream_pass < passes.len() {
             let b = bank_of(stream_pass);
-            let ready = stream_m > 0
-                || (occupant[b][0] == stream_pass as u32 && written_at[b][0] < cycle && !released[b][0]);
+            let ready =
+                stream_m > 0 || (occupant[b][0] == stream_pass as u32 && written_at[b][0] < cycle && !released[b][0]);
             if ready {
                 if stream_m == 0 {
                     timings[stream_pass].start = cycle;
