@@ -360,7 +360,8 @@ fn machines_json_lists_every_preset_with_published_peaks() {
     let v: serde_json::Value = serde_json::from_str(&ok(&["machines", "--json"])).unwrap();
     let all = v.as_array().unwrap();
     let find = |name: &str| all.iter().find(|m| m["name"] == name).unwrap_or_else(|| panic!("{name} missing")).clone();
-    for name in ["v2-8", "v2-32", "v2-128", "v2-512", "v3-8", "v3-32", "v3-128", "v3-512", "v3-2048", "v4-8", "v4-8192"] {
+    for name in ["v2-8", "v2-32", "v2-128", "v2-512", "v3-8", "v3-32", "v3-128", "v3-512", "v3-2048", "v4-8", "v4-8192"]
+    {
         let m = find(name);
         let cores: u64 = name.split('-').nth(1).unwrap().parse().unwrap();
         assert_eq!(m["cores"], cores, "{name}");
@@ -372,7 +373,10 @@ fn machines_json_lists_every_preset_with_published_peaks() {
     assert!((per_chip("v4-8") - 275.3).abs() < 0.05);
     assert!((find("v2-512")["peak_tflops"].as_f64().unwrap() - 256.0 * 45.875).abs() < 1.0);
     let shown = ok(&["machines", "v3-8", "--set", "core.mxu.rows=256"]);
-    assert!(shown.contains("rows: 256") && shown.contains("set by the user to 256") && shown.contains("HC20"), "{shown}");
+    assert!(
+        shown.contains("rows: 256") && shown.contains("set by the user to 256") && shown.contains("HC20"),
+        "{shown}"
+    );
 }
 
 #[test]
