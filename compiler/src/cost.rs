@@ -10,11 +10,16 @@ use crate::graph::{Graph, NodeId, Op, Shape};
 
 /// FLOPs of node `id` for a batch of `batch` examples.
 pub fn flops(graph: &Graph, id: NodeId, batch: usize) -> u64 {
+    // Counted in u128 and saturated, so a huge batch cannot wrap around.
+    flops_wide(graph, id, batch).min(u64::MAX as u128) as u64
+}
+
+fn flops_wide(graph: &Graph, id: NodeId, batch: usize) -> u128 {
     let node = graph.node(id);
-    let elems = |s: &Shape| (s.numel() * if s.batched { batch } else { 1 }) as u64;
+    let elems = |s: &Shape| s.numel() as u128 * if s.batched { batch as u128 } else { 1 };
     let shape_of = |slot: usize| &graph.node(node.inputs[slot]).shape;
     let out = elems(&node.shape);
-    let macs_conv = |kernel: &[usize], out_elems: u64| out_elems * (kernel[0] * kernel[1] * kernel[2]) as u64;
+    let macs_conv = |kernel: &[usize], out_elems: u128| out_elems * (kernel[0] * kernel[1] * kernel[2]) as u128;
     match &node.op {
         Op::Input(_) | Op::Parameter(_) => 0,
         Op::Conv2d(_) => {
@@ -24,9 +29,9 @@ pub fn flops(graph: &Graph, id: NodeId, batch: usize) -> u64 {
         Op::Dense => {
             let k = &shape_of(1).dims;
             let bias = if node.inputs.len() > 2 { out } else { 0 };
-            2 * out * k[0] as u64 + bias
+            2 * out * k[0] as u128 + bias
         }
-        Op::MaxPool(p) | Op::AvgPool(p) => out * (p.window[0] * p.window[1]) as u64,
+        Op::MaxPool(p) | Op::AvgPool(p) => out * (p.window[0] * p.window[1]) as u128,
         Op::GlobalAvgPool | Op::BiasAddGrad => elems(shape_of(0)),
         Op::BiasAdd | Op::Add | Op::Mul | Op::Relu | Op::Relu6 | Op::Dropout(_) => out,
         Op::ReluGrad | Op::Relu6Grad => out,
@@ -38,17 +43,17 @@ pub fn flops(graph: &Graph, id: NodeId, batch: usize) -> u64 {
         Op::SoftmaxCrossEntropy(_) | Op::SoftmaxCrossEntropyGrad(_) => 5 * elems(shape_of(0)),
         Op::Conv2dBackpropInput(_) => 2 * macs_conv(&shape_of(1).dims, elems(shape_of(0))),
         Op::Conv2dBackpropFilter(b) => 2 * macs_conv(&b.kernel_shape, elems(shape_of(1))),
-        Op::MaxPoolGrad(p) => elems(shape_of(1)) * (p.window[0] * p.window[1]) as u64,
-        Op::AvgPoolGrad(p) => elems(shape_of(0)) * (p.pool.window[0] * p.pool.window[1]) as u64,
+        Op::MaxPoolGrad(p) => elems(shape_of(1)) * (p.window[0] * p.window[1]) as u128,
+        Op::AvgPoolGrad(p) => elems(shape_of(0)) * (p.pool.window[0] * p.pool.window[1]) as u128,
         Op::GlobalAvgPoolGrad(_) => out,
-        Op::DenseBackpropInput => 2 * out * shape_of(1).dims[1] as u64,
-        Op::DenseBackpropKernel => 2 * elems(shape_of(0)) * shape_of(1).dims.last().copied().unwrap_or(1) as u64,
+        Op::DenseBackpropInput => 2 * out * shape_of(1).dims[1] as u128,
+        Op::DenseBackpropKernel => 2 * elems(shape_of(0)) * shape_of(1).dims.last().copied().unwrap_or(1) as u128,
     }
 }
 
 /// FLOPs of the whole graph (every node) for one example.
 pub fn flops_per_example(graph: &Graph) -> u64 {
-    graph.node_ids().map(|id| flops(graph, id, 1)).sum()
+    graph.node_ids().fold(0u64, |acc, id| acc.saturating_add(flops(graph, id, 1)))
 }
 
 /// Trainable parameter values a layer owns (the Parameter nodes among its inputs).

@@ -104,3 +104,52 @@ fn missing_files_say_which() {
     let e = Graph::load("/nonexistent/model.ron").unwrap_err().to_string();
     assert!(e.contains("/nonexistent/model.ron"), "{e}");
 }
+
+#[test]
+fn oversized_and_axisless_shapes_are_refused() {
+    let huge = TINY.replace(
+        "(name: \"relu\", op: Relu, inputs: [\"conv\"]),",
+        "(name: \"relu\", op: Reshape(shape: [4294967296, 4294967296, -1]), inputs: [\"conv\"]),",
+    );
+    expect_error(&huge, 8, "more than 2^34 elements");
+    let big_input = TINY.replace("Input(shape: [8, 8, 2])", "Input(shape: [4294967296, 4294967296, 2])");
+    expect_error(&big_input, 5, "more than 2^34 elements");
+    let scalar = r#"(
+  name: "s",
+  nodes: [
+    (name: "x", op: Input(shape: [])),
+    (name: "p", op: Softmax, inputs: ["x"]),
+  ],
+  outputs: ["p"],
+)"#;
+    expect_error(scalar, 5, "softmax needs an axis");
+}
+
+#[test]
+fn convolutions_take_any_explicit_padding_but_pools_do_not() {
+    let wide = TINY
+        .replace("op: Conv2d(padding: Same)", "op: Conv2d(padding: Explicit(top: 4, bottom: 4, left: 4, right: 4))");
+    let g = parse(&wide).unwrap();
+    assert_eq!(g.node(g.find("conv").unwrap()).shape.dims, vec![14, 14, 4]);
+    let pool = TINY.replace(
+        "(name: \"relu\", op: Relu, inputs: [\"conv\"]),",
+        "(name: \"relu\", op: MaxPool(window: (2, 2), padding: Explicit(top: 2, bottom: 0, left: 0, right: 0)), inputs: [\"conv\"]),",
+    );
+    expect_error(&pool, 8, "must be smaller than the window");
+}
+
+#[test]
+fn a_model_with_its_own_loss_refuses_extra_label_smoothing() {
+    let g = zoo::build("digits_cnn").unwrap();
+    let (with_loss, loss) = g.with_classifier_loss(0.0).unwrap();
+    assert_eq!(with_loss.node(loss).name, "loss");
+    let e = with_loss.with_classifier_loss(0.1).unwrap_err().to_string();
+    assert!(e.contains("already has a loss (node 'loss')"), "{e}");
+    // A model that already uses the names gets fresh ones.
+    let mut g2 = g.clone();
+    g2.labels("labels").unwrap();
+    g2.input("loss", &[1]).unwrap();
+    let (g3, loss3) = g2.with_classifier_loss(0.0).unwrap();
+    assert_eq!(g3.node(loss3).name, "loss_1");
+    assert_eq!(g3.node(g3.node(loss3).inputs[1]).name, "labels_1");
+}

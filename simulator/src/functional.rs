@@ -123,9 +123,15 @@ impl Functional {
 
     fn execute(&mut self, op: &Op) -> std::result::Result<(), String> {
         match *op {
-            Op::Dma { src, dst, .. } => {
-                let v = self.memory(src.space).read(&src);
-                self.memory(dst.space).write(&dst, &v);
+            Op::Dma { src, dst, repeat, .. } => {
+                let (count, src_step, dst_step) =
+                    repeat.map_or((1, 0, 0), |r| (r.count as u64, r.src_step, r.dst_step));
+                for i in 0..count {
+                    let s = Tile { offset: src.offset + i * src_step, ..src };
+                    let d = Tile { offset: dst.offset + i * dst_step, ..dst };
+                    let v = self.memory(s.space).read(&s);
+                    self.memory(d.space).write(&d, &v);
+                }
             }
             Op::MatMul { lhs, rhs, out, accumulate, precision, .. } => {
                 let a = self.vmem.read(&lhs);
@@ -141,14 +147,20 @@ impl Functional {
             }
             Op::Binary { op, a, b, dst } => {
                 let (av, bv) = (self.vmem.read(&a), self.vmem.read(&b));
-                let cols = a.cols as usize;
-                let broadcast = b.rows == 1 && a.rows > 1;
-                let v: Vec<f32> = av
-                    .iter()
-                    .enumerate()
-                    .map(|(i, &x)| binary(op, x, if broadcast { bv[i % cols] } else { bv[i] }))
-                    .collect();
+                let pick = broadcast_index(&a, &b);
+                let v: Vec<f32> = av.iter().enumerate().map(|(i, &x)| binary(op, x, bv[pick(i)])).collect();
                 self.vmem.write(&dst, &v);
+            }
+            Op::MulAdd { a, b, acc } => {
+                let (av, bv, mut cv) = (self.vmem.read(&a), self.vmem.read(&b), self.vmem.read(&acc));
+                let pick = broadcast_index(&a, &b);
+                for (i, c) in cv.iter_mut().enumerate() {
+                    *c = av[i].mul_add(bv[pick(i)], *c);
+                }
+                self.vmem.write(&acc, &cv);
+            }
+            Op::Fill { dst, value } => {
+                self.vmem.write(&dst, &vec![value; dst.elements() as usize]);
             }
             Op::Reduce { op, axis, src, dst } => {
                 let v = self.vmem.read(&src);
@@ -196,6 +208,21 @@ impl Functional {
             }
         }
         Ok(())
+    }
+}
+
+/// Maps element `i` of `a` to the element of `b` it pairs with (same shape, row or column broadcast).
+fn broadcast_index(a: &Tile, b: &Tile) -> impl Fn(usize) -> usize {
+    let cols = a.cols as usize;
+    let (row, col) = (b.rows == 1 && a.rows > 1, b.cols == 1 && a.cols > 1);
+    move |i| {
+        if row {
+            i % cols
+        } else if col {
+            i / cols
+        } else {
+            i
+        }
     }
 }
 

@@ -29,6 +29,11 @@ pub fn matmul(machine: &Machine, m: usize, k: usize, n: usize, precision: Precis
     if m == 0 || k == 0 || n == 0 {
         return Err(Error::Data(format!("a {m}x{k}x{n} matmul has an empty dimension; give M, K and N of at least 1")));
     }
+    if [m, k, n].iter().any(|&d| d > u32::MAX as usize) {
+        return Err(Error::Data(format!(
+            "a {m}x{k}x{n} matmul has a dimension beyond 2^32 - 1, more than a tile can describe"
+        )));
+    }
     let dtype = if precision == Precision::Default { DType::Bf16 } else { DType::F32 };
     let a = Tile::new(Space::Vmem, 0, m, k, dtype);
     let b_at = align(a.span().1, 512);

@@ -8,10 +8,12 @@
 //! - [`functional`]: runs programs on real data;
 //! - [`timing`]: runs programs on the clock: cycles, busy time and utilisation per unit;
 //! - [`trace`]: Chrome trace-event JSON of a timed run;
-//! - [`kernels`]: small programs built from the ISA (one matmul, for the `mxu` command).
+//! - [`kernels`]: small programs built from the ISA (one matmul, for the `mxu` command);
+//! - [`executable`]: a program plus the HBM places of the tensors the host exchanges.
 
 pub mod config;
 pub mod error;
+pub mod executable;
 pub mod functional;
 pub mod isa;
 pub mod kernels;

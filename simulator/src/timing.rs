@@ -78,7 +78,9 @@ fn vpu_cycles(machine: &Machine, op: &Op) -> u64 {
     let alus = machine.core.vpu.alus as u64;
     let ops = |n: u64| n.div_ceil(alus).max(1);
     match op {
-        Op::Unary { dst, .. } | Op::Binary { dst, .. } => ops(vregs(machine, dst)),
+        Op::Unary { dst, .. } | Op::Binary { dst, .. } | Op::Fill { dst, .. } => ops(vregs(machine, dst)),
+        // A multiply and an add per register.
+        Op::MulAdd { acc, .. } => ops(2 * vregs(machine, acc)),
         Op::Reduce { axis, src, .. } => {
             // Combine registers elementwise, then reduce across sublanes or lanes (log steps).
             let across = match axis {
@@ -102,7 +104,7 @@ struct Engine<'a> {
     busy: Vec<u64>,
     count: Vec<u64>,
     timelines: Vec<Timeline>,
-    /// Recent matmuls per MXU: (out tile, end) for the interlock.
+    /// Matmuls per MXU that may still be writing: (out tile, end) for the interlock.
     recent: Vec<VecDeque<(Tile, u64)>>,
     hbm_free: u64,
     hbm_bytes: u64,
@@ -128,20 +130,27 @@ impl Engine<'_> {
         let m = self.machine;
         let op = &self.program.instrs[i].op;
         let (start, end) = match *op {
-            Op::Dma { src, dst, .. } => {
-                let bytes = src.bytes();
-                let uses_hbm = src.space == Space::Hbm || dst.space == Space::Hbm;
+            Op::Dma { src, dst, repeat, .. } => {
+                let bytes = src.bytes() * repeat.map_or(1, |r| r.count as u64);
+                // Bytes crossing the HBM port: read, written, or both for an HBM-to-HBM copy.
+                let port_bytes = bytes * ((src.space == Space::Hbm) as u64 + (dst.space == Space::Hbm) as u64);
                 let data_ready = at + m.core.dma.latency_cycles;
-                let data_start = if uses_hbm { data_ready.max(self.hbm_free) } else { data_ready };
-                let end = data_start + (bytes as f64 / m.core.hbm.bytes_per_cycle).ceil() as u64;
-                if uses_hbm {
+                let data_start = if port_bytes > 0 { data_ready.max(self.hbm_free) } else { data_ready };
+                // VMEM-to-VMEM copies move at the same rate (assumption: no public figure).
+                let moved = port_bytes.max(bytes);
+                let end = data_start + (moved as f64 / m.core.hbm.bytes_per_cycle).ceil() as u64;
+                if port_bytes > 0 {
                     self.hbm_free = end;
-                    self.hbm_bytes += bytes;
+                    self.hbm_bytes += port_bytes;
                 }
                 (at, end)
             }
             Op::MatMul { mxu, lhs, rhs, out, precision, .. } => {
                 let x = mxu as usize;
+                // Interlock: wait for earlier matmuls on this MXU whose results this one reads.
+                // Entries retired before the next weight load can begin can never delay anything.
+                let horizon = self.timelines[x].next_load(0);
+                self.recent[x].retain(|&(_, end)| end > horizon);
                 let mut ready = at;
                 for &(t, end) in &self.recent[x] {
                     if crate::isa::overlaps(&t, &lhs) || crate::isa::overlaps(&t, &rhs) {
@@ -154,14 +163,15 @@ impl Engine<'_> {
                 let end = self.timelines[x].schedule_all(&ps, ready);
                 self.useful_macs += (mm * kk * nn) as u64;
                 self.recent[x].push_back((out, end));
-                if self.recent[x].len() > 8 {
-                    self.recent[x].pop_front();
-                }
                 (first, end)
             }
-            Op::Unary { .. } | Op::Binary { .. } | Op::Reduce { .. } | Op::Pool { .. } | Op::Transpose { .. } => {
-                (at, at + vpu_cycles(m, op))
-            }
+            Op::Unary { .. }
+            | Op::Binary { .. }
+            | Op::MulAdd { .. }
+            | Op::Fill { .. }
+            | Op::Reduce { .. }
+            | Op::Pool { .. }
+            | Op::Transpose { .. } => (at, at + vpu_cycles(m, op)),
             Op::Barrier => (at, at + 1),
             Op::AllReduce { replicas, .. } => {
                 if replicas > 1 {

@@ -131,3 +131,27 @@ fn results_do_not_depend_on_the_thread_count() {
     assert_eq!(one, run(2));
     assert_eq!(one, run(3));
 }
+
+#[test]
+fn every_micro_kernel_gives_the_same_bits() {
+    use systolic_simulator::mxu::kernel::{KernelChoice, force_kernel};
+    let (m, k, n) = (37, 300, 70);
+    let a = values(m * k, 31);
+    let b = values(k * n, 32);
+    let run = |choice: KernelChoice, p: Precision| {
+        force_kernel(choice);
+        let mut c = values(m * n, 33);
+        matmul(Matrix::new(&a, m, k), Matrix::new(&b, k, n), &mut c, n, 128, p);
+        force_kernel(KernelChoice::Auto);
+        bits(&c)
+    };
+    for p in [Precision::Default, Precision::Highest] {
+        let mut plain = values(m * n, 33);
+        matmul_reference(Matrix::new(&a, m, k), Matrix::new(&b, k, n), &mut plain, n, 128, p);
+        for choice in [KernelChoice::Portable, KernelChoice::Avx2, KernelChoice::Avx512] {
+            if choice.available() {
+                assert_eq!(run(choice, p), bits(&plain), "{choice:?} {p:?}");
+            }
+        }
+    }
+}

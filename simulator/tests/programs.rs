@@ -103,11 +103,11 @@ fn out_of_bounds_and_over_capacity_tiles_are_rejected() {
 
     let mut p = Program::new("hbm");
     let far = m.core.hbm.bytes - 64;
-    p.push(Op::Dma { engine: 0, src: hbm(far, 1, 32), dst: vmem(0, 1, 32) }, &[]);
+    p.push(Op::dma(0, hbm(far, 1, 32), vmem(0, 1, 32)), &[]);
     assert!(program_error(&p, &m).contains("HBM holds"));
 
     let mut p = Program::new("misaligned");
-    p.push(Op::Dma { engine: 0, src: hbm(2, 1, 4), dst: vmem(0, 1, 4) }, &[]);
+    p.push(Op::dma(0, hbm(2, 1, 4), vmem(0, 1, 4)), &[]);
     assert!(program_error(&p, &m).contains("not a multiple of its element size"));
 }
 
@@ -167,10 +167,10 @@ fn races_are_found_and_dependencies_remove_them() {
     let m = v2();
     let racy = |deps: &[u32], engine: u8| {
         let mut p = Program::new("race");
-        p.push(Op::Dma { engine: 0, src: hbm(0, 16, 16), dst: vmem(0, 16, 16) }, &[]);
+        p.push(Op::dma(0, hbm(0, 16, 16), vmem(0, 16, 16)), &[]);
         // Reads part of what instruction 0 writes, on another unit.
         p.push(Op::Unary { op: UnaryOp::Relu, src: vmem(256, 4, 16), dst: vmem(4096, 4, 16) }, deps);
-        p.push(Op::Dma { engine, src: vmem(4096, 4, 16), dst: hbm(8192, 4, 16) }, &[]);
+        p.push(Op::dma(engine, vmem(4096, 4, 16), hbm(8192, 4, 16)), &[]);
         p
     };
     let e = program_error(&racy(&[], 0), &m);
@@ -188,9 +188,9 @@ fn races_are_found_and_dependencies_remove_them() {
     let c = vmem(0, 64, 256);
     let mut p = Program::new("columns");
     p.push(Op::Unary { op: UnaryOp::Copy, src: vmem(1 << 20, 64, 128), dst: c.columns(0, 128) }, &[]);
-    p.push(Op::Dma { engine: 0, src: vmem(1 << 21, 64, 128), dst: c.columns(128, 128) }, &[]);
+    p.push(Op::dma(0, vmem(1 << 21, 64, 128), c.columns(128, 128)), &[]);
     p.validate(&m).unwrap();
-    p.push(Op::Dma { engine: 1, src: vmem(1 << 22, 64, 128), dst: c.columns(64, 128) }, &[]);
+    p.push(Op::dma(1, vmem(1 << 22, 64, 128), c.columns(64, 128)), &[]);
     assert!(program_error(&p, &m).contains("instruction 2 (dma): writes"));
 }
 
@@ -207,15 +207,15 @@ fn a_program_computes_what_its_instructions_say() {
     let (a_h, b_h, bias_h, out_h) = (hbm(0, rows, k), hbm(8192, k, n), hbm(16384, 1, n), hbm(32768, 1, n));
     let (a, b, bv) = (vmem(0, rows, k), vmem(8192, k, n), vmem(16384, 1, n));
     let (c, r, s) = (vmem(20480, rows, n), vmem(24576, rows, n), vmem(28672, 1, n));
-    let i0 = p.push(Op::Dma { engine: 0, src: a_h, dst: a }, &[]);
-    let i1 = p.push(Op::Dma { engine: 1, src: b_h, dst: b }, &[]);
-    let i2 = p.push(Op::Dma { engine: 2, src: bias_h, dst: bv }, &[]);
+    let i0 = p.push(Op::dma(0, a_h, a), &[]);
+    let i1 = p.push(Op::dma(1, b_h, b), &[]);
+    let i2 = p.push(Op::dma(2, bias_h, bv), &[]);
     let i3 =
         p.push(Op::MatMul { mxu: 0, lhs: a, rhs: b, out: c, accumulate: false, precision: Precision::High }, &[i0, i1]);
     let i4 = p.push(Op::Binary { op: BinaryOp::Add, a: c, b: bv, dst: r }, &[i2, i3]);
     let i5 = p.push(Op::Unary { op: UnaryOp::Relu, src: r, dst: r }, &[i4]);
     let i6 = p.push(Op::Reduce { op: ReduceOp::Sum, axis: Axis::Rows, src: r, dst: s }, &[i5]);
-    p.push(Op::Dma { engine: 0, src: s, dst: out_h }, &[i6]);
+    p.push(Op::dma(0, s, out_h), &[i6]);
 
     let mut f = Functional::new(&m);
     f.write(a_h, &a_vals).unwrap();
@@ -265,8 +265,8 @@ fn dma_costs_latency_plus_bytes_over_bandwidth_and_shares_hbm() {
     let m = v2();
     let bytes = 64 * 1024 * 4;
     let mut p = Program::new("dma");
-    p.push(Op::Dma { engine: 0, src: hbm(0, 64, 1024), dst: vmem(0, 64, 1024) }, &[]);
-    p.push(Op::Dma { engine: 1, src: hbm(1 << 20, 64, 1024), dst: vmem(1 << 20, 64, 1024) }, &[]);
+    p.push(Op::dma(0, hbm(0, 64, 1024), vmem(0, 64, 1024)), &[]);
+    p.push(Op::dma(1, hbm(1 << 20, 64, 1024), vmem(1 << 20, 64, 1024)), &[]);
     let t = simulate(&m, &p, true).unwrap();
     let transfer = (bytes as f64 / m.core.hbm.bytes_per_cycle).ceil() as u64;
     let latency = m.core.dma.latency_cycles;
@@ -298,7 +298,7 @@ fn matmul_time_is_the_mxu_pipeline_and_overlaps_independent_dma() {
     let mp = kernels::matmul(&m, mm, k, n, Precision::Default).unwrap();
     let mut p = mp.program.clone();
     // An unrelated transfer runs alongside the matmul.
-    p.push(Op::Dma { engine: 0, src: hbm(0, 128, 128), dst: vmem(8 << 20, 128, 128) }, &[]);
+    p.push(Op::dma(0, hbm(0, 128, 128), vmem(8 << 20, 128, 128)), &[]);
     let t = simulate(&m, &p, true).unwrap();
     let mut tl = Timeline::new(128, true);
     let want = tl.schedule_all(&passes(mm, k, n, 128, 128, Precision::Default), 0);
@@ -310,7 +310,7 @@ fn matmul_time_is_the_mxu_pipeline_and_overlaps_independent_dma() {
 
     // Dependencies order units: the same DMA after the matmul starts when it ends.
     let mut q = mp.program.clone();
-    q.push(Op::Dma { engine: 0, src: mp.c.columns(0, 128).rows(0, 64), dst: hbm(0, 64, 128) }, &[0]);
+    q.push(Op::dma(0, mp.c.columns(0, 128).rows(0, 64), hbm(0, 64, 128)), &[0]);
     let t = simulate(&m, &q, false).unwrap();
     assert!(t.finish[1] >= want + m.core.dma.latency_cycles);
 }
@@ -349,7 +349,7 @@ fn timing_is_deterministic_and_traces_have_a_track_per_unit() {
     let m = presets::preset("v4-8").unwrap();
     let mp = kernels::matmul(&m, 128, 640, 1000, Precision::High).unwrap();
     let mut p = mp.program.clone();
-    p.push(Op::Dma { engine: 1, src: mp.c, dst: Tile::new(Space::Hbm, 0, 128, 1000, DType::F32) }, &[0, 1, 2, 3]);
+    p.push(Op::dma(1, mp.c, Tile::new(Space::Hbm, 0, 128, 1000, DType::F32)), &[0, 1, 2, 3]);
     let a = simulate(&m, &p, true).unwrap();
     let b = simulate(&m, &p, true).unwrap();
     assert_eq!(a.finish, b.finish);
@@ -360,4 +360,100 @@ fn timing_is_deterministic_and_traces_have_a_track_per_unit() {
     assert_eq!(names, ["dma1", "mxu0", "mxu1", "mxu2", "mxu3"]);
     let slices = events.iter().filter(|e| e["ph"] == "X").count();
     assert_eq!(slices, p.len());
+}
+
+#[test]
+fn repeated_dma_fill_muladd_and_column_broadcast() {
+    let m = v2();
+    // A 3-row band of a 4-wide image copied into the middle of a zero-filled 6-wide buffer,
+    // one image row per repetition: the padded staging a convolution needs.
+    let img = hbm(0, 3, 4);
+    let staging = vmem(0, 5, 6);
+    let mut p = Program::new("stage");
+    let fill = p.push(Op::Fill { dst: staging, value: 0.0 }, &[]);
+    let row_in = Tile { rows: 1, ..img };
+    let row_out = Tile { offset: staging.offset + (6 + 1) * 4, rows: 1, cols: 4, stride: 4, ..staging };
+    let copy = p.push(
+        Op::Dma { engine: 0, src: row_in, dst: row_out, repeat: Some(Repeat { count: 3, src_step: 16, dst_step: 24 }) },
+        &[fill],
+    );
+    let (a, col, acc) = (vmem(4096, 2, 3), vmem(8192, 2, 1), vmem(12288, 2, 3));
+    let f = p.push(Op::Fill { dst: acc, value: 1.0 }, &[]);
+    p.push(Op::MulAdd { a, b: col, acc }, &[f]);
+    p.push(Op::Binary { op: BinaryOp::Sub, a, b: col, dst: vmem(16384, 2, 3) }, &[]);
+    let mut func = Functional::new(&m);
+    let pixels: Vec<f32> = (1..=12).map(|v| v as f32).collect();
+    func.write(img, &pixels).unwrap();
+    func.write(a, &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]).unwrap();
+    func.write(col, &[10.0, 100.0]).unwrap();
+    func.run(&p).unwrap();
+    let staged = func.read(staging).unwrap();
+    #[rustfmt::skip]
+    let want = [
+        0.0, 0.0, 0.0, 0.0, 0.0, 0.0,
+        0.0, 1.0, 2.0, 3.0, 4.0, 0.0,
+        0.0, 5.0, 6.0, 7.0, 8.0, 0.0,
+        0.0, 9.0, 10.0, 11.0, 12.0, 0.0,
+        0.0, 0.0, 0.0, 0.0, 0.0, 0.0,
+    ];
+    assert_eq!(staged, want);
+    assert_eq!(func.read(acc).unwrap(), [11.0, 21.0, 31.0, 401.0, 501.0, 601.0]);
+    assert_eq!(func.read(vmem(16384, 2, 3)).unwrap(), [-9.0, -8.0, -7.0, -96.0, -95.0, -94.0]);
+    // The repeated DMA moves 3 rows of 16 bytes behind one latency.
+    let t = simulate(&m, &p, false).unwrap();
+    assert_eq!(
+        t.finish[copy as usize] - t.finish[fill as usize],
+        m.core.dma.latency_cycles + (48.0 / m.core.hbm.bytes_per_cycle).ceil() as u64
+    );
+    // Each repetition is checked for races: a second writer of row 2 of the band is caught.
+    p.push(Op::dma(1, hbm(4096, 1, 4), Tile { offset: row_out.offset + 2 * 24, ..row_out }), &[]);
+    let e = program_error(&p, &m);
+    assert!(e.contains("instruction 5 (dma): writes") && e.contains("neither waits"), "{e}");
+}
+
+#[test]
+fn overrides_apply_together_and_units_are_bounded() {
+    let mut m = v2();
+    m.set("core.vmem_bytes", "65536").unwrap();
+    // A taller array alone no longer fits one tile in VMEM; with more VMEM in the same call it does.
+    assert!(m.clone().set("core.mxu.rows", "256").is_err());
+    m.set_all(&[("core.mxu.rows", "256"), ("core.vmem_bytes", "262144")]).unwrap();
+    assert_eq!(m.core.mxu.rows, 256);
+    let e = v2().set("core.mxu.count", "300").unwrap_err().to_string();
+    assert!(e.contains("core.mxu.count") && e.contains("64 units"), "{e}");
+    // v4 slices wrap only when every dimension spans whole 4x4x4 cubes.
+    assert_eq!(presets::preset("v4-64").unwrap().slice.wraparound, vec![false, false, false]);
+    assert_eq!(presets::preset("v4-128").unwrap().slice.wraparound, vec![true, true, true]);
+    let e = kernels::matmul(&v2(), 1 << 33, 1, 1, Precision::Default).unwrap_err().to_string();
+    assert!(e.contains("beyond 2^32"), "{e}");
+}
+
+#[test]
+fn hbm_to_hbm_copies_cross_the_port_twice() {
+    let m = v2();
+    let mut p = Program::new("copy");
+    p.push(Op::dma(0, hbm(0, 64, 1024), hbm(1 << 20, 64, 1024)), &[]);
+    let t = simulate(&m, &p, false).unwrap();
+    let bytes = 64 * 1024 * 4;
+    assert_eq!(t.report.hbm_bytes, 2 * bytes);
+    assert_eq!(
+        t.finish[0],
+        m.core.dma.latency_cycles + (2.0 * bytes as f64 / m.core.hbm.bytes_per_cycle).ceil() as u64
+    );
+}
+
+#[test]
+fn matmuls_retire_in_order_so_unit_order_is_completion_order() {
+    // A wide matmul then a 1x1x1 one on the same MXU: the second retires after the first, so
+    // a copy that waits only for the second sees the first's results.
+    let m = v2();
+    let mut p = Program::new("retire");
+    let (a, b, c) = (vmem(0, 128, 128), vmem(65536, 128, 128), vmem(131072, 128, 128));
+    let (x, y, z) = (vmem(262144, 1, 1), vmem(262160, 1, 1), vmem(262176, 1, 1));
+    p.push(Op::MatMul { mxu: 0, lhs: a, rhs: b, out: c, accumulate: false, precision: Precision::Default }, &[]);
+    p.push(Op::MatMul { mxu: 0, lhs: x, rhs: y, out: z, accumulate: false, precision: Precision::Default }, &[]);
+    p.push(Op::dma(0, c, hbm(0, 128, 128)), &[1]);
+    let t = simulate(&m, &p, true).unwrap();
+    assert!(t.finish[1] >= t.finish[0]);
+    assert!(t.spans[2].start >= t.finish[0]);
 }

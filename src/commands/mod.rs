@@ -15,15 +15,18 @@ use anyhow::Result;
 use systolic::compiler::{Error, Graph, Op, TensorMap, tensors, zoo as model_zoo};
 use systolic::simulator::Machine;
 
-/// A machine preset or `.ron` file, with `FIELD=VALUE` overrides applied in order.
+/// A machine preset or `.ron` file, with `FIELD=VALUE` overrides applied together (validated
+/// once, after all of them).
 pub fn load_machine(spec: &str, sets: &[String]) -> Result<Machine> {
     let mut m = Machine::resolve(spec)?;
+    let mut settings = Vec::new();
     for set in sets {
         let Some((field, value)) = set.split_once('=') else {
             anyhow::bail!("--set {set}: write FIELD=VALUE, e.g. --set core.mxu.rows=256");
         };
-        m.set(field.trim(), value.trim())?;
+        settings.push((field.trim(), value.trim()));
     }
+    m.set_all(&settings)?;
     Ok(m)
 }
 

@@ -157,36 +157,47 @@ pub fn run(args: Args) -> Result<()> {
     Ok(())
 }
 
-/// A one-line reason for the utilisation, from the same mechanism the timing model uses.
+/// A one-line reason for the utilisation, from the recurrence the timing model uses
+/// (docs/timing.md): the steady-state cycles per pass are the largest of the stream (M rows),
+/// the weight-load port (K rows) and the weight-bank reuse term; the array is also partly idle
+/// when K or N is smaller than its rows or columns, and each run pays one fill and drain.
 fn explain(machine: &Machine, m: usize, k: usize, n: usize, passes: usize, cycles: u64) -> String {
     let c = &machine.core.mxu;
     let (rows, cols) = (c.rows, c.cols);
+    let n_per_mxu = (n.div_ceil(cols)).div_ceil(c.count) * cols;
     let kc = k.min(rows);
-    let nc = n.min(cols);
-    let fill_drain = rows + nc - 1;
-    if passes == 1 {
-        return format!(
-            "fill and drain: a single weight tile, so {m} streamed rows pay {fill_drain} cycles of pipeline fill and drain \
-             ({} of {cycles} cycles are streaming)",
-            m
-        );
+    let nc = n.min(n_per_mxu).min(cols);
+    let (stream, load) = (m, kc);
+    let reuse = if c.weight_double_buffering { (m + nc).div_ceil(2) } else { m + nc };
+    let period = stream.max(load).max(reuse);
+    let limiter = if passes == 1 {
+        format!(
+            "fill and drain: one weight tile, so {m} streamed rows pay {} cycles of pipeline fill and drain ({m} of {cycles} cycles stream)",
+            rows + nc - 1
+        )
+    } else if period == stream {
+        format!("streaming: each pass streams {m} rows, and its {kc}-row weight load hides under the stream")
+    } else if period == load {
+        format!(
+            "weight loading: each pass streams only {m} rows while its {kc} weight rows take {kc} cycles to load (one row per cycle); M >= {kc} keeps the array busy"
+        )
+    } else if !c.weight_double_buffering {
+        format!(
+            "no weight double buffering: the next tile's weights go in only after this tile's {m} rows have left its {nc} columns ({reuse} cycles per pass for {m} streamed)"
+        )
+    } else {
+        format!(
+            "weight-bank reuse: a bank is rewritten only after the pass two back has left its {nc} columns, so each pass takes (M + N) / 2 = {reuse} cycles for {m} streamed rows"
+        )
+    };
+    let mut losses = Vec::new();
+    if kc < rows {
+        losses.push(format!("K = {k} fills {kc} of the {rows} array rows"));
     }
-    if !c.weight_double_buffering {
-        return format!(
-            "no weight double buffering: each of {passes} passes streams {m} rows, then the array must empty its {nc} columns \
-             before the next tile's weights go in ({} cycles per pass)",
-            m + nc
-        );
+    if nc < cols {
+        losses.push(format!("each MXU's N = {nc} uses {nc} of the {cols} columns"));
     }
-    if kc > m {
-        return format!(
-            "weight loading: each pass streams only {m} rows while its {kc} weight rows take {kc} cycles to load \
-             (one row per cycle); M >= {kc} keeps the array busy"
-        );
-    }
-    format!(
-        "streaming: each pass's weight load ({kc} cycles) hides under its {m} streamed rows; the rest is pipeline fill and drain"
-    )
+    if losses.is_empty() { limiter } else { format!("{limiter}; also {}", losses.join(", ")) }
 }
 
 /// Runs the PE-level array on random data for every MXU's share; returns its cycles and whether

@@ -308,13 +308,25 @@ impl Graph {
     /// graph and its loss node.
     pub fn with_classifier_loss(&self, label_smoothing: f32) -> Result<(Graph, NodeId)> {
         if let Some(loss) = self.loss_node() {
+            if label_smoothing != 0.0 {
+                return Err(self.graph_error(format!(
+                    "already has a loss (node '{}'), so a label smoothing of {label_smoothing} would be ignored; \
+                     set label_smoothing on that node in the model file instead",
+                    self.node(loss).name
+                )));
+            }
             return Ok((self.clone(), loss));
         }
         let &logits = self.outputs.first().ok_or_else(|| self.graph_error("has no outputs to attach a loss to"))?;
         let mut g = self.clone();
-        let labels_name = if g.find("labels").is_none() { "labels" } else { "loss/labels" };
-        let labels = g.labels(labels_name)?;
-        let loss = g.softmax_cross_entropy("loss", logits, labels, label_smoothing)?;
+        let free = |g: &Graph, base: &str| {
+            std::iter::once(base.to_string())
+                .chain((1..).map(|i| format!("{base}_{i}")))
+                .find(|n| g.find(n).is_none())
+                .expect("some suffix is free")
+        };
+        let labels = g.labels(&free(&g, "labels"))?;
+        let loss = g.softmax_cross_entropy(&free(&g, "loss"), logits, labels, label_smoothing)?;
         Ok((g, loss))
     }
 }

@@ -192,7 +192,7 @@ impl Graph {
         self.nodes().find(|(_, n)| matches!(n.op, Op::SoftmaxCrossEntropy(_))).map(|(id, _)| id)
     }
 
-    fn graph_error(&self, reason: impl Into<String>) -> Error {
+    pub(crate) fn graph_error(&self, reason: impl Into<String>) -> Error {
         Error::Graph { graph: self.name.clone(), reason: reason.into() }
     }
 }

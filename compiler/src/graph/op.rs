@@ -74,22 +74,14 @@ impl Padding {
                     pad_right: pads[1].1,
                 })
             }
-            Padding::Explicit { top, bottom, left, right } => {
-                if top >= window[0] || bottom >= window[0] || left >= window[1] || right >= window[1] {
-                    return Err(format!(
-                        "explicit padding {top},{bottom},{left},{right} must be smaller than the window {}x{} on each side",
-                        window[0], window[1]
-                    ));
-                }
-                Ok(Window2d {
-                    out_h: axis(0, top, bottom)?,
-                    out_w: axis(1, left, right)?,
-                    pad_top: top,
-                    pad_left: left,
-                    pad_bottom: bottom,
-                    pad_right: right,
-                })
-            }
+            Padding::Explicit { top, bottom, left, right } => Ok(Window2d {
+                out_h: axis(0, top, bottom)?,
+                out_w: axis(1, left, right)?,
+                pad_top: top,
+                pad_left: left,
+                pad_bottom: bottom,
+                pad_right: right,
+            }),
         }
     }
 }
@@ -141,7 +133,17 @@ impl Default for Pool {
 }
 
 impl Pool {
+    /// Resolves padding and output size. A pooling window must overlap the image everywhere,
+    /// so explicit padding must be smaller than the window (convolutions have no such limit).
     pub fn resolve(&self, in_hw: [usize; 2]) -> Result<Window2d, String> {
+        if let Padding::Explicit { top, bottom, left, right } = self.padding
+            && (top >= self.window[0] || bottom >= self.window[0] || left >= self.window[1] || right >= self.window[1])
+        {
+            return Err(format!(
+                "explicit pooling padding {top},{bottom},{left},{right} must be smaller than the window {}x{} on each side",
+                self.window[0], self.window[1]
+            ));
+        }
         self.padding.resolve(in_hw, self.window, self.strides)
     }
 }

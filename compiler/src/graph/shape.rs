@@ -73,6 +73,21 @@ impl fmt::Display for Shape {
     }
 }
 
+/// The most elements one tensor (one example's, for batched shapes) may hold: 2^34, 64 GiB of
+/// f32. Larger shapes are rejected when a node is added, so later arithmetic cannot overflow.
+pub const MAX_ELEMENTS: u64 = 1 << 34;
+
+/// The product of `dims`, or an error when it exceeds [`MAX_ELEMENTS`].
+fn checked_numel(dims: &[usize]) -> Result<usize, String> {
+    let mut n: u64 = 1;
+    for &d in dims {
+        n = n.checked_mul(d as u64).filter(|&n| n <= MAX_ELEMENTS).ok_or_else(|| {
+            format!("shape {dims:?} holds more than 2^34 elements (64 GiB of f32), more than Systolic handles")
+        })?;
+    }
+    Ok(n as usize)
+}
+
 /// Resolves a possibly negative `axis` of a batched tensor of `rank` to an index into the
 /// per-example dims (so the batch axis is rejected).
 pub fn per_example_axis(axis: i64, rank: usize) -> Result<usize, String> {
@@ -178,12 +193,14 @@ impl Op {
                 if i.shape.contains(&0) {
                     return Err(format!("input shape {:?} has a zero dimension", i.shape));
                 }
+                checked_numel(&i.shape)?;
                 Ok(Shape::batched(i.shape.clone()))
             }
             Op::Parameter(p) => {
                 if p.shape.contains(&0) {
                     return Err(format!("parameter shape {:?} has a zero dimension", p.shape));
                 }
+                checked_numel(&p.shape)?;
                 Ok(Shape::fixed(p.shape.clone()))
             }
             Op::Conv2d(conv) => {
@@ -231,7 +248,13 @@ impl Op {
                 expect_same(x(), inputs[1], "operands must have the same shape")?;
                 Ok(x().clone())
             }
-            Op::Relu | Op::Relu6 | Op::Softmax => Ok(x().clone()),
+            Op::Relu | Op::Relu6 => Ok(x().clone()),
+            Op::Softmax => {
+                if x().dims.is_empty() {
+                    return Err(format!("softmax needs an axis to normalise over, but {} has none per example", x()));
+                }
+                Ok(x().clone())
+            }
             Op::Dropout(d) => {
                 if !(0.0..1.0).contains(&d.rate) {
                     return Err(format!("dropout rate {} must be in [0, 1)", d.rate));
@@ -256,11 +279,12 @@ impl Op {
                 if !x.batched {
                     return Err(format!("reshape input must be batched, got {x}"));
                 }
-                let known: i64 = r.shape.iter().filter(|&&d| d != -1).product();
                 let wildcards = r.shape.iter().filter(|&&d| d == -1).count();
                 if r.shape.iter().any(|&d| d == 0 || d < -1) || wildcards > 1 {
                     return Err(format!("target shape {:?} must hold positive sizes and at most one -1", r.shape));
                 }
+                let fixed: Vec<usize> = r.shape.iter().filter(|&&d| d != -1).map(|&d| d as usize).collect();
+                let known = checked_numel(&fixed)? as i64;
                 let total = x.numel() as i64;
                 let dims: Vec<usize> = if wildcards == 1 {
                     if total % known != 0 {
@@ -371,6 +395,9 @@ impl Op {
                     Some(c) if dy.batched => Ok(Shape::fixed(vec![c])),
                     _ => Err(format!("dy must be batched with a channel axis, got {dy}")),
                 }
+            }
+            Op::SoftmaxGrad if x().dims.is_empty() => {
+                Err(format!("softmax needs an axis to normalise over, but {} has none per example", x()))
             }
             Op::ReluGrad | Op::Relu6Grad | Op::SoftmaxGrad => {
                 expect_same(x(), inputs[1], "forward value and dy must have the same shape")?;

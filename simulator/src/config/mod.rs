@@ -188,8 +188,8 @@ impl Machine {
     }
 
     /// Sets the field at a dotted `path` (`core.mxu.rows`) from text (`256`, `true`, `[4, 4]`),
-    /// then re-validates. The error names the path and says what is wrong.
-    pub fn set(&mut self, path: &str, value: &str) -> Result<()> {
+    /// without validating the result. The error names the path and says what is wrong.
+    fn set_field(&mut self, path: &str, value: &str) -> Result<()> {
         let bad = |reason: String| Error::Config { field: path.to_string(), reason };
         let mut tree = serde_json::to_value(&*self).expect("machines serialise to JSON");
         let mut node = &mut tree;
@@ -233,6 +233,21 @@ impl Machine {
         let updated: Machine = serde_json::from_value(tree).map_err(|e| bad(format!("'{value}' does not fit: {e}")))?;
         *self = Machine { sources: self.sources.clone(), ..updated };
         self.sources.insert(path.to_string(), format!("set by the user to {value}"));
+        Ok(())
+    }
+
+    /// Sets one field (see [`Machine::set_all`]) and re-validates.
+    pub fn set(&mut self, path: &str, value: &str) -> Result<()> {
+        self.set_field(path, value)?;
+        self.validate()
+    }
+
+    /// Sets several fields, then validates once: a combination may be valid when its steps
+    /// taken one at a time are not (a larger array with a larger VMEM).
+    pub fn set_all(&mut self, settings: &[(&str, &str)]) -> Result<()> {
+        for (path, value) in settings {
+            self.set_field(path, value)?;
+        }
         self.validate()
     }
 
@@ -271,6 +286,11 @@ impl Machine {
         for (field, v) in counts {
             if v == 0 {
                 return bad(field, "must be at least 1".into());
+            }
+        }
+        for (field, v) in [("core.mxu.count", c.mxu.count), ("core.dma.engines", c.dma.engines)] {
+            if v > 64 {
+                return bad(field, format!("{v} is more than the 64 units per core this simulator models"));
             }
         }
         if c.mxu.rows > 4096 || c.mxu.cols > 4096 {

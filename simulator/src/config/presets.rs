@@ -93,8 +93,8 @@ const V4: Generation = Generation {
     slices: &[
         (8, &[2, 2, 1], &[false, false, false]),
         (16, &[2, 2, 2], &[false, false, false]),
-        (32, &[2, 2, 4], &[false, false, true]),
-        (64, &[2, 4, 4], &[false, true, true]),
+        (32, &[2, 2, 4], &[false, false, false]),
+        (64, &[2, 4, 4], &[false, false, false]),
         (128, &[4, 4, 4], &[true, true, true]),
         (256, &[4, 4, 8], &[true, true, true]),
         (512, &[4, 8, 8], &[true, true, true]),
@@ -104,7 +104,7 @@ const V4: Generation = Generation {
         (8192, &[16, 16, 16], &[true, true, true]),
     ],
     topology_src: "GC v4, SB: 3-D torus built from 4x4x4 cubes joined by optical circuit switches (up to 4096 chips); \
-                   a dimension wraps around when it spans whole cubes (multiples of 4)",
+                   a slice is a torus when every dimension is a multiple of 4, otherwise a mesh",
 };
 
 const GENERATIONS: [&Generation; 3] = [&V2, &V3, &V4];

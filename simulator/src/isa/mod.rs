@@ -170,6 +170,15 @@ pub enum PoolOp {
     Avg,
 }
 
+/// A DMA repeated `count` times, each time `src_step` and `dst_step` bytes further: a third
+/// dimension for copies such as "each output row of a band", where one 2-D tile is not enough.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Repeat {
+    pub count: u32,
+    pub src_step: u64,
+    pub dst_step: u64,
+}
+
 /// Pooling geometry: the source holds `n` images of `h × w` pixels as rows (NHWC flattened to
 /// `n·h·w × c`), the destination `n · out_h · out_w × c`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -188,15 +197,28 @@ pub struct PoolShape {
 /// What an instruction does.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Op {
-    /// Copy a tile between (or within) memory spaces on DMA engine `engine`.
-    Dma { engine: u8, src: Tile, dst: Tile },
+    /// Copy a tile between (or within) memory spaces on DMA engine `engine`, optionally
+    /// repeated with steps (a 3-D copy).
+    Dma {
+        engine: u8,
+        src: Tile,
+        dst: Tile,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        repeat: Option<Repeat>,
+    },
     /// `out (+)= lhs · rhs` on MXU `mxu`: weights (`rhs`) loaded tile by tile, `lhs` rows
     /// streamed, f32 sums accumulated into `out`. Inputs are rounded (or split) to bf16.
     MatMul { mxu: u8, lhs: Tile, rhs: Tile, out: Tile, accumulate: bool, precision: Precision },
     /// `dst = op(src)` on the VPU.
     Unary { op: UnaryOp, src: Tile, dst: Tile },
-    /// `dst = a op b` on the VPU; `b` is either `a`'s shape or one row broadcast over rows.
+    /// `dst = a op b` on the VPU; `b` has `a`'s shape, or is one row broadcast over rows, or one
+    /// column broadcast over columns.
     Binary { op: BinaryOp, a: Tile, b: Tile, dst: Tile },
+    /// `acc += a · b` elementwise on the VPU (one fused multiply-add per element); `b` may be
+    /// broadcast as in `Binary`.
+    MulAdd { a: Tile, b: Tile, acc: Tile },
+    /// Sets every element of `dst` to `value` on the VPU.
+    Fill { dst: Tile, value: f32 },
     /// `dst = reduce(src)` along an axis on the VPU.
     Reduce { op: ReduceOp, axis: Axis, src: Tile, dst: Tile },
     /// Pooling windows over images on the VPU.
@@ -242,9 +264,13 @@ impl Op {
         match self {
             Op::Dma { engine, .. } => Unit::Dma(*engine),
             Op::MatMul { mxu, .. } => Unit::Mxu(*mxu),
-            Op::Unary { .. } | Op::Binary { .. } | Op::Reduce { .. } | Op::Pool { .. } | Op::Transpose { .. } => {
-                Unit::Vpu
-            }
+            Op::Unary { .. }
+            | Op::Binary { .. }
+            | Op::MulAdd { .. }
+            | Op::Fill { .. }
+            | Op::Reduce { .. }
+            | Op::Pool { .. }
+            | Op::Transpose { .. } => Unit::Vpu,
             Op::Barrier => Unit::Scalar,
             Op::AllReduce { .. } => Unit::Ici,
             Op::Infeed { .. } | Op::Outfeed { .. } => Unit::Host,
@@ -257,6 +283,8 @@ impl Op {
             Op::MatMul { .. } => "matmul",
             Op::Unary { .. } => "unary",
             Op::Binary { .. } => "binary",
+            Op::MulAdd { .. } => "mul_add",
+            Op::Fill { .. } => "fill",
             Op::Reduce { .. } => "reduce",
             Op::Pool { .. } => "pool",
             Op::Transpose { .. } => "transpose",
@@ -270,7 +298,7 @@ impl Op {
     /// The tiles the instruction reads.
     pub fn reads(&self) -> Vec<Tile> {
         match *self {
-            Op::Dma { src, .. } => vec![src],
+            Op::Dma { src, repeat, .. } => repeated(src, repeat.map(|r| (r.count, r.src_step))),
             Op::MatMul { lhs, rhs, out, accumulate, .. } => {
                 if accumulate {
                     vec![lhs, rhs, out]
@@ -282,7 +310,8 @@ impl Op {
                 vec![src]
             }
             Op::Binary { a, b, .. } => vec![a, b],
-            Op::Barrier | Op::Infeed { .. } => vec![],
+            Op::MulAdd { a, b, acc } => vec![a, b, acc],
+            Op::Barrier | Op::Infeed { .. } | Op::Fill { .. } => vec![],
             Op::AllReduce { tile, .. } => vec![tile],
             Op::Outfeed { src } => vec![src],
         }
@@ -291,7 +320,9 @@ impl Op {
     /// The tiles the instruction writes.
     pub fn writes(&self) -> Vec<Tile> {
         match *self {
-            Op::Dma { dst, .. }
+            Op::Dma { dst, repeat, .. } => repeated(dst, repeat.map(|r| (r.count, r.dst_step))),
+            Op::MulAdd { acc, .. } => vec![acc],
+            Op::Fill { dst, .. }
             | Op::Unary { dst, .. }
             | Op::Binary { dst, .. }
             | Op::Reduce { dst, .. }
@@ -302,6 +333,23 @@ impl Op {
             Op::AllReduce { tile, .. } => vec![tile],
             Op::Barrier | Op::Outfeed { .. } => vec![],
         }
+    }
+}
+
+/// `tile` and its repetitions `step` bytes apart.
+fn repeated(tile: Tile, repeat: Option<(u32, u64)>) -> Vec<Tile> {
+    match repeat {
+        None => vec![tile],
+        Some((count, step)) => {
+            (0..count.max(1) as u64).map(|i| Tile { offset: tile.offset + i * step, ..tile }).collect()
+        }
+    }
+}
+
+impl Op {
+    /// A plain 2-D DMA.
+    pub fn dma(engine: u8, src: Tile, dst: Tile) -> Op {
+        Op::Dma { engine, src, dst, repeat: None }
     }
 }
 
@@ -343,7 +391,15 @@ impl Program {
 impl fmt::Display for Op {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Op::Dma { src, dst, .. } => write!(f, "dma        {src} -> {dst}"),
+            Op::Dma { src, dst, repeat, .. } => {
+                write!(f, "dma        {src} -> {dst}")?;
+                if let Some(r) = repeat {
+                    write!(f, " x{} (steps {:#x}, {:#x})", r.count, r.src_step, r.dst_step)?;
+                }
+                Ok(())
+            }
+            Op::MulAdd { a, b, acc } => write!(f, "mul_add    {acc} += {a} * {b}"),
+            Op::Fill { dst, value } => write!(f, "fill       {dst} = {value}"),
             Op::MatMul { lhs, rhs, out, accumulate, precision, .. } => {
                 let op = if *accumulate { "+=" } else { "=" };
                 write!(f, "matmul.{:<7} {out} {op} {lhs} x {rhs}", precision.name())

@@ -78,6 +78,17 @@ impl Checker<'_> {
         Ok(())
     }
 
+    /// `b` has `a`'s shape, or is one row (broadcast over rows) or one column (over columns).
+    fn broadcastable(&self, a: &Tile, b: &Tile) -> Result<()> {
+        if a.same_shape(b) || (b.rows == 1 && b.cols == a.cols) || (b.cols == 1 && b.rows == a.rows) {
+            return Ok(());
+        }
+        Err(self.fail(format!(
+            "b {b} must have a's shape {}x{}, or be one row of {} or one column of {} to broadcast",
+            a.rows, a.cols, a.cols, a.rows
+        )))
+    }
+
     fn same_shape(&self, what: &str, a: &Tile, b: &Tile) -> Result<()> {
         if !a.same_shape(b) {
             return Err(self.fail(format!("{what}: {a} and {b} have different shapes")));
@@ -90,7 +101,12 @@ impl Checker<'_> {
             self.tile("operand", t)?;
         }
         match op {
-            Op::Dma { engine, src, dst } => {
+            Op::Dma { engine, src, dst, repeat } => {
+                if let Some(r) = repeat
+                    && r.count == 0
+                {
+                    return Err(self.fail("a repeated DMA needs a count of at least 1".into()));
+                }
                 if *engine as usize >= self.machine.core.dma.engines {
                     return Err(self.fail(format!(
                         "DMA engine {engine} does not exist (the core has {}, core.dma.engines)",
@@ -101,7 +117,10 @@ impl Checker<'_> {
                 if src.dtype != dst.dtype {
                     return Err(self.fail(format!("DMA copies bytes: {src} and {dst} must have one element type")));
                 }
-                self.disjoint("source and destination", src, dst)
+                for (s, d) in op.reads().iter().zip(op.writes().iter()) {
+                    self.disjoint("source and destination", s, d)?;
+                }
+                Ok(())
             }
             Op::MatMul { mxu, lhs, rhs, out, .. } => {
                 if *mxu as usize >= self.machine.core.mxu.count {
@@ -136,14 +155,25 @@ impl Checker<'_> {
                     self.in_vmem(what, t)?;
                 }
                 self.same_shape("a and dst", a, dst)?;
-                if !(a.same_shape(b) || (b.rows == 1 && b.cols == a.cols)) {
-                    return Err(self.fail(format!(
-                        "b {b} must have a's shape {}x{} or be one row of {} broadcast",
-                        a.rows, a.cols, a.cols
-                    )));
-                }
+                self.broadcastable(a, b)?;
                 self.disjoint_or_same(dst, a)?;
                 self.disjoint_or_same(dst, b)
+            }
+            Op::MulAdd { a, b, acc } => {
+                for (what, t) in [("a", a), ("b", b), ("acc", acc)] {
+                    self.in_vmem(what, t)?;
+                }
+                self.same_shape("a and acc", a, acc)?;
+                self.broadcastable(a, b)?;
+                self.disjoint("acc and a", acc, a)?;
+                self.disjoint("acc and b", acc, b)
+            }
+            Op::Fill { dst, value } => {
+                self.in_vmem("dst", dst)?;
+                if value.is_nan() {
+                    return Err(self.fail("fill value is NaN".into()));
+                }
+                Ok(())
             }
             Op::Reduce { axis, src, dst, .. } => {
                 self.in_vmem("src", src)?;

@@ -119,8 +119,8 @@ fn pack_a(a: Matrix, r0: usize, strips: usize, st: &Step, out: &mut [f32]) {
 /// `strip[kk * MR + r] = rows[r * kc + kk]`: MR rows of `kc` values, k-major.
 fn interleave(rows: &[f32], kc: usize, strip: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx512f") {
-        // SAFETY: AVX-512F is present; `rows` and `strip` hold MR × kc values each.
+    if choice() == KernelChoice::Avx512 {
+        // SAFETY: AVX-512F is present (checked when chosen); `rows` and `strip` hold MR × kc values.
         unsafe { avx512::interleave(rows, kc, strip) };
         return;
     }
@@ -234,17 +234,68 @@ fn pack_b(b: Matrix, k0: usize, kc: usize, part: u8, out: &mut [f32]) {
 /// chunk sum from +0.0 in k order with FMAs, then one add into the accumulator.
 type Kernel = unsafe fn(usize, &[f32], &[f32], *mut f32, usize, usize, usize);
 
-fn select_kernel() -> Kernel {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::is_x86_feature_detected!("avx512f") {
-            return avx512::kernel;
-        }
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-            return portable_fma;
+/// Which micro-kernel runs: chosen from the CPU, or forced (tests run every one they can).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KernelChoice {
+    /// The fastest the CPU supports.
+    Auto,
+    /// Plain Rust with `f32::mul_add`.
+    Portable,
+    /// The portable kernel compiled for AVX2 and FMA.
+    Avx2,
+    /// The hand-written AVX-512 kernel (with gather-based packing).
+    Avx512,
+}
+
+static FORCED: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+impl KernelChoice {
+    /// Whether this CPU can run the choice.
+    pub fn available(self) -> bool {
+        match self {
+            KernelChoice::Auto | KernelChoice::Portable => true,
+            #[cfg(target_arch = "x86_64")]
+            KernelChoice::Avx2 => std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma"),
+            #[cfg(target_arch = "x86_64")]
+            KernelChoice::Avx512 => std::is_x86_feature_detected!("avx512f"),
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => false,
         }
     }
-    portable
+}
+
+/// Forces a micro-kernel for every later product in this process (`Auto` restores the
+/// default). Results must not change: tests use this to hold every kernel to the same bits.
+pub fn force_kernel(choice: KernelChoice) {
+    assert!(choice.available(), "{choice:?} is not available on this CPU");
+    FORCED.store(choice as u8, std::sync::atomic::Ordering::SeqCst);
+}
+
+fn choice() -> KernelChoice {
+    let forced = FORCED.load(std::sync::atomic::Ordering::SeqCst);
+    let all = [KernelChoice::Auto, KernelChoice::Portable, KernelChoice::Avx2, KernelChoice::Avx512];
+    match all[forced as usize] {
+        KernelChoice::Auto => {
+            if KernelChoice::Avx512.available() {
+                KernelChoice::Avx512
+            } else if KernelChoice::Avx2.available() {
+                KernelChoice::Avx2
+            } else {
+                KernelChoice::Portable
+            }
+        }
+        c => c,
+    }
+}
+
+fn select_kernel() -> Kernel {
+    match choice() {
+        #[cfg(target_arch = "x86_64")]
+        KernelChoice::Avx512 => avx512::kernel,
+        #[cfg(target_arch = "x86_64")]
+        KernelChoice::Avx2 => portable_fma,
+        _ => portable,
+    }
 }
 
 /// The portable micro-kernel (also the definition the vector kernels must equal).

@@ -84,6 +84,8 @@ pub struct Timeline {
     /// Cycles the array was streaming, loading or draining (union of [load, end) intervals).
     pub busy: u64,
     busy_until: u64,
+    /// When the last scheduled pass retired.
+    retired: u64,
     /// Multiply-accumulates performed by all passes (padding excluded, every precision pass counted).
     pub pass_macs: u64,
 }
@@ -98,6 +100,7 @@ impl Timeline {
             input_free: 0,
             busy: 0,
             busy_until: 0,
+            retired: 0,
             pass_macs: 0,
         }
     }
@@ -107,7 +110,10 @@ impl Timeline {
         let (m, k, n) = (pass.m as u64, pass.k as u64, pass.n as u64);
         let load = self.next_load(ready);
         let start = (load + 1).max(self.input_free);
-        let end = start + m + self.rows + n - 1;
+        // Passes retire in order: the accumulator's write port takes results in issue order, so
+        // a narrow pass after a wide one is done only when the wide one is.
+        let end = (start + m + self.rows + n - 1).max(self.retired);
+        self.retired = end;
         self.load_port_free = load + k;
         self.input_free = start + m;
         self.recent = [self.recent[1], Some((start, m, n))];

@@ -243,6 +243,10 @@ pub fn run(
             return Err(fail(format!("no progress after {cycle} cycles (deadlock)")));
         }
     }
+    // Passes retire in issue order (see `super::Timeline`).
+    for t in 1..timings.len() {
+        timings[t].end = timings[t].end.max(timings[t - 1].end);
+    }
     let cycles = if passes.is_empty() { 0 } else { last_activity + 1 };
     Ok(PeRun { cycles, timings })
 }

@@ -1,0 +1,79 @@
+//! An executable: a core program plus where the tensors the host exchanges live in HBM.
+//!
+//! Compilers produce executables; the functional engine loads tensors into their HBM tiles,
+//! runs the program and reads results back; the timing engine runs the same program on the
+//! clock. Tensors are row-major; each is seen as a 2-D tile (all but the last dimension
+//! flattened into rows).
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::Machine;
+use crate::error::{Error, Result};
+use crate::functional::Functional;
+use crate::isa::{Program, Tile};
+
+/// What a bound tensor is to the host.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Role {
+    /// Written by the host before the run (images, labels).
+    Input,
+    /// Written by the host before the run and possibly updated by it (weights, statistics).
+    Parameter,
+    /// Read by the host after the run.
+    Output,
+}
+
+/// A named tensor's place in HBM.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Binding {
+    pub name: String,
+    pub role: Role,
+    /// The tensor's logical shape (row-major).
+    pub shape: Vec<usize>,
+    pub tile: Tile,
+}
+
+/// A program and its bindings.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Executable {
+    pub name: String,
+    pub program: Program,
+    pub bindings: Vec<Binding>,
+    /// Bytes of HBM the executable uses at its peak (all buffers, by liveness).
+    pub hbm_peak_bytes: u64,
+}
+
+impl Executable {
+    pub fn binding(&self, name: &str, role: Role) -> Option<&Binding> {
+        self.bindings.iter().find(|b| b.name == name && b.role == role)
+    }
+
+    /// Loads `tensors` (name, values) into a fresh core, runs the program and returns every
+    /// output by name. Missing or mis-sized inputs are errors naming the tensor.
+    pub fn run<'a>(
+        &self,
+        machine: &Machine,
+        tensors: impl Fn(&str) -> Option<&'a [f32]>,
+    ) -> Result<Vec<(String, Vec<f32>)>> {
+        let mut core = Functional::new(machine);
+        for b in self.bindings.iter().filter(|b| b.role != Role::Output) {
+            let values = tensors(&b.name).ok_or_else(|| Error::Data(format!("tensor '{}' is not given", b.name)))?;
+            let want: usize = b.shape.iter().product();
+            if values.len() != want {
+                return Err(Error::Data(format!(
+                    "tensor '{}' has {} values but its shape {:?} holds {want}",
+                    b.name,
+                    values.len(),
+                    b.shape
+                )));
+            }
+            core.write(b.tile, values)?;
+        }
+        core.run(&self.program)?;
+        self.bindings
+            .iter()
+            .filter(|b| b.role == Role::Output)
+            .map(|b| Ok((b.name.clone(), core.read(b.tile)?)))
+            .collect()
+    }
+}
