@@ -5,15 +5,16 @@
 //! - [`zoo`]: reference CNNs (simple_cnn … resnet50, mobilenet_v1);
 //! - [`reference`]: the f32 CPU interpreter, the executable meaning of every op;
 //! - [`autodiff`]: reverse-mode differentiation as a graph transformation;
-//! - [`cost`]: FLOP and parameter counts per node.
+//! - [`cost`]: FLOP and parameter counts per node;
+//! - [`lower`]: graphs to simulator executables (fusion, layout, allocation, tiling, scheduling).
 //!
-//! The compiler knows nothing of estimators or command lines; it depends only on the simulator
-//! (from the lowering issue on).
+//! The compiler knows nothing of estimators or command lines; it depends only on the simulator.
 
 pub mod autodiff;
 pub mod cost;
 pub mod error;
 pub mod graph;
+pub mod lower;
 pub mod reference;
 pub mod rng;
 pub mod tensors;

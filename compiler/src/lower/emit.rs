@@ -1,0 +1,1107 @@
+//! The `tiling` and `scheduling` passes: kernels to instructions.
+//!
+//! Every kernel streams its data through VMEM in blocks, with two of each block buffer so the
+//! next block's DMA overlaps this block's MXU and VPU work. Dependencies name exactly what must
+//! finish first (the DMA filling a buffer, the matmuls reading it before it is refilled); a
+//! barrier closes each kernel and opens the next, so buffers (VMEM and HBM) can be reused.
+//!
+//! Convolutions run as **shifted matmuls**: the input band is staged in VMEM with its zero
+//! padding, and each kernel tap (i, j) is one matmul whose left operand is the staging buffer
+//! read with a row stride of `stride × channels`, starting `(i·dh·Wp + j·dw)` pixels in. The
+//! output rows then run over the padded width (`Wp` per output row), so the `Wp − OW` extra
+//! columns (and, for whole-image blocks, the extra rows) are computed and dropped: reported as
+//! padding waste. When the channels are few (the 3-channel first layer), the taps are folded
+//! into K instead (**im2col**): the VPU copies each tap's view into the columns of one matrix
+//! and a single matmul of depth `taps × channels` replaces `taps` shallow ones. Depthwise
+//! convolutions have one input channel per output channel — a matmul of depth 1 — so they run
+//! on the **VPU** as one multiply-add per tap.
+
+use std::collections::BTreeMap;
+
+use systolic_simulator::Machine;
+use systolic_simulator::isa::*;
+use systolic_simulator::mxu::passes;
+
+use super::{Epilogue, Kernel, KernelReport, Main, Options, Place};
+use crate::cost;
+use crate::error::{Error, Result};
+use crate::graph::{Graph, NodeId, Op as GOp, Padding, Pool as PoolAttrs};
+
+/// Rows of a block's matmul (the streamed LHS rows) the tiling aims for.
+const TARGET_ROWS: usize = 2048;
+/// VMEM set aside for a kernel's weights.
+const WEIGHT_BUDGET: u64 = 4 << 20;
+
+/// A bump allocator over one kernel's VMEM.
+struct Vmem {
+    next: u64,
+    capacity: u64,
+}
+
+impl Vmem {
+    fn alloc(&mut self, rows: usize, cols: usize) -> Option<Tile> {
+        let at = self.next.div_ceil(512) * 512;
+        let end = at + (rows * cols * 4) as u64;
+        if end > self.capacity {
+            return None;
+        }
+        self.next = end;
+        Some(Tile::new(Space::Vmem, at, rows, cols, DType::F32))
+    }
+}
+
+/// Per-kernel accounting for the report.
+#[derive(Default)]
+struct Account {
+    mxu_passes: u64,
+    padded_macs: u64,
+    /// Streamed rows per MXU (the MXU estimate).
+    mxu_stream: BTreeMap<u8, u64>,
+    hbm_bytes: u64,
+    dma_bytes: u64,
+    vpu_cycles: u64,
+}
+
+struct Emitter<'a> {
+    m: &'a Machine,
+    opts: &'a Options,
+    graph: &'a Graph,
+    places: &'a [Option<Place>],
+    program: Program,
+    start: u32,
+    prev_end: Option<u32>,
+    last_on_unit: BTreeMap<Unit, u32>,
+    account: Account,
+}
+
+impl<'a> Emitter<'a> {
+    fn place(&self, id: NodeId) -> &'a Place {
+        self.places[id.index()].as_ref().expect("every tensor a kernel touches is placed")
+    }
+
+    fn vmem(&self) -> Vmem {
+        Vmem { next: 0, capacity: self.m.core.vmem_bytes }
+    }
+
+    fn begin(&mut self) {
+        let deps: Vec<u32> = self.prev_end.into_iter().collect();
+        self.start = self.program.push(Op::Barrier, &deps);
+        self.last_on_unit.clear();
+        self.account = Account::default();
+    }
+
+    fn end(&mut self) -> u32 {
+        let mut deps: Vec<u32> = self.last_on_unit.values().copied().collect();
+        deps.sort_unstable();
+        if deps.is_empty() {
+            deps.push(self.start);
+        }
+        let id = self.program.push(Op::Barrier, &deps);
+        self.prev_end = Some(id);
+        id
+    }
+
+    /// Appends an instruction; with no dependencies it waits for the kernel's start.
+    fn push(&mut self, op: Op, deps: &[u32]) -> u32 {
+        let mut deps: Vec<u32> = deps.to_vec();
+        deps.sort_unstable();
+        deps.dedup();
+        if deps.is_empty() {
+            deps.push(self.start);
+        }
+        // Engines are numbered by role (0 in, 1 weights, 2 out); fold them onto the core's.
+        let op = match op {
+            Op::Dma { engine, src, dst, repeat } => {
+                Op::Dma { engine: engine % self.m.core.dma.engines as u8, src, dst, repeat }
+            }
+            other => other,
+        };
+        self.count(&op);
+        let unit = op.unit();
+        let id = self.program.push(op, &deps);
+        self.last_on_unit.insert(unit, id);
+        id
+    }
+
+    fn count(&mut self, op: &Op) {
+        let core = &self.m.core;
+        let vregs = |t: &Tile| {
+            (t.rows as u64).div_ceil(core.vpu.sublanes as u64) * (t.cols as u64).div_ceil(core.vpu.lanes as u64)
+        };
+        let vpu = |n: u64| n.div_ceil(core.vpu.alus as u64).max(1);
+        match op {
+            Op::Dma { src, dst, repeat, .. } => {
+                let bytes = src.bytes() * repeat.map_or(1, |r| r.count as u64);
+                let hbm = (src.space == Space::Hbm) as u64 + (dst.space == Space::Hbm) as u64;
+                self.account.hbm_bytes += bytes * hbm;
+                self.account.dma_bytes += bytes * hbm.max(1);
+            }
+            Op::MatMul { mxu, lhs, rhs, precision, .. } => {
+                let (m, k, n) = (lhs.rows as usize, lhs.cols as usize, rhs.cols as usize);
+                let ps = passes(m, k, n, core.mxu.rows, core.mxu.cols, *precision);
+                self.account.mxu_passes += ps.len() as u64;
+                self.account.padded_macs += (ps.len() * m * core.mxu.rows * core.mxu.cols) as u64;
+                *self.account.mxu_stream.entry(*mxu).or_default() +=
+                    ps.iter().map(|p| p.m.max(p.k) as u64).sum::<u64>();
+            }
+            Op::Unary { dst, .. } | Op::Binary { dst, .. } | Op::Fill { dst, .. } => {
+                self.account.vpu_cycles += vpu(vregs(dst))
+            }
+            Op::MulAdd { acc, .. } => self.account.vpu_cycles += vpu(2 * vregs(acc)),
+            Op::Reduce { src, .. } | Op::Transpose { src, .. } => self.account.vpu_cycles += vpu(vregs(src)),
+            Op::Pool { shape, dst, .. } => {
+                self.account.vpu_cycles += vpu(vregs(dst) * (shape.window[0] * shape.window[1]) as u64)
+            }
+            _ => {}
+        }
+    }
+
+    /// The report of the kernel just emitted.
+    fn report(
+        &self,
+        graph: &Graph,
+        kernel: &Kernel,
+        strategy: String,
+        padded: String,
+        useful_macs: u64,
+        range: std::ops::Range<usize>,
+    ) -> KernelReport {
+        let a = &self.account;
+        let batch = self.opts.batch;
+        let flops = kernel.nodes.iter().map(|&n| cost::flops(graph, n, batch)).sum();
+        let mxu_cycles = a.mxu_stream.values().copied().max().unwrap_or(0);
+        let dma_cycles = (a.dma_bytes as f64 / self.m.core.hbm.bytes_per_cycle).ceil() as u64;
+        let estimate = mxu_cycles.max(dma_cycles).max(a.vpu_cycles) + self.m.core.dma.latency_cycles;
+        KernelReport {
+            name: kernel.name.clone(),
+            ops: kernel.ops(graph),
+            strategy,
+            padded,
+            mxu_passes: a.mxu_passes,
+            flops,
+            useful_macs,
+            padded_macs: a.padded_macs,
+            padding_waste: if a.padded_macs > 0 { 1.0 - useful_macs as f64 / a.padded_macs as f64 } else { 0.0 },
+            mxu_cycles,
+            hbm_bytes: a.hbm_bytes,
+            dma_cycles,
+            vpu_cycles: a.vpu_cycles,
+            estimate_cycles: estimate,
+            instructions: range,
+        }
+    }
+
+    fn unsupported(&self, node: NodeId, why: String) -> Error {
+        let n = self.graph.node(node);
+        Error::Node {
+            node: n.name.clone(),
+            op: n.op.kind(),
+            reason: format!("the lowering cannot place this op: {why}"),
+        }
+    }
+
+    fn vmem_error(&self, kernel: &Kernel, what: &str) -> Error {
+        Error::Node {
+            node: kernel.name.clone(),
+            op: self.graph.node(kernel.output).op.kind(),
+            reason: format!(
+                "its {what} do not fit the core's {} bytes of VMEM (core.vmem_bytes) even in the smallest blocks",
+                self.m.core.vmem_bytes
+            ),
+        }
+    }
+}
+
+/// Per-channel vectors an epilogue needs, prepared in VMEM once per kernel.
+struct Channels {
+    bias: Option<Tile>,
+    /// Batch norm as `x · scale + shift`.
+    bn: Option<(Tile, Tile)>,
+    ready: Option<u32>,
+}
+
+/// Loads biases and folds batch-norm statistics into scale and shift (`1 × C` tiles).
+fn prepare_channels(e: &mut Emitter, kernel: &Kernel, c: usize, vmem: &mut Vmem) -> Result<Channels> {
+    let mut ch = Channels { bias: None, bn: None, ready: None };
+    let mut last = Vec::new();
+    for step in &kernel.epilogue {
+        match *step {
+            Epilogue::Bias(p) => {
+                let t = vmem.alloc(1, c).ok_or_else(|| e.vmem_error(kernel, "channel vectors"))?;
+                last.push(e.push(Op::dma(0, e.place(p).tile, t), &[]));
+                ch.bias = Some(t);
+            }
+            Epilogue::BatchNorm(bn) => {
+                let node = e.graph.node(bn);
+                let GOp::BatchNorm(attrs) = &node.op else { unreachable!("a BatchNorm epilogue step") };
+                let mut load = |e: &mut Emitter, p: NodeId| -> Result<(Tile, u32)> {
+                    let t = vmem.alloc(1, c).ok_or_else(|| e.vmem_error(kernel, "channel vectors"))?;
+                    Ok((t, e.push(Op::dma(1, e.place(p).tile, t), &[])))
+                };
+                let (gamma, d0) = load(e, node.inputs[1])?;
+                let (beta, d1) = load(e, node.inputs[2])?;
+                let (mean, d2) = load(e, node.inputs[3])?;
+                let (var, d3) = load(e, node.inputs[4])?;
+                // scale = gamma / sqrt(var + eps); shift = beta - mean * scale.
+                let a = e.push(Op::Unary { op: UnaryOp::AddScalar(attrs.epsilon), src: var, dst: var }, &[d3]);
+                let b = e.push(Op::Unary { op: UnaryOp::Rsqrt, src: var, dst: var }, &[a]);
+                let s = e.push(Op::Binary { op: BinaryOp::Mul, a: gamma, b: var, dst: gamma }, &[b, d0]);
+                let m = e.push(Op::Binary { op: BinaryOp::Mul, a: mean, b: gamma, dst: mean }, &[s, d2]);
+                last.push(e.push(Op::Binary { op: BinaryOp::Sub, a: beta, b: mean, dst: beta }, &[m, d1]));
+                ch.bn = Some((gamma, beta));
+            }
+            _ => {}
+        }
+    }
+    if !last.is_empty() {
+        ch.ready = Some(e.push(Op::Barrier, &last));
+    }
+    Ok(ch)
+}
+
+/// Applies a kernel's epilogue to `acc` (rows × nb, channels c0..c0+nb) in place.
+fn apply_epilogue(
+    e: &mut Emitter,
+    kernel: &Kernel,
+    ch: &Channels,
+    acc: Tile,
+    c0: usize,
+    residual: Option<(Tile, u32)>,
+    mut after: Vec<u32>,
+) -> u32 {
+    if let Some(r) = ch.ready {
+        after.push(r);
+    }
+    let nb = acc.cols as usize;
+    let mut last = None;
+    for step in &kernel.epilogue {
+        let deps: Vec<u32> = match last {
+            Some(l) => vec![l],
+            None => after.clone(),
+        };
+        let op = match *step {
+            Epilogue::Bias(_) => {
+                Op::Binary { op: BinaryOp::Add, a: acc, b: ch.bias.expect("prepared").columns(c0, nb), dst: acc }
+            }
+            Epilogue::BatchNorm(_) => {
+                let (scale, shift) = ch.bn.expect("prepared");
+                let m = e.push(Op::Binary { op: BinaryOp::Mul, a: acc, b: scale.columns(c0, nb), dst: acc }, &deps);
+                last = Some(e.push(Op::Binary { op: BinaryOp::Add, a: acc, b: shift.columns(c0, nb), dst: acc }, &[m]));
+                continue;
+            }
+            Epilogue::Residual(_) => {
+                let (res, loaded) = residual.expect("a residual step has its tile");
+                let mut d = deps.clone();
+                d.push(loaded);
+                last = Some(e.push(Op::Binary { op: BinaryOp::Add, a: acc, b: res, dst: acc }, &d));
+                continue;
+            }
+            Epilogue::Relu => Op::Unary { op: UnaryOp::Relu, src: acc, dst: acc },
+            Epilogue::Relu6 => Op::Unary { op: UnaryOp::Relu6, src: acc, dst: acc },
+        };
+        last = Some(e.push(op, &deps));
+    }
+    match last {
+        Some(l) => l,
+        None => e.push(Op::Barrier, &after),
+    }
+}
+
+fn residual_of(kernel: &Kernel) -> Option<NodeId> {
+    kernel.epilogue.iter().find_map(|s| if let Epilogue::Residual(r) = s { Some(*r) } else { None })
+}
+
+/// Splits `rows` into at most `parts` near-equal ranges (for MXUs working side by side).
+fn split_rows(rows: usize, parts: usize) -> Vec<(usize, usize)> {
+    let parts = parts.clamp(1, rows.max(1));
+    let per = rows.div_ceil(parts);
+    (0..rows).step_by(per).map(|r| (r, per.min(rows - r))).collect()
+}
+
+/// How many MXUs a block of `rows` streamed rows should use: each needs a weight tile's worth.
+fn mxus_for(m: &Machine, rows: usize) -> usize {
+    m.core.mxu.count.min(rows.div_ceil(m.core.mxu.rows)).max(1)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Convolutions
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum ConvStrategy {
+    Shifted,
+    Im2col,
+    Depthwise,
+}
+
+struct ConvGeom {
+    n: usize,
+    h: usize,
+    w: usize,
+    kh: usize,
+    kw: usize,
+    co: usize,
+    groups: usize,
+    s: usize,
+    dh: usize,
+    dw: usize,
+    pt: usize,
+    pl: usize,
+    oh: usize,
+    ow: usize,
+    hp: usize,
+    wp: usize,
+}
+
+impl ConvGeom {
+    fn cog(&self) -> usize {
+        self.co / self.groups
+    }
+    fn taps(&self) -> usize {
+        self.kh * self.kw
+    }
+    /// Virtual output rows per image slot: the slot holds `s · hv ≥ hp` padded rows.
+    fn hv(&self) -> usize {
+        self.hp.div_ceil(self.s)
+    }
+    /// Padded rows past the last streamed row that taps can reach.
+    fn halo(&self) -> usize {
+        (self.kh - 1) * self.dh + 2
+    }
+}
+
+/// A block of output rows: `images` whole images from `n0`, or one band of image `n0`.
+#[derive(Clone, Copy, Debug)]
+struct Block {
+    n0: usize,
+    images: usize,
+    oh0: usize,
+    bh: usize,
+}
+
+fn conv(e: &mut Emitter, kernel: &Kernel, node: NodeId) -> Result<KernelReport> {
+    let first = e.program.len();
+    let graph = e.graph;
+    let n = graph.node(node);
+    let GOp::Conv2d(attrs) = &n.op else { unreachable!("a Conv main") };
+    let x = e.place(n.inputs[0]);
+    let w = e.place(n.inputs[1]);
+    let y = e.place(kernel.output);
+    let [bn, h, wd, c] = [x.shape[0], x.shape[1], x.shape[2], x.shape[3]];
+    let [kh, kw, cg, co] = [w.shape[0], w.shape[1], w.shape[2], w.shape[3]];
+    let win = attrs.window([h, wd], [kh, kw]).expect("checked when the node was added");
+    if attrs.strides[0] != attrs.strides[1] {
+        return Err(e.unsupported(node, format!("unequal strides {:?} are not lowered yet", attrs.strides)));
+    }
+    let g = ConvGeom {
+        n: bn,
+        h,
+        w: wd,
+        kh,
+        kw,
+        co,
+        groups: attrs.groups,
+        s: attrs.strides[0],
+        dh: attrs.dilation[0],
+        dw: attrs.dilation[1],
+        pt: win.pad_top,
+        pl: win.pad_left,
+        oh: win.out_h,
+        ow: win.out_w,
+        hp: h + win.pad_top + win.pad_bottom,
+        wp: wd + win.pad_left + win.pad_right,
+    };
+    // The bias input is the first epilogue step.
+    let mut kernel = kernel.clone();
+    if n.inputs.len() > 2 {
+        kernel.epilogue.insert(0, Epilogue::Bias(n.inputs[2]));
+    }
+    let depthwise = g.groups > 1 && cg == 1;
+    if depthwise && g.cog() != 1 {
+        return Err(
+            e.unsupported(node, "depthwise convolutions with a depth multiplier above 1 are not lowered yet".into())
+        );
+    }
+    let rows = e.m.core.mxu.rows;
+    let strategy = if depthwise {
+        ConvStrategy::Depthwise
+    } else if g.groups == 1 && g.taps() > 1 && (g.taps() * cg).div_ceil(rows) < g.taps() * cg.div_ceil(rows) {
+        ConvStrategy::Im2col
+    } else {
+        ConvStrategy::Shifted
+    };
+
+    // Output channel blocks: one group each for grouped convolutions, else as wide as the
+    // weight budget allows (whole array widths).
+    let cols = e.m.core.mxu.cols;
+    let nb = if depthwise {
+        co.min(512)
+    } else if g.groups > 1 {
+        g.cog()
+    } else {
+        // Equal blocks of whole array widths within the weight budget.
+        let per_col = (g.taps() * cg * 4) as u64;
+        let fit = ((WEIGHT_BUDGET / per_col) as usize / cols * cols).clamp(cols.min(co), 4 * cols);
+        let blocks = co.div_ceil(fit);
+        co.min(co.div_ceil(blocks).div_ceil(cols) * cols)
+    };
+
+    // Blocks of output rows sized to TARGET_ROWS and to VMEM.
+    let hv = g.hv();
+    let per_image = hv * g.wp;
+    let mut target = TARGET_ROWS;
+    let (blocks, m_rows, stage_rows, whole) = loop {
+        let whole = per_image <= target;
+        let (blocks, m_rows, stage_rows) = if whole {
+            let imgs = (target / per_image).clamp(1, g.n);
+            let blocks: Vec<Block> =
+                (0..g.n).step_by(imgs).map(|n0| Block { n0, images: imgs.min(g.n - n0), oh0: 0, bh: g.oh }).collect();
+            (blocks, imgs * per_image, imgs * g.s * hv + g.halo())
+        } else {
+            let bh = (target / g.wp).clamp(1, g.oh);
+            let blocks: Vec<Block> = (0..g.n)
+                .flat_map(|n0| {
+                    (0..g.oh).step_by(bh).map(move |oh0| Block { n0, images: 1, oh0, bh: bh.min(g.oh - oh0) })
+                })
+                .collect();
+            (blocks, bh * g.wp, g.s * bh + g.halo())
+        };
+        let stage = (stage_rows * g.wp * c * 4) as u64;
+        let acc = (m_rows * nb * 4) as u64;
+        let res = if residual_of(&kernel).is_some() { acc } else { 0 };
+        let cols_buf = if strategy == ConvStrategy::Im2col { (m_rows * g.taps() * c * 4) as u64 } else { 0 };
+        let weights = (g.taps() * cg * nb * 4) as u64;
+        let need = 2 * (stage + acc + res + cols_buf) + weights + (8 * co * 4) as u64 + 16 * 512;
+        if need <= e.m.core.vmem_bytes {
+            break (blocks, m_rows, stage_rows, whole);
+        }
+        if target <= g.wp {
+            return Err(e.vmem_error(&kernel, "staging, accumulator and weight buffers"));
+        }
+        target /= 2;
+    };
+
+    let mut vmem = e.vmem();
+    let oom = |e: &Emitter| e.vmem_error(&kernel, "buffers");
+    let weights = vmem.alloc(g.taps() * cg, nb).ok_or_else(|| oom(e))?;
+    let stage: Vec<Tile> =
+        (0..2).map(|_| vmem.alloc(stage_rows * g.wp, c)).collect::<Option<_>>().ok_or_else(|| oom(e))?;
+    let acc: Vec<Tile> = (0..2).map(|_| vmem.alloc(m_rows, nb)).collect::<Option<_>>().ok_or_else(|| oom(e))?;
+    let res: Vec<Tile> = if residual_of(&kernel).is_some() {
+        (0..2).map(|_| vmem.alloc(m_rows, nb)).collect::<Option<_>>().ok_or_else(|| oom(e))?
+    } else {
+        Vec::new()
+    };
+    let im2col: Vec<Tile> = if strategy == ConvStrategy::Im2col {
+        (0..2).map(|_| vmem.alloc(m_rows, g.taps() * c)).collect::<Option<_>>().ok_or_else(|| oom(e))?
+    } else {
+        Vec::new()
+    };
+    let ch = prepare_channels(e, &kernel, co, &mut vmem)?;
+
+    // Per buffer parity: who last read staging, acc and res.
+    let mut stage_readers: [Vec<u32>; 2] = [Vec::new(), Vec::new()];
+    let mut stage_filled = [false, false];
+    let mut acc_free: [Option<u32>; 2] = [None, None];
+    let mut res_free: [Option<u32>; 2] = [None, None];
+    let mut weight_readers: Vec<u32> = Vec::new();
+    let mut block_no = 0usize;
+    let precision = e.opts.precision;
+    let mut useful_macs = 0u64;
+    for c0 in (0..co).step_by(nb) {
+        let nbw = nb.min(co - c0);
+        // Weights of this channel block (all taps), once.
+        let wsrc = w.tile.columns(c0, nbw);
+        let wdst = Tile { cols: nbw as u32, stride: nbw as u32, ..weights };
+        let wload = e.push(Op::dma(1, wsrc, wdst), &weight_readers);
+        weight_readers.clear();
+        let group = if g.groups > 1 && !depthwise { c0 / g.cog() } else { 0 };
+        for blk in &blocks {
+            let p = block_no % 2;
+            block_no += 1;
+            let edge = blk.oh0 * g.s < g.pt || (blk.oh0 + blk.bh) * g.s + g.halo() > g.pt + g.h;
+            let m_blk = if whole { blk.images * per_image } else { blk.bh * g.wp };
+            // Stage the input rows (with zero padding).
+            let mut stage_deps = stage_readers[p].clone();
+            if !stage_filled[p] || (!whole && edge) {
+                let f = e.push(Op::Fill { dst: stage[p], value: 0.0 }, &stage_deps);
+                stage_deps = vec![f];
+                stage_filled[p] = true;
+            }
+            let row_bytes = (g.w * c * 4) as u64;
+            let slot_elems = (g.s * hv * g.wp * c) as u64;
+            let staged = if whole {
+                // Whole images, one slot each.
+                let src =
+                    Tile { rows: g.h as u32, cols: (g.w * c) as u32, stride: (g.w * c) as u32, ..x.tile }.rows(0, g.h);
+                let src = Tile { offset: x.tile.offset + (blk.n0 * g.h) as u64 * row_bytes, ..src };
+                let dst = Tile {
+                    space: Space::Vmem,
+                    offset: stage[p].offset + ((g.pt * g.wp + g.pl) * c * 4) as u64,
+                    rows: g.h as u32,
+                    cols: (g.w * c) as u32,
+                    stride: (g.wp * c) as u32,
+                    dtype: DType::F32,
+                };
+                let repeat = (blk.images > 1).then(|| Repeat {
+                    count: blk.images as u32,
+                    src_step: g.h as u64 * row_bytes,
+                    dst_step: slot_elems * 4,
+                });
+                e.push(Op::Dma { engine: 0, src, dst, repeat }, &stage_deps)
+            } else {
+                // A band: padded rows oh0·s .. from image n0.
+                let first_padded = blk.oh0 * g.s;
+                let h_lo = first_padded.saturating_sub(g.pt);
+                let h_hi = (first_padded + g.s * blk.bh + g.halo()).saturating_sub(g.pt).min(g.h);
+                if h_hi <= h_lo {
+                    return Err(e.unsupported(node, "a band with no input rows (padding larger than the image)".into()));
+                }
+                let q_lo = h_lo + g.pt - first_padded;
+                let src = Tile {
+                    space: Space::Hbm,
+                    offset: x.tile.offset + ((blk.n0 * g.h + h_lo) as u64) * row_bytes,
+                    rows: (h_hi - h_lo) as u32,
+                    cols: (g.w * c) as u32,
+                    stride: (g.w * c) as u32,
+                    dtype: DType::F32,
+                };
+                let dst = Tile {
+                    space: Space::Vmem,
+                    offset: stage[p].offset + ((q_lo * g.wp + g.pl) * c * 4) as u64,
+                    rows: (h_hi - h_lo) as u32,
+                    cols: (g.w * c) as u32,
+                    stride: (g.wp * c) as u32,
+                    dtype: DType::F32,
+                };
+                e.push(Op::dma(0, src, dst), &stage_deps)
+            };
+            // Compute into acc[p].
+            let accp = Tile { rows: m_blk as u32, cols: nbw as u32, stride: nbw as u32, ..acc[p] };
+            let mut compute_deps = vec![staged, wload];
+            compute_deps.extend(acc_free[p]);
+            let tap_view = |i: usize, j: usize, ch0: usize, chs: usize, rows: usize| Tile {
+                space: Space::Vmem,
+                offset: stage[p].offset + (((i * g.dh * g.wp + j * g.dw) * c + ch0) * 4) as u64,
+                rows: rows as u32,
+                cols: chs as u32,
+                stride: (g.s * c) as u32,
+                dtype: DType::F32,
+            };
+            let mut readers = Vec::new();
+            let mut producers = Vec::new();
+            match strategy {
+                ConvStrategy::Shifted => {
+                    let split = split_rows(m_blk, mxus_for(e.m, m_blk));
+                    let mut last_per_mxu = vec![None; split.len()];
+                    for i in 0..g.kh {
+                        for j in 0..g.kw {
+                            let tap = i * g.kw + j;
+                            let rhs = Tile { rows: cg as u32, ..wdst }.rows(0, cg);
+                            let rhs = Tile { offset: wdst.offset + (tap * cg * nbw * 4) as u64, ..rhs };
+                            for (x_i, &(r0, rn)) in split.iter().enumerate() {
+                                let lhs = tap_view(i, j, group * cg, cg, m_blk).rows(r0, rn);
+                                let out = accp.rows(r0, rn);
+                                let mut deps = compute_deps.clone();
+                                deps.extend(last_per_mxu[x_i]);
+                                let id = e.push(
+                                    Op::MatMul { mxu: x_i as u8, lhs, rhs, out, accumulate: tap > 0, precision },
+                                    &deps,
+                                );
+                                last_per_mxu[x_i] = Some(id);
+                            }
+                        }
+                    }
+                    readers.extend(last_per_mxu.iter().flatten());
+                    producers.extend(last_per_mxu.iter().flatten());
+                }
+                ConvStrategy::Im2col => {
+                    let cols_t = Tile { rows: m_blk as u32, ..im2col[p] };
+                    let mut copies = Vec::new();
+                    for i in 0..g.kh {
+                        for j in 0..g.kw {
+                            let tap = i * g.kw + j;
+                            let dst = cols_t.columns(tap * c, c);
+                            // The copy into the columns also waits for the matmuls that read them.
+                            let mut deps = vec![staged];
+                            deps.extend(acc_free[p]);
+                            copies.push(
+                                e.push(Op::Unary { op: UnaryOp::Copy, src: tap_view(i, j, 0, c, m_blk), dst }, &deps),
+                            );
+                        }
+                    }
+                    readers.push(*copies.last().expect("at least one tap"));
+                    let split = split_rows(m_blk, mxus_for(e.m, m_blk));
+                    let rhs = Tile { rows: (g.taps() * c) as u32, ..wdst };
+                    for (x_i, &(r0, rn)) in split.iter().enumerate() {
+                        let mut deps = vec![*copies.last().expect("taps"), wload];
+                        deps.extend(acc_free[p]);
+                        let id = e.push(
+                            Op::MatMul {
+                                mxu: x_i as u8,
+                                lhs: cols_t.rows(r0, rn),
+                                rhs,
+                                out: accp.rows(r0, rn),
+                                accumulate: false,
+                                precision,
+                            },
+                            &deps,
+                        );
+                        producers.push(id);
+                    }
+                    // The next use of these im2col columns must wait for these matmuls.
+                    readers.extend(producers.iter().copied());
+                }
+                ConvStrategy::Depthwise => {
+                    let mut last = None;
+                    for i in 0..g.kh {
+                        for j in 0..g.kw {
+                            let tap = i * g.kw + j;
+                            let a = tap_view(i, j, c0, nbw, m_blk);
+                            let wrow = Tile { offset: wdst.offset + (tap * nbw * 4) as u64, rows: 1, ..wdst };
+                            let deps: Vec<u32> = match last {
+                                Some(l) => vec![l],
+                                None => compute_deps.clone(),
+                            };
+                            let op = if tap == 0 {
+                                Op::Binary { op: BinaryOp::Mul, a, b: wrow, dst: accp }
+                            } else {
+                                Op::MulAdd { a, b: wrow, acc: accp }
+                            };
+                            last = Some(e.push(op, &deps));
+                        }
+                    }
+                    readers.extend(last);
+                    producers.extend(last);
+                }
+            }
+            stage_readers[p] = readers.clone();
+            weight_readers.extend(producers.iter().copied());
+            // Residual rows, in the accumulator's layout.
+            let residual = match residual_of(&kernel) {
+                Some(r) => {
+                    let rp = e.place(r);
+                    let resp = Tile { rows: m_blk as u32, cols: nbw as u32, stride: nbw as u32, ..res[p] };
+                    let deps: Vec<u32> = res_free[p].into_iter().collect();
+                    let loaded = out_rows(e, &g, blk, whole, per_image, rp.tile, resp, c0, nbw, true, &deps);
+                    Some((resp, loaded))
+                }
+                None => None,
+            };
+            let done = apply_epilogue(e, &kernel, &ch, accp, c0, residual, producers.clone());
+            if residual.is_some() {
+                res_free[p] = Some(done);
+            }
+            let stored = out_rows(e, &g, blk, whole, per_image, y.tile, accp, c0, nbw, false, &[done]);
+            acc_free[p] = Some(stored);
+            useful_macs += (blk.images * blk.bh * g.ow * nbw * g.taps() * cg) as u64;
+        }
+    }
+    let range = first..e.program.len() + 1;
+    let name = match strategy {
+        ConvStrategy::Shifted => "shifted matmuls (one per tap)",
+        ConvStrategy::Im2col => "im2col on the VPU, one matmul per block",
+        ConvStrategy::Depthwise => "depthwise on the VPU (one multiply-add per tap)",
+    };
+    let blocks_desc = if whole {
+        format!("{} images per block", m_rows / per_image)
+    } else {
+        format!("bands of {} rows", m_rows / g.wp)
+    };
+    let strategy_text = format!("{name}; {blocks_desc}; {} channels per block", nb);
+    let k_depth = if strategy == ConvStrategy::Im2col { g.taps() * c } else { cg };
+    let padded = format!(
+        "M {m_rows} (of which {} useful) x K {k_depth}{} x N {nb}{}",
+        (blocks.first().map_or(0, |b| b.images * b.bh * g.ow)),
+        if strategy == ConvStrategy::Shifted && g.taps() > 1 { format!(" x {} taps", g.taps()) } else { String::new() },
+        if depthwise { " (VPU)".to_string() } else { String::new() }
+    );
+    Ok(e.report(graph, &kernel, strategy_text, padded, useful_macs, range))
+}
+
+/// Moves the valid output rows of a block between HBM (compact NHWC rows) and an accumulator
+/// laid out over the padded width; `load` reads HBM into VMEM (residuals), else writes back.
+#[allow(clippy::too_many_arguments)]
+fn out_rows(
+    e: &mut Emitter,
+    g: &ConvGeom,
+    blk: &Block,
+    whole: bool,
+    per_image: usize,
+    hbm: Tile,
+    vmem: Tile,
+    c0: usize,
+    nb: usize,
+    load: bool,
+    deps: &[u32],
+) -> u32 {
+    let mut last = None;
+    for img in 0..blk.images {
+        let n = blk.n0 + img;
+        let v_row0 = if whole { img * per_image } else { 0 };
+        let h = Tile {
+            space: Space::Hbm,
+            offset: hbm.offset + (((n * g.oh + blk.oh0) * g.ow * g.co + c0) * 4) as u64,
+            rows: g.ow as u32,
+            cols: nb as u32,
+            stride: g.co as u32,
+            dtype: DType::F32,
+        };
+        let v = Tile {
+            offset: vmem.offset + (v_row0 * nb * 4) as u64,
+            rows: g.ow as u32,
+            cols: nb as u32,
+            stride: nb as u32,
+            ..vmem
+        };
+        let (h_step, v_step) = ((g.ow * g.co * 4) as u64, (g.wp * nb * 4) as u64);
+        let (src, dst, src_step, dst_step) = if load { (h, v, h_step, v_step) } else { (v, h, v_step, h_step) };
+        let repeat = (blk.bh > 1).then_some(Repeat { count: blk.bh as u32, src_step, dst_step });
+        let engine = if load { 1 } else { 2 };
+        let d: Vec<u32> = last.map_or_else(|| deps.to_vec(), |l| vec![l]);
+        last = Some(e.push(Op::Dma { engine, src, dst, repeat }, &d));
+    }
+    last.expect("a block has at least one image")
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dense layers
+
+fn dense(e: &mut Emitter, kernel: &Kernel, node: NodeId) -> Result<KernelReport> {
+    let first = e.program.len();
+    let graph = e.graph;
+    let n = graph.node(node);
+    let x = e.place(n.inputs[0]);
+    let w = e.place(n.inputs[1]);
+    let y = e.place(kernel.output);
+    let mut kernel = kernel.clone();
+    if n.inputs.len() > 2 {
+        kernel.epilogue.insert(0, Epilogue::Bias(n.inputs[2]));
+    }
+    let (rows, fin) = (x.tile.rows as usize, x.tile.cols as usize);
+    let fout = w.tile.cols as usize;
+    let cols = e.m.core.mxu.cols;
+    let nb = fout.min(4 * cols);
+    let mb = rows.min(TARGET_ROWS);
+    // K blocks: weights kb x nb and inputs mb x kb within budget.
+    let kb_budget = (WEIGHT_BUDGET / 4) as usize / nb.max(mb);
+    let kb = fin.min((kb_budget / e.m.core.mxu.rows).max(1) * e.m.core.mxu.rows);
+    let mut vmem = e.vmem();
+    let oom = |e: &Emitter| e.vmem_error(&kernel, "input, weight and accumulator blocks");
+    let xb: Vec<Tile> = (0..2).map(|_| vmem.alloc(mb, kb)).collect::<Option<_>>().ok_or_else(|| oom(e))?;
+    let wb: Vec<Tile> = (0..2).map(|_| vmem.alloc(kb, nb)).collect::<Option<_>>().ok_or_else(|| oom(e))?;
+    let acc: Vec<Tile> = (0..2).map(|_| vmem.alloc(mb, nb)).collect::<Option<_>>().ok_or_else(|| oom(e))?;
+    let res: Vec<Tile> = if residual_of(&kernel).is_some() {
+        (0..2).map(|_| vmem.alloc(mb, nb)).collect::<Option<_>>().ok_or_else(|| oom(e))?
+    } else {
+        Vec::new()
+    };
+    let ch = prepare_channels(e, &kernel, fout, &mut vmem)?;
+    let precision = e.opts.precision;
+    let mut buf_readers: [Vec<u32>; 2] = [Vec::new(), Vec::new()];
+    let mut acc_free: [Option<u32>; 2] = [None, None];
+    let mut res_free: [Option<u32>; 2] = [None, None];
+    let (mut step, mut block) = (0usize, 0usize);
+    for r0 in (0..rows).step_by(mb) {
+        let rn = mb.min(rows - r0);
+        for c0 in (0..fout).step_by(nb) {
+            let cn = nb.min(fout - c0);
+            let ap = block % 2;
+            block += 1;
+            let accp = Tile { rows: rn as u32, cols: cn as u32, stride: cn as u32, ..acc[ap] };
+            let split = split_rows(rn, mxus_for(e.m, rn));
+            let mut last_per_mxu: Vec<Option<u32>> = vec![None; split.len()];
+            for k0 in (0..fin).step_by(kb) {
+                let kn = kb.min(fin - k0);
+                let p = step % 2;
+                step += 1;
+                let xs = x.tile.rows(r0, rn).columns(k0, kn);
+                let xd = Tile { rows: rn as u32, cols: kn as u32, stride: kn as u32, ..xb[p] };
+                let ws = w.tile.rows(k0, kn).columns(c0, cn);
+                let wd = Tile { rows: kn as u32, cols: cn as u32, stride: cn as u32, ..wb[p] };
+                let dx = e.push(Op::dma(0, xs, xd), &buf_readers[p]);
+                let dw = e.push(Op::dma(1, ws, wd), &buf_readers[p]);
+                let mut readers = Vec::new();
+                for (x_i, &(s0, sn)) in split.iter().enumerate() {
+                    let mut deps = vec![dx, dw];
+                    deps.extend(last_per_mxu[x_i]);
+                    if k0 == 0 {
+                        deps.extend(acc_free[ap]);
+                    }
+                    let id = e.push(
+                        Op::MatMul {
+                            mxu: x_i as u8,
+                            lhs: xd.rows(s0, sn),
+                            rhs: wd,
+                            out: accp.rows(s0, sn),
+                            accumulate: k0 > 0,
+                            precision,
+                        },
+                        &deps,
+                    );
+                    last_per_mxu[x_i] = Some(id);
+                    readers.push(id);
+                }
+                buf_readers[p] = readers;
+            }
+            let producers: Vec<u32> = last_per_mxu.iter().flatten().copied().collect();
+            let residual = match residual_of(&kernel) {
+                Some(r) => {
+                    let resp = Tile { rows: rn as u32, cols: cn as u32, stride: cn as u32, ..res[ap] };
+                    let deps: Vec<u32> = res_free[ap].into_iter().collect();
+                    let loaded = e.push(Op::dma(1, e.place(r).tile.rows(r0, rn).columns(c0, cn), resp), &deps);
+                    Some((resp, loaded))
+                }
+                None => None,
+            };
+            let done = apply_epilogue(e, &kernel, &ch, accp, c0, residual, producers);
+            if residual.is_some() {
+                res_free[ap] = Some(done);
+            }
+            acc_free[ap] = Some(e.push(Op::dma(2, accp, y.tile.rows(r0, rn).columns(c0, cn)), &[done]));
+        }
+    }
+    let range = first..e.program.len() + 1;
+    let useful = (rows * fin * fout) as u64;
+    Ok(e.report(
+        graph,
+        &kernel,
+        format!("row blocks of {mb}, {nb} outputs and {kb} inputs per block"),
+        format!("M {rows} x K {fin} x N {fout}"),
+        useful,
+        range,
+    ))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Pooling, global pooling, pointwise kernels, softmax, concatenation
+
+/// Images per block so that `images × bytes_per_image` (in and out, twice) fits in VMEM.
+fn images_per_block(e: &Emitter, n: usize, bytes_per_image: u64) -> usize {
+    let budget = e.m.core.vmem_bytes / 4;
+    ((budget / bytes_per_image.max(1)) as usize).clamp(1, n)
+}
+
+fn pool(e: &mut Emitter, kernel: &Kernel, node: NodeId, attrs: &PoolAttrs, max: bool) -> Result<KernelReport> {
+    let first = e.program.len();
+    let graph = e.graph;
+    let x = e.place(graph.node(node).inputs[0]);
+    let y = e.place(kernel.output);
+    let [n, h, w, c] = [x.shape[0], x.shape[1], x.shape[2], x.shape[3]];
+    let win = attrs.resolve([h, w]).expect("checked when the node was added");
+    let imgs = images_per_block(e, n, ((h * w + win.out_h * win.out_w) * c * 4) as u64);
+    let mut vmem = e.vmem();
+    let oom = |e: &Emitter| e.vmem_error(kernel, "image buffers");
+    let src: Vec<Tile> = (0..2).map(|_| vmem.alloc(imgs * h * w, c)).collect::<Option<_>>().ok_or_else(|| oom(e))?;
+    let dst: Vec<Tile> =
+        (0..2).map(|_| vmem.alloc(imgs * win.out_h * win.out_w, c)).collect::<Option<_>>().ok_or_else(|| oom(e))?;
+    let mut free: [Vec<u32>; 2] = [Vec::new(), Vec::new()];
+    for (b, n0) in (0..n).step_by(imgs).enumerate() {
+        let k = imgs.min(n - n0);
+        let p = b % 2;
+        let s = Tile { rows: (k * h * w) as u32, ..src[p] };
+        let d = Tile { rows: (k * win.out_h * win.out_w) as u32, ..dst[p] };
+        let load = e.push(Op::dma(0, x.tile.rows(n0 * h * w, k * h * w), s), &free[p]);
+        let shape = PoolShape {
+            n: k as u32,
+            h: h as u32,
+            w: w as u32,
+            window: [attrs.window[0] as u32, attrs.window[1] as u32],
+            strides: [attrs.strides[0] as u32, attrs.strides[1] as u32],
+            pad: [win.pad_top as u32, win.pad_left as u32],
+            out_h: win.out_h as u32,
+            out_w: win.out_w as u32,
+        };
+        let op = if max { PoolOp::Max } else { PoolOp::Avg };
+        let pooled = e.push(Op::Pool { op, shape, src: s, dst: d }, &[load]);
+        let store =
+            e.push(Op::dma(2, d, y.tile.rows(n0 * win.out_h * win.out_w, k * win.out_h * win.out_w)), &[pooled]);
+        free[p] = vec![pooled, store];
+    }
+    let range = first..e.program.len() + 1;
+    let pad = matches!(attrs.padding, Padding::Same | Padding::Explicit { .. });
+    Ok(e.report(
+        graph,
+        kernel,
+        format!("{imgs} images per block on the VPU{}", if pad { ", padding excluded from windows" } else { "" }),
+        format!("{}x{} windows over {h}x{w}x{c}", attrs.window[0], attrs.window[1]),
+        0,
+        range,
+    ))
+}
+
+fn global_avg_pool(e: &mut Emitter, kernel: &Kernel, node: NodeId) -> Result<KernelReport> {
+    let first = e.program.len();
+    let graph = e.graph;
+    let x = e.place(graph.node(node).inputs[0]);
+    let y = e.place(kernel.output);
+    let [n, h, w, c] = [x.shape[0], x.shape[1], x.shape[2], x.shape[3]];
+    let imgs = images_per_block(e, n, ((h * w + 1) * c * 4) as u64);
+    let mut vmem = e.vmem();
+    let oom = |e: &Emitter| e.vmem_error(kernel, "image buffers");
+    let src: Vec<Tile> = (0..2).map(|_| vmem.alloc(imgs * h * w, c)).collect::<Option<_>>().ok_or_else(|| oom(e))?;
+    let dst: Vec<Tile> = (0..2).map(|_| vmem.alloc(imgs, c)).collect::<Option<_>>().ok_or_else(|| oom(e))?;
+    let mut free: [Vec<u32>; 2] = [Vec::new(), Vec::new()];
+    for (b, n0) in (0..n).step_by(imgs).enumerate() {
+        let k = imgs.min(n - n0);
+        let p = b % 2;
+        let s = Tile { rows: (k * h * w) as u32, ..src[p] };
+        let d = Tile { rows: k as u32, ..dst[p] };
+        let load = e.push(Op::dma(0, x.tile.rows(n0 * h * w, k * h * w), s), &free[p]);
+        let mut last = load;
+        for i in 0..k {
+            last = e.push(
+                Op::Reduce { op: ReduceOp::Sum, axis: Axis::Rows, src: s.rows(i * h * w, h * w), dst: d.rows(i, 1) },
+                &[last],
+            );
+        }
+        let mean = e.push(Op::Unary { op: UnaryOp::Scale(1.0 / (h * w) as f32), src: d, dst: d }, &[last]);
+        let store = e.push(Op::dma(2, d, y.tile.rows(n0, k)), &[mean]);
+        free[p] = vec![mean, store];
+    }
+    let range = first..e.program.len() + 1;
+    Ok(e.report(
+        graph,
+        kernel,
+        format!("{imgs} images per block, row sums on the VPU"),
+        format!("{h}x{w}x{c} to {c}"),
+        0,
+        range,
+    ))
+}
+
+fn pointwise(e: &mut Emitter, kernel: &Kernel, input: NodeId) -> Result<KernelReport> {
+    let first = e.program.len();
+    let graph = e.graph;
+    let x = e.place(input);
+    let y = e.place(kernel.output);
+    let (rows, c) = (x.tile.rows as usize, x.tile.cols as usize);
+    let rb = ((e.m.core.vmem_bytes / 16) as usize / (c * 4)).clamp(1, rows);
+    let mut vmem = e.vmem();
+    let oom = |e: &Emitter| e.vmem_error(kernel, "row blocks");
+    let buf: Vec<Tile> = (0..2).map(|_| vmem.alloc(rb, c)).collect::<Option<_>>().ok_or_else(|| oom(e))?;
+    let res: Vec<Tile> = if residual_of(kernel).is_some() {
+        (0..2).map(|_| vmem.alloc(rb, c)).collect::<Option<_>>().ok_or_else(|| oom(e))?
+    } else {
+        Vec::new()
+    };
+    let ch = prepare_channels(e, kernel, c, &mut vmem)?;
+    let mut free: [Vec<u32>; 2] = [Vec::new(), Vec::new()];
+    for (b, r0) in (0..rows).step_by(rb).enumerate() {
+        let rn = rb.min(rows - r0);
+        let p = b % 2;
+        let t = Tile { rows: rn as u32, ..buf[p] };
+        let load = e.push(Op::dma(0, x.tile.rows(r0, rn), t), &free[p]);
+        let residual = match residual_of(kernel) {
+            Some(r) => {
+                let rt = Tile { rows: rn as u32, ..res[p] };
+                Some((rt, e.push(Op::dma(1, e.place(r).tile.rows(r0, rn), rt), &free[p])))
+            }
+            None => None,
+        };
+        let done = apply_epilogue(e, kernel, &ch, t, 0, residual, vec![load]);
+        let store = e.push(Op::dma(2, t, y.tile.rows(r0, rn)), &[done]);
+        free[p] = vec![done, store];
+    }
+    let range = first..e.program.len() + 1;
+    Ok(e.report(graph, kernel, format!("blocks of {rb} rows on the VPU"), format!("{rows} x {c}"), 0, range))
+}
+
+fn softmax(e: &mut Emitter, kernel: &Kernel, node: NodeId) -> Result<KernelReport> {
+    let first = e.program.len();
+    let graph = e.graph;
+    let x = e.place(graph.node(node).inputs[0]);
+    let y = e.place(kernel.output);
+    let (rows, c) = (x.tile.rows as usize, x.tile.cols as usize);
+    let rb = ((e.m.core.vmem_bytes / 16) as usize / (c * 4 + 8)).clamp(1, rows);
+    let mut vmem = e.vmem();
+    let oom = |e: &Emitter| e.vmem_error(kernel, "row blocks");
+    let buf = vmem.alloc(rb, c).ok_or_else(|| oom(e))?;
+    let col = vmem.alloc(rb, 1).ok_or_else(|| oom(e))?;
+    let mut free = Vec::new();
+    for r0 in (0..rows).step_by(rb) {
+        let rn = rb.min(rows - r0);
+        let (t, s) = (Tile { rows: rn as u32, ..buf }, Tile { rows: rn as u32, ..col });
+        let load = e.push(Op::dma(0, x.tile.rows(r0, rn), t), &free);
+        let mx = e.push(Op::Reduce { op: ReduceOp::Max, axis: Axis::Cols, src: t, dst: s }, &[load]);
+        let sub = e.push(Op::Binary { op: BinaryOp::Sub, a: t, b: s, dst: t }, &[mx]);
+        let ex = e.push(Op::Unary { op: UnaryOp::Exp, src: t, dst: t }, &[sub]);
+        let sum = e.push(Op::Reduce { op: ReduceOp::Sum, axis: Axis::Cols, src: t, dst: s }, &[ex]);
+        let div = e.push(Op::Binary { op: BinaryOp::Div, a: t, b: s, dst: t }, &[sum]);
+        let store = e.push(Op::dma(2, t, y.tile.rows(r0, rn)), &[div]);
+        free = vec![div, store];
+    }
+    let range = first..e.program.len() + 1;
+    Ok(e.report(graph, kernel, format!("blocks of {rb} rows on the VPU"), format!("{rows} x {c}"), 0, range))
+}
+
+fn concat(e: &mut Emitter, kernel: &Kernel, node: NodeId) -> Result<KernelReport> {
+    let first = e.program.len();
+    let graph = e.graph;
+    let n = graph.node(node);
+    let GOp::Concat(attrs) = &n.op else { unreachable!("a Concat main") };
+    let rank = n.shape.rank() as i64;
+    if attrs.axis != -1 && attrs.axis != rank - 1 {
+        return Err(
+            e.unsupported(node, format!("concatenation along axis {} (only the last axis is lowered)", attrs.axis))
+        );
+    }
+    let y = e.place(kernel.output);
+    let mut c0 = 0;
+    for &input in &n.inputs {
+        let x = e.place(input);
+        let c = x.tile.cols as usize;
+        e.push(Op::dma(0, x.tile, y.tile.columns(c0, c)), &[]);
+        c0 += c;
+    }
+    let range = first..e.program.len() + 1;
+    Ok(e.report(graph, kernel, "DMA into column slices".into(), format!("{} inputs", n.inputs.len()), 0, range))
+}
+
+/// Tiles and schedules every kernel; returns the program, the reports and the tiling dump.
+pub(super) fn emit(
+    graph: &Graph,
+    kernels: &[Kernel],
+    places: &[Option<Place>],
+    opts: &Options,
+) -> Result<(Program, Vec<KernelReport>, String)> {
+    let mut e = Emitter {
+        m: &opts.machine,
+        opts,
+        graph,
+        places,
+        program: Program::new(graph.name()),
+        start: 0,
+        prev_end: None,
+        last_on_unit: BTreeMap::new(),
+        account: Account::default(),
+    };
+    let mut reports = Vec::new();
+    let mut dump = String::new();
+    for kernel in kernels {
+        if let Main::View(_) = kernel.main {
+            continue;
+        }
+        e.begin();
+        let report = match &kernel.main {
+            Main::Conv(n) => conv(&mut e, kernel, *n)?,
+            Main::Dense(n) => dense(&mut e, kernel, *n)?,
+            Main::MaxPool(n) | Main::AvgPool(n) => {
+                let (attrs, max) = match &graph.node(*n).op {
+                    GOp::MaxPool(p) => (p.clone(), true),
+                    GOp::AvgPool(p) => (p.clone(), false),
+                    _ => unreachable!("a pool main"),
+                };
+                pool(&mut e, kernel, *n, &attrs, max)?
+            }
+            Main::GlobalAvgPool(n) => global_avg_pool(&mut e, kernel, *n)?,
+            Main::Softmax(n) => softmax(&mut e, kernel, *n)?,
+            Main::Concat(n) => concat(&mut e, kernel, *n)?,
+            Main::Pointwise { input } => pointwise(&mut e, kernel, *input)?,
+            Main::View(_) => unreachable!("skipped above"),
+        };
+        e.end();
+        dump += &format!("{:<28} {:<44} {}\n", report.name, report.strategy, report.padded);
+        reports.push(report);
+    }
+    Ok((e.program, reports, dump))
+}

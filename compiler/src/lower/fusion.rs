@@ -1,0 +1,194 @@
+//! The `fusion` pass: groups graph nodes into kernels.
+//!
+//! A kernel is one main operation (a convolution, a dense layer, a pool, ...) followed by an
+//! epilogue of elementwise operations applied while its result is still in VMEM: bias, batch
+//! norm with moving statistics, a residual add, ReLU or ReLU6. A node joins the epilogue when it
+//! is the only consumer of the value so far, so every fused intermediate is never written to
+//! HBM. Reshapes (and dropout at inference) become views: no instructions, the same bytes.
+
+use std::fmt;
+
+use crate::error::{Error, Result};
+use crate::graph::{Graph, NodeId, Op};
+
+/// An elementwise step applied in a kernel's epilogue.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Epilogue {
+    /// Adds a `[C]` parameter.
+    Bias(NodeId),
+    /// Batch norm with moving statistics; the node's inputs give the parameters.
+    BatchNorm(NodeId),
+    /// Adds a tensor of the kernel's output shape.
+    Residual(NodeId),
+    Relu,
+    Relu6,
+}
+
+/// What a kernel computes before its epilogue.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Main {
+    Conv(NodeId),
+    Dense(NodeId),
+    MaxPool(NodeId),
+    AvgPool(NodeId),
+    GlobalAvgPool(NodeId),
+    Softmax(NodeId),
+    Concat(NodeId),
+    /// Only an epilogue, applied to an existing tensor.
+    Pointwise {
+        input: NodeId,
+    },
+    /// The same bytes under another shape (reshape, flatten, dropout at inference).
+    View(NodeId),
+}
+
+/// A group of nodes computed by one block of instructions.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Kernel {
+    pub name: String,
+    pub main: Main,
+    pub epilogue: Vec<Epilogue>,
+    /// Every graph node the kernel computes, in order.
+    pub nodes: Vec<NodeId>,
+    /// The node whose value the kernel writes to HBM.
+    pub output: NodeId,
+}
+
+impl Kernel {
+    /// The tensors (graph nodes) the kernel reads, excluding parameters.
+    pub fn inputs(&self, graph: &Graph) -> Vec<NodeId> {
+        let mut out = Vec::new();
+        match &self.main {
+            Main::Conv(n)
+            | Main::Dense(n)
+            | Main::MaxPool(n)
+            | Main::AvgPool(n)
+            | Main::GlobalAvgPool(n)
+            | Main::Softmax(n)
+            | Main::View(n) => out.push(graph.node(*n).inputs[0]),
+            Main::Concat(n) => out.extend(graph.node(*n).inputs.iter().copied()),
+            Main::Pointwise { input } => out.push(*input),
+        }
+        for e in &self.epilogue {
+            if let Epilogue::Residual(r) = e {
+                out.push(*r);
+            }
+        }
+        out
+    }
+
+    /// A short description of the kernel's ops (`Conv2d+BatchNorm+Relu`).
+    pub fn ops(&self, graph: &Graph) -> String {
+        self.nodes.iter().map(|&n| graph.node(n).op.kind()).collect::<Vec<_>>().join("+")
+    }
+}
+
+impl fmt::Display for Main {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{self:?}")
+    }
+}
+
+fn unsupported(graph: &Graph, id: NodeId, why: &str) -> Error {
+    let n = graph.node(id);
+    Error::Node { node: n.name.clone(), op: n.op.kind(), reason: format!("the lowering cannot place this op: {why}") }
+}
+
+/// Groups the graph's nodes (those the outputs need) into kernels, in an order where every
+/// kernel's inputs are produced by earlier kernels.
+pub fn fuse(graph: &Graph, training: bool) -> Result<Vec<Kernel>> {
+    let needed = graph.ancestors(graph.outputs());
+    let mut fused = vec![false; graph.len()];
+    let is_output = |id: NodeId| graph.outputs().contains(&id);
+    let mut kernels = Vec::new();
+    for (id, node) in graph.nodes() {
+        if !needed[id.index()] || fused[id.index()] || node.op.is_leaf() {
+            continue;
+        }
+        let main = match &node.op {
+            Op::Conv2d(_) => Main::Conv(id),
+            Op::Dense => Main::Dense(id),
+            Op::MaxPool(_) => Main::MaxPool(id),
+            Op::AvgPool(_) => Main::AvgPool(id),
+            Op::GlobalAvgPool => Main::GlobalAvgPool(id),
+            Op::Softmax => Main::Softmax(id),
+            Op::Concat(_) => Main::Concat(id),
+            Op::Flatten | Op::Reshape(_) => Main::View(id),
+            Op::Dropout(_) if !training => Main::View(id),
+            Op::BiasAdd | Op::BatchNorm(_) | Op::Relu | Op::Relu6 | Op::Add => {
+                Main::Pointwise { input: node.inputs[0] }
+            }
+            other => {
+                return Err(unsupported(
+                    graph,
+                    id,
+                    &format!(
+                        "{} is not lowered yet (inference lowering covers convolutions, dense layers, pools, batch norm, residual adds, activations, softmax, concatenation and reshapes)",
+                        other.kind()
+                    ),
+                ));
+            }
+        };
+        if training && matches!(node.op, Op::BatchNorm(_)) {
+            return Err(unsupported(graph, id, "training-mode batch norm arrives with the training lowering"));
+        }
+        let mut kernel =
+            Kernel { name: node.name.clone(), main: main.clone(), epilogue: Vec::new(), nodes: vec![id], output: id };
+        fused[id.index()] = true;
+        // A pointwise kernel's first node is itself an epilogue step on its input.
+        let mut cur = id;
+        if let Main::Pointwise { input } = main {
+            let step = epilogue_step(graph, id, input)
+                .ok_or_else(|| unsupported(graph, id, "an elementwise op whose operands are the same tensor"))?;
+            kernel.epilogue.push(step);
+        }
+        if matches!(main, Main::Conv(_) | Main::Dense(_) | Main::Pointwise { .. }) {
+            // Grow the epilogue along single-consumer chains.
+            loop {
+                let consumers: Vec<NodeId> = graph.consumers(cur).into_iter().filter(|c| needed[c.index()]).collect();
+                if is_output(cur) || consumers.len() != 1 {
+                    break;
+                }
+                let next = consumers[0];
+                if fused[next.index()] || (training && matches!(graph.node(next).op, Op::BatchNorm(_))) {
+                    break;
+                }
+                let Some(step) = epilogue_step(graph, next, cur) else { break };
+                kernel.epilogue.push(step);
+                kernel.nodes.push(next);
+                fused[next.index()] = true;
+                cur = next;
+            }
+        }
+        kernel.output = cur;
+        kernels.push(kernel);
+    }
+    // Order by output: a fused residual add may follow the kernel that makes its other operand.
+    kernels.sort_by_key(|k| k.output.index());
+    Ok(kernels)
+}
+
+/// `next` as an epilogue step applied to the running value `cur`, if it can be one.
+fn epilogue_step(graph: &Graph, next: NodeId, cur: NodeId) -> Option<Epilogue> {
+    let node = graph.node(next);
+    let is_param = |id: NodeId| matches!(graph.node(id).op, Op::Parameter(_));
+    match &node.op {
+        Op::BiasAdd if node.inputs[0] == cur && is_param(node.inputs[1]) => Some(Epilogue::Bias(node.inputs[1])),
+        Op::BatchNorm(_) if node.inputs[0] == cur && node.inputs[1..].iter().all(|&p| is_param(p)) => {
+            Some(Epilogue::BatchNorm(next))
+        }
+        Op::Relu if node.inputs[0] == cur => Some(Epilogue::Relu),
+        Op::Relu6 if node.inputs[0] == cur => Some(Epilogue::Relu6),
+        Op::Add => {
+            let (a, b) = (node.inputs[0], node.inputs[1]);
+            if a == cur && b != cur {
+                Some(Epilogue::Residual(b))
+            } else if b == cur && a != cur {
+                Some(Epilogue::Residual(a))
+            } else {
+                None
+            }
+        }
+        _ => None,
+    }
+}

@@ -1,0 +1,159 @@
+//! The `allocation` pass: HBM addresses by liveness.
+//!
+//! Inputs and parameters live for the whole program. An activation lives from the kernel that
+//! writes it to the last kernel that reads it (through views); graph outputs live to the end.
+//! Addresses are assigned first-fit in kernel order, a kernel's output before its inputs are
+//! released, so a kernel never overwrites what it reads. The peak is checked against the core's
+//! HBM with the numbers a user needs to act on.
+
+use std::collections::BTreeMap;
+
+use systolic_simulator::Machine;
+
+use super::Kernel;
+use crate::error::{Error, Result};
+use crate::graph::{Graph, NodeId};
+
+const ALIGN: u64 = 512;
+
+/// HBM addresses of every storage owner (leaves and non-view kernel outputs), and the peak.
+pub(super) struct Plan {
+    pub offsets: Vec<Option<u64>>,
+    pub peak: u64,
+    pub dump: String,
+}
+
+/// First-fit allocation over a growing region.
+#[derive(Default)]
+struct Heap {
+    /// Free blocks: offset -> size.
+    free: BTreeMap<u64, u64>,
+    top: u64,
+}
+
+impl Heap {
+    fn alloc(&mut self, size: u64) -> u64 {
+        let size = size.div_ceil(ALIGN) * ALIGN;
+        if let Some((&at, &len)) = self.free.iter().find(|&(_, &len)| len >= size) {
+            self.free.remove(&at);
+            if len > size {
+                self.free.insert(at + size, len - size);
+            }
+            return at;
+        }
+        let at = self.top;
+        self.top += size;
+        at
+    }
+
+    fn release(&mut self, at: u64, size: u64) {
+        let size = size.div_ceil(ALIGN) * ALIGN;
+        let (mut start, mut len) = (at, size);
+        if let Some((&prev, &plen)) = self.free.range(..at).next_back()
+            && prev + plen == at
+        {
+            self.free.remove(&prev);
+            start = prev;
+            len += plen;
+        }
+        if let Some(&next_len) = self.free.get(&(at + size)) {
+            self.free.remove(&(at + size));
+            len += next_len;
+        }
+        if start + len == self.top {
+            self.top = start;
+        } else {
+            self.free.insert(start, len);
+        }
+    }
+}
+
+fn gib(bytes: u64) -> String {
+    format!("{:.2} GiB", bytes as f64 / (1u64 << 30) as f64)
+}
+
+pub(super) fn plan(
+    graph: &Graph,
+    kernels: &[Kernel],
+    owner: &[Option<NodeId>],
+    shape_of: &dyn Fn(NodeId) -> Vec<usize>,
+    machine: &Machine,
+) -> Result<Plan> {
+    let bytes = |id: NodeId| shape_of(id).iter().product::<usize>().max(1) as u64 * 4;
+    let needed = graph.ancestors(graph.outputs());
+    let mut offsets: Vec<Option<u64>> = vec![None; graph.len()];
+    let mut heap = Heap::default();
+    let mut dump = String::from("persistent (inputs and parameters):\n");
+    let mut persistent = 0u64;
+    for (id, node) in graph.nodes() {
+        if node.op.is_leaf() && needed[id.index()] {
+            let at = heap.alloc(bytes(id));
+            offsets[id.index()] = Some(at);
+            persistent += bytes(id);
+            dump += &format!("  {:#012x} {:>12} B  {}\n", at, bytes(id), node.name);
+        }
+    }
+    // Last kernel reading each storage owner.
+    let mut last_use = vec![0usize; graph.len()];
+    for (k, kernel) in kernels.iter().enumerate() {
+        for input in kernel.inputs(graph) {
+            if let Some(o) = owner[input.index()] {
+                last_use[o.index()] = last_use[o.index()].max(k);
+            }
+        }
+    }
+    for &out in graph.outputs() {
+        if let Some(o) = owner[out.index()] {
+            last_use[o.index()] = usize::MAX;
+        }
+    }
+    dump += "activations (address, bytes, name, live kernels):\n";
+    let mut peak = heap.top;
+    let mut live_activations = 0u64;
+    let mut peak_activations = 0u64;
+    for (k, kernel) in kernels.iter().enumerate() {
+        let out = kernel.output;
+        if owner[out.index()] == Some(out) {
+            let at = heap.alloc(bytes(out));
+            offsets[out.index()] = Some(at);
+            live_activations += bytes(out);
+            peak_activations = peak_activations.max(live_activations);
+            peak = peak.max(heap.top);
+            let until =
+                if last_use[out.index()] == usize::MAX { "end".to_string() } else { last_use[out.index()].to_string() };
+            dump += &format!("  {:#012x} {:>12} B  {:<28} {k}..={until}\n", at, bytes(out), graph.node(out).name);
+            if last_use[out.index()] < k {
+                // Never read: release at once (kept for the kernel itself).
+                last_use[out.index()] = k;
+            }
+        }
+        // Release what dies here.
+        for (id, node) in graph.nodes() {
+            if owner[id.index()] == Some(id)
+                && !node.op.is_leaf()
+                && last_use[id.index()] == k
+                && let Some(at) = offsets[id.index()]
+            {
+                heap.release(at, bytes(id));
+                live_activations -= bytes(id);
+            }
+        }
+    }
+    let capacity = machine.core.hbm.bytes;
+    if peak > capacity {
+        return Err(Error::Graph {
+            graph: graph.name().to_string(),
+            reason: format!(
+                "needs {} of HBM per core ({} of inputs and parameters, {} of live activations at the peak); \
+                 {} cores have {}: lower the batch or add cores",
+                gib(peak),
+                gib(persistent),
+                gib(peak_activations),
+                machine.name,
+                gib(capacity)
+            ),
+        });
+    }
+    dump += &format!("peak {} B ({}) of {} per core\n", peak, gib(peak), gib(capacity));
+    Ok(Plan { offsets, peak, dump })
+}
