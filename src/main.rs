@@ -27,7 +27,7 @@ enum Command {
     Inspect(commands::inspect::Args),
     /// Write a model as a `.ron` graph file to start from.
     Export(commands::export::Args),
-    /// Evaluate a model on the CPU reference and write every graph output.
+    /// Evaluate a model and write every graph output: on the f32 CPU reference or a simulated TPU core.
     Run(commands::run::Args),
     /// Write the loss and the gradient of every parameter and input.
     Grad(commands::grad::Args),
@@ -35,6 +35,12 @@ enum Command {
     Machines(commands::machines::Args),
     /// Run one matmul on a core's MXUs: cycles, utilisation and why.
     Mxu(commands::mxu::Args),
+    /// Lower a model for one core: per layer padded shapes, passes, estimate and simulated cycles.
+    Compile(commands::compile::Args),
+    /// Simulate one step of a model on one core: cycles, time, examples/s, unit utilisation.
+    Simulate(commands::simulate::Args),
+    /// Compare the simulated TPU (bf16 MXU) against the f32 CPU reference, in values and speed.
+    Compare(commands::compare::Args),
 }
 
 fn main() {
@@ -54,6 +60,9 @@ fn main() {
         Command::Grad(a) => commands::grad::run(a),
         Command::Machines(a) => commands::machines::run(a),
         Command::Mxu(a) => commands::mxu::run(a),
+        Command::Compile(a) => commands::compile::run(a),
+        Command::Simulate(a) => commands::simulate::run(a),
+        Command::Compare(a) => commands::compare::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -427,3 +427,145 @@ fn mxu_writes_a_trace_and_rejects_bad_input() {
     let e = fails(&["mxu", "--m", "8", "--k", "8", "--n", "8", "--machine", &d.s("bad.ron")]);
     assert!(e.contains("bad.ron:1:"), "{e}");
 }
+
+/// Cosine similarity and largest error relative to the largest reference magnitude.
+fn closeness(want: &Tensor, got: &Tensor) -> (f64, f64) {
+    assert_eq!(want.shape(), got.shape());
+    let (mut dot, mut ww, mut gg, mut err, mut scale) = (0.0f64, 0.0f64, 0.0f64, 0.0f64, 0.0f64);
+    for (&w, &g) in want.iter().zip(got.iter()) {
+        let (w, g) = (w as f64, g as f64);
+        dot += w * g;
+        ww += w * w;
+        gg += g * g;
+        err = err.max((w - g).abs());
+        scale = scale.max(w.abs());
+    }
+    (dot / (ww.sqrt() * gg.sqrt()), err / scale)
+}
+
+#[test]
+fn run_on_the_simulated_tpu_agrees_with_the_reference_as_bf16_allows() {
+    let d = Dir::new();
+    tensors::save(d.path("x.safetensors"), &image_batch(&[4, 28, 28, 1])).unwrap();
+    let run = |backend: &str, precision: &str, out: &str| {
+        let text = ok(&[
+            "run",
+            "simple_cnn",
+            "--seed",
+            "3",
+            "--input",
+            &d.s("x.safetensors"),
+            "--output",
+            &d.s(out),
+            "--backend",
+            backend,
+            "--precision",
+            precision,
+        ]);
+        (text, tensors::load(d.path(out)).unwrap().remove("logits").unwrap())
+    };
+    let (_, cpu) = run("cpu", "default", "cpu.safetensors");
+    let (text, bf16) = run("tpu", "default", "bf16.safetensors");
+    assert!(text.contains("simulated v2-8 core") && text.contains("cycles"), "{text}");
+    let (_, f32ish) = run("tpu", "highest", "highest.safetensors");
+    // One bf16 pass rounds inputs to 8 significant bits: ~1e-2 relative, never more than 3e-2.
+    let (cos, rel) = closeness(&cpu, &bf16);
+    assert!(cos > 0.9999 && rel < 3e-2 && rel > 1e-5, "default precision: cosine {cos}, relative error {rel}");
+    // Six passes recover f32 products: only accumulation order differs.
+    let (cos, rel) = closeness(&cpu, &f32ish);
+    assert!(cos > 0.999_999 && rel < 1e-4, "highest precision: cosine {cos}, relative error {rel}");
+
+    // Without --input, a seeded random batch; the JSON names what was simulated.
+    let v: serde_json::Value = serde_json::from_str(&ok(&[
+        "run",
+        "lenet5",
+        "--batch",
+        "2",
+        "--output",
+        &d.s("r.safetensors"),
+        "--backend",
+        "tpu",
+        "--machine",
+        "v3-8",
+        "--json",
+    ]))
+    .unwrap();
+    assert_eq!((v["batch"].as_u64(), v["machine"].as_str()), (Some(2), Some("v3-8")));
+    assert!(v["simulated_step_cycles"].as_u64().unwrap() > 0);
+    assert_eq!(tensors::load(d.path("r.safetensors")).unwrap()["logits"].shape(), &[2, 10]);
+
+    let e = fails(&["run", "simple_cnn", "--output", &d.s("t.safetensors"), "--backend", "tpu", "--train-mode"]);
+    assert!(e.contains("inference only") && e.contains("--backend cpu"), "{e}");
+    tensors::save(d.path("bad.safetensors"), &image_batch(&[2, 32, 32, 1])).unwrap();
+    let e = fails(&[
+        "run",
+        "simple_cnn",
+        "--input",
+        &d.s("bad.safetensors"),
+        "--output",
+        &d.s("t.safetensors"),
+        "--backend",
+        "tpu",
+    ]);
+    assert!(e.contains("bad.safetensors") && e.contains("'image'") && e.contains("[2, 28, 28, 1]"), "{e}");
+}
+
+#[test]
+fn compile_reports_every_layer_against_its_roofline() {
+    let v: serde_json::Value = serde_json::from_str(&ok(&["compile", "lenet5", "--batch", "16", "--json"])).unwrap();
+    let layers = v["layers"].as_array().unwrap();
+    let names: Vec<&str> = layers.iter().map(|l| l["name"].as_str().unwrap()).collect();
+    assert_eq!(names.first(), Some(&"c1"));
+    assert!(names.contains(&"logits"), "{names:?}");
+    for l in layers {
+        let (cycles, fraction) = (l["cycles"].as_u64().unwrap(), l["roofline_fraction"].as_f64().unwrap());
+        // Nothing beats its roofline; every kernel runs for some cycles.
+        assert!(cycles > 0 && fraction > 0.0 && fraction <= 1.0, "{l}");
+        let [first, end] = [l["instructions"][0].as_u64().unwrap(), l["instructions"][1].as_u64().unwrap()];
+        assert!(first < end && end <= v["instructions"].as_u64().unwrap(), "{l}");
+    }
+    // A fused kernel's FLOPs are its ops': 2 * 28*28*6 outputs * 25 taps, plus bias and relu, per example.
+    assert_eq!(layers[0]["ops"], "Conv2d+Relu");
+    assert_eq!(layers[0]["flops"].as_u64().unwrap(), 16 * (2 * 28 * 28 * 6 * 25 + 2 * 28 * 28 * 6));
+
+    let dump = ok(&["compile", "simple_cnn", "--dump-after", "fusion"]);
+    assert!(dump.contains("== after fusion ==") && dump.contains("Conv2d+Relu"), "{dump}");
+    let e = fails(&["compile", "simple_cnn", "--dump-after", "magic"]);
+    assert!(e.contains("fusion, layout, allocation, tiling"), "{e}");
+    let e = fails(&["compile", "vgg16", "--batch", "4096"]);
+    assert!(e.contains("GiB of HBM per core") && e.contains("lower the batch"), "{e}");
+    let e = fails(&["compile", "simple_cnn", "--batch", "0"]);
+    assert!(e.contains("batch"), "{e}");
+}
+
+#[test]
+fn simulate_reports_units_and_writes_a_trace() {
+    let d = Dir::new();
+    let args = ["simulate", "simple_cnn", "--batch", "32", "--json", "--trace", &d.s("t.json")];
+    let v: serde_json::Value = serde_json::from_str(&ok(&args)).unwrap();
+    let cycles = v["step_cycles"].as_u64().unwrap();
+    let seconds = v["step_seconds"].as_f64().unwrap();
+    // v2 cores run at 700 MHz.
+    assert!((seconds * 700e6 - cycles as f64).abs() < 1.0, "{v}");
+    let units = v["units"].as_array().unwrap();
+    assert!(units.iter().any(|u| u["unit"] == "mxu0" && u["busy_cycles"].as_u64().unwrap() > 0), "{v}");
+    assert!(units.iter().all(|u| u["utilization"].as_f64().unwrap() <= 1.0));
+    let trace: serde_json::Value = serde_json::from_slice(&std::fs::read(d.path("t.json")).unwrap()).unwrap();
+    assert!(trace["traceEvents"].as_array().unwrap().iter().any(|e| e["ph"] == "X"));
+    // The same step on a faster machine takes less time.
+    let v4: serde_json::Value =
+        serde_json::from_str(&ok(&["simulate", "simple_cnn", "--batch", "32", "--machine", "v4-8", "--json"])).unwrap();
+    assert!(v4["step_seconds"].as_f64().unwrap() < seconds, "{v4}");
+}
+
+#[test]
+fn compare_measures_the_simulated_tpu_against_the_reference() {
+    let v: serde_json::Value = serde_json::from_str(&ok(&["compare", "lenet5", "--batch", "8", "--json"])).unwrap();
+    let logits = &v["outputs"][0];
+    assert_eq!(logits["name"], "logits");
+    let (cos, rel) = (logits["cosine"].as_f64().unwrap(), logits["max_rel_error"].as_f64().unwrap());
+    assert!(cos > 0.9999 && rel < 3e-2 && rel > 0.0, "{v}");
+    assert!(v["simulated_cycles"].as_u64().unwrap() > 0 && v["cpu_reference_seconds"].as_f64().unwrap() > 0.0);
+    let text = ok(&["compare", "simple_cnn", "--precision", "highest"]);
+    assert!(text.contains("CPU reference") && text.contains("simulated TPU"), "{text}");
+}

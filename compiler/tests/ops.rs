@@ -110,6 +110,31 @@ proptest! {
     }
 }
 
+/// Found by the property test above: a 1×1 stride-1 convolution padded only after (bottom or
+/// right) has more output pixels than input pixels, so the pointwise shortcut must not apply.
+#[test]
+fn one_by_one_convolution_padded_after_matches_naive() {
+    for (bottom, right) in [(0, 1), (1, 0), (2, 3)] {
+        let p = ConvParams {
+            n: 2,
+            hw: [2, 3],
+            cg: 2,
+            groups: 1,
+            cog: 3,
+            k: [1, 1],
+            strides: [1, 1],
+            dilation: [1, 1],
+            padding: Padding::Explicit { top: 0, bottom, left: 0, right },
+            bias: true,
+        };
+        let (g, y, b) = conv_graph(&p).unwrap();
+        let case = ConvCase { strides: p.strides, dilation: p.dilation, groups: p.groups, padding: p.padding };
+        let want = naive_conv(&b["x"], &b["k"], Some(&b["b"]), &case);
+        assert_eq!(want.shape(), &[2, 2 + bottom, 3 + right, 3]);
+        assert_close(&eval(&g, y, &b, INFER), &want, 1e-5, 1e-5, "padded 1x1 conv");
+    }
+}
+
 #[derive(Debug, Clone)]
 struct PoolParams {
     n: usize,

@@ -194,6 +194,114 @@ fn races_are_found_and_dependencies_remove_them() {
     assert!(program_error(&p, &m).contains("instruction 2 (dma): writes"));
 }
 
+/// The validator against brute force on random programs: a race is reported exactly when two
+/// instructions touch a common byte, one writing, with neither reachable from the other
+/// through dependencies and unit order. Exercises the index, epochs and the forgetting of
+/// overwritten accesses (writes cover rows, column strips and whole regions often here).
+#[test]
+fn the_race_check_agrees_with_brute_force_on_random_programs() {
+    use std::collections::HashSet;
+    let m = v2();
+    let mut seed = 7u64;
+    let mut next = |n: u64| {
+        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (seed >> 33) % n
+    };
+    let bytes = |t: &Tile| -> HashSet<u64> {
+        (0..t.rows as u64)
+            .flat_map(|r| (0..t.cols as u64 * 4).map(move |c| t.offset + r * t.stride as u64 * 4 + c))
+            .collect()
+    };
+    let (mut racy, mut clean) = (0, 0);
+    let mut long_first_races = Vec::new();
+    for case in 0..3000 {
+        let mut p = Program::new("random");
+        // Every 50th program is long, with full barriers, so accesses are split into epochs.
+        let long = case % 50 == 0;
+        let n = if long { 300 } else { 2 + next(14) as usize };
+        for i in 0..n {
+            if long && i % 60 == 59 {
+                p.push(Op::Barrier, &(0..i as u32).collect::<Vec<_>>());
+                continue;
+            }
+            let (rows, cols) = (1 + next(6) as u32, 1 + next(8) as u32);
+            let tile = |offset: u64, stride: u32| Tile {
+                space: Space::Vmem,
+                offset: offset * 4,
+                rows,
+                cols,
+                stride,
+                dtype: DType::F32,
+            };
+            let dst = tile(next(96), cols + next(3) as u32);
+            // Reads may overlap their own rows (sliding windows).
+            let src = tile(128 + next(96) * (next(2)), (cols + next(4) as u32).saturating_sub(1));
+            let op = match next(4) {
+                0 => Op::Fill { dst, value: 0.0 },
+                1 => Op::Unary { op: UnaryOp::Copy, src, dst },
+                _ => Op::dma(next(4) as u8, src, dst),
+            };
+            // Long programs mostly chain each instruction to the one before, so their first race
+            // (if any) comes late, after epochs and overwritten accesses have been dropped.
+            let window = if long { i.saturating_sub(12) } else { 0 };
+            let mut deps: Vec<u32> = (window as u32..i as u32).filter(|_| next(4) == 0).collect();
+            if long && i > 0 && next(1000) < 994 && !deps.contains(&(i as u32 - 1)) {
+                deps.push(i as u32 - 1);
+            }
+            p.push(op, &deps);
+        }
+        // Brute force: happens-before as reachability, then every pair.
+        // Byte sets as bitmaps (every tile lies in the first 2 KiB).
+        let touched = |tiles: Vec<Tile>| {
+            let mut set = [0u64; 32];
+            for b in tiles.iter().flat_map(&bytes) {
+                set[(b / 64) as usize] |= 1 << (b % 64);
+            }
+            set
+        };
+        let meet = |a: &[u64; 32], b: &[u64; 32]| a.iter().zip(b).any(|(x, y)| x & y != 0);
+        let writes: Vec<[u64; 32]> = p.instrs.iter().map(|x| touched(x.op.writes())).collect();
+        let all: Vec<[u64; 32]> =
+            p.instrs.iter().map(|x| touched(x.op.reads().into_iter().chain(x.op.writes()).collect())).collect();
+        let mut before: Vec<HashSet<usize>> = Vec::new();
+        let mut first_race = None;
+        for (j, instr) in p.instrs.iter().enumerate() {
+            let mut hb = HashSet::new();
+            let prev_same_unit = (0..j).rev().find(|&i| p.instrs[i].op.unit() == instr.op.unit());
+            for d in instr.deps.iter().map(|&d| d as usize).chain(prev_same_unit) {
+                hb.insert(d);
+                hb.extend(before[d].iter().copied());
+            }
+            for i in 0..j {
+                let conflict = meet(&writes[i], &all[j]) || meet(&all[i], &writes[j]);
+                if conflict && !hb.contains(&i) {
+                    first_race.get_or_insert(j);
+                }
+            }
+            before.push(hb);
+        }
+        if long {
+            long_first_races.push(first_race.unwrap_or(n));
+        }
+        match (p.validate(&m), first_race) {
+            (Ok(()), None) => clean += 1,
+            (Err(e), Some(j)) if e.to_string().contains("neither waits") => {
+                assert!(
+                    e.to_string().starts_with(&format!("instruction {j} ")),
+                    "case {case}: first race at {j}: {e}\n{p}"
+                );
+                racy += 1;
+            }
+            // Other rejections (e.g. an in-place copy that partly overlaps) say nothing about races.
+            (Err(e), _) if !e.to_string().contains("neither waits") => {}
+            (result, race) => panic!("case {case}: validator {result:?}, brute force first race {race:?}\n{p}"),
+        }
+    }
+    assert!(racy > 300 && clean > 300, "{racy} racy and {clean} clean programs: the generator needs balance");
+    long_first_races.sort();
+    assert!(long_first_races[long_first_races.len() / 2] > 100, "long programs race too early: {long_first_races:?}");
+}
+
 // ---- functional engine ----
 
 #[test]

@@ -1,19 +1,48 @@
 //! One module per subcommand, plus what several of them share: loading models, weights and
 //! inputs with errors that name the file.
 
+pub mod compare;
+pub mod compile;
 pub mod export;
 pub mod grad;
 pub mod inspect;
 pub mod machines;
 pub mod mxu;
 pub mod run;
+pub mod simulate;
 pub mod zoo;
 
 use std::path::Path;
 
-use anyhow::Result;
-use systolic::compiler::{Error, Graph, Op, TensorMap, tensors, zoo as model_zoo};
+use anyhow::{Context, Result};
+use systolic::compiler::{Error, Graph, Op, Tensor, TensorMap, rng, tensors, zoo as model_zoo};
 use systolic::simulator::Machine;
+use systolic::simulator::numerics::Precision;
+
+/// The machine a command targets and how its MXU rounds: the options every simulating
+/// command shares.
+#[derive(clap::Args)]
+pub struct Target {
+    /// A machine preset or `.ron` file.
+    #[arg(long, default_value = "v2-8")]
+    pub machine: String,
+    /// MXU precision: default (one bf16 pass), high (3 passes) or highest (6 passes).
+    #[arg(long, default_value = "default")]
+    pub precision: String,
+    /// Override a machine field (repeatable), e.g. `--set core.mxu.rows=256`.
+    #[arg(long = "set", value_name = "FIELD=VALUE")]
+    pub sets: Vec<String>,
+}
+
+impl Target {
+    /// The machine with its overrides applied, and the parsed precision.
+    pub fn resolve(&self) -> Result<(Machine, Precision)> {
+        let machine = load_machine(&self.machine, &self.sets)?;
+        let precision = Precision::parse(&self.precision)
+            .with_context(|| format!("--precision {}: use default, high or highest", self.precision))?;
+        Ok((machine, precision))
+    }
+}
 
 /// A machine preset or `.ron` file, with `FIELD=VALUE` overrides applied together (validated
 /// once, after all of them).
@@ -68,6 +97,22 @@ pub fn load_inputs(path: &Path) -> Result<TensorMap> {
     Ok(tensors::load(path)?)
 }
 
+/// A batch of standard-normal inputs, one tensor per Input node, reproducible from `seed`:
+/// for trying a model (timing, numerics) without a data file.
+pub fn random_inputs(graph: &Graph, batch: usize, seed: u64) -> Result<TensorMap> {
+    anyhow::ensure!(batch >= 1, "--batch must be at least 1");
+    let mut m = TensorMap::new();
+    for id in graph.inputs() {
+        let node = graph.node(id);
+        let shape = node.shape.concrete(batch);
+        let n: usize = shape.iter().product();
+        let key = rng::derive(seed, rng::hash_str(&node.name));
+        let values = (0..n).map(|i| rng::normal(key, i as u64)).collect();
+        m.insert(node.name.clone(), Tensor::from_shape_vec(shape, values)?);
+    }
+    Ok(m)
+}
+
 /// Adds the file a bad tensor came from to a binding error; `source` maps a tensor (node)
 /// name to the file it was read from.
 pub fn blame<'a>(err: Error, source: impl Fn(&str) -> Option<&'a Path>) -> anyhow::Error {
@@ -86,13 +131,13 @@ pub fn source_of<'a>(
     name: &str,
     weights: Option<&'a Path>,
     labels: Option<(&str, &'a Path)>,
-    input: &'a Path,
+    input: Option<&'a Path>,
 ) -> Option<&'a Path> {
     let is_param = graph.find(name).is_some_and(|id| matches!(graph.node(id).op, Op::Parameter(_)));
     match labels {
         _ if is_param => weights,
         Some((node, path)) if node == name => Some(path),
-        _ => Some(input),
+        _ => input,
     }
 }
 

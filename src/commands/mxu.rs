@@ -26,15 +26,8 @@ pub struct Args {
     /// Columns of the right operand (the weights).
     #[arg(long)]
     n: usize,
-    /// A machine preset or `.ron` file.
-    #[arg(long, default_value = "v2-8")]
-    machine: String,
-    /// default (one bf16 pass), high (3 passes) or highest (6 passes).
-    #[arg(long, default_value = "default")]
-    precision: String,
-    /// Override a machine field (repeatable), e.g. `--set core.mxu.weight_double_buffering=false`.
-    #[arg(long = "set", value_name = "FIELD=VALUE")]
-    sets: Vec<String>,
+    #[command(flatten)]
+    target: super::Target,
     /// Also run the PE-level array (every PE, every cycle) and check it against the fast models.
     #[arg(long)]
     pe_level: bool,
@@ -56,9 +49,7 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let machine = super::load_machine(&args.machine, &args.sets)?;
-    let precision = Precision::parse(&args.precision)
-        .with_context(|| format!("--precision {}: use default, high or highest", args.precision))?;
+    let (machine, precision) = args.target.resolve()?;
     let (m, k, n) = (args.m, args.k, args.n);
     let mp = kernels::matmul(&machine, m, k, n, precision)?;
     if args.show_program {

@@ -1,11 +1,14 @@
-//! `systolic run`: evaluate a model on the f32 CPU reference.
+//! `systolic run`: evaluate a model on the f32 CPU reference, or compile it for one simulated
+//! TPU core and compute the same outputs with bf16 MXU numerics.
 
 use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::Result;
 use systolic::compiler::reference::{self, Mode, RunOptions};
-use systolic::compiler::{Graph, NodeId, TensorMap, cost};
+use systolic::compiler::{Graph, NodeId, Tensor, TensorMap, cost};
+use systolic::simulator::executable::Role;
+use systolic::simulator::timing::simulate;
 
 use crate::table::{Table, si};
 
@@ -13,6 +16,12 @@ use crate::table::{Table, si};
 pub struct Args {
     /// A zoo model name or a `.ron` graph.
     model: String,
+    /// cpu: the f32 reference; tpu: compile for one simulated core (--machine) and compute the
+    /// outputs with its bf16 MXU numerics, reporting the simulated step time too.
+    #[arg(long, value_enum, default_value = "cpu")]
+    backend: Backend,
+    #[command(flatten)]
+    target: super::Target,
     /// Parameter values (safetensors, named `<layer>/<param>`); without it, initialise from --seed.
     #[arg(long)]
     weights: Option<PathBuf>,
@@ -22,9 +31,13 @@ pub struct Args {
     /// Write the parameters used (with batch-norm statistics updated under --train-mode).
     #[arg(long)]
     save_weights: Option<PathBuf>,
-    /// Input tensors (safetensors), named after the graph's Input nodes (see `inspect`).
+    /// Input tensors (safetensors), named after the graph's Input nodes (see `inspect`);
+    /// without it, a standard-normal batch of --batch examples drawn from --seed.
     #[arg(long)]
-    input: PathBuf,
+    input: Option<PathBuf>,
+    /// Examples in the random batch (when no --input is given).
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
     /// Where to write every graph output (safetensors).
     #[arg(long)]
     output: PathBuf,
@@ -45,28 +58,47 @@ pub struct Args {
     json: bool,
 }
 
+#[derive(clap::ValueEnum, Clone, Copy, PartialEq)]
+enum Backend {
+    Cpu,
+    Tpu,
+}
+
 pub fn run(args: Args) -> Result<()> {
     let graph = super::load_model(&args.model)?;
-    let mut weights = super::load_weights(&graph, args.weights.as_deref(), args.seed)?;
-    let inputs = super::load_inputs(&args.input)?;
+    let weights = super::load_weights(&graph, args.weights.as_deref(), args.seed)?;
+    let inputs = match &args.input {
+        Some(path) => super::load_inputs(path)?,
+        None => super::random_inputs(&graph, args.batch, args.seed)?,
+    };
+    anyhow::ensure!(args.repeat >= 1, "--repeat must be at least 1");
+    match args.backend {
+        Backend::Cpu => run_reference(&args, &graph, weights, inputs),
+        Backend::Tpu => run_simulated(&args, &graph, weights, inputs),
+    }
+}
+
+/// The f32 CPU reference.
+fn run_reference(args: &Args, graph: &Graph, mut weights: TensorMap, inputs: TensorMap) -> Result<()> {
     let mut bindings = weights.clone();
     bindings.extend(inputs);
     let mode = if args.train_mode { Mode::Training } else { Mode::Inference };
-    anyhow::ensure!(args.repeat >= 1, "--repeat must be at least 1");
     let mut times = Vec::with_capacity(args.repeat);
     let mut result = None;
     for _ in 0..args.repeat {
         let start = Instant::now();
         let ev =
-            reference::run(&graph, &bindings, graph.outputs(), RunOptions { mode, step: args.step }).map_err(|e| {
-                super::blame(e, |name| super::source_of(&graph, name, args.weights.as_deref(), None, &args.input))
+            reference::run(graph, &bindings, graph.outputs(), RunOptions { mode, step: args.step }).map_err(|e| {
+                super::blame(e, |name| {
+                    super::source_of(graph, name, args.weights.as_deref(), None, args.input.as_deref())
+                })
             })?;
         times.push(start.elapsed().as_secs_f64());
         result = Some(ev);
     }
     let mut ev = result.expect("at least one run");
     if args.profile {
-        print_profile(&graph, &ev.node_seconds, ev.batch);
+        print_profile(graph, &ev.node_seconds, ev.batch);
     }
     let mut outputs = TensorMap::new();
     for &id in graph.outputs() {
@@ -106,6 +138,117 @@ pub fn run(args: Args) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Compiles for one core of `--machine` and computes the outputs with the functional simulator.
+fn run_simulated(args: &Args, graph: &Graph, weights: TensorMap, inputs: TensorMap) -> Result<()> {
+    anyhow::ensure!(
+        !args.train_mode,
+        "--backend tpu runs inference only until the training-step lowering lands; drop --train-mode or use --backend cpu"
+    );
+    anyhow::ensure!(
+        !args.profile,
+        "--profile times the CPU reference's ops; for the TPU's per-layer cycles run `systolic compile {}`",
+        args.model
+    );
+    let (machine, precision) = args.target.resolve()?;
+    let batch = batch_of(graph, &inputs, args.input.as_deref())?;
+    let (compiled, compile_seconds) = super::compile::compile_model(&args.model, &machine, batch, precision, false)?;
+    let exe = &compiled.executable;
+    let mut bindings = weights.clone();
+    bindings.extend(inputs);
+    // The executable checks element counts; check whole shapes here so a mismatch names its file.
+    for b in exe.bindings.iter().filter(|b| b.role != Role::Output) {
+        let source = super::source_of(graph, &b.name, args.weights.as_deref(), None, args.input.as_deref());
+        let file = source.map_or_else(|| "the inputs".to_string(), |p| p.display().to_string());
+        match bindings.get(&b.name) {
+            None => anyhow::bail!("{file}: has no tensor '{}' (shape {:?})", b.name, b.shape),
+            Some(t) if t.shape() != b.shape.as_slice() => {
+                anyhow::bail!("{file}: tensor '{}' has shape {:?} but the model needs {:?}", b.name, t.shape(), b.shape)
+            }
+            Some(_) => {}
+        }
+    }
+    let mut times = Vec::with_capacity(args.repeat);
+    let mut result = None;
+    for _ in 0..args.repeat {
+        let start = Instant::now();
+        let got = exe.run(&machine, |name| bindings.get(name).and_then(|t| t.as_slice()))?;
+        times.push(start.elapsed().as_secs_f64());
+        result = Some(got);
+    }
+    let mut outputs = TensorMap::new();
+    for (name, values) in result.expect("at least one run") {
+        let binding = exe.binding(&name, Role::Output).expect("the executable binds its outputs");
+        outputs.insert(name, Tensor::from_shape_vec(binding.shape.clone(), values)?);
+    }
+    let report = simulate(&machine, &exe.program, false)?.report;
+    times.sort_by(f64::total_cmp);
+    let (min, median) = (times[0], times[times.len() / 2]);
+    super::save_tensors(&args.output, &outputs)?;
+    if args.json {
+        let out = serde_json::json!({
+            "model": graph.name(), "batch": batch, "backend": "tpu", "machine": machine.name,
+            "precision": precision.name(), "runs": args.repeat, "min_seconds": min, "median_seconds": median,
+            "compile_seconds": compile_seconds, "simulated_step_seconds": report.seconds,
+            "simulated_step_cycles": report.cycles, "mxu_utilization": report.mxu_utilization,
+        });
+        println!("{out}");
+    } else {
+        for (name, t) in &outputs {
+            println!("{name} {:?}", t.shape());
+        }
+        println!(
+            "ran {} (batch {batch}) on one simulated {} core, precision {}: {:.3} ms simulated step \
+             ({} cycles, MXU utilization {:.1}%); wrote {}",
+            graph.name(),
+            machine.name,
+            precision.name(),
+            report.seconds * 1e3,
+            report.cycles,
+            100.0 * report.mxu_utilization,
+            args.output.display()
+        );
+        let timing = if args.repeat > 1 {
+            format!("median {median:.3} s, fastest {min:.3} s of {} runs", args.repeat)
+        } else {
+            format!("{min:.3} s")
+        };
+        println!("computing the values on this host took {timing}; compiling {compile_seconds:.3} s");
+    }
+    if let Some(path) = &args.save_weights {
+        super::save_tensors(path, &weights)?;
+        if !args.json {
+            println!("wrote weights to {}", path.display());
+        }
+    }
+    Ok(())
+}
+
+/// The batch the inputs carry: the leading dimension every batched input agrees on.
+fn batch_of(graph: &Graph, inputs: &TensorMap, file: Option<&std::path::Path>) -> Result<usize> {
+    let file = file.map_or_else(|| "the inputs".to_string(), |p| p.display().to_string());
+    let mut batch = None;
+    for id in graph.inputs() {
+        let node = graph.node(id);
+        let Some(t) = inputs.get(&node.name) else {
+            anyhow::bail!("{file}: has no tensor '{}' (input of shape {})", node.name, node.shape);
+        };
+        if !node.shape.batched {
+            continue;
+        }
+        let Some(&b) = t.shape().first() else {
+            anyhow::bail!("{file}: tensor '{}' is a scalar but the input is batched", node.name);
+        };
+        match batch {
+            None => batch = Some(b),
+            Some(prev) if prev != b => {
+                anyhow::bail!("{file}: tensor '{}' has batch {b} but another input has batch {prev}", node.name)
+            }
+            Some(_) => {}
+        }
+    }
+    batch.ok_or_else(|| anyhow::anyhow!("{file}: the model has no batched input to size the batch from"))
 }
 
 /// Time per op kind and the ten slowest layers, with achieved FLOP rates.

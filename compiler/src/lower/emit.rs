@@ -1,9 +1,10 @@
 //! The `tiling` and `scheduling` passes: kernels to instructions.
 //!
-//! Every kernel streams its data through VMEM in blocks, with two of each block buffer so the
-//! next block's DMA overlaps this block's MXU and VPU work. Dependencies name exactly what must
-//! finish first (the DMA filling a buffer, the matmuls reading it before it is refilled); a
-//! barrier closes each kernel and opens the next, so buffers (VMEM and HBM) can be reused.
+//! Every kernel streams its data through VMEM in blocks, with three of each block buffer so the
+//! next block's DMA and the previous block's store overlap this block's MXU and VPU work.
+//! Dependencies name exactly what must finish first (the DMA filling a buffer, the matmuls
+//! reading it before it is refilled); a barrier closes each kernel and opens the next, so
+//! buffers (VMEM and HBM) can be reused.
 //!
 //! Convolutions run as **shifted matmuls**: the input band is staged in VMEM with its zero
 //! padding, and each kernel tap (i, j) is one matmul whose left operand is the staging buffer
@@ -29,8 +30,11 @@ use crate::graph::{Graph, NodeId, Op as GOp, Padding, Pool as PoolAttrs};
 
 /// Rows of a block's matmul (the streamed LHS rows) the tiling aims for.
 const TARGET_ROWS: usize = 2048;
-/// VMEM set aside for a kernel's weights.
-const WEIGHT_BUDGET: u64 = 4 << 20;
+/// Copies of each block buffer: while one block computes, the next is loading and the one
+/// before is storing, so DMA latency stays off the critical path.
+const BUFFERS: usize = 3;
+/// VMEM set aside for one of a kernel's two weight buffers (2.5 MiB).
+const WEIGHT_BUDGET: u64 = 5 << 19;
 
 /// A bump allocator over one kernel's VMEM.
 struct Vmem {
@@ -470,7 +474,7 @@ fn conv(e: &mut Emitter, kernel: &Kernel, node: NodeId) -> Result<KernelReport> 
         let res = if residual_of(&kernel).is_some() { acc } else { 0 };
         let cols_buf = if strategy == ConvStrategy::Im2col { (m_rows * g.taps() * c * 4) as u64 } else { 0 };
         let weights = (g.taps() * cg * nb * 4) as u64;
-        let need = 2 * (stage + acc + res + cols_buf) + weights + (8 * co * 4) as u64 + 16 * 512;
+        let need = BUFFERS as u64 * (stage + acc + res + cols_buf) + 2 * weights + (8 * co * 4) as u64 + 16 * 512;
         if need <= e.m.core.vmem_bytes {
             break (blocks, m_rows, stage_rows, whole);
         }
@@ -482,84 +486,108 @@ fn conv(e: &mut Emitter, kernel: &Kernel, node: NodeId) -> Result<KernelReport> 
 
     let mut vmem = e.vmem();
     let oom = |e: &Emitter| e.vmem_error(&kernel, "buffers");
-    let weights = vmem.alloc(g.taps() * cg, nb).ok_or_else(|| oom(e))?;
+    // Two weight buffers: the next channel block's weights load while this one computes.
+    let weight_bufs: Vec<Tile> =
+        (0..2).map(|_| vmem.alloc(g.taps() * cg, nb)).collect::<Option<_>>().ok_or_else(|| oom(e))?;
     let stage: Vec<Tile> =
-        (0..2).map(|_| vmem.alloc(stage_rows * g.wp, c)).collect::<Option<_>>().ok_or_else(|| oom(e))?;
-    let acc: Vec<Tile> = (0..2).map(|_| vmem.alloc(m_rows, nb)).collect::<Option<_>>().ok_or_else(|| oom(e))?;
+        (0..BUFFERS).map(|_| vmem.alloc(stage_rows * g.wp, c)).collect::<Option<_>>().ok_or_else(|| oom(e))?;
+    let acc: Vec<Tile> = (0..BUFFERS).map(|_| vmem.alloc(m_rows, nb)).collect::<Option<_>>().ok_or_else(|| oom(e))?;
     let res: Vec<Tile> = if residual_of(&kernel).is_some() {
-        (0..2).map(|_| vmem.alloc(m_rows, nb)).collect::<Option<_>>().ok_or_else(|| oom(e))?
+        (0..BUFFERS).map(|_| vmem.alloc(m_rows, nb)).collect::<Option<_>>().ok_or_else(|| oom(e))?
     } else {
         Vec::new()
     };
     let im2col: Vec<Tile> = if strategy == ConvStrategy::Im2col {
-        (0..2).map(|_| vmem.alloc(m_rows, g.taps() * c)).collect::<Option<_>>().ok_or_else(|| oom(e))?
+        (0..BUFFERS).map(|_| vmem.alloc(m_rows, g.taps() * c)).collect::<Option<_>>().ok_or_else(|| oom(e))?
     } else {
         Vec::new()
     };
     let ch = prepare_channels(e, &kernel, co, &mut vmem)?;
 
     // Per buffer parity: who last read staging, acc and res.
-    let mut stage_readers: [Vec<u32>; 2] = [Vec::new(), Vec::new()];
-    let mut stage_filled = [false, false];
-    let mut acc_free: [Option<u32>; 2] = [None, None];
-    let mut res_free: [Option<u32>; 2] = [None, None];
-    let mut weight_readers: Vec<u32> = Vec::new();
-    let mut block_no = 0usize;
+    let mut stage_readers: Vec<Vec<u32>> = vec![Vec::new(); BUFFERS];
+    let mut stage_filled = [false; BUFFERS];
+    let mut acc_free: Vec<Option<u32>> = vec![None; BUFFERS];
+    let mut res_free: Vec<Option<u32>> = vec![None; BUFFERS];
+    let mut weight_readers: Vec<Vec<u32>> = vec![Vec::new(); 2];
+    let mut weight_no = 0usize;
     let precision = e.opts.precision;
     let mut useful_macs = 0u64;
-    for c0 in (0..co).step_by(nb) {
+    let work: Vec<(usize, Block)> = (0..co).step_by(nb).flat_map(|c0| blocks.iter().map(move |b| (c0, *b))).collect();
+    let mut staged_ids: Vec<u32> = Vec::with_capacity(work.len());
+    let mut copies_done: Vec<Option<u32>> = Vec::new();
+    let mut wload = 0;
+    let mut current_c0 = usize::MAX;
+    for (wi, &(c0, blk)) in work.iter().enumerate() {
+        let blk = &blk;
+        let p = wi % BUFFERS;
         let nbw = nb.min(co - c0);
-        // Weights of this channel block (all taps), once.
-        let wsrc = w.tile.columns(c0, nbw);
-        let wdst = Tile { cols: nbw as u32, stride: nbw as u32, ..weights };
-        let wload = e.push(Op::dma(1, wsrc, wdst), &weight_readers);
-        weight_readers.clear();
+        if c0 != current_c0 {
+            weight_no += 1;
+        }
+        let wp_ = weight_no % 2;
+        let wdst = Tile { cols: nbw as u32, stride: nbw as u32, ..weight_bufs[wp_] };
+        if c0 != current_c0 {
+            // Weights of this channel block (all taps), once, into the buffer the block two
+            // back used.
+            wload = e.push(Op::dma(1, w.tile.columns(c0, nbw), wdst), &weight_readers[wp_]);
+            weight_readers[wp_].clear();
+            current_c0 = c0;
+        }
         let group = if g.groups > 1 && !depthwise { c0 / g.cog() } else { 0 };
-        for blk in &blocks {
-            let p = block_no % 2;
-            block_no += 1;
-            let edge = blk.oh0 * g.s < g.pt || (blk.oh0 + blk.bh) * g.s + g.halo() > g.pt + g.h;
-            let m_blk = if whole { blk.images * per_image } else { blk.bh * g.wp };
-            // Stage the input rows (with zero padding).
-            let mut stage_deps = stage_readers[p].clone();
-            if !stage_filled[p] || (!whole && edge) {
-                let f = e.push(Op::Fill { dst: stage[p], value: 0.0 }, &stage_deps);
+        let m_blk = if whole { blk.images * per_image } else { blk.bh * g.wp };
+        // Stage inputs ahead: the blocks up to BUFFERS - 1 later load while this one computes.
+        while staged_ids.len() < work.len() && staged_ids.len() < wi + BUFFERS {
+            let si = staged_ids.len();
+            let sp = si % BUFFERS;
+            let sb = &work[si].1;
+            // Zero padding: the buffer is filled once, and again before a band whose valid
+            // outputs read padding rows that an earlier band filled with data.
+            let reads_padding = sb.oh0 * g.s < g.pt || (sb.oh0 + sb.bh - 1) * g.s + (g.kh - 1) * g.dh >= g.pt + g.h;
+            let mut stage_deps = stage_readers[sp].clone();
+            if !stage_filled[sp] || (!whole && reads_padding) {
+                let f = e.push(Op::Fill { dst: stage[sp], value: 0.0 }, &stage_deps);
                 stage_deps = vec![f];
-                stage_filled[p] = true;
+                stage_filled[sp] = true;
             }
             let row_bytes = (g.w * c * 4) as u64;
             let slot_elems = (g.s * hv * g.wp * c) as u64;
-            let staged = if whole {
+            let id = if whole {
                 // Whole images, one slot each.
-                let src =
-                    Tile { rows: g.h as u32, cols: (g.w * c) as u32, stride: (g.w * c) as u32, ..x.tile }.rows(0, g.h);
-                let src = Tile { offset: x.tile.offset + (blk.n0 * g.h) as u64 * row_bytes, ..src };
+                let src = Tile {
+                    space: Space::Hbm,
+                    offset: x.tile.offset + (sb.n0 * g.h) as u64 * row_bytes,
+                    rows: g.h as u32,
+                    cols: (g.w * c) as u32,
+                    stride: (g.w * c) as u32,
+                    dtype: DType::F32,
+                };
                 let dst = Tile {
                     space: Space::Vmem,
-                    offset: stage[p].offset + ((g.pt * g.wp + g.pl) * c * 4) as u64,
+                    offset: stage[sp].offset + ((g.pt * g.wp + g.pl) * c * 4) as u64,
                     rows: g.h as u32,
                     cols: (g.w * c) as u32,
                     stride: (g.wp * c) as u32,
                     dtype: DType::F32,
                 };
-                let repeat = (blk.images > 1).then(|| Repeat {
-                    count: blk.images as u32,
+                let repeat = (sb.images > 1).then(|| Repeat {
+                    count: sb.images as u32,
                     src_step: g.h as u64 * row_bytes,
                     dst_step: slot_elems * 4,
                 });
                 e.push(Op::Dma { engine: 0, src, dst, repeat }, &stage_deps)
             } else {
                 // A band: padded rows oh0·s .. from image n0.
-                let first_padded = blk.oh0 * g.s;
+                let first_padded = sb.oh0 * g.s;
                 let h_lo = first_padded.saturating_sub(g.pt);
-                let h_hi = (first_padded + g.s * blk.bh + g.halo()).saturating_sub(g.pt).min(g.h);
+                let h_hi = (first_padded + g.s * sb.bh + g.halo()).saturating_sub(g.pt).min(g.h);
                 if h_hi <= h_lo {
                     return Err(e.unsupported(node, "a band with no input rows (padding larger than the image)".into()));
                 }
                 let q_lo = h_lo + g.pt - first_padded;
                 let src = Tile {
                     space: Space::Hbm,
-                    offset: x.tile.offset + ((blk.n0 * g.h + h_lo) as u64) * row_bytes,
+                    offset: x.tile.offset + ((sb.n0 * g.h + h_lo) as u64) * row_bytes,
                     rows: (h_hi - h_lo) as u32,
                     cols: (g.w * c) as u32,
                     stride: (g.w * c) as u32,
@@ -567,7 +595,7 @@ fn conv(e: &mut Emitter, kernel: &Kernel, node: NodeId) -> Result<KernelReport> 
                 };
                 let dst = Tile {
                     space: Space::Vmem,
-                    offset: stage[p].offset + ((q_lo * g.wp + g.pl) * c * 4) as u64,
+                    offset: stage[sp].offset + ((q_lo * g.wp + g.pl) * c * 4) as u64,
                     rows: (h_hi - h_lo) as u32,
                     cols: (g.w * c) as u32,
                     stride: (g.wp * c) as u32,
@@ -575,126 +603,130 @@ fn conv(e: &mut Emitter, kernel: &Kernel, node: NodeId) -> Result<KernelReport> 
                 };
                 e.push(Op::dma(0, src, dst), &stage_deps)
             };
-            // Compute into acc[p].
-            let accp = Tile { rows: m_blk as u32, cols: nbw as u32, stride: nbw as u32, ..acc[p] };
-            let mut compute_deps = vec![staged, wload];
-            compute_deps.extend(acc_free[p]);
-            let tap_view = |i: usize, j: usize, ch0: usize, chs: usize, rows: usize| Tile {
-                space: Space::Vmem,
-                offset: stage[p].offset + (((i * g.dh * g.wp + j * g.dw) * c + ch0) * 4) as u64,
-                rows: rows as u32,
-                cols: chs as u32,
-                stride: (g.s * c) as u32,
-                dtype: DType::F32,
-            };
-            let mut readers = Vec::new();
-            let mut producers = Vec::new();
-            match strategy {
-                ConvStrategy::Shifted => {
-                    let split = split_rows(m_blk, mxus_for(e.m, m_blk));
-                    let mut last_per_mxu = vec![None; split.len()];
-                    for i in 0..g.kh {
-                        for j in 0..g.kw {
-                            let tap = i * g.kw + j;
-                            let rhs = Tile { rows: cg as u32, ..wdst }.rows(0, cg);
-                            let rhs = Tile { offset: wdst.offset + (tap * cg * nbw * 4) as u64, ..rhs };
-                            for (x_i, &(r0, rn)) in split.iter().enumerate() {
-                                let lhs = tap_view(i, j, group * cg, cg, m_blk).rows(r0, rn);
-                                let out = accp.rows(r0, rn);
-                                let mut deps = compute_deps.clone();
-                                deps.extend(last_per_mxu[x_i]);
-                                let id = e.push(
-                                    Op::MatMul { mxu: x_i as u8, lhs, rhs, out, accumulate: tap > 0, precision },
-                                    &deps,
-                                );
-                                last_per_mxu[x_i] = Some(id);
-                            }
-                        }
-                    }
-                    readers.extend(last_per_mxu.iter().flatten());
-                    producers.extend(last_per_mxu.iter().flatten());
-                }
-                ConvStrategy::Im2col => {
-                    let cols_t = Tile { rows: m_blk as u32, ..im2col[p] };
-                    let mut copies = Vec::new();
-                    for i in 0..g.kh {
-                        for j in 0..g.kw {
-                            let tap = i * g.kw + j;
-                            let dst = cols_t.columns(tap * c, c);
-                            // The copy into the columns also waits for the matmuls that read them.
-                            let mut deps = vec![staged];
-                            deps.extend(acc_free[p]);
-                            copies.push(
-                                e.push(Op::Unary { op: UnaryOp::Copy, src: tap_view(i, j, 0, c, m_blk), dst }, &deps),
-                            );
-                        }
-                    }
-                    readers.push(*copies.last().expect("at least one tap"));
-                    let split = split_rows(m_blk, mxus_for(e.m, m_blk));
-                    let rhs = Tile { rows: (g.taps() * c) as u32, ..wdst };
-                    for (x_i, &(r0, rn)) in split.iter().enumerate() {
-                        let mut deps = vec![*copies.last().expect("taps"), wload];
-                        deps.extend(acc_free[p]);
-                        let id = e.push(
-                            Op::MatMul {
-                                mxu: x_i as u8,
-                                lhs: cols_t.rows(r0, rn),
-                                rhs,
-                                out: accp.rows(r0, rn),
-                                accumulate: false,
-                                precision,
-                            },
-                            &deps,
-                        );
-                        producers.push(id);
-                    }
-                    // The next use of these im2col columns must wait for these matmuls.
-                    readers.extend(producers.iter().copied());
-                }
-                ConvStrategy::Depthwise => {
-                    let mut last = None;
-                    for i in 0..g.kh {
-                        for j in 0..g.kw {
-                            let tap = i * g.kw + j;
-                            let a = tap_view(i, j, c0, nbw, m_blk);
-                            let wrow = Tile { offset: wdst.offset + (tap * nbw * 4) as u64, rows: 1, ..wdst };
-                            let deps: Vec<u32> = match last {
-                                Some(l) => vec![l],
-                                None => compute_deps.clone(),
-                            };
-                            let op = if tap == 0 {
-                                Op::Binary { op: BinaryOp::Mul, a, b: wrow, dst: accp }
-                            } else {
-                                Op::MulAdd { a, b: wrow, acc: accp }
-                            };
-                            last = Some(e.push(op, &deps));
-                        }
-                    }
-                    readers.extend(last);
-                    producers.extend(last);
-                }
-            }
-            stage_readers[p] = readers.clone();
-            weight_readers.extend(producers.iter().copied());
-            // Residual rows, in the accumulator's layout.
-            let residual = match residual_of(&kernel) {
-                Some(r) => {
-                    let rp = e.place(r);
-                    let resp = Tile { rows: m_blk as u32, cols: nbw as u32, stride: nbw as u32, ..res[p] };
-                    let deps: Vec<u32> = res_free[p].into_iter().collect();
-                    let loaded = out_rows(e, &g, blk, whole, per_image, rp.tile, resp, c0, nbw, true, &deps);
-                    Some((resp, loaded))
-                }
-                None => None,
-            };
-            let done = apply_epilogue(e, &kernel, &ch, accp, c0, residual, producers.clone());
-            if residual.is_some() {
-                res_free[p] = Some(done);
-            }
-            let stored = out_rows(e, &g, blk, whole, per_image, y.tile, accp, c0, nbw, false, &[done]);
-            acc_free[p] = Some(stored);
-            useful_macs += (blk.images * blk.bh * g.ow * nbw * g.taps() * cg) as u64;
+            staged_ids.push(id);
         }
+        let staged = staged_ids[wi];
+        // Compute into acc[p].
+        let accp = Tile { rows: m_blk as u32, cols: nbw as u32, stride: nbw as u32, ..acc[p] };
+        let mut compute_deps = vec![staged, wload];
+        compute_deps.extend(acc_free[p]);
+        let tap_view = |i: usize, j: usize, ch0: usize, chs: usize, rows: usize| Tile {
+            space: Space::Vmem,
+            offset: stage[p].offset + (((i * g.dh * g.wp + j * g.dw) * c + ch0) * 4) as u64,
+            rows: rows as u32,
+            cols: chs as u32,
+            stride: (g.s * c) as u32,
+            dtype: DType::F32,
+        };
+        let mut readers = Vec::new();
+        let mut producers = Vec::new();
+        match strategy {
+            ConvStrategy::Shifted => {
+                let split = split_rows(m_blk, mxus_for(e.m, m_blk));
+                let mut last_per_mxu = vec![None; split.len()];
+                for i in 0..g.kh {
+                    for j in 0..g.kw {
+                        let tap = i * g.kw + j;
+                        let rhs = Tile { rows: cg as u32, ..wdst }.rows(0, cg);
+                        let rhs = Tile { offset: wdst.offset + (tap * cg * nbw * 4) as u64, ..rhs };
+                        for (x_i, &(r0, rn)) in split.iter().enumerate() {
+                            let lhs = tap_view(i, j, group * cg, cg, m_blk).rows(r0, rn);
+                            let out = accp.rows(r0, rn);
+                            let mut deps = compute_deps.clone();
+                            deps.extend(last_per_mxu[x_i]);
+                            let id = e.push(
+                                Op::MatMul { mxu: x_i as u8, lhs, rhs, out, accumulate: tap > 0, precision },
+                                &deps,
+                            );
+                            last_per_mxu[x_i] = Some(id);
+                        }
+                    }
+                }
+                readers.extend(last_per_mxu.iter().flatten());
+                producers.extend(last_per_mxu.iter().flatten());
+            }
+            ConvStrategy::Im2col => {
+                let cols_t = Tile { rows: m_blk as u32, ..im2col[p] };
+                // This block's copies were issued after the previous block's matmuls (so the
+                // VPU fills the columns while the MXU works); the first block issues its own.
+                let copied = match copies_done.get(wi).copied().flatten() {
+                    Some(c) => c,
+                    None => im2col_copies(e, &g, stage[p], cols_t, staged, m_blk),
+                };
+                readers.push(copied);
+                let split = split_rows(m_blk, mxus_for(e.m, m_blk));
+                let rhs = Tile { rows: (g.taps() * c) as u32, ..wdst };
+                for (x_i, &(r0, rn)) in split.iter().enumerate() {
+                    let mut deps = vec![copied, wload];
+                    deps.extend(acc_free[p]);
+                    let id = e.push(
+                        Op::MatMul {
+                            mxu: x_i as u8,
+                            lhs: cols_t.rows(r0, rn),
+                            rhs,
+                            out: accp.rows(r0, rn),
+                            accumulate: false,
+                            precision,
+                        },
+                        &deps,
+                    );
+                    producers.push(id);
+                }
+                // The next use of these im2col columns must wait for these matmuls.
+                readers.extend(producers.iter().copied());
+                // The next block's copies, now, ahead of this block's epilogue on the VPU.
+                if wi + 1 < work.len() {
+                    let nb_ = &work[wi + 1].1;
+                    let np = (wi + 1) % BUFFERS;
+                    let nm = if whole { nb_.images * per_image } else { nb_.bh * g.wp };
+                    let next_cols = Tile { rows: nm as u32, ..im2col[np] };
+                    copies_done.resize(wi + 2, None);
+                    copies_done[wi + 1] = Some(im2col_copies(e, &g, stage[np], next_cols, staged_ids[wi + 1], nm));
+                }
+            }
+            ConvStrategy::Depthwise => {
+                let mut last = None;
+                for i in 0..g.kh {
+                    for j in 0..g.kw {
+                        let tap = i * g.kw + j;
+                        let a = tap_view(i, j, c0, nbw, m_blk);
+                        let wrow = Tile { offset: wdst.offset + (tap * nbw * 4) as u64, rows: 1, ..wdst };
+                        let deps: Vec<u32> = match last {
+                            Some(l) => vec![l],
+                            None => compute_deps.clone(),
+                        };
+                        let op = if tap == 0 {
+                            Op::Binary { op: BinaryOp::Mul, a, b: wrow, dst: accp }
+                        } else {
+                            Op::MulAdd { a, b: wrow, acc: accp }
+                        };
+                        last = Some(e.push(op, &deps));
+                    }
+                }
+                readers.extend(last);
+                producers.extend(last);
+            }
+        }
+        stage_readers[p] = readers.clone();
+        weight_readers[wp_].extend(producers.iter().copied());
+        // Residual rows, in the accumulator's layout.
+        let residual = match residual_of(&kernel) {
+            Some(r) => {
+                let rp = e.place(r);
+                let resp = Tile { rows: m_blk as u32, cols: nbw as u32, stride: nbw as u32, ..res[p] };
+                let deps: Vec<u32> = res_free[p].into_iter().collect();
+                let loaded = out_rows(e, &g, blk, whole, per_image, rp.tile, resp, c0, nbw, true, &deps);
+                Some((resp, loaded))
+            }
+            None => None,
+        };
+        let done = apply_epilogue(e, &kernel, &ch, accp, c0, residual, producers.clone());
+        if residual.is_some() {
+            res_free[p] = Some(done);
+        }
+        let stored = out_rows(e, &g, blk, whole, per_image, y.tile, accp, c0, nbw, false, &[done]);
+        acc_free[p] = Some(stored);
+        useful_macs += (blk.images * blk.bh * g.ow * nbw * g.taps() * cg) as u64;
     }
     let range = first..e.program.len() + 1;
     let name = match strategy {
@@ -718,6 +750,30 @@ fn conv(e: &mut Emitter, kernel: &Kernel, node: NodeId) -> Result<KernelReport> 
     Ok(e.report(graph, &kernel, strategy_text, padded, useful_macs, range))
 }
 
+/// The im2col copies of one block: each kernel row's taps into their columns of `cols`
+/// (one copy per kernel row when the taps of a row are consecutive, else one per tap).
+/// Returns the last copy.
+fn im2col_copies(e: &mut Emitter, g: &ConvGeom, stage: Tile, cols: Tile, staged: u32, m_blk: usize) -> u32 {
+    let c = stage.cols as usize;
+    let (per_copy, taps_per_copy) = if g.dw == 1 { (g.kw * c, g.kw) } else { (c, 1) };
+    let mut last = staged;
+    for i in 0..g.kh {
+        for j in (0..g.kw).step_by(taps_per_copy) {
+            let tap = i * g.kw + j;
+            let src = Tile {
+                space: Space::Vmem,
+                offset: stage.offset + (((i * g.dh * g.wp + j * g.dw) * c) * 4) as u64,
+                rows: m_blk as u32,
+                cols: per_copy as u32,
+                stride: (g.s * c) as u32,
+                dtype: DType::F32,
+            };
+            last = e.push(Op::Unary { op: UnaryOp::Copy, src, dst: cols.columns(tap * c, per_copy) }, &[staged]);
+        }
+    }
+    last
+}
+
 /// Moves the valid output rows of a block between HBM (compact NHWC rows) and an accumulator
 /// laid out over the padded width; `load` reads HBM into VMEM (residuals), else writes back.
 #[allow(clippy::too_many_arguments)]
@@ -734,8 +790,15 @@ fn out_rows(
     load: bool,
     deps: &[u32],
 ) -> u32 {
-    let mut last = None;
-    for img in 0..blk.images {
+    let (h_step, v_step) = ((g.ow * g.co * 4) as u64, (g.wp * nb * 4) as u64);
+    // When image slots hold exactly the output rows (hv = OH), rows of successive images are
+    // evenly spaced on both sides: one DMA moves the whole block. Otherwise one per image,
+    // spread over the DMA engines so their start-up latencies overlap.
+    let merged = whole && g.hv() == g.oh;
+    let (copies, rows_each) = if merged { (1, blk.images * blk.bh) } else { (blk.images, blk.bh) };
+    let engines = e.m.core.dma.engines.max(1);
+    let mut ids = Vec::with_capacity(copies);
+    for img in 0..copies {
         let n = blk.n0 + img;
         let v_row0 = if whole { img * per_image } else { 0 };
         let h = Tile {
@@ -753,14 +816,12 @@ fn out_rows(
             stride: nb as u32,
             ..vmem
         };
-        let (h_step, v_step) = ((g.ow * g.co * 4) as u64, (g.wp * nb * 4) as u64);
         let (src, dst, src_step, dst_step) = if load { (h, v, h_step, v_step) } else { (v, h, v_step, h_step) };
-        let repeat = (blk.bh > 1).then_some(Repeat { count: blk.bh as u32, src_step, dst_step });
-        let engine = if load { 1 } else { 2 };
-        let d: Vec<u32> = last.map_or_else(|| deps.to_vec(), |l| vec![l]);
-        last = Some(e.push(Op::Dma { engine, src, dst, repeat }, &d));
+        let repeat = (rows_each > 1).then_some(Repeat { count: rows_each as u32, src_step, dst_step });
+        let engine = ((if load { 1 } else { 2 }) + img) % engines;
+        ids.push(e.push(Op::Dma { engine: engine as u8, src, dst, repeat }, deps));
     }
-    last.expect("a block has at least one image")
+    if ids.len() == 1 { ids[0] } else { e.push(Op::Barrier, &ids) }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -787,32 +848,32 @@ fn dense(e: &mut Emitter, kernel: &Kernel, node: NodeId) -> Result<KernelReport>
     let kb = fin.min((kb_budget / e.m.core.mxu.rows).max(1) * e.m.core.mxu.rows);
     let mut vmem = e.vmem();
     let oom = |e: &Emitter| e.vmem_error(&kernel, "input, weight and accumulator blocks");
-    let xb: Vec<Tile> = (0..2).map(|_| vmem.alloc(mb, kb)).collect::<Option<_>>().ok_or_else(|| oom(e))?;
-    let wb: Vec<Tile> = (0..2).map(|_| vmem.alloc(kb, nb)).collect::<Option<_>>().ok_or_else(|| oom(e))?;
-    let acc: Vec<Tile> = (0..2).map(|_| vmem.alloc(mb, nb)).collect::<Option<_>>().ok_or_else(|| oom(e))?;
+    let xb: Vec<Tile> = (0..BUFFERS).map(|_| vmem.alloc(mb, kb)).collect::<Option<_>>().ok_or_else(|| oom(e))?;
+    let wb: Vec<Tile> = (0..BUFFERS).map(|_| vmem.alloc(kb, nb)).collect::<Option<_>>().ok_or_else(|| oom(e))?;
+    let acc: Vec<Tile> = (0..BUFFERS).map(|_| vmem.alloc(mb, nb)).collect::<Option<_>>().ok_or_else(|| oom(e))?;
     let res: Vec<Tile> = if residual_of(&kernel).is_some() {
-        (0..2).map(|_| vmem.alloc(mb, nb)).collect::<Option<_>>().ok_or_else(|| oom(e))?
+        (0..BUFFERS).map(|_| vmem.alloc(mb, nb)).collect::<Option<_>>().ok_or_else(|| oom(e))?
     } else {
         Vec::new()
     };
     let ch = prepare_channels(e, &kernel, fout, &mut vmem)?;
     let precision = e.opts.precision;
-    let mut buf_readers: [Vec<u32>; 2] = [Vec::new(), Vec::new()];
-    let mut acc_free: [Option<u32>; 2] = [None, None];
-    let mut res_free: [Option<u32>; 2] = [None, None];
+    let mut buf_readers: Vec<Vec<u32>> = vec![Vec::new(); BUFFERS];
+    let mut acc_free: Vec<Option<u32>> = vec![None; BUFFERS];
+    let mut res_free: Vec<Option<u32>> = vec![None; BUFFERS];
     let (mut step, mut block) = (0usize, 0usize);
     for r0 in (0..rows).step_by(mb) {
         let rn = mb.min(rows - r0);
         for c0 in (0..fout).step_by(nb) {
             let cn = nb.min(fout - c0);
-            let ap = block % 2;
+            let ap = block % BUFFERS;
             block += 1;
             let accp = Tile { rows: rn as u32, cols: cn as u32, stride: cn as u32, ..acc[ap] };
             let split = split_rows(rn, mxus_for(e.m, rn));
             let mut last_per_mxu: Vec<Option<u32>> = vec![None; split.len()];
             for k0 in (0..fin).step_by(kb) {
                 let kn = kb.min(fin - k0);
-                let p = step % 2;
+                let p = step % BUFFERS;
                 step += 1;
                 let xs = x.tile.rows(r0, rn).columns(k0, kn);
                 let xd = Tile { rows: rn as u32, cols: kn as u32, stride: kn as u32, ..xb[p] };
@@ -891,13 +952,16 @@ fn pool(e: &mut Emitter, kernel: &Kernel, node: NodeId, attrs: &PoolAttrs, max: 
     let imgs = images_per_block(e, n, ((h * w + win.out_h * win.out_w) * c * 4) as u64);
     let mut vmem = e.vmem();
     let oom = |e: &Emitter| e.vmem_error(kernel, "image buffers");
-    let src: Vec<Tile> = (0..2).map(|_| vmem.alloc(imgs * h * w, c)).collect::<Option<_>>().ok_or_else(|| oom(e))?;
-    let dst: Vec<Tile> =
-        (0..2).map(|_| vmem.alloc(imgs * win.out_h * win.out_w, c)).collect::<Option<_>>().ok_or_else(|| oom(e))?;
-    let mut free: [Vec<u32>; 2] = [Vec::new(), Vec::new()];
+    let src: Vec<Tile> =
+        (0..BUFFERS).map(|_| vmem.alloc(imgs * h * w, c)).collect::<Option<_>>().ok_or_else(|| oom(e))?;
+    let dst: Vec<Tile> = (0..BUFFERS)
+        .map(|_| vmem.alloc(imgs * win.out_h * win.out_w, c))
+        .collect::<Option<_>>()
+        .ok_or_else(|| oom(e))?;
+    let mut free: Vec<Vec<u32>> = vec![Vec::new(); BUFFERS];
     for (b, n0) in (0..n).step_by(imgs).enumerate() {
         let k = imgs.min(n - n0);
-        let p = b % 2;
+        let p = b % BUFFERS;
         let s = Tile { rows: (k * h * w) as u32, ..src[p] };
         let d = Tile { rows: (k * win.out_h * win.out_w) as u32, ..dst[p] };
         let load = e.push(Op::dma(0, x.tile.rows(n0 * h * w, k * h * w), s), &free[p]);
@@ -938,12 +1002,13 @@ fn global_avg_pool(e: &mut Emitter, kernel: &Kernel, node: NodeId) -> Result<Ker
     let imgs = images_per_block(e, n, ((h * w + 1) * c * 4) as u64);
     let mut vmem = e.vmem();
     let oom = |e: &Emitter| e.vmem_error(kernel, "image buffers");
-    let src: Vec<Tile> = (0..2).map(|_| vmem.alloc(imgs * h * w, c)).collect::<Option<_>>().ok_or_else(|| oom(e))?;
-    let dst: Vec<Tile> = (0..2).map(|_| vmem.alloc(imgs, c)).collect::<Option<_>>().ok_or_else(|| oom(e))?;
-    let mut free: [Vec<u32>; 2] = [Vec::new(), Vec::new()];
+    let src: Vec<Tile> =
+        (0..BUFFERS).map(|_| vmem.alloc(imgs * h * w, c)).collect::<Option<_>>().ok_or_else(|| oom(e))?;
+    let dst: Vec<Tile> = (0..BUFFERS).map(|_| vmem.alloc(imgs, c)).collect::<Option<_>>().ok_or_else(|| oom(e))?;
+    let mut free: Vec<Vec<u32>> = vec![Vec::new(); BUFFERS];
     for (b, n0) in (0..n).step_by(imgs).enumerate() {
         let k = imgs.min(n - n0);
-        let p = b % 2;
+        let p = b % BUFFERS;
         let s = Tile { rows: (k * h * w) as u32, ..src[p] };
         let d = Tile { rows: k as u32, ..dst[p] };
         let load = e.push(Op::dma(0, x.tile.rows(n0 * h * w, k * h * w), s), &free[p]);
@@ -978,17 +1043,17 @@ fn pointwise(e: &mut Emitter, kernel: &Kernel, input: NodeId) -> Result<KernelRe
     let rb = ((e.m.core.vmem_bytes / 16) as usize / (c * 4)).clamp(1, rows);
     let mut vmem = e.vmem();
     let oom = |e: &Emitter| e.vmem_error(kernel, "row blocks");
-    let buf: Vec<Tile> = (0..2).map(|_| vmem.alloc(rb, c)).collect::<Option<_>>().ok_or_else(|| oom(e))?;
+    let buf: Vec<Tile> = (0..BUFFERS).map(|_| vmem.alloc(rb, c)).collect::<Option<_>>().ok_or_else(|| oom(e))?;
     let res: Vec<Tile> = if residual_of(kernel).is_some() {
-        (0..2).map(|_| vmem.alloc(rb, c)).collect::<Option<_>>().ok_or_else(|| oom(e))?
+        (0..BUFFERS).map(|_| vmem.alloc(rb, c)).collect::<Option<_>>().ok_or_else(|| oom(e))?
     } else {
         Vec::new()
     };
     let ch = prepare_channels(e, kernel, c, &mut vmem)?;
-    let mut free: [Vec<u32>; 2] = [Vec::new(), Vec::new()];
+    let mut free: Vec<Vec<u32>> = vec![Vec::new(); BUFFERS];
     for (b, r0) in (0..rows).step_by(rb).enumerate() {
         let rn = rb.min(rows - r0);
-        let p = b % 2;
+        let p = b % BUFFERS;
         let t = Tile { rows: rn as u32, ..buf[p] };
         let load = e.push(Op::dma(0, x.tile.rows(r0, rn), t), &free[p]);
         let residual = match residual_of(kernel) {

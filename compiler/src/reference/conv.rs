@@ -68,11 +68,15 @@ impl ConvGeom {
         self.win.out_h * self.win.out_w
     }
 
+    /// A 1×1, stride-1, unpadded convolution: output pixels are input pixels, so the input
+    /// is already the im2col matrix. (Padding on any side adds output pixels.)
     fn is_pointwise(&self) -> bool {
         self.kh == 1
             && self.kw == 1
             && self.sh == 1
             && self.sw == 1
+            && self.win.out_h == self.h
+            && self.win.out_w == self.w
             && self.win.pad_top == 0
             && self.win.pad_left == 0
             && self.groups == 1

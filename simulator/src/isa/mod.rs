@@ -10,7 +10,32 @@
 //! Programs serialise with serde, print as a readable listing (`Display`), and are checked by
 //! [`Program::validate`] before anything runs.
 
+mod coverage;
 mod validate;
+
+/// Helpers for the brute-force tests of `validate` and `coverage`.
+#[cfg(test)]
+mod testing {
+    use std::collections::HashSet;
+
+    use super::Tile;
+
+    /// Every byte address a tile touches.
+    pub fn bytes(t: &Tile) -> HashSet<u64> {
+        let size = t.dtype.size();
+        (0..t.rows as u64)
+            .flat_map(|r| (0..t.cols as u64 * size).map(move |c| t.offset + r * t.stride as u64 * size + c))
+            .collect()
+    }
+
+    /// A seeded generator of numbers below `n` (a 64-bit LCG).
+    pub fn numbers(mut seed: u64) -> impl FnMut(u64) -> u64 {
+        move |n| {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (seed >> 33) % n
+        }
+    }
+}
 
 /// Whether two tiles share any byte (exact for strided tiles).
 pub fn overlaps(a: &Tile, b: &Tile) -> bool {

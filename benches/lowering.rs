@@ -1,0 +1,28 @@
+//! Speed of the lowering and of simulating what it produces: ResNet-50 at batch 128 on one
+//! v2-8 core (issue target: compiling the training graph at batch 128 in under 1 s).
+//!
+//! `cargo bench --bench lowering`
+
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use systolic::compiler::lower::{Options, compile};
+use systolic::compiler::zoo;
+use systolic::simulator::config::presets;
+use systolic::simulator::numerics::Precision;
+use systolic::simulator::timing::{simulate, simulate_unchecked};
+
+fn resnet50(c: &mut Criterion) {
+    let graph = zoo::build("resnet50").unwrap();
+    let machine = presets::preset("v2-8").unwrap();
+    let opts = Options { machine: machine.clone(), batch: 128, precision: Precision::Default, training: false };
+    let mut group = c.benchmark_group("resnet50 inference, batch 128, v2-8");
+    group.sample_size(10);
+    group.bench_function("compile", |b| b.iter(|| compile(&graph, &opts).unwrap()));
+    let program = compile(&graph, &opts).unwrap().executable.program;
+    group.throughput(Throughput::Elements(program.len() as u64));
+    group.bench_function("validate and simulate", |b| b.iter(|| simulate(&machine, &program, false).unwrap()));
+    group.bench_function("simulate (validated)", |b| b.iter(|| simulate_unchecked(&machine, &program, false).unwrap()));
+    group.finish();
+}
+
+criterion_group!(benches, resnet50);
+criterion_main!(benches);

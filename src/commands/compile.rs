@@ -1,0 +1,201 @@
+//! `systolic compile`: a model lowered for one core, layer by layer, with the compiler's
+//! estimate beside the simulated cycles.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+use systolic::compiler::lower::{Compiled, KernelReport, Options, PassName, compile};
+use systolic::simulator::Machine;
+use systolic::simulator::numerics::Precision;
+use systolic::simulator::timing::{Timing, simulate};
+
+use crate::table::{Table, si, thousands};
+
+#[derive(clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    what: Lowering,
+    /// Write the executable (program and bindings) as JSON.
+    #[arg(long)]
+    emit: Option<PathBuf>,
+    /// Print the result of a pass: fusion, layout, allocation, tiling or scheduling.
+    #[arg(long, value_name = "PASS")]
+    dump_after: Option<String>,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// What to compile and for which machine: the options `compile` and `simulate` share.
+#[derive(clap::Args)]
+pub struct Lowering {
+    /// A zoo model name or a `.ron` graph.
+    pub model: String,
+    #[command(flatten)]
+    pub target: super::Target,
+    /// Examples per core.
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+}
+
+/// One layer of the report: the compiler's view and the simulation's.
+#[derive(Serialize)]
+pub struct Layer {
+    name: String,
+    ops: String,
+    strategy: String,
+    padded: String,
+    mxu_passes: u64,
+    flops: u64,
+    padding_waste: f64,
+    mxu_cycles: u64,
+    hbm_bytes: u64,
+    estimate_cycles: u64,
+    /// Simulated cycles from the kernel's first instruction starting to its last finishing.
+    cycles: u64,
+    /// Which roofline term is larger: compute (padded MXU work) or memory (HBM bytes).
+    bound: &'static str,
+    /// The larger roofline term over the simulated cycles.
+    roofline_fraction: f64,
+    /// The kernel's instructions in the program: [first, end).
+    instructions: [usize; 2],
+}
+
+/// Compiles with the command's options.
+pub fn compile_model(
+    model: &str,
+    machine: &Machine,
+    batch: usize,
+    precision: Precision,
+    train: bool,
+) -> Result<(Compiled, f64)> {
+    let graph = super::load_model(model)?;
+    let start = Instant::now();
+    let compiled = compile(&graph, &Options { machine: machine.clone(), batch, precision, training: train })?;
+    Ok((compiled, start.elapsed().as_secs_f64()))
+}
+
+/// Per-kernel simulated cycles and roofline terms.
+pub fn layers(machine: &Machine, kernels: &[KernelReport], timing: &Timing) -> Vec<Layer> {
+    let peak_macs = machine.macs_per_cycle() as f64;
+    kernels
+        .iter()
+        .map(|k| {
+            let spans = timing.spans.iter().filter(|s| k.instructions.contains(&(s.instr as usize)));
+            let (lo, hi) = spans.fold((u64::MAX, 0), |(lo, hi), s| (lo.min(s.start), hi.max(s.end)));
+            let cycles = hi.saturating_sub(lo.min(hi));
+            let compute = k.padded_macs as f64 / peak_macs;
+            let memory = k.hbm_bytes as f64 / machine.core.hbm.bytes_per_cycle;
+            let roof = compute.max(memory);
+            Layer {
+                name: k.name.clone(),
+                ops: k.ops.clone(),
+                strategy: k.strategy.clone(),
+                padded: k.padded.clone(),
+                mxu_passes: k.mxu_passes,
+                flops: k.flops,
+                padding_waste: k.padding_waste,
+                mxu_cycles: k.mxu_cycles,
+                hbm_bytes: k.hbm_bytes,
+                estimate_cycles: k.estimate_cycles,
+                cycles,
+                bound: if compute >= memory { "compute" } else { "memory" },
+                roofline_fraction: if cycles > 0 { roof / cycles as f64 } else { 0.0 },
+                instructions: [k.instructions.start, k.instructions.end],
+            }
+        })
+        .collect()
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let (machine, precision) = args.what.target.resolve()?;
+    if let Some(p) = &args.dump_after {
+        anyhow::ensure!(
+            PassName::parse(p).is_some(),
+            "--dump-after {p}: the passes are {}",
+            PassName::ALL.iter().map(|p| p.name()).collect::<Vec<_>>().join(", ")
+        );
+    }
+    let (compiled, compile_seconds) = compile_model(&args.what.model, &machine, args.what.batch, precision, false)?;
+    if let Some(p) = &args.dump_after {
+        let pass = PassName::parse(p).expect("checked above");
+        for (name, text) in &compiled.dumps {
+            if *name == pass {
+                println!("== after {} ==\n{text}", pass.name());
+            }
+        }
+    }
+    if let Some(path) = &args.emit {
+        std::fs::write(path, serde_json::to_vec(&compiled.executable)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    let start = Instant::now();
+    let timing = simulate(&machine, &compiled.executable.program, true)?;
+    let simulate_seconds = start.elapsed().as_secs_f64();
+    let layers = layers(&machine, &compiled.kernels, &timing);
+    let r = &timing.report;
+    if args.json {
+        let out = serde_json::json!({
+            "model": compiled.executable.name, "machine": machine.name, "batch": args.what.batch,
+            "precision": precision.name(), "layers": layers, "total_cycles": r.cycles,
+            "seconds": r.seconds, "mxu_utilization": r.mxu_utilization,
+            "hbm_peak_bytes": compiled.executable.hbm_peak_bytes, "instructions": r.instructions,
+            "compile_seconds": compile_seconds, "simulate_seconds": simulate_seconds,
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
+    println!(
+        "{} on one {} core, batch {}, {} precision: {} kernels, {} instructions",
+        compiled.executable.name,
+        machine.name,
+        args.what.batch,
+        precision.name(),
+        layers.len(),
+        thousands(r.instructions)
+    );
+    let mut t = Table::new(&[
+        "layer",
+        "ops",
+        "padded shape",
+        "passes",
+        "FLOPs",
+        "waste",
+        "HBM bytes",
+        "estimate",
+        "simulated",
+        "bound",
+        "roofline",
+    ]);
+    for l in &layers {
+        t.row(vec![
+            l.name.clone(),
+            l.ops.clone(),
+            l.padded.clone(),
+            thousands(l.mxu_passes),
+            si(l.flops as f64),
+            format!("{:.0}%", 100.0 * l.padding_waste),
+            si(l.hbm_bytes as f64),
+            thousands(l.estimate_cycles),
+            thousands(l.cycles),
+            l.bound.to_string(),
+            format!("{:.0}%", 100.0 * l.roofline_fraction),
+        ]);
+    }
+    print!("{}", t.render());
+    println!();
+    println!("total             {} cycles, {:.3} ms", thousands(r.cycles), r.seconds * 1e3);
+    println!("MXU utilization   {:.1}%", 100.0 * r.mxu_utilization);
+    println!(
+        "HBM peak          {} bytes ({:.2} GiB)",
+        thousands(compiled.executable.hbm_peak_bytes),
+        compiled.executable.hbm_peak_bytes as f64 / (1u64 << 30) as f64
+    );
+    println!("compiled in {compile_seconds:.3} s, simulated in {simulate_seconds:.3} s");
+    println!(
+        "(estimate: the compiler's own model, the slowest of MXU, DMA and VPU; roofline: the larger of padded MXU work and HBM bytes over the simulated cycles)"
+    );
+    Ok(())
+}
