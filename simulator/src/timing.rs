@@ -15,14 +15,14 @@
 //!   register-wide operation takes `1 / alus` cycles.
 //! - Host link: bytes over the chip's PCIe bandwidth, shared by its cores.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 
 use serde::Serialize;
 
 use crate::config::Machine;
 use crate::error::{Error, Result};
 use crate::isa::*;
-use crate::mxu::{Timeline, passes};
+use crate::mxu::{Timeline, pass_iter};
 
 /// Busy time of one unit.
 #[derive(Clone, Debug, Serialize)]
@@ -158,9 +158,9 @@ impl Engine<'_> {
                     }
                 }
                 let (mm, kk, nn) = (lhs.rows as usize, lhs.cols as usize, rhs.cols as usize);
-                let ps = passes(mm, kk, nn, m.core.mxu.rows, m.core.mxu.cols, precision);
+                let ps = pass_iter(mm, kk, nn, m.core.mxu.rows, m.core.mxu.cols, precision);
                 let first = self.timelines[x].next_load(ready);
-                let end = self.timelines[x].schedule_all(&ps, ready);
+                let end = self.timelines[x].schedule_all(ps, ready);
                 self.useful_macs += (mm * kk * nn) as u64;
                 self.recent[x].push_back((out, end));
                 (first, end)
@@ -213,10 +213,18 @@ pub fn simulate_unchecked(machine: &Machine, program: &Program, keep_spans: bool
     let mut unit_list: Vec<Unit> = (0..machine.core.dma.engines as u8).map(Unit::Dma).collect();
     unit_list.extend((0..machine.core.mxu.count as u8).map(Unit::Mxu));
     unit_list.extend([Unit::Vpu, Unit::Scalar, Unit::Ici, Unit::Host]);
-    let slot: HashMap<Unit, usize> = unit_list.iter().enumerate().map(|(i, &u)| (u, i)).collect();
+    let (engines, mxus) = (machine.core.dma.engines, machine.core.mxu.count);
+    let slot = |unit: Unit| match unit {
+        Unit::Dma(e) => ((e as usize) < engines).then_some(e as usize),
+        Unit::Mxu(x) => ((x as usize) < mxus).then_some(engines + x as usize),
+        Unit::Vpu => Some(engines + mxus),
+        Unit::Scalar => Some(engines + mxus + 1),
+        Unit::Ici => Some(engines + mxus + 2),
+        Unit::Host => Some(engines + mxus + 3),
+    };
     let mut queues: Vec<Vec<u32>> = vec![Vec::new(); unit_list.len()];
     for (i, instr) in program.instrs.iter().enumerate() {
-        let u = *slot.get(&instr.op.unit()).ok_or_else(|| Error::Program {
+        let u = slot(instr.op.unit()).ok_or_else(|| Error::Program {
             index: i,
             op: instr.op.name(),
             reason: format!("unit {} does not exist on {}", instr.op.unit(), machine.name),
@@ -240,12 +248,18 @@ pub fn simulate_unchecked(machine: &Machine, program: &Program, keep_spans: bool
         spans: keep_spans.then(|| Vec::with_capacity(n)),
     };
     let mut heads = vec![0usize; unit_list.len()];
+    // When each unit's next instruction has all its inputs (finish times never change once
+    // known, so this is computed once per instruction).
+    let mut head_ready: Vec<Option<u64>> = vec![None; unit_list.len()];
     for _ in 0..n {
         // The unit whose next instruction can start earliest (ties: earlier instruction).
         let mut best: Option<(u64, u32, usize)> = None;
         for (u, queue) in queues.iter().enumerate() {
             let Some(&i) = queue.get(heads[u]) else { continue };
-            let Some(ready) = e.ready(i as usize) else { continue };
+            if head_ready[u].is_none() {
+                head_ready[u] = e.ready(i as usize);
+            }
+            let Some(ready) = head_ready[u] else { continue };
             let at = ready.max(e.unit_free[u]);
             if best.is_none_or(|(t, j, _)| (at, i) < (t, j)) {
                 best = Some((at, i, u));
@@ -255,13 +269,14 @@ pub fn simulate_unchecked(machine: &Machine, program: &Program, keep_spans: bool
         let (start, end) = e.run(i as usize, u, at)?;
         e.finish[i as usize] = end;
         heads[u] += 1;
+        head_ready[u] = None;
         if let Some(spans) = e.spans.as_mut() {
             spans.push(Span { instr: i, unit: unit_list[u], start, end });
         }
     }
     let cycles = e.finish.iter().copied().max().unwrap_or(0);
     for (x, t) in e.timelines.iter().enumerate() {
-        e.busy[slot[&Unit::Mxu(x as u8)]] = t.busy;
+        e.busy[engines + x] = t.busy;
     }
     let seconds = cycles as f64 / machine.core.clock_hz;
     let units = unit_list

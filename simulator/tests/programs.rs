@@ -409,7 +409,7 @@ fn matmul_time_is_the_mxu_pipeline_and_overlaps_independent_dma() {
     p.push(Op::dma(0, hbm(0, 128, 128), vmem(8 << 20, 128, 128)), &[]);
     let t = simulate(&m, &p, true).unwrap();
     let mut tl = Timeline::new(128, true);
-    let want = tl.schedule_all(&passes(mm, k, n, 128, 128, Precision::Default), 0);
+    let want = tl.schedule_all(passes(mm, k, n, 128, 128, Precision::Default), 0);
     assert_eq!(t.finish[0], want);
     assert_eq!(t.report.cycles, want.max(t.finish[1]));
     assert!(t.finish[1] < want, "the DMA overlaps the matmul");
@@ -430,7 +430,7 @@ fn multiple_mxus_share_a_matmul() {
     assert_eq!(mp.program.len(), 2, "two MXUs per v3 core");
     let t = simulate(&v3, &mp.program, false).unwrap();
     let mut tl = Timeline::new(128, true);
-    assert_eq!(t.report.cycles, tl.schedule_all(&passes(512, 512, 256, 128, 128, Precision::Default), 0));
+    assert_eq!(t.report.cycles, tl.schedule_all(passes(512, 512, 256, 128, 128, Precision::Default), 0));
     assert!(t.report.mxu_utilization > 0.8, "{}", t.report.mxu_utilization);
 }
 

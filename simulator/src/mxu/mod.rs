@@ -50,15 +50,24 @@ pub struct Pass {
 /// The passes of an `m × k × n` matmul on a `rows × cols` array: column blocks outer, K-chunks
 /// in order, precision passes innermost (the order the accumulator sees them).
 pub fn passes(m: usize, k: usize, n: usize, rows: usize, cols: usize, precision: Precision) -> Vec<Pass> {
-    let mut out = Vec::new();
-    for n0 in (0..n).step_by(cols) {
-        for k0 in (0..k).step_by(rows) {
-            for _ in precision.passes() {
-                out.push(Pass { m, k: rows.min(k - k0), n: cols.min(n - n0) });
-            }
-        }
-    }
-    out
+    pass_iter(m, k, n, rows, cols, precision).collect()
+}
+
+/// As [`passes`], without collecting them (the timing engine's hot path).
+pub fn pass_iter(
+    m: usize,
+    k: usize,
+    n: usize,
+    rows: usize,
+    cols: usize,
+    precision: Precision,
+) -> impl Iterator<Item = Pass> {
+    let per_chunk = precision.passes().len();
+    (0..n).step_by(cols.max(1)).flat_map(move |n0| {
+        (0..k)
+            .step_by(rows.max(1))
+            .flat_map(move |k0| std::iter::repeat_n(Pass { m, k: rows.min(k - k0), n: cols.min(n - n0) }, per_chunk))
+    })
 }
 
 /// When one pass ran: its weight load, its stream, and its end (exclusive).
@@ -132,8 +141,8 @@ impl Timeline {
     }
 
     /// Schedules every pass of a matmul; returns the cycle the last one ends.
-    pub fn schedule_all(&mut self, passes: &[Pass], ready: u64) -> u64 {
-        passes.iter().map(|&p| self.schedule(p, ready).end).max().unwrap_or(ready)
+    pub fn schedule_all(&mut self, passes: impl IntoIterator<Item = Pass>, ready: u64) -> u64 {
+        passes.into_iter().map(|p| self.schedule(p, ready).end).max().unwrap_or(ready)
     }
 }
 
@@ -153,7 +162,7 @@ mod tests {
         let run = |double: bool, m: usize| {
             let mut t = Timeline::new(128, double);
             let ps = passes(m, 1024, 1024, 128, 128, Precision::Default);
-            let end = t.schedule_all(&ps, 0);
+            let end = t.schedule_all(ps, 0);
             (m * 1024 * 1024) as f64 / (end as f64 * 128.0 * 128.0)
         };
         assert!(run(true, 128) > 0.95, "{}", run(true, 128));
