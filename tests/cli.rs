@@ -569,3 +569,53 @@ fn compare_measures_the_simulated_tpu_against_the_reference() {
     let text = ok(&["compare", "simple_cnn", "--precision", "highest"]);
     assert!(text.contains("CPU reference") && text.contains("simulated TPU"), "{text}");
 }
+
+const MLP: &str = r#"(
+  name: "mlp",
+  nodes: [
+    (name: "x", op: Input(shape: [64], dtype: F32)),
+    (name: "fc1/kernel", op: Parameter(shape: [64, 256], init: GlorotUniform)),
+    (name: "fc1/bias", op: Parameter(shape: [256], init: Zeros)),
+    (name: "fc1", op: Dense, inputs: ["x", "fc1/kernel", "fc1/bias"]),
+    (name: "fc1_relu", op: Relu, inputs: ["fc1"]),
+    (name: "logits/kernel", op: Parameter(shape: [256, 10], init: GlorotUniform)),
+    (name: "logits/bias", op: Parameter(shape: [10], init: Zeros)),
+    (name: "logits", op: Dense, inputs: ["fc1_relu", "logits/kernel", "logits/bias"]),
+  ],
+  outputs: ["logits"],
+)"#;
+
+#[test]
+fn a_training_step_compiles_simulates_and_compares() {
+    let d = Dir::new();
+    std::fs::write(d.path("mlp.ron"), MLP).unwrap();
+    let model = d.s("mlp.ron");
+    let v: serde_json::Value =
+        serde_json::from_str(&ok(&["compile", &model, "--train", "--optimizer", "momentum", "--json"])).unwrap();
+    let names: Vec<&str> = v["layers"].as_array().unwrap().iter().map(|l| l["name"].as_str().unwrap()).collect();
+    for want in ["fc1", "loss", "bwd/logits/kernel", "update/fc1/kernel", "update/logits/bias"] {
+        assert!(names.contains(&want), "{want} missing from {names:?}");
+    }
+    let v: serde_json::Value =
+        serde_json::from_str(&ok(&["simulate", &model, "--train", "--batch", "64", "--json"])).unwrap();
+    assert!(v["step_cycles"].as_u64().unwrap() > 0 && v["examples_per_second"].as_f64().unwrap() > 0.0);
+
+    // Highest precision: the loss and every gradient as the reference's, to f32 rounding.
+    let v: serde_json::Value =
+        serde_json::from_str(&ok(&["compare", &model, "--train", "--batch", "16", "--precision", "highest", "--json"]))
+            .unwrap();
+    let outputs = v["outputs"].as_array().unwrap();
+    let names: Vec<&str> = outputs.iter().map(|o| o["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["loss", "fc1/kernel/grad", "fc1/bias/grad", "logits/kernel/grad", "logits/bias/grad"]);
+    for o in outputs {
+        assert!(o["max_rel_error"].as_f64().unwrap() < 1e-5, "{o}");
+    }
+    assert_eq!(v["training"], true);
+
+    let e = fails(&["compile", &model, "--train", "--optimizer", "adagrad"]);
+    assert!(e.contains("sgd, momentum or adam"), "{e}");
+    let e = fails(&["compile", &model, "--train", "--learning-rate", "-1"]);
+    assert!(e.contains("positive"), "{e}");
+    let e = fails(&["compile", "digits_cnn", "--train"]);
+    assert!(e.contains("MaxPoolGrad") && e.contains("not lowered yet"), "{e}");
+}

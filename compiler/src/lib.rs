@@ -6,6 +6,7 @@
 //! - [`reference`]: the f32 CPU interpreter, the executable meaning of every op;
 //! - [`autodiff`]: reverse-mode differentiation as a graph transformation;
 //! - [`cost`]: FLOP and parameter counts per node;
+//! - [`optimizer`]: SGD, momentum and Adam as f32 update rules;
 //! - [`lower`]: graphs to simulator executables (fusion, layout, allocation, tiling, scheduling).
 //!
 //! The compiler knows nothing of estimators or command lines; it depends only on the simulator.
@@ -15,6 +16,7 @@ pub mod cost;
 pub mod error;
 pub mod graph;
 pub mod lower;
+pub mod optimizer;
 pub mod reference;
 pub mod rng;
 pub mod tensors;

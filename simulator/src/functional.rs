@@ -258,6 +258,13 @@ fn binary(op: BinaryOp, a: f32, b: f32) -> f32 {
                 0.0
             }
         }
+        BinaryOp::MaskRelu6 => {
+            if a > 0.0 && a < 6.0 {
+                b
+            } else {
+                0.0
+            }
+        }
     }
 }
 

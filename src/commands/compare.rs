@@ -6,8 +6,8 @@ use std::time::Instant;
 
 use anyhow::Result;
 use serde::Serialize;
-use systolic::compiler::Tensor;
 use systolic::compiler::reference::{self, RunOptions};
+use systolic::compiler::{Tensor, TensorMap, autodiff, lower, rng};
 use systolic::simulator::timing::simulate;
 
 use crate::table::Table;
@@ -30,6 +30,12 @@ pub struct Args {
     /// Examples in the random batch.
     #[arg(long, default_value_t = 4)]
     batch: usize,
+    #[command(flatten)]
+    train: super::compile::TrainArgs,
+    /// With --train: integer class ids (safetensors, named after the labels input, e.g.
+    /// `labels`); without it, random labels drawn from --seed.
+    #[arg(long)]
+    labels: Option<PathBuf>,
     /// Print JSON.
     #[arg(long)]
     json: bool,
@@ -83,31 +89,79 @@ pub fn run(args: Args) -> Result<()> {
     let mut bindings = weights;
     bindings.extend(inputs);
 
-    let start = Instant::now();
-    let (want, _) = reference::run_outputs(&graph, &bindings, RunOptions::default())
-        .map_err(|e| super::blame(e, |_| args.input.as_deref()))?;
-    let cpu_seconds = start.elapsed().as_secs_f64();
+    // The reference's values (outputs, or the loss and every gradient) and its wall time.
+    let training = args.train.training()?;
+    let (want, cpu_seconds): (TensorMap, f64) = match training {
+        None => {
+            let start = Instant::now();
+            let (want, _) = reference::run_outputs(&graph, &bindings, RunOptions::default())
+                .map_err(|e| super::blame(e, |_| args.input.as_deref()))?;
+            (want, start.elapsed().as_secs_f64())
+        }
+        Some(_) => {
+            let (g, loss) = graph.with_classifier_loss(0.0)?;
+            let labels_name = g.node(g.node(loss).inputs[1]).name.clone();
+            let classes = *g.node(g.node(loss).inputs[0]).shape.dims.last().expect("logits have classes");
+            let labels = match &args.labels {
+                Some(path) => {
+                    let mut file = super::load_inputs(path)?;
+                    file.remove(&labels_name).ok_or_else(|| {
+                        anyhow::anyhow!("{}: has no tensor '{labels_name}' (integer class ids)", path.display())
+                    })?
+                }
+                None => {
+                    let key = rng::derive(args.seed, rng::hash_str(&labels_name));
+                    let ids = (0..batch).map(|i| (rng::uniform(key, i as u64) * classes as f32).floor() as f32);
+                    Tensor::from_shape_vec(vec![batch], ids.map(|v| v.min(classes as f32 - 1.0)).collect())?
+                }
+            };
+            bindings.insert(labels_name, labels);
+            let grads = autodiff::differentiate(&g, loss, &g.trainable_parameters())?;
+            let start = Instant::now();
+            let values = reference::run_gradients(&grads, &bindings, RunOptions::default())
+                .map_err(|e| super::blame(e, |_| args.labels.as_deref().or(args.input.as_deref())))?;
+            let seconds = start.elapsed().as_secs_f64();
+            let mut want = TensorMap::new();
+            want.insert(g.node(loss).name.clone(), values.root);
+            for (name, t) in values.grads {
+                want.insert(format!("{name}/grad"), t);
+            }
+            (want, seconds)
+        }
+    };
 
-    let (compiled, compile_seconds) = super::compile::compile_model(&args.model, &machine, batch, precision, false)?;
+    let (compiled, compile_seconds) = super::compile::compile_model(&args.model, &machine, batch, precision, training)?;
+    let mut feed = lower::training::one_hot_feed(&compiled.executable, &bindings)?;
+    feed.extend(compiled.initial_state.clone());
     let start = Instant::now();
-    let got = compiled.executable.run(&machine, |name| bindings.get(name).and_then(|t| t.as_slice()))?;
+    let got = compiled
+        .executable
+        .run(&machine, |name| feed.get(name).or_else(|| bindings.get(name)).and_then(|t| t.as_slice()))?;
     let functional_seconds = start.elapsed().as_secs_f64();
     let timing = simulate(&machine, &compiled.executable.program, false)?;
     let r = &timing.report;
 
-    let results: Vec<Agreement> = got.iter().map(|(name, values)| agreement(name, &want[name], values)).collect();
+    // Compare what both computed (a training step's updated parameters have no reference here).
+    let got: Vec<(String, Vec<f32>)> = got.into_iter().filter(|(name, _)| want.contains_key(name)).collect();
+    let mut results: Vec<Agreement> = got.iter().map(|(name, values)| agreement(name, &want[name], values)).collect();
+    if training.is_some() {
+        // Gradients have no classes to agree on.
+        results.iter_mut().for_each(|a| a.top1_agreement = None);
+    }
     if args.json {
         let out = serde_json::json!({
             "model": graph.name(), "machine": machine.name, "batch": batch, "precision": precision.name(),
             "outputs": results, "cpu_reference_seconds": cpu_seconds, "simulated_seconds": r.seconds,
             "simulated_cycles": r.cycles, "functional_simulation_seconds": functional_seconds,
             "compile_seconds": compile_seconds, "mxu_utilization": r.mxu_utilization,
+            "training": training.is_some(),
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(());
     }
+    let what = if training.is_some() { "training step (loss and gradients)" } else { "outputs" };
     println!(
-        "{} at batch {batch}: simulated {} core ({} precision) against the f32 CPU reference",
+        "{} at batch {batch}, {what}: simulated {} core ({} precision) against the f32 CPU reference",
         graph.name(),
         machine.name,
         precision.name()

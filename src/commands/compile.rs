@@ -6,7 +6,8 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use serde::Serialize;
-use systolic::compiler::lower::{Compiled, KernelReport, Options, PassName, compile};
+use systolic::compiler::lower::{Compiled, KernelReport, Options, PassName, Training, compile};
+use systolic::compiler::optimizer::Optimizer;
 use systolic::simulator::Machine;
 use systolic::simulator::numerics::Precision;
 use systolic::simulator::timing::{Timing, simulate};
@@ -38,6 +39,34 @@ pub struct Lowering {
     /// Examples per core.
     #[arg(long, default_value_t = 8)]
     pub batch: usize,
+    #[command(flatten)]
+    pub train: TrainArgs,
+}
+
+/// The training step's options.
+#[derive(clap::Args)]
+pub struct TrainArgs {
+    /// Lower the whole training step (forward, loss, backward, optimizer update) as one program.
+    #[arg(long)]
+    pub train: bool,
+    /// With --train: sgd, momentum (0.9) or adam (0.9, 0.999, 1e-8).
+    #[arg(long, default_value = "sgd")]
+    pub optimizer: String,
+    /// With --train: the learning rate.
+    #[arg(long, default_value_t = 0.01, allow_negative_numbers = true)]
+    pub learning_rate: f32,
+}
+
+impl TrainArgs {
+    /// The training settings, or None for inference.
+    pub fn training(&self) -> Result<Option<Training>> {
+        if !self.train {
+            return Ok(None);
+        }
+        let optimizer = Optimizer::parse(&self.optimizer, self.learning_rate)
+            .with_context(|| format!("--optimizer {} --learning-rate {}", self.optimizer, self.learning_rate))?;
+        Ok(Some(Training { optimizer, label_smoothing: 0.0 }))
+    }
 }
 
 /// One layer of the report: the compiler's view and the simulation's.
@@ -69,11 +98,11 @@ pub fn compile_model(
     machine: &Machine,
     batch: usize,
     precision: Precision,
-    train: bool,
+    training: Option<Training>,
 ) -> Result<(Compiled, f64)> {
     let graph = super::load_model(model)?;
     let start = Instant::now();
-    let compiled = compile(&graph, &Options { machine: machine.clone(), batch, precision, training: train })?;
+    let compiled = compile(&graph, &Options { machine: machine.clone(), batch, precision, training })?;
     Ok((compiled, start.elapsed().as_secs_f64()))
 }
 
@@ -118,7 +147,8 @@ pub fn run(args: Args) -> Result<()> {
             PassName::ALL.iter().map(|p| p.name()).collect::<Vec<_>>().join(", ")
         );
     }
-    let (compiled, compile_seconds) = compile_model(&args.what.model, &machine, args.what.batch, precision, false)?;
+    let (compiled, compile_seconds) =
+        compile_model(&args.what.model, &machine, args.what.batch, precision, args.what.train.training()?)?;
     if let Some(p) = &args.dump_after {
         let pass = PassName::parse(p).expect("checked above");
         for (name, text) in &compiled.dumps {

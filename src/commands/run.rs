@@ -153,7 +153,7 @@ fn run_simulated(args: &Args, graph: &Graph, weights: TensorMap, inputs: TensorM
     );
     let (machine, precision) = args.target.resolve()?;
     let batch = batch_of(graph, &inputs, args.input.as_deref())?;
-    let (compiled, compile_seconds) = super::compile::compile_model(&args.model, &machine, batch, precision, false)?;
+    let (compiled, compile_seconds) = super::compile::compile_model(&args.model, &machine, batch, precision, None)?;
     let exe = &compiled.executable;
     let mut bindings = weights.clone();
     bindings.extend(inputs);

@@ -22,7 +22,13 @@ pub struct Args {
 
 pub fn run(args: Args) -> Result<()> {
     let (machine, precision) = args.what.target.resolve()?;
-    let (compiled, _) = super::compile::compile_model(&args.what.model, &machine, args.what.batch, precision, false)?;
+    let (compiled, _) = super::compile::compile_model(
+        &args.what.model,
+        &machine,
+        args.what.batch,
+        precision,
+        args.what.train.training()?,
+    )?;
     let program = &compiled.executable.program;
     let timing = simulate(&machine, program, args.trace.is_some())?;
     let r = &timing.report;

@@ -5,8 +5,8 @@
 
 use rayon::prelude::*;
 
-use super::Graph;
 use super::op::{Init, Op};
+use super::{Graph, NodeId};
 use crate::rng;
 use crate::tensors::{Tensor, TensorMap};
 
@@ -65,15 +65,20 @@ impl Graph {
     pub fn init_parameters(&self, seed: u64) -> TensorMap {
         let mut out = TensorMap::new();
         for id in self.parameters() {
-            let node = self.node(id);
-            if let Op::Parameter(p) = &node.op {
-                let key = rng::derive(seed, rng::hash_str(&node.name));
-                let data = p.init.sample(&p.shape, key);
-                let tensor = Tensor::from_shape_vec(p.shape.clone(), data).expect("sample returns numel values");
-                out.insert(node.name.clone(), tensor);
+            if let Some(tensor) = self.init_parameter(id, seed) {
+                out.insert(self.node(id).name.clone(), tensor);
             }
         }
         out
+    }
+
+    /// The initial value of one parameter (None if `id` is not a Parameter).
+    pub fn init_parameter(&self, id: NodeId, seed: u64) -> Option<Tensor> {
+        let node = self.node(id);
+        let Op::Parameter(p) = &node.op else { return None };
+        let key = rng::derive(seed, rng::hash_str(&node.name));
+        let data = p.init.sample(&p.shape, key);
+        Some(Tensor::from_shape_vec(p.shape.clone(), data).expect("sample returns numel values"))
     }
 }
 

@@ -23,27 +23,33 @@ use systolic_simulator::Machine;
 use systolic_simulator::isa::*;
 use systolic_simulator::mxu::passes;
 
-use super::{Epilogue, Kernel, KernelReport, Main, Options, Place};
+use super::{Epilogue, Kernel, KernelReport, Main, Options, Place, backward};
 use crate::cost;
 use crate::error::{Error, Result};
 use crate::graph::{Graph, NodeId, Op as GOp, Padding, Pool as PoolAttrs};
+use crate::optimizer::Optimizer;
 
 /// Rows of a block's matmul (the streamed LHS rows) the tiling aims for.
 const TARGET_ROWS: usize = 2048;
 /// Copies of each block buffer: while one block computes, the next is loading and the one
 /// before is storing, so DMA latency stays off the critical path.
-const BUFFERS: usize = 3;
+pub(super) const BUFFERS: usize = 3;
 /// VMEM set aside for one of a kernel's two weight buffers (2.5 MiB).
 const WEIGHT_BUDGET: u64 = 5 << 19;
 
 /// A bump allocator over one kernel's VMEM.
-struct Vmem {
+pub(super) struct Vmem {
     next: u64,
     capacity: u64,
 }
 
 impl Vmem {
-    fn alloc(&mut self, rows: usize, cols: usize) -> Option<Tile> {
+    /// `BUFFERS` tiles of `rows × cols`: a ring, so block i+1 loads while block i computes.
+    pub(super) fn ring(&mut self, rows: usize, cols: usize) -> Option<Vec<Tile>> {
+        (0..BUFFERS).map(|_| self.alloc(rows, cols)).collect()
+    }
+
+    pub(super) fn alloc(&mut self, rows: usize, cols: usize) -> Option<Tile> {
         let at = self.next.div_ceil(512) * 512;
         let end = at + (rows * cols * 4) as u64;
         if end > self.capacity {
@@ -66,12 +72,23 @@ struct Account {
     vpu_cycles: u64,
 }
 
-struct Emitter<'a> {
-    m: &'a Machine,
-    opts: &'a Options,
-    graph: &'a Graph,
+/// What the training step adds to the kernels' view of the graph.
+#[derive(Default)]
+pub(super) struct Extras {
+    /// Integer labels -> the one-hot input read instead.
+    pub one_hot: BTreeMap<NodeId, NodeId>,
+    pub optimizer: Option<Optimizer>,
+    /// The optimizer's shared state (Adam's powers).
+    pub state: Vec<NodeId>,
+}
+
+pub(super) struct Emitter<'a> {
+    pub extras: &'a Extras,
+    pub m: &'a Machine,
+    pub opts: &'a Options,
+    pub graph: &'a Graph,
     places: &'a [Option<Place>],
-    program: Program,
+    pub program: Program,
     start: u32,
     prev_end: Option<u32>,
     last_on_unit: BTreeMap<Unit, u32>,
@@ -79,11 +96,11 @@ struct Emitter<'a> {
 }
 
 impl<'a> Emitter<'a> {
-    fn place(&self, id: NodeId) -> &'a Place {
+    pub(super) fn place(&self, id: NodeId) -> &'a Place {
         self.places[id.index()].as_ref().expect("every tensor a kernel touches is placed")
     }
 
-    fn vmem(&self) -> Vmem {
+    pub(super) fn vmem(&self) -> Vmem {
         Vmem { next: 0, capacity: self.m.core.vmem_bytes }
     }
 
@@ -106,7 +123,7 @@ impl<'a> Emitter<'a> {
     }
 
     /// Appends an instruction; with no dependencies it waits for the kernel's start.
-    fn push(&mut self, op: Op, deps: &[u32]) -> u32 {
+    pub(super) fn push(&mut self, op: Op, deps: &[u32]) -> u32 {
         let mut deps: Vec<u32> = deps.to_vec();
         deps.sort_unstable();
         deps.dedup();
@@ -161,7 +178,7 @@ impl<'a> Emitter<'a> {
     }
 
     /// The report of the kernel just emitted.
-    fn report(
+    pub(super) fn report(
         &self,
         graph: &Graph,
         kernel: &Kernel,
@@ -195,7 +212,7 @@ impl<'a> Emitter<'a> {
         }
     }
 
-    fn unsupported(&self, node: NodeId, why: String) -> Error {
+    pub(super) fn unsupported(&self, node: NodeId, why: String) -> Error {
         let n = self.graph.node(node);
         Error::Node {
             node: n.name.clone(),
@@ -204,7 +221,7 @@ impl<'a> Emitter<'a> {
         }
     }
 
-    fn vmem_error(&self, kernel: &Kernel, what: &str) -> Error {
+    pub(super) fn vmem_error(&self, kernel: &Kernel, what: &str) -> Error {
         Error::Node {
             node: kernel.name.clone(),
             op: self.graph.node(kernel.output).op.kind(),
@@ -217,7 +234,7 @@ impl<'a> Emitter<'a> {
 }
 
 /// Per-channel vectors an epilogue needs, prepared in VMEM once per kernel.
-struct Channels {
+pub(super) struct Channels {
     bias: Option<Tile>,
     /// Batch norm as `x · scale + shift`.
     bn: Option<(Tile, Tile)>,
@@ -225,7 +242,7 @@ struct Channels {
 }
 
 /// Loads biases and folds batch-norm statistics into scale and shift (`1 × C` tiles).
-fn prepare_channels(e: &mut Emitter, kernel: &Kernel, c: usize, vmem: &mut Vmem) -> Result<Channels> {
+pub(super) fn prepare_channels(e: &mut Emitter, kernel: &Kernel, c: usize, vmem: &mut Vmem) -> Result<Channels> {
     let mut ch = Channels { bias: None, bn: None, ready: None };
     let mut last = Vec::new();
     for step in &kernel.epilogue {
@@ -264,7 +281,7 @@ fn prepare_channels(e: &mut Emitter, kernel: &Kernel, c: usize, vmem: &mut Vmem)
 }
 
 /// Applies a kernel's epilogue to `acc` (rows × nb, channels c0..c0+nb) in place.
-fn apply_epilogue(
+pub(super) fn apply_epilogue(
     e: &mut Emitter,
     kernel: &Kernel,
     ch: &Channels,
@@ -311,19 +328,19 @@ fn apply_epilogue(
     }
 }
 
-fn residual_of(kernel: &Kernel) -> Option<NodeId> {
+pub(super) fn residual_of(kernel: &Kernel) -> Option<NodeId> {
     kernel.epilogue.iter().find_map(|s| if let Epilogue::Residual(r) = s { Some(*r) } else { None })
 }
 
 /// Splits `rows` into at most `parts` near-equal ranges (for MXUs working side by side).
-fn split_rows(rows: usize, parts: usize) -> Vec<(usize, usize)> {
+pub(super) fn split_rows(rows: usize, parts: usize) -> Vec<(usize, usize)> {
     let parts = parts.clamp(1, rows.max(1));
     let per = rows.div_ceil(parts);
     (0..rows).step_by(per).map(|r| (r, per.min(rows - r))).collect()
 }
 
 /// How many MXUs a block of `rows` streamed rows should use: each needs a weight tile's worth.
-fn mxus_for(m: &Machine, rows: usize) -> usize {
+pub(super) fn mxus_for(m: &Machine, rows: usize) -> usize {
     m.core.mxu.count.min(rows.div_ceil(m.core.mxu.rows)).max(1)
 }
 
@@ -828,18 +845,77 @@ fn out_rows(
 // Dense layers
 
 fn dense(e: &mut Emitter, kernel: &Kernel, node: NodeId) -> Result<KernelReport> {
-    let first = e.program.len();
-    let graph = e.graph;
-    let n = graph.node(node);
-    let x = e.place(n.inputs[0]);
-    let w = e.place(n.inputs[1]);
-    let y = e.place(kernel.output);
+    let n = e.graph.node(node);
     let mut kernel = kernel.clone();
     if n.inputs.len() > 2 {
         kernel.epilogue.insert(0, Epilogue::Bias(n.inputs[2]));
     }
-    let (rows, fin) = (x.tile.rows as usize, x.tile.cols as usize);
-    let fout = w.tile.cols as usize;
+    let lhs = Operand { tile: e.place(n.inputs[0]).tile, transposed: false };
+    let rhs = Operand { tile: e.place(n.inputs[1]).tile, transposed: false };
+    matmul_kernel(e, &kernel, lhs, rhs, e.place(kernel.output).tile)
+}
+
+/// A matmul operand as stored in HBM; `transposed` means the kernel uses its transpose (each
+/// block is loaded as stored and turned on the VPU's transpose unit).
+#[derive(Clone, Copy)]
+pub(super) struct Operand {
+    pub tile: Tile,
+    pub transposed: bool,
+}
+
+impl Operand {
+    /// Rows and columns of the operand as the matmul sees it.
+    fn logical(&self) -> (usize, usize) {
+        let (r, c) = (self.tile.rows as usize, self.tile.cols as usize);
+        if self.transposed { (c, r) } else { (r, c) }
+    }
+
+    /// The stored block holding logical rows `r0..r0+rn` and columns `c0..c0+cn`.
+    fn block(&self, r0: usize, rn: usize, c0: usize, cn: usize) -> Tile {
+        if self.transposed { self.tile.rows(c0, cn).columns(r0, rn) } else { self.tile.rows(r0, rn).columns(c0, cn) }
+    }
+}
+
+/// Loads a logical `rn × cn` block of `op` into `dst` (through `stage` when transposed);
+/// returns the instruction after which `dst` holds it.
+#[allow(clippy::too_many_arguments)] // the block, its buffers and what each must wait for
+fn load_block(
+    e: &mut Emitter,
+    op: Operand,
+    (r0, rn, c0, cn): (usize, usize, usize, usize),
+    engine: u8,
+    dst: Tile,
+    stage: Option<Tile>,
+    dst_free: &[u32],
+    stage_free: &[u32],
+) -> u32 {
+    let src = op.block(r0, rn, c0, cn);
+    match stage {
+        Some(stage) if op.transposed => {
+            let st = Tile { rows: cn as u32, cols: rn as u32, stride: rn as u32, ..stage };
+            let load = e.push(Op::dma(engine, src, st), stage_free);
+            let mut deps = dst_free.to_vec();
+            deps.push(load);
+            e.push(Op::Transpose { src: st, dst }, &deps)
+        }
+        _ => e.push(Op::dma(engine, src, dst), dst_free),
+    }
+}
+
+/// `out = lhs · rhs` (then the kernel's epilogue), weights stationary: for each block of rows
+/// and each block of output columns, K blocks accumulate on the MXUs, rows split across them.
+pub(super) fn matmul_kernel(
+    e: &mut Emitter,
+    kernel: &Kernel,
+    lhs: Operand,
+    rhs: Operand,
+    out: Tile,
+) -> Result<KernelReport> {
+    let first = e.program.len();
+    let graph = e.graph;
+    let (rows, fin) = lhs.logical();
+    let (k_rhs, fout) = rhs.logical();
+    debug_assert_eq!(fin, k_rhs, "matmul operands agree on K");
     let cols = e.m.core.mxu.cols;
     let nb = fout.min(4 * cols);
     let mb = rows.min(TARGET_ROWS);
@@ -847,18 +923,21 @@ fn dense(e: &mut Emitter, kernel: &Kernel, node: NodeId) -> Result<KernelReport>
     let kb_budget = (WEIGHT_BUDGET / 4) as usize / nb.max(mb);
     let kb = fin.min((kb_budget / e.m.core.mxu.rows).max(1) * e.m.core.mxu.rows);
     let mut vmem = e.vmem();
-    let oom = |e: &Emitter| e.vmem_error(&kernel, "input, weight and accumulator blocks");
-    let xb: Vec<Tile> = (0..BUFFERS).map(|_| vmem.alloc(mb, kb)).collect::<Option<_>>().ok_or_else(|| oom(e))?;
-    let wb: Vec<Tile> = (0..BUFFERS).map(|_| vmem.alloc(kb, nb)).collect::<Option<_>>().ok_or_else(|| oom(e))?;
-    let acc: Vec<Tile> = (0..BUFFERS).map(|_| vmem.alloc(mb, nb)).collect::<Option<_>>().ok_or_else(|| oom(e))?;
-    let res: Vec<Tile> = if residual_of(&kernel).is_some() {
-        (0..BUFFERS).map(|_| vmem.alloc(mb, nb)).collect::<Option<_>>().ok_or_else(|| oom(e))?
-    } else {
-        Vec::new()
+    let oom = |e: &Emitter| e.vmem_error(kernel, "input, weight and accumulator blocks");
+    let mut bufs = |n: usize, r: usize, c: usize, e: &Emitter| -> Result<Vec<Tile>> {
+        (0..n).map(|_| vmem.alloc(r, c)).collect::<Option<_>>().ok_or_else(|| oom(e))
     };
-    let ch = prepare_channels(e, &kernel, fout, &mut vmem)?;
+    let xb = bufs(BUFFERS, mb, kb, e)?;
+    let wb = bufs(BUFFERS, kb, nb, e)?;
+    let acc = bufs(BUFFERS, mb, nb, e)?;
+    let res = bufs(if residual_of(kernel).is_some() { BUFFERS } else { 0 }, mb, nb, e)?;
+    let xs_stage = bufs(if lhs.transposed { BUFFERS } else { 0 }, kb, mb, e)?;
+    let ws_stage = bufs(if rhs.transposed { BUFFERS } else { 0 }, nb, kb, e)?;
+    let ch = prepare_channels(e, kernel, fout, &mut vmem)?;
     let precision = e.opts.precision;
     let mut buf_readers: Vec<Vec<u32>> = vec![Vec::new(); BUFFERS];
+    let mut x_stage_readers: Vec<Vec<u32>> = vec![Vec::new(); BUFFERS];
+    let mut w_stage_readers: Vec<Vec<u32>> = vec![Vec::new(); BUFFERS];
     let mut acc_free: Vec<Option<u32>> = vec![None; BUFFERS];
     let mut res_free: Vec<Option<u32>> = vec![None; BUFFERS];
     let (mut step, mut block) = (0usize, 0usize);
@@ -875,12 +954,18 @@ fn dense(e: &mut Emitter, kernel: &Kernel, node: NodeId) -> Result<KernelReport>
                 let kn = kb.min(fin - k0);
                 let p = step % BUFFERS;
                 step += 1;
-                let xs = x.tile.rows(r0, rn).columns(k0, kn);
                 let xd = Tile { rows: rn as u32, cols: kn as u32, stride: kn as u32, ..xb[p] };
-                let ws = w.tile.rows(k0, kn).columns(c0, cn);
                 let wd = Tile { rows: kn as u32, cols: cn as u32, stride: cn as u32, ..wb[p] };
-                let dx = e.push(Op::dma(0, xs, xd), &buf_readers[p]);
-                let dw = e.push(Op::dma(1, ws, wd), &buf_readers[p]);
+                let xst = xs_stage.get(p).copied();
+                let wst = ws_stage.get(p).copied();
+                let dx = load_block(e, lhs, (r0, rn, k0, kn), 0, xd, xst, &buf_readers[p], &x_stage_readers[p]);
+                let dw = load_block(e, rhs, (k0, kn, c0, cn), 1, wd, wst, &buf_readers[p], &w_stage_readers[p]);
+                if lhs.transposed {
+                    x_stage_readers[p] = vec![dx];
+                }
+                if rhs.transposed {
+                    w_stage_readers[p] = vec![dw];
+                }
                 let mut readers = Vec::new();
                 for (x_i, &(s0, sn)) in split.iter().enumerate() {
                     let mut deps = vec![dx, dw];
@@ -905,7 +990,7 @@ fn dense(e: &mut Emitter, kernel: &Kernel, node: NodeId) -> Result<KernelReport>
                 buf_readers[p] = readers;
             }
             let producers: Vec<u32> = last_per_mxu.iter().flatten().copied().collect();
-            let residual = match residual_of(&kernel) {
+            let residual = match residual_of(kernel) {
                 Some(r) => {
                     let resp = Tile { rows: rn as u32, cols: cn as u32, stride: cn as u32, ..res[ap] };
                     let deps: Vec<u32> = res_free[ap].into_iter().collect();
@@ -914,19 +999,25 @@ fn dense(e: &mut Emitter, kernel: &Kernel, node: NodeId) -> Result<KernelReport>
                 }
                 None => None,
             };
-            let done = apply_epilogue(e, &kernel, &ch, accp, c0, residual, producers);
+            let done = apply_epilogue(e, kernel, &ch, accp, c0, residual, producers);
             if residual.is_some() {
                 res_free[ap] = Some(done);
             }
-            acc_free[ap] = Some(e.push(Op::dma(2, accp, y.tile.rows(r0, rn).columns(c0, cn)), &[done]));
+            acc_free[ap] = Some(e.push(Op::dma(2, accp, out.rows(r0, rn).columns(c0, cn)), &[done]));
         }
     }
     let range = first..e.program.len() + 1;
     let useful = (rows * fin * fout) as u64;
+    let turned = match (lhs.transposed, rhs.transposed) {
+        (false, false) => "",
+        (true, false) => "; input blocks transposed on the VPU",
+        (false, true) => "; weight blocks transposed on the VPU",
+        (true, true) => "; both operands transposed on the VPU",
+    };
     Ok(e.report(
         graph,
-        &kernel,
-        format!("row blocks of {mb}, {nb} outputs and {kb} inputs per block"),
+        kernel,
+        format!("row blocks of {mb}, {nb} outputs and {kb} inputs per block{turned}"),
         format!("M {rows} x K {fin} x N {fout}"),
         useful,
         range,
@@ -1128,8 +1219,10 @@ pub(super) fn emit(
     kernels: &[Kernel],
     places: &[Option<Place>],
     opts: &Options,
+    extras: &Extras,
 ) -> Result<(Program, Vec<KernelReport>, String)> {
     let mut e = Emitter {
+        extras,
         m: &opts.machine,
         opts,
         graph,
@@ -1162,6 +1255,13 @@ pub(super) fn emit(
             Main::Softmax(n) => softmax(&mut e, kernel, *n)?,
             Main::Concat(n) => concat(&mut e, kernel, *n)?,
             Main::Pointwise { input } => pointwise(&mut e, kernel, *input)?,
+            Main::Loss(n) => backward::loss(&mut e, kernel, *n)?,
+            Main::LossGrad(n) => backward::loss_grad(&mut e, kernel, *n)?,
+            Main::MatMulT(n) => backward::dense_grad(&mut e, kernel, *n)?,
+            Main::ColumnSums(n) => backward::column_sums(&mut e, kernel, *n)?,
+            Main::Mask(n) => backward::mask(&mut e, kernel, *n)?,
+            Main::Update(u) => backward::update(&mut e, kernel, u)?,
+            Main::Advance(state) => backward::advance(&mut e, kernel, state)?,
             Main::View(_) => unreachable!("skipped above"),
         };
         e.end();

@@ -8,6 +8,7 @@
 
 use std::fmt;
 
+use super::training::Update;
 use crate::error::{Error, Result};
 use crate::graph::{Graph, NodeId, Op};
 
@@ -40,6 +41,21 @@ pub enum Main {
     },
     /// The same bytes under another shape (reshape, flatten, dropout at inference).
     View(NodeId),
+    // ---- training ----
+    /// Softmax cross-entropy: the mean loss, from logits and one-hot labels.
+    Loss(NodeId),
+    /// The loss's gradient with respect to the logits.
+    LossGrad(NodeId),
+    /// `DenseBackpropInput` (`dy · Wᵀ`) or `DenseBackpropKernel` (`xᵀ · dy`).
+    MatMulT(NodeId),
+    /// `BiasAddGrad`: sums over every row.
+    ColumnSums(NodeId),
+    /// `ReluGrad` or `Relu6Grad`: `dy` where the forward input was in the active range.
+    Mask(NodeId),
+    /// The optimizer's update of one parameter (in place) and its slots.
+    Update(Update),
+    /// The optimizer's shared state after the step (Adam's powers).
+    Advance(Vec<NodeId>),
 }
 
 /// A group of nodes computed by one block of instructions.
@@ -66,8 +82,12 @@ impl Kernel {
             | Main::GlobalAvgPool(n)
             | Main::Softmax(n)
             | Main::View(n) => out.push(graph.node(*n).inputs[0]),
-            Main::Concat(n) => out.extend(graph.node(*n).inputs.iter().copied()),
+            Main::Concat(n) | Main::MatMulT(n) | Main::Mask(n) => out.extend(graph.node(*n).inputs.iter().copied()),
             Main::Pointwise { input } => out.push(*input),
+            // The labels are read as their one-hot input, a leaf.
+            Main::Loss(n) | Main::LossGrad(n) | Main::ColumnSums(n) => out.push(graph.node(*n).inputs[0]),
+            Main::Update(u) => out.push(u.grad),
+            Main::Advance(_) => {}
         }
         for e in &self.epilogue {
             if let Epilogue::Residual(r) = e {
@@ -75,6 +95,11 @@ impl Kernel {
             }
         }
         out
+    }
+
+    /// Whether the kernel writes a new tensor (views alias one, updates write in place).
+    pub fn allocates(&self) -> bool {
+        !matches!(self.main, Main::View(_) | Main::Update(_) | Main::Advance(_))
     }
 
     /// A short description of the kernel's ops (`Conv2d+BatchNorm+Relu`).
@@ -118,19 +143,31 @@ pub fn fuse(graph: &Graph, training: bool) -> Result<Vec<Kernel>> {
             Op::BiasAdd | Op::BatchNorm(_) | Op::Relu | Op::Relu6 | Op::Add => {
                 Main::Pointwise { input: node.inputs[0] }
             }
+            Op::SoftmaxCrossEntropy(_) => Main::Loss(id),
+            Op::SoftmaxCrossEntropyGrad(_) => Main::LossGrad(id),
+            Op::DenseBackpropInput | Op::DenseBackpropKernel => Main::MatMulT(id),
+            Op::BiasAddGrad => Main::ColumnSums(id),
+            Op::ReluGrad | Op::Relu6Grad => Main::Mask(id),
+            Op::Dropout(_) => {
+                return Err(unsupported(
+                    graph,
+                    id,
+                    "dropout in a training step is not lowered yet (it needs the on-chip random mask)",
+                ));
+            }
             other => {
                 return Err(unsupported(
                     graph,
                     id,
                     &format!(
-                        "{} is not lowered yet (inference lowering covers convolutions, dense layers, pools, batch norm, residual adds, activations, softmax, concatenation and reshapes)",
+                        "{} is not lowered yet (the lowering covers convolutions, dense layers, pools, batch norm, residual adds, activations, softmax, concatenation and reshapes forward; the loss, dense-layer, bias and activation gradients backward)",
                         other.kind()
                     ),
                 ));
             }
         };
         if training && matches!(node.op, Op::BatchNorm(_)) {
-            return Err(unsupported(graph, id, "training-mode batch norm arrives with the training lowering"));
+            return Err(unsupported(graph, id, "batch norm with batch statistics (training) is not lowered yet"));
         }
         let mut kernel =
             Kernel { name: node.name.clone(), main: main.clone(), epilogue: Vec::new(), nodes: vec![id], output: id };

@@ -78,15 +78,19 @@ pub(super) fn plan(
     owner: &[Option<NodeId>],
     shape_of: &dyn Fn(NodeId) -> Vec<usize>,
     machine: &Machine,
+    extra_leaves: &[NodeId],
 ) -> Result<Plan> {
     let bytes = |id: NodeId| shape_of(id).iter().product::<usize>().max(1) as u64 * 4;
-    let needed = graph.ancestors(graph.outputs());
+    let mut needed = graph.ancestors(graph.outputs());
+    for &leaf in extra_leaves {
+        needed[leaf.index()] = true;
+    }
     let mut offsets: Vec<Option<u64>> = vec![None; graph.len()];
     let mut heap = Heap::default();
     let mut dump = String::from("persistent (inputs and parameters):\n");
     let mut persistent = 0u64;
     for (id, node) in graph.nodes() {
-        if node.op.is_leaf() && needed[id.index()] {
+        if node.op.is_leaf() && needed[id.index()] && owner[id.index()] == Some(id) {
             let at = heap.alloc(bytes(id));
             offsets[id.index()] = Some(at);
             persistent += bytes(id);
@@ -113,7 +117,7 @@ pub(super) fn plan(
     let mut peak_activations = 0u64;
     for (k, kernel) in kernels.iter().enumerate() {
         let out = kernel.output;
-        if owner[out.index()] == Some(out) {
+        if kernel.allocates() && owner[out.index()] == Some(out) {
             let at = heap.alloc(bytes(out));
             offsets[out.index()] = Some(at);
             live_activations += bytes(out);

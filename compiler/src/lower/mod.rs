@@ -11,9 +11,11 @@
 //!
 //! The result runs on the functional engine (values) and the timing engine (cycles).
 
+mod backward;
 mod emit;
 pub mod fusion;
 mod memory;
+pub mod training;
 
 use std::ops::Range;
 
@@ -25,7 +27,9 @@ use systolic_simulator::numerics::Precision;
 
 use crate::error::{Error, Result};
 use crate::graph::{Graph, NodeId, Op};
+use crate::tensors::TensorMap;
 pub use fusion::{Epilogue, Kernel, Main};
+pub use training::Training;
 
 /// What to compile for.
 #[derive(Clone, Debug)]
@@ -34,8 +38,9 @@ pub struct Options {
     /// Examples per core.
     pub batch: usize,
     pub precision: Precision,
-    /// Lower the training step (forward, backward, update) rather than inference.
-    pub training: bool,
+    /// Lower the training step (forward, backward, update) with these settings, rather than
+    /// inference.
+    pub training: Option<Training>,
 }
 
 /// The named passes, in order.
@@ -104,6 +109,9 @@ pub struct Compiled {
     pub kernels: Vec<KernelReport>,
     /// Text of each pass's result, for `--dump-after`.
     pub dumps: Vec<(PassName, String)>,
+    /// Initial values of the state the lowering added (optimizer slots at zero, Adam's powers):
+    /// feed them with the model's parameters before the first training step.
+    pub initial_state: TensorMap,
 }
 
 /// Where a tensor lives: its logical shape and its HBM tile (shared by views).
@@ -121,32 +129,41 @@ fn rows_cols(shape: &[usize]) -> (usize, usize) {
     }
 }
 
-/// Compiles `graph` for one core of `opts.machine`.
+/// Compiles `graph` for one core of `opts.machine`: inference, or with `opts.training` the
+/// whole training step.
 pub fn compile(graph: &Graph, opts: &Options) -> Result<Compiled> {
     let fail = |reason: String| Error::Graph { graph: graph.name().to_string(), reason };
     if opts.batch == 0 {
         return Err(fail("a batch of zero examples cannot be compiled; give --batch 1 or more".into()));
     }
-    if opts.training {
-        return Err(fail(
-            "training-step lowering (backward ops and optimizer updates) is not implemented yet; compile without --train"
-                .into(),
-        ));
-    }
+    // The graph the passes see: the training step, or the model with one-hot labels for any loss.
+    let (prepared, step) = training::prepare(graph, opts.training.as_ref())?;
+    let graph = &prepared;
     let mut dumps = Vec::new();
 
-    // 1. Fusion.
-    let kernels = fusion::fuse(graph, opts.training)?;
+    // 1. Fusion (and, for training, one update kernel per parameter).
+    let mut kernels = fusion::fuse(graph, opts.training.is_some())?;
+    for u in &step.updates {
+        let name = format!("update/{}", graph.node(u.param).name);
+        let nodes = vec![u.param];
+        kernels.push(Kernel { name, main: Main::Update(u.clone()), epilogue: Vec::new(), nodes, output: u.param });
+    }
+    if let Some(&first) = step.state.first() {
+        let main = Main::Advance(step.state.clone());
+        let name = "update/optimizer state".to_string();
+        kernels.push(Kernel { name, main, epilogue: Vec::new(), nodes: step.state.clone(), output: first });
+    }
     dumps.push((PassName::Fusion, dump_fusion(graph, &kernels)));
 
-    // 2. Layout: every materialised tensor's shape; views point at their source.
+    // 2. Layout: every materialised tensor's shape; views point at their source. Labels are
+    // read as their one-hot encoding.
     let mut owner: Vec<Option<NodeId>> = vec![None; graph.len()];
     for (id, node) in graph.nodes() {
-        if node.op.is_leaf() {
+        if node.op.is_leaf() && !step.one_hot.contains_key(&id) {
             owner[id.index()] = Some(id);
         }
     }
-    for k in &kernels {
+    for k in kernels.iter().filter(|k| k.allocates() || matches!(k.main, Main::View(_))) {
         owner[k.output.index()] = Some(match k.main {
             Main::View(n) => owner[graph.node(n).inputs[0].index()].expect("views follow their source"),
             _ => k.output,
@@ -156,7 +173,9 @@ pub fn compile(graph: &Graph, opts: &Options) -> Result<Compiled> {
     dumps.push((PassName::Layout, dump_layout(graph, &kernels, &owner, &shape_of)));
 
     // 3. Allocation: HBM addresses by liveness.
-    let plan = memory::plan(graph, &kernels, &owner, &shape_of, &opts.machine)?;
+    // Leaves no output depends on through graph edges but kernels read: one-hot labels.
+    let extra_leaves: Vec<NodeId> = step.one_hot.values().copied().collect();
+    let plan = memory::plan(graph, &kernels, &owner, &shape_of, &opts.machine, &extra_leaves)?;
     let places: Vec<Option<Place>> = graph
         .node_ids()
         .map(|id| {
@@ -170,7 +189,12 @@ pub fn compile(graph: &Graph, opts: &Options) -> Result<Compiled> {
     dumps.push((PassName::Allocation, plan.dump.clone()));
 
     // 4-5. Tiling and scheduling.
-    let (program, kernels_out, tiling_dump) = emit::emit(graph, &kernels, &places, opts)?;
+    let extras = emit::Extras {
+        one_hot: step.one_hot.clone(),
+        optimizer: opts.training.map(|t| t.optimizer),
+        state: step.state.clone(),
+    };
+    let (program, kernels_out, tiling_dump) = emit::emit(graph, &kernels, &places, opts, &extras)?;
     dumps.push((PassName::Tiling, tiling_dump));
     dumps.push((PassName::Scheduling, program.to_string()));
 
@@ -185,17 +209,17 @@ pub fn compile(graph: &Graph, opts: &Options) -> Result<Compiled> {
             bindings.push(Binding { name: node.name.clone(), role, shape: p.shape.clone(), tile: p.tile });
         }
     }
+    let output_names = &step.output_names;
     for &out in graph.outputs() {
         let p = places[out.index()].as_ref().expect("outputs are placed");
-        bindings.push(Binding {
-            name: graph.node(out).name.clone(),
-            role: Role::Output,
-            shape: p.shape.clone(),
-            tile: p.tile,
-        });
+        let name = output_names.get(&out).cloned().unwrap_or_else(|| graph.node(out).name.clone());
+        bindings.push(Binding { name, role: Role::Output, shape: p.shape.clone(), tile: p.tile });
     }
     let executable = Executable { name: graph.name().to_string(), program, bindings, hbm_peak_bytes: plan.peak };
-    Ok(Compiled { executable, kernels: kernels_out, dumps })
+    let added = step.updates.iter().flat_map(|u| &u.slots).chain(&step.state);
+    let initial_state =
+        added.filter_map(|&id| Some((graph.node(id).name.clone(), graph.init_parameter(id, 0)?))).collect();
+    Ok(Compiled { executable, kernels: kernels_out, dumps, initial_state })
 }
 
 fn dump_fusion(graph: &Graph, kernels: &[Kernel]) -> String {

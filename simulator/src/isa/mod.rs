@@ -171,6 +171,8 @@ pub enum BinaryOp {
     Min,
     /// `b` where `a > 0`, else 0 (the ReLU gradient).
     MaskPositive,
+    /// `b` where `0 < a < 6`, else 0 (the ReLU6 gradient).
+    MaskRelu6,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,0 +1,323 @@
+//! Emission of the training step's own kernels: the loss and its gradient, the dense-layer
+//! gradients (matmuls with a transposed operand), bias and activation gradients, and the
+//! optimizer's updates. Forward kernels are in [`super::emit`].
+//!
+//! Every VPU sequence here performs the same f32 operations in the same order as the
+//! reference ([`crate::reference`], [`crate::optimizer`]), so the loss's and the updates'
+//! arithmetic differs from the CPU only where the MXU's bf16 products enter.
+
+use systolic_simulator::isa::*;
+
+use super::emit::{BUFFERS, Emitter, Operand, matmul_kernel};
+use super::fusion::Kernel;
+use super::training::Update;
+use super::{KernelReport, rows_cols};
+use crate::error::Result;
+use crate::graph::{NodeId, Op as GOp};
+use crate::optimizer::Optimizer;
+
+/// Rows per block so that `arrays` row-blocks of `cols` f32 values fit in a quarter of VMEM.
+fn rows_per_block(e: &Emitter, rows: usize, cols: usize, arrays: usize) -> usize {
+    let budget = (e.m.core.vmem_bytes / 4) as usize;
+    (budget / (arrays * cols.max(1) * 4)).clamp(1, rows.max(1))
+}
+
+/// A tile of one `rows` × 1 column broadcasting the scalar at `t` (row stride 0).
+fn scalar_column(t: Tile, rows: usize) -> Tile {
+    Tile { rows: rows as u32, cols: 1, stride: 0, ..t }
+}
+
+/// The label-smoothing target `q = y·(1 - s) + s/C`, in place on a one-hot block.
+fn smooth(e: &mut Emitter, y: Tile, smoothing: f32, classes: usize, after: u32) -> u32 {
+    if smoothing == 0.0 {
+        return after;
+    }
+    let a = e.push(Op::Unary { op: UnaryOp::Scale(1.0 - smoothing), src: y, dst: y }, &[after]);
+    e.push(Op::Unary { op: UnaryOp::AddScalar(smoothing / classes as f32), src: y, dst: y }, &[a])
+}
+
+fn smoothing_of(e: &Emitter, node: NodeId) -> f32 {
+    match &e.graph.node(node).op {
+        GOp::SoftmaxCrossEntropy(s) | GOp::SoftmaxCrossEntropyGrad(s) => s.label_smoothing,
+        _ => unreachable!("a loss node"),
+    }
+}
+
+/// The one-hot input standing for `node`'s labels.
+fn one_hot_tile(e: &Emitter, node: NodeId) -> Tile {
+    let labels = e.graph.node(node).inputs[1];
+    e.place(e.extras.one_hot[&labels]).tile
+}
+
+/// The mean softmax cross-entropy: per row `logsumexp(z) - Σ q·z`, summed over blocks, over N.
+pub(super) fn loss(e: &mut Emitter, kernel: &Kernel, node: NodeId) -> Result<KernelReport> {
+    let first = e.program.len();
+    let z = e.place(e.graph.node(node).inputs[0]).tile;
+    let y = one_hot_tile(e, node);
+    let out = e.place(kernel.output).tile;
+    let (rows, c) = (z.rows as usize, z.cols as usize);
+    let smoothing = smoothing_of(e, node);
+    let rb = rows_per_block(e, rows, c, 3);
+    let mut vmem = e.vmem();
+    let oom = |e: &Emitter| e.vmem_error(kernel, "row blocks");
+    let zb = vmem.alloc(rb, c).ok_or_else(|| oom(e))?;
+    let yb = vmem.alloc(rb, c).ok_or_else(|| oom(e))?;
+    let tb = vmem.alloc(rb, c).ok_or_else(|| oom(e))?;
+    let (mx, lse, dot) = (vmem.alloc(rb, 1), vmem.alloc(rb, 1), vmem.alloc(rb, 1));
+    let (mx, lse, dot) = (mx.ok_or_else(|| oom(e))?, lse.ok_or_else(|| oom(e))?, dot.ok_or_else(|| oom(e))?);
+    let (part, total) = (vmem.alloc(1, 1).ok_or_else(|| oom(e))?, vmem.alloc(1, 1).ok_or_else(|| oom(e))?);
+    let mut last = e.push(Op::Fill { dst: total, value: 0.0 }, &[]);
+    for r0 in (0..rows).step_by(rb) {
+        let rn = rb.min(rows - r0);
+        let sub = |t: Tile| Tile { rows: rn as u32, ..t };
+        let (zt, yt, tt, mxt, lset, dott) = (sub(zb), sub(yb), sub(tb), sub(mx), sub(lse), sub(dot));
+        let lz = e.push(Op::dma(0, z.rows(r0, rn), zt), &[last]);
+        let ly = e.push(Op::dma(1, y.rows(r0, rn), yt), &[last]);
+        let q = smooth(e, yt, smoothing, c, ly);
+        // logsumexp(z) = max + log(Σ exp(z - max)).
+        let m = e.push(Op::Reduce { op: ReduceOp::Max, axis: Axis::Cols, src: zt, dst: mxt }, &[lz]);
+        let d = e.push(Op::Binary { op: BinaryOp::Sub, a: zt, b: mxt, dst: tt }, &[m]);
+        let x = e.push(Op::Unary { op: UnaryOp::Exp, src: tt, dst: tt }, &[d]);
+        let s = e.push(Op::Reduce { op: ReduceOp::Sum, axis: Axis::Cols, src: tt, dst: lset }, &[x]);
+        let l = e.push(Op::Unary { op: UnaryOp::Log, src: lset, dst: lset }, &[s]);
+        let a = e.push(Op::Binary { op: BinaryOp::Add, a: lset, b: mxt, dst: lset }, &[l]);
+        // Σ q·z.
+        let p = e.push(Op::Binary { op: BinaryOp::Mul, a: yt, b: zt, dst: tt }, &[q, a]);
+        let r = e.push(Op::Reduce { op: ReduceOp::Sum, axis: Axis::Cols, src: tt, dst: dott }, &[p]);
+        let per_row = e.push(Op::Binary { op: BinaryOp::Sub, a: lset, b: dott, dst: lset }, &[r]);
+        let sum = e.push(Op::Reduce { op: ReduceOp::Sum, axis: Axis::Rows, src: lset, dst: part }, &[per_row]);
+        last = e.push(Op::Binary { op: BinaryOp::Add, a: total, b: part, dst: total }, &[sum]);
+    }
+    let mean = e.push(Op::Unary { op: UnaryOp::Scale(1.0 / rows as f32), src: total, dst: total }, &[last]);
+    e.push(Op::dma(2, total, out), &[mean]);
+    let range = first..e.program.len() + 1;
+    Ok(e.report(e.graph, kernel, format!("blocks of {rb} rows on the VPU"), format!("{rows} x {c}"), 0, range))
+}
+
+/// `(softmax(z) - q) / N`.
+pub(super) fn loss_grad(e: &mut Emitter, kernel: &Kernel, node: NodeId) -> Result<KernelReport> {
+    let first = e.program.len();
+    let z = e.place(e.graph.node(node).inputs[0]).tile;
+    let y = one_hot_tile(e, node);
+    let out = e.place(kernel.output).tile;
+    let (rows, c) = (z.rows as usize, z.cols as usize);
+    let smoothing = smoothing_of(e, node);
+    let rb = rows_per_block(e, rows, c, 2 * BUFFERS);
+    let mut vmem = e.vmem();
+    let oom = |e: &Emitter| e.vmem_error(kernel, "row blocks");
+    let mut ring = |cols: usize, e: &Emitter| vmem.ring(rb, cols).ok_or_else(|| oom(e));
+    let (zb, yb, sb) = (ring(c, e)?, ring(c, e)?, ring(1, e)?);
+    let mut free: Vec<Vec<u32>> = vec![Vec::new(); BUFFERS];
+    for (b, r0) in (0..rows).step_by(rb).enumerate() {
+        let rn = rb.min(rows - r0);
+        let p = b % BUFFERS;
+        let sub = |t: Tile| Tile { rows: rn as u32, ..t };
+        let (zt, yt, st) = (sub(zb[p]), sub(yb[p]), sub(sb[p]));
+        let lz = e.push(Op::dma(0, z.rows(r0, rn), zt), &free[p]);
+        let ly = e.push(Op::dma(1, y.rows(r0, rn), yt), &free[p]);
+        let q = smooth(e, yt, smoothing, c, ly);
+        let m = e.push(Op::Reduce { op: ReduceOp::Max, axis: Axis::Cols, src: zt, dst: st }, &[lz]);
+        let d = e.push(Op::Binary { op: BinaryOp::Sub, a: zt, b: st, dst: zt }, &[m]);
+        let x = e.push(Op::Unary { op: UnaryOp::Exp, src: zt, dst: zt }, &[d]);
+        let s = e.push(Op::Reduce { op: ReduceOp::Sum, axis: Axis::Cols, src: zt, dst: st }, &[x]);
+        let sm = e.push(Op::Binary { op: BinaryOp::Div, a: zt, b: st, dst: zt }, &[s]);
+        let g = e.push(Op::Binary { op: BinaryOp::Sub, a: zt, b: yt, dst: zt }, &[sm, q]);
+        let scaled = e.push(Op::Unary { op: UnaryOp::Scale(1.0 / rows as f32), src: zt, dst: zt }, &[g]);
+        let store = e.push(Op::dma(2, zt, out.rows(r0, rn)), &[scaled]);
+        free[p] = vec![scaled, store];
+    }
+    let range = first..e.program.len() + 1;
+    Ok(e.report(e.graph, kernel, format!("blocks of {rb} rows on the VPU"), format!("{rows} x {c}"), 0, range))
+}
+
+/// `DenseBackpropInput` (`dy · Wᵀ`) and `DenseBackpropKernel` (`xᵀ · dy`) on the MXU.
+pub(super) fn dense_grad(e: &mut Emitter, kernel: &Kernel, node: NodeId) -> Result<KernelReport> {
+    let n = e.graph.node(node);
+    let (a, b) = (e.place(n.inputs[0]).tile, e.place(n.inputs[1]).tile);
+    let out = e.place(kernel.output).tile;
+    match n.op {
+        // dy [rows x out] · (W [in x out])ᵀ.
+        GOp::DenseBackpropInput => {
+            matmul_kernel(e, kernel, Operand { tile: a, transposed: false }, Operand { tile: b, transposed: true }, out)
+        }
+        // (x [rows x in])ᵀ · dy [rows x out].
+        _ => {
+            matmul_kernel(e, kernel, Operand { tile: a, transposed: true }, Operand { tile: b, transposed: false }, out)
+        }
+    }
+}
+
+/// Sums over rows (`BiasAddGrad`): partial sums per block of rows, added in block order.
+pub(super) fn column_sums(e: &mut Emitter, kernel: &Kernel, node: NodeId) -> Result<KernelReport> {
+    let first = e.program.len();
+    let x = e.place(e.graph.node(node).inputs[0]).tile;
+    let out = e.place(kernel.output).tile;
+    let (rows, c) = (x.rows as usize, x.cols as usize);
+    let rb = rows_per_block(e, rows, c, BUFFERS);
+    let mut vmem = e.vmem();
+    let oom = |e: &Emitter| e.vmem_error(kernel, "row blocks");
+    let bufs = vmem.ring(rb, c).ok_or_else(|| oom(e))?;
+    let (part, total) = (vmem.alloc(1, c).ok_or_else(|| oom(e))?, vmem.alloc(1, c).ok_or_else(|| oom(e))?);
+    let mut last = e.push(Op::Fill { dst: total, value: 0.0 }, &[]);
+    let mut free: Vec<Vec<u32>> = vec![Vec::new(); BUFFERS];
+    for (b, r0) in (0..rows).step_by(rb).enumerate() {
+        let rn = rb.min(rows - r0);
+        let p = b % BUFFERS;
+        let t = Tile { rows: rn as u32, ..bufs[p] };
+        let load = e.push(Op::dma(0, x.rows(r0, rn), t), &free[p]);
+        let s = e.push(Op::Reduce { op: ReduceOp::Sum, axis: Axis::Rows, src: t, dst: part }, &[load, last]);
+        last = e.push(Op::Binary { op: BinaryOp::Add, a: total, b: part, dst: total }, &[s]);
+        free[p] = vec![s];
+    }
+    e.push(Op::dma(2, total, out), &[last]);
+    let range = first..e.program.len() + 1;
+    Ok(e.report(e.graph, kernel, format!("blocks of {rb} rows on the VPU"), format!("{rows} x {c} to {c}"), 0, range))
+}
+
+/// `ReluGrad` / `Relu6Grad`: `dy` where the forward input lies in the active range.
+pub(super) fn mask(e: &mut Emitter, kernel: &Kernel, node: NodeId) -> Result<KernelReport> {
+    let first = e.program.len();
+    let n = e.graph.node(node);
+    let (x, dy) = (e.place(n.inputs[0]).tile, e.place(n.inputs[1]).tile);
+    let out = e.place(kernel.output).tile;
+    let op = if matches!(n.op, GOp::Relu6Grad) { BinaryOp::MaskRelu6 } else { BinaryOp::MaskPositive };
+    let (rows, c) = (x.rows as usize, x.cols as usize);
+    let rb = rows_per_block(e, rows, c, 2 * BUFFERS);
+    let mut vmem = e.vmem();
+    let oom = |e: &Emitter| e.vmem_error(kernel, "row blocks");
+    let mut ring = |e: &Emitter| vmem.ring(rb, c).ok_or_else(|| oom(e));
+    let (xb, db) = (ring(e)?, ring(e)?);
+    let mut free: Vec<Vec<u32>> = vec![Vec::new(); BUFFERS];
+    for (b, r0) in (0..rows).step_by(rb).enumerate() {
+        let rn = rb.min(rows - r0);
+        let p = b % BUFFERS;
+        let (xt, dt) = (Tile { rows: rn as u32, ..xb[p] }, Tile { rows: rn as u32, ..db[p] });
+        let lx = e.push(Op::dma(0, x.rows(r0, rn), xt), &free[p]);
+        let ld = e.push(Op::dma(1, dy.rows(r0, rn), dt), &free[p]);
+        let m = e.push(Op::Binary { op, a: xt, b: dt, dst: dt }, &[lx, ld]);
+        let store = e.push(Op::dma(2, dt, out.rows(r0, rn)), &[m]);
+        free[p] = vec![m, store];
+    }
+    let range = first..e.program.len() + 1;
+    Ok(e.report(e.graph, kernel, format!("blocks of {rb} rows on the VPU"), format!("{rows} x {c}"), 0, range))
+}
+
+/// One parameter's optimizer update, in place, block by block.
+pub(super) fn update(e: &mut Emitter, kernel: &Kernel, u: &Update) -> Result<KernelReport> {
+    let first = e.program.len();
+    let opt = e.extras.optimizer.expect("updates come with an optimizer");
+    let p = e.place(u.param).tile;
+    let g = e.place(u.grad).tile;
+    let slots: Vec<Tile> = u.slots.iter().map(|&s| e.place(s).tile).collect();
+    let (rows, c) = (p.rows as usize, p.cols as usize);
+    let arrays = 2 + slots.len() + 2;
+    let rb = rows_per_block(e, rows, c, arrays * BUFFERS);
+    let mut vmem = e.vmem();
+    let oom = |e: &Emitter| e.vmem_error(kernel, "parameter blocks");
+    let mut ring = |e: &Emitter| vmem.ring(rb, c).ok_or_else(|| oom(e));
+    let (pb, gb, tb) = (ring(e)?, ring(e)?, ring(e)?);
+    let sb: Vec<Vec<Tile>> = (0..slots.len()).map(|_| ring(e)).collect::<Result<_>>()?;
+    // Adam's step size from the shared powers: lr · sqrt(1 - b2^t) / (1 - b1^t).
+    let step = match opt {
+        Optimizer::Adam { learning_rate, .. } => {
+            let (b1p, b2p) = (e.place(e.extras.state[0]).tile, e.place(e.extras.state[1]).tile);
+            let (s1, s2) = (vmem.alloc(1, 1).ok_or_else(|| oom(e))?, vmem.alloc(1, 1).ok_or_else(|| oom(e))?);
+            let l1 = e.push(Op::dma(0, b1p, s1), &[]);
+            let l2 = e.push(Op::dma(1, b2p, s2), &[]);
+            let one_minus = |e: &mut Emitter, t: Tile, after: u32| {
+                let n = e.push(Op::Unary { op: UnaryOp::Scale(-1.0), src: t, dst: t }, &[after]);
+                e.push(Op::Unary { op: UnaryOp::AddScalar(1.0), src: t, dst: t }, &[n])
+            };
+            let a = one_minus(e, s2, l2);
+            let r = e.push(Op::Unary { op: UnaryOp::Sqrt, src: s2, dst: s2 }, &[a]);
+            let lr = e.push(Op::Unary { op: UnaryOp::Scale(learning_rate), src: s2, dst: s2 }, &[r]);
+            let b = one_minus(e, s1, l1);
+            Some((s2, e.push(Op::Binary { op: BinaryOp::Div, a: s2, b: s1, dst: s2 }, &[lr, b])))
+        }
+        _ => None,
+    };
+    let mut free: Vec<Vec<u32>> = vec![Vec::new(); BUFFERS];
+    for (b, r0) in (0..rows).step_by(rb).enumerate() {
+        let rn = rb.min(rows - r0);
+        let k = b % BUFFERS;
+        let sub = |t: Tile| Tile { rows: rn as u32, ..t };
+        let (pt, gt, tt) = (sub(pb[k]), sub(gb[k]), sub(tb[k]));
+        let lp = e.push(Op::dma(0, p.rows(r0, rn), pt), &free[k]);
+        let lg = e.push(Op::dma(1, g.rows(r0, rn), gt), &free[k]);
+        let st: Vec<Tile> = sb.iter().map(|bufs| sub(bufs[k])).collect();
+        let ls: Vec<u32> =
+            slots.iter().zip(&st).map(|(s, &t)| e.push(Op::dma(2, s.rows(r0, rn), t), &free[k])).collect();
+        let unary =
+            |e: &mut Emitter, op: UnaryOp, src: Tile, dst: Tile, deps: &[u32]| e.push(Op::Unary { op, src, dst }, deps);
+        let binary = |e: &mut Emitter, op: BinaryOp, a: Tile, b: Tile, dst: Tile, deps: &[u32]| {
+            e.push(Op::Binary { op, a, b, dst }, deps)
+        };
+        let done = match opt {
+            // p -= lr · g.
+            Optimizer::Sgd { learning_rate } => {
+                let s = unary(e, UnaryOp::Scale(-learning_rate), gt, gt, &[lg]);
+                binary(e, BinaryOp::Add, pt, gt, pt, &[s, lp])
+            }
+            // v = momentum · v + g; p -= lr · v.
+            Optimizer::Momentum { learning_rate, momentum } => {
+                let v = st[0];
+                let a = unary(e, UnaryOp::Scale(momentum), v, v, &[ls[0]]);
+                let b = binary(e, BinaryOp::Add, v, gt, v, &[a, lg]);
+                let c = unary(e, UnaryOp::Scale(-learning_rate), v, tt, &[b]);
+                binary(e, BinaryOp::Add, pt, tt, pt, &[c, lp])
+            }
+            // m = b1·m + (1-b1)·g; v = b2·v + (1-b2)·g²; p -= step · m / (sqrt(v) + eps).
+            Optimizer::Adam { beta1, beta2, epsilon, .. } => {
+                let (m, v) = (st[0], st[1]);
+                let (step_tile, step_ready) = step.expect("computed above");
+                let a = unary(e, UnaryOp::Scale(beta1), m, m, &[ls[0]]);
+                let b = unary(e, UnaryOp::Scale(1.0 - beta1), gt, tt, &[lg]);
+                let m_new = binary(e, BinaryOp::Add, m, tt, m, &[a, b]);
+                let c = unary(e, UnaryOp::Scale(beta2), v, v, &[ls[1]]);
+                let sq = binary(e, BinaryOp::Mul, gt, gt, gt, &[lg, b]);
+                let d = unary(e, UnaryOp::Scale(1.0 - beta2), gt, gt, &[sq]);
+                let v_new = binary(e, BinaryOp::Add, v, gt, v, &[c, d]);
+                let root = unary(e, UnaryOp::Sqrt, v, gt, &[v_new]);
+                let den = unary(e, UnaryOp::AddScalar(epsilon), gt, gt, &[root]);
+                let num = binary(e, BinaryOp::Mul, m, scalar_column(step_tile, rn), tt, &[m_new, step_ready]);
+                let q = binary(e, BinaryOp::Div, tt, gt, tt, &[num, den]);
+                binary(e, BinaryOp::Sub, pt, tt, pt, &[q, lp])
+            }
+        };
+        let mut stores = vec![e.push(Op::dma(0, pt, p.rows(r0, rn)), &[done])];
+        for (s, &t) in slots.iter().zip(&st) {
+            stores.push(e.push(Op::dma(1, t, s.rows(r0, rn)), &[done]));
+        }
+        stores.push(done);
+        free[k] = stores;
+    }
+    let range = first..e.program.len() + 1;
+    Ok(e.report(
+        e.graph,
+        kernel,
+        format!("{} on the VPU, blocks of {rb} rows", opt.name()),
+        format!("{rows} x {c}"),
+        0,
+        range,
+    ))
+}
+
+/// Advances the optimizer's shared state once per step (Adam: `beta^t -> beta^(t+1)`).
+pub(super) fn advance(e: &mut Emitter, kernel: &Kernel, state: &[NodeId]) -> Result<KernelReport> {
+    let first = e.program.len();
+    let factors: Vec<f32> = match e.extras.optimizer {
+        Some(Optimizer::Adam { beta1, beta2, .. }) => vec![beta1, beta2],
+        _ => Vec::new(),
+    };
+    let mut vmem = e.vmem();
+    for (&s, &f) in state.iter().zip(&factors) {
+        let hbm = e.place(s).tile;
+        let (r, c) = rows_cols(&e.place(s).shape);
+        let t = vmem.alloc(r, c).ok_or_else(|| e.vmem_error(kernel, "state"))?;
+        let l = e.push(Op::dma(0, hbm, t), &[]);
+        let m = e.push(Op::Unary { op: UnaryOp::Scale(f), src: t, dst: t }, &[l]);
+        e.push(Op::dma(1, t, hbm), &[m]);
+    }
+    let range = first..e.program.len() + 1;
+    Ok(e.report(e.graph, kernel, "on the VPU".into(), format!("{} values", state.len()), 0, range))
+}

@@ -1,0 +1,175 @@
+//! The training step as one graph: forward, the loss, backward (from [`crate::autodiff`]) and
+//! the optimizer's state, so that the passes lower a whole step into one program.
+//!
+//! What the program reads and writes beyond inference:
+//! - `<labels>/one_hot`: the labels as a `[N, classes]` f32 one-hot matrix (the host encodes
+//!   them, as a TPU input pipeline does; the vector unit has no integer gather);
+//! - every trainable parameter, updated in place, and the optimizer's slots
+//!   (`<param>/momentum`, `<param>/m`, `<param>/v`) and shared state
+//!   ([`crate::optimizer::ADAM_POWERS`]), read and written;
+//! - outputs: the loss, each parameter's gradient as `<param>/grad`, the updated values.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use systolic_simulator::executable::{Executable, Role};
+
+use crate::autodiff;
+use crate::error::{Error, Result};
+use crate::graph::{Graph, Init, NodeId, Op, Parameter};
+use crate::optimizer::Optimizer;
+use crate::tensors::{Tensor, TensorMap};
+
+/// How to train: the optimizer and the loss's label smoothing.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Training {
+    pub optimizer: Optimizer,
+    /// Used when the graph has no loss and one is added (see `Graph::with_classifier_loss`).
+    pub label_smoothing: f32,
+}
+
+/// One parameter's update: its gradient and its optimizer slots.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Update {
+    pub param: NodeId,
+    pub grad: NodeId,
+    pub slots: Vec<NodeId>,
+}
+
+/// What the passes need to know of a prepared graph beyond its nodes (empty but for the
+/// one-hot labels when compiling inference).
+#[derive(Default)]
+pub(super) struct Step {
+    /// Each loss's integer labels -> the one-hot input the program reads instead.
+    pub one_hot: BTreeMap<NodeId, NodeId>,
+    pub updates: Vec<Update>,
+    /// Optimizer state shared by all parameters (Adam's powers).
+    pub state: Vec<NodeId>,
+    /// Names the executable gives its outputs where they differ from node names.
+    pub output_names: BTreeMap<NodeId, String>,
+}
+
+/// The graph the passes compile: for inference, `graph` with one-hot inputs for any loss's
+/// labels; for training, the whole step.
+pub(super) fn prepare(graph: &Graph, training: Option<&Training>) -> Result<(Graph, Step)> {
+    match training {
+        Some(t) => build(graph, t),
+        None => {
+            let mut g = graph.clone();
+            let one_hot = add_one_hot(&mut g)?;
+            Ok((g, Step { one_hot, ..Step::default() }))
+        }
+    }
+}
+
+/// Builds the training graph of `graph` for `t`.
+fn build(graph: &Graph, t: &Training) -> Result<(Graph, Step)> {
+    t.optimizer.check()?;
+    let (g, loss) = graph.with_classifier_loss(t.label_smoothing)?;
+    let params = g.trainable_parameters();
+    if params.is_empty() {
+        return Err(Error::Graph {
+            graph: graph.name().to_string(),
+            reason: "has no trainable parameters: there is no training step to compile".into(),
+        });
+    }
+    let grads = autodiff::differentiate(&g, loss, &params)?;
+    let mut g = grads.graph;
+
+    let one_hot = add_one_hot(&mut g)?;
+    let mut updates = Vec::new();
+    let mut outputs = vec![loss];
+    let mut output_names = BTreeMap::new();
+    for &p in &params {
+        let pname = g.node(p).name.clone();
+        // A parameter the loss does not depend on has a zero gradient: nothing to update.
+        let Some(&grad) = grads.grads.get(&pname) else { continue };
+        let shape = g.node(p).shape.dims.clone();
+        let mut slots = Vec::new();
+        for slot in t.optimizer.slots() {
+            let name = reserved(&g, format!("{pname}/{slot}"))?;
+            let init = Init::Zeros;
+            slots.push(g.add(name, Op::Parameter(Parameter { shape: shape.clone(), init, trainable: false }), &[])?);
+        }
+        outputs.push(grad);
+        output_names.insert(grad, format!("{pname}/grad"));
+        updates.push(Update { param: p, grad, slots });
+    }
+    let mut state = Vec::new();
+    for (name, value) in t.optimizer.initial_state() {
+        let name = reserved(&g, name.to_string())?;
+        let init = Init::Constant(value);
+        state.push(g.add(name, Op::Parameter(Parameter { shape: vec![1], init, trainable: false }), &[])?);
+    }
+    for u in &updates {
+        outputs.push(u.param);
+        outputs.extend(u.slots.iter().copied());
+    }
+    outputs.extend(state.iter().copied());
+    g.set_outputs(outputs);
+    Ok((g, Step { one_hot, updates, state, output_names }))
+}
+
+/// `name`, unless the graph already has a node of that name.
+fn reserved(g: &Graph, name: String) -> Result<String> {
+    match g.find(&name) {
+        None => Ok(name),
+        Some(_) => Err(Error::Graph {
+            graph: g.name().to_string(),
+            reason: format!("node name '{name}' is reserved for the lowering; rename that node"),
+        }),
+    }
+}
+
+/// Adds a one-hot f32 input (`<labels>/one_hot`, `[N, classes]`) for the labels of every loss
+/// in `g`; returns labels -> one-hot input. The program reads the one-hot input instead of the
+/// integer labels.
+pub(super) fn add_one_hot(g: &mut Graph) -> Result<BTreeMap<NodeId, NodeId>> {
+    let mut one_hot = BTreeMap::new();
+    let losses: Vec<NodeId> = g
+        .node_ids()
+        .filter(|&id| matches!(g.node(id).op, Op::SoftmaxCrossEntropy(_) | Op::SoftmaxCrossEntropyGrad(_)))
+        .collect();
+    for id in losses {
+        let (logits, labels) = (g.node(id).inputs[0], g.node(id).inputs[1]);
+        if one_hot.contains_key(&labels) {
+            continue;
+        }
+        let classes = *g.node(logits).shape.dims.last().expect("logits have a class axis");
+        let name = reserved(g, format!("{}/one_hot", g.node(labels).name))?;
+        let input = g.input(&name, &[classes])?;
+        one_hot.insert(labels, input);
+    }
+    Ok(one_hot)
+}
+
+/// The one-hot `[N, classes]` encoding of integer labels `[N]`, as a training executable reads
+/// them (`<labels>/one_hot`); labels that are not class ids are refused, naming `name`.
+pub fn one_hot(name: &str, labels: &Tensor, classes: usize) -> Result<Tensor> {
+    let data = labels.as_slice().ok_or_else(|| Error::binding(name, "labels must be a contiguous tensor"))?;
+    let ids = crate::reference::loss::check_labels(name, data, classes)?;
+    let mut v = vec![0f32; ids.len() * classes];
+    for (row, id) in ids.into_iter().enumerate() {
+        v[row * classes + id] = 1.0;
+    }
+    Ok(Tensor::from_shape_vec(vec![v.len() / classes.max(1), classes], v).expect("rows x classes values"))
+}
+
+/// The one-hot inputs an executable reads (`<labels>/one_hot`), encoded from `labels` (integer
+/// class ids by the labels' node name).
+pub fn one_hot_feed(executable: &Executable, labels: &TensorMap) -> Result<TensorMap> {
+    let mut feed = TensorMap::new();
+    for b in &executable.bindings {
+        if b.role == Role::Output {
+            continue;
+        }
+        if let Some(source) = b.name.strip_suffix("/one_hot") {
+            let t = labels
+                .get(source)
+                .ok_or_else(|| Error::binding(source, "the training step needs these labels (integer class ids)"))?;
+            feed.insert(b.name.clone(), one_hot(source, t, b.shape[1])?);
+        }
+    }
+    Ok(feed)
+}
