@@ -7,6 +7,7 @@ use common::*;
 use std::collections::BTreeMap;
 
 use systolic_compiler::autodiff;
+use systolic_compiler::graph::{Padding, Pool};
 use systolic_compiler::lower::{Options, Training, compile};
 use systolic_compiler::optimizer::Optimizer;
 use systolic_compiler::reference::{self, RunOptions};
@@ -133,6 +134,22 @@ fn mlp() -> Graph {
     g
 }
 
+/// Per-pixel dense layers (1x1 convolutions) around max, average and global pooling: the
+/// pooling gradients lie between parameters.
+fn pooled() -> Graph {
+    let mut g = Graph::new("pooled");
+    let x = g.input("x", &[9, 9, 3]).unwrap();
+    let h = g.dense("pix1", x, 16).unwrap();
+    let h = g.relu("pix1_relu", h).unwrap();
+    let h = g.max_pool("max", h, Pool { window: [3, 3], strides: [2, 2], padding: Padding::Same }).unwrap();
+    let h = g.dense("pix2", h, 8).unwrap();
+    let h = g.avg_pool("avg", h, Pool { window: [2, 2], strides: [1, 1], padding: Padding::Same }).unwrap();
+    let h = g.global_avg_pool("gap", h).unwrap();
+    let logits = g.dense("logits", h, 10).unwrap();
+    g.set_outputs(vec![logits]);
+    g
+}
+
 fn labels(batch: usize, classes: usize) -> Tensor {
     Tensor::from_shape_vec(vec![batch], (0..batch).map(|i| ((i * 7 + 3) % classes) as f32).collect()).unwrap()
 }
@@ -164,9 +181,17 @@ fn norm_err(want: &[f32], got: &[f32]) -> f64 {
 /// gradient, and the parameters and slots after the optimizer's update.
 #[test]
 fn a_training_step_matches_the_reference() {
+    training_step_matches(mlp(), &[24]);
+}
+
+#[test]
+fn pooling_gradients_match_the_reference() {
+    training_step_matches(pooled(), &[9, 9, 3]);
+}
+
+fn training_step_matches(g: Graph, input: &[usize]) {
     let m = presets::preset("v2-8").unwrap();
     let batch = 12;
-    let g = mlp();
     let (with_loss, loss) = g.with_classifier_loss(0.0).unwrap();
     let grads = autodiff::differentiate(&with_loss, loss, &with_loss.trainable_parameters()).unwrap();
     for optimizer in [
@@ -178,7 +203,8 @@ fn a_training_step_matches_the_reference() {
         for precision in [Precision::Highest, Precision::Default] {
             let compiled = compile(&g, &Options { machine: m.clone(), batch, precision, training }).unwrap();
             let mut b = g.init_parameters(3);
-            b.insert("x".into(), rand_tensor(&[batch, 24], 5));
+            let shape: Vec<usize> = std::iter::once(batch).chain(input.iter().copied()).collect();
+            b.insert("x".into(), rand_tensor(&shape, 5));
             let y = labels(batch, 10);
             b.insert("labels".into(), y.clone());
             // Optimizer slots carry history: start momentum and Adam's moments away from zero.

@@ -188,6 +188,12 @@ impl Functional {
                 let out = pool(op, &shape, &v, src.cols as usize);
                 self.vmem.write(&dst, &out);
             }
+            Op::PoolGrad { op, shape, x, dy, dst } => {
+                let d = self.vmem.read(&dy);
+                let xv = x.map(|x| self.vmem.read(&x));
+                let out = pool_grad(op, &shape, xv.as_deref(), &d, dst.cols as usize);
+                self.vmem.write(&dst, &out);
+            }
             Op::Transpose { src, dst } => {
                 let v = self.vmem.read(&src);
                 let (rows, cols) = (src.rows as usize, src.cols as usize);
@@ -266,6 +272,59 @@ fn binary(op: BinaryOp, a: f32, b: f32) -> f32 {
             }
         }
     }
+}
+
+/// The in-image taps of window (oh, ow): rows and columns.
+fn window_taps(s: &PoolShape, oh: i64, ow: i64) -> (std::ops::Range<i64>, std::ops::Range<i64>) {
+    let (h, w) = (s.h as i64, s.w as i64);
+    let (h0, w0) = (oh * s.strides[0] as i64 - s.pad[0] as i64, ow * s.strides[1] as i64 - s.pad[1] as i64);
+    (h0.max(0)..(h0 + s.window[0] as i64).min(h), w0.max(0)..(w0 + s.window[1] as i64).min(w))
+}
+
+/// The pooling gradient (see [`Op::PoolGrad`]): windows in order, channels independent.
+fn pool_grad(op: PoolOp, s: &PoolShape, x: Option<&[f32]>, dy: &[f32], c: usize) -> Vec<f32> {
+    let (h, w) = (s.h as i64, s.w as i64);
+    let img = (h * w) as usize * c;
+    let mut dx = vec![0f32; s.n as usize * img];
+    for n in 0..s.n as usize {
+        for oh in 0..s.out_h as i64 {
+            for ow in 0..s.out_w as i64 {
+                let (rows, cols) = window_taps(s, oh, ow);
+                let at = |ih: i64, iw: i64, ch: usize| n * img + (ih * w + iw) as usize * c + ch;
+                let d = &dy[((n as i64 * s.out_h as i64 + oh) * s.out_w as i64 + ow) as usize * c..][..c];
+                match (op, x) {
+                    (PoolOp::Max, Some(x)) => {
+                        for (ch, &dv) in d.iter().enumerate() {
+                            // The first maximum in window order takes the gradient.
+                            let mut best: Option<(f32, usize)> = None;
+                            for ih in rows.clone() {
+                                for iw in cols.clone() {
+                                    let i = at(ih, iw, ch);
+                                    if best.is_none_or(|(b, _)| x[i] > b) {
+                                        best = Some((x[i], i));
+                                    }
+                                }
+                            }
+                            if let Some((_, i)) = best {
+                                dx[i] += dv;
+                            }
+                        }
+                    }
+                    _ => {
+                        let count = (rows.end - rows.start) as f32 * (cols.end - cols.start) as f32;
+                        for ih in rows.clone() {
+                            for iw in cols.clone() {
+                                for (ch, &dv) in d.iter().enumerate() {
+                                    dx[at(ih, iw, ch)] += dv / count;
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    dx
 }
 
 /// Pooling over `n` NHWC images stored as `n·h·w × c` rows.

@@ -90,6 +90,12 @@ fn vpu_cycles(machine: &Machine, op: &Op) -> u64 {
             ops(vregs(machine, src)) + (across as u64).next_power_of_two().trailing_zeros() as u64
         }
         Op::Pool { shape, dst, .. } => ops(vregs(machine, dst) * (shape.window[0] * shape.window[1]) as u64),
+        // Zero the result, then per window tap: a compare and select (max) or a scaled add
+        // (average) of a register of dy into the result.
+        Op::PoolGrad { shape, dy, dst, x, .. } => {
+            let per_tap = if x.is_some() { 2 } else { 1 };
+            ops(vregs(machine, dst) + per_tap * vregs(machine, dy) * (shape.window[0] * shape.window[1]) as u64)
+        }
         // One register through the transpose unit per cycle.
         Op::Transpose { src, .. } => vregs(machine, src).max(1),
         _ => 1,
@@ -171,6 +177,7 @@ impl Engine<'_> {
             | Op::Fill { .. }
             | Op::Reduce { .. }
             | Op::Pool { .. }
+            | Op::PoolGrad { .. }
             | Op::Transpose { .. } => (at, at + vpu_cycles(m, op)),
             Op::Barrier => (at, at + 1),
             Op::AllReduce { replicas, .. } => {

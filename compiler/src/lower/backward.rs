@@ -13,7 +13,7 @@ use super::fusion::Kernel;
 use super::training::Update;
 use super::{KernelReport, rows_cols};
 use crate::error::Result;
-use crate::graph::{NodeId, Op as GOp};
+use crate::graph::{NodeId, Op as GOp, Padding, Pool as PoolAttrs};
 use crate::optimizer::Optimizer;
 
 /// Rows per block so that `arrays` row-blocks of `cols` f32 values fit in a quarter of VMEM.
@@ -200,6 +200,70 @@ pub(super) fn mask(e: &mut Emitter, kernel: &Kernel, node: NodeId) -> Result<Ker
     }
     let range = first..e.program.len() + 1;
     Ok(e.report(e.graph, kernel, format!("blocks of {rb} rows on the VPU"), format!("{rows} x {c}"), 0, range))
+}
+
+/// Pooling gradients on the VPU, a block of images at a time: the max-pool gradient reads the
+/// forward input to find each window's first maximum; a global average is one window per image.
+pub(super) fn pool_grad(e: &mut Emitter, kernel: &Kernel, node: NodeId) -> Result<KernelReport> {
+    let first = e.program.len();
+    let n = e.graph.node(node);
+    let dx = e.place(kernel.output);
+    let [batch, h, w, c] = [dx.shape[0], dx.shape[1], dx.shape[2], dx.shape[3]];
+    let (op, pool, x, dy) = match &n.op {
+        GOp::MaxPoolGrad(p) => (PoolOp::Max, p.clone(), Some(e.place(n.inputs[0]).tile), e.place(n.inputs[1]).tile),
+        GOp::AvgPoolGrad(p) => (PoolOp::Avg, p.pool.clone(), None, e.place(n.inputs[0]).tile),
+        GOp::GlobalAvgPoolGrad(_) => {
+            let whole = PoolAttrs { window: [h, w], strides: [1, 1], padding: Padding::Valid };
+            (PoolOp::Avg, whole, None, e.place(n.inputs[0]).tile)
+        }
+        _ => unreachable!("a pooling gradient"),
+    };
+    let win = pool.resolve([h, w]).expect("checked when the node was added");
+    let (in_px, out_px) = (h * w, win.out_h * win.out_w);
+    let arrays = if x.is_some() { 2 } else { 1 };
+    let per_image = ((arrays * in_px + out_px) * c * 4) as u64;
+    let imgs = ((e.m.core.vmem_bytes / 4 / BUFFERS as u64 / per_image.max(1)) as usize).clamp(1, batch);
+    let mut vmem = e.vmem();
+    let oom = |e: &Emitter| e.vmem_error(kernel, "image buffers");
+    let xb = if x.is_some() { vmem.ring(imgs * in_px, c).ok_or_else(|| oom(e))? } else { Vec::new() };
+    let db = vmem.ring(imgs * out_px, c).ok_or_else(|| oom(e))?;
+    let ob = vmem.ring(imgs * in_px, c).ok_or_else(|| oom(e))?;
+    let mut free: Vec<Vec<u32>> = vec![Vec::new(); BUFFERS];
+    for (b, n0) in (0..batch).step_by(imgs).enumerate() {
+        let k = imgs.min(batch - n0);
+        let p = b % BUFFERS;
+        let dt = Tile { rows: (k * out_px) as u32, ..db[p] };
+        let ot = Tile { rows: (k * in_px) as u32, ..ob[p] };
+        let mut loads = vec![e.push(Op::dma(0, dy.rows(n0 * out_px, k * out_px), dt), &free[p])];
+        let xt = x.map(|x| {
+            let t = Tile { rows: (k * in_px) as u32, ..xb[p] };
+            loads.push(e.push(Op::dma(1, x.rows(n0 * in_px, k * in_px), t), &free[p]));
+            t
+        });
+        loads.extend(free[p].iter().copied());
+        let shape = PoolShape {
+            n: k as u32,
+            h: h as u32,
+            w: w as u32,
+            window: [pool.window[0] as u32, pool.window[1] as u32],
+            strides: [pool.strides[0] as u32, pool.strides[1] as u32],
+            pad: [win.pad_top as u32, win.pad_left as u32],
+            out_h: win.out_h as u32,
+            out_w: win.out_w as u32,
+        };
+        let g = e.push(Op::PoolGrad { op, shape, x: xt, dy: dt, dst: ot }, &loads);
+        let store = e.push(Op::dma(2, ot, dx.tile.rows(n0 * in_px, k * in_px)), &[g]);
+        free[p] = vec![g, store];
+    }
+    let range = first..e.program.len() + 1;
+    Ok(e.report(
+        e.graph,
+        kernel,
+        format!("{imgs} images per block on the VPU"),
+        format!("{}x{} windows over {h}x{w}x{c}", pool.window[0], pool.window[1]),
+        0,
+        range,
+    ))
 }
 
 /// One parameter's optimizer update, in place, block by block.

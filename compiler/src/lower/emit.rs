@@ -1260,6 +1260,7 @@ pub(super) fn emit(
             Main::MatMulT(n) => backward::dense_grad(&mut e, kernel, *n)?,
             Main::ColumnSums(n) => backward::column_sums(&mut e, kernel, *n)?,
             Main::Mask(n) => backward::mask(&mut e, kernel, *n)?,
+            Main::PoolGrad(n) => backward::pool_grad(&mut e, kernel, *n)?,
             Main::Update(u) => backward::update(&mut e, kernel, u)?,
             Main::Advance(state) => backward::advance(&mut e, kernel, state)?,
             Main::View(_) => unreachable!("skipped above"),

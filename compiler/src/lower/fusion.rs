@@ -52,6 +52,8 @@ pub enum Main {
     ColumnSums(NodeId),
     /// `ReluGrad` or `Relu6Grad`: `dy` where the forward input was in the active range.
     Mask(NodeId),
+    /// `MaxPoolGrad`, `AvgPoolGrad` or `GlobalAvgPoolGrad` on the VPU.
+    PoolGrad(NodeId),
     /// The optimizer's update of one parameter (in place) and its slots.
     Update(Update),
     /// The optimizer's shared state after the step (Adam's powers).
@@ -82,7 +84,9 @@ impl Kernel {
             | Main::GlobalAvgPool(n)
             | Main::Softmax(n)
             | Main::View(n) => out.push(graph.node(*n).inputs[0]),
-            Main::Concat(n) | Main::MatMulT(n) | Main::Mask(n) => out.extend(graph.node(*n).inputs.iter().copied()),
+            Main::Concat(n) | Main::MatMulT(n) | Main::Mask(n) | Main::PoolGrad(n) => {
+                out.extend(graph.node(*n).inputs.iter().copied())
+            }
             Main::Pointwise { input } => out.push(*input),
             // The labels are read as their one-hot input, a leaf.
             Main::Loss(n) | Main::LossGrad(n) | Main::ColumnSums(n) => out.push(graph.node(*n).inputs[0]),
@@ -148,6 +152,7 @@ pub fn fuse(graph: &Graph, training: bool) -> Result<Vec<Kernel>> {
             Op::DenseBackpropInput | Op::DenseBackpropKernel => Main::MatMulT(id),
             Op::BiasAddGrad => Main::ColumnSums(id),
             Op::ReluGrad | Op::Relu6Grad => Main::Mask(id),
+            Op::MaxPoolGrad(_) | Op::AvgPoolGrad(_) | Op::GlobalAvgPoolGrad(_) => Main::PoolGrad(id),
             Op::Dropout(_) => {
                 return Err(unsupported(
                     graph,
@@ -160,7 +165,7 @@ pub fn fuse(graph: &Graph, training: bool) -> Result<Vec<Kernel>> {
                     graph,
                     id,
                     &format!(
-                        "{} is not lowered yet (the lowering covers convolutions, dense layers, pools, batch norm, residual adds, activations, softmax, concatenation and reshapes forward; the loss, dense-layer, bias and activation gradients backward)",
+                        "{} is not lowered yet (the lowering covers convolutions, dense layers, pools, batch norm, residual adds, activations, softmax, concatenation and reshapes forward; the loss, dense-layer, bias, activation and pooling gradients backward)",
                         other.kind()
                     ),
                 ));

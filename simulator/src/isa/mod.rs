@@ -250,6 +250,11 @@ pub enum Op {
     Reduce { op: ReduceOp, axis: Axis, src: Tile, dst: Tile },
     /// Pooling windows over images on the VPU.
     Pool { op: PoolOp, shape: PoolShape, src: Tile, dst: Tile },
+    /// The pooling gradient on the VPU: `dst` (shaped like the forward input) is zeroed, then
+    /// each window of `dy`, in order, adds its value to the first maximum of `x` in the window
+    /// (`Max`, which needs `x`, the forward input) or its value over the window's in-image taps
+    /// to every such tap (`Avg`).
+    PoolGrad { op: PoolOp, shape: PoolShape, x: Option<Tile>, dy: Tile, dst: Tile },
     /// `dst = srcᵀ` on the VPU's transpose unit.
     Transpose { src: Tile, dst: Tile },
     /// Waits for its dependencies (a join point); costs one scalar cycle.
@@ -297,6 +302,7 @@ impl Op {
             | Op::Fill { .. }
             | Op::Reduce { .. }
             | Op::Pool { .. }
+            | Op::PoolGrad { .. }
             | Op::Transpose { .. } => Unit::Vpu,
             Op::Barrier => Unit::Scalar,
             Op::AllReduce { .. } => Unit::Ici,
@@ -314,6 +320,7 @@ impl Op {
             Op::Fill { .. } => "fill",
             Op::Reduce { .. } => "reduce",
             Op::Pool { .. } => "pool",
+            Op::PoolGrad { .. } => "pool_grad",
             Op::Transpose { .. } => "transpose",
             Op::Barrier => "barrier",
             Op::AllReduce { .. } => "all_reduce",
@@ -337,6 +344,7 @@ impl Op {
                 vec![src]
             }
             Op::Binary { a, b, .. } => vec![a, b],
+            Op::PoolGrad { x, dy, .. } => x.into_iter().chain([dy]).collect(),
             Op::MulAdd { a, b, acc } => vec![a, b, acc],
             Op::Barrier | Op::Infeed { .. } | Op::Fill { .. } => vec![],
             Op::AllReduce { tile, .. } => vec![tile],
@@ -354,6 +362,7 @@ impl Op {
             | Op::Binary { dst, .. }
             | Op::Reduce { dst, .. }
             | Op::Pool { dst, .. }
+            | Op::PoolGrad { dst, .. }
             | Op::Transpose { dst, .. }
             | Op::Infeed { dst } => vec![dst],
             Op::MatMul { out, .. } => vec![out],
@@ -441,6 +450,16 @@ impl fmt::Display for Op {
                     format!("{axis:?}").to_lowercase()
                 )
             }
+            Op::PoolGrad { op, shape, x, dy, dst } => write!(
+                f,
+                "pool_grad.{}   {dst} = d({}) window {}x{} stride {}x{} from {dy}",
+                format!("{op:?}").to_lowercase(),
+                x.map_or("window mean".to_string(), |x| format!("max of {x}")),
+                shape.window[0],
+                shape.window[1],
+                shape.strides[0],
+                shape.strides[1]
+            ),
             Op::Pool { op, shape, src, dst } => write!(
                 f,
                 "pool.{}   {dst} = {src} window {}x{} stride {}x{}",

@@ -97,6 +97,37 @@ impl Checker<'_> {
         Ok(())
     }
 
+    /// `input` holds `n` images of `h × w` pixels as rows, `output` their pooled windows.
+    fn pool_geometry(&self, shape: &PoolShape, input: &Tile, output: &Tile) -> Result<()> {
+        let s = shape;
+        if s.window.contains(&0) || s.strides.contains(&0) || s.h == 0 || s.w == 0 || s.n == 0 {
+            return Err(self.fail(format!("pool geometry {s:?} has a zero size")));
+        }
+        let fits = |size: u32, win: u32, stride: u32, pad: u32, out: u32| {
+            out >= 1 && (out - 1) * stride < size + pad && pad < win
+        };
+        if !fits(s.h, s.window[0], s.strides[0], s.pad[0], s.out_h)
+            || !fits(s.w, s.window[1], s.strides[1], s.pad[1], s.out_w)
+        {
+            return Err(self
+                .fail(format!("pool output {}x{} does not fit a {}x{} image with {s:?}", s.out_h, s.out_w, s.h, s.w)));
+        }
+        if input.rows != s.n * s.h * s.w || output.rows != s.n * s.out_h * s.out_w || input.cols != output.cols {
+            return Err(self.fail(format!(
+                "input {input} must be {}x{c} and output {output} {}x{c} for {} images of {}x{} pooled to {}x{}",
+                s.n * s.h * s.w,
+                s.n * s.out_h * s.out_w,
+                s.n,
+                s.h,
+                s.w,
+                s.out_h,
+                s.out_w,
+                c = input.cols
+            )));
+        }
+        Ok(())
+    }
+
     fn op(&self, op: &Op) -> Result<()> {
         // A read view may have overlapping rows (a sliding window: stride < cols); a written
         // tile may not, or two rows would write the same bytes.
@@ -198,35 +229,25 @@ impl Checker<'_> {
             Op::Pool { shape, src, dst, .. } => {
                 self.in_vmem("src", src)?;
                 self.in_vmem("dst", dst)?;
-                let s = shape;
-                if s.window.contains(&0) || s.strides.contains(&0) || s.h == 0 || s.w == 0 || s.n == 0 {
-                    return Err(self.fail(format!("pool geometry {s:?} has a zero size")));
-                }
-                let fits = |size: u32, win: u32, stride: u32, pad: u32, out: u32| {
-                    out >= 1 && (out - 1) * stride < size + pad && pad < win
-                };
-                if !fits(s.h, s.window[0], s.strides[0], s.pad[0], s.out_h)
-                    || !fits(s.w, s.window[1], s.strides[1], s.pad[1], s.out_w)
-                {
-                    return Err(self.fail(format!(
-                        "pool output {}x{} does not fit a {}x{} image with {s:?}",
-                        s.out_h, s.out_w, s.h, s.w
-                    )));
-                }
-                if src.rows != s.n * s.h * s.w || dst.rows != s.n * s.out_h * s.out_w || src.cols != dst.cols {
-                    return Err(self.fail(format!(
-                        "src {src} must be {}x{c} and dst {dst} {}x{c} for {} images of {}x{} pooled to {}x{}",
-                        s.n * s.h * s.w,
-                        s.n * s.out_h * s.out_w,
-                        s.n,
-                        s.h,
-                        s.w,
-                        s.out_h,
-                        s.out_w,
-                        c = src.cols
-                    )));
-                }
+                self.pool_geometry(shape, src, dst)?;
                 self.disjoint("src and dst", src, dst)
+            }
+            Op::PoolGrad { op, shape, x, dy, dst } => {
+                self.in_vmem("dy", dy)?;
+                self.in_vmem("dst", dst)?;
+                self.pool_geometry(shape, dst, dy)?;
+                self.disjoint("dy and dst", dy, dst)?;
+                match (op, x) {
+                    (PoolOp::Max, None) => {
+                        Err(self.fail("a max-pool gradient needs x, the forward input, to find each maximum".into()))
+                    }
+                    (_, Some(x)) => {
+                        self.in_vmem("x", x)?;
+                        self.same_shape("x and dst", x, dst)?;
+                        self.disjoint("x and dst", x, dst)
+                    }
+                    (PoolOp::Avg, None) => Ok(()),
+                }
             }
             Op::Transpose { src, dst } => {
                 self.in_vmem("src", src)?;
