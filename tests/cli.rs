@@ -616,6 +616,23 @@ fn a_training_step_compiles_simulates_and_compares() {
     assert!(e.contains("sgd, momentum or adam"), "{e}");
     let e = fails(&["compile", &model, "--train", "--learning-rate", "-1"]);
     assert!(e.contains("positive"), "{e}");
-    let e = fails(&["compile", "digits_cnn", "--train"]);
-    assert!(e.contains("MaxPoolGrad") && e.contains("not lowered yet"), "{e}");
+}
+
+/// A convolution with unequal strides: an op the lowering cannot place.
+const UNEQUAL_STRIDES: &str = r#"(
+  name: "strided",
+  nodes: [
+    (name: "x", op: Input(shape: [8, 8, 1], dtype: F32)),
+    (name: "conv/kernel", op: Parameter(shape: [3, 3, 1, 4], init: GlorotUniform)),
+    (name: "conv", op: Conv2d(strides: (1, 2), padding: Same, dilation: (1, 1), groups: 1), inputs: ["x", "conv/kernel"]),
+  ],
+  outputs: ["conv"],
+)"#;
+
+#[test]
+fn an_op_the_lowering_cannot_place_is_named() {
+    let d = Dir::new();
+    std::fs::write(d.path("strided.ron"), UNEQUAL_STRIDES).unwrap();
+    let e = fails(&["compile", &d.s("strided.ron")]);
+    assert!(e.contains("node 'conv' (Conv2d)") && e.contains("unequal strides [1, 2]"), "{e}");
 }
