@@ -612,6 +612,23 @@ fn a_training_step_compiles_simulates_and_compares() {
     }
     assert_eq!(v["training"], true);
 
+    // Convolution and pooling gradients: digits_cnn's step at highest precision.
+    let v: serde_json::Value = serde_json::from_str(&ok(&[
+        "compare",
+        "digits_cnn",
+        "--train",
+        "--batch",
+        "8",
+        "--precision",
+        "highest",
+        "--json",
+    ]))
+    .unwrap();
+    for o in v["outputs"].as_array().unwrap() {
+        assert!(o["max_rel_error"].as_f64().unwrap() < 1e-4, "{o}");
+    }
+    assert_eq!(v["outputs"].as_array().unwrap().len(), 9);
+
     let e = fails(&["compile", &model, "--train", "--optimizer", "adagrad"]);
     assert!(e.contains("sgd, momentum or adam"), "{e}");
     let e = fails(&["compile", &model, "--train", "--learning-rate", "-1"]);

@@ -7,7 +7,7 @@ use common::*;
 use std::collections::BTreeMap;
 
 use systolic_compiler::autodiff;
-use systolic_compiler::graph::{Padding, Pool};
+use systolic_compiler::graph::{ConvSpec, Padding, Pool};
 use systolic_compiler::lower::{Options, Training, compile};
 use systolic_compiler::optimizer::Optimizer;
 use systolic_compiler::reference::{self, RunOptions};
@@ -150,6 +150,78 @@ fn pooled() -> Graph {
     g
 }
 
+/// Every kind of convolution whose gradients lower: a 3-channel first layer (im2col filter
+/// gradient), stride 2 (dilated input gradient), a strided 1x1, groups, depthwise, dilation,
+/// explicit and uneven padding.
+fn convs() -> Graph {
+    let mut g = Graph::new("convs");
+    let x = g.input("x", &[11, 11, 3]).unwrap();
+    let h = g.conv2d("c1", x, ConvSpec::new(8, 3).same()).unwrap();
+    let h = g.relu("c1_relu", h).unwrap();
+    let h = g.conv2d("c2", h, ConvSpec::new(12, 3).stride(2).same()).unwrap();
+    let h = g.relu("c2_relu", h).unwrap();
+    let h = g.conv2d("grouped", h, ConvSpec::new(12, 3).groups(3).pad(1)).unwrap();
+    let h = g.conv2d("dw", h, ConvSpec::depthwise(3).same().no_bias()).unwrap();
+    let h = g.relu6("dw_relu6", h).unwrap();
+    let h = g.conv2d("dilated", h, ConvSpec::new(10, 3).dilation(2).same()).unwrap();
+    let h = g.conv2d("c1x1", h, ConvSpec::new(16, 1).stride(2).no_bias()).unwrap();
+    let h = g.relu("c1x1_relu", h).unwrap();
+    let h = g.conv2d("valid", h, ConvSpec::new(6, 2).kernel_hw(2, 1)).unwrap();
+    let h = g.flatten("flat", h).unwrap();
+    let logits = g.dense("logits", h, 10).unwrap();
+    g.set_outputs(vec![logits]);
+    g
+}
+
+/// Gradients of one SGD step at HIGHEST precision against the reference, element by element.
+fn gradients_match(g: Graph, input: &[usize], batch: usize) {
+    let m = presets::preset("v2-8").unwrap();
+    let (with_loss, loss) = g.with_classifier_loss(0.0).unwrap();
+    let grads = autodiff::differentiate(&with_loss, loss, &with_loss.trainable_parameters()).unwrap();
+    let training = Some(Training { optimizer: Optimizer::Sgd { learning_rate: 0.1 }, label_smoothing: 0.0 });
+    let compiled =
+        compile(&g, &Options { machine: m.clone(), batch, precision: Precision::Highest, training }).unwrap();
+    let mut b = g.init_parameters(3);
+    let shape: Vec<usize> = std::iter::once(batch).chain(input.iter().copied()).collect();
+    b.insert("x".into(), rand_tensor(&shape, 5));
+    let y = labels(batch, 10);
+    b.insert("labels".into(), y.clone());
+    let mut feed = b.clone();
+    feed.insert("labels/one_hot".into(), one_hot(&y, 10));
+    let got: BTreeMap<String, Vec<f32>> =
+        compiled.executable.run(&m, |name| feed.get(name).and_then(|t| t.as_slice())).unwrap().into_iter().collect();
+    simulate(&m, &compiled.executable.program, false).unwrap();
+    let want = reference::run_gradients(&grads, &b, RunOptions::default()).unwrap();
+    for (name, gw) in &want.grads {
+        let e = rel_err(gw.as_slice().unwrap(), &got[&format!("{name}/grad")]);
+        // Kernels agree to ~5e-7; a bias gradient sums thousands of pixels, in another order
+        // than the reference's (1.5e-5 measured for 4,608).
+        assert!(e < 5e-5, "{}: gradient of {name}: {e}", g.name());
+    }
+}
+
+/// Large images (staged in bands, the input gradient's dilated dy too) and wide layers
+/// (filter-gradient accumulators split into output-channel blocks).
+#[test]
+fn convolution_gradients_in_bands_and_channel_blocks() {
+    let mut g = Graph::new("bands");
+    let x = g.input("x", &[48, 48, 4]).unwrap();
+    let h = g.conv2d("c1", x, ConvSpec::new(8, 3).same()).unwrap();
+    let h = g.conv2d("c2", h, ConvSpec::new(8, 3).stride(2).same()).unwrap();
+    let h = g.global_avg_pool("gap", h).unwrap();
+    let logits = g.dense("logits", h, 10).unwrap();
+    g.set_outputs(vec![logits]);
+    gradients_match(g, &[48, 48, 4], 2);
+
+    let mut g = Graph::new("wide");
+    let x = g.input("x", &[4, 4, 1024]).unwrap();
+    let h = g.conv2d("c1", x, ConvSpec::new(200, 3).same()).unwrap();
+    let h = g.flatten("flat", h).unwrap();
+    let logits = g.dense("logits", h, 10).unwrap();
+    g.set_outputs(vec![logits]);
+    gradients_match(g, &[4, 4, 1024], 2);
+}
+
 fn labels(batch: usize, classes: usize) -> Tensor {
     Tensor::from_shape_vec(vec![batch], (0..batch).map(|i| ((i * 7 + 3) % classes) as f32).collect()).unwrap()
 }
@@ -181,15 +253,22 @@ fn norm_err(want: &[f32], got: &[f32]) -> f64 {
 /// gradient, and the parameters and slots after the optimizer's update.
 #[test]
 fn a_training_step_matches_the_reference() {
-    training_step_matches(mlp(), &[24]);
+    training_step_matches(mlp(), &[24], 5e-2);
 }
 
 #[test]
 fn pooling_gradients_match_the_reference() {
-    training_step_matches(pooled(), &[9, 9, 3]);
+    training_step_matches(pooled(), &[9, 9, 3], 5e-2);
 }
 
-fn training_step_matches(g: Graph, input: &[usize]) {
+/// Seven layers of ReLU/ReLU6 masks: 4-11% in norm at one pass (measured), 2e-5 at three.
+#[test]
+fn convolution_gradients_match_the_reference() {
+    training_step_matches(convs(), &[11, 11, 3], 0.15);
+}
+
+/// `default_tol`: the gradients' norm error allowed at one bf16 pass (see below).
+fn training_step_matches(g: Graph, input: &[usize], default_tol: f64) {
     let m = presets::preset("v2-8").unwrap();
     let batch = 12;
     let (with_loss, loss) = g.with_classifier_loss(0.0).unwrap();
@@ -236,11 +315,12 @@ fn training_step_matches(g: Graph, input: &[usize]) {
             let what = format!("{} at {precision:?}", optimizer.name());
             let loss_err = rel_err(&[want.root.iter().next().copied().unwrap()], &got["loss"]);
             // Six bf16 passes recover f32 products: every element agrees to ~1e-7. One pass
-            // rounds each product's inputs to 8 bits; through three layers, and with ReLU masks
-            // that flip where a pre-activation sits near 0 or 6, gradients differ by 1-3% in
-            // norm (measured), so there the check is on the norm.
+            // rounds each product's inputs to 8 bits, and ReLU masks flip where a
+            // pre-activation sits within that rounding of 0 or 6: each flip moves one gradient
+            // entry by its whole size, so flipping ~1% of them moves the norm by ~10%. The
+            // check at one pass is on the norm, with the bound the depth calls for.
             let highest = precision == Precision::Highest;
-            let (grad_tol, param_tol) = if highest { (1e-5, 1e-4) } else { (5e-2, 5e-2) };
+            let (grad_tol, param_tol) = if highest { (1e-5, 1e-4) } else { (default_tol, default_tol) };
             assert!(loss_err < if highest { 1e-6 } else { 1e-2 }, "{what}: loss {loss_err}");
             for (name, gw) in &want.grads {
                 let (gw_s, g_sim) = (gw.as_slice().unwrap(), &got[&format!("{name}/grad")]);

@@ -23,14 +23,14 @@ use systolic_simulator::Machine;
 use systolic_simulator::isa::*;
 use systolic_simulator::mxu::passes;
 
-use super::{Epilogue, Kernel, KernelReport, Main, Options, Place, backward};
+use super::{Epilogue, Kernel, KernelReport, Main, Options, Place, backward, conv_grad};
 use crate::cost;
 use crate::error::{Error, Result};
-use crate::graph::{Graph, NodeId, Op as GOp, Padding, Pool as PoolAttrs};
+use crate::graph::{Conv2d, Graph, NodeId, Op as GOp, Padding, Pool as PoolAttrs};
 use crate::optimizer::Optimizer;
 
 /// Rows of a block's matmul (the streamed LHS rows) the tiling aims for.
-const TARGET_ROWS: usize = 2048;
+pub(super) const TARGET_ROWS: usize = 2048;
 /// Copies of each block buffer: while one block computes, the next is loading and the one
 /// before is storing, so DMA latency stays off the critical path.
 pub(super) const BUFFERS: usize = 3;
@@ -84,6 +84,8 @@ pub(super) struct Extras {
 
 pub(super) struct Emitter<'a> {
     pub extras: &'a Extras,
+    /// The current kernel's HBM scratch (see `memory::Plan::scratch`).
+    pub scratch: Option<u64>,
     pub m: &'a Machine,
     pub opts: &'a Options,
     pub graph: &'a Graph,
@@ -109,6 +111,14 @@ impl<'a> Emitter<'a> {
         self.start = self.program.push(Op::Barrier, &deps);
         self.last_on_unit.clear();
         self.account = Account::default();
+    }
+
+    /// Makes the rest of the kernel wait for `ids` (work that prepares its operands).
+    pub(super) fn wait_for(&mut self, ids: &[u32]) {
+        if ids.is_empty() {
+            return;
+        }
+        self.start = self.program.push(Op::Barrier, ids);
     }
 
     fn end(&mut self) -> u32 {
@@ -354,87 +364,202 @@ enum ConvStrategy {
     Depthwise,
 }
 
-struct ConvGeom {
-    n: usize,
-    h: usize,
-    w: usize,
-    kh: usize,
-    kw: usize,
-    co: usize,
-    groups: usize,
-    s: usize,
-    dh: usize,
-    dw: usize,
-    pt: usize,
-    pl: usize,
-    oh: usize,
-    ow: usize,
-    hp: usize,
-    wp: usize,
+/// A convolution's geometry. `h` and `w` are the rows and columns the windows slide over: the
+/// stored input's, or with input dilation `xs > 1` (the gradient of a strided convolution) the
+/// virtual input with `xs − 1` zeros between stored pixels; `xh × xw` is what is stored.
+pub(super) struct ConvGeom {
+    pub n: usize,
+    pub h: usize,
+    pub w: usize,
+    pub c: usize,
+    pub kh: usize,
+    pub kw: usize,
+    pub co: usize,
+    pub groups: usize,
+    pub s: usize,
+    pub dh: usize,
+    pub dw: usize,
+    pub pt: usize,
+    pub pl: usize,
+    pub oh: usize,
+    pub ow: usize,
+    pub hp: usize,
+    pub wp: usize,
+    pub xs: usize,
+    pub xh: usize,
+    pub xw: usize,
 }
 
 impl ConvGeom {
+    /// The geometry of a convolution of `x` `[n, h, w, c]` with a `[kh, kw, c/groups, co]`
+    /// kernel; None for unequal strides (not lowered).
+    pub(super) fn new(attrs: &Conv2d, x: &[usize], kernel: &[usize]) -> Option<ConvGeom> {
+        let [n, h, w, c] = [x[0], x[1], x[2], x[3]];
+        let [kh, kw, _, co] = [kernel[0], kernel[1], kernel[2], kernel[3]];
+        if attrs.strides[0] != attrs.strides[1] {
+            return None;
+        }
+        let win = attrs.window([h, w], [kh, kw]).expect("checked when the node was added");
+        Some(ConvGeom {
+            n,
+            h,
+            w,
+            c,
+            kh,
+            kw,
+            co,
+            groups: attrs.groups,
+            s: attrs.strides[0],
+            dh: attrs.dilation[0],
+            dw: attrs.dilation[1],
+            pt: win.pad_top,
+            pl: win.pad_left,
+            oh: win.out_h,
+            ow: win.out_w,
+            hp: h + win.pad_top + win.pad_bottom,
+            wp: w + win.pad_left + win.pad_right,
+            xs: 1,
+            xh: h,
+            xw: w,
+        })
+    }
+
+    /// The geometry over `x` dilated by `xs` (zeros between stored pixels), for a convolution
+    /// with stride 1 and explicit padding; None for unequal strides.
+    pub(super) fn dilated(attrs: &Conv2d, x: &[usize], kernel: &[usize], xs: usize) -> Option<ConvGeom> {
+        let virt = [x[0], (x[1] - 1) * xs + 1, (x[2] - 1) * xs + 1, x[3]];
+        let g = ConvGeom::new(attrs, &virt, kernel)?;
+        Some(ConvGeom { xs, xh: x[1], xw: x[2], ..g })
+    }
+
+    /// Rows per image slot and per block, and the blocks themselves, for a block size of
+    /// about `target` streamed rows: whole images when one fits, else bands of output rows.
+    pub(super) fn blocks(&self, target: usize) -> PixelBlocks {
+        let per_image = self.hv() * self.wp;
+        if per_image <= target {
+            let imgs = (target / per_image).clamp(1, self.n);
+            let blocks = (0..self.n)
+                .step_by(imgs)
+                .map(|n0| Block { n0, images: imgs.min(self.n - n0), oh0: 0, bh: self.oh })
+                .collect();
+            PixelBlocks {
+                blocks,
+                m_rows: imgs * per_image,
+                stage_rows: imgs * self.s * self.hv() + self.halo(),
+                whole: true,
+            }
+        } else {
+            let bh = (target / self.wp).clamp(1, self.oh);
+            let blocks = (0..self.n)
+                .flat_map(|n0| {
+                    (0..self.oh).step_by(bh).map(move |oh0| Block { n0, images: 1, oh0, bh: bh.min(self.oh - oh0) })
+                })
+                .collect();
+            PixelBlocks { blocks, m_rows: bh * self.wp, stage_rows: self.s * bh + self.halo(), whole: false }
+        }
+    }
+
+    /// Streamed rows of block `b`.
+    pub(super) fn block_rows(&self, b: &Block, whole: bool) -> usize {
+        if whole { b.images * self.hv() * self.wp } else { b.bh * self.wp }
+    }
+
+    /// The staged pixels tap (i, j) reads for `rows` output rows: channels `ch0..ch0+chs` of
+    /// `stage`, one pixel every `s`.
+    pub(super) fn tap_view(&self, stage: Tile, i: usize, j: usize, ch0: usize, chs: usize, rows: usize) -> Tile {
+        Tile {
+            space: Space::Vmem,
+            offset: stage.offset + (((i * self.dh * self.wp + j * self.dw) * self.c + ch0) * 4) as u64,
+            rows: rows as u32,
+            cols: chs as u32,
+            stride: (self.s * self.c) as u32,
+            dtype: DType::F32,
+        }
+    }
+
+    /// Whether band `b`'s valid outputs read padding rows (which an earlier band of the same
+    /// buffer may have filled with data), or stored rows land where another band left zeros.
+    pub(super) fn band_needs_fill(&self, b: &Block) -> bool {
+        self.xs > 1
+            || b.oh0 * self.s < self.pt
+            || (b.oh0 + b.bh - 1) * self.s + (self.kh - 1) * self.dh >= self.pt + self.h
+    }
+
     fn cog(&self) -> usize {
         self.co / self.groups
     }
-    fn taps(&self) -> usize {
+    pub(super) fn taps(&self) -> usize {
         self.kh * self.kw
     }
     /// Virtual output rows per image slot: the slot holds `s · hv ≥ hp` padded rows.
-    fn hv(&self) -> usize {
+    pub(super) fn hv(&self) -> usize {
         self.hp.div_ceil(self.s)
     }
     /// Padded rows past the last streamed row that taps can reach.
-    fn halo(&self) -> usize {
+    pub(super) fn halo(&self) -> usize {
         (self.kh - 1) * self.dh + 2
     }
 }
 
+/// How a convolution's output rows are cut into blocks (see [`ConvGeom::blocks`]).
+pub(super) struct PixelBlocks {
+    pub blocks: Vec<Block>,
+    /// Streamed rows of a full block (rows over the padded width).
+    pub m_rows: usize,
+    /// Padded input rows a block stages.
+    pub stage_rows: usize,
+    pub whole: bool,
+}
+
 /// A block of output rows: `images` whole images from `n0`, or one band of image `n0`.
 #[derive(Clone, Copy, Debug)]
-struct Block {
-    n0: usize,
-    images: usize,
-    oh0: usize,
-    bh: usize,
+pub(super) struct Block {
+    pub n0: usize,
+    pub images: usize,
+    pub oh0: usize,
+    pub bh: usize,
+}
+
+/// What a convolution kernel computes: `y = conv(x, w)` (+ the kernel's epilogue), operands
+/// given by place so the gradient kernels can convolve tensors that are not graph nodes.
+pub(super) struct ConvSpec<'p> {
+    pub x: &'p Place,
+    pub w: &'p Place,
+    pub y: &'p Place,
+    pub attrs: Conv2d,
+    pub bias: Option<NodeId>,
+    /// Zeros between the stored pixels of `x` plus one (1: none); see [`ConvGeom::dilated`].
+    pub input_dilation: usize,
 }
 
 fn conv(e: &mut Emitter, kernel: &Kernel, node: NodeId) -> Result<KernelReport> {
+    let n = e.graph.node(node);
+    let GOp::Conv2d(attrs) = &n.op else { unreachable!("a Conv main") };
+    let spec = ConvSpec {
+        x: e.place(n.inputs[0]),
+        w: e.place(n.inputs[1]),
+        y: e.place(kernel.output),
+        attrs: attrs.clone(),
+        bias: n.inputs.get(2).copied(),
+        input_dilation: 1,
+    };
+    conv_with(e, kernel, node, &spec)
+}
+
+/// Emits the convolution `spec` for `kernel`; errors name `node`.
+pub(super) fn conv_with(e: &mut Emitter, kernel: &Kernel, node: NodeId, spec: &ConvSpec) -> Result<KernelReport> {
     let first = e.program.len();
     let graph = e.graph;
-    let n = graph.node(node);
-    let GOp::Conv2d(attrs) = &n.op else { unreachable!("a Conv main") };
-    let x = e.place(n.inputs[0]);
-    let w = e.place(n.inputs[1]);
-    let y = e.place(kernel.output);
-    let [bn, h, wd, c] = [x.shape[0], x.shape[1], x.shape[2], x.shape[3]];
-    let [kh, kw, cg, co] = [w.shape[0], w.shape[1], w.shape[2], w.shape[3]];
-    let win = attrs.window([h, wd], [kh, kw]).expect("checked when the node was added");
-    if attrs.strides[0] != attrs.strides[1] {
-        return Err(e.unsupported(node, format!("unequal strides {:?} are not lowered yet", attrs.strides)));
-    }
-    let g = ConvGeom {
-        n: bn,
-        h,
-        w: wd,
-        kh,
-        kw,
-        co,
-        groups: attrs.groups,
-        s: attrs.strides[0],
-        dh: attrs.dilation[0],
-        dw: attrs.dilation[1],
-        pt: win.pad_top,
-        pl: win.pad_left,
-        oh: win.out_h,
-        ow: win.out_w,
-        hp: h + win.pad_top + win.pad_bottom,
-        wp: wd + win.pad_left + win.pad_right,
-    };
+    let (x, w, y, attrs) = (spec.x, spec.w, spec.y, &spec.attrs);
+    let c = x.shape[3];
+    let cg = w.shape[2];
+    let g = ConvGeom::dilated(attrs, &x.shape, &w.shape, spec.input_dilation)
+        .ok_or_else(|| e.unsupported(node, format!("unequal strides {:?} are not lowered yet", attrs.strides)))?;
+    let co = g.co;
     // The bias input is the first epilogue step.
     let mut kernel = kernel.clone();
-    if n.inputs.len() > 2 {
-        kernel.epilogue.insert(0, Epilogue::Bias(n.inputs[2]));
+    if let Some(b) = spec.bias {
+        kernel.epilogue.insert(0, Epilogue::Bias(b));
     }
     let depthwise = g.groups > 1 && cg == 1;
     if depthwise && g.cog() != 1 {
@@ -467,25 +592,11 @@ fn conv(e: &mut Emitter, kernel: &Kernel, node: NodeId) -> Result<KernelReport> 
     };
 
     // Blocks of output rows sized to TARGET_ROWS and to VMEM.
-    let hv = g.hv();
-    let per_image = hv * g.wp;
+    let per_image = g.hv() * g.wp;
     let mut target = TARGET_ROWS;
-    let (blocks, m_rows, stage_rows, whole) = loop {
-        let whole = per_image <= target;
-        let (blocks, m_rows, stage_rows) = if whole {
-            let imgs = (target / per_image).clamp(1, g.n);
-            let blocks: Vec<Block> =
-                (0..g.n).step_by(imgs).map(|n0| Block { n0, images: imgs.min(g.n - n0), oh0: 0, bh: g.oh }).collect();
-            (blocks, imgs * per_image, imgs * g.s * hv + g.halo())
-        } else {
-            let bh = (target / g.wp).clamp(1, g.oh);
-            let blocks: Vec<Block> = (0..g.n)
-                .flat_map(|n0| {
-                    (0..g.oh).step_by(bh).map(move |oh0| Block { n0, images: 1, oh0, bh: bh.min(g.oh - oh0) })
-                })
-                .collect();
-            (blocks, bh * g.wp, g.s * bh + g.halo())
-        };
+    let PixelBlocks { blocks, m_rows, stage_rows, whole } = loop {
+        let pb = g.blocks(target);
+        let (m_rows, stage_rows) = (pb.m_rows, pb.stage_rows);
         let stage = (stage_rows * g.wp * c * 4) as u64;
         let acc = (m_rows * nb * 4) as u64;
         let res = if residual_of(&kernel).is_some() { acc } else { 0 };
@@ -493,7 +604,7 @@ fn conv(e: &mut Emitter, kernel: &Kernel, node: NodeId) -> Result<KernelReport> 
         let weights = (g.taps() * cg * nb * 4) as u64;
         let need = BUFFERS as u64 * (stage + acc + res + cols_buf) + 2 * weights + (8 * co * 4) as u64 + 16 * 512;
         if need <= e.m.core.vmem_bytes {
-            break (blocks, m_rows, stage_rows, whole);
+            break pb;
         }
         if target <= g.wp {
             return Err(e.vmem_error(&kernel, "staging, accumulator and weight buffers"));
@@ -552,7 +663,7 @@ fn conv(e: &mut Emitter, kernel: &Kernel, node: NodeId) -> Result<KernelReport> 
             current_c0 = c0;
         }
         let group = if g.groups > 1 && !depthwise { c0 / g.cog() } else { 0 };
-        let m_blk = if whole { blk.images * per_image } else { blk.bh * g.wp };
+        let m_blk = g.block_rows(blk, whole);
         // Stage inputs ahead: the blocks up to BUFFERS - 1 later load while this one computes.
         while staged_ids.len() < work.len() && staged_ids.len() < wi + BUFFERS {
             let si = staged_ids.len();
@@ -560,66 +671,15 @@ fn conv(e: &mut Emitter, kernel: &Kernel, node: NodeId) -> Result<KernelReport> 
             let sb = &work[si].1;
             // Zero padding: the buffer is filled once, and again before a band whose valid
             // outputs read padding rows that an earlier band filled with data.
-            let reads_padding = sb.oh0 * g.s < g.pt || (sb.oh0 + sb.bh - 1) * g.s + (g.kh - 1) * g.dh >= g.pt + g.h;
             let mut stage_deps = stage_readers[sp].clone();
-            if !stage_filled[sp] || (!whole && reads_padding) {
+            if !stage_filled[sp] || (!whole && g.band_needs_fill(sb)) {
                 let f = e.push(Op::Fill { dst: stage[sp], value: 0.0 }, &stage_deps);
                 stage_deps = vec![f];
                 stage_filled[sp] = true;
             }
-            let row_bytes = (g.w * c * 4) as u64;
-            let slot_elems = (g.s * hv * g.wp * c) as u64;
-            let id = if whole {
-                // Whole images, one slot each.
-                let src = Tile {
-                    space: Space::Hbm,
-                    offset: x.tile.offset + (sb.n0 * g.h) as u64 * row_bytes,
-                    rows: g.h as u32,
-                    cols: (g.w * c) as u32,
-                    stride: (g.w * c) as u32,
-                    dtype: DType::F32,
-                };
-                let dst = Tile {
-                    space: Space::Vmem,
-                    offset: stage[sp].offset + ((g.pt * g.wp + g.pl) * c * 4) as u64,
-                    rows: g.h as u32,
-                    cols: (g.w * c) as u32,
-                    stride: (g.wp * c) as u32,
-                    dtype: DType::F32,
-                };
-                let repeat = (sb.images > 1).then(|| Repeat {
-                    count: sb.images as u32,
-                    src_step: g.h as u64 * row_bytes,
-                    dst_step: slot_elems * 4,
-                });
-                e.push(Op::Dma { engine: 0, src, dst, repeat }, &stage_deps)
-            } else {
-                // A band: padded rows oh0·s .. from image n0.
-                let first_padded = sb.oh0 * g.s;
-                let h_lo = first_padded.saturating_sub(g.pt);
-                let h_hi = (first_padded + g.s * sb.bh + g.halo()).saturating_sub(g.pt).min(g.h);
-                if h_hi <= h_lo {
-                    return Err(e.unsupported(node, "a band with no input rows (padding larger than the image)".into()));
-                }
-                let q_lo = h_lo + g.pt - first_padded;
-                let src = Tile {
-                    space: Space::Hbm,
-                    offset: x.tile.offset + ((sb.n0 * g.h + h_lo) as u64) * row_bytes,
-                    rows: (h_hi - h_lo) as u32,
-                    cols: (g.w * c) as u32,
-                    stride: (g.w * c) as u32,
-                    dtype: DType::F32,
-                };
-                let dst = Tile {
-                    space: Space::Vmem,
-                    offset: stage[sp].offset + ((q_lo * g.wp + g.pl) * c * 4) as u64,
-                    rows: (h_hi - h_lo) as u32,
-                    cols: (g.w * c) as u32,
-                    stride: (g.wp * c) as u32,
-                    dtype: DType::F32,
-                };
-                e.push(Op::dma(0, src, dst), &stage_deps)
-            };
+            let id = stage_input(e, &g, x.tile, sb, whole, stage[sp], &stage_deps).ok_or_else(|| {
+                e.unsupported(node, "a band with no input rows (padding larger than the image)".into())
+            })?;
             staged_ids.push(id);
         }
         let staged = staged_ids[wi];
@@ -627,14 +687,7 @@ fn conv(e: &mut Emitter, kernel: &Kernel, node: NodeId) -> Result<KernelReport> 
         let accp = Tile { rows: m_blk as u32, cols: nbw as u32, stride: nbw as u32, ..acc[p] };
         let mut compute_deps = vec![staged, wload];
         compute_deps.extend(acc_free[p]);
-        let tap_view = |i: usize, j: usize, ch0: usize, chs: usize, rows: usize| Tile {
-            space: Space::Vmem,
-            offset: stage[p].offset + (((i * g.dh * g.wp + j * g.dw) * c + ch0) * 4) as u64,
-            rows: rows as u32,
-            cols: chs as u32,
-            stride: (g.s * c) as u32,
-            dtype: DType::F32,
-        };
+        let tap_view = |i, j, ch0, chs, rows| g.tap_view(stage[p], i, j, ch0, chs, rows);
         let mut readers = Vec::new();
         let mut producers = Vec::new();
         match strategy {
@@ -695,7 +748,7 @@ fn conv(e: &mut Emitter, kernel: &Kernel, node: NodeId) -> Result<KernelReport> 
                 if wi + 1 < work.len() {
                     let nb_ = &work[wi + 1].1;
                     let np = (wi + 1) % BUFFERS;
-                    let nm = if whole { nb_.images * per_image } else { nb_.bh * g.wp };
+                    let nm = g.block_rows(nb_, whole);
                     let next_cols = Tile { rows: nm as u32, ..im2col[np] };
                     copies_done.resize(wi + 2, None);
                     copies_done[wi + 1] = Some(im2col_copies(e, &g, stage[np], next_cols, staged_ids[wi + 1], nm));
@@ -767,10 +820,126 @@ fn conv(e: &mut Emitter, kernel: &Kernel, node: NodeId) -> Result<KernelReport> 
     Ok(e.report(graph, &kernel, strategy_text, padded, useful_macs, range))
 }
 
+/// DMAs the input rows block `sb` reads into `stage` (zero padding already in place): whole
+/// images one slot each (`s·hv` padded rows of `wp` pixels), or one band of padded rows. None
+/// for a band that reads no input row.
+pub(super) fn stage_input(
+    e: &mut Emitter,
+    g: &ConvGeom,
+    x: Tile,
+    sb: &Block,
+    whole: bool,
+    stage: Tile,
+    deps: &[u32],
+) -> Option<u32> {
+    let c = g.c;
+    let hv = g.hv();
+    let row_bytes = (g.w * c * 4) as u64;
+    let slot_elems = (g.s * hv * g.wp * c) as u64;
+    if g.xs > 1 {
+        return Some(stage_dilated(e, g, x, sb, whole, stage, deps));
+    }
+    Some(if whole {
+        // Whole images, one slot each.
+        let src = Tile {
+            space: Space::Hbm,
+            offset: x.offset + (sb.n0 * g.h) as u64 * row_bytes,
+            rows: g.h as u32,
+            cols: (g.w * c) as u32,
+            stride: (g.w * c) as u32,
+            dtype: DType::F32,
+        };
+        let dst = Tile {
+            space: Space::Vmem,
+            offset: stage.offset + ((g.pt * g.wp + g.pl) * c * 4) as u64,
+            rows: g.h as u32,
+            cols: (g.w * c) as u32,
+            stride: (g.wp * c) as u32,
+            dtype: DType::F32,
+        };
+        let repeat = (sb.images > 1).then(|| Repeat {
+            count: sb.images as u32,
+            src_step: g.h as u64 * row_bytes,
+            dst_step: slot_elems * 4,
+        });
+        e.push(Op::Dma { engine: 0, src, dst, repeat }, deps)
+    } else {
+        // A band: padded rows oh0·s .. from image n0.
+        let first_padded = sb.oh0 * g.s;
+        let h_lo = first_padded.saturating_sub(g.pt);
+        let h_hi = (first_padded + g.s * sb.bh + g.halo()).saturating_sub(g.pt).min(g.h);
+        if h_hi <= h_lo {
+            return None;
+        }
+        let q_lo = h_lo + g.pt - first_padded;
+        let src = Tile {
+            space: Space::Hbm,
+            offset: x.offset + ((sb.n0 * g.h + h_lo) as u64) * row_bytes,
+            rows: (h_hi - h_lo) as u32,
+            cols: (g.w * c) as u32,
+            stride: (g.w * c) as u32,
+            dtype: DType::F32,
+        };
+        let dst = Tile {
+            space: Space::Vmem,
+            offset: stage.offset + ((q_lo * g.wp + g.pl) * c * 4) as u64,
+            rows: (h_hi - h_lo) as u32,
+            cols: (g.w * c) as u32,
+            stride: (g.wp * c) as u32,
+            dtype: DType::F32,
+        };
+        e.push(Op::dma(0, src, dst), deps)
+    })
+}
+
+/// [`stage_input`] for a dilated input: stored pixels land `xs` apart in each staged row, and
+/// stored rows `xs` padded rows apart (one DMA per image, repeated over its stored rows).
+fn stage_dilated(e: &mut Emitter, g: &ConvGeom, x: Tile, sb: &Block, whole: bool, stage: Tile, deps: &[u32]) -> u32 {
+    let c = g.c;
+    let slot_elems = g.s * g.hv() * g.wp * c;
+    let row_bytes = (g.xw * c * 4) as u64;
+    // Stored rows r0..r1 of image n to padded row q of the slot at `slot`.
+    let copy = |e: &mut Emitter, n: usize, r0: usize, r1: usize, q: usize, slot: usize, engine: usize| {
+        let src = Tile {
+            space: Space::Hbm,
+            offset: x.offset + (n * g.xh + r0) as u64 * row_bytes,
+            rows: g.xw as u32,
+            cols: c as u32,
+            stride: c as u32,
+            dtype: DType::F32,
+        };
+        let dst = Tile {
+            space: Space::Vmem,
+            offset: stage.offset + ((slot + (q * g.wp + g.pl) * c) * 4) as u64,
+            rows: g.xw as u32,
+            cols: c as u32,
+            stride: (g.xs * c) as u32,
+            dtype: DType::F32,
+        };
+        let repeat = Repeat { count: (r1 - r0) as u32, src_step: row_bytes, dst_step: (g.xs * g.wp * c * 4) as u64 };
+        let engine = (engine % e.m.core.dma.engines.max(1)) as u8;
+        e.push(Op::Dma { engine, src, dst, repeat: Some(repeat) }, deps)
+    };
+    let ids: Vec<u32> = if whole {
+        (0..sb.images).map(|img| copy(e, sb.n0 + img, 0, g.xh, g.pt, img * slot_elems, img)).collect()
+    } else {
+        // Virtual rows h_lo..h_hi of the band; the stored ones are the multiples of xs.
+        let first_padded = sb.oh0 * g.s;
+        let h_lo = first_padded.saturating_sub(g.pt);
+        let h_hi = (first_padded + g.s * sb.bh + g.halo()).saturating_sub(g.pt).min(g.h);
+        let (r0, r1) = (h_lo.div_ceil(g.xs), h_hi.div_ceil(g.xs));
+        if r1 > r0 { vec![copy(e, sb.n0, r0, r1, r0 * g.xs + g.pt - first_padded, 0, 0)] } else { Vec::new() }
+    };
+    match ids.as_slice() {
+        [one] => *one,
+        _ => e.push(Op::Barrier, if ids.is_empty() { deps } else { &ids }),
+    }
+}
+
 /// The im2col copies of one block: each kernel row's taps into their columns of `cols`
 /// (one copy per kernel row when the taps of a row are consecutive, else one per tap).
 /// Returns the last copy.
-fn im2col_copies(e: &mut Emitter, g: &ConvGeom, stage: Tile, cols: Tile, staged: u32, m_blk: usize) -> u32 {
+pub(super) fn im2col_copies(e: &mut Emitter, g: &ConvGeom, stage: Tile, cols: Tile, staged: u32, m_blk: usize) -> u32 {
     let c = stage.cols as usize;
     let (per_copy, taps_per_copy) = if g.dw == 1 { (g.kw * c, g.kw) } else { (c, 1) };
     let mut last = staged;
@@ -794,7 +963,7 @@ fn im2col_copies(e: &mut Emitter, g: &ConvGeom, stage: Tile, cols: Tile, staged:
 /// Moves the valid output rows of a block between HBM (compact NHWC rows) and an accumulator
 /// laid out over the padded width; `load` reads HBM into VMEM (residuals), else writes back.
 #[allow(clippy::too_many_arguments)]
-fn out_rows(
+pub(super) fn out_rows(
     e: &mut Emitter,
     g: &ConvGeom,
     blk: &Block,
@@ -1218,11 +1387,13 @@ pub(super) fn emit(
     graph: &Graph,
     kernels: &[Kernel],
     places: &[Option<Place>],
+    scratch: &[Option<u64>],
     opts: &Options,
     extras: &Extras,
 ) -> Result<(Program, Vec<KernelReport>, String)> {
     let mut e = Emitter {
         extras,
+        scratch: None,
         m: &opts.machine,
         opts,
         graph,
@@ -1235,10 +1406,11 @@ pub(super) fn emit(
     };
     let mut reports = Vec::new();
     let mut dump = String::new();
-    for kernel in kernels {
+    for (k, kernel) in kernels.iter().enumerate() {
         if let Main::View(_) = kernel.main {
             continue;
         }
+        e.scratch = scratch[k];
         e.begin();
         let report = match &kernel.main {
             Main::Conv(n) => conv(&mut e, kernel, *n)?,
@@ -1261,6 +1433,8 @@ pub(super) fn emit(
             Main::ColumnSums(n) => backward::column_sums(&mut e, kernel, *n)?,
             Main::Mask(n) => backward::mask(&mut e, kernel, *n)?,
             Main::PoolGrad(n) => backward::pool_grad(&mut e, kernel, *n)?,
+            Main::ConvGradInput(n) => conv_grad::conv_grad_input(&mut e, kernel, *n)?,
+            Main::ConvGradFilter(n) => conv_grad::conv_grad_filter(&mut e, kernel, *n)?,
             Main::Update(u) => backward::update(&mut e, kernel, u)?,
             Main::Advance(state) => backward::advance(&mut e, kernel, state)?,
             Main::View(_) => unreachable!("skipped above"),

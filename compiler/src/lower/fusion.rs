@@ -54,6 +54,11 @@ pub enum Main {
     Mask(NodeId),
     /// `MaxPoolGrad`, `AvgPoolGrad` or `GlobalAvgPoolGrad` on the VPU.
     PoolGrad(NodeId),
+    /// `Conv2dBackpropInput`: a stride-1 convolution of the (zero-dilated) gradient with the
+    /// flipped, transposed kernel.
+    ConvGradInput(NodeId),
+    /// `Conv2dBackpropFilter`: per tap, `dyᵀ · x_tap` accumulated over blocks of pixels.
+    ConvGradFilter(NodeId),
     /// The optimizer's update of one parameter (in place) and its slots.
     Update(Update),
     /// The optimizer's shared state after the step (Adam's powers).
@@ -84,9 +89,12 @@ impl Kernel {
             | Main::GlobalAvgPool(n)
             | Main::Softmax(n)
             | Main::View(n) => out.push(graph.node(*n).inputs[0]),
-            Main::Concat(n) | Main::MatMulT(n) | Main::Mask(n) | Main::PoolGrad(n) => {
-                out.extend(graph.node(*n).inputs.iter().copied())
-            }
+            Main::Concat(n)
+            | Main::MatMulT(n)
+            | Main::Mask(n)
+            | Main::PoolGrad(n)
+            | Main::ConvGradInput(n)
+            | Main::ConvGradFilter(n) => out.extend(graph.node(*n).inputs.iter().copied()),
             Main::Pointwise { input } => out.push(*input),
             // The labels are read as their one-hot input, a leaf.
             Main::Loss(n) | Main::LossGrad(n) | Main::ColumnSums(n) => out.push(graph.node(*n).inputs[0]),
@@ -153,6 +161,8 @@ pub fn fuse(graph: &Graph, training: bool) -> Result<Vec<Kernel>> {
             Op::BiasAddGrad => Main::ColumnSums(id),
             Op::ReluGrad | Op::Relu6Grad => Main::Mask(id),
             Op::MaxPoolGrad(_) | Op::AvgPoolGrad(_) | Op::GlobalAvgPoolGrad(_) => Main::PoolGrad(id),
+            Op::Conv2dBackpropInput(_) => Main::ConvGradInput(id),
+            Op::Conv2dBackpropFilter(_) => Main::ConvGradFilter(id),
             Op::Dropout(_) => {
                 return Err(unsupported(
                     graph,
@@ -165,7 +175,7 @@ pub fn fuse(graph: &Graph, training: bool) -> Result<Vec<Kernel>> {
                     graph,
                     id,
                     &format!(
-                        "{} is not lowered yet (the lowering covers convolutions, dense layers, pools, batch norm, residual adds, activations, softmax, concatenation and reshapes forward; the loss, dense-layer, bias, activation and pooling gradients backward)",
+                        "{} is not lowered yet (the lowering covers convolutions, dense layers, pools, batch norm, residual adds, activations, softmax, concatenation and reshapes forward; and every gradient but batch norm's backward)",
                         other.kind()
                     ),
                 ));

@@ -19,6 +19,9 @@ const ALIGN: u64 = 512;
 /// HBM addresses of every storage owner (leaves and non-view kernel outputs), and the peak.
 pub(super) struct Plan {
     pub offsets: Vec<Option<u64>>,
+    /// Per kernel: HBM scratch for intermediates that are not graph tensors (a flipped kernel,
+    /// a zero-dilated gradient), live only during the kernel.
+    pub scratch: Vec<Option<u64>>,
     pub peak: u64,
     pub dump: String,
 }
@@ -79,6 +82,7 @@ pub(super) fn plan(
     shape_of: &dyn Fn(NodeId) -> Vec<usize>,
     machine: &Machine,
     extra_leaves: &[NodeId],
+    scratch_bytes: &dyn Fn(&Kernel) -> u64,
 ) -> Result<Plan> {
     let bytes = |id: NodeId| shape_of(id).iter().product::<usize>().max(1) as u64 * 4;
     let mut needed = graph.ancestors(graph.outputs());
@@ -113,6 +117,7 @@ pub(super) fn plan(
     }
     dump += "activations (address, bytes, name, live kernels):\n";
     let mut peak = heap.top;
+    let mut scratch = vec![None; kernels.len()];
     let mut live_activations = 0u64;
     let mut peak_activations = 0u64;
     for (k, kernel) in kernels.iter().enumerate() {
@@ -130,6 +135,14 @@ pub(super) fn plan(
                 // Never read: release at once (kept for the kernel itself).
                 last_use[out.index()] = k;
             }
+        }
+        let need = scratch_bytes(kernel);
+        if need > 0 {
+            let at = heap.alloc(need);
+            scratch[k] = Some(at);
+            peak = peak.max(heap.top);
+            dump += &format!("  {:#012x} {:>12} B  (scratch of {}) {k}\n", at, need, kernel.name);
+            heap.release(at, need);
         }
         // Release what dies here.
         for (id, node) in graph.nodes() {
@@ -159,5 +172,5 @@ pub(super) fn plan(
         });
     }
     dump += &format!("peak {} B ({}) of {} per core\n", peak, gib(peak), gib(capacity));
-    Ok(Plan { offsets, peak, dump })
+    Ok(Plan { offsets, scratch, peak, dump })
 }

@@ -12,6 +12,7 @@
 //! The result runs on the functional engine (values) and the timing engine (cycles).
 
 mod backward;
+mod conv_grad;
 mod emit;
 pub mod fusion;
 mod memory;
@@ -175,7 +176,8 @@ pub fn compile(graph: &Graph, opts: &Options) -> Result<Compiled> {
     // 3. Allocation: HBM addresses by liveness.
     // Leaves no output depends on through graph edges but kernels read: one-hot labels.
     let extra_leaves: Vec<NodeId> = step.one_hot.values().copied().collect();
-    let plan = memory::plan(graph, &kernels, &owner, &shape_of, &opts.machine, &extra_leaves)?;
+    let scratch = |k: &Kernel| conv_grad::scratch_bytes(graph, k);
+    let plan = memory::plan(graph, &kernels, &owner, &shape_of, &opts.machine, &extra_leaves, &scratch)?;
     let places: Vec<Option<Place>> = graph
         .node_ids()
         .map(|id| {
@@ -194,7 +196,7 @@ pub fn compile(graph: &Graph, opts: &Options) -> Result<Compiled> {
         optimizer: opts.training.map(|t| t.optimizer),
         state: step.state.clone(),
     };
-    let (program, kernels_out, tiling_dump) = emit::emit(graph, &kernels, &places, opts, &extras)?;
+    let (program, kernels_out, tiling_dump) = emit::emit(graph, &kernels, &places, &plan.scratch, opts, &extras)?;
     dumps.push((PassName::Tiling, tiling_dump));
     dumps.push((PassName::Scheduling, program.to_string()));
 

@@ -1,0 +1,427 @@
+//! The two gradients of a convolution, as matmuls on the MXU.
+//!
+//! **Input gradient** (`Conv2dBackpropInput`): the transposed convolution. `dx` is the
+//! stride-1 convolution of `dy` — dilated by the forward stride (`s − 1` zeros between pixels,
+//! placed by the staging DMA, never stored in HBM) and padded by `(k − 1)·d − pad` — with the
+//! kernel flipped in space and transposed per tap (`[kh, kw, cout, cin]`). The flip and
+//! transpose run once per step on the VPU's transpose unit into an HBM scratch buffer; the
+//! convolution itself is the forward kernel ([`emit::conv_with`]). For strided layers the
+//! zeros are streamed through the MXU and reported as padding waste.
+//!
+//! **Filter gradient** (`Conv2dBackpropFilter`): per tap `dWᵀ_tap = dyᵀ · x_tap`, summed over
+//! blocks of output pixels. `dy` is loaded in the forward kernel's padded-width layout (zeros
+//! at the dropped columns, so those pixels add nothing) and transposed once per block; each
+//! tap's view of the staged input is the stationary operand, so a block's `K` is its pixel
+//! count and the streamed rows are the output channels. The per-tap accumulators stay in VMEM
+//! for the whole kernel and are transposed back to HWIO at the end. When the input channels are
+//! few (the 3-channel first layer) the taps are folded into one im2col matrix, as forward.
+//! Depthwise filters run on the VPU: per tap a product with `dy` and a column sum.
+
+use systolic_simulator::isa::*;
+
+use super::emit::{self, BUFFERS, ConvGeom, ConvSpec, Emitter, PixelBlocks, TARGET_ROWS};
+use super::fusion::Kernel;
+use super::{KernelReport, Main, Place};
+use crate::error::Result;
+use crate::graph::{Conv2d, Graph, NodeId, Op as GOp, Padding};
+
+/// HBM scratch a kernel needs beyond graph tensors: the flipped kernel of an input gradient.
+pub(super) fn scratch_bytes(graph: &Graph, kernel: &Kernel) -> u64 {
+    match kernel.main {
+        Main::ConvGradInput(n) => {
+            let w = &graph.node(graph.node(n).inputs[1]).shape.dims;
+            w.iter().product::<usize>() as u64 * 4
+        }
+        _ => 0,
+    }
+}
+
+fn unequal_strides(e: &Emitter, node: NodeId, conv: &Conv2d) -> crate::error::Error {
+    e.unsupported(node, format!("unequal strides {:?} are not lowered yet", conv.strides))
+}
+
+/// The forward MACs of a convolution, which each of its gradients repeats.
+fn conv_macs(g: &ConvGeom, cg: usize) -> u64 {
+    (g.n * g.oh * g.ow * g.taps() * cg * g.co) as u64
+}
+
+/// Overrides a report's useful work (the gradient's, not the padded transposed conv's).
+fn set_useful(report: &mut KernelReport, useful: u64) {
+    report.useful_macs = useful;
+    report.padding_waste = if report.padded_macs > 0 { 1.0 - useful as f64 / report.padded_macs as f64 } else { 0.0 };
+}
+
+pub(super) fn conv_grad_input(e: &mut Emitter, kernel: &Kernel, node: NodeId) -> Result<KernelReport> {
+    let first = e.program.len();
+    let n = e.graph.node(node);
+    let GOp::Conv2dBackpropInput(b) = &n.op else { unreachable!("a ConvGradInput main") };
+    let (dy, w, dx) = (e.place(n.inputs[0]), e.place(n.inputs[1]), e.place(kernel.output));
+    let g = ConvGeom::new(&b.conv, &dx.shape, &w.shape).ok_or_else(|| unequal_strides(e, node, &b.conv))?;
+    let (cg, groups) = (w.shape[2], g.groups);
+    let cog = g.co / groups;
+    let depthwise = groups > 1 && cg == 1;
+    if depthwise && cog != 1 {
+        return Err(
+            e.unsupported(node, "depthwise convolutions with a depth multiplier above 1 are not lowered yet".into())
+        );
+    }
+    // Padding of the transposed convolution: the taps that reach past the dilated dy.
+    let (reach_h, reach_w) = ((g.kh - 1) * g.dh, (g.kw - 1) * g.dw);
+    let (dil_h, dil_w) = ((g.oh - 1) * g.s + 1, (g.ow - 1) * g.s + 1);
+    let pads = (
+        reach_h.checked_sub(g.pt),
+        (g.h + g.pt).checked_sub(dil_h),
+        reach_w.checked_sub(g.pl),
+        (g.w + g.pl).checked_sub(dil_w),
+    );
+    let (Some(top), Some(bottom), Some(left), Some(right)) = pads else {
+        return Err(e.unsupported(
+            node,
+            "the gradient of a convolution padded by more than its kernel's reach is not lowered yet".into(),
+        ));
+    };
+    let attrs = Conv2d {
+        strides: [1, 1],
+        padding: Padding::Explicit { top, bottom, left, right },
+        dilation: b.conv.dilation,
+        groups,
+    };
+
+    // The flipped kernel [kh, kw, cog, cin] into scratch: tap t goes to taps-1-t, and each
+    // group's [cg x cog] block is transposed.
+    let scratch = e.scratch.expect("the allocation pass gives every input gradient its scratch");
+    let taps = g.taps();
+    let flipped =
+        Place { shape: vec![g.kh, g.kw, cog, g.c], tile: Tile::new(Space::Hbm, scratch, taps * cog, g.c, DType::F32) };
+    let mut done = Vec::new();
+    if depthwise {
+        for t in 0..taps {
+            done.push(e.push(Op::dma(t as u8, w.tile.rows(t, 1), flipped.tile.rows(taps - 1 - t, 1)), &[]));
+        }
+    } else {
+        let budget = (e.m.core.vmem_bytes / (2 * BUFFERS as u64)) as usize;
+        let rb = (budget / (cog * 4)).clamp(1, cg);
+        let mut vmem = e.vmem();
+        let oom = |e: &Emitter| e.vmem_error(kernel, "kernel transpose buffers");
+        let loads = vmem.ring(rb, cog).ok_or_else(|| oom(e))?;
+        let turned = vmem.ring(cog, rb).ok_or_else(|| oom(e))?;
+        let mut load_free: Vec<Vec<u32>> = vec![Vec::new(); BUFFERS];
+        let mut turned_free: Vec<Vec<u32>> = vec![Vec::new(); BUFFERS];
+        let mut step = 0;
+        for t in 0..taps {
+            for gi in 0..groups {
+                for r0 in (0..cg).step_by(rb) {
+                    let rn = rb.min(cg - r0);
+                    let p = step % BUFFERS;
+                    step += 1;
+                    let a = Tile { rows: rn as u32, ..loads[p] };
+                    let bt = Tile { cols: rn as u32, stride: rn as u32, ..turned[p] };
+                    let src = w.tile.rows(t * cg + r0, rn).columns(gi * cog, cog);
+                    let l = e.push(Op::dma(0, src, a), &load_free[p]);
+                    let mut deps = turned_free[p].clone();
+                    deps.push(l);
+                    let tr = e.push(Op::Transpose { src: a, dst: bt }, &deps);
+                    let dst = flipped.tile.rows((taps - 1 - t) * cog, cog).columns(gi * cg + r0, rn);
+                    let st = e.push(Op::dma(2, bt, dst), &[tr]);
+                    load_free[p] = vec![tr];
+                    turned_free[p] = vec![st];
+                    done.push(st);
+                }
+            }
+        }
+    }
+    e.wait_for(&done);
+
+    let spec = ConvSpec { x: dy, w: &flipped, y: dx, attrs, bias: None, input_dilation: g.s };
+    let mut report = emit::conv_with(e, kernel, node, &spec)?;
+    report.instructions.start = first;
+    set_useful(&mut report, conv_macs(&g, cg));
+    report.strategy = if g.s > 1 {
+        format!("transposed conv, dy dilated by {} in staging: {}", g.s, report.strategy)
+    } else {
+        format!("transposed conv: {}", report.strategy)
+    };
+    Ok(report)
+}
+
+/// Work for one MXU in a filter-gradient block: accumulator columns `k0..k0+kn` from the
+/// tap `tap` (shifted) or from the im2col matrix (`tap` None).
+#[derive(Clone, Copy)]
+struct Job {
+    tap: Option<(usize, usize)>,
+    /// Columns of the tap's channels (shifted) or of the im2col matrix.
+    col0: usize,
+    k0: usize,
+    kn: usize,
+}
+
+/// Splits the accumulator's `kdim` columns into MXU jobs: a tap each when there are enough
+/// taps to keep the MXUs busy, else each tap's channels cut into array-wide chunks.
+fn filter_jobs(g: &ConvGeom, cg: usize, im2col: bool, mxus: usize, cols: usize) -> Vec<Job> {
+    let chunks = |width: usize| -> Vec<(usize, usize)> {
+        let parts = mxus.min(width.div_ceil(cols)).max(1);
+        let per = width.div_ceil(parts).div_ceil(cols) * cols;
+        (0..width).step_by(per).map(|c0| (c0, per.min(width - c0))).collect()
+    };
+    if im2col {
+        return chunks(g.taps() * cg).into_iter().map(|(k0, kn)| Job { tap: None, col0: k0, k0, kn }).collect();
+    }
+    let split = g.taps() < mxus;
+    let mut jobs = Vec::new();
+    for i in 0..g.kh {
+        for j in 0..g.kw {
+            let tap = i * g.kw + j;
+            let parts = if split { chunks(cg) } else { vec![(0, cg)] };
+            jobs.extend(parts.into_iter().map(|(c0, cn)| Job {
+                tap: Some((i, j)),
+                col0: c0,
+                k0: tap * cg + c0,
+                kn: cn,
+            }));
+        }
+    }
+    jobs
+}
+
+pub(super) fn conv_grad_filter(e: &mut Emitter, kernel: &Kernel, node: NodeId) -> Result<KernelReport> {
+    let first = e.program.len();
+    let n = e.graph.node(node);
+    let GOp::Conv2dBackpropFilter(b) = &n.op else { unreachable!("a ConvGradFilter main") };
+    let (x, dy, dw) = (e.place(n.inputs[0]), e.place(n.inputs[1]), e.place(kernel.output));
+    let g = ConvGeom::new(&b.conv, &x.shape, &b.kernel_shape).ok_or_else(|| unequal_strides(e, node, &b.conv))?;
+    let (c, co, groups, taps) = (g.c, g.co, g.groups, g.taps());
+    let cg = b.kernel_shape[2];
+    let cog = co / groups;
+    let depthwise = groups > 1 && cg == 1;
+    if depthwise && cog != 1 {
+        return Err(
+            e.unsupported(node, "depthwise convolutions with a depth multiplier above 1 are not lowered yet".into())
+        );
+    }
+    let (rows, cols) = (e.m.core.mxu.rows, e.m.core.mxu.cols);
+    let im2col = groups == 1 && taps > 1 && (taps * cg).div_ceil(rows) < taps * cg.div_ceil(rows);
+    // Accumulator columns per output channel: every tap's input channels.
+    let kdim = taps * cg;
+    let vmem_bytes = e.m.core.vmem_bytes as usize;
+    // Output-channel blocks: a group each when grouped; else as many channels as keep the
+    // accumulators within 3/8 of VMEM, in whole array widths when possible.
+    let nb = if depthwise {
+        co.min(512)
+    } else if groups > 1 {
+        cog
+    } else {
+        let fit = (vmem_bytes * 3 / 8 / (kdim * 4)).clamp(1, 4 * cols);
+        let fit = if fit >= cols { fit / cols * cols } else { fit };
+        let blocks = co.div_ceil(fit);
+        let per = co.div_ceil(blocks);
+        if per >= cols { co.min(per.div_ceil(cols) * cols) } else { per }
+    };
+    // Accumulator chunks transposed back to HWIO at the end.
+    let kc = kdim.min(512);
+    let acc_bytes = if depthwise { taps * nb * 4 } else { nb * kdim * 4 + 2 * kc * nb * 4 };
+
+    let mut target = TARGET_ROWS;
+    let PixelBlocks { blocks, m_rows, stage_rows, whole } = loop {
+        let pb = g.blocks(target);
+        let stage = pb.stage_rows * g.wp * c * 4;
+        let dyb = pb.m_rows * nb * 4;
+        // Transposed dy (MXU) or the per-tap product (VPU).
+        let second = dyb;
+        let cols_buf = if im2col { pb.m_rows * kdim * 4 } else { 0 };
+        let need = BUFFERS * (stage + dyb + second + cols_buf) + acc_bytes + 16 * 512;
+        if need <= vmem_bytes {
+            break pb;
+        }
+        if target <= g.wp {
+            return Err(e.vmem_error(kernel, "staging, gradient and accumulator buffers"));
+        }
+        target /= 2;
+    };
+
+    let mut vmem = e.vmem();
+    let oom = |e: &Emitter| e.vmem_error(kernel, "buffers");
+    let stage = vmem.ring(stage_rows * g.wp, c).ok_or_else(|| oom(e))?;
+    let dyb = vmem.ring(m_rows, nb).ok_or_else(|| oom(e))?;
+    // dyᵀ for the MXU, or the VPU's per-tap product.
+    let second = if depthwise { vmem.ring(m_rows, nb) } else { vmem.ring(nb, m_rows) }.ok_or_else(|| oom(e))?;
+    let im2col_bufs = if im2col { vmem.ring(m_rows, kdim).ok_or_else(|| oom(e))? } else { Vec::new() };
+    let (acc, part) = if depthwise {
+        (vmem.alloc(taps, nb).ok_or_else(|| oom(e))?, vmem.alloc(1, nb))
+    } else {
+        (vmem.alloc(nb, kdim).ok_or_else(|| oom(e))?, None)
+    };
+    let outs: Vec<Tile> = if depthwise {
+        Vec::new()
+    } else {
+        (0..2).map(|_| vmem.alloc(kc, nb)).collect::<Option<_>>().ok_or_else(|| oom(e))?
+    };
+
+    let mxus = e.m.core.mxu.count.max(1);
+    let jobs = filter_jobs(&g, cg, im2col, mxus, cols);
+    let precision = e.opts.precision;
+    let per_image = g.hv() * g.wp;
+    let mut stage_readers: Vec<Vec<u32>> = vec![Vec::new(); BUFFERS];
+    let mut stage_filled = [false; BUFFERS];
+    let mut dy_readers: Vec<Vec<u32>> = vec![Vec::new(); BUFFERS];
+    let mut dy_filled = [false; BUFFERS];
+    let mut second_readers: Vec<Vec<u32>> = vec![Vec::new(); BUFFERS];
+    let mut acc_free: Vec<u32> = Vec::new();
+    let mut out_free: Vec<Vec<u32>> = vec![Vec::new(); 2];
+    let mut wi = 0usize;
+    for c0 in (0..co).step_by(nb) {
+        let nbw = nb.min(co - c0);
+        let gi = if groups > 1 && !depthwise { c0 / cog } else { 0 };
+        let acc_t = if depthwise {
+            Tile { cols: nbw as u32, stride: nbw as u32, ..acc }
+        } else {
+            Tile { rows: nbw as u32, ..acc }
+        };
+        // Per job (or per tap on the VPU): the last write into its accumulator columns.
+        let mut last_write: Vec<Option<u32>> = vec![None; jobs.len().max(taps)];
+        let mut vpu_last: Option<u32> = None;
+        for blk in &blocks {
+            let p = wi % BUFFERS;
+            wi += 1;
+            let m_blk = g.block_rows(blk, whole);
+            // Stage the input (zero padding in place).
+            let mut stage_deps = stage_readers[p].clone();
+            if !stage_filled[p] || (!whole && g.band_needs_fill(blk)) {
+                stage_deps = vec![e.push(Op::Fill { dst: stage[p], value: 0.0 }, &stage_deps)];
+                stage_filled[p] = true;
+            }
+            let Some(staged) = emit::stage_input(e, &g, x.tile, blk, whole, stage[p], &stage_deps) else {
+                // A band of padding only: it adds nothing to the gradient.
+                continue;
+            };
+            // dy rows in the padded-width layout, zeros at the dropped columns.
+            let dyt = Tile { rows: m_blk as u32, cols: nbw as u32, stride: nbw as u32, ..dyb[p] };
+            let mut dy_deps = dy_readers[p].clone();
+            if !dy_filled[p] {
+                dy_deps = vec![e.push(Op::Fill { dst: dyb[p], value: 0.0 }, &dy_deps)];
+                dy_filled[p] = true;
+            }
+            let loaded = emit::out_rows(e, &g, blk, whole, per_image, dy.tile, dyt, c0, nbw, true, &dy_deps);
+            let mut readers = Vec::new();
+            if depthwise {
+                let prod = Tile { rows: m_blk as u32, cols: nbw as u32, stride: nbw as u32, ..second[p] };
+                for i in 0..g.kh {
+                    for j in 0..g.kw {
+                        let tap = i * g.kw + j;
+                        let a = g.tap_view(stage[p], i, j, c0, nbw, m_blk);
+                        let mut deps = vec![staged, loaded];
+                        deps.extend(vpu_last);
+                        deps.extend(second_readers[p].iter().copied());
+                        let mul = e.push(Op::Binary { op: BinaryOp::Mul, a, b: dyt, dst: prod }, &deps);
+                        let part_t = part.ok_or_else(|| oom(e))?.columns(0, nbw);
+                        let sum =
+                            e.push(Op::Reduce { op: ReduceOp::Sum, axis: Axis::Rows, src: prod, dst: part_t }, &[mul]);
+                        let row = acc_t.rows(tap, 1);
+                        let mut deps = vec![sum];
+                        deps.extend(last_write[tap]);
+                        deps.extend(acc_free.iter().copied());
+                        let add = match last_write[tap] {
+                            Some(_) => e.push(Op::Binary { op: BinaryOp::Add, a: row, b: part_t, dst: row }, &deps),
+                            None => e.push(Op::Unary { op: UnaryOp::Copy, src: part_t, dst: row }, &deps),
+                        };
+                        last_write[tap] = Some(add);
+                        vpu_last = Some(add);
+                    }
+                }
+                readers.extend(vpu_last);
+                second_readers[p] = readers.clone();
+                dy_readers[p] = readers.clone();
+            } else {
+                // dyᵀ, shared by every tap of the block.
+                let dyt_t = Tile { rows: nbw as u32, cols: m_blk as u32, stride: m_blk as u32, ..second[p] };
+                let mut deps = second_readers[p].clone();
+                deps.push(loaded);
+                let turned = e.push(Op::Transpose { src: dyt, dst: dyt_t }, &deps);
+                dy_readers[p] = vec![turned];
+                readers.push(turned);
+                let cols_t = im2col.then(|| Tile { rows: m_blk as u32, ..im2col_bufs[p] });
+                let copied = cols_t.map(|ct| emit::im2col_copies(e, &g, stage[p], ct, staged, m_blk));
+                let mut matmuls = Vec::new();
+                for (ji, job) in jobs.iter().enumerate() {
+                    let rhs = match (job.tap, cols_t) {
+                        (Some((i, j)), _) => g.tap_view(stage[p], i, j, gi * cg + job.col0, job.kn, m_blk),
+                        (None, Some(ct)) => ct.columns(job.col0, job.kn),
+                        (None, None) => unreachable!("im2col jobs have their matrix"),
+                    };
+                    let mut deps = vec![staged, turned];
+                    deps.extend(copied);
+                    deps.extend(last_write[ji]);
+                    deps.extend(acc_free.iter().copied());
+                    let id = e.push(
+                        Op::MatMul {
+                            mxu: (ji % mxus) as u8,
+                            lhs: dyt_t,
+                            rhs,
+                            out: acc_t.columns(job.k0, job.kn),
+                            accumulate: last_write[ji].is_some(),
+                            precision,
+                        },
+                        &deps,
+                    );
+                    last_write[ji] = Some(id);
+                    matmuls.push(id);
+                }
+                readers.extend(matmuls.iter().copied());
+                second_readers[p] = matmuls.clone();
+                readers.extend(copied);
+            }
+            stage_readers[p] = readers;
+        }
+        // Columns no block wrote (every block was padding) are zero.
+        let writes: Vec<u32> = last_write.iter().flatten().copied().collect();
+        let mut ready = writes.clone();
+        if writes.len() < if depthwise { taps } else { jobs.len() } {
+            let mut deps = writes.clone();
+            deps.extend(acc_free.iter().copied());
+            // Only reached when some accumulators were never written: zero the untouched ones.
+            for (ji, w) in last_write.iter().enumerate().take(if depthwise { taps } else { jobs.len() }) {
+                if w.is_none() {
+                    let dst = if depthwise { acc_t.rows(ji, 1) } else { acc_t.columns(jobs[ji].k0, jobs[ji].kn) };
+                    ready.push(e.push(Op::Fill { dst, value: 0.0 }, &deps));
+                }
+            }
+        }
+        // Back to HWIO: dW rows are (tap, input channel), columns output channels.
+        acc_free.clear();
+        if depthwise {
+            acc_free.push(e.push(Op::dma(2, acc_t, dw.tile.columns(c0, nbw)), &ready));
+        } else {
+            for (q, k0) in (0..kdim).step_by(kc).enumerate() {
+                let kn = kc.min(kdim - k0);
+                let o = Tile { rows: kn as u32, cols: nbw as u32, stride: nbw as u32, ..outs[q % 2] };
+                let mut deps = ready.clone();
+                deps.extend(out_free[q % 2].iter().copied());
+                let tr = e.push(Op::Transpose { src: acc_t.columns(k0, kn), dst: o }, &deps);
+                let st = e.push(Op::dma(2, o, dw.tile.rows(k0, kn).columns(c0, nbw)), &[tr]);
+                out_free[q % 2] = vec![st];
+                acc_free.push(tr);
+            }
+        }
+    }
+    let range = first..e.program.len() + 1;
+    let unit = if depthwise {
+        "on the VPU (per tap a product with dy and a column sum)".to_string()
+    } else if im2col {
+        format!("dyᵀ · im2col(x), {} accumulator columns", kdim)
+    } else {
+        format!("dyᵀ · x per tap, {taps} taps")
+    };
+    let blocks_desc = if whole {
+        format!("{} images per block", m_rows / per_image)
+    } else {
+        format!("bands of {} rows", m_rows / g.wp)
+    };
+    let strategy = format!("{unit}; {blocks_desc}; {nb} output channels per block");
+    let padded = if depthwise {
+        format!("{m_rows} pixels x {nb} channels x {taps} taps (VPU)")
+    } else {
+        format!("M {nb} x K {m_rows} x N {}", if im2col { kdim } else { cg })
+    };
+    let mut report = e.report(e.graph, kernel, strategy, padded, 0, range);
+    set_useful(&mut report, conv_macs(&g, cg));
+    Ok(report)
+}
