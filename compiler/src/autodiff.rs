@@ -175,7 +175,9 @@ impl Builder<'_> {
             Op::Relu | Op::Relu6 => {
                 if wants(0) {
                     let op = if matches!(node.op, Op::Relu) { Op::ReluGrad } else { Op::Relu6Grad };
-                    let g = self.emit(id, 0, op, &[ins[0], dy])?;
+                    // The output decides the mask as the input would (y = clamp(x)), and the
+                    // output is kept for the next layer anyway: the input can die early.
+                    let g = self.emit(id, 0, op, &[id, dy])?;
                     push(self, 0, g);
                 }
             }

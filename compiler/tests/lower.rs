@@ -7,7 +7,7 @@ use common::*;
 use std::collections::BTreeMap;
 
 use systolic_compiler::autodiff;
-use systolic_compiler::graph::{ConvSpec, Padding, Pool};
+use systolic_compiler::graph::{BatchNorm, ConvSpec, Padding, Pool};
 use systolic_compiler::lower::{Options, Training, compile};
 use systolic_compiler::optimizer::Optimizer;
 use systolic_compiler::reference::{self, RunOptions};
@@ -191,7 +191,7 @@ fn gradients_match(g: Graph, input: &[usize], batch: usize) {
     let got: BTreeMap<String, Vec<f32>> =
         compiled.executable.run(&m, |name| feed.get(name).and_then(|t| t.as_slice())).unwrap().into_iter().collect();
     simulate(&m, &compiled.executable.program, false).unwrap();
-    let want = reference::run_gradients(&grads, &b, RunOptions::default()).unwrap();
+    let want = reference::run_gradients(&grads, &b, RunOptions::training(0)).unwrap();
     for (name, gw) in &want.grads {
         let e = rel_err(gw.as_slice().unwrap(), &got[&format!("{name}/grad")]);
         // Kernels agree to ~5e-7; a bias gradient sums thousands of pixels, in another order
@@ -220,6 +220,28 @@ fn convolution_gradients_in_bands_and_channel_blocks() {
     let logits = g.dense("logits", h, 10).unwrap();
     g.set_outputs(vec![logits]);
     gradients_match(g, &[4, 4, 1024], 2);
+}
+
+/// Batch norm with batch statistics: after a convolution, in a residual block, before a ReLU.
+fn batch_normed() -> Graph {
+    let mut g = Graph::new("batch_normed");
+    let x = g.input("x", &[8, 8, 3]).unwrap();
+    let h = g.conv2d("c1", x, ConvSpec::new(8, 3).same().no_bias()).unwrap();
+    let h = g.batch_norm("bn1", h, BatchNorm::default()).unwrap();
+    let a = g.relu("relu1", h).unwrap();
+    let h = g.conv2d("c2", a, ConvSpec::new(8, 3).same().no_bias()).unwrap();
+    let h = g.batch_norm("bn2", h, BatchNorm::default()).unwrap();
+    let h = g.add_op("residual", h, a).unwrap();
+    let h = g.relu("relu2", h).unwrap();
+    let h = g.global_avg_pool("gap", h).unwrap();
+    let logits = g.dense("logits", h, 10).unwrap();
+    g.set_outputs(vec![logits]);
+    g
+}
+
+#[test]
+fn batch_norm_training_matches_the_reference() {
+    training_step_matches(batch_normed(), &[8, 8, 3], 5e-2);
 }
 
 fn labels(batch: usize, classes: usize) -> Tensor {
@@ -311,7 +333,7 @@ fn training_step_matches(g: Graph, input: &[usize], default_tol: f64) {
             simulate(&m, &compiled.executable.program, false).unwrap();
 
             // The reference: loss and gradients in f32, then the same update rule.
-            let want = reference::run_gradients(&grads, &b, RunOptions::default()).unwrap();
+            let want = reference::run_gradients(&grads, &b, RunOptions::training(0)).unwrap();
             let what = format!("{} at {precision:?}", optimizer.name());
             let loss_err = rel_err(&[want.root.iter().next().copied().unwrap()], &got["loss"]);
             // Six bf16 passes recover f32 products: every element agrees to ~1e-7. One pass
@@ -322,6 +344,12 @@ fn training_step_matches(g: Graph, input: &[usize], default_tol: f64) {
             let highest = precision == Precision::Highest;
             let (grad_tol, param_tol) = if highest { (1e-5, 1e-4) } else { (default_tol, default_tol) };
             assert!(loss_err < if highest { 1e-6 } else { 1e-2 }, "{what}: loss {loss_err}");
+            // Batch norm's moving statistics, moved towards the batch's.
+            for (name, v) in &want.updates {
+                let (v, got) = (v.as_slice().unwrap(), &got[name]);
+                let e = if highest { rel_err(v, got) } else { norm_err(v, got) };
+                assert!(e < if highest { 1e-5 } else { 1e-2 }, "{what}: {name}: {e}");
+            }
             for (name, gw) in &want.grads {
                 let (gw_s, g_sim) = (gw.as_slice().unwrap(), &got[&format!("{name}/grad")]);
                 let e = if highest { rel_err(gw_s, g_sim) } else { norm_err(gw_s, g_sim) };

@@ -118,7 +118,7 @@ pub fn run(args: Args) -> Result<()> {
             bindings.insert(labels_name, labels);
             let grads = autodiff::differentiate(&g, loss, &g.trainable_parameters())?;
             let start = Instant::now();
-            let values = reference::run_gradients(&grads, &bindings, RunOptions::default())
+            let values = reference::run_gradients(&grads, &bindings, RunOptions::training(0))
                 .map_err(|e| super::blame(e, |_| args.labels.as_deref().or(args.input.as_deref())))?;
             let seconds = start.elapsed().as_secs_f64();
             let mut want = TensorMap::new();
@@ -126,6 +126,8 @@ pub fn run(args: Args) -> Result<()> {
             for (name, t) in values.grads {
                 want.insert(format!("{name}/grad"), t);
             }
+            // Batch norm's moving statistics after the step.
+            want.extend(values.updates);
             (want, seconds)
         }
     };

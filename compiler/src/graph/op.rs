@@ -347,9 +347,10 @@ pub enum Op {
     DenseBackpropKernel,
     /// Inputs: dy. Sum over every axis but the last (bias and beta gradients).
     BiasAddGrad,
-    /// Inputs: x, dy.
+    /// Inputs: the activation's output `y` (or its input: the masks agree), dy. `dy` where
+    /// `y > 0`. Autodiff passes `y`, as TensorFlow does, so the input need not be kept.
     ReluGrad,
-    /// Inputs: x, dy.
+    /// Inputs: `y` (or the input), dy. `dy` where `0 < y < 6`.
     Relu6Grad,
     /// Inputs: x, gamma, moving_mean, moving_variance, dy. Uses batch statistics in training.
     BatchNormGradInput(BatchNorm),

@@ -17,7 +17,7 @@ use crate::graph::{NodeId, Op as GOp, Padding, Pool as PoolAttrs};
 use crate::optimizer::Optimizer;
 
 /// Rows per block so that `arrays` row-blocks of `cols` f32 values fit in a quarter of VMEM.
-fn rows_per_block(e: &Emitter, rows: usize, cols: usize, arrays: usize) -> usize {
+pub(super) fn rows_per_block(e: &Emitter, rows: usize, cols: usize, arrays: usize) -> usize {
     let budget = (e.m.core.vmem_bytes / 4) as usize;
     (budget / (arrays * cols.max(1) * 4)).clamp(1, rows.max(1))
 }
@@ -174,7 +174,7 @@ pub(super) fn column_sums(e: &mut Emitter, kernel: &Kernel, node: NodeId) -> Res
     Ok(e.report(e.graph, kernel, format!("blocks of {rb} rows on the VPU"), format!("{rows} x {c} to {c}"), 0, range))
 }
 
-/// `ReluGrad` / `Relu6Grad`: `dy` where the forward input lies in the active range.
+/// `ReluGrad` / `Relu6Grad`: `dy` where the activation (its output, see the op) is in the active range.
 pub(super) fn mask(e: &mut Emitter, kernel: &Kernel, node: NodeId) -> Result<KernelReport> {
     let first = e.program.len();
     let n = e.graph.node(node);
@@ -221,23 +221,29 @@ pub(super) fn pool_grad(e: &mut Emitter, kernel: &Kernel, node: NodeId) -> Resul
     let win = pool.resolve([h, w]).expect("checked when the node was added");
     let (in_px, out_px) = (h * w, win.out_h * win.out_w);
     let arrays = if x.is_some() { 2 } else { 1 };
-    let per_image = ((arrays * in_px + out_px) * c * 4) as u64;
-    let imgs = ((e.m.core.vmem_bytes / 4 / BUFFERS as u64 / per_image.max(1)) as usize).clamp(1, batch);
+    // Blocks of whole images, and of channels when one image of every channel is too big
+    // (the 112x112 stem of an ImageNet network).
+    let budget = (e.m.core.vmem_bytes / 2 / BUFFERS as u64) as usize;
+    let per_channel = (arrays * in_px + out_px) * 4;
+    let cb = c.div_ceil(c.div_ceil((budget / per_channel.max(1)).clamp(1, c)));
+    let imgs = (budget / (per_channel * cb).max(1)).clamp(1, batch);
     let mut vmem = e.vmem();
     let oom = |e: &Emitter| e.vmem_error(kernel, "image buffers");
-    let xb = if x.is_some() { vmem.ring(imgs * in_px, c).ok_or_else(|| oom(e))? } else { Vec::new() };
-    let db = vmem.ring(imgs * out_px, c).ok_or_else(|| oom(e))?;
-    let ob = vmem.ring(imgs * in_px, c).ok_or_else(|| oom(e))?;
+    let xb = if x.is_some() { vmem.ring(imgs * in_px, cb).ok_or_else(|| oom(e))? } else { Vec::new() };
+    let db = vmem.ring(imgs * out_px, cb).ok_or_else(|| oom(e))?;
+    let ob = vmem.ring(imgs * in_px, cb).ok_or_else(|| oom(e))?;
     let mut free: Vec<Vec<u32>> = vec![Vec::new(); BUFFERS];
-    for (b, n0) in (0..batch).step_by(imgs).enumerate() {
+    let blocks = (0..batch).step_by(imgs).flat_map(|n0| (0..c).step_by(cb).map(move |c0| (n0, c0)));
+    for (b, (n0, c0)) in blocks.enumerate() {
         let k = imgs.min(batch - n0);
+        let cn = cb.min(c - c0);
         let p = b % BUFFERS;
-        let dt = Tile { rows: (k * out_px) as u32, ..db[p] };
-        let ot = Tile { rows: (k * in_px) as u32, ..ob[p] };
-        let mut loads = vec![e.push(Op::dma(0, dy.rows(n0 * out_px, k * out_px), dt), &free[p])];
+        let dt = Tile::new(Space::Vmem, db[p].offset, k * out_px, cn, DType::F32);
+        let ot = Tile::new(Space::Vmem, ob[p].offset, k * in_px, cn, DType::F32);
+        let mut loads = vec![e.push(Op::dma(0, dy.rows(n0 * out_px, k * out_px).columns(c0, cn), dt), &free[p])];
         let xt = x.map(|x| {
-            let t = Tile { rows: (k * in_px) as u32, ..xb[p] };
-            loads.push(e.push(Op::dma(1, x.rows(n0 * in_px, k * in_px), t), &free[p]));
+            let t = Tile::new(Space::Vmem, xb[p].offset, k * in_px, cn, DType::F32);
+            loads.push(e.push(Op::dma(1, x.rows(n0 * in_px, k * in_px).columns(c0, cn), t), &free[p]));
             t
         });
         loads.extend(free[p].iter().copied());
@@ -252,14 +258,14 @@ pub(super) fn pool_grad(e: &mut Emitter, kernel: &Kernel, node: NodeId) -> Resul
             out_w: win.out_w as u32,
         };
         let g = e.push(Op::PoolGrad { op, shape, x: xt, dy: dt, dst: ot }, &loads);
-        let store = e.push(Op::dma(2, ot, dx.tile.rows(n0 * in_px, k * in_px)), &[g]);
+        let store = e.push(Op::dma(2, ot, dx.tile.rows(n0 * in_px, k * in_px).columns(c0, cn)), &[g]);
         free[p] = vec![g, store];
     }
     let range = first..e.program.len() + 1;
     Ok(e.report(
         e.graph,
         kernel,
-        format!("{imgs} images per block on the VPU"),
+        format!("{imgs} images of {cb} channels per block on the VPU"),
         format!("{}x{} windows over {h}x{w}x{c}", pool.window[0], pool.window[1]),
         0,
         range,

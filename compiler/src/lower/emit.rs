@@ -23,7 +23,7 @@ use systolic_simulator::Machine;
 use systolic_simulator::isa::*;
 use systolic_simulator::mxu::passes;
 
-use super::{Epilogue, Kernel, KernelReport, Main, Options, Place, backward, conv_grad};
+use super::{Epilogue, Kernel, KernelReport, Main, Options, Place, backward, batch_norm, conv_grad};
 use crate::cost;
 use crate::error::{Error, Result};
 use crate::graph::{Conv2d, Graph, NodeId, Op as GOp, Padding, Pool as PoolAttrs};
@@ -262,6 +262,11 @@ pub(super) fn prepare_channels(e: &mut Emitter, kernel: &Kernel, c: usize, vmem:
                 last.push(e.push(Op::dma(0, e.place(p).tile, t), &[]));
                 ch.bias = Some(t);
             }
+            Epilogue::BatchNormTrain(bn) => {
+                let (scale, shift, ready) = batch_norm::train_channels(e, kernel, bn, vmem)?;
+                last.push(ready);
+                ch.bn = Some((scale, shift));
+            }
             Epilogue::BatchNorm(bn) => {
                 let node = e.graph.node(bn);
                 let GOp::BatchNorm(attrs) = &node.op else { unreachable!("a BatchNorm epilogue step") };
@@ -314,7 +319,7 @@ pub(super) fn apply_epilogue(
             Epilogue::Bias(_) => {
                 Op::Binary { op: BinaryOp::Add, a: acc, b: ch.bias.expect("prepared").columns(c0, nb), dst: acc }
             }
-            Epilogue::BatchNorm(_) => {
+            Epilogue::BatchNorm(_) | Epilogue::BatchNormTrain(_) => {
                 let (scale, shift) = ch.bn.expect("prepared");
                 let m = e.push(Op::Binary { op: BinaryOp::Mul, a: acc, b: scale.columns(c0, nb), dst: acc }, &deps);
                 last = Some(e.push(Op::Binary { op: BinaryOp::Add, a: acc, b: shift.columns(c0, nb), dst: acc }, &[m]));
@@ -1086,11 +1091,31 @@ pub(super) fn matmul_kernel(
     let (k_rhs, fout) = rhs.logical();
     debug_assert_eq!(fin, k_rhs, "matmul operands agree on K");
     let cols = e.m.core.mxu.cols;
-    let nb = fout.min(4 * cols);
-    let mb = rows.min(TARGET_ROWS);
+    let array_rows = e.m.core.mxu.rows;
+    let (mut nb, mut mb) = (fout.min(4 * cols), rows.min(TARGET_ROWS));
     // K blocks: weights kb x nb and inputs mb x kb within budget.
-    let kb_budget = (WEIGHT_BUDGET / 4) as usize / nb.max(mb);
-    let kb = fin.min((kb_budget / e.m.core.mxu.rows).max(1) * e.m.core.mxu.rows);
+    let k_block = |nb: usize, mb: usize| {
+        let kb_budget = (WEIGHT_BUDGET / 4) as usize / nb.max(mb);
+        fin.min((kb_budget / array_rows).max(1) * array_rows)
+    };
+    // Every ring (inputs, weights, accumulators, residuals, transpose staging) within VMEM:
+    // fewer rows per block first, then fewer output columns.
+    let extra_rows = residual_of(kernel).is_some() as usize;
+    let need = |nb: usize, mb: usize| {
+        let kb = k_block(nb, mb);
+        let staged = if lhs.transposed { kb * mb } else { 0 } + if rhs.transposed { nb * kb } else { 0 };
+        (BUFFERS * 4 * (mb * kb + kb * nb + (1 + extra_rows) * mb * nb + staged) + 8 * fout * 4) as u64
+    };
+    while need(nb, mb) > e.m.core.vmem_bytes - 16 * 512 {
+        if mb > array_rows {
+            mb = (mb / 2).max(array_rows);
+        } else if nb > cols {
+            nb = (nb / 2).max(cols);
+        } else {
+            break;
+        }
+    }
+    let kb = k_block(nb, mb);
     let mut vmem = e.vmem();
     let oom = |e: &Emitter| e.vmem_error(kernel, "input, weight and accumulator blocks");
     let mut bufs = |n: usize, r: usize, c: usize, e: &Emitter| -> Result<Vec<Tile>> {
@@ -1435,6 +1460,8 @@ pub(super) fn emit(
             Main::PoolGrad(n) => backward::pool_grad(&mut e, kernel, *n)?,
             Main::ConvGradInput(n) => conv_grad::conv_grad_input(&mut e, kernel, *n)?,
             Main::ConvGradFilter(n) => conv_grad::conv_grad_filter(&mut e, kernel, *n)?,
+            Main::BatchNormGradInput(n) => batch_norm::grad_input(&mut e, kernel, *n)?,
+            Main::BatchNormGradGamma(n) => batch_norm::grad_gamma(&mut e, kernel, *n)?,
             Main::Update(u) => backward::update(&mut e, kernel, u)?,
             Main::Advance(state) => backward::advance(&mut e, kernel, state)?,
             Main::View(_) => unreachable!("skipped above"),

@@ -19,6 +19,9 @@ pub enum Epilogue {
     Bias(NodeId),
     /// Batch norm with moving statistics; the node's inputs give the parameters.
     BatchNorm(NodeId),
+    /// Batch norm with the batch's statistics (training): a pass over the kernel's input
+    /// computes them first, so it is only ever the first step of a pointwise kernel.
+    BatchNormTrain(NodeId),
     /// Adds a tensor of the kernel's output shape.
     Residual(NodeId),
     Relu,
@@ -50,7 +53,7 @@ pub enum Main {
     MatMulT(NodeId),
     /// `BiasAddGrad`: sums over every row.
     ColumnSums(NodeId),
-    /// `ReluGrad` or `Relu6Grad`: `dy` where the forward input was in the active range.
+    /// `ReluGrad` or `Relu6Grad`: `dy` where the activation was in its active range.
     Mask(NodeId),
     /// `MaxPoolGrad`, `AvgPoolGrad` or `GlobalAvgPoolGrad` on the VPU.
     PoolGrad(NodeId),
@@ -59,6 +62,10 @@ pub enum Main {
     ConvGradInput(NodeId),
     /// `Conv2dBackpropFilter`: per tap, `dyᵀ · x_tap` accumulated over blocks of pixels.
     ConvGradFilter(NodeId),
+    /// `BatchNormGradInput` with batch statistics: a pass of sums, then the gradient.
+    BatchNormGradInput(NodeId),
+    /// `BatchNormGradGamma`: one pass of sums.
+    BatchNormGradGamma(NodeId),
     /// The optimizer's update of one parameter (in place) and its slots.
     Update(Update),
     /// The optimizer's shared state after the step (Adam's powers).
@@ -94,7 +101,9 @@ impl Kernel {
             | Main::Mask(n)
             | Main::PoolGrad(n)
             | Main::ConvGradInput(n)
-            | Main::ConvGradFilter(n) => out.extend(graph.node(*n).inputs.iter().copied()),
+            | Main::ConvGradFilter(n)
+            | Main::BatchNormGradInput(n)
+            | Main::BatchNormGradGamma(n) => out.extend(graph.node(*n).inputs.iter().copied()),
             Main::Pointwise { input } => out.push(*input),
             // The labels are read as their one-hot input, a leaf.
             Main::Loss(n) | Main::LossGrad(n) | Main::ColumnSums(n) => out.push(graph.node(*n).inputs[0]),
@@ -163,6 +172,8 @@ pub fn fuse(graph: &Graph, training: bool) -> Result<Vec<Kernel>> {
             Op::MaxPoolGrad(_) | Op::AvgPoolGrad(_) | Op::GlobalAvgPoolGrad(_) => Main::PoolGrad(id),
             Op::Conv2dBackpropInput(_) => Main::ConvGradInput(id),
             Op::Conv2dBackpropFilter(_) => Main::ConvGradFilter(id),
+            Op::BatchNormGradInput(_) => Main::BatchNormGradInput(id),
+            Op::BatchNormGradGamma(_) => Main::BatchNormGradGamma(id),
             Op::Dropout(_) => {
                 return Err(unsupported(
                     graph,
@@ -175,23 +186,23 @@ pub fn fuse(graph: &Graph, training: bool) -> Result<Vec<Kernel>> {
                     graph,
                     id,
                     &format!(
-                        "{} is not lowered yet (the lowering covers convolutions, dense layers, pools, batch norm, residual adds, activations, softmax, concatenation and reshapes forward; and every gradient but batch norm's backward)",
+                        "{} is not lowered yet (the lowering covers convolutions, dense layers, pools, batch norm, residual adds, activations, softmax, concatenation and reshapes forward, and the gradients of the loss, convolutions, dense layers, pools, batch norm and activations)",
                         other.kind()
                     ),
                 ));
             }
         };
-        if training && matches!(node.op, Op::BatchNorm(_)) {
-            return Err(unsupported(graph, id, "batch norm with batch statistics (training) is not lowered yet"));
-        }
         let mut kernel =
             Kernel { name: node.name.clone(), main: main.clone(), epilogue: Vec::new(), nodes: vec![id], output: id };
         fused[id.index()] = true;
         // A pointwise kernel's first node is itself an epilogue step on its input.
         let mut cur = id;
         if let Main::Pointwise { input } = main {
-            let step = epilogue_step(graph, id, input)
-                .ok_or_else(|| unsupported(graph, id, "an elementwise op whose operands are the same tensor"))?;
+            let step = match epilogue_step(graph, id, input) {
+                Some(Epilogue::BatchNorm(n)) if training => Epilogue::BatchNormTrain(n),
+                Some(step) => step,
+                None => return Err(unsupported(graph, id, "an elementwise op whose operands are the same tensor")),
+            };
             kernel.epilogue.push(step);
         }
         if matches!(main, Main::Conv(_) | Main::Dense(_) | Main::Pointwise { .. }) {

@@ -12,6 +12,7 @@
 //! The result runs on the functional engine (values) and the timing engine (cycles).
 
 mod backward;
+mod batch_norm;
 mod conv_grad;
 mod emit;
 pub mod fusion;

@@ -7,7 +7,9 @@
 //! - every trainable parameter, updated in place, and the optimizer's slots
 //!   (`<param>/momentum`, `<param>/m`, `<param>/v`) and shared state
 //!   ([`crate::optimizer::ADAM_POWERS`]), read and written;
-//! - outputs: the loss, each parameter's gradient as `<param>/grad`, the updated values.
+//! - outputs: the loss, each parameter's gradient as `<param>/grad`, the updated values, and
+//!   batch norm's moving statistics (updated in place from the batch, as in a training run
+//!   of the reference).
 
 use std::collections::BTreeMap;
 
@@ -107,6 +109,16 @@ fn build(graph: &Graph, t: &Training) -> Result<(Graph, Step)> {
         outputs.extend(u.slots.iter().copied());
     }
     outputs.extend(state.iter().copied());
+    // Batch norm's moving statistics, updated in place by the forward pass.
+    for (_, node) in g.nodes() {
+        if let Op::BatchNorm(_) = node.op {
+            for &s in &node.inputs[3..5] {
+                if !outputs.contains(&s) {
+                    outputs.push(s);
+                }
+            }
+        }
+    }
     g.set_outputs(outputs);
     Ok((g, Step { one_hot, updates, state, output_names }))
 }
