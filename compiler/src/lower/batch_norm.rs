@@ -1,82 +1,149 @@
 //! Batch norm with batch statistics (training), on the VPU.
 //!
 //! A pass over the rows of `x` (and, for the gradients, `dy`) accumulates per-channel sums:
-//! `Σx`, `Σx²`, `Σdy`, `Σx·dy`. From them, with `m` rows, `μ = Σx/m`, `var = Σx²/m − μ²`
-//! (clamped at 0), `σ⁻¹ = rsqrt(var + ε)`:
+//! `Σx`, `Σx²`, `Σdy`, `Σx·dy`, each block added into block-shaped accumulators (one add or
+//! multiply-add per block) that are reduced over rows once at the end. With `m` rows,
+//! `μ = Σx/m`, `var = Σx²/m − μ²` (clamped at 0), `σ⁻¹ = rsqrt(var + ε)`:
 //! - forward: `y = x·(γσ⁻¹) + (β − μγσ⁻¹)`, and the moving statistics move towards `μ` and the
 //!   unbiased `var·m/(m−1)` (written in place, as the reference's training run does);
-//! - `dγ = σ⁻¹(Σx·dy − μΣdy)`;
-//! - `dx = γσ⁻¹(dy − mean(dy) − x̂·mean(dy·x̂))`, as `a·dy + b·x + k` per channel, in a second
-//!   pass over `x` and `dy`.
+//! - `dβ = Σdy`, `dγ = σ⁻¹(Σx·dy − μΣdy)`;
+//! - `dx = γσ⁻¹(dy − mean(dy) − x̂·dγ/m)`, as `a·dy + b·x + k` per channel, in a second pass.
 //!
-//! The sums are f32 (the reference's are f64): they agree to f32 rounding of the sums.
+//! The gradient kernel fuses the three gradients and the ReLU mask that makes `dy` (see
+//! [`super::fusion::BatchNormGrad`]). Sums are f32 (the reference's are f64): they agree to
+//! f32 rounding of the sums.
 
 use systolic_simulator::isa::*;
 
-use super::backward::rows_per_block;
+use super::KernelReport;
 use super::emit::{BUFFERS, Emitter, Vmem};
-use super::fusion::Kernel;
-use super::{KernelReport, rows_cols};
+use super::fusion::{BatchNormGrad, Kernel};
 use crate::error::Result;
 use crate::graph::{BatchNorm, NodeId, Op as GOp};
 
-/// Per-channel batch statistics in VMEM (`1 × C` tiles), ready after `done`.
-pub(super) struct Moments {
-    pub mean: Tile,
-    pub var: Tile,
-    pub inv_std: Tile,
-    /// `Σdy` and `Σx·dy`, when the pass read `dy`.
-    pub dy: Option<(Tile, Tile)>,
-    pub done: u32,
-    pub rows: usize,
-}
-
-/// One pass over `x` (and `dy`): the sums, then mean, variance and `σ⁻¹`.
-pub(super) fn moments(
-    e: &mut Emitter,
-    kernel: &Kernel,
+/// What a pass reads: `x`, and `dy` (masked by the activation `y` on load).
+#[derive(Clone, Copy)]
+struct Source {
     x: Tile,
     dy: Option<Tile>,
+    mask: Option<(Tile, BinaryOp)>,
+}
+
+/// Block buffers for a pass over a source: `BUFFERS` of each, `rows` rows.
+struct Rings {
+    rows: usize,
+    x: Vec<Tile>,
+    dy: Vec<Tile>,
+    y: Vec<Tile>,
+}
+
+impl Rings {
+    /// Rings for `src` plus `accumulators` block-shaped arrays, in `share` of what VMEM has
+    /// left (room kept for a few channel vectors).
+    fn new(
+        e: &Emitter,
+        kernel: &Kernel,
+        src: &Source,
+        accumulators: usize,
+        share: f64,
+        vmem: &mut Vmem,
+    ) -> Result<Rings> {
+        let (rows, c) = (src.x.rows as usize, src.x.cols as usize);
+        let loads = 1 + src.dy.is_some() as usize + src.mask.is_some() as usize;
+        let arrays = BUFFERS * loads + accumulators;
+        let budget = (vmem.remaining().saturating_sub((16 * c * 4 + 64 * 512) as u64) as f64 * share) as usize;
+        let rb = (budget / (arrays * c * 4)).clamp(1, rows.max(1));
+        let oom = |e: &Emitter| e.vmem_error(kernel, "row blocks");
+        let mut ring = |on: bool| -> Result<Vec<Tile>> {
+            if on { vmem.ring(rb, c).ok_or_else(|| oom(e)) } else { Ok(Vec::new()) }
+        };
+        Ok(Rings { rows: rb, x: ring(true)?, dy: ring(src.dy.is_some())?, y: ring(src.mask.is_some())? })
+    }
+
+    /// Loads block `b` (rows `r0..r0+rn`) of `src`, masking `dy`; returns (x, dy, ready).
+    fn load(
+        &self,
+        e: &mut Emitter,
+        src: &Source,
+        b: usize,
+        r0: usize,
+        rn: usize,
+        free: &[u32],
+    ) -> (Tile, Option<Tile>, Vec<u32>) {
+        let p = b % BUFFERS;
+        let sub = |t: Tile| Tile { rows: rn as u32, ..t };
+        let xt = sub(self.x[p]);
+        let mut ready = vec![e.push(Op::dma(0, src.x.rows(r0, rn), xt), free)];
+        let dt = src.dy.map(|dy| {
+            let dt = sub(self.dy[p]);
+            let ld = e.push(Op::dma(1, dy.rows(r0, rn), dt), free);
+            match src.mask {
+                Some((y, op)) => {
+                    let yt = sub(self.y[p]);
+                    let ly = e.push(Op::dma(3, y.rows(r0, rn), yt), free);
+                    ready.push(e.push(Op::Binary { op, a: yt, b: dt, dst: dt }, &[ld, ly]));
+                }
+                None => ready.push(ld),
+            }
+            dt
+        });
+        (xt, dt, ready)
+    }
+}
+
+/// Per-channel batch statistics in VMEM (`1 × C` tiles), ready after `done`.
+struct Moments {
+    mean: Tile,
+    var: Tile,
+    inv_std: Tile,
+    /// `Σdy` and `Σx·dy`, when the pass read `dy`.
+    dy: Option<(Tile, Tile)>,
+    done: u32,
+    /// Per ring slot: what the pass's last use of it was.
+    free: Vec<Vec<u32>>,
+}
+
+/// One pass over `src`: the sums, then mean, variance and `σ⁻¹`.
+fn moments(
+    e: &mut Emitter,
+    kernel: &Kernel,
+    src: &Source,
+    rings: &Rings,
     epsilon: f32,
     vmem: &mut Vmem,
 ) -> Result<Moments> {
-    let (rows, c) = (x.rows as usize, x.cols as usize);
-    let arrays = if dy.is_some() { 3 } else { 2 };
-    let rb = rows_per_block(e, rows, c, arrays * BUFFERS);
-    let oom = |e: &Emitter| e.vmem_error(kernel, "batch-statistics buffers");
-    let mut ring = |e: &Emitter| vmem.ring(rb, c).ok_or_else(|| oom(e));
-    let (xb, tb) = (ring(e)?, ring(e)?);
-    let db = if dy.is_some() { ring(e)? } else { Vec::new() };
+    let (rows, c) = (src.x.rows as usize, src.x.cols as usize);
+    let rb = rings.rows;
+    let oom = |e: &Emitter| e.vmem_error(kernel, "batch-statistics accumulators");
+    let mut block = |e: &Emitter| vmem.alloc(rb, c).ok_or_else(|| oom(e));
+    let (ax, axx) = (block(e)?, block(e)?);
+    let acc_dy = if src.dy.is_some() { Some((block(e)?, block(e)?)) } else { None };
     let mut vec = |e: &Emitter| vmem.alloc(1, c).ok_or_else(|| oom(e));
-    let (sx, sxx, part, tmp) = (vec(e)?, vec(e)?, vec(e)?, vec(e)?);
-    let sums_dy = if dy.is_some() { Some((vec(e)?, vec(e)?)) } else { None };
-    let mut last = e.push(Op::Fill { dst: sx, value: 0.0 }, &[]);
-    for t in [Some(sxx), sums_dy.map(|s| s.0), sums_dy.map(|s| s.1)].into_iter().flatten() {
+    let (sx, sxx, inv, tmp) = (vec(e)?, vec(e)?, vec(e)?, vec(e)?);
+    let sums_dy = if src.dy.is_some() { Some((vec(e)?, vec(e)?)) } else { None };
+    let accs: Vec<Tile> =
+        [Some(ax), Some(axx), acc_dy.map(|a| a.0), acc_dy.map(|a| a.1)].into_iter().flatten().collect();
+    let mut last = e.push(Op::Fill { dst: ax, value: 0.0 }, &[]);
+    for &t in &accs[1..] {
         last = e.push(Op::Fill { dst: t, value: 0.0 }, &[last]);
     }
     let mut free: Vec<Vec<u32>> = vec![Vec::new(); BUFFERS];
     for (b, r0) in (0..rows).step_by(rb).enumerate() {
         let rn = rb.min(rows - r0);
-        let p = b % BUFFERS;
-        let sub = |t: Tile| Tile { rows: rn as u32, ..t };
-        let (xt, tt) = (sub(xb[p]), sub(tb[p]));
-        let lx = e.push(Op::dma(0, x.rows(r0, rn), xt), &free[p]);
-        // Σ src over the block's rows into `acc`, after `after`.
-        let sum_into = |e: &mut Emitter, src: Tile, acc: Tile, after: &[u32]| {
-            let r = e.push(Op::Reduce { op: ReduceOp::Sum, axis: Axis::Rows, src, dst: part }, after);
-            e.push(Op::Binary { op: BinaryOp::Add, a: acc, b: part, dst: acc }, &[r])
-        };
-        last = sum_into(e, xt, sx, &[lx, last]);
-        let sq = e.push(Op::Binary { op: BinaryOp::Mul, a: xt, b: xt, dst: tt }, &[last]);
-        last = sum_into(e, tt, sxx, &[sq]);
-        if let (Some(dy), Some((sdy, sxdy))) = (dy, sums_dy) {
-            let dt = sub(db[p]);
-            let ld = e.push(Op::dma(1, dy.rows(r0, rn), dt), &free[p]);
-            last = sum_into(e, dt, sdy, &[ld, last]);
-            let pr = e.push(Op::Binary { op: BinaryOp::Mul, a: xt, b: dt, dst: tt }, &[last]);
-            last = sum_into(e, tt, sxdy, &[pr]);
+        let (xt, dt, mut ready) = rings.load(e, src, b, r0, rn, &free[b % BUFFERS]);
+        ready.push(last);
+        let rows_of = |t: Tile| t.rows(0, rn);
+        last = e.push(Op::Binary { op: BinaryOp::Add, a: rows_of(ax), b: xt, dst: rows_of(ax) }, &ready);
+        last = e.push(Op::MulAdd { a: xt, b: xt, acc: rows_of(axx) }, &[last]);
+        if let (Some(dt), Some((ady, axdy))) = (dt, acc_dy) {
+            last = e.push(Op::Binary { op: BinaryOp::Add, a: rows_of(ady), b: dt, dst: rows_of(ady) }, &[last]);
+            last = e.push(Op::MulAdd { a: xt, b: dt, acc: rows_of(axdy) }, &[last]);
         }
-        free[p] = vec![last];
+        free[b % BUFFERS] = vec![last];
+    }
+    let sums = [Some(sx), Some(sxx), sums_dy.map(|s| s.0), sums_dy.map(|s| s.1)].into_iter().flatten();
+    for (&acc, sum) in accs.iter().zip(sums) {
+        last = e.push(Op::Reduce { op: ReduceOp::Sum, axis: Axis::Rows, src: acc, dst: sum }, &[last]);
     }
     // μ, var = E[x²] − μ² (≥ 0), σ⁻¹.
     let inv_m = 1.0 / rows as f32;
@@ -86,9 +153,9 @@ pub(super) fn moments(
     let sq = e.push(Op::Binary { op: BinaryOp::Mul, a: sx, b: sx, dst: tmp }, &[b]);
     let d = e.push(Op::Binary { op: BinaryOp::Sub, a: sxx, b: tmp, dst: sxx }, &[sq]);
     let var = unary(e, UnaryOp::Relu, sxx, sxx, d);
-    let eps = unary(e, UnaryOp::AddScalar(epsilon), sxx, part, var);
-    let inv = unary(e, UnaryOp::Rsqrt, part, part, eps);
-    Ok(Moments { mean: sx, var: sxx, inv_std: part, dy: sums_dy, done: inv, rows })
+    let eps = unary(e, UnaryOp::AddScalar(epsilon), sxx, inv, var);
+    let done = unary(e, UnaryOp::Rsqrt, inv, inv, eps);
+    Ok(Moments { mean: sx, var: sxx, inv_std: inv, dy: sums_dy, done, free })
 }
 
 fn attrs(e: &Emitter, node: NodeId) -> BatchNorm {
@@ -108,12 +175,13 @@ pub(super) fn train_channels(
 ) -> Result<(Tile, Tile, u32)> {
     let bn = attrs(e, node);
     let ins = e.graph.node(node).inputs.clone();
-    let x = e.place(ins[0]).tile;
-    let st = moments(e, kernel, x, None, bn.epsilon, vmem)?;
-    let c = x.cols as usize;
+    let src = Source { x: e.place(ins[0]).tile, dy: None, mask: None };
+    let rings = Rings::new(e, kernel, &src, 2, 0.9, vmem)?;
+    let st = moments(e, kernel, &src, &rings, bn.epsilon, vmem)?;
+    let (rows, c) = (src.x.rows as usize, src.x.cols as usize);
     let oom = |e: &Emitter| e.vmem_error(kernel, "channel vectors");
     let mut vec = |e: &Emitter| vmem.alloc(1, c).ok_or_else(|| oom(e));
-    let (gamma, beta, mm, mv) = (vec(e)?, vec(e)?, vec(e)?, vec(e)?);
+    let (gamma, beta, mm, mv, tmp) = (vec(e)?, vec(e)?, vec(e)?, vec(e)?, vec(e)?);
     let lg = e.push(Op::dma(1, e.place(ins[1]).tile, gamma), &[]);
     let lb = e.push(Op::dma(1, e.place(ins[2]).tile, beta), &[]);
     let lm = e.push(Op::dma(1, e.place(ins[3]).tile, mm), &[]);
@@ -122,9 +190,8 @@ pub(super) fn train_channels(
     let unary = |e: &mut Emitter, op, src, dst, deps: &[u32]| e.push(Op::Unary { op, src, dst }, deps);
     // Moving statistics: m·moving + (1 − m)·batch (the variance unbiased).
     let m = bn.momentum;
-    let bessel = if st.rows > 1 { st.rows as f32 / (st.rows - 1) as f32 } else { 1.0 };
+    let bessel = if rows > 1 { rows as f32 / (rows - 1) as f32 } else { 1.0 };
     let a = unary(e, UnaryOp::Scale(m), mm, mm, &[lm]);
-    let tmp = vec(e)?;
     let b = unary(e, UnaryOp::Scale(1.0 - m), st.mean, tmp, &[st.done]);
     let new_mean = binary(e, BinaryOp::Add, mm, tmp, mm, &[a, b]);
     let store_m = e.push(Op::dma(2, mm, e.place(ins[3]).tile), &[new_mean]);
@@ -136,87 +203,99 @@ pub(super) fn train_channels(
     let s = binary(e, BinaryOp::Mul, gamma, st.inv_std, gamma, &[lg, st.done]);
     let ms = binary(e, BinaryOp::Mul, st.mean, gamma, tmp, &[s, new_var]);
     let shift = binary(e, BinaryOp::Sub, beta, tmp, beta, &[ms, lb]);
-    let ready = e.push(Op::Barrier, &[shift, store_m, store_v]);
-    Ok((gamma, beta, ready))
+    let mut ready = vec![shift, store_m, store_v];
+    ready.extend(st.free.into_iter().flatten());
+    Ok((gamma, beta, e.push(Op::Barrier, &ready)))
 }
 
-/// `BatchNormGradGamma`: `σ⁻¹(Σx·dy − μΣdy)`, one pass.
+/// A standalone `BatchNormGradGamma` (when no input gradient is wanted): one pass of sums.
 pub(super) fn grad_gamma(e: &mut Emitter, kernel: &Kernel, node: NodeId) -> Result<KernelReport> {
     let first = e.program.len();
     let bn = attrs(e, node);
     let ins = e.graph.node(node).inputs.clone();
-    let (x, dy, out) = (e.place(ins[0]).tile, e.place(ins[3]).tile, e.place(kernel.output).tile);
+    let src = Source { x: e.place(ins[0]).tile, dy: Some(e.place(ins[3]).tile), mask: None };
+    let out = e.place(kernel.output).tile;
     let mut vmem = e.vmem();
-    let st = moments(e, kernel, x, Some(dy), bn.epsilon, &mut vmem)?;
+    let rings = Rings::new(e, kernel, &src, 4, 0.9, &mut vmem)?;
+    let st = moments(e, kernel, &src, &rings, bn.epsilon, &mut vmem)?;
     let (sdy, sxdy) = st.dy.expect("the pass read dy");
     let a = e.push(Op::Binary { op: BinaryOp::Mul, a: sdy, b: st.mean, dst: sdy }, &[st.done]);
     let b = e.push(Op::Binary { op: BinaryOp::Sub, a: sxdy, b: sdy, dst: sxdy }, &[a]);
     let c = e.push(Op::Binary { op: BinaryOp::Mul, a: sxdy, b: st.inv_std, dst: sxdy }, &[b]);
     e.push(Op::dma(2, sxdy, out), &[c]);
-    let (rows, ch) = rows_cols(&e.place(ins[0]).shape);
+    let (rows, ch) = (src.x.rows, src.x.cols);
     let range = first..e.program.len() + 1;
-    Ok(e.report(e.graph, kernel, "one pass of sums on the VPU".into(), format!("{rows} x {ch} to {ch}"), 0, range))
+    let strategy = format!("one pass of sums, blocks of {} rows on the VPU", rings.rows);
+    Ok(e.report(e.graph, kernel, strategy, format!("{rows} x {ch} to {ch}"), 0, range))
 }
 
-/// `BatchNormGradInput` with batch statistics: the sums, then `dx = a·dy + b·x + k`.
-pub(super) fn grad_input(e: &mut Emitter, kernel: &Kernel, node: NodeId) -> Result<KernelReport> {
+/// A batch norm's gradients: the sums (with `dy` masked on load), `dβ` and `dγ` from them,
+/// then a second pass for `dx = a·dy + b·x + k`.
+pub(super) fn grad(e: &mut Emitter, kernel: &Kernel, group: &BatchNormGrad) -> Result<KernelReport> {
     let first = e.program.len();
-    let bn = attrs(e, node);
-    let ins = e.graph.node(node).inputs.clone();
-    let (x, gamma_hbm, dy) = (e.place(ins[0]).tile, e.place(ins[1]).tile, e.place(ins[4]).tile);
+    let bn = attrs(e, group.input);
+    let ins = e.graph.node(group.input).inputs.clone();
+    let (dy, mask) = match group.mask {
+        Some(m) => {
+            let n = e.graph.node(m);
+            let op = if matches!(n.op, GOp::Relu6Grad) { BinaryOp::MaskRelu6 } else { BinaryOp::MaskPositive };
+            (e.place(n.inputs[1]).tile, Some((e.place(n.inputs[0]).tile, op)))
+        }
+        None => (e.place(ins[4]).tile, None),
+    };
+    let src = Source { x: e.place(ins[0]).tile, dy: Some(dy), mask };
     let out = e.place(kernel.output).tile;
-    let (rows, c) = (x.rows as usize, x.cols as usize);
+    let (rows, c) = (src.x.rows as usize, src.x.cols as usize);
     let mut vmem = e.vmem();
-    let st = moments(e, kernel, x, Some(dy), bn.epsilon, &mut vmem)?;
+    let rings = Rings::new(e, kernel, &src, 4, 0.9, &mut vmem)?;
+    let st = moments(e, kernel, &src, &rings, bn.epsilon, &mut vmem)?;
     let (sdy, sxdy) = st.dy.expect("the pass read dy");
     let oom = |e: &Emitter| e.vmem_error(kernel, "channel vectors");
     let mut vec = |e: &Emitter| vmem.alloc(1, c).ok_or_else(|| oom(e));
-    let (a, b, k) = (vec(e)?, vec(e)?, vec(e)?);
-    let lg = e.push(Op::dma(1, gamma_hbm, a), &[]);
+    let (a, b, k, dgamma, t) = (vec(e)?, vec(e)?, vec(e)?, vec(e)?, vec(e)?);
+    let lg = e.push(Op::dma(1, e.place(ins[1]).tile, a), &[]);
     let binary = |e: &mut Emitter, op, x, y, dst, deps: &[u32]| e.push(Op::Binary { op, a: x, b: y, dst }, deps);
     let unary = |e: &mut Emitter, op, src, dst, deps: &[u32]| e.push(Op::Unary { op, src, dst }, deps);
+    let mut stores = Vec::new();
+    if let Some(beta) = group.beta {
+        stores.push(e.push(Op::dma(2, sdy, e.place(beta).tile), &[st.done]));
+    }
+    // dγ = σ⁻¹(Σx·dy − μΣdy).
+    let t1 = binary(e, BinaryOp::Mul, st.mean, sdy, t, &[st.done]);
+    let t2 = binary(e, BinaryOp::Sub, sxdy, t, dgamma, &[t1]);
+    let dg = binary(e, BinaryOp::Mul, dgamma, st.inv_std, dgamma, &[t2]);
+    if let Some(gamma) = group.gamma {
+        stores.push(e.push(Op::dma(2, dgamma, e.place(gamma).tile), &[dg]));
+    }
+    // a = γσ⁻¹; b = −a·σ⁻¹·dγ/m; k = −a·Σdy/m − b·μ.
     let inv_m = 1.0 / rows as f32;
-    // mean(dy) and mean(dy·x̂) = σ⁻¹(Σx·dy/m − μ·mean(dy)).
-    let s1 = unary(e, UnaryOp::Scale(inv_m), sdy, sdy, &[st.done]);
-    let s2 = unary(e, UnaryOp::Scale(inv_m), sxdy, sxdy, &[s1]);
-    let t = binary(e, BinaryOp::Mul, st.mean, sdy, k, &[s2]);
-    let t = binary(e, BinaryOp::Sub, sxdy, k, sxdy, &[t]);
-    let mdx = binary(e, BinaryOp::Mul, sxdy, st.inv_std, sxdy, &[t]);
-    // a = γσ⁻¹; b = −a·σ⁻¹·mean(dy·x̂); k = −a·mean(dy) − b·μ.
-    let ra = binary(e, BinaryOp::Mul, a, st.inv_std, a, &[lg, mdx]);
-    let t = binary(e, BinaryOp::Mul, a, st.inv_std, b, &[ra]);
-    let t = binary(e, BinaryOp::Mul, b, sxdy, b, &[t]);
-    let rb_ = unary(e, UnaryOp::Neg, b, b, &[t]);
-    let t = binary(e, BinaryOp::Mul, a, sdy, k, &[rb_]);
-    let t = binary(e, BinaryOp::Mul, b, st.mean, sdy, &[t]);
-    let t = binary(e, BinaryOp::Add, k, sdy, k, &[t]);
-    let ready = unary(e, UnaryOp::Neg, k, k, &[t]);
+    let ra = binary(e, BinaryOp::Mul, a, st.inv_std, a, &[lg, dg]);
+    let t1 = binary(e, BinaryOp::Mul, a, st.inv_std, b, &[ra]);
+    let t1 = binary(e, BinaryOp::Mul, b, dgamma, b, &[t1]);
+    let rb = unary(e, UnaryOp::Scale(-inv_m), b, b, &[t1]);
+    let t1 = binary(e, BinaryOp::Mul, a, sdy, k, &[rb]);
+    let t1 = unary(e, UnaryOp::Scale(-inv_m), k, k, &[t1]);
+    let t2 = binary(e, BinaryOp::Mul, b, st.mean, t, &[t1]);
+    let ready = binary(e, BinaryOp::Sub, k, t, k, &[t2]);
 
     // Second pass.
-    let blk = rows_per_block(e, rows, c, 2 * BUFFERS);
-    let oom = |e: &Emitter| e.vmem_error(kernel, "row blocks");
-    let mut ring = |e: &Emitter| vmem.ring(blk, c).ok_or_else(|| oom(e));
-    let (xb, db) = (ring(e)?, ring(e)?);
-    let mut free: Vec<Vec<u32>> = vec![Vec::new(); BUFFERS];
-    for (i, r0) in (0..rows).step_by(blk).enumerate() {
-        let rn = blk.min(rows - r0);
-        let p = i % BUFFERS;
-        let (xt, dt) = (Tile { rows: rn as u32, ..xb[p] }, Tile { rows: rn as u32, ..db[p] });
-        let lx = e.push(Op::dma(0, x.rows(r0, rn), xt), &free[p]);
-        let ld = e.push(Op::dma(1, dy.rows(r0, rn), dt), &free[p]);
-        let m = binary(e, BinaryOp::Mul, dt, a, dt, &[ld, ready]);
-        let ma = e.push(Op::MulAdd { a: xt, b, acc: dt }, &[m, lx]);
+    let mut free = st.free;
+    for (i, r0) in (0..rows).step_by(rings.rows).enumerate() {
+        let rn = rings.rows.min(rows - r0);
+        let (xt, dt, mut loaded) = rings.load(e, &src, i, r0, rn, &free[i % BUFFERS]);
+        let dt = dt.expect("the source has dy");
+        loaded.push(ready);
+        let m = binary(e, BinaryOp::Mul, dt, a, dt, &loaded);
+        let ma = e.push(Op::MulAdd { a: xt, b, acc: dt }, &[m]);
         let add = binary(e, BinaryOp::Add, dt, k, dt, &[ma]);
         let store = e.push(Op::dma(2, dt, out.rows(r0, rn)), &[add]);
-        free[p] = vec![add, store];
+        free[i % BUFFERS] = vec![add, store];
     }
     let range = first..e.program.len() + 1;
-    Ok(e.report(
-        e.graph,
-        kernel,
-        format!("a pass of sums, then blocks of {blk} rows on the VPU"),
-        format!("{rows} x {c}"),
-        0,
-        range,
-    ))
+    let strategy = format!(
+        "two passes of {} rows on the VPU{}",
+        rings.rows,
+        if group.mask.is_some() { ", dy masked on load" } else { "" }
+    );
+    Ok(e.report(e.graph, kernel, strategy, format!("{rows} x {c}"), 0, range))
 }

@@ -49,6 +49,11 @@ impl Vmem {
         (0..BUFFERS).map(|_| self.alloc(rows, cols)).collect()
     }
 
+    /// Bytes not yet allocated.
+    pub(super) fn remaining(&self) -> u64 {
+        self.capacity.saturating_sub(self.next)
+    }
+
     pub(super) fn alloc(&mut self, rows: usize, cols: usize) -> Option<Tile> {
         let at = self.next.div_ceil(512) * 512;
         let end = at + (rows * cols * 4) as u64;
@@ -1460,7 +1465,7 @@ pub(super) fn emit(
             Main::PoolGrad(n) => backward::pool_grad(&mut e, kernel, *n)?,
             Main::ConvGradInput(n) => conv_grad::conv_grad_input(&mut e, kernel, *n)?,
             Main::ConvGradFilter(n) => conv_grad::conv_grad_filter(&mut e, kernel, *n)?,
-            Main::BatchNormGradInput(n) => batch_norm::grad_input(&mut e, kernel, *n)?,
+            Main::BatchNormGrad(g) => batch_norm::grad(&mut e, kernel, g)?,
             Main::BatchNormGradGamma(n) => batch_norm::grad_gamma(&mut e, kernel, *n)?,
             Main::Update(u) => backward::update(&mut e, kernel, u)?,
             Main::Advance(state) => backward::advance(&mut e, kernel, state)?,

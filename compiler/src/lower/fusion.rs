@@ -6,6 +6,7 @@
 //! is the only consumer of the value so far, so every fused intermediate is never written to
 //! HBM. Reshapes (and dropout at inference) become views: no instructions, the same bytes.
 
+use std::collections::BTreeMap;
 use std::fmt;
 
 use super::training::Update;
@@ -62,14 +63,29 @@ pub enum Main {
     ConvGradInput(NodeId),
     /// `Conv2dBackpropFilter`: per tap, `dyᵀ · x_tap` accumulated over blocks of pixels.
     ConvGradFilter(NodeId),
-    /// `BatchNormGradInput` with batch statistics: a pass of sums, then the gradient.
-    BatchNormGradInput(NodeId),
+    /// A batch norm's gradients with batch statistics in one kernel: a pass of sums, then the
+    /// input gradient; the gamma and beta gradients come from the sums.
+    BatchNormGrad(BatchNormGrad),
     /// `BatchNormGradGamma`: one pass of sums.
     BatchNormGradGamma(NodeId),
     /// The optimizer's update of one parameter (in place) and its slots.
     Update(Update),
     /// The optimizer's shared state after the step (Adam's powers).
     Advance(Vec<NodeId>),
+}
+
+/// The nodes of one batch norm's gradient kernel.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BatchNormGrad {
+    /// The `BatchNormGradInput` node (the kernel's output).
+    pub input: NodeId,
+    /// `BatchNormGradGamma` on the same `x` and `dy`.
+    pub gamma: Option<NodeId>,
+    /// `BiasAddGrad` of the same `dy` (beta's gradient).
+    pub beta: Option<NodeId>,
+    /// A `ReluGrad` / `Relu6Grad` that makes `dy` and feeds only this kernel: applied to each
+    /// block as it loads, so the masked gradient never goes to HBM.
+    pub mask: Option<NodeId>,
 }
 
 /// A group of nodes computed by one block of instructions.
@@ -82,6 +98,8 @@ pub struct Kernel {
     pub nodes: Vec<NodeId>,
     /// The node whose value the kernel writes to HBM.
     pub output: NodeId,
+    /// Further nodes it writes (a fused batch-norm gradient's gamma and beta gradients).
+    pub also: Vec<NodeId>,
 }
 
 impl Kernel {
@@ -102,8 +120,15 @@ impl Kernel {
             | Main::PoolGrad(n)
             | Main::ConvGradInput(n)
             | Main::ConvGradFilter(n)
-            | Main::BatchNormGradInput(n)
             | Main::BatchNormGradGamma(n) => out.extend(graph.node(*n).inputs.iter().copied()),
+            Main::BatchNormGrad(g) => {
+                let ins = &graph.node(g.input).inputs;
+                out.extend(ins[..4].iter().copied());
+                match g.mask {
+                    Some(m) => out.extend(graph.node(m).inputs.iter().copied()),
+                    None => out.push(ins[4]),
+                }
+            }
             Main::Pointwise { input } => out.push(*input),
             // The labels are read as their one-hot input, a leaf.
             Main::Loss(n) | Main::LossGrad(n) | Main::ColumnSums(n) => out.push(graph.node(*n).inputs[0]),
@@ -147,6 +172,7 @@ pub fn fuse(graph: &Graph, training: bool) -> Result<Vec<Kernel>> {
     let mut fused = vec![false; graph.len()];
     let is_output = |id: NodeId| graph.outputs().contains(&id);
     let mut kernels = Vec::new();
+    let mut bn_grads = group_batch_norm_grads(graph, &needed, &mut fused);
     for (id, node) in graph.nodes() {
         if !needed[id.index()] || fused[id.index()] || node.op.is_leaf() {
             continue;
@@ -172,7 +198,7 @@ pub fn fuse(graph: &Graph, training: bool) -> Result<Vec<Kernel>> {
             Op::MaxPoolGrad(_) | Op::AvgPoolGrad(_) | Op::GlobalAvgPoolGrad(_) => Main::PoolGrad(id),
             Op::Conv2dBackpropInput(_) => Main::ConvGradInput(id),
             Op::Conv2dBackpropFilter(_) => Main::ConvGradFilter(id),
-            Op::BatchNormGradInput(_) => Main::BatchNormGradInput(id),
+            Op::BatchNormGradInput(_) => Main::BatchNormGrad(bn_grads.remove(&id).expect("grouped above")),
             Op::BatchNormGradGamma(_) => Main::BatchNormGradGamma(id),
             Op::Dropout(_) => {
                 return Err(unsupported(
@@ -192,8 +218,18 @@ pub fn fuse(graph: &Graph, training: bool) -> Result<Vec<Kernel>> {
                 ));
             }
         };
-        let mut kernel =
-            Kernel { name: node.name.clone(), main: main.clone(), epilogue: Vec::new(), nodes: vec![id], output: id };
+        let mut kernel = Kernel {
+            name: node.name.clone(),
+            main: main.clone(),
+            epilogue: Vec::new(),
+            nodes: vec![id],
+            output: id,
+            also: Vec::new(),
+        };
+        if let Main::BatchNormGrad(g) = &main {
+            kernel.nodes = g.mask.into_iter().chain([id]).chain(g.gamma).chain(g.beta).collect();
+            kernel.also = g.gamma.into_iter().chain(g.beta).collect();
+        }
         fused[id.index()] = true;
         // A pointwise kernel's first node is itself an epilogue step on its input.
         let mut cur = id;
@@ -205,7 +241,10 @@ pub fn fuse(graph: &Graph, training: bool) -> Result<Vec<Kernel>> {
             };
             kernel.epilogue.push(step);
         }
-        if matches!(main, Main::Conv(_) | Main::Dense(_) | Main::Pointwise { .. }) {
+        // A convolution's input gradient takes the residual add that sums it with the other
+        // branch's gradient; forward kernels take any epilogue.
+        let only_adds = matches!(main, Main::ConvGradInput(_));
+        if only_adds || matches!(main, Main::Conv(_) | Main::Dense(_) | Main::Pointwise { .. }) {
             // Grow the epilogue along single-consumer chains.
             loop {
                 let consumers: Vec<NodeId> = graph.consumers(cur).into_iter().filter(|c| needed[c.index()]).collect();
@@ -217,6 +256,9 @@ pub fn fuse(graph: &Graph, training: bool) -> Result<Vec<Kernel>> {
                     break;
                 }
                 let Some(step) = epilogue_step(graph, next, cur) else { break };
+                if only_adds && !matches!(step, Epilogue::Residual(_)) {
+                    break;
+                }
                 kernel.epilogue.push(step);
                 kernel.nodes.push(next);
                 fused[next.index()] = true;
@@ -229,6 +271,42 @@ pub fn fuse(graph: &Graph, training: bool) -> Result<Vec<Kernel>> {
     // Order by output: a fused residual add may follow the kernel that makes its other operand.
     kernels.sort_by_key(|k| k.output.index());
     Ok(kernels)
+}
+
+/// Each batch norm's input gradient with the nodes that read the same `x` and `dy` (gamma's
+/// and beta's gradients) and the activation gradient making `dy`, marked fused: one kernel
+/// reads `x` and `dy` twice, where separate kernels would read them five times.
+fn group_batch_norm_grads(graph: &Graph, needed: &[bool], fused: &mut [bool]) -> BTreeMap<NodeId, BatchNormGrad> {
+    let consumers =
+        |n: NodeId| -> Vec<NodeId> { graph.consumers(n).into_iter().filter(|c| needed[c.index()]).collect() };
+    let mut groups = BTreeMap::new();
+    for (id, node) in graph.nodes() {
+        if !needed[id.index()] || !matches!(node.op, Op::BatchNormGradInput(_)) {
+            continue;
+        }
+        let (x, dy) = (node.inputs[0], node.inputs[4]);
+        let of_dy = consumers(dy);
+        let find = |want: &dyn Fn(&Op) -> bool| {
+            of_dy.iter().copied().find(|&c| {
+                !fused[c.index()]
+                    && want(&graph.node(c).op)
+                    && graph.node(c).inputs[0] == if matches!(graph.node(c).op, Op::BiasAddGrad) { dy } else { x }
+            })
+        };
+        let gamma = find(&|op| matches!(op, Op::BatchNormGradGamma(_)));
+        let beta = find(&|op| matches!(op, Op::BiasAddGrad));
+        let members: Vec<NodeId> = [Some(id), gamma, beta].into_iter().flatten().collect();
+        let mask = (matches!(graph.node(dy).op, Op::ReluGrad | Op::Relu6Grad)
+            && !graph.outputs().contains(&dy)
+            && !fused[dy.index()]
+            && of_dy.iter().all(|c| members.contains(c)))
+        .then_some(dy);
+        for n in [gamma, beta, mask].into_iter().flatten() {
+            fused[n.index()] = true;
+        }
+        groups.insert(id, BatchNormGrad { input: id, gamma, beta, mask });
+    }
+    groups
 }
 
 /// `next` as an epilogue step applied to the running value `cur`, if it can be one.

@@ -121,8 +121,8 @@ pub(super) fn plan(
     let mut live_activations = 0u64;
     let mut peak_activations = 0u64;
     for (k, kernel) in kernels.iter().enumerate() {
-        let out = kernel.output;
-        if kernel.allocates() && owner[out.index()] == Some(out) {
+        let outs = std::iter::once(kernel.output).chain(kernel.also.iter().copied());
+        for out in outs.filter(|&o| kernel.allocates() && owner[o.index()] == Some(o)) {
             let at = heap.alloc(bytes(out));
             offsets[out.index()] = Some(at);
             live_activations += bytes(out);

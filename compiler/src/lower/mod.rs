@@ -148,12 +148,26 @@ pub fn compile(graph: &Graph, opts: &Options) -> Result<Compiled> {
     for u in &step.updates {
         let name = format!("update/{}", graph.node(u.param).name);
         let nodes = vec![u.param];
-        kernels.push(Kernel { name, main: Main::Update(u.clone()), epilogue: Vec::new(), nodes, output: u.param });
+        kernels.push(Kernel {
+            name,
+            main: Main::Update(u.clone()),
+            epilogue: Vec::new(),
+            nodes,
+            output: u.param,
+            also: Vec::new(),
+        });
     }
     if let Some(&first) = step.state.first() {
         let main = Main::Advance(step.state.clone());
         let name = "update/optimizer state".to_string();
-        kernels.push(Kernel { name, main, epilogue: Vec::new(), nodes: step.state.clone(), output: first });
+        kernels.push(Kernel {
+            name,
+            main,
+            epilogue: Vec::new(),
+            nodes: step.state.clone(),
+            output: first,
+            also: Vec::new(),
+        });
     }
     dumps.push((PassName::Fusion, dump_fusion(graph, &kernels)));
 
@@ -170,6 +184,9 @@ pub fn compile(graph: &Graph, opts: &Options) -> Result<Compiled> {
             Main::View(n) => owner[graph.node(n).inputs[0].index()].expect("views follow their source"),
             _ => k.output,
         });
+        for &a in &k.also {
+            owner[a.index()] = Some(a);
+        }
     }
     let shape_of = |id: NodeId| graph.node(id).shape.concrete(opts.batch);
     dumps.push((PassName::Layout, dump_layout(graph, &kernels, &owner, &shape_of)));
@@ -242,11 +259,13 @@ fn dump_layout(
 ) -> String {
     let mut s = String::new();
     for k in kernels {
-        let o = owner[k.output.index()].expect("placed");
-        let shape = shape_of(k.output);
-        let (r, c) = rows_cols(&shape);
-        let alias = if o == k.output { String::new() } else { format!("  (view of {})", graph.node(o).name) };
-        s += &format!("{:<28} {:?} as {r} x {c} f32{alias}\n", graph.node(k.output).name, shape);
+        for out in std::iter::once(k.output).chain(k.also.iter().copied()) {
+            let o = owner[out.index()].expect("placed");
+            let shape = shape_of(out);
+            let (r, c) = rows_cols(&shape);
+            let alias = if o == out { String::new() } else { format!("  (view of {})", graph.node(o).name) };
+            s += &format!("{:<28} {:?} as {r} x {c} f32{alias}\n", graph.node(out).name, shape);
+        }
     }
     s
 }
