@@ -18,7 +18,8 @@ pub mod graph;
 pub mod lower;
 pub mod optimizer;
 pub mod reference;
-pub mod rng;
+/// Counter-based random numbers, shared with the simulator (dropout masks must agree).
+pub use systolic_simulator::rng;
 pub mod tensors;
 pub mod zoo;
 

@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 
 use systolic_compiler::autodiff;
 use systolic_compiler::graph::{BatchNorm, ConvSpec, Padding, Pool};
+use systolic_compiler::lower::training::DROPOUT_STEP;
 use systolic_compiler::lower::{Options, Training, compile};
 use systolic_compiler::optimizer::Optimizer;
 use systolic_compiler::reference::{self, RunOptions};
@@ -175,6 +176,11 @@ fn convs() -> Graph {
 
 /// Gradients of one SGD step at HIGHEST precision against the reference, element by element.
 fn gradients_match(g: Graph, input: &[usize], batch: usize) {
+    gradients_match_at_step(g, input, batch, 0);
+}
+
+/// [`gradients_match`] for training step `step` (dropout draws each step's own mask).
+fn gradients_match_at_step(g: Graph, input: &[usize], batch: usize, step: u64) {
     let m = presets::preset("v2-8").unwrap();
     let (with_loss, loss) = g.with_classifier_loss(0.0).unwrap();
     let grads = autodiff::differentiate(&with_loss, loss, &with_loss.trainable_parameters()).unwrap();
@@ -188,10 +194,16 @@ fn gradients_match(g: Graph, input: &[usize], batch: usize) {
     b.insert("labels".into(), y.clone());
     let mut feed = b.clone();
     feed.insert("labels/one_hot".into(), one_hot(&y, 10));
+    feed.insert(DROPOUT_STEP.into(), Tensor::from_shape_vec(vec![1], vec![step as f32]).unwrap());
     let got: BTreeMap<String, Vec<f32>> =
         compiled.executable.run(&m, |name| feed.get(name).and_then(|t| t.as_slice())).unwrap().into_iter().collect();
     simulate(&m, &compiled.executable.program, false).unwrap();
-    let want = reference::run_gradients(&grads, &b, RunOptions::training(0)).unwrap();
+    let want = reference::run_gradients(&grads, &b, RunOptions::training(step)).unwrap();
+    if let Some(next) = got.get(DROPOUT_STEP) {
+        assert_eq!(next, &[(step + 1) as f32], "the program advances its step counter");
+    }
+    let loss_err = rel_err(&[want.root.iter().next().copied().unwrap()], &got["loss"]);
+    assert!(loss_err < 1e-6, "{}: loss {loss_err}", g.name());
     for (name, gw) in &want.grads {
         let e = rel_err(gw.as_slice().unwrap(), &got[&format!("{name}/grad")]);
         // Kernels agree to ~5e-7; a bias gradient sums thousands of pixels, in another order
@@ -242,6 +254,25 @@ fn batch_normed() -> Graph {
 #[test]
 fn batch_norm_training_matches_the_reference() {
     training_step_matches(batch_normed(), &[8, 8, 3], 5e-2);
+}
+
+/// Dropout in a training step: the simulated VPU draws the reference's mask, a new one each
+/// step, on the activations and on their gradient.
+#[test]
+fn dropout_masks_match_the_reference_at_any_step() {
+    let mut g = Graph::new("dropped");
+    let x = g.input("x", &[6, 6, 2]).unwrap();
+    let h = g.conv2d("c1", x, ConvSpec::new(8, 3).same()).unwrap();
+    let h = g.relu("c1_relu", h).unwrap();
+    let h = g.dropout("drop_conv", h, 0.25, 7).unwrap();
+    let h = g.flatten("flat", h).unwrap();
+    let h = g.dense("fc", h, 40).unwrap();
+    let h = g.dropout("drop_fc", h, 0.5, 11).unwrap();
+    let logits = g.dense("logits", h, 10).unwrap();
+    g.set_outputs(vec![logits]);
+    for step in [0, 1, 12_345] {
+        gradients_match_at_step(g.clone(), &[6, 6, 2], 5, step);
+    }
 }
 
 fn labels(batch: usize, classes: usize) -> Tensor {

@@ -201,6 +201,27 @@ impl Functional {
                     (0..cols).flat_map(|c| (0..rows).map(move |r| (r, c))).map(|(r, c)| v[r * cols + c]).collect();
                 self.vmem.write(&dst, &t);
             }
+            Op::Dropout { seed, rate, step, counter, src, dst } => {
+                let s = self.vmem.read(&step)[0];
+                if !(s >= 0.0 && s.fract() == 0.0 && s < (1u32 << 24) as f32) {
+                    return Err(format!(
+                        "the step {s} must be a whole number below 2^24 (an f32 counts every step exactly up to there)"
+                    ));
+                }
+                let key = crate::rng::derive(seed, s as u64);
+                let cols = src.cols as u64;
+                let v: Vec<f32> = self
+                    .vmem
+                    .read(&src)
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, x)| {
+                        let (r, c) = (i as u64 / cols, i as u64 % cols);
+                        x * crate::rng::dropout_scale(rate, key, counter + r * cols + c)
+                    })
+                    .collect();
+                self.vmem.write(&dst, &v);
+            }
             Op::Barrier => {}
             Op::AllReduce { replicas, .. } => {
                 if replicas > 1 {

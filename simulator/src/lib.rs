@@ -19,6 +19,7 @@ pub mod isa;
 pub mod kernels;
 pub mod mxu;
 pub mod numerics;
+pub mod rng;
 pub mod timing;
 pub mod trace;
 

@@ -98,6 +98,8 @@ fn vpu_cycles(machine: &Machine, op: &Op) -> u64 {
         }
         // One register through the transpose unit per cycle.
         Op::Transpose { src, .. } => vregs(machine, src).max(1),
+        // The counter hash in 32-bit lane operations (see `rng::DROPOUT_LANE_OPS`).
+        Op::Dropout { dst, .. } => ops(vregs(machine, dst) * crate::rng::DROPOUT_LANE_OPS),
         _ => 1,
     }
 }
@@ -178,7 +180,8 @@ impl Engine<'_> {
             | Op::Reduce { .. }
             | Op::Pool { .. }
             | Op::PoolGrad { .. }
-            | Op::Transpose { .. } => (at, at + vpu_cycles(m, op)),
+            | Op::Transpose { .. }
+            | Op::Dropout { .. } => (at, at + vpu_cycles(m, op)),
             Op::Barrier => (at, at + 1),
             Op::AllReduce { replicas, .. } => {
                 if replicas > 1 {

@@ -7,6 +7,7 @@ use systolic_simulator::kernels;
 use systolic_simulator::mxu::kernel::{Matrix, matmul_reference};
 use systolic_simulator::mxu::{Timeline, passes};
 use systolic_simulator::numerics::{Precision, bf16};
+use systolic_simulator::rng;
 use systolic_simulator::timing::simulate;
 use systolic_simulator::trace::chrome_trace;
 use systolic_simulator::{Error, Machine};
@@ -364,6 +365,40 @@ fn pooling_transpose_and_bf16_storage() {
     let tr = f.read(t_dst).unwrap();
     assert_eq!(tr[4 * 3 + 1], t[7 + 4]);
     assert_eq!(f.read(half).unwrap(), t.iter().map(|&v| bf16(v)).collect::<Vec<_>>());
+}
+
+#[test]
+fn dropout_draws_the_shared_mask_for_the_step_and_checks_its_operands() {
+    let m = v2();
+    let (src, dst, step) = (vmem(0, 6, 40), vmem(4096, 6, 40), vmem(8192, 1, 1));
+    let x = values(240, 3);
+    let mut p = Program::new("dropout");
+    p.push(Op::Dropout { seed: 5, rate: 0.3, step, counter: 80, src, dst }, &[]);
+    let mut f = Functional::new(&m);
+    f.write(src, &x).unwrap();
+    f.write(step, &[9.0]).unwrap();
+    f.run(&p).unwrap();
+    let key = rng::derive(5, 9);
+    let want: Vec<f32> = x.iter().enumerate().map(|(i, v)| v * rng::dropout_scale(0.3, key, 80 + i as u64)).collect();
+    let got = f.read(dst).unwrap();
+    assert_eq!(got, want);
+    let dropped = got.iter().filter(|&&v| v == 0.0).count();
+    assert!((40..110).contains(&dropped), "{dropped} of 240 dropped at rate 0.3");
+    // One register: the hash's lane operations shared by the VPU's ALUs.
+    let t = simulate(&m, &p, false).unwrap();
+    let vpu = t.report.units.iter().find(|u| u.unit == "vpu").unwrap();
+    assert_eq!(vpu.busy_cycles, rng::DROPOUT_LANE_OPS.div_ceil(m.core.vpu.alus as u64));
+
+    // A step that is not a whole number, a rate of 1, a step of more than one value.
+    f.write(step, &[2.5]).unwrap();
+    let e = f.run(&p).unwrap_err().to_string();
+    assert!(e.contains("whole number"), "{e}");
+    let mut bad = Program::new("bad");
+    bad.push(Op::Dropout { seed: 5, rate: 1.0, step, counter: 0, src, dst }, &[]);
+    assert!(program_error(&bad, &m).contains("rate 1 must be in [0, 1)"));
+    let mut bad = Program::new("bad");
+    bad.push(Op::Dropout { seed: 5, rate: 0.5, step: vmem(8192, 1, 2), counter: 0, src, dst }, &[]);
+    assert!(program_error(&bad, &m).contains("must be one value"));
 }
 
 // ---- timing ----

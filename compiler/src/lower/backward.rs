@@ -8,7 +8,7 @@
 
 use systolic_simulator::isa::*;
 
-use super::emit::{BUFFERS, Emitter, Operand, matmul_kernel};
+use super::emit::{self, BUFFERS, Emitter, Operand, matmul_kernel};
 use super::fusion::Kernel;
 use super::training::Update;
 use super::{KernelReport, rows_cols};
@@ -221,12 +221,7 @@ pub(super) fn pool_grad(e: &mut Emitter, kernel: &Kernel, node: NodeId) -> Resul
     let win = pool.resolve([h, w]).expect("checked when the node was added");
     let (in_px, out_px) = (h * w, win.out_h * win.out_w);
     let arrays = if x.is_some() { 2 } else { 1 };
-    // Blocks of whole images, and of channels when one image of every channel is too big
-    // (the 112x112 stem of an ImageNet network).
-    let budget = (e.m.core.vmem_bytes / 2 / BUFFERS as u64) as usize;
-    let per_channel = (arrays * in_px + out_px) * 4;
-    let cb = c.div_ceil(c.div_ceil((budget / per_channel.max(1)).clamp(1, c)));
-    let imgs = (budget / (per_channel * cb).max(1)).clamp(1, batch);
+    let (imgs, cb) = emit::image_channel_blocks(e, batch, c, (arrays * in_px + out_px) * 4);
     let mut vmem = e.vmem();
     let oom = |e: &Emitter| e.vmem_error(kernel, "image buffers");
     let xb = if x.is_some() { vmem.ring(imgs * in_px, cb).ok_or_else(|| oom(e))? } else { Vec::new() };
@@ -270,6 +265,38 @@ pub(super) fn pool_grad(e: &mut Emitter, kernel: &Kernel, node: NodeId) -> Resul
         0,
         range,
     ))
+}
+
+/// Dropout with the step's mask, blocks of whole rows (element counters run over the tensor
+/// in row-major order, as the reference's).
+pub(super) fn dropout(e: &mut Emitter, kernel: &Kernel, node: NodeId) -> Result<KernelReport> {
+    let first = e.program.len();
+    let GOp::Dropout(d) = &e.graph.node(node).op else { unreachable!("a Dropout main") };
+    let (seed, rate) = (d.seed, d.rate);
+    let x = e.place(e.graph.node(node).inputs[0]).tile;
+    let out = e.place(kernel.output).tile;
+    let step_hbm = e.place(e.extras.dropout_step.expect("a training step with dropout has a step counter")).tile;
+    let (rows, c) = (x.rows as usize, x.cols as usize);
+    let rb = rows_per_block(e, rows, c, BUFFERS);
+    let mut vmem = e.vmem();
+    let oom = |e: &Emitter| e.vmem_error(kernel, "row blocks");
+    let bufs = vmem.ring(rb, c).ok_or_else(|| oom(e))?;
+    let step = vmem.alloc(1, 1).ok_or_else(|| oom(e))?;
+    let loaded_step = e.push(Op::dma(1, step_hbm, step), &[]);
+    let mut free: Vec<Vec<u32>> = vec![Vec::new(); BUFFERS];
+    for (b, r0) in (0..rows).step_by(rb).enumerate() {
+        let rn = rb.min(rows - r0);
+        let p = b % BUFFERS;
+        let t = Tile { rows: rn as u32, ..bufs[p] };
+        let load = e.push(Op::dma(0, x.rows(r0, rn), t), &free[p]);
+        let counter = (r0 * c) as u64;
+        let drop = e.push(Op::Dropout { seed, rate, step, counter, src: t, dst: t }, &[load, loaded_step]);
+        let store = e.push(Op::dma(2, t, out.rows(r0, rn)), &[drop]);
+        free[p] = vec![drop, store];
+    }
+    let range = first..e.program.len() + 1;
+    let strategy = format!("mask drawn on the VPU, blocks of {rb} rows");
+    Ok(e.report(e.graph, kernel, strategy, format!("{rows} x {c}, rate {rate}"), 0, range))
 }
 
 /// One parameter's optimizer update, in place, block by block.
@@ -380,12 +407,14 @@ pub(super) fn advance(e: &mut Emitter, kernel: &Kernel, state: &[NodeId]) -> Res
         _ => Vec::new(),
     };
     let mut vmem = e.vmem();
-    for (&s, &f) in state.iter().zip(&factors) {
+    for (i, &s) in state.iter().enumerate() {
+        // Adam's powers times beta; the dropout step plus one.
+        let op = if Some(s) == e.extras.dropout_step { UnaryOp::AddScalar(1.0) } else { UnaryOp::Scale(factors[i]) };
         let hbm = e.place(s).tile;
         let (r, c) = rows_cols(&e.place(s).shape);
         let t = vmem.alloc(r, c).ok_or_else(|| e.vmem_error(kernel, "state"))?;
         let l = e.push(Op::dma(0, hbm, t), &[]);
-        let m = e.push(Op::Unary { op: UnaryOp::Scale(f), src: t, dst: t }, &[l]);
+        let m = e.push(Op::Unary { op, src: t, dst: t }, &[l]);
         e.push(Op::dma(1, t, hbm), &[m]);
     }
     let range = first..e.program.len() + 1;

@@ -83,8 +83,9 @@ pub(super) struct Extras {
     /// Integer labels -> the one-hot input read instead.
     pub one_hot: BTreeMap<NodeId, NodeId>,
     pub optimizer: Option<Optimizer>,
-    /// The optimizer's shared state (Adam's powers).
+    /// The shared state (Adam's powers, the dropout step).
     pub state: Vec<NodeId>,
+    pub dropout_step: Option<NodeId>,
 }
 
 pub(super) struct Emitter<'a> {
@@ -185,6 +186,9 @@ impl<'a> Emitter<'a> {
             }
             Op::MulAdd { acc, .. } => self.account.vpu_cycles += vpu(2 * vregs(acc)),
             Op::Reduce { src, .. } | Op::Transpose { src, .. } => self.account.vpu_cycles += vpu(vregs(src)),
+            Op::Dropout { dst, .. } => {
+                self.account.vpu_cycles += vpu(vregs(dst) * systolic_simulator::rng::DROPOUT_LANE_OPS)
+            }
             Op::Pool { shape, dst, .. } => {
                 self.account.vpu_cycles += vpu(vregs(dst) * (shape.window[0] * shape.window[1]) as u64)
             }
@@ -1232,6 +1236,16 @@ fn images_per_block(e: &Emitter, n: usize, bytes_per_image: u64) -> usize {
     ((budget / bytes_per_image.max(1)) as usize).clamp(1, n)
 }
 
+/// Blocks for image-wise VPU work (pooling and its gradient): whole images, and as many
+/// channels of them as keep `BUFFERS` blocks within half of VMEM — all channels unless one
+/// image is too big (the 224x224 first pools of VGG). Returns (images, channels) per block.
+pub(super) fn image_channel_blocks(e: &Emitter, n: usize, c: usize, bytes_per_pixel_channel: usize) -> (usize, usize) {
+    let budget = (e.m.core.vmem_bytes / 2 / BUFFERS as u64) as usize;
+    let fit = (budget / bytes_per_pixel_channel.max(1)).clamp(1, c);
+    let cb = c.div_ceil(c.div_ceil(fit));
+    ((budget / (bytes_per_pixel_channel * cb).max(1)).clamp(1, n), cb)
+}
+
 fn pool(e: &mut Emitter, kernel: &Kernel, node: NodeId, attrs: &PoolAttrs, max: bool) -> Result<KernelReport> {
     let first = e.program.len();
     let graph = e.graph;
@@ -1239,22 +1253,21 @@ fn pool(e: &mut Emitter, kernel: &Kernel, node: NodeId, attrs: &PoolAttrs, max: 
     let y = e.place(kernel.output);
     let [n, h, w, c] = [x.shape[0], x.shape[1], x.shape[2], x.shape[3]];
     let win = attrs.resolve([h, w]).expect("checked when the node was added");
-    let imgs = images_per_block(e, n, ((h * w + win.out_h * win.out_w) * c * 4) as u64);
+    let (in_px, out_px) = (h * w, win.out_h * win.out_w);
+    let (imgs, cb) = image_channel_blocks(e, n, c, (in_px + out_px) * 4);
     let mut vmem = e.vmem();
     let oom = |e: &Emitter| e.vmem_error(kernel, "image buffers");
-    let src: Vec<Tile> =
-        (0..BUFFERS).map(|_| vmem.alloc(imgs * h * w, c)).collect::<Option<_>>().ok_or_else(|| oom(e))?;
-    let dst: Vec<Tile> = (0..BUFFERS)
-        .map(|_| vmem.alloc(imgs * win.out_h * win.out_w, c))
-        .collect::<Option<_>>()
-        .ok_or_else(|| oom(e))?;
+    let src = vmem.ring(imgs * in_px, cb).ok_or_else(|| oom(e))?;
+    let dst = vmem.ring(imgs * out_px, cb).ok_or_else(|| oom(e))?;
     let mut free: Vec<Vec<u32>> = vec![Vec::new(); BUFFERS];
-    for (b, n0) in (0..n).step_by(imgs).enumerate() {
+    let blocks = (0..n).step_by(imgs).flat_map(|n0| (0..c).step_by(cb).map(move |c0| (n0, c0)));
+    for (b, (n0, c0)) in blocks.enumerate() {
         let k = imgs.min(n - n0);
+        let cn = cb.min(c - c0);
         let p = b % BUFFERS;
-        let s = Tile { rows: (k * h * w) as u32, ..src[p] };
-        let d = Tile { rows: (k * win.out_h * win.out_w) as u32, ..dst[p] };
-        let load = e.push(Op::dma(0, x.tile.rows(n0 * h * w, k * h * w), s), &free[p]);
+        let s = Tile::new(Space::Vmem, src[p].offset, k * in_px, cn, DType::F32);
+        let d = Tile::new(Space::Vmem, dst[p].offset, k * out_px, cn, DType::F32);
+        let load = e.push(Op::dma(0, x.tile.rows(n0 * in_px, k * in_px).columns(c0, cn), s), &free[p]);
         let shape = PoolShape {
             n: k as u32,
             h: h as u32,
@@ -1267,8 +1280,7 @@ fn pool(e: &mut Emitter, kernel: &Kernel, node: NodeId, attrs: &PoolAttrs, max: 
         };
         let op = if max { PoolOp::Max } else { PoolOp::Avg };
         let pooled = e.push(Op::Pool { op, shape, src: s, dst: d }, &[load]);
-        let store =
-            e.push(Op::dma(2, d, y.tile.rows(n0 * win.out_h * win.out_w, k * win.out_h * win.out_w)), &[pooled]);
+        let store = e.push(Op::dma(2, d, y.tile.rows(n0 * out_px, k * out_px).columns(c0, cn)), &[pooled]);
         free[p] = vec![pooled, store];
     }
     let range = first..e.program.len() + 1;
@@ -1276,7 +1288,10 @@ fn pool(e: &mut Emitter, kernel: &Kernel, node: NodeId, attrs: &PoolAttrs, max: 
     Ok(e.report(
         graph,
         kernel,
-        format!("{imgs} images per block on the VPU{}", if pad { ", padding excluded from windows" } else { "" }),
+        format!(
+            "{imgs} images of {cb} channels per block on the VPU{}",
+            if pad { ", padding excluded from windows" } else { "" }
+        ),
         format!("{}x{} windows over {h}x{w}x{c}", attrs.window[0], attrs.window[1]),
         0,
         range,
@@ -1463,6 +1478,7 @@ pub(super) fn emit(
             Main::ColumnSums(n) => backward::column_sums(&mut e, kernel, *n)?,
             Main::Mask(n) => backward::mask(&mut e, kernel, *n)?,
             Main::PoolGrad(n) => backward::pool_grad(&mut e, kernel, *n)?,
+            Main::Dropout(n) => backward::dropout(&mut e, kernel, *n)?,
             Main::ConvGradInput(n) => conv_grad::conv_grad_input(&mut e, kernel, *n)?,
             Main::ConvGradFilter(n) => conv_grad::conv_grad_filter(&mut e, kernel, *n)?,
             Main::BatchNormGrad(g) => batch_norm::grad(&mut e, kernel, g)?,

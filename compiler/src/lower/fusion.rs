@@ -68,6 +68,9 @@ pub enum Main {
     BatchNormGrad(BatchNormGrad),
     /// `BatchNormGradGamma`: one pass of sums.
     BatchNormGradGamma(NodeId),
+    /// Dropout in a training step (forward, or the same mask on the gradient): the mask drawn
+    /// on the VPU from the step number.
+    Dropout(NodeId),
     /// The optimizer's update of one parameter (in place) and its slots.
     Update(Update),
     /// The optimizer's shared state after the step (Adam's powers).
@@ -113,6 +116,7 @@ impl Kernel {
             | Main::AvgPool(n)
             | Main::GlobalAvgPool(n)
             | Main::Softmax(n)
+            | Main::Dropout(n)
             | Main::View(n) => out.push(graph.node(*n).inputs[0]),
             Main::Concat(n)
             | Main::MatMulT(n)
@@ -186,7 +190,8 @@ pub fn fuse(graph: &Graph, training: bool) -> Result<Vec<Kernel>> {
             Op::Softmax => Main::Softmax(id),
             Op::Concat(_) => Main::Concat(id),
             Op::Flatten | Op::Reshape(_) => Main::View(id),
-            Op::Dropout(_) if !training => Main::View(id),
+            Op::Dropout(d) if !training || d.rate == 0.0 => Main::View(id),
+            Op::Dropout(_) => Main::Dropout(id),
             Op::BiasAdd | Op::BatchNorm(_) | Op::Relu | Op::Relu6 | Op::Add => {
                 Main::Pointwise { input: node.inputs[0] }
             }
@@ -200,13 +205,6 @@ pub fn fuse(graph: &Graph, training: bool) -> Result<Vec<Kernel>> {
             Op::Conv2dBackpropFilter(_) => Main::ConvGradFilter(id),
             Op::BatchNormGradInput(_) => Main::BatchNormGrad(bn_grads.remove(&id).expect("grouped above")),
             Op::BatchNormGradGamma(_) => Main::BatchNormGradGamma(id),
-            Op::Dropout(_) => {
-                return Err(unsupported(
-                    graph,
-                    id,
-                    "dropout in a training step is not lowered yet (it needs the on-chip random mask)",
-                ));
-            }
             other => {
                 return Err(unsupported(
                     graph,

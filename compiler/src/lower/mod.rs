@@ -213,6 +213,7 @@ pub fn compile(graph: &Graph, opts: &Options) -> Result<Compiled> {
         one_hot: step.one_hot.clone(),
         optimizer: opts.training.map(|t| t.optimizer),
         state: step.state.clone(),
+        dropout_step: step.dropout_step,
     };
     let (program, kernels_out, tiling_dump) = emit::emit(graph, &kernels, &places, &plan.scratch, opts, &extras)?;
     dumps.push((PassName::Tiling, tiling_dump));

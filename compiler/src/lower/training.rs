@@ -7,6 +7,7 @@
 //! - every trainable parameter, updated in place, and the optimizer's slots
 //!   (`<param>/momentum`, `<param>/m`, `<param>/v`) and shared state
 //!   ([`crate::optimizer::ADAM_POWERS`]), read and written;
+//! - with dropout, [`DROPOUT_STEP`]: the step number masks are drawn for, advanced in place;
 //! - outputs: the loss, each parameter's gradient as `<param>/grad`, the updated values, and
 //!   batch norm's moving statistics (updated in place from the batch, as in a training run
 //!   of the reference).
@@ -22,6 +23,10 @@ use crate::error::{Error, Result};
 use crate::graph::{Graph, Init, NodeId, Op, Parameter};
 use crate::optimizer::Optimizer;
 use crate::tensors::{Tensor, TensorMap};
+
+/// The state holding the training step that dropout masks are drawn for (an integer-valued
+/// f32, starting at 0 and advanced by each step; the reference's `RunOptions::step`).
+pub const DROPOUT_STEP: &str = "dropout/step";
 
 /// How to train: the optimizer and the loss's label smoothing.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -46,8 +51,12 @@ pub(super) struct Step {
     /// Each loss's integer labels -> the one-hot input the program reads instead.
     pub one_hot: BTreeMap<NodeId, NodeId>,
     pub updates: Vec<Update>,
-    /// Optimizer state shared by all parameters (Adam's powers).
+    /// State shared by all parameters, advanced once per step: Adam's powers, then the
+    /// dropout step counter.
     pub state: Vec<NodeId>,
+    /// The training step dropout masks are drawn for ([`DROPOUT_STEP`]), when any dropout
+    /// drops.
+    pub dropout_step: Option<NodeId>,
     /// Names the executable gives its outputs where they differ from node names.
     pub output_names: BTreeMap<NodeId, String>,
 }
@@ -108,6 +117,17 @@ fn build(graph: &Graph, t: &Training) -> Result<(Graph, Step)> {
         outputs.push(u.param);
         outputs.extend(u.slots.iter().copied());
     }
+    // Dropout draws each step's mask from the step number, kept on the device.
+    let drops = g.nodes().any(|(_, n)| matches!(&n.op, Op::Dropout(d) if d.rate > 0.0));
+    let dropout_step = if drops {
+        let name = reserved(&g, DROPOUT_STEP.to_string())?;
+        let p = Parameter { shape: vec![1], init: Init::Constant(0.0), trainable: false };
+        let id = g.add(name, Op::Parameter(p), &[])?;
+        state.push(id);
+        Some(id)
+    } else {
+        None
+    };
     outputs.extend(state.iter().copied());
     // Batch norm's moving statistics, updated in place by the forward pass.
     for (_, node) in g.nodes() {
@@ -120,7 +140,7 @@ fn build(graph: &Graph, t: &Training) -> Result<(Graph, Step)> {
         }
     }
     g.set_outputs(outputs);
-    Ok((g, Step { one_hot, updates, state, output_names }))
+    Ok((g, Step { one_hot, updates, state, dropout_step, output_names }))
 }
 
 /// `name`, unless the graph already has a node of that name.

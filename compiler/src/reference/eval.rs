@@ -72,11 +72,6 @@ fn add_bias(y: &mut [f32], bias: &[f32]) {
     });
 }
 
-/// Inverted-dropout scale of element `i` for `(seed, step)`: 0 or `1 / (1 - rate)`.
-fn dropout_scale(rate: f32, key: u64, i: usize) -> f32 {
-    if rng::uniform(key, i as u64) < rate { 0.0 } else { 1.0 / (1.0 - rate) }
-}
-
 /// Evaluates node `id` of `graph` on `inputs` (the values of its input nodes, in order).
 pub fn eval(graph: &Graph, id: NodeId, inputs: &[&Tensor], opts: RunOptions) -> Result<Output> {
     let node = graph.node(id);
@@ -169,8 +164,11 @@ pub fn eval(graph: &Graph, id: NodeId, inputs: &[&Tensor], opts: RunOptions) -> 
             } else {
                 let key = rng::derive(d.seed, opts.step);
                 let rate = d.rate;
-                let y: Vec<f32> =
-                    data(x()).par_iter().enumerate().map(|(i, &v)| v * dropout_scale(rate, key, i)).collect();
+                let y: Vec<f32> = data(x())
+                    .par_iter()
+                    .enumerate()
+                    .map(|(i, &v)| v * rng::dropout_scale(rate, key, i as u64))
+                    .collect();
                 tensor(x().shape().to_vec(), y).into()
             }
         }

@@ -257,6 +257,11 @@ pub enum Op {
     PoolGrad { op: PoolOp, shape: PoolShape, x: Option<Tile>, dy: Tile, dst: Tile },
     /// `dst = srcᵀ` on the VPU's transpose unit.
     Transpose { src: Tile, dst: Tile },
+    /// Inverted dropout on the VPU: element `(r, c)` of `dst` is `src[r][c]` times
+    /// [`crate::rng::dropout_scale`]`(rate, derive(seed, step), counter + r·cols + c)`, where
+    /// `step` (a 1×1 tile) holds the training step as an integer-valued f32, so one program
+    /// draws a new mask every step and the same one as the CPU reference.
+    Dropout { seed: u64, rate: f32, step: Tile, counter: u64, src: Tile, dst: Tile },
     /// Waits for its dependencies (a join point); costs one scalar cycle.
     Barrier,
     /// Sums (or maxes) `tile` over `replicas` cores in place. Executed by the pod simulator.
@@ -303,7 +308,8 @@ impl Op {
             | Op::Reduce { .. }
             | Op::Pool { .. }
             | Op::PoolGrad { .. }
-            | Op::Transpose { .. } => Unit::Vpu,
+            | Op::Transpose { .. }
+            | Op::Dropout { .. } => Unit::Vpu,
             Op::Barrier => Unit::Scalar,
             Op::AllReduce { .. } => Unit::Ici,
             Op::Infeed { .. } | Op::Outfeed { .. } => Unit::Host,
@@ -322,6 +328,7 @@ impl Op {
             Op::Pool { .. } => "pool",
             Op::PoolGrad { .. } => "pool_grad",
             Op::Transpose { .. } => "transpose",
+            Op::Dropout { .. } => "dropout",
             Op::Barrier => "barrier",
             Op::AllReduce { .. } => "all_reduce",
             Op::Infeed { .. } => "infeed",
@@ -344,6 +351,7 @@ impl Op {
                 vec![src]
             }
             Op::Binary { a, b, .. } => vec![a, b],
+            Op::Dropout { src, step, .. } => vec![src, step],
             Op::PoolGrad { x, dy, .. } => x.into_iter().chain([dy]).collect(),
             Op::MulAdd { a, b, acc } => vec![a, b, acc],
             Op::Barrier | Op::Infeed { .. } | Op::Fill { .. } => vec![],
@@ -364,6 +372,7 @@ impl Op {
             | Op::Pool { dst, .. }
             | Op::PoolGrad { dst, .. }
             | Op::Transpose { dst, .. }
+            | Op::Dropout { dst, .. }
             | Op::Infeed { dst } => vec![dst],
             Op::MatMul { out, .. } => vec![out],
             Op::AllReduce { tile, .. } => vec![tile],
@@ -470,6 +479,9 @@ impl fmt::Display for Op {
                 shape.strides[1]
             ),
             Op::Transpose { src, dst } => write!(f, "transpose  {dst} = {src}ᵀ"),
+            Op::Dropout { seed, rate, step, counter, src, dst } => {
+                write!(f, "dropout    {dst} = {src} rate {rate} seed {seed} step {step} from element {counter}")
+            }
             Op::Barrier => write!(f, "barrier"),
             Op::AllReduce { op, tile, replicas } => {
                 write!(f, "all_reduce.{} {tile} over {replicas} replicas", format!("{op:?}").to_lowercase())

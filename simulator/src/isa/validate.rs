@@ -259,6 +259,20 @@ impl Checker<'_> {
                 }
                 self.disjoint("src and dst", src, dst)
             }
+            Op::Dropout { rate, step, src, dst, .. } => {
+                for (what, t) in [("src", src), ("dst", dst), ("step", step)] {
+                    self.in_vmem(what, t)?;
+                }
+                self.same_shape("src and dst", src, dst)?;
+                if (step.rows, step.cols) != (1, 1) {
+                    return Err(self.fail(format!("step {step} must be one value (1x1)")));
+                }
+                if !(0.0..1.0).contains(rate) {
+                    return Err(self.fail(format!("dropout rate {rate} must be in [0, 1)")));
+                }
+                self.disjoint_or_same(dst, src)?;
+                self.disjoint("dst and step", dst, step)
+            }
             Op::Barrier => Ok(()),
             Op::AllReduce { replicas, .. } => {
                 if *replicas == 0 {

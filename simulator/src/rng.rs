@@ -36,6 +36,21 @@ pub fn uniform(key: u64, counter: u64) -> f32 {
     (derive(key, counter) >> 40) as f32 * (1.0 / (1u64 << 24) as f32)
 }
 
+/// Inverted-dropout scale of element `i` in the stream `key`: 0 with probability `rate`, else
+/// `1 / (1 - rate)`. The CPU reference and the simulated VPU both call this.
+#[inline]
+pub fn dropout_scale(rate: f32, key: u64, i: u64) -> f32 {
+    if uniform(key, i) < rate { 0.0 } else { 1.0 / (1.0 - rate) }
+}
+
+/// 32-bit vector-lane operations to draw one [`dropout_scale`] on a VPU without 64-bit lanes,
+/// counted from the code above: a SplitMix64 finaliser is an add, three xor-shifts and two
+/// multiplies on 64-bit values, which 32-bit lanes do in 3 (add with carry), 5 (shift across
+/// the halves and xor) and 6 (three partial products and two adds) operations: 3 + 3·5 + 2·6 =
+/// 30. [`derive`] is two finalisers and an xor (62); the uniform is a shift, a conversion and
+/// a scale (3); the compare, select and multiply by the scale 3 more.
+pub const DROPOUT_LANE_OPS: u64 = 68;
+
 /// Standard normal by Box–Muller from two uniforms of the counter pair `(2c, 2c+1)`.
 #[inline]
 pub fn normal(key: u64, counter: u64) -> f32 {
