@@ -3,12 +3,12 @@
 
 mod common;
 
+use common::lowering::*;
 use common::*;
 use std::collections::BTreeMap;
 
 use systolic_compiler::autodiff;
 use systolic_compiler::graph::{BatchNorm, ConvSpec, Padding, Pool};
-use systolic_compiler::lower::training::DROPOUT_STEP;
 use systolic_compiler::lower::{Options, Training, compile};
 use systolic_compiler::optimizer::Optimizer;
 use systolic_compiler::reference::{self, RunOptions};
@@ -17,31 +17,6 @@ use systolic_compiler::{Graph, Tensor, TensorMap};
 use systolic_simulator::config::presets;
 use systolic_simulator::numerics::Precision;
 use systolic_simulator::timing::simulate;
-
-/// Compiles `g` for `machine` at `batch`, runs it on the functional simulator and the CPU
-/// reference on the same weights and input, and returns the worst error relative to the
-/// largest reference value of each output.
-fn differential(g: &Graph, machine: &str, batch: usize, precision: Precision) -> Vec<(String, f64)> {
-    let m = presets::preset(machine).unwrap();
-    let compiled = compile(g, &Options { machine: m.clone(), batch, precision, training: None }).unwrap();
-    let mut b: TensorMap = g.init_parameters(3);
-    for id in g.inputs() {
-        let node = g.node(id);
-        b.insert(node.name.clone(), rand_tensor(&node.shape.concrete(batch), 5));
-    }
-    let (want, _) = reference::run_outputs(g, &b, RunOptions::default()).unwrap();
-    let got = compiled.executable.run(&m, |name| b.get(name).and_then(|t| t.as_slice())).unwrap();
-    // The timing engine accepts the same program.
-    simulate(&m, &compiled.executable.program, false).unwrap();
-    got.into_iter()
-        .map(|(name, values)| {
-            let w = &want[&name];
-            let scale = w.iter().fold(0f64, |a, &v| a.max((v as f64).abs())).max(1e-30);
-            let err = w.iter().zip(&values).fold(0f64, |a, (&x, &y)| a.max((x as f64 - y as f64).abs())) / scale;
-            (name, err)
-        })
-        .collect()
-}
 
 fn small(name: &str, hw: usize) -> Graph {
     zoo::build_with(name, ZooOptions { input_hw: Some([hw, hw]), classes: Some(10) }).unwrap()
@@ -79,6 +54,30 @@ fn classic_large_models_compile_and_match_at_small_sizes() {
         for (out, err) in differential(&small(name, hw), "v2-8", 1, Precision::High) {
             assert!(err < 1e-3, "{name}/{out}: relative error {err}");
         }
+    }
+}
+
+/// A whole training step of every zoo model at a small input size: the loss and every
+/// gradient as the reference's (batch norm with batch statistics, dropout with its mask), at
+/// HIGHEST precision (see `deep_model_gradients_match` for the bound).
+#[test]
+fn every_zoo_model_trains_one_step_like_the_reference() {
+    for (name, hw, batch) in [
+        ("digits_cnn", 8, 4),
+        ("simple_cnn", 28, 3),
+        ("lenet5", 32, 3),
+        ("alexnet", 64, 2),
+        ("vgg16", 32, 2),
+        // At 32x32 the last stages are 1x1: batch norm over two values amplifies f32
+        // rounding where the two examples nearly agree (1% in the loss, measured); over four
+        // ResNet-18's loss agrees to 5e-6. ResNet-50's 1x1 stage still moves its loss by 9e-4
+        // at four; at 64x64 (2x2) it agrees to 1e-4.
+        ("resnet18", 32, 4),
+        ("resnet34", 32, 4),
+        ("resnet50", 64, 2),
+        ("mobilenet_v1", 32, 4),
+    ] {
+        deep_model_gradients_match(small(name, hw), batch);
     }
 }
 
@@ -174,44 +173,6 @@ fn convs() -> Graph {
     g
 }
 
-/// Gradients of one SGD step at HIGHEST precision against the reference, element by element.
-fn gradients_match(g: Graph, input: &[usize], batch: usize) {
-    gradients_match_at_step(g, input, batch, 0);
-}
-
-/// [`gradients_match`] for training step `step` (dropout draws each step's own mask).
-fn gradients_match_at_step(g: Graph, input: &[usize], batch: usize, step: u64) {
-    let m = presets::preset("v2-8").unwrap();
-    let (with_loss, loss) = g.with_classifier_loss(0.0).unwrap();
-    let grads = autodiff::differentiate(&with_loss, loss, &with_loss.trainable_parameters()).unwrap();
-    let training = Some(Training { optimizer: Optimizer::Sgd { learning_rate: 0.1 }, label_smoothing: 0.0 });
-    let compiled =
-        compile(&g, &Options { machine: m.clone(), batch, precision: Precision::Highest, training }).unwrap();
-    let mut b = g.init_parameters(3);
-    let shape: Vec<usize> = std::iter::once(batch).chain(input.iter().copied()).collect();
-    b.insert("x".into(), rand_tensor(&shape, 5));
-    let y = labels(batch, 10);
-    b.insert("labels".into(), y.clone());
-    let mut feed = b.clone();
-    feed.insert("labels/one_hot".into(), one_hot(&y, 10));
-    feed.insert(DROPOUT_STEP.into(), Tensor::from_shape_vec(vec![1], vec![step as f32]).unwrap());
-    let got: BTreeMap<String, Vec<f32>> =
-        compiled.executable.run(&m, |name| feed.get(name).and_then(|t| t.as_slice())).unwrap().into_iter().collect();
-    simulate(&m, &compiled.executable.program, false).unwrap();
-    let want = reference::run_gradients(&grads, &b, RunOptions::training(step)).unwrap();
-    if let Some(next) = got.get(DROPOUT_STEP) {
-        assert_eq!(next, &[(step + 1) as f32], "the program advances its step counter");
-    }
-    let loss_err = rel_err(&[want.root.iter().next().copied().unwrap()], &got["loss"]);
-    assert!(loss_err < 1e-6, "{}: loss {loss_err}", g.name());
-    for (name, gw) in &want.grads {
-        let e = rel_err(gw.as_slice().unwrap(), &got[&format!("{name}/grad")]);
-        // Kernels agree to ~5e-7; a bias gradient sums thousands of pixels, in another order
-        // than the reference's (1.5e-5 measured for 4,608).
-        assert!(e < 5e-5, "{}: gradient of {name}: {e}", g.name());
-    }
-}
-
 /// Large images (staged in bands, the input gradient's dilated dy too) and wide layers
 /// (filter-gradient accumulators split into output-channel blocks).
 #[test]
@@ -223,7 +184,7 @@ fn convolution_gradients_in_bands_and_channel_blocks() {
     let h = g.global_avg_pool("gap", h).unwrap();
     let logits = g.dense("logits", h, 10).unwrap();
     g.set_outputs(vec![logits]);
-    gradients_match(g, &[48, 48, 4], 2);
+    gradients_match(g, 2);
 
     let mut g = Graph::new("wide");
     let x = g.input("x", &[4, 4, 1024]).unwrap();
@@ -231,7 +192,7 @@ fn convolution_gradients_in_bands_and_channel_blocks() {
     let h = g.flatten("flat", h).unwrap();
     let logits = g.dense("logits", h, 10).unwrap();
     g.set_outputs(vec![logits]);
-    gradients_match(g, &[4, 4, 1024], 2);
+    gradients_match(g, 2);
 }
 
 /// Batch norm with batch statistics: after a convolution, in a residual block, before a ReLU.
@@ -271,35 +232,8 @@ fn dropout_masks_match_the_reference_at_any_step() {
     let logits = g.dense("logits", h, 10).unwrap();
     g.set_outputs(vec![logits]);
     for step in [0, 1, 12_345] {
-        gradients_match_at_step(g.clone(), &[6, 6, 2], 5, step);
+        gradients_match_at_step(g.clone(), 5, step);
     }
-}
-
-fn labels(batch: usize, classes: usize) -> Tensor {
-    Tensor::from_shape_vec(vec![batch], (0..batch).map(|i| ((i * 7 + 3) % classes) as f32).collect()).unwrap()
-}
-
-fn one_hot(labels: &Tensor, classes: usize) -> Tensor {
-    let n = labels.len();
-    let mut v = vec![0f32; n * classes];
-    for (i, &l) in labels.iter().enumerate() {
-        v[i * classes + l as usize] = 1.0;
-    }
-    Tensor::from_shape_vec(vec![n, classes], v).unwrap()
-}
-
-/// Largest difference relative to the largest reference magnitude.
-fn rel_err(want: &[f32], got: &[f32]) -> f64 {
-    assert_eq!(want.len(), got.len());
-    let scale = want.iter().fold(0f64, |a, &v| a.max((v as f64).abs())).max(1e-30);
-    want.iter().zip(got).fold(0f64, |a, (&x, &y)| a.max((x as f64 - y as f64).abs())) / scale
-}
-
-/// `|got - want| / |want|` in the 2-norm.
-fn norm_err(want: &[f32], got: &[f32]) -> f64 {
-    let diff: f64 = want.iter().zip(got).map(|(&x, &y)| (x as f64 - y as f64).powi(2)).sum();
-    let norm: f64 = want.iter().map(|&x| (x as f64).powi(2)).sum();
-    (diff / norm.max(1e-60)).sqrt()
 }
 
 /// One training step compiled for a simulated core against the reference: the loss, every
@@ -375,11 +309,13 @@ fn training_step_matches(g: Graph, input: &[usize], default_tol: f64) {
             let highest = precision == Precision::Highest;
             let (grad_tol, param_tol) = if highest { (1e-5, 1e-4) } else { (default_tol, default_tol) };
             assert!(loss_err < if highest { 1e-6 } else { 1e-2 }, "{what}: loss {loss_err}");
-            // Batch norm's moving statistics, moved towards the batch's.
+            // Batch norm's moving statistics, moved towards the batch's. A channel mean is a
+            // sum of values of either sign, in f32 here and f64 in the reference: 3.6e-5 of
+            // the largest mean at most (measured).
             for (name, v) in &want.updates {
                 let (v, got) = (v.as_slice().unwrap(), &got[name]);
                 let e = if highest { rel_err(v, got) } else { norm_err(v, got) };
-                assert!(e < if highest { 1e-5 } else { 1e-2 }, "{what}: {name}: {e}");
+                assert!(e < if highest { 1e-4 } else { 1e-2 }, "{what}: {name}: {e}");
             }
             for (name, gw) in &want.grads {
                 let (gw_s, g_sim) = (gw.as_slice().unwrap(), &got[&format!("{name}/grad")]);

@@ -1,13 +1,16 @@
 //! Batch norm with batch statistics (training), on the VPU.
 //!
-//! A pass over the rows of `x` (and, for the gradients, `dy`) accumulates per-channel sums:
-//! `Σx`, `Σx²`, `Σdy`, `Σx·dy`, each block added into block-shaped accumulators (one add or
-//! multiply-add per block) that are reduced over rows once at the end. With `m` rows,
-//! `μ = Σx/m`, `var = Σx²/m − μ²` (clamped at 0), `σ⁻¹ = rsqrt(var + ε)`:
+//! A pass over the rows of `x` (and, for the gradients, `dy`) accumulates per-channel sums of
+//! `x' = x − K`, where `K` is the first row of `x`: `Σx'`, `Σx'²`, `Σdy`, `Σx'·dy`, each block
+//! added into block-shaped accumulators (one add or multiply-add per block) that are reduced
+//! over rows once at the end. The shift keeps `E[x'²] − E[x']²` from cancelling when the mean
+//! is large against the spread (a batch of two 1x1 images is the extreme). With `m` rows,
+//! `μ' = Σx'/m`, `μ = μ' + K`, `var = Σx'²/m − μ'²` (clamped at 0), `σ⁻¹ = rsqrt(var + ε)`:
 //! - forward: `y = x·(γσ⁻¹) + (β − μγσ⁻¹)`, and the moving statistics move towards `μ` and the
 //!   unbiased `var·m/(m−1)` (written in place, as the reference's training run does);
-//! - `dβ = Σdy`, `dγ = σ⁻¹(Σx·dy − μΣdy)`;
-//! - `dx = γσ⁻¹(dy − mean(dy) − x̂·dγ/m)`, as `a·dy + b·x + k` per channel, in a second pass.
+//! - `dβ = Σdy`, `dγ = σ⁻¹(Σx'·dy − μ'Σdy)`;
+//! - `dx = γσ⁻¹(dy − mean(dy) − x̂·dγ/m)`, as `a·dy + b·(x − μ) + k` per channel, in a
+//!   second pass.
 //!
 //! The gradient kernel fuses the three gradients and the ReLU mask that makes `dy` (see
 //! [`super::fusion::BatchNormGrad`]). Sums are f32 (the reference's are f64): they agree to
@@ -94,9 +97,11 @@ impl Rings {
 /// Per-channel batch statistics in VMEM (`1 × C` tiles), ready after `done`.
 struct Moments {
     mean: Tile,
+    /// `μ' = μ − K`, the mean of the shifted values the sums are of.
+    mean_shifted: Tile,
     var: Tile,
     inv_std: Tile,
-    /// `Σdy` and `Σx·dy`, when the pass read `dy`.
+    /// `Σdy` and `Σx'·dy`, when the pass read `dy`.
     dy: Option<(Tile, Tile)>,
     done: u32,
     /// Per ring slot: what the pass's last use of it was.
@@ -119,10 +124,11 @@ fn moments(
     let (ax, axx) = (block(e)?, block(e)?);
     let acc_dy = if src.dy.is_some() { Some((block(e)?, block(e)?)) } else { None };
     let mut vec = |e: &Emitter| vmem.alloc(1, c).ok_or_else(|| oom(e));
-    let (sx, sxx, inv, tmp) = (vec(e)?, vec(e)?, vec(e)?, vec(e)?);
+    let (sx, sxx, inv, tmp, shift, mean) = (vec(e)?, vec(e)?, vec(e)?, vec(e)?, vec(e)?, vec(e)?);
     let sums_dy = if src.dy.is_some() { Some((vec(e)?, vec(e)?)) } else { None };
     let accs: Vec<Tile> =
         [Some(ax), Some(axx), acc_dy.map(|a| a.0), acc_dy.map(|a| a.1)].into_iter().flatten().collect();
+    let shift_loaded = e.push(Op::dma(1, src.x.rows(0, 1), shift), &[]);
     let mut last = e.push(Op::Fill { dst: ax, value: 0.0 }, &[]);
     for &t in &accs[1..] {
         last = e.push(Op::Fill { dst: t, value: 0.0 }, &[last]);
@@ -131,9 +137,10 @@ fn moments(
     for (b, r0) in (0..rows).step_by(rb).enumerate() {
         let rn = rb.min(rows - r0);
         let (xt, dt, mut ready) = rings.load(e, src, b, r0, rn, &free[b % BUFFERS]);
-        ready.push(last);
+        ready.extend([last, shift_loaded]);
         let rows_of = |t: Tile| t.rows(0, rn);
-        last = e.push(Op::Binary { op: BinaryOp::Add, a: rows_of(ax), b: xt, dst: rows_of(ax) }, &ready);
+        last = e.push(Op::Binary { op: BinaryOp::Sub, a: xt, b: shift, dst: xt }, &ready);
+        last = e.push(Op::Binary { op: BinaryOp::Add, a: rows_of(ax), b: xt, dst: rows_of(ax) }, &[last]);
         last = e.push(Op::MulAdd { a: xt, b: xt, acc: rows_of(axx) }, &[last]);
         if let (Some(dt), Some((ady, axdy))) = (dt, acc_dy) {
             last = e.push(Op::Binary { op: BinaryOp::Add, a: rows_of(ady), b: dt, dst: rows_of(ady) }, &[last]);
@@ -145,17 +152,18 @@ fn moments(
     for (&acc, sum) in accs.iter().zip(sums) {
         last = e.push(Op::Reduce { op: ReduceOp::Sum, axis: Axis::Rows, src: acc, dst: sum }, &[last]);
     }
-    // μ, var = E[x²] − μ² (≥ 0), σ⁻¹.
+    // μ' and μ = μ' + K, var = E[x'²] − μ'² (≥ 0), σ⁻¹.
     let inv_m = 1.0 / rows as f32;
     let unary = |e: &mut Emitter, op, src, dst, after: u32| e.push(Op::Unary { op, src, dst }, &[after]);
     let a = unary(e, UnaryOp::Scale(inv_m), sx, sx, last);
+    let a = e.push(Op::Binary { op: BinaryOp::Add, a: sx, b: shift, dst: mean }, &[a]);
     let b = unary(e, UnaryOp::Scale(inv_m), sxx, sxx, a);
     let sq = e.push(Op::Binary { op: BinaryOp::Mul, a: sx, b: sx, dst: tmp }, &[b]);
     let d = e.push(Op::Binary { op: BinaryOp::Sub, a: sxx, b: tmp, dst: sxx }, &[sq]);
     let var = unary(e, UnaryOp::Relu, sxx, sxx, d);
     let eps = unary(e, UnaryOp::AddScalar(epsilon), sxx, inv, var);
     let done = unary(e, UnaryOp::Rsqrt, inv, inv, eps);
-    Ok(Moments { mean: sx, var: sxx, inv_std: inv, dy: sums_dy, done, free })
+    Ok(Moments { mean, mean_shifted: sx, var: sxx, inv_std: inv, dy: sums_dy, done, free })
 }
 
 fn attrs(e: &Emitter, node: NodeId) -> BatchNorm {
@@ -219,7 +227,7 @@ pub(super) fn grad_gamma(e: &mut Emitter, kernel: &Kernel, node: NodeId) -> Resu
     let rings = Rings::new(e, kernel, &src, 4, 0.9, &mut vmem)?;
     let st = moments(e, kernel, &src, &rings, bn.epsilon, &mut vmem)?;
     let (sdy, sxdy) = st.dy.expect("the pass read dy");
-    let a = e.push(Op::Binary { op: BinaryOp::Mul, a: sdy, b: st.mean, dst: sdy }, &[st.done]);
+    let a = e.push(Op::Binary { op: BinaryOp::Mul, a: sdy, b: st.mean_shifted, dst: sdy }, &[st.done]);
     let b = e.push(Op::Binary { op: BinaryOp::Sub, a: sxdy, b: sdy, dst: sxdy }, &[a]);
     let c = e.push(Op::Binary { op: BinaryOp::Mul, a: sxdy, b: st.inv_std, dst: sxdy }, &[b]);
     e.push(Op::dma(2, sxdy, out), &[c]);
@@ -260,23 +268,21 @@ pub(super) fn grad(e: &mut Emitter, kernel: &Kernel, group: &BatchNormGrad) -> R
     if let Some(beta) = group.beta {
         stores.push(e.push(Op::dma(2, sdy, e.place(beta).tile), &[st.done]));
     }
-    // dγ = σ⁻¹(Σx·dy − μΣdy).
-    let t1 = binary(e, BinaryOp::Mul, st.mean, sdy, t, &[st.done]);
+    // dγ = σ⁻¹(Σx'·dy − μ'Σdy).
+    let t1 = binary(e, BinaryOp::Mul, st.mean_shifted, sdy, t, &[st.done]);
     let t2 = binary(e, BinaryOp::Sub, sxdy, t, dgamma, &[t1]);
     let dg = binary(e, BinaryOp::Mul, dgamma, st.inv_std, dgamma, &[t2]);
     if let Some(gamma) = group.gamma {
         stores.push(e.push(Op::dma(2, dgamma, e.place(gamma).tile), &[dg]));
     }
-    // a = γσ⁻¹; b = −a·σ⁻¹·dγ/m; k = −a·Σdy/m − b·μ.
+    // a = γσ⁻¹; b = −a·σ⁻¹·dγ/m; k = −a·Σdy/m.
     let inv_m = 1.0 / rows as f32;
     let ra = binary(e, BinaryOp::Mul, a, st.inv_std, a, &[lg, dg]);
     let t1 = binary(e, BinaryOp::Mul, a, st.inv_std, b, &[ra]);
     let t1 = binary(e, BinaryOp::Mul, b, dgamma, b, &[t1]);
     let rb = unary(e, UnaryOp::Scale(-inv_m), b, b, &[t1]);
     let t1 = binary(e, BinaryOp::Mul, a, sdy, k, &[rb]);
-    let t1 = unary(e, UnaryOp::Scale(-inv_m), k, k, &[t1]);
-    let t2 = binary(e, BinaryOp::Mul, b, st.mean, t, &[t1]);
-    let ready = binary(e, BinaryOp::Sub, k, t, k, &[t2]);
+    let ready = unary(e, UnaryOp::Scale(-inv_m), k, k, &[t1]);
 
     // Second pass.
     let mut free = st.free;
@@ -285,7 +291,8 @@ pub(super) fn grad(e: &mut Emitter, kernel: &Kernel, group: &BatchNormGrad) -> R
         let (xt, dt, mut loaded) = rings.load(e, &src, i, r0, rn, &free[i % BUFFERS]);
         let dt = dt.expect("the source has dy");
         loaded.push(ready);
-        let m = binary(e, BinaryOp::Mul, dt, a, dt, &loaded);
+        let centred = binary(e, BinaryOp::Sub, xt, st.mean, xt, &loaded);
+        let m = binary(e, BinaryOp::Mul, dt, a, dt, &[centred]);
         let ma = e.push(Op::MulAdd { a: xt, b, acc: dt }, &[m]);
         let add = binary(e, BinaryOp::Add, dt, k, dt, &[ma]);
         let store = e.push(Op::dma(2, dt, out.rows(r0, rn)), &[add]);

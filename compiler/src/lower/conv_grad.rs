@@ -59,12 +59,8 @@ pub(super) fn conv_grad_input(e: &mut Emitter, kernel: &Kernel, node: NodeId) ->
     let g = ConvGeom::new(&b.conv, &dx.shape, &w.shape).ok_or_else(|| unequal_strides(e, node, &b.conv))?;
     let (cg, groups) = (w.shape[2], g.groups);
     let cog = g.co / groups;
-    let depthwise = groups > 1 && cg == 1;
-    if depthwise && cog != 1 {
-        return Err(
-            e.unsupported(node, "depthwise convolutions with a depth multiplier above 1 are not lowered yet".into())
-        );
-    }
+    // Depthwise (one channel in and out per group) on the VPU; other groupings on the MXU.
+    let depthwise = groups > 1 && cg == 1 && cog == 1;
     // Padding of the transposed convolution: the taps that reach past the dilated dy.
     let (reach_h, reach_w) = ((g.kh - 1) * g.dh, (g.kw - 1) * g.dw);
     let (dil_h, dil_w) = ((g.oh - 1) * g.s + 1, (g.ow - 1) * g.s + 1);
@@ -192,12 +188,8 @@ pub(super) fn conv_grad_filter(e: &mut Emitter, kernel: &Kernel, node: NodeId) -
     let (c, co, groups, taps) = (g.c, g.co, g.groups, g.taps());
     let cg = b.kernel_shape[2];
     let cog = co / groups;
-    let depthwise = groups > 1 && cg == 1;
-    if depthwise && cog != 1 {
-        return Err(
-            e.unsupported(node, "depthwise convolutions with a depth multiplier above 1 are not lowered yet".into())
-        );
-    }
+    // Depthwise (one channel in and out per group) on the VPU; other groupings on the MXU.
+    let depthwise = groups > 1 && cg == 1 && cog == 1;
     let (rows, cols) = (e.m.core.mxu.rows, e.m.core.mxu.cols);
     let im2col = groups == 1 && taps > 1 && (taps * cg).div_ceil(rows) < taps * cg.div_ceil(rows);
     // Accumulator columns per output channel: every tap's input channels.

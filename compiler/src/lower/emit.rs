@@ -575,12 +575,9 @@ pub(super) fn conv_with(e: &mut Emitter, kernel: &Kernel, node: NodeId, spec: &C
     if let Some(b) = spec.bias {
         kernel.epilogue.insert(0, Epilogue::Bias(b));
     }
-    let depthwise = g.groups > 1 && cg == 1;
-    if depthwise && g.cog() != 1 {
-        return Err(
-            e.unsupported(node, "depthwise convolutions with a depth multiplier above 1 are not lowered yet".into())
-        );
-    }
+    // One input and one output channel per group runs on the VPU; a depth multiplier above 1
+    // (several outputs per input channel) is a grouped convolution on the MXU with K = 1.
+    let depthwise = g.groups > 1 && cg == 1 && g.cog() == 1;
     let rows = e.m.core.mxu.rows;
     let strategy = if depthwise {
         ConvStrategy::Depthwise

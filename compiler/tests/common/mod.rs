@@ -2,6 +2,8 @@
 //! gradient checker that compares autodiff with central finite differences.
 #![allow(dead_code)]
 
+pub mod lowering;
+
 use ndarray::{ArrayD, IxDyn};
 use systolic_compiler::autodiff;
 use systolic_compiler::graph::{Graph, NodeId, Padding, Window2d};

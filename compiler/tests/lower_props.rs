@@ -1,0 +1,195 @@
+//! Property tests of the lowering: random convolution and pooling geometries and random
+//! batch-norm / activation / residual / dropout blocks, compiled for a simulated core, agree
+//! with the CPU reference at HIGHEST precision — the inference outputs, and the loss and every
+//! gradient of a training step. Cases the lowering does not place must say so cleanly.
+
+mod common;
+
+use common::lowering::*;
+use proptest::prelude::*;
+use systolic_compiler::graph::*;
+use systolic_compiler::lower::{Options, compile};
+use systolic_simulator::config::presets;
+use systolic_simulator::numerics::Precision;
+
+fn config(cases: u32) -> ProptestConfig {
+    ProptestConfig { cases, failure_persistence: None, ..ProptestConfig::default() }
+}
+
+fn padding_strategy(max_pad: usize) -> impl Strategy<Value = Padding> {
+    prop_oneof![
+        Just(Padding::Valid),
+        Just(Padding::Same),
+        (0..=max_pad, 0..=max_pad, 0..=max_pad, 0..=max_pad).prop_map(|(top, bottom, left, right)| Padding::Explicit {
+            top,
+            bottom,
+            left,
+            right
+        }),
+    ]
+}
+
+/// `x -> pre (1x1 conv) -> op -> flatten -> logits`: the op's input gradient reaches a
+/// parameter (pre's kernel), so every gradient of the op is checked.
+fn around(
+    name: &str,
+    hw: [usize; 2],
+    c: usize,
+    op: impl FnOnce(&mut Graph, NodeId) -> Option<NodeId>,
+) -> Option<Graph> {
+    let mut g = Graph::new(name);
+    let x = g.input("x", &[hw[0], hw[1], c]).unwrap();
+    let pre = g.conv2d("pre", x, ConvSpec::new(c, 1)).unwrap();
+    let y = op(&mut g, pre)?;
+    let flat = g.flatten("flat", y).ok()?;
+    let logits = g.dense("logits", flat, 10).ok()?;
+    g.set_outputs(vec![logits]);
+    Some(g)
+}
+
+fn parameter(g: &mut Graph, name: &str, shape: &[usize]) -> Option<NodeId> {
+    let p = Parameter { shape: shape.to_vec(), init: Init::GlorotUniform, trainable: true };
+    g.add(name, Op::Parameter(p), &[]).ok()
+}
+
+/// The graph compiles and agrees with the reference, or the lowering names what it cannot
+/// place.
+fn agrees(g: Graph, batch: usize) {
+    let m = presets::preset("v2-8").unwrap();
+    let opts = Options { machine: m, batch, precision: Precision::Highest, training: None };
+    if let Err(e) = compile(&g, &opts) {
+        let e = e.to_string();
+        assert!(e.contains("cannot place this op") && e.contains("not lowered yet"), "{e}");
+        return;
+    }
+    for (out, err) in differential(&g, "v2-8", batch, Precision::Highest) {
+        assert!(err < 1e-5, "{out}: {err}");
+    }
+    let training = Options { training: Some(Default::default()), ..opts };
+    if let Err(e) = compile(&g, &training) {
+        let e = e.to_string();
+        assert!(e.contains("cannot place this op") && e.contains("not lowered yet"), "{e}");
+        return;
+    }
+    gradients_match(g, batch);
+}
+
+#[derive(Debug, Clone)]
+struct ConvCase {
+    batch: usize,
+    hw: [usize; 2],
+    cg: usize,
+    groups: usize,
+    cog: usize,
+    k: [usize; 2],
+    stride: usize,
+    dilation: [usize; 2],
+    padding: Padding,
+    bias: bool,
+}
+
+fn conv_cases() -> impl Strategy<Value = ConvCase> {
+    (
+        (1usize..3, 3usize..10, 3usize..10),
+        (1usize..5, 1usize..4, 1usize..4),
+        (1usize..4, 1usize..4, 1usize..3),
+        (1usize..3, 1usize..3),
+        padding_strategy(2),
+        any::<bool>(),
+    )
+        .prop_map(|((batch, h, w), (cg, groups, cog), (kh, kw, stride), (dh, dw), padding, bias)| ConvCase {
+            batch,
+            hw: [h, w],
+            cg,
+            groups,
+            cog,
+            k: [kh, kw],
+            stride,
+            dilation: [dh, dw],
+            padding,
+            bias,
+        })
+}
+
+#[derive(Debug, Clone)]
+struct PoolCase {
+    batch: usize,
+    hw: [usize; 2],
+    c: usize,
+    window: [usize; 2],
+    strides: [usize; 2],
+    padding: Padding,
+    max: bool,
+}
+
+fn pool_cases() -> impl Strategy<Value = PoolCase> {
+    (
+        (1usize..3, 2usize..9, 2usize..9, 1usize..6),
+        (1usize..4, 1usize..4, 1usize..4, 1usize..4),
+        padding_strategy(2),
+        any::<bool>(),
+    )
+        .prop_map(|((batch, h, w, c), (wh, ww, sh, sw), padding, max)| PoolCase {
+            batch,
+            hw: [h, w],
+            c,
+            window: [wh, ww],
+            strides: [sh, sw],
+            padding,
+            max,
+        })
+}
+
+proptest! {
+    #![proptest_config(config(24))]
+
+    /// Strides, padding (SAME, VALID, explicit and uneven), dilation, groups and depthwise.
+    #[test]
+    fn convolutions_agree_forward_and_backward(p in conv_cases()) {
+        let (c, co) = (p.cg * p.groups, p.cog * p.groups);
+        let g = around("conv", p.hw, c, |g, x| {
+            let k = parameter(g, "conv/kernel", &[p.k[0], p.k[1], p.cg, co])?;
+            let mut inputs = vec![x, k];
+            if p.bias {
+                inputs.push(parameter(g, "conv/bias", &[co])?);
+            }
+            let attrs = Conv2d { strides: [p.stride; 2], padding: p.padding, dilation: p.dilation, groups: p.groups };
+            let y = g.add("conv", Op::Conv2d(attrs), &inputs).ok()?;
+            g.relu("conv_relu", y).ok()
+        });
+        if let Some(g) = g {
+            agrees(g, p.batch);
+        }
+    }
+
+    /// Max and average windows, strides and paddings, forward and gradient.
+    #[test]
+    fn pooling_agrees_forward_and_backward(p in pool_cases()) {
+        let g = around("pool", p.hw, p.c, |g, x| {
+            let pool = Pool { window: p.window, strides: p.strides, padding: p.padding };
+            if p.max { g.max_pool("pool", x, pool).ok() } else { g.avg_pool("pool", x, pool).ok() }
+        });
+        if let Some(g) = g {
+            agrees(g, p.batch);
+        }
+    }
+
+    /// Batch norm (batch statistics in training), ReLU or ReLU6, a residual add and dropout.
+    #[test]
+    fn normalised_residual_blocks_agree(
+        (batch, h, w, c) in (2usize..4, 2usize..7, 2usize..7, 1usize..9),
+        (momentum, epsilon, rate) in (0.5f32..0.999, 1e-5f32..1e-2, 0.0f32..0.7),
+        relu6 in any::<bool>(),
+    ) {
+        let g = around("block", [h, w], c, |g, x| {
+            let y = g.conv2d("conv", x, ConvSpec::new(c, 3).same().no_bias()).ok()?;
+            let y = g.batch_norm("bn", y, BatchNorm { momentum, epsilon }).ok()?;
+            let y = g.add_op("residual", y, x).ok()?;
+            let y = if relu6 { g.relu6("act", y).ok()? } else { g.relu("act", y).ok()? };
+            g.dropout("drop", y, rate, 5).ok()
+        });
+        if let Some(g) = g {
+            agrees(g, batch);
+        }
+    }
+}
