@@ -6,28 +6,12 @@
 mod common;
 
 use common::lowering::*;
+use common::{config, padding_strategy, pool_params};
 use proptest::prelude::*;
 use systolic_compiler::graph::*;
 use systolic_compiler::lower::{Options, compile};
 use systolic_simulator::config::presets;
 use systolic_simulator::numerics::Precision;
-
-fn config(cases: u32) -> ProptestConfig {
-    ProptestConfig { cases, failure_persistence: None, ..ProptestConfig::default() }
-}
-
-fn padding_strategy(max_pad: usize) -> impl Strategy<Value = Padding> {
-    prop_oneof![
-        Just(Padding::Valid),
-        Just(Padding::Same),
-        (0..=max_pad, 0..=max_pad, 0..=max_pad, 0..=max_pad).prop_map(|(top, bottom, left, right)| Padding::Explicit {
-            top,
-            bottom,
-            left,
-            right
-        }),
-    ]
-}
 
 /// `x -> pre (1x1 conv) -> op -> flatten -> logits`: the op's input gradient reaches a
 /// parameter (pre's kernel), so every gradient of the op is checked.
@@ -111,35 +95,6 @@ fn conv_cases() -> impl Strategy<Value = ConvCase> {
         })
 }
 
-#[derive(Debug, Clone)]
-struct PoolCase {
-    batch: usize,
-    hw: [usize; 2],
-    c: usize,
-    window: [usize; 2],
-    strides: [usize; 2],
-    padding: Padding,
-    max: bool,
-}
-
-fn pool_cases() -> impl Strategy<Value = PoolCase> {
-    (
-        (1usize..3, 2usize..9, 2usize..9, 1usize..6),
-        (1usize..4, 1usize..4, 1usize..4, 1usize..4),
-        padding_strategy(2),
-        any::<bool>(),
-    )
-        .prop_map(|((batch, h, w, c), (wh, ww, sh, sw), padding, max)| PoolCase {
-            batch,
-            hw: [h, w],
-            c,
-            window: [wh, ww],
-            strides: [sh, sw],
-            padding,
-            max,
-        })
-}
-
 proptest! {
     #![proptest_config(config(24))]
 
@@ -164,13 +119,13 @@ proptest! {
 
     /// Max and average windows, strides and paddings, forward and gradient.
     #[test]
-    fn pooling_agrees_forward_and_backward(p in pool_cases()) {
+    fn pooling_agrees_forward_and_backward(p in pool_params()) {
         let g = around("pool", p.hw, p.c, |g, x| {
             let pool = Pool { window: p.window, strides: p.strides, padding: p.padding };
             if p.max { g.max_pool("pool", x, pool).ok() } else { g.avg_pool("pool", x, pool).ok() }
         });
         if let Some(g) = g {
-            agrees(g, p.batch);
+            agrees(g, p.n);
         }
     }
 

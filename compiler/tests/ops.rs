@@ -17,23 +17,6 @@ fn param(g: &mut Graph, name: &str, shape: &[usize]) -> NodeId {
     g.add(name, Op::Parameter(Parameter { shape: shape.to_vec(), init: Init::Zeros, trainable: true }), &[]).unwrap()
 }
 
-fn padding_strategy(max_pad: usize) -> impl Strategy<Value = Padding> {
-    prop_oneof![
-        Just(Padding::Valid),
-        Just(Padding::Same),
-        (0..=max_pad, 0..=max_pad, 0..=max_pad, 0..=max_pad).prop_map(|(top, bottom, left, right)| Padding::Explicit {
-            top,
-            bottom,
-            left,
-            right
-        }),
-    ]
-}
-
-fn config(cases: u32) -> ProptestConfig {
-    ProptestConfig { cases, failure_persistence: None, ..ProptestConfig::default() }
-}
-
 #[derive(Debug, Clone)]
 struct ConvParams {
     n: usize,
@@ -133,35 +116,6 @@ fn one_by_one_convolution_padded_after_matches_naive() {
         assert_eq!(want.shape(), &[2, 2 + bottom, 3 + right, 3]);
         assert_close(&eval(&g, y, &b, INFER), &want, 1e-5, 1e-5, "padded 1x1 conv");
     }
-}
-
-#[derive(Debug, Clone)]
-struct PoolParams {
-    n: usize,
-    hw: [usize; 2],
-    c: usize,
-    window: [usize; 2],
-    strides: [usize; 2],
-    padding: Padding,
-    max: bool,
-}
-
-fn pool_params() -> impl Strategy<Value = PoolParams> {
-    (
-        (1usize..3, 1usize..9, 1usize..9, 1usize..4),
-        (1usize..4, 1usize..4, 1usize..4, 1usize..4),
-        padding_strategy(2),
-        any::<bool>(),
-    )
-        .prop_map(|((n, h, w, c), (wh, ww, sh, sw), padding, max)| PoolParams {
-            n,
-            hw: [h, w],
-            c,
-            window: [wh, ww],
-            strides: [sh, sw],
-            padding,
-            max,
-        })
 }
 
 fn pool_graph(p: &PoolParams) -> Option<(Graph, NodeId, TensorMap)> {

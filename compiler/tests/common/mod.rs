@@ -5,6 +5,7 @@
 pub mod lowering;
 
 use ndarray::{ArrayD, IxDyn};
+use proptest::prelude::*;
 use systolic_compiler::autodiff;
 use systolic_compiler::graph::{Graph, NodeId, Padding, Window2d};
 use systolic_compiler::reference::{self, RunOptions};
@@ -296,4 +297,52 @@ pub fn check_gradient_direction(
             "{name}: finite differences vs autodiff: cosine {cosine}, norm ratio {ratio}"
         );
     }
+}
+
+// ---- property-test strategies ----
+
+pub fn padding_strategy(max_pad: usize) -> impl Strategy<Value = Padding> {
+    prop_oneof![
+        Just(Padding::Valid),
+        Just(Padding::Same),
+        (0..=max_pad, 0..=max_pad, 0..=max_pad, 0..=max_pad).prop_map(|(top, bottom, left, right)| Padding::Explicit {
+            top,
+            bottom,
+            left,
+            right
+        }),
+    ]
+}
+
+pub fn config(cases: u32) -> ProptestConfig {
+    ProptestConfig { cases, failure_persistence: None, ..ProptestConfig::default() }
+}
+
+#[derive(Debug, Clone)]
+pub struct PoolParams {
+    pub n: usize,
+    pub hw: [usize; 2],
+    pub c: usize,
+    pub window: [usize; 2],
+    pub strides: [usize; 2],
+    pub padding: Padding,
+    pub max: bool,
+}
+
+pub fn pool_params() -> impl Strategy<Value = PoolParams> {
+    (
+        (1usize..3, 1usize..9, 1usize..9, 1usize..4),
+        (1usize..4, 1usize..4, 1usize..4, 1usize..4),
+        padding_strategy(2),
+        any::<bool>(),
+    )
+        .prop_map(|((n, h, w, c), (wh, ww, sh, sw), padding, max)| PoolParams {
+            n,
+            hw: [h, w],
+            c,
+            window: [wh, ww],
+            strides: [sh, sw],
+            padding,
+            max,
+        })
 }
