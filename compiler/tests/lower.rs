@@ -94,7 +94,8 @@ fn bands_many_images_and_channel_blocks_match_the_reference() {
 #[test]
 fn compile_errors_name_what_to_change() {
     let m = presets::preset("v2-8").unwrap();
-    let opts = |batch| Options { machine: m.clone(), batch, precision: Precision::Default, training: None };
+    let opts =
+        |batch| Options { machine: m.clone(), batch, precision: Precision::Default, training: None, train_mode: false };
     let g = small("simple_cnn", 28);
     let e = compile(&g, &opts(0)).unwrap_err().to_string();
     assert!(e.contains("batch of zero"), "{e}");
@@ -267,7 +268,8 @@ fn training_step_matches(g: Graph, input: &[usize], default_tol: f64) {
     ] {
         let training = Some(Training { optimizer, label_smoothing: 0.0 });
         for precision in [Precision::Highest, Precision::Default] {
-            let compiled = compile(&g, &Options { machine: m.clone(), batch, precision, training }).unwrap();
+            let compiled =
+                compile(&g, &Options { machine: m.clone(), batch, precision, training, train_mode: false }).unwrap();
             let mut b = g.init_parameters(3);
             let shape: Vec<usize> = std::iter::once(batch).chain(input.iter().copied()).collect();
             b.insert("x".into(), rand_tensor(&shape, 5));
@@ -363,8 +365,11 @@ fn inference_graphs_with_a_loss_compute_it() {
     let (g, _) = mlp().with_classifier_loss(0.1).unwrap();
     let mut g = g;
     g.set_outputs(vec![g.find("loss").unwrap(), g.find("logits").unwrap()]);
-    let compiled =
-        compile(&g, &Options { machine: m.clone(), batch: 5, precision: Precision::Default, training: None }).unwrap();
+    let compiled = compile(
+        &g,
+        &Options { machine: m.clone(), batch: 5, precision: Precision::Default, training: None, train_mode: false },
+    )
+    .unwrap();
     let mut b = g.init_parameters(1);
     b.insert("x".into(), rand_tensor(&[5, 24], 2));
     let y = labels(5, 10);

@@ -40,7 +40,7 @@ fn parameter(g: &mut Graph, name: &str, shape: &[usize]) -> Option<NodeId> {
 /// place.
 fn agrees(g: Graph, batch: usize) {
     let m = presets::preset("v2-8").unwrap();
-    let opts = Options { machine: m, batch, precision: Precision::Highest, training: None };
+    let opts = Options { machine: m, batch, precision: Precision::Highest, training: None, train_mode: false };
     if let Err(e) = compile(&g, &opts) {
         let e = e.to_string();
         assert!(e.contains("cannot place this op") && e.contains("not lowered yet"), "{e}");

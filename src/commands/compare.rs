@@ -132,7 +132,8 @@ pub fn run(args: Args) -> Result<()> {
         }
     };
 
-    let (compiled, compile_seconds) = super::compile::compile_model(&args.model, &machine, batch, precision, training)?;
+    let (compiled, compile_seconds) =
+        super::compile::compile_model(&args.model, &machine, batch, precision, training, false)?;
     let mut feed = lower::training::one_hot_feed(&compiled.executable, &bindings)?;
     feed.extend(compiled.initial_state.clone());
     let start = Instant::now();

@@ -99,10 +99,11 @@ pub fn compile_model(
     batch: usize,
     precision: Precision,
     training: Option<Training>,
+    train_mode: bool,
 ) -> Result<(Compiled, f64)> {
     let graph = super::load_model(model)?;
     let start = Instant::now();
-    let compiled = compile(&graph, &Options { machine: machine.clone(), batch, precision, training })?;
+    let compiled = compile(&graph, &Options { machine: machine.clone(), batch, precision, training, train_mode })?;
     Ok((compiled, start.elapsed().as_secs_f64()))
 }
 
@@ -148,7 +149,7 @@ pub fn run(args: Args) -> Result<()> {
         );
     }
     let (compiled, compile_seconds) =
-        compile_model(&args.what.model, &machine, args.what.batch, precision, args.what.train.training()?)?;
+        compile_model(&args.what.model, &machine, args.what.batch, precision, args.what.train.training()?, false)?;
     if let Some(p) = &args.dump_after {
         let pass = PassName::parse(p).expect("checked above");
         for (name, text) in &compiled.dumps {

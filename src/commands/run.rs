@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::Result;
+use systolic::compiler::lower::training::DROPOUT_STEP;
 use systolic::compiler::reference::{self, Mode, RunOptions};
 use systolic::compiler::{Graph, NodeId, Tensor, TensorMap, cost};
 use systolic::simulator::executable::Role;
@@ -141,11 +142,7 @@ fn run_reference(args: &Args, graph: &Graph, mut weights: TensorMap, inputs: Ten
 }
 
 /// Compiles for one core of `--machine` and computes the outputs with the functional simulator.
-fn run_simulated(args: &Args, graph: &Graph, weights: TensorMap, inputs: TensorMap) -> Result<()> {
-    anyhow::ensure!(
-        !args.train_mode,
-        "--backend tpu runs inference only until the training-step lowering lands; drop --train-mode or use --backend cpu"
-    );
+fn run_simulated(args: &Args, graph: &Graph, mut weights: TensorMap, inputs: TensorMap) -> Result<()> {
     anyhow::ensure!(
         !args.profile,
         "--profile times the CPU reference's ops; for the TPU's per-layer cycles run `systolic compile {}`",
@@ -153,10 +150,15 @@ fn run_simulated(args: &Args, graph: &Graph, weights: TensorMap, inputs: TensorM
     );
     let (machine, precision) = args.target.resolve()?;
     let batch = batch_of(graph, &inputs, args.input.as_deref())?;
-    let (compiled, compile_seconds) = super::compile::compile_model(&args.model, &machine, batch, precision, None)?;
+    let (compiled, compile_seconds) =
+        super::compile::compile_model(&args.model, &machine, batch, precision, None, args.train_mode)?;
     let exe = &compiled.executable;
     let mut bindings = weights.clone();
     bindings.extend(inputs);
+    // Training mode: dropout draws the mask of `--step`, as the CPU backend does.
+    if compiled.initial_state.contains_key(DROPOUT_STEP) {
+        bindings.insert(DROPOUT_STEP.into(), Tensor::from_shape_vec(vec![1], vec![args.step as f32])?);
+    }
     // The executable checks element counts; check whole shapes here so a mismatch names its file.
     for b in exe.bindings.iter().filter(|b| b.role != Role::Output) {
         let source = super::source_of(graph, &b.name, args.weights.as_deref(), None, args.input.as_deref());
@@ -177,10 +179,18 @@ fn run_simulated(args: &Args, graph: &Graph, weights: TensorMap, inputs: TensorM
         times.push(start.elapsed().as_secs_f64());
         result = Some(got);
     }
+    // The graph's outputs go to --output; in training mode the moving statistics the step
+    // updated go to --save-weights (the step counter is the program's own).
     let mut outputs = TensorMap::new();
+    let mut updates = TensorMap::new();
     for (name, values) in result.expect("at least one run") {
         let binding = exe.binding(&name, Role::Output).expect("the executable binds its outputs");
-        outputs.insert(name, Tensor::from_shape_vec(binding.shape.clone(), values)?);
+        let t = Tensor::from_shape_vec(binding.shape.clone(), values)?;
+        if graph.outputs().iter().any(|&o| graph.node(o).name == name) {
+            outputs.insert(name, t);
+        } else if name != DROPOUT_STEP {
+            updates.insert(name, t);
+        }
     }
     let report = simulate(&machine, &exe.program, false)?.report;
     times.sort_by(f64::total_cmp);
@@ -217,6 +227,7 @@ fn run_simulated(args: &Args, graph: &Graph, weights: TensorMap, inputs: TensorM
         println!("computing the values on this host took {timing}; compiling {compile_seconds:.3} s");
     }
     if let Some(path) = &args.save_weights {
+        weights.extend(updates);
         super::save_tensors(path, &weights)?;
         if !args.json {
             println!("wrote weights to {}", path.display());

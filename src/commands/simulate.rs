@@ -28,6 +28,7 @@ pub fn run(args: Args) -> Result<()> {
         args.what.batch,
         precision,
         args.what.train.training()?,
+        false,
     )?;
     let program = &compiled.executable.program;
     let timing = simulate(&machine, program, args.trace.is_some())?;

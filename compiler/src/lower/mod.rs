@@ -43,6 +43,10 @@ pub struct Options {
     /// Lower the training step (forward, backward, update) with these settings, rather than
     /// inference.
     pub training: Option<Training>,
+    /// Without `training`: the forward pass in training mode — batch norm with the batch's
+    /// statistics (moving statistics updated in place and output), dropout with the mask of
+    /// the step in `dropout/step` (advanced by the program) — as `run --train-mode` does.
+    pub train_mode: bool,
 }
 
 /// The named passes, in order.
@@ -139,12 +143,12 @@ pub fn compile(graph: &Graph, opts: &Options) -> Result<Compiled> {
         return Err(fail("a batch of zero examples cannot be compiled; give --batch 1 or more".into()));
     }
     // The graph the passes see: the training step, or the model with one-hot labels for any loss.
-    let (prepared, step) = training::prepare(graph, opts.training.as_ref())?;
+    let (prepared, step) = training::prepare(graph, opts.training.as_ref(), opts.train_mode)?;
     let graph = &prepared;
     let mut dumps = Vec::new();
 
     // 1. Fusion (and, for training, one update kernel per parameter).
-    let mut kernels = fusion::fuse(graph, opts.training.is_some())?;
+    let mut kernels = fusion::fuse(graph, opts.training.is_some() || opts.train_mode)?;
     for u in &step.updates {
         let name = format!("update/{}", graph.node(u.param).name);
         let nodes = vec![u.param];

@@ -62,16 +62,51 @@ pub(super) struct Step {
 }
 
 /// The graph the passes compile: for inference, `graph` with one-hot inputs for any loss's
-/// labels; for training, the whole step.
-pub(super) fn prepare(graph: &Graph, training: Option<&Training>) -> Result<(Graph, Step)> {
+/// labels; for training, the whole step. `train_mode` (without a step): the forward pass with
+/// batch statistics and dropout, and the state that needs.
+pub(super) fn prepare(graph: &Graph, training: Option<&Training>, train_mode: bool) -> Result<(Graph, Step)> {
     match training {
         Some(t) => build(graph, t),
         None => {
             let mut g = graph.clone();
             let one_hot = add_one_hot(&mut g)?;
-            Ok((g, Step { one_hot, ..Step::default() }))
+            let mut step = Step { one_hot, ..Step::default() };
+            if train_mode {
+                let mut outputs = g.outputs().to_vec();
+                step.dropout_step = add_forward_state(&mut g, &mut step.state, &mut outputs)?;
+                g.set_outputs(outputs);
+            }
+            Ok((g, step))
         }
     }
+}
+
+/// What a training-mode forward pass changes: the dropout step counter (when any dropout
+/// drops), appended to `state`, and batch norm's moving statistics; both become outputs.
+fn add_forward_state(g: &mut Graph, state: &mut Vec<NodeId>, outputs: &mut Vec<NodeId>) -> Result<Option<NodeId>> {
+    // Dropout draws each step's mask from the step number, kept on the device.
+    let drops = g.nodes().any(|(_, n)| matches!(&n.op, Op::Dropout(d) if d.rate > 0.0));
+    let dropout_step = if drops {
+        let name = reserved(g, DROPOUT_STEP.to_string())?;
+        let p = Parameter { shape: vec![1], init: Init::Constant(0.0), trainable: false };
+        let id = g.add(name, Op::Parameter(p), &[])?;
+        state.push(id);
+        Some(id)
+    } else {
+        None
+    };
+    outputs.extend(state.iter().copied());
+    // Batch norm's moving statistics, updated in place by the forward pass.
+    for (_, node) in g.nodes() {
+        if let Op::BatchNorm(_) = node.op {
+            for &s in &node.inputs[3..5] {
+                if !outputs.contains(&s) {
+                    outputs.push(s);
+                }
+            }
+        }
+    }
+    Ok(dropout_step)
 }
 
 /// Builds the training graph of `graph` for `t`.
@@ -117,28 +152,7 @@ fn build(graph: &Graph, t: &Training) -> Result<(Graph, Step)> {
         outputs.push(u.param);
         outputs.extend(u.slots.iter().copied());
     }
-    // Dropout draws each step's mask from the step number, kept on the device.
-    let drops = g.nodes().any(|(_, n)| matches!(&n.op, Op::Dropout(d) if d.rate > 0.0));
-    let dropout_step = if drops {
-        let name = reserved(&g, DROPOUT_STEP.to_string())?;
-        let p = Parameter { shape: vec![1], init: Init::Constant(0.0), trainable: false };
-        let id = g.add(name, Op::Parameter(p), &[])?;
-        state.push(id);
-        Some(id)
-    } else {
-        None
-    };
-    outputs.extend(state.iter().copied());
-    // Batch norm's moving statistics, updated in place by the forward pass.
-    for (_, node) in g.nodes() {
-        if let Op::BatchNorm(_) = node.op {
-            for &s in &node.inputs[3..5] {
-                if !outputs.contains(&s) {
-                    outputs.push(s);
-                }
-            }
-        }
-    }
+    let dropout_step = add_forward_state(&mut g, &mut state, &mut outputs)?;
     g.set_outputs(outputs);
     Ok((g, Step { one_hot, updates, state, dropout_step, output_names }))
 }

@@ -19,7 +19,8 @@ use systolic_simulator::timing::simulate;
 /// largest reference value of each output.
 pub fn differential(g: &Graph, machine: &str, batch: usize, precision: Precision) -> Vec<(String, f64)> {
     let m = presets::preset(machine).unwrap();
-    let compiled = compile(g, &Options { machine: m.clone(), batch, precision, training: None }).unwrap();
+    let compiled =
+        compile(g, &Options { machine: m.clone(), batch, precision, training: None, train_mode: false }).unwrap();
     let mut b: TensorMap = g.init_parameters(3);
     for id in g.inputs() {
         let node = g.node(id);
@@ -73,7 +74,8 @@ fn check_step(g: Graph, batch: usize, step: u64, check: Check) {
     let grads = autodiff::differentiate(&with_loss, loss, &with_loss.trainable_parameters()).unwrap();
     let training = Some(Training { optimizer: Optimizer::Sgd { learning_rate: 0.1 }, label_smoothing: 0.0 });
     let compiled =
-        compile(&g, &Options { machine: m.clone(), batch, precision: Precision::Highest, training }).unwrap();
+        compile(&g, &Options { machine: m.clone(), batch, precision: Precision::Highest, training, train_mode: false })
+            .unwrap();
     let mut b = g.init_parameters(3);
     for id in g.inputs() {
         let node = g.node(id);
