@@ -174,6 +174,37 @@ pub(super) fn column_sums(e: &mut Emitter, kernel: &Kernel, node: NodeId) -> Res
     Ok(e.report(e.graph, kernel, format!("blocks of {rb} rows on the VPU"), format!("{rows} x {c} to {c}"), 0, range))
 }
 
+/// `SoftmaxGrad`: `dx = y · (dy − Σ_row dy·y)`, blocks of rows on the VPU.
+pub(super) fn softmax_grad(e: &mut Emitter, kernel: &Kernel, node: NodeId) -> Result<KernelReport> {
+    let first = e.program.len();
+    let n = e.graph.node(node);
+    let (y, dy) = (e.place(n.inputs[0]).tile, e.place(n.inputs[1]).tile);
+    let out = e.place(kernel.output).tile;
+    let (rows, c) = (y.rows as usize, y.cols as usize);
+    let rb = rows_per_block(e, rows, c + 1, 3 * BUFFERS);
+    let mut vmem = e.vmem();
+    let oom = |e: &Emitter| e.vmem_error(kernel, "row blocks");
+    let mut ring = |cols: usize, e: &Emitter| vmem.ring(rb, cols).ok_or_else(|| oom(e));
+    let (yb, db, tb, sb) = (ring(c, e)?, ring(c, e)?, ring(c, e)?, ring(1, e)?);
+    let mut free: Vec<Vec<u32>> = vec![Vec::new(); BUFFERS];
+    for (b, r0) in (0..rows).step_by(rb).enumerate() {
+        let rn = rb.min(rows - r0);
+        let p = b % BUFFERS;
+        let sub = |t: Tile| Tile { rows: rn as u32, ..t };
+        let (yt, dt, tt, st) = (sub(yb[p]), sub(db[p]), sub(tb[p]), sub(sb[p]));
+        let ly = e.push(Op::dma(0, y.rows(r0, rn), yt), &free[p]);
+        let ld = e.push(Op::dma(1, dy.rows(r0, rn), dt), &free[p]);
+        let m = e.push(Op::Binary { op: BinaryOp::Mul, a: dt, b: yt, dst: tt }, &[ly, ld]);
+        let s = e.push(Op::Reduce { op: ReduceOp::Sum, axis: Axis::Cols, src: tt, dst: st }, &[m]);
+        let d = e.push(Op::Binary { op: BinaryOp::Sub, a: dt, b: st, dst: dt }, &[s]);
+        let g = e.push(Op::Binary { op: BinaryOp::Mul, a: dt, b: yt, dst: dt }, &[d]);
+        let store = e.push(Op::dma(2, dt, out.rows(r0, rn)), &[g]);
+        free[p] = vec![g, store];
+    }
+    let range = first..e.program.len() + 1;
+    Ok(e.report(e.graph, kernel, format!("blocks of {rb} rows on the VPU"), format!("{rows} x {c}"), 0, range))
+}
+
 /// `ReluGrad` / `Relu6Grad`: `dy` where the activation (its output, see the op) is in the active range.
 pub(super) fn mask(e: &mut Emitter, kernel: &Kernel, node: NodeId) -> Result<KernelReport> {
     let first = e.program.len();

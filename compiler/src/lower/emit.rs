@@ -334,11 +334,12 @@ pub(super) fn apply_epilogue(
                 last = Some(e.push(Op::Binary { op: BinaryOp::Add, a: acc, b: shift.columns(c0, nb), dst: acc }, &[m]));
                 continue;
             }
-            Epilogue::Residual(_) => {
-                let (res, loaded) = residual.expect("a residual step has its tile");
+            Epilogue::Residual(_) | Epilogue::Product(_) => {
+                let (res, loaded) = residual.expect("a tensor operand step has its tile");
                 let mut d = deps.clone();
                 d.push(loaded);
-                last = Some(e.push(Op::Binary { op: BinaryOp::Add, a: acc, b: res, dst: acc }, &d));
+                let op = if matches!(step, Epilogue::Residual(_)) { BinaryOp::Add } else { BinaryOp::Mul };
+                last = Some(e.push(Op::Binary { op, a: acc, b: res, dst: acc }, &d));
                 continue;
             }
             Epilogue::Relu => Op::Unary { op: UnaryOp::Relu, src: acc, dst: acc },
@@ -352,8 +353,13 @@ pub(super) fn apply_epilogue(
     }
 }
 
+/// The tensor operand of a kernel's epilogue (a residual add's or a product's), loaded in the
+/// output's layout beside the accumulator.
 pub(super) fn residual_of(kernel: &Kernel) -> Option<NodeId> {
-    kernel.epilogue.iter().find_map(|s| if let Epilogue::Residual(r) = s { Some(*r) } else { None })
+    kernel.epilogue.iter().find_map(|s| match s {
+        Epilogue::Residual(r) | Epilogue::Product(r) => Some(*r),
+        _ => None,
+    })
 }
 
 /// Splits `rows` into at most `parts` near-equal ranges (for MXUs working side by side).
@@ -1424,6 +1430,28 @@ fn concat(e: &mut Emitter, kernel: &Kernel, node: NodeId) -> Result<KernelReport
     Ok(e.report(graph, kernel, "DMA into column slices".into(), format!("{} inputs", n.inputs.len()), 0, range))
 }
 
+/// `Slice` along the last axis (the gradient of a concatenation): one strided DMA.
+fn slice(e: &mut Emitter, kernel: &Kernel, node: NodeId) -> Result<KernelReport> {
+    let first = e.program.len();
+    let n = e.graph.node(node);
+    let GOp::Slice(attrs) = &n.op else { unreachable!("a Slice main") };
+    let rank = e.graph.node(n.inputs[0]).shape.rank() as i64;
+    if attrs.axis != -1 && attrs.axis != rank - 1 {
+        return Err(e.unsupported(node, format!("slices along axis {} (only the last axis is lowered)", attrs.axis)));
+    }
+    let (x, y) = (e.place(n.inputs[0]).tile, e.place(kernel.output).tile);
+    e.push(Op::dma(0, x.columns(attrs.start, attrs.len), y), &[]);
+    let range = first..e.program.len() + 1;
+    Ok(e.report(
+        e.graph,
+        kernel,
+        "DMA of a column slice".into(),
+        format!("{} of {} columns", attrs.len, x.cols),
+        0,
+        range,
+    ))
+}
+
 /// Tiles and schedules every kernel; returns the program, the reports and the tiling dump.
 pub(super) fn emit(
     graph: &Graph,
@@ -1468,12 +1496,14 @@ pub(super) fn emit(
             Main::GlobalAvgPool(n) => global_avg_pool(&mut e, kernel, *n)?,
             Main::Softmax(n) => softmax(&mut e, kernel, *n)?,
             Main::Concat(n) => concat(&mut e, kernel, *n)?,
+            Main::Slice(n) => slice(&mut e, kernel, *n)?,
             Main::Pointwise { input } => pointwise(&mut e, kernel, *input)?,
             Main::Loss(n) => backward::loss(&mut e, kernel, *n)?,
             Main::LossGrad(n) => backward::loss_grad(&mut e, kernel, *n)?,
             Main::MatMulT(n) => backward::dense_grad(&mut e, kernel, *n)?,
             Main::ColumnSums(n) => backward::column_sums(&mut e, kernel, *n)?,
             Main::Mask(n) => backward::mask(&mut e, kernel, *n)?,
+            Main::SoftmaxGrad(n) => backward::softmax_grad(&mut e, kernel, *n)?,
             Main::PoolGrad(n) => backward::pool_grad(&mut e, kernel, *n)?,
             Main::Dropout(n) => backward::dropout(&mut e, kernel, *n)?,
             Main::ConvGradInput(n) => conv_grad::conv_grad_input(&mut e, kernel, *n)?,

@@ -25,6 +25,9 @@ pub enum Epilogue {
     BatchNormTrain(NodeId),
     /// Adds a tensor of the kernel's output shape.
     Residual(NodeId),
+    /// Multiplies by a tensor of the kernel's output shape (`Mul`). A kernel has at most one
+    /// such tensor operand (this or `Residual`).
+    Product(NodeId),
     Relu,
     Relu6,
 }
@@ -39,6 +42,8 @@ pub enum Main {
     GlobalAvgPool(NodeId),
     Softmax(NodeId),
     Concat(NodeId),
+    /// A slice along the last axis (a concatenation's gradient).
+    Slice(NodeId),
     /// Only an epilogue, applied to an existing tensor.
     Pointwise {
         input: NodeId,
@@ -54,6 +59,8 @@ pub enum Main {
     MatMulT(NodeId),
     /// `BiasAddGrad`: sums over every row.
     ColumnSums(NodeId),
+    /// `SoftmaxGrad`: `y · (dy − Σ dy·y)` per row.
+    SoftmaxGrad(NodeId),
     /// `ReluGrad` or `Relu6Grad`: `dy` where the activation was in its active range.
     Mask(NodeId),
     /// `MaxPoolGrad`, `AvgPoolGrad` or `GlobalAvgPoolGrad` on the VPU.
@@ -117,9 +124,11 @@ impl Kernel {
             | Main::GlobalAvgPool(n)
             | Main::Softmax(n)
             | Main::Dropout(n)
+            | Main::Slice(n)
             | Main::View(n) => out.push(graph.node(*n).inputs[0]),
             Main::Concat(n)
             | Main::MatMulT(n)
+            | Main::SoftmaxGrad(n)
             | Main::Mask(n)
             | Main::PoolGrad(n)
             | Main::ConvGradInput(n)
@@ -140,7 +149,7 @@ impl Kernel {
             Main::Advance(_) => {}
         }
         for e in &self.epilogue {
-            if let Epilogue::Residual(r) = e {
+            if let Epilogue::Residual(r) | Epilogue::Product(r) = e {
                 out.push(*r);
             }
         }
@@ -189,10 +198,11 @@ pub fn fuse(graph: &Graph, training: bool) -> Result<Vec<Kernel>> {
             Op::GlobalAvgPool => Main::GlobalAvgPool(id),
             Op::Softmax => Main::Softmax(id),
             Op::Concat(_) => Main::Concat(id),
+            Op::Slice(_) => Main::Slice(id),
             Op::Flatten | Op::Reshape(_) => Main::View(id),
             Op::Dropout(d) if !training || d.rate == 0.0 => Main::View(id),
             Op::Dropout(_) => Main::Dropout(id),
-            Op::BiasAdd | Op::BatchNorm(_) | Op::Relu | Op::Relu6 | Op::Add => {
+            Op::BiasAdd | Op::BatchNorm(_) | Op::Relu | Op::Relu6 | Op::Add | Op::Mul => {
                 Main::Pointwise { input: node.inputs[0] }
             }
             Op::SoftmaxCrossEntropy(_) => Main::Loss(id),
@@ -200,21 +210,14 @@ pub fn fuse(graph: &Graph, training: bool) -> Result<Vec<Kernel>> {
             Op::DenseBackpropInput | Op::DenseBackpropKernel => Main::MatMulT(id),
             Op::BiasAddGrad => Main::ColumnSums(id),
             Op::ReluGrad | Op::Relu6Grad => Main::Mask(id),
+            Op::SoftmaxGrad => Main::SoftmaxGrad(id),
             Op::MaxPoolGrad(_) | Op::AvgPoolGrad(_) | Op::GlobalAvgPoolGrad(_) => Main::PoolGrad(id),
             Op::Conv2dBackpropInput(_) => Main::ConvGradInput(id),
             Op::Conv2dBackpropFilter(_) => Main::ConvGradFilter(id),
             Op::BatchNormGradInput(_) => Main::BatchNormGrad(bn_grads.remove(&id).expect("grouped above")),
             Op::BatchNormGradGamma(_) => Main::BatchNormGradGamma(id),
-            other => {
-                return Err(unsupported(
-                    graph,
-                    id,
-                    &format!(
-                        "{} is not lowered yet (the lowering covers convolutions, dense layers, pools, batch norm, residual adds, activations, softmax, concatenation and reshapes forward, and the gradients of the loss, convolutions, dense layers, pools, batch norm and activations)",
-                        other.kind()
-                    ),
-                ));
-            }
+            // Every op of the IR has a kernel above; a new op must get one before it compiles.
+            other => return Err(unsupported(graph, id, &format!("{} is not lowered yet", other.kind()))),
         };
         let mut kernel = Kernel {
             name: node.name.clone(),
@@ -255,6 +258,10 @@ pub fn fuse(graph: &Graph, training: bool) -> Result<Vec<Kernel>> {
                 }
                 let Some(step) = epilogue_step(graph, next, cur) else { break };
                 if only_adds && !matches!(step, Epilogue::Residual(_)) {
+                    break;
+                }
+                let operand = |s: &Epilogue| matches!(s, Epilogue::Residual(_) | Epilogue::Product(_));
+                if operand(&step) && kernel.epilogue.iter().any(operand) {
                     break;
                 }
                 kernel.epilogue.push(step);
@@ -318,15 +325,16 @@ fn epilogue_step(graph: &Graph, next: NodeId, cur: NodeId) -> Option<Epilogue> {
         }
         Op::Relu if node.inputs[0] == cur => Some(Epilogue::Relu),
         Op::Relu6 if node.inputs[0] == cur => Some(Epilogue::Relu6),
-        Op::Add => {
+        Op::Add | Op::Mul => {
             let (a, b) = (node.inputs[0], node.inputs[1]);
-            if a == cur && b != cur {
-                Some(Epilogue::Residual(b))
+            let other = if a == cur && b != cur {
+                b
             } else if b == cur && a != cur {
-                Some(Epilogue::Residual(a))
+                a
             } else {
-                None
-            }
+                return None;
+            };
+            Some(if matches!(node.op, Op::Add) { Epilogue::Residual(other) } else { Epilogue::Product(other) })
         }
         _ => None,
     }
