@@ -174,6 +174,23 @@ fn convs() -> Graph {
     g
 }
 
+/// Padding wider than the kernel's reach (a 1x1 convolution padded by 2, a strided 2x2 padded
+/// by 3): the input gradient is a window of a larger transposed convolution.
+#[test]
+fn gradients_of_convolutions_padded_beyond_their_kernel() {
+    let mut g = Graph::new("overpadded");
+    let x = g.input("x", &[5, 6, 3]).unwrap();
+    let h = g.conv2d("pre", x, ConvSpec::new(4, 1)).unwrap();
+    let pad = |p| Padding::Explicit { top: p, bottom: p, left: p, right: p };
+    let h = g.conv2d("wide", h, ConvSpec::new(5, 1).padding(pad(2))).unwrap();
+    let h = g.relu("wide_relu", h).unwrap();
+    let h = g.conv2d("strided", h, ConvSpec::new(6, 2).stride(2).padding(pad(3))).unwrap();
+    let h = g.flatten("flat", h).unwrap();
+    let logits = g.dense("logits", h, 10).unwrap();
+    g.set_outputs(vec![logits]);
+    gradients_match(g, 3);
+}
+
 /// Large images (staged in bands, the input gradient's dilated dy too) and wide layers
 /// (filter-gradient accumulators split into output-channel blocks).
 #[test]

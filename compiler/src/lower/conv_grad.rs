@@ -64,18 +64,12 @@ pub(super) fn conv_grad_input(e: &mut Emitter, kernel: &Kernel, node: NodeId) ->
     // Padding of the transposed convolution: the taps that reach past the dilated dy.
     let (reach_h, reach_w) = ((g.kh - 1) * g.dh, (g.kw - 1) * g.dw);
     let (dil_h, dil_w) = ((g.oh - 1) * g.s + 1, (g.ow - 1) * g.s + 1);
-    let pads = (
-        reach_h.checked_sub(g.pt),
-        (g.h + g.pt).checked_sub(dil_h),
-        reach_w.checked_sub(g.pl),
-        (g.w + g.pl).checked_sub(dil_w),
-    );
-    let (Some(top), Some(bottom), Some(left), Some(right)) = pads else {
-        return Err(e.unsupported(
-            node,
-            "the gradient of a convolution padded by more than its kernel's reach is not lowered yet".into(),
-        ));
-    };
+    // Where the forward padding exceeds the kernel's reach these are negative: pad by 0
+    // instead, compute the larger output and keep the window that is `dx` (`out_window`).
+    let signed = |a: usize, b: usize| a as i64 - b as i64;
+    let pads = [signed(reach_h, g.pt), signed(g.h + g.pt, dil_h), signed(reach_w, g.pl), signed(g.w + g.pl, dil_w)];
+    let [top, bottom, left, right] = pads.map(|p| p.max(0) as usize);
+    let [crop_t, crop_l] = [(-pads[0]).max(0) as usize, (-pads[2]).max(0) as usize];
     let attrs = Conv2d {
         strides: [1, 1],
         padding: Padding::Explicit { top, bottom, left, right },
@@ -128,7 +122,8 @@ pub(super) fn conv_grad_input(e: &mut Emitter, kernel: &Kernel, node: NodeId) ->
     }
     e.wait_for(&done);
 
-    let spec = ConvSpec { x: dy, w: &flipped, y: dx, attrs, bias: None, input_dilation: g.s };
+    let out_window = Some([crop_t, crop_l, g.h, g.w]);
+    let spec = ConvSpec { x: dy, w: &flipped, y: dx, attrs, bias: None, input_dilation: g.s, out_window };
     let mut report = emit::conv_with(e, kernel, node, &spec)?;
     report.instructions.start = first;
     set_useful(&mut report, conv_macs(&g, cg));

@@ -408,6 +408,11 @@ pub(super) struct ConvGeom {
     pub xs: usize,
     pub xh: usize,
     pub xw: usize,
+    /// The window of the `oh × ow` output that the output tensor holds: rows `crop[0]..` and
+    /// columns `crop[1]..` of `out_hw` (all of it but for a transposed convolution whose
+    /// forward padding exceeded its kernel's reach).
+    pub crop: [usize; 2],
+    pub out_hw: [usize; 2],
 }
 
 impl ConvGeom {
@@ -441,6 +446,8 @@ impl ConvGeom {
             xs: 1,
             xh: h,
             xw: w,
+            crop: [0, 0],
+            out_hw: [win.out_h, win.out_w],
         })
     }
 
@@ -550,6 +557,9 @@ pub(super) struct ConvSpec<'p> {
     pub bias: Option<NodeId>,
     /// Zeros between the stored pixels of `x` plus one (1: none); see [`ConvGeom::dilated`].
     pub input_dilation: usize,
+    /// `y` holds rows `top..top+h` and columns `left..left+w` of the convolution's output
+    /// (`[top, left, h, w]`); None: all of it.
+    pub out_window: Option<[usize; 4]>,
 }
 
 fn conv(e: &mut Emitter, kernel: &Kernel, node: NodeId) -> Result<KernelReport> {
@@ -562,6 +572,7 @@ fn conv(e: &mut Emitter, kernel: &Kernel, node: NodeId) -> Result<KernelReport> 
         attrs: attrs.clone(),
         bias: n.inputs.get(2).copied(),
         input_dilation: 1,
+        out_window: None,
     };
     conv_with(e, kernel, node, &spec)
 }
@@ -573,8 +584,11 @@ pub(super) fn conv_with(e: &mut Emitter, kernel: &Kernel, node: NodeId, spec: &C
     let (x, w, y, attrs) = (spec.x, spec.w, spec.y, &spec.attrs);
     let c = x.shape[3];
     let cg = w.shape[2];
-    let g = ConvGeom::dilated(attrs, &x.shape, &w.shape, spec.input_dilation)
+    let mut g = ConvGeom::dilated(attrs, &x.shape, &w.shape, spec.input_dilation)
         .ok_or_else(|| e.unsupported(node, format!("unequal strides {:?} are not lowered yet", attrs.strides)))?;
+    if let Some([top, left, h, w]) = spec.out_window {
+        (g.crop, g.out_hw) = ([top, left], [h, w]);
+    }
     let co = g.co;
     // The bias input is the first epilogue step.
     let mut kernel = kernel.clone();
@@ -993,28 +1007,36 @@ pub(super) fn out_rows(
     load: bool,
     deps: &[u32],
 ) -> u32 {
-    let (h_step, v_step) = ((g.ow * g.co * 4) as u64, (g.wp * nb * 4) as u64);
+    // The tensor holds the output window `crop .. crop + out_hw` (usually all of it).
+    let ([top, left], [oh, ow]) = (g.crop, g.out_hw);
+    let (h_step, v_step) = ((ow * g.co * 4) as u64, (g.wp * nb * 4) as u64);
     // When image slots hold exactly the output rows (hv = OH), rows of successive images are
     // evenly spaced on both sides: one DMA moves the whole block. Otherwise one per image,
     // spread over the DMA engines so their start-up latencies overlap.
-    let merged = whole && g.hv() == g.oh;
-    let (copies, rows_each) = if merged { (1, blk.images * blk.bh) } else { (blk.images, blk.bh) };
+    let cropped = g.crop != [0, 0] || g.out_hw != [g.oh, g.ow];
+    let merged = whole && g.hv() == g.oh && !cropped;
+    // The block's rows that fall in the window.
+    let (r_lo, r_hi) = (blk.oh0.max(top), (blk.oh0 + blk.bh).min(top + oh));
+    if r_hi <= r_lo {
+        return e.push(Op::Barrier, deps);
+    }
+    let (copies, rows_each) = if merged { (1, blk.images * blk.bh) } else { (blk.images, r_hi - r_lo) };
     let engines = e.m.core.dma.engines.max(1);
     let mut ids = Vec::with_capacity(copies);
     for img in 0..copies {
         let n = blk.n0 + img;
-        let v_row0 = if whole { img * per_image } else { 0 };
+        let v_row0 = if whole { img * per_image } else { 0 } + (r_lo - blk.oh0) * g.wp + left;
         let h = Tile {
             space: Space::Hbm,
-            offset: hbm.offset + (((n * g.oh + blk.oh0) * g.ow * g.co + c0) * 4) as u64,
-            rows: g.ow as u32,
+            offset: hbm.offset + (((n * oh + r_lo - top) * ow * g.co + c0) * 4) as u64,
+            rows: ow as u32,
             cols: nb as u32,
             stride: g.co as u32,
             dtype: DType::F32,
         };
         let v = Tile {
             offset: vmem.offset + (v_row0 * nb * 4) as u64,
-            rows: g.ow as u32,
+            rows: ow as u32,
             cols: nb as u32,
             stride: nb as u32,
             ..vmem
