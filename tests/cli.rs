@@ -671,21 +671,37 @@ fn a_training_step_compiles_simulates_and_compares() {
     assert!(e.contains("positive"), "{e}");
 }
 
-/// A convolution with unequal strides: an op the lowering cannot place.
-const UNEQUAL_STRIDES: &str = r#"(
-  name: "strided",
-  nodes: [
-    (name: "x", op: Input(shape: [8, 8, 1], dtype: F32)),
-    (name: "conv/kernel", op: Parameter(shape: [3, 3, 1, 4], init: GlorotUniform)),
-    (name: "conv", op: Conv2d(strides: (1, 2), padding: Same, dilation: (1, 1), groups: 1), inputs: ["x", "conv/kernel"]),
-  ],
-  outputs: ["conv"],
-)"#;
-
+/// Every op lowers, but a kernel whose smallest blocks overflow VMEM cannot be placed; the
+/// error names it and the field to change.
 #[test]
-fn an_op_the_lowering_cannot_place_is_named() {
+fn a_kernel_the_lowering_cannot_place_is_named() {
+    let e = fails(&["compile", "simple_cnn", "--set", "core.vmem_bytes=70000"]);
+    assert!(e.contains("node 'conv2' (Conv2d)") && e.contains("cannot place") && e.contains("core.vmem_bytes"), "{e}");
+    // Concatenation along any axis is placed (one strided DMA per input).
     let d = Dir::new();
-    std::fs::write(d.path("strided.ron"), UNEQUAL_STRIDES).unwrap();
-    let e = fails(&["compile", &d.s("strided.ron")]);
-    assert!(e.contains("node 'conv' (Conv2d)") && e.contains("unequal strides [1, 2]"), "{e}");
+    std::fs::write(d.path("stacked.ron"), CONCAT_HEIGHT).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&ok(&[
+        "run",
+        &d.s("stacked.ron"),
+        "--batch",
+        "2",
+        "--output",
+        &d.s("y.safetensors"),
+        "--backend",
+        "tpu",
+        "--json",
+    ]))
+    .unwrap();
+    assert_eq!(v["backend"], "tpu");
+    assert_eq!(tensors::load(d.path("y.safetensors")).unwrap()["cat"].shape(), &[2, 8, 4, 8]);
 }
+
+/// Two copies of an image stacked along the height axis.
+const CONCAT_HEIGHT: &str = r#"(
+  name: "stacked",
+  nodes: [
+    (name: "x", op: Input(shape: [4, 4, 8], dtype: F32)),
+    (name: "cat", op: Concat(axis: 1), inputs: ["x", "x"]),
+  ],
+  outputs: ["cat"],
+)"#;

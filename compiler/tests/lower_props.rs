@@ -61,7 +61,7 @@ struct ConvCase {
     groups: usize,
     cog: usize,
     k: [usize; 2],
-    stride: usize,
+    strides: [usize; 2],
     dilation: [usize; 2],
     padding: Padding,
     bias: bool,
@@ -71,19 +71,19 @@ fn conv_cases() -> impl Strategy<Value = ConvCase> {
     (
         (1usize..3, 3usize..10, 3usize..10),
         (1usize..5, 1usize..4, 1usize..4),
-        (1usize..4, 1usize..4, 1usize..3),
+        (1usize..4, 1usize..4, 1usize..4, 1usize..4),
         (1usize..3, 1usize..3),
         padding_strategy(2),
         any::<bool>(),
     )
-        .prop_map(|((batch, h, w), (cg, groups, cog), (kh, kw, stride), (dh, dw), padding, bias)| ConvCase {
+        .prop_map(|((batch, h, w), (cg, groups, cog), (kh, kw, sh, sw), (dh, dw), padding, bias)| ConvCase {
             batch,
             hw: [h, w],
             cg,
             groups,
             cog,
             k: [kh, kw],
-            stride,
+            strides: [sh, sw],
             dilation: [dh, dw],
             padding,
             bias,
@@ -93,7 +93,8 @@ fn conv_cases() -> impl Strategy<Value = ConvCase> {
 proptest! {
     #![proptest_config(config(32))]
 
-    /// Strides, padding (SAME, VALID, explicit and uneven), dilation, groups and depthwise.
+    /// Strides (equal or not), padding (SAME, VALID, explicit and uneven), dilation, groups
+    /// and depthwise.
     #[test]
     fn convolutions_agree_forward_and_backward(p in conv_cases()) {
         let (c, co) = (p.cg * p.groups, p.cog * p.groups);
@@ -103,7 +104,7 @@ proptest! {
             if p.bias {
                 inputs.push(parameter(g, "conv/bias", &[co])?);
             }
-            let attrs = Conv2d { strides: [p.stride; 2], padding: p.padding, dilation: p.dilation, groups: p.groups };
+            let attrs = Conv2d { strides: p.strides, padding: p.padding, dilation: p.dilation, groups: p.groups };
             let y = g.add("conv", Op::Conv2d(attrs), &inputs).ok()?;
             g.relu("conv_relu", y).ok()
         });
@@ -144,6 +145,23 @@ proptest! {
             };
             let y = g.dense("hidden", y, units).ok()?;
             g.relu6("hidden_relu6", y).ok()
+        });
+        if let Some(g) = g {
+            agrees(g, batch);
+        }
+    }
+
+    /// Concatenation (and, backward, slicing) along the height, width or channel axis.
+    #[test]
+    fn concatenation_along_any_axis_agrees(
+        (batch, h, w, c, k) in (1usize..4, 1usize..6, 1usize..6, 1usize..5, 1usize..7),
+        axis in 1i64..4,
+    ) {
+        let g = around("stack", [h, w], c, |g, x| {
+            let a = g.conv2d("a", x, ConvSpec::new(k, 1)).ok()?;
+            let b = g.conv2d("b", x, ConvSpec::new(k, 3).same()).ok()?;
+            let y = g.concat("cat", &[a, b], axis).ok()?;
+            g.relu("cat_relu", y).ok()
         });
         if let Some(g) = g {
             agrees(g, batch);

@@ -65,6 +65,12 @@ impl ConvSpec {
         self
     }
 
+    /// Different strides along rows (`sh`) and columns (`sw`).
+    pub fn stride_hw(mut self, sh: usize, sw: usize) -> Self {
+        self.conv.strides = [sh, sw];
+        self
+    }
+
     pub fn padding(mut self, p: Padding) -> Self {
         self.conv.padding = p;
         self

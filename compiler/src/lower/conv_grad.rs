@@ -36,10 +36,6 @@ pub(super) fn scratch_bytes(graph: &Graph, kernel: &Kernel) -> u64 {
     }
 }
 
-fn unequal_strides(e: &Emitter, node: NodeId, conv: &Conv2d) -> crate::error::Error {
-    e.unsupported(node, format!("unequal strides {:?} are not lowered yet", conv.strides))
-}
-
 /// The forward MACs of a convolution, which each of its gradients repeats.
 fn conv_macs(g: &ConvGeom, cg: usize) -> u64 {
     (g.n * g.oh * g.ow * g.taps() * cg * g.co) as u64
@@ -56,14 +52,14 @@ pub(super) fn conv_grad_input(e: &mut Emitter, kernel: &Kernel, node: NodeId) ->
     let n = e.graph.node(node);
     let GOp::Conv2dBackpropInput(b) = &n.op else { unreachable!("a ConvGradInput main") };
     let (dy, w, dx) = (e.place(n.inputs[0]), e.place(n.inputs[1]), e.place(kernel.output));
-    let g = ConvGeom::new(&b.conv, &dx.shape, &w.shape).ok_or_else(|| unequal_strides(e, node, &b.conv))?;
+    let g = ConvGeom::new(&b.conv, &dx.shape, &w.shape);
     let (cg, groups) = (w.shape[2], g.groups);
     let cog = g.co / groups;
     // Depthwise (one channel in and out per group) on the VPU; other groupings on the MXU.
     let depthwise = groups > 1 && cg == 1 && cog == 1;
     // Padding of the transposed convolution: the taps that reach past the dilated dy.
     let (reach_h, reach_w) = ((g.kh - 1) * g.dh, (g.kw - 1) * g.dw);
-    let (dil_h, dil_w) = ((g.oh - 1) * g.s + 1, (g.ow - 1) * g.s + 1);
+    let (dil_h, dil_w) = ((g.oh - 1) * g.sh + 1, (g.ow - 1) * g.sw + 1);
     // Where the forward padding exceeds the kernel's reach these are negative: pad by 0
     // instead, compute the larger output and keep the window that is `dx` (`out_window`).
     let signed = |a: usize, b: usize| a as i64 - b as i64;
@@ -123,12 +119,12 @@ pub(super) fn conv_grad_input(e: &mut Emitter, kernel: &Kernel, node: NodeId) ->
     e.wait_for(&done);
 
     let out_window = Some([crop_t, crop_l, g.h, g.w]);
-    let spec = ConvSpec { x: dy, w: &flipped, y: dx, attrs, bias: None, input_dilation: g.s, out_window };
+    let spec = ConvSpec { x: dy, w: &flipped, y: dx, attrs, bias: None, input_dilation: [g.sh, g.sw], out_window };
     let mut report = emit::conv_with(e, kernel, node, &spec)?;
     report.instructions.start = first;
     set_useful(&mut report, conv_macs(&g, cg));
-    report.strategy = if g.s > 1 {
-        format!("transposed conv, dy dilated by {} in staging: {}", g.s, report.strategy)
+    report.strategy = if g.sh > 1 || g.sw > 1 {
+        format!("transposed conv, dy dilated by {}x{} in staging: {}", g.sh, g.sw, report.strategy)
     } else {
         format!("transposed conv: {}", report.strategy)
     };
@@ -179,7 +175,7 @@ pub(super) fn conv_grad_filter(e: &mut Emitter, kernel: &Kernel, node: NodeId) -
     let n = e.graph.node(node);
     let GOp::Conv2dBackpropFilter(b) = &n.op else { unreachable!("a ConvGradFilter main") };
     let (x, dy, dw) = (e.place(n.inputs[0]), e.place(n.inputs[1]), e.place(kernel.output));
-    let g = ConvGeom::new(&b.conv, &x.shape, &b.kernel_shape).ok_or_else(|| unequal_strides(e, node, &b.conv))?;
+    let g = ConvGeom::new(&b.conv, &x.shape, &b.kernel_shape);
     let (c, co, groups, taps) = (g.c, g.co, g.groups, g.taps());
     let cg = b.kernel_shape[2];
     let cog = co / groups;
@@ -219,7 +215,7 @@ pub(super) fn conv_grad_filter(e: &mut Emitter, kernel: &Kernel, node: NodeId) -
         if need <= vmem_bytes {
             break pb;
         }
-        if target <= g.wp {
+        if target <= g.wv {
             return Err(e.vmem_error(kernel, "staging, gradient and accumulator buffers"));
         }
         target /= 2;
@@ -246,7 +242,7 @@ pub(super) fn conv_grad_filter(e: &mut Emitter, kernel: &Kernel, node: NodeId) -
     let mxus = e.m.core.mxu.count.max(1);
     let jobs = filter_jobs(&g, cg, im2col, mxus, cols);
     let precision = e.opts.precision;
-    let per_image = g.hv() * g.wp;
+    let per_image = g.hv() * g.wv;
     let mut stage_readers: Vec<Vec<u32>> = vec![Vec::new(); BUFFERS];
     let mut stage_filled = [false; BUFFERS];
     let mut dy_readers: Vec<Vec<u32>> = vec![Vec::new(); BUFFERS];
@@ -400,7 +396,7 @@ pub(super) fn conv_grad_filter(e: &mut Emitter, kernel: &Kernel, node: NodeId) -
     let blocks_desc = if whole {
         format!("{} images per block", m_rows / per_image)
     } else {
-        format!("bands of {} rows", m_rows / g.wp)
+        format!("bands of {} rows", m_rows / g.wv)
     };
     let strategy = format!("{unit}; {blocks_desc}; {nb} output channels per block");
     let padded = if depthwise {

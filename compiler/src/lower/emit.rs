@@ -240,12 +240,15 @@ impl<'a> Emitter<'a> {
         }
     }
 
+    /// The kernel cannot be placed: even its smallest blocks overflow VMEM.
     pub(super) fn vmem_error(&self, kernel: &Kernel, what: &str) -> Error {
+        let ops = kernel.ops(self.graph);
         Error::Node {
             node: kernel.name.clone(),
-            op: self.graph.node(kernel.output).op.kind(),
+            op: self.graph.node(kernel.nodes.first().copied().unwrap_or(kernel.output)).op.kind(),
             reason: format!(
-                "its {what} do not fit the core's {} bytes of VMEM (core.vmem_bytes) even in the smallest blocks",
+                "the lowering cannot place this kernel ({ops}): its {what} do not fit the core's {} bytes of \
+                 VMEM (core.vmem_bytes) even in the smallest blocks; use a machine with more VMEM",
                 self.m.core.vmem_bytes
             ),
         }
@@ -396,7 +399,9 @@ pub(super) struct ConvGeom {
     pub kw: usize,
     pub co: usize,
     pub groups: usize,
-    pub s: usize,
+    /// Strides along rows and columns.
+    pub sh: usize,
+    pub sw: usize,
     pub dh: usize,
     pub dw: usize,
     pub pt: usize,
@@ -404,8 +409,16 @@ pub(super) struct ConvGeom {
     pub oh: usize,
     pub ow: usize,
     pub hp: usize,
+    /// Staged pixels per padded row: the padded width, rounded up so that `sw` divides
+    /// `sh · wp` (then the output rows stream at one stride, see `wv`).
     pub wp: usize,
-    pub xs: usize,
+    /// Streamed (virtual) output rows per output image row: `sh · wp / sw` (= `wp` for equal
+    /// strides). Output `(oh, ow)` is streamed row `oh · wv + ow`, and reads staged pixel
+    /// `(oh · wv + ow) · sw = oh · sh · wp + ow · sw`, so one row stride serves every tap.
+    pub wv: usize,
+    /// Input dilation along rows and columns (zeros between stored pixels plus one).
+    pub xsh: usize,
+    pub xsw: usize,
     pub xh: usize,
     pub xw: usize,
     /// The window of the `oh × ow` output that the output tensor holds: rows `crop[0]..` and
@@ -417,15 +430,17 @@ pub(super) struct ConvGeom {
 
 impl ConvGeom {
     /// The geometry of a convolution of `x` `[n, h, w, c]` with a `[kh, kw, c/groups, co]`
-    /// kernel; None for unequal strides (not lowered).
-    pub(super) fn new(attrs: &Conv2d, x: &[usize], kernel: &[usize]) -> Option<ConvGeom> {
+    /// kernel.
+    pub(super) fn new(attrs: &Conv2d, x: &[usize], kernel: &[usize]) -> ConvGeom {
         let [n, h, w, c] = [x[0], x[1], x[2], x[3]];
         let [kh, kw, _, co] = [kernel[0], kernel[1], kernel[2], kernel[3]];
-        if attrs.strides[0] != attrs.strides[1] {
-            return None;
-        }
+        let [sh, sw] = attrs.strides;
         let win = attrs.window([h, w], [kh, kw]).expect("checked when the node was added");
-        Some(ConvGeom {
+        let mut wp = w + win.pad_left + win.pad_right;
+        while !(sh * wp).is_multiple_of(sw) {
+            wp += 1;
+        }
+        ConvGeom {
             n,
             h,
             w,
@@ -434,7 +449,8 @@ impl ConvGeom {
             kw,
             co,
             groups: attrs.groups,
-            s: attrs.strides[0],
+            sh,
+            sw,
             dh: attrs.dilation[0],
             dw: attrs.dilation[1],
             pt: win.pad_top,
@@ -442,27 +458,29 @@ impl ConvGeom {
             oh: win.out_h,
             ow: win.out_w,
             hp: h + win.pad_top + win.pad_bottom,
-            wp: w + win.pad_left + win.pad_right,
-            xs: 1,
+            wp,
+            wv: sh * wp / sw,
+            xsh: 1,
+            xsw: 1,
             xh: h,
             xw: w,
             crop: [0, 0],
             out_hw: [win.out_h, win.out_w],
-        })
+        }
     }
 
-    /// The geometry over `x` dilated by `xs` (zeros between stored pixels), for a convolution
-    /// with stride 1 and explicit padding; None for unequal strides.
-    pub(super) fn dilated(attrs: &Conv2d, x: &[usize], kernel: &[usize], xs: usize) -> Option<ConvGeom> {
-        let virt = [x[0], (x[1] - 1) * xs + 1, (x[2] - 1) * xs + 1, x[3]];
-        let g = ConvGeom::new(attrs, &virt, kernel)?;
-        Some(ConvGeom { xs, xh: x[1], xw: x[2], ..g })
+    /// The geometry over `x` dilated by `[xsh, xsw]` (zeros between stored pixels), for the
+    /// transposed convolution of a strided one.
+    pub(super) fn dilated(attrs: &Conv2d, x: &[usize], kernel: &[usize], [xsh, xsw]: [usize; 2]) -> ConvGeom {
+        let virt = [x[0], (x[1] - 1) * xsh + 1, (x[2] - 1) * xsw + 1, x[3]];
+        let g = ConvGeom::new(attrs, &virt, kernel);
+        ConvGeom { xsh, xsw, xh: x[1], xw: x[2], ..g }
     }
 
     /// Rows per image slot and per block, and the blocks themselves, for a block size of
     /// about `target` streamed rows: whole images when one fits, else bands of output rows.
     pub(super) fn blocks(&self, target: usize) -> PixelBlocks {
-        let per_image = self.hv() * self.wp;
+        let per_image = self.hv() * self.wv;
         if per_image <= target {
             let imgs = (target / per_image).clamp(1, self.n);
             let blocks = (0..self.n)
@@ -472,34 +490,34 @@ impl ConvGeom {
             PixelBlocks {
                 blocks,
                 m_rows: imgs * per_image,
-                stage_rows: imgs * self.s * self.hv() + self.halo(),
+                stage_rows: imgs * self.sh * self.hv() + self.halo(),
                 whole: true,
             }
         } else {
-            let bh = (target / self.wp).clamp(1, self.oh);
+            let bh = (target / self.wv).clamp(1, self.oh);
             let blocks = (0..self.n)
                 .flat_map(|n0| {
                     (0..self.oh).step_by(bh).map(move |oh0| Block { n0, images: 1, oh0, bh: bh.min(self.oh - oh0) })
                 })
                 .collect();
-            PixelBlocks { blocks, m_rows: bh * self.wp, stage_rows: self.s * bh + self.halo(), whole: false }
+            PixelBlocks { blocks, m_rows: bh * self.wv, stage_rows: self.sh * bh + self.halo(), whole: false }
         }
     }
 
     /// Streamed rows of block `b`.
     pub(super) fn block_rows(&self, b: &Block, whole: bool) -> usize {
-        if whole { b.images * self.hv() * self.wp } else { b.bh * self.wp }
+        if whole { b.images * self.hv() * self.wv } else { b.bh * self.wv }
     }
 
     /// The staged pixels tap (i, j) reads for `rows` output rows: channels `ch0..ch0+chs` of
-    /// `stage`, one pixel every `s`.
+    /// `stage`, one pixel every `sw`.
     pub(super) fn tap_view(&self, stage: Tile, i: usize, j: usize, ch0: usize, chs: usize, rows: usize) -> Tile {
         Tile {
             space: Space::Vmem,
             offset: stage.offset + (((i * self.dh * self.wp + j * self.dw) * self.c + ch0) * 4) as u64,
             rows: rows as u32,
             cols: chs as u32,
-            stride: (self.s * self.c) as u32,
+            stride: (self.sw * self.c) as u32,
             dtype: DType::F32,
         }
     }
@@ -507,9 +525,10 @@ impl ConvGeom {
     /// Whether band `b`'s valid outputs read padding rows (which an earlier band of the same
     /// buffer may have filled with data), or stored rows land where another band left zeros.
     pub(super) fn band_needs_fill(&self, b: &Block) -> bool {
-        self.xs > 1
-            || b.oh0 * self.s < self.pt
-            || (b.oh0 + b.bh - 1) * self.s + (self.kh - 1) * self.dh >= self.pt + self.h
+        self.xsh > 1
+            || self.xsw > 1
+            || b.oh0 * self.sh < self.pt
+            || (b.oh0 + b.bh - 1) * self.sh + (self.kh - 1) * self.dh >= self.pt + self.h
     }
 
     fn cog(&self) -> usize {
@@ -518,9 +537,9 @@ impl ConvGeom {
     pub(super) fn taps(&self) -> usize {
         self.kh * self.kw
     }
-    /// Virtual output rows per image slot: the slot holds `s · hv ≥ hp` padded rows.
+    /// Output rows per image slot: the slot holds `sh · hv ≥ hp` padded rows.
     pub(super) fn hv(&self) -> usize {
-        self.hp.div_ceil(self.s)
+        self.hp.div_ceil(self.sh)
     }
     /// Padded rows past the last streamed row that taps can reach.
     pub(super) fn halo(&self) -> usize {
@@ -555,8 +574,9 @@ pub(super) struct ConvSpec<'p> {
     pub y: &'p Place,
     pub attrs: Conv2d,
     pub bias: Option<NodeId>,
-    /// Zeros between the stored pixels of `x` plus one (1: none); see [`ConvGeom::dilated`].
-    pub input_dilation: usize,
+    /// Zeros between the stored pixels of `x` plus one, along rows and columns (`[1, 1]`:
+    /// none); see [`ConvGeom::dilated`].
+    pub input_dilation: [usize; 2],
     /// `y` holds rows `top..top+h` and columns `left..left+w` of the convolution's output
     /// (`[top, left, h, w]`); None: all of it.
     pub out_window: Option<[usize; 4]>,
@@ -571,7 +591,7 @@ fn conv(e: &mut Emitter, kernel: &Kernel, node: NodeId) -> Result<KernelReport> 
         y: e.place(kernel.output),
         attrs: attrs.clone(),
         bias: n.inputs.get(2).copied(),
-        input_dilation: 1,
+        input_dilation: [1, 1],
         out_window: None,
     };
     conv_with(e, kernel, node, &spec)
@@ -584,8 +604,7 @@ pub(super) fn conv_with(e: &mut Emitter, kernel: &Kernel, node: NodeId, spec: &C
     let (x, w, y, attrs) = (spec.x, spec.w, spec.y, &spec.attrs);
     let c = x.shape[3];
     let cg = w.shape[2];
-    let mut g = ConvGeom::dilated(attrs, &x.shape, &w.shape, spec.input_dilation)
-        .ok_or_else(|| e.unsupported(node, format!("unequal strides {:?} are not lowered yet", attrs.strides)))?;
+    let mut g = ConvGeom::dilated(attrs, &x.shape, &w.shape, spec.input_dilation);
     if let Some([top, left, h, w]) = spec.out_window {
         (g.crop, g.out_hw) = ([top, left], [h, w]);
     }
@@ -623,7 +642,7 @@ pub(super) fn conv_with(e: &mut Emitter, kernel: &Kernel, node: NodeId, spec: &C
     };
 
     // Blocks of output rows sized to TARGET_ROWS and to VMEM.
-    let per_image = g.hv() * g.wp;
+    let per_image = g.hv() * g.wv;
     let mut target = TARGET_ROWS;
     let PixelBlocks { blocks, m_rows, stage_rows, whole } = loop {
         let pb = g.blocks(target);
@@ -637,7 +656,7 @@ pub(super) fn conv_with(e: &mut Emitter, kernel: &Kernel, node: NodeId, spec: &C
         if need <= e.m.core.vmem_bytes {
             break pb;
         }
-        if target <= g.wp {
+        if target <= g.wv {
             return Err(e.vmem_error(&kernel, "staging, accumulator and weight buffers"));
         }
         target /= 2;
@@ -838,7 +857,7 @@ pub(super) fn conv_with(e: &mut Emitter, kernel: &Kernel, node: NodeId, spec: &C
     let blocks_desc = if whole {
         format!("{} images per block", m_rows / per_image)
     } else {
-        format!("bands of {} rows", m_rows / g.wp)
+        format!("bands of {} rows", m_rows / g.wv)
     };
     let strategy_text = format!("{name}; {blocks_desc}; {} channels per block", nb);
     let k_depth = if strategy == ConvStrategy::Im2col { g.taps() * c } else { cg };
@@ -866,8 +885,8 @@ pub(super) fn stage_input(
     let c = g.c;
     let hv = g.hv();
     let row_bytes = (g.w * c * 4) as u64;
-    let slot_elems = (g.s * hv * g.wp * c) as u64;
-    if g.xs > 1 {
+    let slot_elems = (g.sh * hv * g.wp * c) as u64;
+    if g.xsh > 1 || g.xsw > 1 {
         return Some(stage_dilated(e, g, x, sb, whole, stage, deps));
     }
     Some(if whole {
@@ -896,9 +915,9 @@ pub(super) fn stage_input(
         e.push(Op::Dma { engine: 0, src, dst, repeat }, deps)
     } else {
         // A band: padded rows oh0·s .. from image n0.
-        let first_padded = sb.oh0 * g.s;
+        let first_padded = sb.oh0 * g.sh;
         let h_lo = first_padded.saturating_sub(g.pt);
-        let h_hi = (first_padded + g.s * sb.bh + g.halo()).saturating_sub(g.pt).min(g.h);
+        let h_hi = (first_padded + g.sh * sb.bh + g.halo()).saturating_sub(g.pt).min(g.h);
         if h_hi <= h_lo {
             return None;
         }
@@ -927,7 +946,7 @@ pub(super) fn stage_input(
 /// stored rows `xs` padded rows apart (one DMA per image, repeated over its stored rows).
 fn stage_dilated(e: &mut Emitter, g: &ConvGeom, x: Tile, sb: &Block, whole: bool, stage: Tile, deps: &[u32]) -> u32 {
     let c = g.c;
-    let slot_elems = g.s * g.hv() * g.wp * c;
+    let slot_elems = g.sh * g.hv() * g.wp * c;
     let row_bytes = (g.xw * c * 4) as u64;
     // Stored rows r0..r1 of image n to padded row q of the slot at `slot`.
     let copy = |e: &mut Emitter, n: usize, r0: usize, r1: usize, q: usize, slot: usize, engine: usize| {
@@ -944,10 +963,10 @@ fn stage_dilated(e: &mut Emitter, g: &ConvGeom, x: Tile, sb: &Block, whole: bool
             offset: stage.offset + ((slot + (q * g.wp + g.pl) * c) * 4) as u64,
             rows: g.xw as u32,
             cols: c as u32,
-            stride: (g.xs * c) as u32,
+            stride: (g.xsw * c) as u32,
             dtype: DType::F32,
         };
-        let repeat = Repeat { count: (r1 - r0) as u32, src_step: row_bytes, dst_step: (g.xs * g.wp * c * 4) as u64 };
+        let repeat = Repeat { count: (r1 - r0) as u32, src_step: row_bytes, dst_step: (g.xsh * g.wp * c * 4) as u64 };
         let engine = (engine % e.m.core.dma.engines.max(1)) as u8;
         e.push(Op::Dma { engine, src, dst, repeat: Some(repeat) }, deps)
     };
@@ -955,11 +974,11 @@ fn stage_dilated(e: &mut Emitter, g: &ConvGeom, x: Tile, sb: &Block, whole: bool
         (0..sb.images).map(|img| copy(e, sb.n0 + img, 0, g.xh, g.pt, img * slot_elems, img)).collect()
     } else {
         // Virtual rows h_lo..h_hi of the band; the stored ones are the multiples of xs.
-        let first_padded = sb.oh0 * g.s;
+        let first_padded = sb.oh0 * g.sh;
         let h_lo = first_padded.saturating_sub(g.pt);
-        let h_hi = (first_padded + g.s * sb.bh + g.halo()).saturating_sub(g.pt).min(g.h);
-        let (r0, r1) = (h_lo.div_ceil(g.xs), h_hi.div_ceil(g.xs));
-        if r1 > r0 { vec![copy(e, sb.n0, r0, r1, r0 * g.xs + g.pt - first_padded, 0, 0)] } else { Vec::new() }
+        let h_hi = (first_padded + g.sh * sb.bh + g.halo()).saturating_sub(g.pt).min(g.h);
+        let (r0, r1) = (h_lo.div_ceil(g.xsh), h_hi.div_ceil(g.xsh));
+        if r1 > r0 { vec![copy(e, sb.n0, r0, r1, r0 * g.xsh + g.pt - first_padded, 0, 0)] } else { Vec::new() }
     };
     match ids.as_slice() {
         [one] => *one,
@@ -982,7 +1001,7 @@ pub(super) fn im2col_copies(e: &mut Emitter, g: &ConvGeom, stage: Tile, cols: Ti
                 offset: stage.offset + (((i * g.dh * g.wp + j * g.dw) * c) * 4) as u64,
                 rows: m_blk as u32,
                 cols: per_copy as u32,
-                stride: (g.s * c) as u32,
+                stride: (g.sw * c) as u32,
                 dtype: DType::F32,
             };
             last = e.push(Op::Unary { op: UnaryOp::Copy, src, dst: cols.columns(tap * c, per_copy) }, &[staged]);
@@ -1009,7 +1028,7 @@ pub(super) fn out_rows(
 ) -> u32 {
     // The tensor holds the output window `crop .. crop + out_hw` (usually all of it).
     let ([top, left], [oh, ow]) = (g.crop, g.out_hw);
-    let (h_step, v_step) = ((ow * g.co * 4) as u64, (g.wp * nb * 4) as u64);
+    let (h_step, v_step) = ((ow * g.co * 4) as u64, (g.wv * nb * 4) as u64);
     // When image slots hold exactly the output rows (hv = OH), rows of successive images are
     // evenly spaced on both sides: one DMA moves the whole block. Otherwise one per image,
     // spread over the DMA engines so their start-up latencies overlap.
@@ -1025,7 +1044,7 @@ pub(super) fn out_rows(
     let mut ids = Vec::with_capacity(copies);
     for img in 0..copies {
         let n = blk.n0 + img;
-        let v_row0 = if whole { img * per_image } else { 0 } + (r_lo - blk.oh0) * g.wp + left;
+        let v_row0 = if whole { img * per_image } else { 0 } + (r_lo - blk.oh0) * g.wv + left;
         let h = Tile {
             space: Space::Hbm,
             offset: hbm.offset + (((n * oh + r_lo - top) * ow * g.co + c0) * 4) as u64,
@@ -1429,49 +1448,57 @@ fn softmax(e: &mut Emitter, kernel: &Kernel, node: NodeId) -> Result<KernelRepor
     Ok(e.report(graph, kernel, format!("blocks of {rb} rows on the VPU"), format!("{rows} x {c}"), 0, range))
 }
 
+/// The indices `a0..a0+len` along `axis` of the tensor at `p`, for every index of the axes
+/// before it: `outer` rows of `len · inner` contiguous elements, `dim · inner` apart. Concat
+/// and slice along any axis are one strided DMA each way.
+fn axis_block(p: &Place, axis: usize, a0: usize, len: usize) -> Tile {
+    let outer: usize = p.shape[..axis].iter().product();
+    let inner: usize = p.shape[axis + 1..].iter().product();
+    Tile {
+        space: p.tile.space,
+        offset: p.tile.offset + (a0 * inner * 4) as u64,
+        rows: outer as u32,
+        cols: (len * inner) as u32,
+        stride: (p.shape[axis] * inner) as u32,
+        dtype: DType::F32,
+    }
+}
+
+/// The axis of the concrete (batched) shape a per-example `axis` attribute names.
+fn batched_axis(e: &Emitter, node: NodeId, axis: i64, rank: usize) -> Result<usize> {
+    crate::graph::per_example_axis(axis, rank).map(|a| a + 1).map_err(|why| e.unsupported(node, why))
+}
+
 fn concat(e: &mut Emitter, kernel: &Kernel, node: NodeId) -> Result<KernelReport> {
     let first = e.program.len();
     let graph = e.graph;
     let n = graph.node(node);
     let GOp::Concat(attrs) = &n.op else { unreachable!("a Concat main") };
-    let rank = n.shape.rank() as i64;
-    if attrs.axis != -1 && attrs.axis != rank - 1 {
-        return Err(
-            e.unsupported(node, format!("concatenation along axis {} (only the last axis is lowered)", attrs.axis))
-        );
-    }
     let y = e.place(kernel.output);
-    let mut c0 = 0;
-    for &input in &n.inputs {
+    let axis = batched_axis(e, node, attrs.axis, y.shape.len())?;
+    let mut a0 = 0;
+    for (i, &input) in n.inputs.iter().enumerate() {
         let x = e.place(input);
-        let c = x.tile.cols as usize;
-        e.push(Op::dma(0, x.tile, y.tile.columns(c0, c)), &[]);
-        c0 += c;
+        let len = x.shape[axis];
+        e.push(Op::dma(i as u8, axis_block(x, axis, 0, len), axis_block(y, axis, a0, len)), &[]);
+        a0 += len;
     }
     let range = first..e.program.len() + 1;
-    Ok(e.report(graph, kernel, "DMA into column slices".into(), format!("{} inputs", n.inputs.len()), 0, range))
+    let what = format!("{} inputs along axis {axis}", n.inputs.len());
+    Ok(e.report(graph, kernel, "strided DMA into slices of the output".into(), what, 0, range))
 }
 
-/// `Slice` along the last axis (the gradient of a concatenation): one strided DMA.
+/// `Slice` (the gradient of a concatenation): one strided DMA.
 fn slice(e: &mut Emitter, kernel: &Kernel, node: NodeId) -> Result<KernelReport> {
     let first = e.program.len();
     let n = e.graph.node(node);
     let GOp::Slice(attrs) = &n.op else { unreachable!("a Slice main") };
-    let rank = e.graph.node(n.inputs[0]).shape.rank() as i64;
-    if attrs.axis != -1 && attrs.axis != rank - 1 {
-        return Err(e.unsupported(node, format!("slices along axis {} (only the last axis is lowered)", attrs.axis)));
-    }
-    let (x, y) = (e.place(n.inputs[0]).tile, e.place(kernel.output).tile);
-    e.push(Op::dma(0, x.columns(attrs.start, attrs.len), y), &[]);
+    let (x, y) = (e.place(n.inputs[0]), e.place(kernel.output));
+    let axis = batched_axis(e, node, attrs.axis, x.shape.len())?;
+    e.push(Op::dma(0, axis_block(x, axis, attrs.start, attrs.len), axis_block(y, axis, 0, attrs.len)), &[]);
     let range = first..e.program.len() + 1;
-    Ok(e.report(
-        e.graph,
-        kernel,
-        "DMA of a column slice".into(),
-        format!("{} of {} columns", attrs.len, x.cols),
-        0,
-        range,
-    ))
+    let what = format!("{} of {} along axis {axis}", attrs.len, x.shape[axis]);
+    Ok(e.report(e.graph, kernel, "strided DMA of a slice".into(), what, 0, range))
 }
 
 /// Tiles and schedules every kernel; returns the program, the reports and the tiling dump.
