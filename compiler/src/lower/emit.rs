@@ -308,13 +308,23 @@ pub(super) fn prepare_channels(e: &mut Emitter, kernel: &Kernel, c: usize, vmem:
 }
 
 /// Applies a kernel's epilogue to `acc` (rows × nb, channels c0..c0+nb) in place.
+/// Tensor operands of an epilogue, loaded in the accumulator's layout: each tile with the
+/// instruction after which it holds the rows.
+#[derive(Clone, Copy, Default)]
+pub(super) struct Operands {
+    /// The residual add's or product's tensor.
+    pub residual: Option<(Tile, u32)>,
+    /// The activation a fused mask step reads.
+    pub mask: Option<(Tile, u32)>,
+}
+
 pub(super) fn apply_epilogue(
     e: &mut Emitter,
     kernel: &Kernel,
     ch: &Channels,
     acc: Tile,
     c0: usize,
-    residual: Option<(Tile, u32)>,
+    operands: Operands,
     mut after: Vec<u32>,
 ) -> u32 {
     if let Some(r) = ch.ready {
@@ -337,8 +347,16 @@ pub(super) fn apply_epilogue(
                 last = Some(e.push(Op::Binary { op: BinaryOp::Add, a: acc, b: shift.columns(c0, nb), dst: acc }, &[m]));
                 continue;
             }
+            Epilogue::Mask { relu6, .. } => {
+                let (y, loaded) = operands.mask.expect("a mask step has its activation");
+                let mut d = deps.clone();
+                d.push(loaded);
+                let op = if relu6 { BinaryOp::MaskRelu6 } else { BinaryOp::MaskPositive };
+                last = Some(e.push(Op::Binary { op, a: y, b: acc, dst: acc }, &d));
+                continue;
+            }
             Epilogue::Residual(_) | Epilogue::Product(_) => {
-                let (res, loaded) = residual.expect("a tensor operand step has its tile");
+                let (res, loaded) = operands.residual.expect("a tensor operand step has its tile");
                 let mut d = deps.clone();
                 d.push(loaded);
                 let op = if matches!(step, Epilogue::Residual(_)) { BinaryOp::Add } else { BinaryOp::Mul };
@@ -354,6 +372,11 @@ pub(super) fn apply_epilogue(
         Some(l) => l,
         None => e.push(Op::Barrier, &after),
     }
+}
+
+/// The activation a kernel's fused mask step reads.
+pub(super) fn mask_of(kernel: &Kernel) -> Option<NodeId> {
+    kernel.epilogue.iter().find_map(|s| if let Epilogue::Mask { y, .. } = s { Some(*y) } else { None })
 }
 
 /// The tensor operand of a kernel's epilogue (a residual add's or a product's), loaded in the
@@ -649,7 +672,8 @@ pub(super) fn conv_with(e: &mut Emitter, kernel: &Kernel, node: NodeId, spec: &C
         let (m_rows, stage_rows) = (pb.m_rows, pb.stage_rows);
         let stage = (stage_rows * g.wp * c * 4) as u64;
         let acc = (m_rows * nb * 4) as u64;
-        let res = if residual_of(&kernel).is_some() { acc } else { 0 };
+        let operands = residual_of(&kernel).is_some() as u64 + mask_of(&kernel).is_some() as u64;
+        let res = operands * acc;
         let cols_buf = if strategy == ConvStrategy::Im2col { (m_rows * g.taps() * c * 4) as u64 } else { 0 };
         let weights = (g.taps() * cg * nb * 4) as u64;
         let need = BUFFERS as u64 * (stage + acc + res + cols_buf) + 2 * weights + (8 * co * 4) as u64 + 16 * 512;
@@ -675,6 +699,8 @@ pub(super) fn conv_with(e: &mut Emitter, kernel: &Kernel, node: NodeId, spec: &C
     } else {
         Vec::new()
     };
+    let masks: Vec<Tile> =
+        if mask_of(&kernel).is_some() { vmem.ring(m_rows, nb).ok_or_else(|| oom(e))? } else { Vec::new() };
     let im2col: Vec<Tile> = if strategy == ConvStrategy::Im2col {
         (0..BUFFERS).map(|_| vmem.alloc(m_rows, g.taps() * c)).collect::<Option<_>>().ok_or_else(|| oom(e))?
     } else {
@@ -687,6 +713,7 @@ pub(super) fn conv_with(e: &mut Emitter, kernel: &Kernel, node: NodeId, spec: &C
     let mut stage_filled = [false; BUFFERS];
     let mut acc_free: Vec<Option<u32>> = vec![None; BUFFERS];
     let mut res_free: Vec<Option<u32>> = vec![None; BUFFERS];
+    let mut mask_free: Vec<Option<u32>> = vec![None; BUFFERS];
     let mut weight_readers: Vec<Vec<u32>> = vec![Vec::new(); 2];
     let mut weight_no = 0usize;
     let precision = e.opts.precision;
@@ -840,9 +867,18 @@ pub(super) fn conv_with(e: &mut Emitter, kernel: &Kernel, node: NodeId, spec: &C
             }
             None => None,
         };
-        let done = apply_epilogue(e, &kernel, &ch, accp, c0, residual, producers.clone());
+        // The activation a fused mask reads, likewise.
+        let mask = mask_of(&kernel).map(|y| {
+            let mp = Tile { rows: m_blk as u32, cols: nbw as u32, stride: nbw as u32, ..masks[p] };
+            let deps: Vec<u32> = mask_free[p].into_iter().collect();
+            (mp, out_rows(e, &g, blk, whole, per_image, e.place(y).tile, mp, c0, nbw, true, &deps))
+        });
+        let done = apply_epilogue(e, &kernel, &ch, accp, c0, Operands { residual, mask }, producers.clone());
         if residual.is_some() {
             res_free[p] = Some(done);
+        }
+        if mask.is_some() {
+            mask_free[p] = Some(done);
         }
         let stored = out_rows(e, &g, blk, whole, per_image, y.tile, accp, c0, nbw, false, &[done]);
         acc_free[p] = Some(stored);
@@ -1246,7 +1282,7 @@ pub(super) fn matmul_kernel(
                 }
                 None => None,
             };
-            let done = apply_epilogue(e, kernel, &ch, accp, c0, residual, producers);
+            let done = apply_epilogue(e, kernel, &ch, accp, c0, Operands { residual, mask: None }, producers);
             if residual.is_some() {
                 res_free[ap] = Some(done);
             }
@@ -1412,7 +1448,7 @@ fn pointwise(e: &mut Emitter, kernel: &Kernel, input: NodeId) -> Result<KernelRe
             }
             None => None,
         };
-        let done = apply_epilogue(e, kernel, &ch, t, 0, residual, vec![load]);
+        let done = apply_epilogue(e, kernel, &ch, t, 0, Operands { residual, mask: None }, vec![load]);
         let store = e.push(Op::dma(2, t, y.tile.rows(r0, rn)), &[done]);
         free[p] = vec![done, store];
     }

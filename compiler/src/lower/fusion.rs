@@ -28,6 +28,13 @@ pub enum Epilogue {
     /// Multiplies by a tensor of the kernel's output shape (`Mul`). A kernel has at most one
     /// such tensor operand (this or `Residual`).
     Product(NodeId),
+    /// `ReluGrad` / `Relu6Grad` of the value so far (a gradient) by the activation `y`: the
+    /// mask applied where the gradient is made, so it is not written and read back. Only in
+    /// a convolution input gradient's epilogue.
+    Mask {
+        y: NodeId,
+        relu6: bool,
+    },
     Relu,
     Relu6,
 }
@@ -149,7 +156,7 @@ impl Kernel {
             Main::Advance(_) => {}
         }
         for e in &self.epilogue {
-            if let Epilogue::Residual(r) | Epilogue::Product(r) = e {
+            if let Epilogue::Residual(r) | Epilogue::Product(r) | Epilogue::Mask { y: r, .. } = e {
                 out.push(*r);
             }
         }
@@ -243,7 +250,8 @@ pub fn fuse(graph: &Graph, training: bool) -> Result<Vec<Kernel>> {
             kernel.epilogue.push(step);
         }
         // A convolution's input gradient takes the residual add that sums it with the other
-        // branch's gradient; forward kernels take any epilogue.
+        // branch's gradient and the activation mask after it; forward kernels take any
+        // epilogue but masks.
         let only_adds = matches!(main, Main::ConvGradInput(_));
         if only_adds || matches!(main, Main::Conv(_) | Main::Dense(_) | Main::Pointwise { .. }) {
             // Grow the epilogue along single-consumer chains.
@@ -257,7 +265,12 @@ pub fn fuse(graph: &Graph, training: bool) -> Result<Vec<Kernel>> {
                     break;
                 }
                 let Some(step) = epilogue_step(graph, next, cur) else { break };
-                if only_adds && !matches!(step, Epilogue::Residual(_)) {
+                let is_mask = matches!(step, Epilogue::Mask { .. });
+                let allowed = if only_adds { is_mask || matches!(step, Epilogue::Residual(_)) } else { !is_mask };
+                if !allowed {
+                    break;
+                }
+                if kernel.epilogue.iter().any(|s| matches!(s, Epilogue::Mask { .. })) {
                     break;
                 }
                 let operand = |s: &Epilogue| matches!(s, Epilogue::Residual(_) | Epilogue::Product(_));
@@ -324,6 +337,9 @@ fn epilogue_step(graph: &Graph, next: NodeId, cur: NodeId) -> Option<Epilogue> {
             Some(Epilogue::BatchNorm(next))
         }
         Op::Relu if node.inputs[0] == cur => Some(Epilogue::Relu),
+        Op::ReluGrad | Op::Relu6Grad if node.inputs[1] == cur && node.inputs[0] != cur => {
+            Some(Epilogue::Mask { y: node.inputs[0], relu6: matches!(node.op, Op::Relu6Grad) })
+        }
         Op::Relu6 if node.inputs[0] == cur => Some(Epilogue::Relu6),
         Op::Add | Op::Mul => {
             let (a, b) = (node.inputs[0], node.inputs[1]);
