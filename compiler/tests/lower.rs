@@ -119,6 +119,14 @@ fn compile_errors_name_what_to_change() {
     for (out, err) in differential(&g2, "v2-8", 2, Precision::Default) {
         assert_eq!(err, 0.0, "{out}");
     }
+    // A gradient graph compiled for inference: batch norm's gradients would need the moving
+    // statistics there (the lowering uses the batch's, in training steps).
+    let (with_loss, loss) = batch_normed().with_classifier_loss(0.0).unwrap();
+    let grads = autodiff::differentiate(&with_loss, loss, &with_loss.trainable_parameters()).unwrap();
+    let mut gg = grads.graph.clone();
+    gg.set_outputs(vec![grads.grads["bn1/gamma"]]);
+    let e = compile(&gg, &opts(2)).unwrap_err().to_string();
+    assert!(e.contains("moving statistics") && e.contains("--train"), "{e}");
     // A training step for a graph without trainable parameters.
     let mut g3 = Graph::new("frozen");
     let x = g3.input("x", &[10]).unwrap();
@@ -219,6 +227,35 @@ fn convolution_gradients_in_bands_and_channel_blocks() {
     let logits = g.dense("logits", h, 10).unwrap();
     g.set_outputs(vec![logits]);
     gradients_match(g, 2);
+
+    // Bands made of padding only (a 1x1 convolution padded by 3 rows over 2,100-pixel rows:
+    // one output row per band).
+    let mut g = Graph::new("padding_bands");
+    let x = g.input("x", &[3, 2100, 1]).unwrap();
+    let pad = Padding::Explicit { top: 3, bottom: 1, left: 0, right: 0 };
+    let h = g.conv2d("c1", x, ConvSpec::new(2, 1).padding(pad)).unwrap();
+    let h = g.flatten("flat", h).unwrap();
+    let logits = g.dense("logits", h, 10).unwrap();
+    g.set_outputs(vec![logits]);
+    gradients_match(g, 1);
+
+    // Output-channel blocks of unequal width, with enough pixel blocks that the narrower last
+    // block reuses a buffer a wider one filled: 600 channels in blocks of 384 and 216 (filter
+    // gradient), 576 depthwise channels in blocks of 512 and 64.
+    for depthwise in [false, true] {
+        let mut g = Graph::new("uneven_blocks");
+        let x = g.input("x", &[20, 20, 64]).unwrap();
+        let h = if depthwise {
+            let h = g.conv2d("c1", x, ConvSpec::new(576, 1)).unwrap();
+            g.conv2d("dw", h, ConvSpec::depthwise(3).same()).unwrap()
+        } else {
+            g.conv2d("c2", x, ConvSpec::new(600, 3).same()).unwrap()
+        };
+        let h = g.global_avg_pool("gap", h).unwrap();
+        let logits = g.dense("logits", h, 10).unwrap();
+        g.set_outputs(vec![logits]);
+        gradients_match(g, 12);
+    }
 
     let mut g = Graph::new("wide");
     let x = g.input("x", &[4, 4, 1024]).unwrap();

@@ -120,7 +120,7 @@ pub(super) fn conv_grad_input(e: &mut Emitter, kernel: &Kernel, node: NodeId) ->
 
     let out_window = Some([crop_t, crop_l, g.h, g.w]);
     let spec = ConvSpec { x: dy, w: &flipped, y: dx, attrs, bias: None, input_dilation: [g.sh, g.sw], out_window };
-    let mut report = emit::conv_with(e, kernel, node, &spec)?;
+    let mut report = emit::conv_with(e, kernel, &spec)?;
     report.instructions.start = first;
     set_useful(&mut report, conv_macs(&g, cg));
     report.strategy = if g.sh > 1 || g.sw > 1 {
@@ -228,8 +228,10 @@ pub(super) fn conv_grad_filter(e: &mut Emitter, kernel: &Kernel, node: NodeId) -
     // dyᵀ for the MXU, or the VPU's per-tap product.
     let second = if depthwise { vmem.ring(m_rows, nb) } else { vmem.ring(nb, m_rows) }.ok_or_else(|| oom(e))?;
     let im2col_bufs = if im2col { vmem.ring(m_rows, kdim).ok_or_else(|| oom(e))? } else { Vec::new() };
+    // Accumulators: per tap a row of channel sums (VPU), or dWᵀ as [nb × taps·cg] (MXU); the
+    // VPU's per-tap column sum goes through `part`.
     let (acc, part) = if depthwise {
-        (vmem.alloc(taps, nb).ok_or_else(|| oom(e))?, vmem.alloc(1, nb))
+        (vmem.alloc(taps, nb).ok_or_else(|| oom(e))?, Some(vmem.alloc(1, nb).ok_or_else(|| oom(e))?))
     } else {
         (vmem.alloc(nb, kdim).ok_or_else(|| oom(e))?, None)
     };
@@ -272,12 +274,11 @@ pub(super) fn conv_grad_filter(e: &mut Emitter, kernel: &Kernel, node: NodeId) -
                 stage_deps = vec![e.push(Op::Fill { dst: stage[p], value: 0.0 }, &stage_deps)];
                 stage_filled[p] = true;
             }
-            let Some(staged) = emit::stage_input(e, &g, x.tile, blk, whole, stage[p], &stage_deps) else {
-                // A band of padding only: it adds nothing to the gradient.
-                continue;
-            };
-            // dy rows in the padded-width layout, zeros at the dropped columns.
-            let dyt = Tile { rows: m_blk as u32, cols: nbw as u32, stride: nbw as u32, ..dyb[p] };
+            let staged = emit::stage_input(e, &g, x.tile, blk, whole, stage[p], &stage_deps);
+            // dy rows in the padded-width layout, zeros at the dropped columns. Rows stay `nb`
+            // apart in every block, so a narrower last block finds zeros where the wider ones
+            // left them (the buffer is zeroed once, at full width).
+            let dyt = Tile { rows: m_blk as u32, cols: nbw as u32, stride: nb as u32, ..dyb[p] };
             let mut dy_deps = dy_readers[p].clone();
             if !dy_filled[p] {
                 dy_deps = vec![e.push(Op::Fill { dst: dyb[p], value: 0.0 }, &dy_deps)];
@@ -295,7 +296,7 @@ pub(super) fn conv_grad_filter(e: &mut Emitter, kernel: &Kernel, node: NodeId) -
                         deps.extend(vpu_last);
                         deps.extend(second_readers[p].iter().copied());
                         let mul = e.push(Op::Binary { op: BinaryOp::Mul, a, b: dyt, dst: prod }, &deps);
-                        let part_t = part.ok_or_else(|| oom(e))?.columns(0, nbw);
+                        let part_t = part.expect("allocated for the depthwise path").columns(0, nbw);
                         let sum =
                             e.push(Op::Reduce { op: ReduceOp::Sum, axis: Axis::Rows, src: prod, dst: part_t }, &[mul]);
                         let row = acc_t.rows(tap, 1);

@@ -617,11 +617,11 @@ fn conv(e: &mut Emitter, kernel: &Kernel, node: NodeId) -> Result<KernelReport> 
         input_dilation: [1, 1],
         out_window: None,
     };
-    conv_with(e, kernel, node, &spec)
+    conv_with(e, kernel, &spec)
 }
 
-/// Emits the convolution `spec` for `kernel`; errors name `node`.
-pub(super) fn conv_with(e: &mut Emitter, kernel: &Kernel, node: NodeId, spec: &ConvSpec) -> Result<KernelReport> {
+/// Emits the convolution `spec` for `kernel`.
+pub(super) fn conv_with(e: &mut Emitter, kernel: &Kernel, spec: &ConvSpec) -> Result<KernelReport> {
     let first = e.program.len();
     let graph = e.graph;
     let (x, w, y, attrs) = (spec.x, spec.w, spec.y, &spec.attrs);
@@ -754,9 +754,7 @@ pub(super) fn conv_with(e: &mut Emitter, kernel: &Kernel, node: NodeId, spec: &C
                 stage_deps = vec![f];
                 stage_filled[sp] = true;
             }
-            let id = stage_input(e, &g, x.tile, sb, whole, stage[sp], &stage_deps).ok_or_else(|| {
-                e.unsupported(node, "a band with no input rows (padding larger than the image)".into())
-            })?;
+            let id = stage_input(e, &g, x.tile, sb, whole, stage[sp], &stage_deps);
             staged_ids.push(id);
         }
         let staged = staged_ids[wi];
@@ -907,8 +905,8 @@ pub(super) fn conv_with(e: &mut Emitter, kernel: &Kernel, node: NodeId, spec: &C
 }
 
 /// DMAs the input rows block `sb` reads into `stage` (zero padding already in place): whole
-/// images one slot each (`s·hv` padded rows of `wp` pixels), or one band of padded rows. None
-/// for a band that reads no input row.
+/// images one slot each (`sh·hv` padded rows of `wp` pixels), or one band of padded rows. A
+/// band that reads no input row (padding only) was zero-filled: it only waits for `deps`.
 pub(super) fn stage_input(
     e: &mut Emitter,
     g: &ConvGeom,
@@ -917,15 +915,15 @@ pub(super) fn stage_input(
     whole: bool,
     stage: Tile,
     deps: &[u32],
-) -> Option<u32> {
+) -> u32 {
     let c = g.c;
     let hv = g.hv();
     let row_bytes = (g.w * c * 4) as u64;
     let slot_elems = (g.sh * hv * g.wp * c) as u64;
     if g.xsh > 1 || g.xsw > 1 {
-        return Some(stage_dilated(e, g, x, sb, whole, stage, deps));
+        return stage_dilated(e, g, x, sb, whole, stage, deps);
     }
-    Some(if whole {
+    if whole {
         // Whole images, one slot each.
         let src = Tile {
             space: Space::Hbm,
@@ -955,7 +953,7 @@ pub(super) fn stage_input(
         let h_lo = first_padded.saturating_sub(g.pt);
         let h_hi = (first_padded + g.sh * sb.bh + g.halo()).saturating_sub(g.pt).min(g.h);
         if h_hi <= h_lo {
-            return None;
+            return e.push(Op::Barrier, deps);
         }
         let q_lo = h_lo + g.pt - first_padded;
         let src = Tile {
@@ -975,7 +973,7 @@ pub(super) fn stage_input(
             dtype: DType::F32,
         };
         e.push(Op::dma(0, src, dst), deps)
-    })
+    }
 }
 
 /// [`stage_input`] for a dilated input: stored pixels land `xs` apart in each staged row, and
@@ -1064,7 +1062,10 @@ pub(super) fn out_rows(
 ) -> u32 {
     // The tensor holds the output window `crop .. crop + out_hw` (usually all of it).
     let ([top, left], [oh, ow]) = (g.crop, g.out_hw);
-    let (h_step, v_step) = ((ow * g.co * 4) as u64, (g.wv * nb * 4) as u64);
+    // VMEM rows are `pitch` elements apart (the block's channel width, or wider when a
+    // narrower last block keeps the layout of the full-width ones).
+    let pitch = vmem.stride as usize;
+    let (h_step, v_step) = ((ow * g.co * 4) as u64, (g.wv * pitch * 4) as u64);
     // When image slots hold exactly the output rows (hv = OH), rows of successive images are
     // evenly spaced on both sides: one DMA moves the whole block. Otherwise one per image,
     // spread over the DMA engines so their start-up latencies overlap.
@@ -1090,10 +1091,10 @@ pub(super) fn out_rows(
             dtype: DType::F32,
         };
         let v = Tile {
-            offset: vmem.offset + (v_row0 * nb * 4) as u64,
+            offset: vmem.offset + (v_row0 * pitch * 4) as u64,
             rows: ow as u32,
             cols: nb as u32,
-            stride: nb as u32,
+            stride: pitch as u32,
             ..vmem
         };
         let (src, dst, src_step, dst_step) = if load { (h, v, h_step, v_step) } else { (v, h, v_step, h_step) };

@@ -49,7 +49,7 @@ pub enum Main {
     GlobalAvgPool(NodeId),
     Softmax(NodeId),
     Concat(NodeId),
-    /// A slice along the last axis (a concatenation's gradient).
+    /// A slice along one axis (a concatenation's gradient).
     Slice(NodeId),
     /// Only an epilogue, applied to an existing tensor.
     Pointwise {
@@ -221,6 +221,15 @@ pub fn fuse(graph: &Graph, training: bool) -> Result<Vec<Kernel>> {
             Op::MaxPoolGrad(_) | Op::AvgPoolGrad(_) | Op::GlobalAvgPoolGrad(_) => Main::PoolGrad(id),
             Op::Conv2dBackpropInput(_) => Main::ConvGradInput(id),
             Op::Conv2dBackpropFilter(_) => Main::ConvGradFilter(id),
+            // Outside a training step the reference normalises with the moving statistics;
+            // the lowered batch-norm gradients use the batch's.
+            Op::BatchNormGradInput(_) | Op::BatchNormGradGamma(_) if !training => {
+                return Err(unsupported(
+                    graph,
+                    id,
+                    "batch-norm gradients with moving statistics (a graph compiled without --train) are not lowered; compile the training step (--train), where they use the batch's statistics",
+                ));
+            }
             Op::BatchNormGradInput(_) => Main::BatchNormGrad(bn_grads.remove(&id).expect("grouped above")),
             Op::BatchNormGradGamma(_) => Main::BatchNormGradGamma(id),
             // Every op of the IR has a kernel above; a new op must get one before it compiles.
@@ -245,7 +254,13 @@ pub fn fuse(graph: &Graph, training: bool) -> Result<Vec<Kernel>> {
             let step = match epilogue_step(graph, id, input) {
                 Some(Epilogue::BatchNorm(n)) if training => Epilogue::BatchNormTrain(n),
                 Some(step) => step,
-                None => return Err(unsupported(graph, id, "an elementwise op whose operands are the same tensor")),
+                None => {
+                    return Err(unsupported(
+                        graph,
+                        id,
+                        "an elementwise op with operands it cannot take (a bias or batch-norm parameter that is computed rather than a Parameter, or both operands the same tensor)",
+                    ));
+                }
             };
             kernel.epilogue.push(step);
         }
@@ -303,17 +318,23 @@ fn group_batch_norm_grads(graph: &Graph, needed: &[bool], fused: &mut [bool]) ->
             continue;
         }
         let (x, dy) = (node.inputs[0], node.inputs[4]);
+        let Op::BatchNormGradInput(attrs) = &node.op else { unreachable!("matched above") };
         let of_dy = consumers(dy);
-        let find = |want: &dyn Fn(&Op) -> bool| {
-            of_dy.iter().copied().find(|&c| {
-                !fused[c.index()]
-                    && want(&graph.node(c).op)
-                    && graph.node(c).inputs[0] == if matches!(graph.node(c).op, Op::BiasAddGrad) { dy } else { x }
-            })
+        // Members come after the input gradient (the kernel runs at its place in node order).
+        let find = |member: &dyn Fn(&crate::graph::Node) -> bool| {
+            of_dy.iter().copied().find(|&c| c > id && !fused[c.index()] && member(graph.node(c)))
         };
-        let gamma = find(&|op| matches!(op, Op::BatchNormGradGamma(_)));
-        let beta = find(&|op| matches!(op, Op::BiasAddGrad));
+        let gamma = find(&|n| {
+            matches!(&n.op, Op::BatchNormGradGamma(a) if a == attrs) && n.inputs[0] == x && n.inputs[3] == dy
+        });
+        let beta = find(&|n| matches!(n.op, Op::BiasAddGrad));
         let members: Vec<NodeId> = [Some(id), gamma, beta].into_iter().flatten().collect();
+        // Whatever reads a member's result must come after the whole group.
+        let last = *members.iter().max().expect("the input gradient");
+        if members.iter().any(|&m| consumers(m).iter().any(|&c| c < last)) {
+            groups.insert(id, BatchNormGrad { input: id, gamma: None, beta: None, mask: None });
+            continue;
+        }
         let mask = (matches!(graph.node(dy).op, Op::ReluGrad | Op::Relu6Grad)
             && !graph.outputs().contains(&dy)
             && !fused[dy.index()]
