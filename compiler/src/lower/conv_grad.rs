@@ -331,9 +331,9 @@ pub(super) fn conv_grad_filter(e: &mut Emitter, kernel: &Kernel, node: NodeId) -
                         (None, Some(ct)) => ct.columns(job.col0, job.kn),
                         (None, None) => unreachable!("im2col jobs have their matrix"),
                     };
+                    // A job's blocks accumulate on one MXU in program order (no dependency).
                     let mut deps = vec![staged, turned];
                     deps.extend(copied);
-                    deps.extend(last_write[ji]);
                     deps.extend(acc_free.iter().copied());
                     let id = e.push(
                         Op::MatMul {

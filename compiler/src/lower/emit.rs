@@ -777,8 +777,9 @@ pub(super) fn conv_with(e: &mut Emitter, kernel: &Kernel, spec: &ConvSpec) -> Re
                         for (x_i, &(r0, rn)) in split.iter().enumerate() {
                             let lhs = tap_view(i, j, group * cg, cg, m_blk).rows(r0, rn);
                             let out = accp.rows(r0, rn);
-                            let mut deps = compute_deps.clone();
-                            deps.extend(last_per_mxu[x_i]);
+                            // Taps accumulate on one MXU in program order (units run in
+                            // order), so the chain needs no dependency and the passes pipeline.
+                            let deps = compute_deps.clone();
                             let id = e.push(
                                 Op::MatMul { mxu: x_i as u8, lhs, rhs, out, accumulate: tap > 0, precision },
                                 &deps,
@@ -1252,8 +1253,8 @@ pub(super) fn matmul_kernel(
                 }
                 let mut readers = Vec::new();
                 for (x_i, &(s0, sn)) in split.iter().enumerate() {
+                    // K blocks accumulate on one MXU in program order: no dependency needed.
                     let mut deps = vec![dx, dw];
-                    deps.extend(last_per_mxu[x_i]);
                     if k0 == 0 {
                         deps.extend(acc_free[ap]);
                     }
