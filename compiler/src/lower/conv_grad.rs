@@ -142,24 +142,26 @@ struct Job {
     kn: usize,
 }
 
-/// Splits the accumulator's `kdim` columns into MXU jobs: a tap each when there are enough
-/// taps to keep the MXUs busy, else each tap's channels cut into array-wide chunks.
+/// Splits the accumulator's `kdim` columns into MXU jobs, dealt round-robin to the MXUs: a
+/// tap each, or each tap's channels cut into `parts` array-wide chunks, with `parts` the
+/// fewest that give every MXU the same number of jobs (9 taps on 2 MXUs would leave one idle
+/// a ninth of the time; 18 half-taps do not).
 fn filter_jobs(g: &ConvGeom, cg: usize, im2col: bool, mxus: usize, cols: usize) -> Vec<Job> {
-    let chunks = |width: usize| -> Vec<(usize, usize)> {
-        let parts = mxus.min(width.div_ceil(cols)).max(1);
+    let chunks = |width: usize, parts: usize| -> Vec<(usize, usize)> {
+        let parts = parts.min(width.div_ceil(cols)).max(1);
         let per = width.div_ceil(parts).div_ceil(cols) * cols;
         (0..width).step_by(per).map(|c0| (c0, per.min(width - c0))).collect()
     };
     if im2col {
-        return chunks(g.taps() * cg).into_iter().map(|(k0, kn)| Job { tap: None, col0: k0, k0, kn }).collect();
+        return chunks(g.taps() * cg, mxus).into_iter().map(|(k0, kn)| Job { tap: None, col0: k0, k0, kn }).collect();
     }
-    let split = g.taps() < mxus;
+    let most = cg.div_ceil(cols);
+    let parts = (1..=most).find(|&p| (g.taps() * chunks(cg, p).len()).is_multiple_of(mxus)).unwrap_or(most);
     let mut jobs = Vec::new();
     for i in 0..g.kh {
         for j in 0..g.kw {
             let tap = i * g.kw + j;
-            let parts = if split { chunks(cg) } else { vec![(0, cg)] };
-            jobs.extend(parts.into_iter().map(|(c0, cn)| Job {
+            jobs.extend(chunks(cg, parts).into_iter().map(|(c0, cn)| Job {
                 tap: Some((i, j)),
                 col0: c0,
                 k0: tap * cg + c0,
@@ -263,6 +265,8 @@ pub(super) fn conv_grad_filter(e: &mut Emitter, kernel: &Kernel, node: NodeId) -
         };
         // Per job (or per tap on the VPU): the last write into its accumulator columns.
         let mut last_write: Vec<Option<u32>> = vec![None; jobs.len().max(taps)];
+        let mut last_mxu: Vec<Option<usize>> = vec![None; jobs.len()];
+        let mut block_no = 0usize;
         let mut vpu_last: Option<u32> = None;
         for blk in &blocks {
             let p = wi % BUFFERS;
@@ -331,13 +335,21 @@ pub(super) fn conv_grad_filter(e: &mut Emitter, kernel: &Kernel, node: NodeId) -
                         (None, Some(ct)) => ct.columns(job.col0, job.kn),
                         (None, None) => unreachable!("im2col jobs have their matrix"),
                     };
-                    // A job's blocks accumulate on one MXU in program order (no dependency).
+                    // When the jobs do not divide evenly among the MXUs, they are dealt
+                    // starting one further each block, which evens out over the blocks. A job's
+                    // previous block on the same MXU is ordered by program order; on another
+                    // MXU it is an explicit dependency.
+                    let mxu = if jobs.len().is_multiple_of(mxus) { ji % mxus } else { (ji + block_no) % mxus };
                     let mut deps = vec![staged, turned];
                     deps.extend(copied);
                     deps.extend(acc_free.iter().copied());
+                    if last_mxu[ji] != Some(mxu) {
+                        deps.extend(last_write[ji]);
+                    }
+                    last_mxu[ji] = Some(mxu);
                     let id = e.push(
                         Op::MatMul {
-                            mxu: (ji % mxus) as u8,
+                            mxu: mxu as u8,
                             lhs: dyt_t,
                             rhs,
                             out: acc_t.columns(job.k0, job.kn),
@@ -349,6 +361,7 @@ pub(super) fn conv_grad_filter(e: &mut Emitter, kernel: &Kernel, node: NodeId) -
                     last_write[ji] = Some(id);
                     matmuls.push(id);
                 }
+                block_no += 1;
                 readers.extend(matmuls.iter().copied());
                 second_readers[p] = matmuls.clone();
                 readers.extend(copied);

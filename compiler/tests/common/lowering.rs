@@ -45,6 +45,11 @@ pub fn gradients_match(g: Graph, batch: usize) {
     gradients_match_at_step(g, batch, 0);
 }
 
+/// [`gradients_match`] on another machine (several MXUs per core share the work).
+pub fn gradients_match_on(g: Graph, batch: usize, machine: &str) {
+    check_step(g, batch, 0, Check::Elements, machine);
+}
+
 /// A whole deep model's step at HIGHEST precision: the loss to 1e-4 (f32 batch statistics
 /// against the reference's f64), gradients to 10% in norm. Exact agreement is not a sound
 /// expectation there: a ReLU input within f32 rounding of 0, or a near tie in a max-pool
@@ -53,7 +58,7 @@ pub fn gradients_match(g: Graph, batch: usize) {
 /// (measured); the simulated step differs by up to 2% (ResNet-18), 3% (VGG-16: one ReLU at
 /// 2.2e-8 against activations of 0.18) and 8% (ResNet-50).
 pub fn deep_model_gradients_match(g: Graph, batch: usize) {
-    check_step(g, batch, 0, Check::Norm(0.1));
+    check_step(g, batch, 0, Check::Norm(0.1), "v2-8");
 }
 
 enum Check {
@@ -65,11 +70,11 @@ enum Check {
 
 /// [`gradients_match`] for training step `step` (dropout draws each step's own mask).
 pub fn gradients_match_at_step(g: Graph, batch: usize, step: u64) {
-    check_step(g, batch, step, Check::Elements);
+    check_step(g, batch, step, Check::Elements, "v2-8");
 }
 
-fn check_step(g: Graph, batch: usize, step: u64, check: Check) {
-    let m = presets::preset("v2-8").unwrap();
+fn check_step(g: Graph, batch: usize, step: u64, check: Check, machine: &str) {
+    let m = presets::preset(machine).unwrap();
     let (with_loss, loss) = g.with_classifier_loss(0.0).unwrap();
     let grads = autodiff::differentiate(&with_loss, loss, &with_loss.trainable_parameters()).unwrap();
     let training = Some(Training { optimizer: Optimizer::Sgd { learning_rate: 0.1 }, label_smoothing: 0.0 });
