@@ -259,6 +259,25 @@ fn convolution_gradients_in_bands_and_channel_blocks() {
         gradients_match(g, 12);
     }
 
+    // A wide layer over many pixel blocks: pixel blocks outside (each staged once, both
+    // channel blocks' weights streaming past); the 3-channel im2col layer before it keeps
+    // channel blocks outside (its input is the smaller side).
+    let mut g = Graph::new("pixel_outer");
+    let x = g.input("x", &[40, 40, 3]).unwrap();
+    let h = g.conv2d("first", x, ConvSpec::new(1024, 3).same()).unwrap();
+    let h = g.conv2d("pre", h, ConvSpec::new(64, 1)).unwrap();
+    let h = g.conv2d("wide", h, ConvSpec::new(1024, 1)).unwrap();
+    let h = g.global_avg_pool("gap", h).unwrap();
+    let logits = g.dense("logits", h, 10).unwrap();
+    g.set_outputs(vec![logits]);
+    let m = presets::preset("v2-8").unwrap();
+    let opts = Options { machine: m, batch: 4, precision: Precision::Highest, training: None, train_mode: false };
+    let report = compile(&g, &opts).unwrap();
+    let order = |name: &str| report.kernels.iter().find(|k| k.name == name).unwrap().strategy.clone();
+    assert!(order("wide").contains("pixel blocks outside"), "{}", order("wide"));
+    assert!(!order("first").contains("pixel blocks outside"), "{}", order("first"));
+    gradients_match(g, 4);
+
     let mut g = Graph::new("wide");
     let x = g.input("x", &[4, 4, 1024]).unwrap();
     let h = g.conv2d("c1", x, ConvSpec::new(200, 3).same()).unwrap();

@@ -718,8 +718,23 @@ pub(super) fn conv_with(e: &mut Emitter, kernel: &Kernel, spec: &ConvSpec) -> Re
     let mut weight_no = 0usize;
     let precision = e.opts.precision;
     let mut useful_macs = 0u64;
-    let work: Vec<(usize, Block)> = (0..co).step_by(nb).flat_map(|c0| blocks.iter().map(move |b| (c0, *b))).collect();
-    let mut staged_ids: Vec<u32> = Vec::with_capacity(work.len());
+    // Loop order: channel blocks outside (each channel block's weights load once, the input is
+    // staged once per channel block) or pixel blocks outside (each block is staged once and
+    // every channel block's weights stream past it) — whichever moves fewer HBM bytes.
+    let (n_c, n_p) = (co.div_ceil(nb), blocks.len());
+    let (w_bytes, x_bytes) = (w.tile.bytes(), x.tile.bytes());
+    let pixel_outer = n_c > 1 && n_p > 1 && n_p as u64 * w_bytes + x_bytes < w_bytes + n_c as u64 * x_bytes;
+    let work: Vec<(usize, Block)> = if pixel_outer {
+        blocks.iter().flat_map(|b| (0..co).step_by(nb).map(move |c0| (c0, *b))).collect()
+    } else {
+        (0..co).step_by(nb).flat_map(|c0| blocks.iter().map(move |b| (c0, *b))).collect()
+    };
+    // Work items share a staged block in pixel-outer order: `unit` numbers the stagings.
+    let unit = |wi: usize| if pixel_outer { wi / n_c } else { wi };
+    let units = if pixel_outer { n_p } else { work.len() };
+    let unit_block = |u: usize| if pixel_outer { blocks[u] } else { work[u].1 };
+    let mut cols_readers: Vec<Vec<u32>> = vec![Vec::new(); BUFFERS];
+    let mut staged_ids: Vec<u32> = Vec::with_capacity(units);
     let mut copies_done: Vec<Option<u32>> = Vec::new();
     let mut wload = 0;
     let mut current_c0 = usize::MAX;
@@ -742,13 +757,13 @@ pub(super) fn conv_with(e: &mut Emitter, kernel: &Kernel, spec: &ConvSpec) -> Re
         let group = if g.groups > 1 && !depthwise { c0 / g.cog() } else { 0 };
         let m_blk = g.block_rows(blk, whole);
         // Stage inputs ahead: the blocks up to BUFFERS - 1 later load while this one computes.
-        while staged_ids.len() < work.len() && staged_ids.len() < wi + BUFFERS {
+        while staged_ids.len() < units && staged_ids.len() < unit(wi) + BUFFERS {
             let si = staged_ids.len();
             let sp = si % BUFFERS;
-            let sb = &work[si].1;
+            let sb = &unit_block(si);
             // Zero padding: the buffer is filled once, and again before a band whose valid
             // outputs read padding rows that an earlier band filled with data.
-            let mut stage_deps = stage_readers[sp].clone();
+            let mut stage_deps = std::mem::take(&mut stage_readers[sp]);
             if !stage_filled[sp] || (!whole && g.band_needs_fill(sb)) {
                 let f = e.push(Op::Fill { dst: stage[sp], value: 0.0 }, &stage_deps);
                 stage_deps = vec![f];
@@ -757,12 +772,13 @@ pub(super) fn conv_with(e: &mut Emitter, kernel: &Kernel, spec: &ConvSpec) -> Re
             let id = stage_input(e, &g, x.tile, sb, whole, stage[sp], &stage_deps);
             staged_ids.push(id);
         }
-        let staged = staged_ids[wi];
+        let sp = unit(wi) % BUFFERS;
+        let staged = staged_ids[unit(wi)];
         // Compute into acc[p].
         let accp = Tile { rows: m_blk as u32, cols: nbw as u32, stride: nbw as u32, ..acc[p] };
         let mut compute_deps = vec![staged, wload];
         compute_deps.extend(acc_free[p]);
-        let tap_view = |i, j, ch0, chs, rows| g.tap_view(stage[p], i, j, ch0, chs, rows);
+        let tap_view = |i, j, ch0, chs, rows| g.tap_view(stage[sp], i, j, ch0, chs, rows);
         let mut readers = Vec::new();
         let mut producers = Vec::new();
         match strategy {
@@ -797,7 +813,10 @@ pub(super) fn conv_with(e: &mut Emitter, kernel: &Kernel, spec: &ConvSpec) -> Re
                 // VPU fills the columns while the MXU works); the first block issues its own.
                 let copied = match copies_done.get(wi).copied().flatten() {
                     Some(c) => c,
-                    None => im2col_copies(e, &g, stage[p], cols_t, staged, m_blk),
+                    None => {
+                        let after = after_all(e, staged, &cols_readers[p]);
+                        im2col_copies(e, &g, stage[sp], cols_t, after, m_blk)
+                    }
                 };
                 readers.push(copied);
                 let split = split_rows(m_blk, mxus_for(e.m, m_blk));
@@ -820,14 +839,17 @@ pub(super) fn conv_with(e: &mut Emitter, kernel: &Kernel, spec: &ConvSpec) -> Re
                 }
                 // The next use of these im2col columns must wait for these matmuls.
                 readers.extend(producers.iter().copied());
+                cols_readers[p] = producers.clone();
                 // The next block's copies, now, ahead of this block's epilogue on the VPU.
                 if wi + 1 < work.len() {
                     let nb_ = &work[wi + 1].1;
                     let np = (wi + 1) % BUFFERS;
                     let nm = g.block_rows(nb_, whole);
                     let next_cols = Tile { rows: nm as u32, ..im2col[np] };
+                    let next_stage = stage[unit(wi + 1) % BUFFERS];
+                    let after = after_all(e, staged_ids[unit(wi + 1)], &cols_readers[np]);
                     copies_done.resize(wi + 2, None);
-                    copies_done[wi + 1] = Some(im2col_copies(e, &g, stage[np], next_cols, staged_ids[wi + 1], nm));
+                    copies_done[wi + 1] = Some(im2col_copies(e, &g, next_stage, next_cols, after, nm));
                 }
             }
             ConvStrategy::Depthwise => {
@@ -853,7 +875,7 @@ pub(super) fn conv_with(e: &mut Emitter, kernel: &Kernel, spec: &ConvSpec) -> Re
                 producers.extend(last);
             }
         }
-        stage_readers[p] = readers.clone();
+        stage_readers[sp].extend(readers.iter().copied());
         weight_readers[wp_].extend(producers.iter().copied());
         // Residual rows, in the accumulator's layout.
         let residual = match residual_of(&kernel) {
@@ -894,7 +916,8 @@ pub(super) fn conv_with(e: &mut Emitter, kernel: &Kernel, spec: &ConvSpec) -> Re
     } else {
         format!("bands of {} rows", m_rows / g.wv)
     };
-    let strategy_text = format!("{name}; {blocks_desc}; {} channels per block", nb);
+    let order = if pixel_outer { "; pixel blocks outside (fewer HBM bytes)" } else { "" };
+    let strategy_text = format!("{name}; {blocks_desc}; {} channels per block{order}", nb);
     let k_depth = if strategy == ConvStrategy::Im2col { g.taps() * c } else { cg };
     let padded = format!(
         "M {m_rows} (of which {} useful) x K {k_depth}{} x N {nb}{}",
@@ -1019,6 +1042,16 @@ fn stage_dilated(e: &mut Emitter, g: &ConvGeom, x: Tile, sb: &Block, whole: bool
         [one] => *one,
         _ => e.push(Op::Barrier, if ids.is_empty() { deps } else { &ids }),
     }
+}
+
+/// `first`, or a barrier on it and `also` (instructions the next user must wait for too).
+fn after_all(e: &mut Emitter, first: u32, also: &[u32]) -> u32 {
+    if also.is_empty() {
+        return first;
+    }
+    let mut deps = also.to_vec();
+    deps.push(first);
+    e.push(Op::Barrier, &deps)
 }
 
 /// The im2col copies of one block: each kernel row's taps into their columns of `cols`
@@ -1313,11 +1346,6 @@ pub(super) fn matmul_kernel(
 // Pooling, global pooling, pointwise kernels, softmax, concatenation
 
 /// Images per block so that `images × bytes_per_image` (in and out, twice) fits in VMEM.
-fn images_per_block(e: &Emitter, n: usize, bytes_per_image: u64) -> usize {
-    let budget = e.m.core.vmem_bytes / 4;
-    ((budget / bytes_per_image.max(1)) as usize).clamp(1, n)
-}
-
 /// Blocks for image-wise VPU work (pooling and its gradient): whole images, and as many
 /// channels of them as keep `BUFFERS` blocks within half of VMEM — all channels unless one
 /// image is too big (the 224x224 first pools of VGG). Returns (images, channels) per block.
@@ -1386,35 +1414,36 @@ fn global_avg_pool(e: &mut Emitter, kernel: &Kernel, node: NodeId) -> Result<Ker
     let x = e.place(graph.node(node).inputs[0]);
     let y = e.place(kernel.output);
     let [n, h, w, c] = [x.shape[0], x.shape[1], x.shape[2], x.shape[3]];
-    let imgs = images_per_block(e, n, ((h * w + 1) * c * 4) as u64);
+    let px = h * w;
+    let (imgs, cb) = image_channel_blocks(e, n, c, (px + 1) * 4);
     let mut vmem = e.vmem();
     let oom = |e: &Emitter| e.vmem_error(kernel, "image buffers");
-    let src: Vec<Tile> =
-        (0..BUFFERS).map(|_| vmem.alloc(imgs * h * w, c)).collect::<Option<_>>().ok_or_else(|| oom(e))?;
-    let dst: Vec<Tile> = (0..BUFFERS).map(|_| vmem.alloc(imgs, c)).collect::<Option<_>>().ok_or_else(|| oom(e))?;
+    let src = vmem.ring(imgs * px, cb).ok_or_else(|| oom(e))?;
+    let dst = vmem.ring(imgs, cb).ok_or_else(|| oom(e))?;
     let mut free: Vec<Vec<u32>> = vec![Vec::new(); BUFFERS];
-    for (b, n0) in (0..n).step_by(imgs).enumerate() {
-        let k = imgs.min(n - n0);
+    let blocks = (0..n).step_by(imgs).flat_map(|n0| (0..c).step_by(cb).map(move |c0| (n0, c0)));
+    for (b, (n0, c0)) in blocks.enumerate() {
+        let (k, cn) = (imgs.min(n - n0), cb.min(c - c0));
         let p = b % BUFFERS;
-        let s = Tile { rows: (k * h * w) as u32, ..src[p] };
-        let d = Tile { rows: k as u32, ..dst[p] };
-        let load = e.push(Op::dma(0, x.tile.rows(n0 * h * w, k * h * w), s), &free[p]);
+        let s = Tile::new(Space::Vmem, src[p].offset, k * px, cn, DType::F32);
+        let d = Tile::new(Space::Vmem, dst[p].offset, k, cn, DType::F32);
+        let load = e.push(Op::dma(0, x.tile.rows(n0 * px, k * px).columns(c0, cn), s), &free[p]);
         let mut last = load;
         for i in 0..k {
             last = e.push(
-                Op::Reduce { op: ReduceOp::Sum, axis: Axis::Rows, src: s.rows(i * h * w, h * w), dst: d.rows(i, 1) },
+                Op::Reduce { op: ReduceOp::Sum, axis: Axis::Rows, src: s.rows(i * px, px), dst: d.rows(i, 1) },
                 &[last],
             );
         }
-        let mean = e.push(Op::Unary { op: UnaryOp::Scale(1.0 / (h * w) as f32), src: d, dst: d }, &[last]);
-        let store = e.push(Op::dma(2, d, y.tile.rows(n0, k)), &[mean]);
+        let mean = e.push(Op::Unary { op: UnaryOp::Scale(1.0 / px as f32), src: d, dst: d }, &[last]);
+        let store = e.push(Op::dma(2, d, y.tile.rows(n0, k).columns(c0, cn)), &[mean]);
         free[p] = vec![mean, store];
     }
     let range = first..e.program.len() + 1;
     Ok(e.report(
         graph,
         kernel,
-        format!("{imgs} images per block, row sums on the VPU"),
+        format!("{imgs} images of {cb} channels per block, row sums on the VPU"),
         format!("{h}x{w}x{c} to {c}"),
         0,
         range,

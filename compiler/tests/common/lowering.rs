@@ -62,7 +62,7 @@ pub fn deep_model_gradients_match(g: Graph, batch: usize) {
 }
 
 enum Check {
-    /// Every element to `5e-5` of the largest.
+    /// Every element to `1e-4` of the largest (plus `1e-6` of the step's largest gradient).
     Elements,
     /// The 2-norm of the difference relative to the reference's.
     Norm(f64),
@@ -117,11 +117,12 @@ fn check_step(g: Graph, batch: usize, step: u64, check: Check, machine: &str) {
             continue;
         }
         // Kernels agree to ~5e-7 of their largest element; a bias gradient sums thousands of
-        // pixels, in another order than the reference's (1.5e-5 measured for 4,608).
+        // pixels, in another order than the reference's (1.5e-5 measured for 4,608 pixels,
+        // 5.4e-5 for 6,400 whose sum partly cancels).
         let scale = gw.iter().fold(0f64, |a, &v| a.max((v as f64).abs()));
         let worst = gw.iter().zip(gs).fold(0f64, |a, (&x, &y)| a.max((x as f64 - y as f64).abs()));
         assert!(
-            worst <= 5e-5 * scale + 1e-6 * step_scale,
+            worst <= 1e-4 * scale + 1e-6 * step_scale,
             "{}: gradient of {name}: {worst} off, largest element {scale}, largest gradient {step_scale}",
             g.name()
         );
