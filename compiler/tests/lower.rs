@@ -81,6 +81,22 @@ fn every_zoo_model_trains_one_step_like_the_reference() {
     }
 }
 
+/// Every zoo model's full-size training step (224x224 where the model is ImageNet's) is
+/// placed: every kernel's blocks fit VMEM, the step fits HBM. Compile only.
+#[test]
+fn every_zoo_model_compiles_a_full_size_training_step() {
+    let m = presets::preset("v4-8").unwrap();
+    let training =
+        Some(Training { optimizer: Optimizer::Momentum { learning_rate: 0.1, momentum: 0.9 }, label_smoothing: 0.1 });
+    for name in zoo::names() {
+        let g = zoo::build(name).unwrap();
+        let opts =
+            Options { machine: m.clone(), batch: 32, precision: Precision::Default, training, train_mode: false };
+        let c = compile(&g, &opts).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert!(c.executable.program.len() > 10, "{name}");
+    }
+}
+
 #[test]
 fn bands_many_images_and_channel_blocks_match_the_reference() {
     // 64x64 images are staged in bands; 40 small images share blocks; 512 channels are split.

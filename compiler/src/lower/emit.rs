@@ -1218,28 +1218,26 @@ pub(super) fn matmul_kernel(
     let array_rows = e.m.core.mxu.rows;
     let (mut nb, mut mb) = (fout.min(4 * cols), rows.min(TARGET_ROWS));
     // K blocks: weights kb x nb and inputs mb x kb within budget.
-    let k_block = |nb: usize, mb: usize| {
-        let kb_budget = (WEIGHT_BUDGET / 4) as usize / nb.max(mb);
-        fin.min((kb_budget / array_rows).max(1) * array_rows)
-    };
+    let kb_budget = (WEIGHT_BUDGET / 4) as usize / nb.max(mb);
+    let mut kb = fin.min((kb_budget / array_rows).max(1) * array_rows);
     // Every ring (inputs, weights, accumulators, residuals, transpose staging) within VMEM:
-    // fewer rows per block first, then fewer output columns.
+    // fewer rows per block first, then fewer output columns, then a shallower K block.
     let extra_rows = residual_of(kernel).is_some() as usize;
-    let need = |nb: usize, mb: usize| {
-        let kb = k_block(nb, mb);
+    let need = |nb: usize, mb: usize, kb: usize| {
         let staged = if lhs.transposed { kb * mb } else { 0 } + if rhs.transposed { nb * kb } else { 0 };
         (BUFFERS * 4 * (mb * kb + kb * nb + (1 + extra_rows) * mb * nb + staged) + 8 * fout * 4) as u64
     };
-    while need(nb, mb) > e.m.core.vmem_bytes - 16 * 512 {
+    while need(nb, mb, kb) > e.m.core.vmem_bytes - 16 * 512 {
         if mb > array_rows {
             mb = (mb / 2).max(array_rows);
         } else if nb > cols {
             nb = (nb / 2).max(cols);
+        } else if kb > array_rows {
+            kb = (kb / 2).max(array_rows);
         } else {
             break;
         }
     }
-    let kb = k_block(nb, mb);
     let mut vmem = e.vmem();
     let oom = |e: &Emitter| e.vmem_error(kernel, "input, weight and accumulator blocks");
     let mut bufs = |n: usize, r: usize, c: usize, e: &Emitter| -> Result<Vec<Tile>> {
