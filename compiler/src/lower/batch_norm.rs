@@ -152,7 +152,26 @@ fn moments(
     for (&acc, sum) in accs.iter().zip(sums) {
         last = e.push(Op::Reduce { op: ReduceOp::Sum, axis: Axis::Rows, src: acc, dst: sum }, &[last]);
     }
-    // μ' and μ = μ' + K, var = E[x'²] − μ'² (≥ 0), σ⁻¹.
+    let done = finish_moments(e, [sx, sxx, shift, mean, inv, tmp], rows, epsilon, last);
+    Ok(Moments { mean, mean_shifted: sx, var: sxx, inv_std: inv, dy: sums_dy, done, free })
+}
+
+fn attrs(e: &Emitter, node: NodeId) -> BatchNorm {
+    match &e.graph.node(node).op {
+        GOp::BatchNorm(bn) | GOp::BatchNormGradInput(bn) | GOp::BatchNormGradGamma(bn) => bn.clone(),
+        _ => unreachable!("a batch-norm node"),
+    }
+}
+
+/// From the sums `[Σx', Σx'², K]` in VMEM (ready after `last`): `μ'` (in place of `Σx'`),
+/// `μ = μ' + K`, `var = E[x'²] − μ'²` ≥ 0 (in place of `Σx'²`) and `σ⁻¹`, using `tmp`.
+fn finish_moments(
+    e: &mut Emitter,
+    [sx, sxx, shift, mean, inv, tmp]: [Tile; 6],
+    rows: usize,
+    epsilon: f32,
+    last: u32,
+) -> u32 {
     let inv_m = 1.0 / rows as f32;
     let unary = |e: &mut Emitter, op, src, dst, after: u32| e.push(Op::Unary { op, src, dst }, &[after]);
     let a = unary(e, UnaryOp::Scale(inv_m), sx, sx, last);
@@ -162,15 +181,28 @@ fn moments(
     let d = e.push(Op::Binary { op: BinaryOp::Sub, a: sxx, b: tmp, dst: sxx }, &[sq]);
     let var = unary(e, UnaryOp::Relu, sxx, sxx, d);
     let eps = unary(e, UnaryOp::AddScalar(epsilon), sxx, inv, var);
-    let done = unary(e, UnaryOp::Rsqrt, inv, inv, eps);
-    Ok(Moments { mean, mean_shifted: sx, var: sxx, inv_std: inv, dy: sums_dy, done, free })
+    unary(e, UnaryOp::Rsqrt, inv, inv, eps)
 }
 
-fn attrs(e: &Emitter, node: NodeId) -> BatchNorm {
-    match &e.graph.node(node).op {
-        GOp::BatchNorm(bn) | GOp::BatchNormGradInput(bn) | GOp::BatchNormGradGamma(bn) => bn.clone(),
-        _ => unreachable!("a batch-norm node"),
-    }
+/// The moments from the sums a convolution's epilogue wrote to HBM at `at` (`[K; Σ; Σ²]`).
+fn moments_from_sums(
+    e: &mut Emitter,
+    kernel: &Kernel,
+    at: u64,
+    rows: usize,
+    c: usize,
+    epsilon: f32,
+    vmem: &mut Vmem,
+) -> Result<Moments> {
+    let oom = |e: &Emitter| e.vmem_error(kernel, "channel vectors");
+    let mut vec = |e: &Emitter| vmem.alloc(1, c).ok_or_else(|| oom(e));
+    let (shift, sx, sxx, mean, inv, tmp) = (vec(e)?, vec(e)?, vec(e)?, vec(e)?, vec(e)?, vec(e)?);
+    let row = |r: usize| Tile::new(Space::Hbm, at + (r * c * 4) as u64, 1, c, DType::F32);
+    let loads: Vec<u32> =
+        [shift, sx, sxx].into_iter().enumerate().map(|(r, t)| e.push(Op::dma(1, row(r), t), &[])).collect();
+    let last = e.push(Op::Barrier, &loads);
+    let done = finish_moments(e, [sx, sxx, shift, mean, inv, tmp], rows, epsilon, last);
+    Ok(Moments { mean, mean_shifted: sx, var: sxx, inv_std: inv, dy: None, done, free: vec![Vec::new(); BUFFERS] })
 }
 
 /// The forward's per-channel `scale = γσ⁻¹` and `shift = β − μ·scale` from the batch, and the
@@ -184,9 +216,15 @@ pub(super) fn train_channels(
     let bn = attrs(e, node);
     let ins = e.graph.node(node).inputs.clone();
     let src = Source { x: e.place(ins[0]).tile, dy: None, mask: None };
-    let rings = Rings::new(e, kernel, &src, 2, 0.9, vmem)?;
-    let st = moments(e, kernel, &src, &rings, bn.epsilon, vmem)?;
     let (rows, c) = (src.x.rows as usize, src.x.cols as usize);
+    let st = match e.extras.stats.get(&node) {
+        // The convolution before summed its output: no pass over x here.
+        Some(&at) => moments_from_sums(e, kernel, at, rows, c, bn.epsilon, vmem)?,
+        None => {
+            let rings = Rings::new(e, kernel, &src, 2, 0.9, vmem)?;
+            moments(e, kernel, &src, &rings, bn.epsilon, vmem)?
+        }
+    };
     let oom = |e: &Emitter| e.vmem_error(kernel, "channel vectors");
     let mut vec = |e: &Emitter| vmem.alloc(1, c).ok_or_else(|| oom(e));
     let (gamma, beta, mm, mv, tmp) = (vec(e)?, vec(e)?, vec(e)?, vec(e)?, vec(e)?);

@@ -86,12 +86,16 @@ pub(super) struct Extras {
     /// The shared state (Adam's powers, the dropout step).
     pub state: Vec<NodeId>,
     pub dropout_step: Option<NodeId>,
+    /// Batch norms whose per-channel sums a convolution's epilogue wrote: where (HBM).
+    pub stats: BTreeMap<NodeId, u64>,
 }
 
 pub(super) struct Emitter<'a> {
     pub extras: &'a Extras,
     /// The current kernel's HBM scratch (see `memory::Plan::scratch`).
     pub scratch: Option<u64>,
+    /// Where the current kernel writes per-channel sums for a batch norm (`memory::Plan::stats`).
+    pub stats_out: Option<u64>,
     pub m: &'a Machine,
     pub opts: &'a Options,
     pub graph: &'a Graph,
@@ -676,7 +680,10 @@ pub(super) fn conv_with(e: &mut Emitter, kernel: &Kernel, spec: &ConvSpec) -> Re
         let res = operands * acc;
         let cols_buf = if strategy == ConvStrategy::Im2col { (m_rows * g.taps() * c * 4) as u64 } else { 0 };
         let weights = (g.taps() * cg * nb * 4) as u64;
-        let need = BUFFERS as u64 * (stage + acc + res + cols_buf) + 2 * weights + (8 * co * 4) as u64 + 16 * 512;
+        // Channel sums for a batch norm: one block-sized work buffer and `1 × C` vectors.
+        let sums = if e.stats_out.is_some() { acc + (4 * co * 4) as u64 } else { 0 };
+        let need =
+            BUFFERS as u64 * (stage + acc + res + cols_buf) + 2 * weights + sums + (8 * co * 4) as u64 + 16 * 512;
         if need <= e.m.core.vmem_bytes {
             break pb;
         }
@@ -707,6 +714,10 @@ pub(super) fn conv_with(e: &mut Emitter, kernel: &Kernel, spec: &ConvSpec) -> Re
         Vec::new()
     };
     let ch = prepare_channels(e, &kernel, co, &mut vmem)?;
+    let mut sums = match e.stats_out {
+        Some(at) => Some(ChannelSums::new(e, &kernel, at, m_rows, nb, co, &mut vmem)?),
+        None => None,
+    };
 
     // Per buffer parity: who last read staging, acc and res.
     let mut stage_readers: Vec<Vec<u32>> = vec![Vec::new(); BUFFERS];
@@ -902,8 +913,17 @@ pub(super) fn conv_with(e: &mut Emitter, kernel: &Kernel, spec: &ConvSpec) -> Re
             mask_free[p] = Some(done);
         }
         let stored = out_rows(e, &g, blk, whole, per_image, y.tile, accp, c0, nbw, false, &[done]);
-        acc_free[p] = Some(stored);
+        acc_free[p] = Some(match sums.as_mut() {
+            Some(s) => {
+                let read = s.add_block(e, &g, blk, whole, accp, c0, done);
+                after_all(e, stored, &[read])
+            }
+            None => stored,
+        });
         useful_macs += (blk.images * blk.bh * g.ow * nbw * g.taps() * cg) as u64;
+    }
+    if let Some(s) = sums {
+        s.store(e);
     }
     let range = first..e.program.len() + 1;
     let name = match strategy {
@@ -1041,6 +1061,131 @@ fn stage_dilated(e: &mut Emitter, g: &ConvGeom, x: Tile, sb: &Block, whole: bool
     match ids.as_slice() {
         [one] => *one,
         _ => e.push(Op::Barrier, if ids.is_empty() { deps } else { &ids }),
+    }
+}
+
+/// Per-channel sums of a convolution's output for the batch norm after it (batch statistics):
+/// `Σ(x − K)` and `Σ(x − K)²` over the valid output pixels, with `K` the first pixel (the
+/// shift `batch_norm` uses), accumulated block by block on the VPU while the MXU works, then
+/// written to HBM as `[K; Σ; Σ²]` rows.
+struct ChannelSums {
+    at: u64,
+    work: Tile,
+    shift: Tile,
+    sum: Tile,
+    sum_sq: Tile,
+    part: Tile,
+    /// The last instruction of the chain (the VPU runs it in order; the dependency keeps the
+    /// shared vectors ordered for the validator).
+    last: Option<u32>,
+    /// Channel blocks whose shift is set (from their first block).
+    shifted: Vec<bool>,
+    nb: usize,
+}
+
+impl ChannelSums {
+    fn new(
+        e: &Emitter,
+        kernel: &Kernel,
+        at: u64,
+        m_rows: usize,
+        nb: usize,
+        co: usize,
+        vmem: &mut Vmem,
+    ) -> Result<Self> {
+        let oom = |e: &Emitter| e.vmem_error(kernel, "channel-sum buffers");
+        let work = vmem.alloc(m_rows, nb).ok_or_else(|| oom(e))?;
+        let mut vec = || vmem.alloc(1, co);
+        let (shift, sum, sum_sq, part) = (vec(), vec(), vec(), vec());
+        let [shift, sum, sum_sq, part] = [shift, sum, sum_sq, part].map(|t| t.ok_or_else(|| oom(e)));
+        Ok(ChannelSums {
+            at,
+            work,
+            shift: shift?,
+            sum: sum?,
+            sum_sq: sum_sq?,
+            part: part?,
+            last: None,
+            shifted: vec![false; co.div_ceil(nb)],
+            nb,
+        })
+    }
+
+    /// Adds the valid pixels of `acc` (block `blk`, channels `c0..`) after `ready`; returns the
+    /// instruction after which `acc` is no longer read.
+    #[allow(clippy::too_many_arguments)]
+    fn add_block(
+        &mut self,
+        e: &mut Emitter,
+        g: &ConvGeom,
+        blk: &Block,
+        whole: bool,
+        acc: Tile,
+        c0: usize,
+        ready: u32,
+    ) -> u32 {
+        let (m, nbw) = (acc.rows as usize, acc.cols as usize);
+        let cols = |t: Tile| t.columns(c0, nbw);
+        let mut deps = vec![ready];
+        deps.extend(self.last);
+        let first = !self.shifted[c0 / self.nb];
+        if first {
+            // The block's first streamed row is output pixel (n0, 0, 0): the shift.
+            self.shifted[c0 / self.nb] = true;
+            let s = e.push(Op::Unary { op: UnaryOp::Copy, src: acc.rows(0, 1), dst: cols(self.shift) }, &deps);
+            deps = vec![s];
+        }
+        let work = Tile { rows: m as u32, cols: nbw as u32, stride: nbw as u32, ..self.work };
+        let sub = e.push(Op::Binary { op: BinaryOp::Sub, a: acc, b: cols(self.shift), dst: work }, &deps);
+        // Zero what is not an output pixel: the columns past OW of every streamed row, and in
+        // whole-image blocks the rows past OH of every image slot.
+        let mut last = sub;
+        if g.wv > g.ow {
+            let t = Tile {
+                offset: work.offset + (g.ow * nbw * 4) as u64,
+                rows: (m / g.wv) as u32,
+                cols: ((g.wv - g.ow) * nbw) as u32,
+                stride: (g.wv * nbw) as u32,
+                ..work
+            };
+            last = e.push(Op::Fill { dst: t, value: 0.0 }, &[last]);
+        }
+        if whole && g.hv() > g.oh {
+            let t = Tile {
+                offset: work.offset + (g.oh * g.wv * nbw * 4) as u64,
+                rows: blk.images as u32,
+                cols: ((g.hv() - g.oh) * g.wv * nbw) as u32,
+                stride: (g.hv() * g.wv * nbw) as u32,
+                ..work
+            };
+            last = e.push(Op::Fill { dst: t, value: 0.0 }, &[last]);
+        }
+        let part = cols(self.part);
+        let r = e.push(Op::Reduce { op: ReduceOp::Sum, axis: Axis::Rows, src: work, dst: part }, &[last]);
+        let a = if first {
+            e.push(Op::Unary { op: UnaryOp::Copy, src: part, dst: cols(self.sum) }, &[r])
+        } else {
+            e.push(Op::Binary { op: BinaryOp::Add, a: cols(self.sum), b: part, dst: cols(self.sum) }, &[r])
+        };
+        let sq = e.push(Op::Binary { op: BinaryOp::Mul, a: work, b: work, dst: work }, &[a]);
+        let r = e.push(Op::Reduce { op: ReduceOp::Sum, axis: Axis::Rows, src: work, dst: part }, &[sq]);
+        let b = if first {
+            e.push(Op::Unary { op: UnaryOp::Copy, src: part, dst: cols(self.sum_sq) }, &[r])
+        } else {
+            e.push(Op::Binary { op: BinaryOp::Add, a: cols(self.sum_sq), b: part, dst: cols(self.sum_sq) }, &[r])
+        };
+        self.last = Some(b);
+        sub
+    }
+
+    /// Writes `[K; Σ; Σ²]` to HBM.
+    fn store(self, e: &mut Emitter) {
+        let c = self.sum.cols as usize;
+        let after: Vec<u32> = self.last.into_iter().collect();
+        for (row, t) in [self.shift, self.sum, self.sum_sq].into_iter().enumerate() {
+            let dst = Tile::new(Space::Hbm, self.at + (row * c * 4) as u64, 1, c, DType::F32);
+            e.push(Op::dma(2, t, dst), &after);
+        }
     }
 }
 
@@ -1571,13 +1716,14 @@ pub(super) fn emit(
     graph: &Graph,
     kernels: &[Kernel],
     places: &[Option<Place>],
-    scratch: &[Option<u64>],
+    (scratch, stats): (&[Option<u64>], &[Option<u64>]),
     opts: &Options,
     extras: &Extras,
 ) -> Result<(Program, Vec<KernelReport>, String)> {
     let mut e = Emitter {
         extras,
         scratch: None,
+        stats_out: None,
         m: &opts.machine,
         opts,
         graph,
@@ -1595,6 +1741,7 @@ pub(super) fn emit(
             continue;
         }
         e.scratch = scratch[k];
+        e.stats_out = stats[k];
         e.begin();
         let report = match &kernel.main {
             Main::Conv(n) => conv(&mut e, kernel, *n)?,

@@ -117,6 +117,9 @@ pub struct Kernel {
     pub output: NodeId,
     /// Further nodes it writes (a fused batch-norm gradient's gamma and beta gradients).
     pub also: Vec<NodeId>,
+    /// A convolution whose output feeds this batch norm (batch statistics): its epilogue also
+    /// sums the output per channel, so the batch norm skips its own pass of sums.
+    pub stats_for: Option<NodeId>,
 }
 
 impl Kernel {
@@ -242,6 +245,7 @@ pub fn fuse(graph: &Graph, training: bool) -> Result<Vec<Kernel>> {
             nodes: vec![id],
             output: id,
             also: Vec::new(),
+            stats_for: None,
         };
         if let Main::BatchNormGrad(g) = &main {
             kernel.nodes = g.mask.into_iter().chain([id]).chain(g.gamma).chain(g.beta).collect();
@@ -303,6 +307,22 @@ pub fn fuse(graph: &Graph, training: bool) -> Result<Vec<Kernel>> {
     }
     // Order by output: a fused residual add may follow the kernel that makes its other operand.
     kernels.sort_by_key(|k| k.output.index());
+    // A batch norm with batch statistics right after a convolution takes its sums from the
+    // convolution's epilogue, where the output is on chip anyway.
+    let producer: BTreeMap<NodeId, usize> = kernels.iter().enumerate().map(|(i, k)| (k.output, i)).collect();
+    for j in 0..kernels.len() {
+        let (Main::Pointwise { input }, Some(&Epilogue::BatchNormTrain(bn))) =
+            (&kernels[j].main, kernels[j].epilogue.first())
+        else {
+            continue;
+        };
+        if let Some(&i) = producer.get(input)
+            && matches!(kernels[i].main, Main::Conv(_))
+            && kernels[i].epilogue.is_empty()
+        {
+            kernels[i].stats_for = Some(bn);
+        }
+    }
     Ok(kernels)
 }
 

@@ -22,6 +22,9 @@ pub(super) struct Plan {
     /// Per kernel: HBM scratch for intermediates that are not graph tensors (a flipped kernel,
     /// a zero-dilated gradient), live only during the kernel.
     pub scratch: Vec<Option<u64>>,
+    /// Per kernel with `stats_for`: where its per-channel sums go (`3 × C`: the shift, Σ, Σ²),
+    /// kept with the persistent tensors (a few KiB each).
+    pub stats: Vec<Option<u64>>,
     pub peak: u64,
     pub dump: String,
 }
@@ -101,6 +104,14 @@ pub(super) fn plan(
             dump += &format!("  {:#012x} {:>12} B  {}\n", at, bytes(id), node.name);
         }
     }
+    let mut stats = vec![None; kernels.len()];
+    for (k, kernel) in kernels.iter().enumerate().filter(|(_, k)| k.stats_for.is_some()) {
+        let channels = *shape_of(kernel.output).last().expect("a convolution output has channels") as u64;
+        let at = heap.alloc(3 * channels * 4);
+        stats[k] = Some(at);
+        persistent += 3 * channels * 4;
+        dump += &format!("  {:#012x} {:>12} B  (channel sums of {})\n", at, 3 * channels * 4, kernel.name);
+    }
     // Last kernel reading each storage owner.
     let mut last_use = vec![0usize; graph.len()];
     for (k, kernel) in kernels.iter().enumerate() {
@@ -172,5 +183,5 @@ pub(super) fn plan(
         });
     }
     dump += &format!("peak {} B ({}) of {} per core\n", peak, gib(peak), gib(capacity));
-    Ok(Plan { offsets, scratch, peak, dump })
+    Ok(Plan { offsets, scratch, stats, peak, dump })
 }

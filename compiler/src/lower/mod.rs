@@ -159,6 +159,7 @@ pub fn compile(graph: &Graph, opts: &Options) -> Result<Compiled> {
             nodes,
             output: u.param,
             also: Vec::new(),
+            stats_for: None,
         });
     }
     if let Some(&first) = step.state.first() {
@@ -171,6 +172,7 @@ pub fn compile(graph: &Graph, opts: &Options) -> Result<Compiled> {
             nodes: step.state.clone(),
             output: first,
             also: Vec::new(),
+            stats_for: None,
         });
     }
     dumps.push((PassName::Fusion, dump_fusion(graph, &kernels)));
@@ -218,8 +220,10 @@ pub fn compile(graph: &Graph, opts: &Options) -> Result<Compiled> {
         optimizer: opts.training.map(|t| t.optimizer),
         state: step.state.clone(),
         dropout_step: step.dropout_step,
+        stats: kernels.iter().zip(&plan.stats).filter_map(|(k, &at)| Some((k.stats_for?, at?))).collect(),
     };
-    let (program, kernels_out, tiling_dump) = emit::emit(graph, &kernels, &places, &plan.scratch, opts, &extras)?;
+    let (program, kernels_out, tiling_dump) =
+        emit::emit(graph, &kernels, &places, (&plan.scratch, &plan.stats), opts, &extras)?;
     dumps.push((PassName::Tiling, tiling_dump));
     dumps.push((PassName::Scheduling, program.to_string()));
 
