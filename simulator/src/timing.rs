@@ -73,8 +73,8 @@ fn vregs(machine: &Machine, t: &Tile) -> u64 {
     (t.rows as u64).div_ceil(v.sublanes as u64) * (t.cols as u64).div_ceil(v.lanes as u64)
 }
 
-/// Cycles of a vector-unit instruction.
-fn vpu_cycles(machine: &Machine, op: &Op) -> u64 {
+/// Cycles of a vector-unit instruction (the compiler's estimate uses the same model).
+pub fn vpu_cycles(machine: &Machine, op: &Op) -> u64 {
     let alus = machine.core.vpu.alus as u64;
     let ops = |n: u64| n.div_ceil(alus).max(1);
     match op {

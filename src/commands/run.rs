@@ -80,7 +80,7 @@ pub fn run(args: Args) -> Result<()> {
 }
 
 /// The f32 CPU reference.
-fn run_reference(args: &Args, graph: &Graph, mut weights: TensorMap, inputs: TensorMap) -> Result<()> {
+fn run_reference(args: &Args, graph: &Graph, weights: TensorMap, inputs: TensorMap) -> Result<()> {
     let mut bindings = weights.clone();
     bindings.extend(inputs);
     let mode = if args.train_mode { Mode::Training } else { Mode::Inference };
@@ -120,29 +120,18 @@ fn run_reference(args: &Args, graph: &Graph, mut weights: TensorMap, inputs: Ten
         for (name, t) in &outputs {
             println!("{name} {:?}", t.shape());
         }
-        let timing = if args.repeat > 1 {
-            format!("median {median:.3} s, fastest {min:.3} s of {} runs", args.repeat)
-        } else {
-            format!("{min:.3} s")
-        };
+        let timing = timing_text(min, median, args.repeat);
         println!(
             "ran {} (batch {batch}) on the CPU reference: {timing}; wrote {}",
             graph.name(),
             args.output.display()
         );
     }
-    if let Some(path) = &args.save_weights {
-        weights.extend(updates);
-        super::save_tensors(path, &weights)?;
-        if !args.json {
-            println!("wrote weights to {}", path.display());
-        }
-    }
-    Ok(())
+    save_weights(args, weights, updates)
 }
 
 /// Compiles for one core of `--machine` and computes the outputs with the functional simulator.
-fn run_simulated(args: &Args, graph: &Graph, mut weights: TensorMap, inputs: TensorMap) -> Result<()> {
+fn run_simulated(args: &Args, graph: &Graph, weights: TensorMap, inputs: TensorMap) -> Result<()> {
     anyhow::ensure!(
         !args.profile,
         "--profile times the CPU reference's ops; for the TPU's per-layer cycles run `systolic compile {}`",
@@ -219,13 +208,23 @@ fn run_simulated(args: &Args, graph: &Graph, mut weights: TensorMap, inputs: Ten
             100.0 * report.mxu_utilization,
             args.output.display()
         );
-        let timing = if args.repeat > 1 {
-            format!("median {median:.3} s, fastest {min:.3} s of {} runs", args.repeat)
-        } else {
-            format!("{min:.3} s")
-        };
+        let timing = timing_text(min, median, args.repeat);
         println!("computing the values on this host took {timing}; compiling {compile_seconds:.3} s");
     }
+    save_weights(args, weights, updates)
+}
+
+/// Wall time of `repeat` runs, as printed.
+fn timing_text(min: f64, median: f64, repeat: usize) -> String {
+    if repeat > 1 {
+        format!("median {median:.3} s, fastest {min:.3} s of {repeat} runs")
+    } else {
+        format!("{min:.3} s")
+    }
+}
+
+/// `--save-weights`: the parameters used, with what the run updated (moving statistics).
+fn save_weights(args: &Args, mut weights: TensorMap, updates: TensorMap) -> Result<()> {
     if let Some(path) = &args.save_weights {
         weights.extend(updates);
         super::save_tensors(path, &weights)?;

@@ -94,6 +94,54 @@ pub(super) fn loss(e: &mut Emitter, kernel: &Kernel, node: NodeId) -> Result<Ker
     Ok(e.report(e.graph, kernel, format!("blocks of {rb} rows on the VPU"), format!("{rows} x {c}"), 0, range))
 }
 
+/// A block of rows handed to a [`map_rows`] body: the loaded input tiles, in order, the work
+/// tiles (`scratch` columns), the block's first row, and the loads to wait for.
+struct RowBlock {
+    inputs: Vec<Tile>,
+    scratch: Vec<Tile>,
+    r0: usize,
+    loaded: Vec<u32>,
+}
+
+/// Streams `inputs` (tensors of equal rows) through VMEM in blocks of rows, `BUFFERS` deep:
+/// `body` computes a block's result in one of its tiles and returns that tile with the
+/// instruction after which it holds the result; it is stored to the same rows of `out`.
+/// Returns the block height.
+fn map_rows(
+    e: &mut Emitter,
+    kernel: &Kernel,
+    inputs: &[Tile],
+    scratch: &[usize],
+    out: Tile,
+    mut body: impl FnMut(&mut Emitter, &RowBlock) -> (Tile, u32),
+) -> Result<usize> {
+    let rows = inputs[0].rows as usize;
+    let cols: usize = inputs.iter().map(|t| t.cols as usize).sum::<usize>() + scratch.iter().sum::<usize>();
+    let rb = rows_per_block(e, rows, cols, BUFFERS);
+    let mut vmem = e.vmem();
+    let oom = |e: &Emitter| e.vmem_error(kernel, "row blocks");
+    let widths = inputs.iter().map(|t| t.cols as usize).chain(scratch.iter().copied());
+    let rings: Vec<Vec<Tile>> = widths.map(|c| vmem.ring(rb, c).ok_or_else(|| oom(e))).collect::<Result<_>>()?;
+    let mut free: Vec<Vec<u32>> = vec![Vec::new(); BUFFERS];
+    for (b, r0) in (0..rows).step_by(rb).enumerate() {
+        let rn = rb.min(rows - r0);
+        let p = b % BUFFERS;
+        let tiles: Vec<Tile> = rings.iter().map(|r| Tile { rows: rn as u32, ..r[p] }).collect();
+        let (loaded_tiles, scratch_tiles) = tiles.split_at(inputs.len());
+        let loaded = inputs
+            .iter()
+            .zip(loaded_tiles)
+            .enumerate()
+            .map(|(i, (src, &dst))| e.push(Op::dma(i as u8, src.rows(r0, rn), dst), &free[p]))
+            .collect();
+        let block = RowBlock { inputs: loaded_tiles.to_vec(), scratch: scratch_tiles.to_vec(), r0, loaded };
+        let (result, ready) = body(e, &block);
+        let store = e.push(Op::dma(2, result, out.rows(r0, rn)), &[ready]);
+        free[p] = vec![ready, store];
+    }
+    Ok(rb)
+}
+
 /// `(softmax(z) - q) / N`.
 pub(super) fn loss_grad(e: &mut Emitter, kernel: &Kernel, node: NodeId) -> Result<KernelReport> {
     let first = e.program.len();
@@ -102,30 +150,17 @@ pub(super) fn loss_grad(e: &mut Emitter, kernel: &Kernel, node: NodeId) -> Resul
     let out = e.place(kernel.output).tile;
     let (rows, c) = (z.rows as usize, z.cols as usize);
     let smoothing = smoothing_of(e, node);
-    let rb = rows_per_block(e, rows, c, 2 * BUFFERS);
-    let mut vmem = e.vmem();
-    let oom = |e: &Emitter| e.vmem_error(kernel, "row blocks");
-    let mut ring = |cols: usize, e: &Emitter| vmem.ring(rb, cols).ok_or_else(|| oom(e));
-    let (zb, yb, sb) = (ring(c, e)?, ring(c, e)?, ring(1, e)?);
-    let mut free: Vec<Vec<u32>> = vec![Vec::new(); BUFFERS];
-    for (b, r0) in (0..rows).step_by(rb).enumerate() {
-        let rn = rb.min(rows - r0);
-        let p = b % BUFFERS;
-        let sub = |t: Tile| Tile { rows: rn as u32, ..t };
-        let (zt, yt, st) = (sub(zb[p]), sub(yb[p]), sub(sb[p]));
-        let lz = e.push(Op::dma(0, z.rows(r0, rn), zt), &free[p]);
-        let ly = e.push(Op::dma(1, y.rows(r0, rn), yt), &free[p]);
-        let q = smooth(e, yt, smoothing, c, ly);
-        let m = e.push(Op::Reduce { op: ReduceOp::Max, axis: Axis::Cols, src: zt, dst: st }, &[lz]);
+    let rb = map_rows(e, kernel, &[z, y], &[1], out, |e, b| {
+        let ([zt, yt], [st]) = ([b.inputs[0], b.inputs[1]], [b.scratch[0]]);
+        let q = smooth(e, yt, smoothing, c, b.loaded[1]);
+        let m = e.push(Op::Reduce { op: ReduceOp::Max, axis: Axis::Cols, src: zt, dst: st }, &[b.loaded[0]]);
         let d = e.push(Op::Binary { op: BinaryOp::Sub, a: zt, b: st, dst: zt }, &[m]);
         let x = e.push(Op::Unary { op: UnaryOp::Exp, src: zt, dst: zt }, &[d]);
         let s = e.push(Op::Reduce { op: ReduceOp::Sum, axis: Axis::Cols, src: zt, dst: st }, &[x]);
         let sm = e.push(Op::Binary { op: BinaryOp::Div, a: zt, b: st, dst: zt }, &[s]);
         let g = e.push(Op::Binary { op: BinaryOp::Sub, a: zt, b: yt, dst: zt }, &[sm, q]);
-        let scaled = e.push(Op::Unary { op: UnaryOp::Scale(1.0 / rows as f32), src: zt, dst: zt }, &[g]);
-        let store = e.push(Op::dma(2, zt, out.rows(r0, rn)), &[scaled]);
-        free[p] = vec![scaled, store];
-    }
+        (zt, e.push(Op::Unary { op: UnaryOp::Scale(1.0 / rows as f32), src: zt, dst: zt }, &[g]))
+    })?;
     let range = first..e.program.len() + 1;
     Ok(e.report(e.graph, kernel, format!("blocks of {rb} rows on the VPU"), format!("{rows} x {c}"), 0, range))
 }
@@ -181,26 +216,13 @@ pub(super) fn softmax_grad(e: &mut Emitter, kernel: &Kernel, node: NodeId) -> Re
     let (y, dy) = (e.place(n.inputs[0]).tile, e.place(n.inputs[1]).tile);
     let out = e.place(kernel.output).tile;
     let (rows, c) = (y.rows as usize, y.cols as usize);
-    let rb = rows_per_block(e, rows, c + 1, 3 * BUFFERS);
-    let mut vmem = e.vmem();
-    let oom = |e: &Emitter| e.vmem_error(kernel, "row blocks");
-    let mut ring = |cols: usize, e: &Emitter| vmem.ring(rb, cols).ok_or_else(|| oom(e));
-    let (yb, db, tb, sb) = (ring(c, e)?, ring(c, e)?, ring(c, e)?, ring(1, e)?);
-    let mut free: Vec<Vec<u32>> = vec![Vec::new(); BUFFERS];
-    for (b, r0) in (0..rows).step_by(rb).enumerate() {
-        let rn = rb.min(rows - r0);
-        let p = b % BUFFERS;
-        let sub = |t: Tile| Tile { rows: rn as u32, ..t };
-        let (yt, dt, tt, st) = (sub(yb[p]), sub(db[p]), sub(tb[p]), sub(sb[p]));
-        let ly = e.push(Op::dma(0, y.rows(r0, rn), yt), &free[p]);
-        let ld = e.push(Op::dma(1, dy.rows(r0, rn), dt), &free[p]);
-        let m = e.push(Op::Binary { op: BinaryOp::Mul, a: dt, b: yt, dst: tt }, &[ly, ld]);
+    let rb = map_rows(e, kernel, &[y, dy], &[c, 1], out, |e, b| {
+        let ([yt, dt], [tt, st]) = ([b.inputs[0], b.inputs[1]], [b.scratch[0], b.scratch[1]]);
+        let m = e.push(Op::Binary { op: BinaryOp::Mul, a: dt, b: yt, dst: tt }, &b.loaded);
         let s = e.push(Op::Reduce { op: ReduceOp::Sum, axis: Axis::Cols, src: tt, dst: st }, &[m]);
         let d = e.push(Op::Binary { op: BinaryOp::Sub, a: dt, b: st, dst: dt }, &[s]);
-        let g = e.push(Op::Binary { op: BinaryOp::Mul, a: dt, b: yt, dst: dt }, &[d]);
-        let store = e.push(Op::dma(2, dt, out.rows(r0, rn)), &[g]);
-        free[p] = vec![g, store];
-    }
+        (dt, e.push(Op::Binary { op: BinaryOp::Mul, a: dt, b: yt, dst: dt }, &[d]))
+    })?;
     let range = first..e.program.len() + 1;
     Ok(e.report(e.graph, kernel, format!("blocks of {rb} rows on the VPU"), format!("{rows} x {c}"), 0, range))
 }
@@ -213,22 +235,10 @@ pub(super) fn mask(e: &mut Emitter, kernel: &Kernel, node: NodeId) -> Result<Ker
     let out = e.place(kernel.output).tile;
     let op = if matches!(n.op, GOp::Relu6Grad) { BinaryOp::MaskRelu6 } else { BinaryOp::MaskPositive };
     let (rows, c) = (x.rows as usize, x.cols as usize);
-    let rb = rows_per_block(e, rows, c, 2 * BUFFERS);
-    let mut vmem = e.vmem();
-    let oom = |e: &Emitter| e.vmem_error(kernel, "row blocks");
-    let mut ring = |e: &Emitter| vmem.ring(rb, c).ok_or_else(|| oom(e));
-    let (xb, db) = (ring(e)?, ring(e)?);
-    let mut free: Vec<Vec<u32>> = vec![Vec::new(); BUFFERS];
-    for (b, r0) in (0..rows).step_by(rb).enumerate() {
-        let rn = rb.min(rows - r0);
-        let p = b % BUFFERS;
-        let (xt, dt) = (Tile { rows: rn as u32, ..xb[p] }, Tile { rows: rn as u32, ..db[p] });
-        let lx = e.push(Op::dma(0, x.rows(r0, rn), xt), &free[p]);
-        let ld = e.push(Op::dma(1, dy.rows(r0, rn), dt), &free[p]);
-        let m = e.push(Op::Binary { op, a: xt, b: dt, dst: dt }, &[lx, ld]);
-        let store = e.push(Op::dma(2, dt, out.rows(r0, rn)), &[m]);
-        free[p] = vec![m, store];
-    }
+    let rb = map_rows(e, kernel, &[x, dy], &[], out, |e, b| {
+        let (xt, dt) = (b.inputs[0], b.inputs[1]);
+        (dt, e.push(Op::Binary { op, a: xt, b: dt, dst: dt }, &b.loaded))
+    })?;
     let range = first..e.program.len() + 1;
     Ok(e.report(e.graph, kernel, format!("blocks of {rb} rows on the VPU"), format!("{rows} x {c}"), 0, range))
 }
@@ -273,16 +283,7 @@ pub(super) fn pool_grad(e: &mut Emitter, kernel: &Kernel, node: NodeId) -> Resul
             t
         });
         loads.extend(free[p].iter().copied());
-        let shape = PoolShape {
-            n: k as u32,
-            h: h as u32,
-            w: w as u32,
-            window: [pool.window[0] as u32, pool.window[1] as u32],
-            strides: [pool.strides[0] as u32, pool.strides[1] as u32],
-            pad: [win.pad_top as u32, win.pad_left as u32],
-            out_h: win.out_h as u32,
-            out_w: win.out_w as u32,
-        };
+        let shape = emit::pool_shape(k, [h, w], &pool, &win);
         let g = e.push(Op::PoolGrad { op, shape, x: xt, dy: dt, dst: ot }, &loads);
         let store = e.push(Op::dma(2, ot, dx.tile.rows(n0 * in_px, k * in_px).columns(c0, cn)), &[g]);
         free[p] = vec![g, store];
@@ -308,23 +309,14 @@ pub(super) fn dropout(e: &mut Emitter, kernel: &Kernel, node: NodeId) -> Result<
     let out = e.place(kernel.output).tile;
     let step_hbm = e.place(e.extras.dropout_step.expect("a training step with dropout has a step counter")).tile;
     let (rows, c) = (x.rows as usize, x.cols as usize);
-    let rb = rows_per_block(e, rows, c, BUFFERS);
-    let mut vmem = e.vmem();
-    let oom = |e: &Emitter| e.vmem_error(kernel, "row blocks");
-    let bufs = vmem.ring(rb, c).ok_or_else(|| oom(e))?;
-    let step = vmem.alloc(1, 1).ok_or_else(|| oom(e))?;
+    // The step (one value) sits past the VMEM the row blocks use.
+    let step = Tile::new(Space::Vmem, e.m.core.vmem_bytes - 512, 1, 1, DType::F32);
     let loaded_step = e.push(Op::dma(1, step_hbm, step), &[]);
-    let mut free: Vec<Vec<u32>> = vec![Vec::new(); BUFFERS];
-    for (b, r0) in (0..rows).step_by(rb).enumerate() {
-        let rn = rb.min(rows - r0);
-        let p = b % BUFFERS;
-        let t = Tile { rows: rn as u32, ..bufs[p] };
-        let load = e.push(Op::dma(0, x.rows(r0, rn), t), &free[p]);
-        let counter = (r0 * c) as u64;
-        let drop = e.push(Op::Dropout { seed, rate, step, counter, src: t, dst: t }, &[load, loaded_step]);
-        let store = e.push(Op::dma(2, t, out.rows(r0, rn)), &[drop]);
-        free[p] = vec![drop, store];
-    }
+    let rb = map_rows(e, kernel, &[x], &[], out, |e, b| {
+        let t = b.inputs[0];
+        let counter = (b.r0 * c) as u64;
+        (t, e.push(Op::Dropout { seed, rate, step, counter, src: t, dst: t }, &[b.loaded[0], loaded_step]))
+    })?;
     let range = first..e.program.len() + 1;
     let strategy = format!("mask drawn on the VPU, blocks of {rb} rows");
     Ok(e.report(e.graph, kernel, strategy, format!("{rows} x {c}, rate {rate}"), 0, range))

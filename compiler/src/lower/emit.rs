@@ -22,11 +22,12 @@ use std::collections::BTreeMap;
 use systolic_simulator::Machine;
 use systolic_simulator::isa::*;
 use systolic_simulator::mxu::passes;
+use systolic_simulator::timing::vpu_cycles;
 
 use super::{Epilogue, Kernel, KernelReport, Main, Options, Place, backward, batch_norm, conv_grad};
 use crate::cost;
 use crate::error::{Error, Result};
-use crate::graph::{Conv2d, Graph, NodeId, Op as GOp, Padding, Pool as PoolAttrs};
+use crate::graph::{Conv2d, Graph, NodeId, Op as GOp, Padding, Pool as PoolAttrs, Window2d};
 use crate::optimizer::Optimizer;
 
 /// Rows of a block's matmul (the streamed LHS rows) the tiling aims for.
@@ -166,10 +167,6 @@ impl<'a> Emitter<'a> {
 
     fn count(&mut self, op: &Op) {
         let core = &self.m.core;
-        let vregs = |t: &Tile| {
-            (t.rows as u64).div_ceil(core.vpu.sublanes as u64) * (t.cols as u64).div_ceil(core.vpu.lanes as u64)
-        };
-        let vpu = |n: u64| n.div_ceil(core.vpu.alus as u64).max(1);
         match op {
             Op::Dma { src, dst, repeat, .. } => {
                 let bytes = src.bytes() * repeat.map_or(1, |r| r.count as u64);
@@ -185,17 +182,8 @@ impl<'a> Emitter<'a> {
                 *self.account.mxu_stream.entry(*mxu).or_default() +=
                     ps.iter().map(|p| p.m.max(p.k) as u64).sum::<u64>();
             }
-            Op::Unary { dst, .. } | Op::Binary { dst, .. } | Op::Fill { dst, .. } => {
-                self.account.vpu_cycles += vpu(vregs(dst))
-            }
-            Op::MulAdd { acc, .. } => self.account.vpu_cycles += vpu(2 * vregs(acc)),
-            Op::Reduce { src, .. } | Op::Transpose { src, .. } => self.account.vpu_cycles += vpu(vregs(src)),
-            Op::Dropout { dst, .. } => {
-                self.account.vpu_cycles += vpu(vregs(dst) * systolic_simulator::rng::DROPOUT_LANE_OPS)
-            }
-            Op::Pool { shape, dst, .. } => {
-                self.account.vpu_cycles += vpu(vregs(dst) * (shape.window[0] * shape.window[1]) as u64)
-            }
+            // The timing engine's own vector-unit cost.
+            op if op.unit() == Unit::Vpu => self.account.vpu_cycles += vpu_cycles(self.m, op),
             _ => {}
         }
     }
@@ -1489,6 +1477,21 @@ pub(super) fn matmul_kernel(
 // Pooling, global pooling, pointwise kernels, softmax, concatenation
 
 /// Images per block so that `images × bytes_per_image` (in and out, twice) fits in VMEM.
+/// The VPU's pooling geometry for `n` images of `hw` pixels.
+pub(super) fn pool_shape(n: usize, [h, w]: [usize; 2], attrs: &PoolAttrs, win: &Window2d) -> PoolShape {
+    let u = |v: usize| v as u32;
+    PoolShape {
+        n: u(n),
+        h: u(h),
+        w: u(w),
+        window: attrs.window.map(u),
+        strides: attrs.strides.map(u),
+        pad: [u(win.pad_top), u(win.pad_left)],
+        out_h: u(win.out_h),
+        out_w: u(win.out_w),
+    }
+}
+
 /// Blocks for image-wise VPU work (pooling and its gradient): whole images, and as many
 /// channels of them as keep `BUFFERS` blocks within half of VMEM — all channels unless one
 /// image is too big (the 224x224 first pools of VGG). Returns (images, channels) per block.
@@ -1521,16 +1524,7 @@ fn pool(e: &mut Emitter, kernel: &Kernel, node: NodeId, attrs: &PoolAttrs, max: 
         let s = Tile::new(Space::Vmem, src[p].offset, k * in_px, cn, DType::F32);
         let d = Tile::new(Space::Vmem, dst[p].offset, k * out_px, cn, DType::F32);
         let load = e.push(Op::dma(0, x.tile.rows(n0 * in_px, k * in_px).columns(c0, cn), s), &free[p]);
-        let shape = PoolShape {
-            n: k as u32,
-            h: h as u32,
-            w: w as u32,
-            window: [attrs.window[0] as u32, attrs.window[1] as u32],
-            strides: [attrs.strides[0] as u32, attrs.strides[1] as u32],
-            pad: [win.pad_top as u32, win.pad_left as u32],
-            out_h: win.out_h as u32,
-            out_w: win.out_w as u32,
-        };
+        let shape = pool_shape(k, [h, w], attrs, &win);
         let op = if max { PoolOp::Max } else { PoolOp::Avg };
         let pooled = e.push(Op::Pool { op, shape, src: s, dst: d }, &[load]);
         let store = e.push(Op::dma(2, d, y.tile.rows(n0 * out_px, k * out_px).columns(c0, cn)), &[pooled]);
