@@ -55,8 +55,7 @@ pub(super) fn conv_grad_input(e: &mut Emitter, kernel: &Kernel, node: NodeId) ->
     let g = ConvGeom::new(&b.conv, &dx.shape, &w.shape);
     let (cg, groups) = (w.shape[2], g.groups);
     let cog = g.co / groups;
-    // Depthwise (one channel in and out per group) on the VPU; other groupings on the MXU.
-    let depthwise = groups > 1 && cg == 1 && cog == 1;
+    let depthwise = g.depthwise(cg);
     // Padding of the transposed convolution: the taps that reach past the dilated dy.
     let (reach_h, reach_w) = ((g.kh - 1) * g.dh, (g.kw - 1) * g.dw);
     let (dil_h, dil_w) = ((g.oh - 1) * g.sh + 1, (g.ow - 1) * g.sw + 1);
@@ -181,10 +180,9 @@ pub(super) fn conv_grad_filter(e: &mut Emitter, kernel: &Kernel, node: NodeId) -
     let (c, co, groups, taps) = (g.c, g.co, g.groups, g.taps());
     let cg = b.kernel_shape[2];
     let cog = co / groups;
-    // Depthwise (one channel in and out per group) on the VPU; other groupings on the MXU.
-    let depthwise = groups > 1 && cg == 1 && cog == 1;
+    let depthwise = g.depthwise(cg);
     let (rows, cols) = (e.m.core.mxu.rows, e.m.core.mxu.cols);
-    let im2col = groups == 1 && taps > 1 && (taps * cg).div_ceil(rows) < taps * cg.div_ceil(rows);
+    let im2col = g.im2col_pays(cg, rows);
     // Accumulator columns per output channel: every tap's input channels.
     let kdim = taps * cg;
     let vmem_bytes = e.m.core.vmem_bytes as usize;
@@ -272,13 +270,8 @@ pub(super) fn conv_grad_filter(e: &mut Emitter, kernel: &Kernel, node: NodeId) -
             let p = wi % BUFFERS;
             wi += 1;
             let m_blk = g.block_rows(blk, whole);
-            // Stage the input (zero padding in place).
-            let mut stage_deps = stage_readers[p].clone();
-            if !stage_filled[p] || (!whole && g.band_needs_fill(blk)) {
-                stage_deps = vec![e.push(Op::Fill { dst: stage[p], value: 0.0 }, &stage_deps)];
-                stage_filled[p] = true;
-            }
-            let staged = emit::stage_input(e, &g, x.tile, blk, whole, stage[p], &stage_deps);
+            let staged =
+                emit::stage_block(e, &g, x.tile, blk, whole, stage[p], &mut stage_filled[p], &stage_readers[p]);
             // dy rows in the padded-width layout, zeros at the dropped columns. Rows stay `nb`
             // apart in every block, so a narrower last block finds zeros where the wider ones
             // left them (the buffer is zeroed once, at full width).

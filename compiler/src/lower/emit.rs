@@ -549,6 +549,18 @@ impl ConvGeom {
     fn cog(&self) -> usize {
         self.co / self.groups
     }
+    /// One input and one output channel per group (kernel `[kh, kw, cg = 1, co]`): the VPU's.
+    /// A depth multiplier above 1 is a grouped convolution on the MXU with K = 1.
+    pub(super) fn depthwise(&self, cg: usize) -> bool {
+        self.groups > 1 && cg == 1 && self.cog() == 1
+    }
+    /// Whether folding the taps into K (im2col) needs fewer `array_rows`-deep passes than one
+    /// shallow matmul per tap (the 3-channel first layer).
+    pub(super) fn im2col_pays(&self, cg: usize, array_rows: usize) -> bool {
+        self.groups == 1
+            && self.taps() > 1
+            && (self.taps() * cg).div_ceil(array_rows) < self.taps() * cg.div_ceil(array_rows)
+    }
     pub(super) fn taps(&self) -> usize {
         self.kh * self.kw
     }
@@ -629,13 +641,11 @@ pub(super) fn conv_with(e: &mut Emitter, kernel: &Kernel, spec: &ConvSpec) -> Re
     if let Some(b) = spec.bias {
         kernel.epilogue.insert(0, Epilogue::Bias(b));
     }
-    // One input and one output channel per group runs on the VPU; a depth multiplier above 1
-    // (several outputs per input channel) is a grouped convolution on the MXU with K = 1.
-    let depthwise = g.groups > 1 && cg == 1 && g.cog() == 1;
+    let depthwise = g.depthwise(cg);
     let rows = e.m.core.mxu.rows;
     let strategy = if depthwise {
         ConvStrategy::Depthwise
-    } else if g.groups == 1 && g.taps() > 1 && (g.taps() * cg).div_ceil(rows) < g.taps() * cg.div_ceil(rows) {
+    } else if g.im2col_pays(cg, rows) {
         ConvStrategy::Im2col
     } else {
         ConvStrategy::Shifted
@@ -760,15 +770,8 @@ pub(super) fn conv_with(e: &mut Emitter, kernel: &Kernel, spec: &ConvSpec) -> Re
             let si = staged_ids.len();
             let sp = si % BUFFERS;
             let sb = &unit_block(si);
-            // Zero padding: the buffer is filled once, and again before a band whose valid
-            // outputs read padding rows that an earlier band filled with data.
-            let mut stage_deps = std::mem::take(&mut stage_readers[sp]);
-            if !stage_filled[sp] || (!whole && g.band_needs_fill(sb)) {
-                let f = e.push(Op::Fill { dst: stage[sp], value: 0.0 }, &stage_deps);
-                stage_deps = vec![f];
-                stage_filled[sp] = true;
-            }
-            let id = stage_input(e, &g, x.tile, sb, whole, stage[sp], &stage_deps);
+            let readers = std::mem::take(&mut stage_readers[sp]);
+            let id = stage_block(e, &g, x.tile, sb, whole, stage[sp], &mut stage_filled[sp], &readers);
             staged_ids.push(id);
         }
         let sp = unit(wi) % BUFFERS;
@@ -939,15 +942,7 @@ pub(super) fn conv_with(e: &mut Emitter, kernel: &Kernel, spec: &ConvSpec) -> Re
 /// DMAs the input rows block `sb` reads into `stage` (zero padding already in place): whole
 /// images one slot each (`sh·hv` padded rows of `wp` pixels), or one band of padded rows. A
 /// band that reads no input row (padding only) was zero-filled: it only waits for `deps`.
-pub(super) fn stage_input(
-    e: &mut Emitter,
-    g: &ConvGeom,
-    x: Tile,
-    sb: &Block,
-    whole: bool,
-    stage: Tile,
-    deps: &[u32],
-) -> u32 {
+fn stage_input(e: &mut Emitter, g: &ConvGeom, x: Tile, sb: &Block, whole: bool, stage: Tile, deps: &[u32]) -> u32 {
     let c = g.c;
     let hv = g.hv();
     let row_bytes = (g.w * c * 4) as u64;
@@ -1005,6 +1000,29 @@ pub(super) fn stage_input(
             dtype: DType::F32,
         };
         e.push(Op::dma(0, src, dst), deps)
+    }
+}
+
+/// Stages block `sb` into `stage` after its previous `readers`: zero padding first — once per
+/// buffer (`filled`), and again before a band whose valid outputs read padding rows that an
+/// earlier band filled with data — then [`stage_input`].
+#[allow(clippy::too_many_arguments)]
+pub(super) fn stage_block(
+    e: &mut Emitter,
+    g: &ConvGeom,
+    x: Tile,
+    sb: &Block,
+    whole: bool,
+    stage: Tile,
+    filled: &mut bool,
+    readers: &[u32],
+) -> u32 {
+    if !*filled || (!whole && g.band_needs_fill(sb)) {
+        *filled = true;
+        let f = e.push(Op::Fill { dst: stage, value: 0.0 }, readers);
+        stage_input(e, g, x, sb, whole, stage, &[f])
+    } else {
+        stage_input(e, g, x, sb, whole, stage, readers)
     }
 }
 
