@@ -43,15 +43,15 @@ fn layer_program(blocks: usize) -> Program {
         let c = f32(Space::Vmem, buf + (2 << 20), 128, 128);
         let hbm_in = (i as u64 % 64) << 20;
         let mut deps: Vec<u32> = last_out.into_iter().collect();
-        let d0 = p.push(Op::dma(0, f32(Space::Hbm, hbm_in, 128, 128), a), &deps);
-        let d1 = p.push(Op::dma(1, f32(Space::Hbm, hbm_in + (512 << 10), 128, 128), w), &deps);
+        let d0 = p.push(Operation::dma(0, f32(Space::Hbm, hbm_in, 128, 128), a), &deps);
+        let d1 = p.push(Operation::dma(1, f32(Space::Hbm, hbm_in + (512 << 10), 128, 128), w), &deps);
         let mm = p.push(
-            Op::MatMul { mxu: 0, lhs: a, rhs: w, out: c, accumulate: false, precision: Precision::Default },
+            Operation::MatMul { mxu: 0, lhs: a, rhs: w, out: c, accumulate: false, precision: Precision::Default },
             &[d0, d1],
         );
-        let r = p.push(Op::Unary { op: UnaryOp::Relu, src: c, dst: c }, &[mm]);
+        let r = p.push(Operation::Unary { op: UnaryOp::Relu, src: c, dst: c }, &[mm]);
         deps = vec![r];
-        last_out = Some(p.push(Op::dma(2, c, f32(Space::Hbm, (1 << 30) + hbm_in, 128, 128)), &deps));
+        last_out = Some(p.push(Operation::dma(2, c, f32(Space::Hbm, (1 << 30) + hbm_in, 128, 128)), &deps));
     }
     p
 }

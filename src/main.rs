@@ -31,7 +31,7 @@ enum Command {
     Run(commands::run::Args),
     /// Write the loss and the gradient of every parameter and input.
     Grad(commands::grad::Args),
-    /// List the machine presets, or show one machine with the source of every figure.
+    /// List the machine presets, show one machine with the source of every figure, or (`--ron`) write it as a file to edit.
     Machines(commands::machines::Args),
     /// Run one matmul on a core's MXUs: cycles, utilisation and why.
     Mxu(commands::mxu::Args),

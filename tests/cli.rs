@@ -409,10 +409,54 @@ fn machines_json_lists_every_preset_with_published_peaks() {
     assert!((per_chip("v4-8") - 275.3).abs() < 0.05);
     assert!((find("v2-512")["peak_tflops"].as_f64().unwrap() - 256.0 * 45.875).abs() < 1.0);
     let shown = ok(&["machines", "v3-8", "--set", "core.mxu.rows=256"]);
-    assert!(
-        shown.contains("rows: 256") && shown.contains("set by the user to 256") && shown.contains("HC20"),
-        "{shown}"
-    );
+    let row = shown.lines().find(|l| l.starts_with("core.mxu.rows ")).unwrap_or_else(|| panic!("{shown}"));
+    assert!(row.contains(" 256 ") && row.ends_with("set by the user to 256"), "{row}");
+    assert!(shown.contains("HC20") && shown.contains("16777216 (16 MiB)") && !shown.contains("sources: {"), "{shown}");
+}
+
+/// `compile --json` without its wall-clock timings.
+fn compile_report(machine: &str) -> serde_json::Value {
+    let mut v: serde_json::Value =
+        serde_json::from_str(&ok(&["compile", "digits_cnn", "--batch", "8", "--machine", machine, "--json"])).unwrap();
+    for key in ["compile_seconds", "simulate_seconds"] {
+        v.as_object_mut().unwrap().remove(key).unwrap_or_else(|| panic!("no {key} in {v}"));
+    }
+    v
+}
+
+#[test]
+fn machines_ron_writes_a_file_that_loads_back_as_the_same_machine() {
+    let d = Dir::new();
+    let text = ok(&["machines", "v3-8", "--ron"]);
+    assert!(text.trim_start().starts_with('(') && text.trim_end().ends_with(')'), "only RON: {text}");
+    assert!(text.contains("\"core.clock_hz\": \"HC20: TPUv3 runs at 940 MHz\""), "sources included: {text}");
+    std::fs::write(d.path("v3.ron"), &text).unwrap();
+    // The file is the preset, sources included, and compiles exactly like it.
+    assert_eq!(ok(&["machines", &d.s("v3.ron"), "--ron"]), text);
+    assert_eq!(ok(&["machines", &d.s("v3.ron"), "--json"]), ok(&["machines", "v3-8", "--json"]));
+    assert_eq!(compile_report(&d.s("v3.ron")), compile_report("v3-8"));
+    // Edited, it is another machine.
+    std::fs::write(d.path("mine.ron"), text.replace("count: 2,", "count: 4,")).unwrap();
+    let mine: serde_json::Value = serde_json::from_str(&ok(&["machines", &d.s("mine.ron"), "--json"])).unwrap();
+    assert_eq!(mine["core"]["mxu"]["count"], 4);
+    assert_ne!(compile_report(&d.s("mine.ron")), compile_report("v3-8"));
+    // Overrides keep their citation through the file.
+    let set = ok(&["machines", "v3-8", "--set", "core.mxu.rows=256", "--set", "core.vmem_bytes=33554432", "--ron"]);
+    std::fs::write(d.path("set.ron"), &set).unwrap();
+    assert_eq!(ok(&["machines", &d.s("set.ron"), "--ron"]), set);
+    let v: serde_json::Value = serde_json::from_str(&ok(&["machines", &d.s("set.ron"), "--json"])).unwrap();
+    assert_eq!(v["core"]["mxu"]["rows"], 256);
+    assert_eq!(v["sources"]["core.mxu.rows"], "set by the user to 256");
+    // A bad file is refused with its file, line and column.
+    let line = text.lines().position(|l| l.contains("rows: 128")).unwrap() + 1;
+    std::fs::write(d.path("bad.ron"), text.replace("rows: 128", "rows: 0")).unwrap();
+    let e = fails(&["compile", "digits_cnn", "--machine", &d.s("bad.ron")]);
+    assert!(e.contains(&format!("bad.ron:{line}:")) && e.contains("'core.mxu.rows': must be at least 1"), "{e}");
+    std::fs::write(d.path("typo.ron"), text.replace("cols: 128", "colls: 128")).unwrap();
+    let e = fails(&["machines", &d.s("typo.ron"), "--ron"]);
+    assert!(e.contains(&format!("typo.ron:{}:", line + 1)) && e.contains("colls"), "{e}");
+    let e = fails(&["machines", "--ron"]);
+    assert!(e.contains("--ron needs a machine"), "{e}");
 }
 
 #[test]

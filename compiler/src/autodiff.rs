@@ -35,7 +35,35 @@ fn operand_name(op: &Op, slot: usize) -> String {
         Op::BiasAdd => &["input", "bias"],
         Op::BatchNorm(_) => &["input", "gamma", "beta"],
         Op::SoftmaxCrossEntropy(_) => &["logits"],
-        _ => &[],
+        Op::Input(_)
+        | Op::Parameter(_)
+        | Op::MaxPool(_)
+        | Op::AvgPool(_)
+        | Op::GlobalAvgPool
+        | Op::Add
+        | Op::Mul
+        | Op::Relu
+        | Op::Relu6
+        | Op::Dropout(_)
+        | Op::Flatten
+        | Op::Reshape(_)
+        | Op::Concat(_)
+        | Op::Softmax
+        | Op::Conv2dBackpropInput(_)
+        | Op::Conv2dBackpropFilter(_)
+        | Op::MaxPoolGrad(_)
+        | Op::AvgPoolGrad(_)
+        | Op::GlobalAvgPoolGrad(_)
+        | Op::DenseBackpropInput
+        | Op::DenseBackpropKernel
+        | Op::BiasAddGrad
+        | Op::ReluGrad
+        | Op::Relu6Grad
+        | Op::BatchNormGradInput(_)
+        | Op::BatchNormGradGamma(_)
+        | Op::SoftmaxGrad
+        | Op::SoftmaxCrossEntropyGrad(_)
+        | Op::Slice(_) => &[],
     };
     names.get(slot).map_or_else(|| format!("input{slot}"), |s| s.to_string())
 }
@@ -86,6 +114,14 @@ impl Builder<'_> {
         let forward = self.forward;
         let shape_of = |i: NodeId| forward.node(i).shape.dims.clone();
         let push = |b: &mut Self, slot: usize, g: NodeId| b.contributions[ins[slot].index()].push(g);
+        // The gradient of an activation computed from its output `y` and `dy`.
+        let from_output = |b: &mut Self, op: Op| -> Result<()> {
+            if wants(0) {
+                let g = b.emit(id, 0, op, &[id, dy])?;
+                push(b, 0, g);
+            }
+            Ok(())
+        };
         match &node.op {
             Op::Input(_) | Op::Parameter(_) => {}
             Op::Conv2d(conv) => {
@@ -172,15 +208,10 @@ impl Builder<'_> {
                     }
                 }
             }
-            Op::Relu | Op::Relu6 => {
-                if wants(0) {
-                    let op = if matches!(node.op, Op::Relu) { Op::ReluGrad } else { Op::Relu6Grad };
-                    // The output decides the mask as the input would (y = clamp(x)), and the
-                    // output is kept for the next layer anyway: the input can die early.
-                    let g = self.emit(id, 0, op, &[id, dy])?;
-                    push(self, 0, g);
-                }
-            }
+            // The output decides the mask as the input would (y = clamp(x)), and the output is
+            // kept for the next layer anyway: the input can die early.
+            Op::Relu => from_output(self, Op::ReluGrad)?,
+            Op::Relu6 => from_output(self, Op::Relu6Grad)?,
             Op::BatchNorm(bn) => {
                 if wants(0) {
                     let g =
@@ -223,12 +254,7 @@ impl Builder<'_> {
                     start += len;
                 }
             }
-            Op::Softmax => {
-                if wants(0) {
-                    let g = self.emit(id, 0, Op::SoftmaxGrad, &[id, dy])?;
-                    push(self, 0, g);
-                }
-            }
+            Op::Softmax => from_output(self, Op::SoftmaxGrad)?,
             Op::SoftmaxCrossEntropy(_) => {
                 return Err(self.err(
                     id,
@@ -236,8 +262,23 @@ impl Builder<'_> {
                         .into(),
                 ));
             }
-            other => {
-                return Err(self.err(id, format!("differentiating a gradient op ({}) is not supported", other.kind())));
+            Op::Conv2dBackpropInput(_)
+            | Op::Conv2dBackpropFilter(_)
+            | Op::MaxPoolGrad(_)
+            | Op::AvgPoolGrad(_)
+            | Op::GlobalAvgPoolGrad(_)
+            | Op::DenseBackpropInput
+            | Op::DenseBackpropKernel
+            | Op::BiasAddGrad
+            | Op::ReluGrad
+            | Op::Relu6Grad
+            | Op::BatchNormGradInput(_)
+            | Op::BatchNormGradGamma(_)
+            | Op::SoftmaxGrad
+            | Op::SoftmaxCrossEntropyGrad(_)
+            | Op::Slice(_) => {
+                let kind = node.op.kind();
+                return Err(self.err(id, format!("differentiating a gradient op ({kind}) is not supported")));
             }
         }
         Ok(())
@@ -276,16 +317,48 @@ pub fn differentiate(graph: &Graph, root: NodeId, wrt: &[NodeId]) -> Result<Grad
                     b.contributions[ins[0].index()].push(g);
                 }
             }
-            _ if root_node.shape.batched => {
+            Op::Input(_)
+            | Op::Parameter(_)
+            | Op::Conv2d(_)
+            | Op::MaxPool(_)
+            | Op::AvgPool(_)
+            | Op::GlobalAvgPool
+            | Op::Dense
+            | Op::BiasAdd
+            | Op::Add
+            | Op::Mul
+            | Op::Relu
+            | Op::Relu6
+            | Op::BatchNorm(_)
+            | Op::Dropout(_)
+            | Op::Flatten
+            | Op::Reshape(_)
+            | Op::Concat(_)
+            | Op::Softmax
+            | Op::Conv2dBackpropInput(_)
+            | Op::Conv2dBackpropFilter(_)
+            | Op::MaxPoolGrad(_)
+            | Op::AvgPoolGrad(_)
+            | Op::GlobalAvgPoolGrad(_)
+            | Op::DenseBackpropInput
+            | Op::DenseBackpropKernel
+            | Op::BiasAddGrad
+            | Op::ReluGrad
+            | Op::Relu6Grad
+            | Op::BatchNormGradInput(_)
+            | Op::BatchNormGradGamma(_)
+            | Op::SoftmaxGrad
+            | Op::SoftmaxCrossEntropyGrad(_)
+            | Op::Slice(_) => {
+                if !root_node.shape.batched {
+                    return Err(
+                        b.err(root, "can only differentiate a loss (SoftmaxCrossEntropy) or a batched value".into())
+                    );
+                }
                 let input = Op::Input(Input { shape: root_node.shape.dims.clone(), dtype: DType::F32 });
                 let u = b.graph.add(format!("{}/upstream", root_node.name), input, &[])?;
                 upstream = Some(u);
                 b.contributions[root.index()].push(u);
-            }
-            _ => {
-                return Err(
-                    b.err(root, "can only differentiate a loss (SoftmaxCrossEntropy) or a batched value".into())
-                );
             }
         }
     }

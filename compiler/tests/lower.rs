@@ -12,20 +12,16 @@ use systolic_compiler::graph::{BatchNorm, ConvSpec, Padding, Pool};
 use systolic_compiler::lower::{Options, Training, compile};
 use systolic_compiler::optimizer::Optimizer;
 use systolic_compiler::reference::{self, RunOptions};
-use systolic_compiler::zoo::{self, ZooOptions};
+use systolic_compiler::zoo;
 use systolic_compiler::{Graph, Tensor, TensorMap};
 use systolic_simulator::config::presets;
 use systolic_simulator::numerics::Precision;
 use systolic_simulator::timing::simulate;
 
-fn small(name: &str, hw: usize) -> Graph {
-    zoo::build_with(name, ZooOptions { input_hw: Some([hw, hw]), classes: Some(10) }).unwrap()
-}
-
 #[test]
 fn small_cnns_match_the_reference() {
     for (name, hw) in [("digits_cnn", 8), ("simple_cnn", 28), ("lenet5", 32)] {
-        for (out, err) in differential(&small(name, hw), "v2-8", 3, Precision::Default) {
+        for (out, err) in differential(&small_model(name, hw), "v2-8", 3, Precision::Default) {
             // bf16 inputs keep 8 significant bits; sums stay f32.
             assert!(err < 2e-2, "{name}/{out}: relative error {err}");
         }
@@ -34,7 +30,7 @@ fn small_cnns_match_the_reference() {
 
 #[test]
 fn highest_precision_matches_closely() {
-    for (out, err) in differential(&small("simple_cnn", 28), "v2-8", 2, Precision::Highest) {
+    for (out, err) in differential(&small_model("simple_cnn", 28), "v2-8", 2, Precision::Highest) {
         assert!(err < 1e-5, "simple_cnn/{out}: relative error {err}");
     }
 }
@@ -42,7 +38,7 @@ fn highest_precision_matches_closely() {
 #[test]
 fn residual_and_depthwise_networks_match_the_reference() {
     for (name, hw, machine) in [("resnet18", 32, "v3-8"), ("resnet50", 32, "v4-8"), ("mobilenet_v1", 32, "v2-8")] {
-        for (out, err) in differential(&small(name, hw), machine, 2, Precision::Highest) {
+        for (out, err) in differential(&small_model(name, hw), machine, 2, Precision::Highest) {
             assert!(err < 1e-4, "{name}/{out}: relative error {err}");
         }
     }
@@ -51,7 +47,7 @@ fn residual_and_depthwise_networks_match_the_reference() {
 #[test]
 fn classic_large_models_compile_and_match_at_small_sizes() {
     for (name, hw) in [("vgg16", 32), ("alexnet", 64)] {
-        for (out, err) in differential(&small(name, hw), "v2-8", 1, Precision::High) {
+        for (out, err) in differential(&small_model(name, hw), "v2-8", 1, Precision::High) {
             assert!(err < 1e-3, "{name}/{out}: relative error {err}");
         }
     }
@@ -77,7 +73,7 @@ fn every_zoo_model_trains_one_step_like_the_reference() {
         ("resnet50", 64, 2),
         ("mobilenet_v1", 32, 4),
     ] {
-        deep_model_gradients_match(small(name, hw), batch);
+        deep_model_gradients_match(small_model(name, hw), batch);
     }
 }
 
@@ -90,8 +86,7 @@ fn every_zoo_model_compiles_a_full_size_training_step() {
         Some(Training { optimizer: Optimizer::Momentum { learning_rate: 0.1, momentum: 0.9 }, label_smoothing: 0.1 });
     for name in zoo::names() {
         let g = zoo::build(name).unwrap();
-        let opts =
-            Options { machine: m.clone(), batch: 32, precision: Precision::Default, training, train_mode: false };
+        let opts = Options { training, ..options(m.clone(), 32, Precision::Default) };
         let c = compile(&g, &opts).unwrap_or_else(|e| panic!("{name}: {e}"));
         assert!(c.executable.program.len() > 10, "{name}");
     }
@@ -101,7 +96,7 @@ fn every_zoo_model_compiles_a_full_size_training_step() {
 fn bands_many_images_and_channel_blocks_match_the_reference() {
     // 64x64 images are staged in bands; 40 small images share blocks; 512 channels are split.
     for (name, hw, batch) in [("vgg16", 64, 1), ("digits_cnn", 8, 40), ("resnet34", 40, 3)] {
-        for (out, err) in differential(&small(name, hw), "v2-8", batch, Precision::High) {
+        for (out, err) in differential(&small_model(name, hw), "v2-8", batch, Precision::High) {
             assert!(err < 1e-3, "{name}/{out}: relative error {err}");
         }
     }
@@ -110,9 +105,8 @@ fn bands_many_images_and_channel_blocks_match_the_reference() {
 #[test]
 fn compile_errors_name_what_to_change() {
     let m = presets::preset("v2-8").unwrap();
-    let opts =
-        |batch| Options { machine: m.clone(), batch, precision: Precision::Default, training: None, train_mode: false };
-    let g = small("simple_cnn", 28);
+    let opts = |batch| options(m.clone(), batch, Precision::Default);
+    let g = small_model("simple_cnn", 28);
     let e = compile(&g, &opts(0)).unwrap_err().to_string();
     assert!(e.contains("batch of zero"), "{e}");
     // VGG-16 at 224x224 with a batch of 2048 needs far more than 8 GiB of activations.
@@ -287,7 +281,7 @@ fn convolution_gradients_in_bands_and_channel_blocks() {
     let logits = g.dense("logits", h, 10).unwrap();
     g.set_outputs(vec![logits]);
     let m = presets::preset("v2-8").unwrap();
-    let opts = Options { machine: m, batch: 4, precision: Precision::Highest, training: None, train_mode: false };
+    let opts = options(m, 4, Precision::Highest);
     let report = compile(&g, &opts).unwrap();
     let order = |name: &str| report.kernels.iter().find(|k| k.name == name).unwrap().strategy.clone();
     assert!(order("wide").contains("pixel blocks outside"), "{}", order("wide"));
@@ -322,7 +316,7 @@ fn batch_normed() -> Graph {
 
 #[test]
 fn batch_norm_training_matches_the_reference() {
-    training_step_matches(batch_normed(), &[8, 8, 3], 5e-2);
+    training_step_matches(batch_normed(), 5e-2);
 }
 
 /// Dropout in a training step: the simulated VPU draws the reference's mask, a new one each
@@ -348,25 +342,25 @@ fn dropout_masks_match_the_reference_at_any_step() {
 /// gradient, and the parameters and slots after the optimizer's update.
 #[test]
 fn a_training_step_matches_the_reference() {
-    training_step_matches(mlp(), &[24], 5e-2);
+    training_step_matches(mlp(), 5e-2);
 }
 
 #[test]
 fn pooling_gradients_match_the_reference() {
-    training_step_matches(pooled(), &[9, 9, 3], 5e-2);
+    training_step_matches(pooled(), 5e-2);
 }
 
 /// Seven layers of ReLU/ReLU6 masks: 4-11% in norm at one pass (measured), 2e-5 at three.
 #[test]
 fn convolution_gradients_match_the_reference() {
-    training_step_matches(convs(), &[11, 11, 3], 0.15);
+    training_step_matches(convs(), 0.15);
     // Two and four MXUs per core (v3, v4) share the taps and row blocks.
     gradients_match_on(convs(), 12, "v3-8");
     gradients_match_on(batch_normed(), 12, "v4-8");
 }
 
 /// `default_tol`: the gradients' norm error allowed at one bf16 pass (see below).
-fn training_step_matches(g: Graph, input: &[usize], default_tol: f64) {
+fn training_step_matches(g: Graph, default_tol: f64) {
     let m = presets::preset("v2-8").unwrap();
     let batch = 12;
     let (with_loss, loss) = g.with_classifier_loss(0.0).unwrap();
@@ -378,13 +372,9 @@ fn training_step_matches(g: Graph, input: &[usize], default_tol: f64) {
     ] {
         let training = Some(Training { optimizer, label_smoothing: 0.0 });
         for precision in [Precision::Highest, Precision::Default] {
-            let compiled =
-                compile(&g, &Options { machine: m.clone(), batch, precision, training, train_mode: false }).unwrap();
-            let mut b = g.init_parameters(3);
-            let shape: Vec<usize> = std::iter::once(batch).chain(input.iter().copied()).collect();
-            b.insert("x".into(), rand_tensor(&shape, 5));
-            let y = labels(batch, 10);
-            b.insert("labels".into(), y.clone());
+            let compiled = compile(&g, &Options { training, ..options(m.clone(), batch, precision) }).unwrap();
+            let mut b = random_bindings(&g, batch, 3, 5);
+            let mut feed = add_labels(&mut b, batch);
             // Optimizer slots carry history: start momentum and Adam's moments away from zero.
             let mut slots = TensorMap::new();
             for (name, t) in g.init_parameters(3) {
@@ -395,9 +385,7 @@ fn training_step_matches(g: Graph, input: &[usize], default_tol: f64) {
                 }
             }
             let mut state: Vec<f32> = optimizer.initial_state().iter().map(|s| s.1 * s.1 * s.1).collect();
-            let mut feed = b.clone();
             feed.extend(slots.clone());
-            feed.insert("labels/one_hot".into(), one_hot(&y, 10));
             for (i, (name, _)) in optimizer.initial_state().iter().enumerate() {
                 feed.insert(name.to_string(), Tensor::from_shape_vec(vec![1], vec![state[i]]).unwrap());
             }
@@ -475,17 +463,9 @@ fn inference_graphs_with_a_loss_compute_it() {
     let (g, _) = mlp().with_classifier_loss(0.1).unwrap();
     let mut g = g;
     g.set_outputs(vec![g.find("loss").unwrap(), g.find("logits").unwrap()]);
-    let compiled = compile(
-        &g,
-        &Options { machine: m.clone(), batch: 5, precision: Precision::Default, training: None, train_mode: false },
-    )
-    .unwrap();
-    let mut b = g.init_parameters(1);
-    b.insert("x".into(), rand_tensor(&[5, 24], 2));
-    let y = labels(5, 10);
-    b.insert("labels".into(), y.clone());
-    let mut feed = b.clone();
-    feed.insert("labels/one_hot".into(), one_hot(&y, 10));
+    let compiled = compile(&g, &options(m.clone(), 5, Precision::Default)).unwrap();
+    let mut b = random_bindings(&g, 5, 1, 2);
+    let feed = add_labels(&mut b, 5);
     let got = compiled.executable.run(&m, |name| feed.get(name).and_then(|t| t.as_slice())).unwrap();
     let (want, _) = reference::run_outputs(&g, &b, RunOptions::default()).unwrap();
     for (name, values) in got {

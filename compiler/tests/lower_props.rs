@@ -6,7 +6,7 @@
 mod common;
 
 use common::lowering::*;
-use common::{config, padding_strategy, pool_params};
+use common::{ConvRanges, add_conv, config, conv_params, pool_params};
 use proptest::prelude::*;
 use systolic_compiler::graph::*;
 use systolic_compiler::lower::{Options, compile};
@@ -31,15 +31,10 @@ fn around(
     Some(g)
 }
 
-fn parameter(g: &mut Graph, name: &str, shape: &[usize]) -> Option<NodeId> {
-    let p = Parameter { shape: shape.to_vec(), init: Init::GlorotUniform, trainable: true };
-    g.add(name, Op::Parameter(p), &[]).ok()
-}
-
 /// The graph compiles and agrees with the reference: inference, then a training step.
 fn agrees(g: Graph, batch: usize) {
     let m = presets::preset("v2-8").unwrap();
-    let opts = Options { machine: m, batch, precision: Precision::Highest, training: None, train_mode: false };
+    let opts = options(m, batch, Precision::Highest);
     if let Err(e) = compile(&g, &opts) {
         panic!("{e}");
     }
@@ -53,63 +48,21 @@ fn agrees(g: Graph, batch: usize) {
     gradients_match(g, batch);
 }
 
-#[derive(Debug, Clone)]
-struct ConvCase {
-    batch: usize,
-    hw: [usize; 2],
-    cg: usize,
-    groups: usize,
-    cog: usize,
-    k: [usize; 2],
-    strides: [usize; 2],
-    dilation: [usize; 2],
-    padding: Padding,
-    bias: bool,
-}
-
-fn conv_cases() -> impl Strategy<Value = ConvCase> {
-    (
-        (1usize..3, 3usize..10, 3usize..10),
-        (1usize..5, 1usize..4, 1usize..4),
-        (1usize..4, 1usize..4, 1usize..4, 1usize..4),
-        (1usize..3, 1usize..3),
-        padding_strategy(2),
-        any::<bool>(),
-    )
-        .prop_map(|((batch, h, w), (cg, groups, cog), (kh, kw, sh, sw), (dh, dw), padding, bias)| ConvCase {
-            batch,
-            hw: [h, w],
-            cg,
-            groups,
-            cog,
-            k: [kh, kw],
-            strides: [sh, sw],
-            dilation: [dh, dw],
-            padding,
-            bias,
-        })
-}
-
 proptest! {
     #![proptest_config(config(32))]
 
     /// Strides (equal or not), padding (SAME, VALID, explicit and uneven), dilation, groups
     /// and depthwise.
     #[test]
-    fn convolutions_agree_forward_and_backward(p in conv_cases()) {
-        let (c, co) = (p.cg * p.groups, p.cog * p.groups);
-        let g = around("conv", p.hw, c, |g, x| {
-            let k = parameter(g, "conv/kernel", &[p.k[0], p.k[1], p.cg, co])?;
-            let mut inputs = vec![x, k];
-            if p.bias {
-                inputs.push(parameter(g, "conv/bias", &[co])?);
-            }
-            let attrs = Conv2d { strides: p.strides, padding: p.padding, dilation: p.dilation, groups: p.groups };
-            let y = g.add("conv", Op::Conv2d(attrs), &inputs).ok()?;
+    fn convolutions_agree_forward_and_backward(
+        p in conv_params(ConvRanges { hw: 3..10, cg: 1..5, strides: 1..4 }),
+    ) {
+        let g = around("conv", p.hw, p.channels(), |g, x| {
+            let y = add_conv(g, "conv", ["conv/kernel", "conv/bias"], Init::GlorotUniform, x, &p)?;
             g.relu("conv_relu", y).ok()
         });
         if let Some(g) = g {
-            agrees(g, p.batch);
+            agrees(g, p.n);
         }
     }
 

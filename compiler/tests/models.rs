@@ -6,7 +6,7 @@ mod common;
 use common::*;
 use systolic_compiler::autodiff;
 use systolic_compiler::reference::{self, Mode, RunOptions};
-use systolic_compiler::zoo::{self, ZooOptions};
+use systolic_compiler::zoo;
 use systolic_compiler::{Graph, Tensor, TensorMap};
 
 const TRAIN: RunOptions = RunOptions { mode: Mode::Training, step: 1 };
@@ -19,21 +19,18 @@ fn small(name: &str) -> Graph {
         "alexnet" => 67,
         _ => 32,
     };
-    zoo::build_with(name, ZooOptions { input_hw: Some([hw, hw]), classes: Some(10) }).unwrap()
+    small_model(name, hw)
 }
 
 /// Weights from seed 0, a random image batch and labels.
 fn bindings(g: &Graph, batch: usize) -> TensorMap {
-    let mut b = g.init_parameters(0);
+    let mut b = random_bindings(g, batch, 0, 17);
     for id in g.inputs() {
         let node = g.node(id);
-        let shape = node.shape.concrete(batch);
-        let t = if node.shape.dims.is_empty() {
-            Tensor::from_shape_vec(shape, (0..batch).map(|i| (i * 3 % 10) as f32).collect()).unwrap()
-        } else {
-            rand_tensor(&shape, 17)
-        };
-        b.insert(node.name.clone(), t);
+        if node.shape.dims.is_empty() {
+            let labels = (0..batch).map(|i| (i * 3 % 10) as f32).collect();
+            b.insert(node.name.clone(), Tensor::from_shape_vec(node.shape.concrete(batch), labels).unwrap());
+        }
     }
     b
 }
@@ -134,7 +131,7 @@ fn with_threads<T: Send>(threads: usize, f: impl FnOnce() -> T + Send) -> T {
 
 #[test]
 fn results_are_bit_identical_for_any_thread_count() {
-    let g = zoo::build_with("resnet18", ZooOptions { input_hw: Some([40, 40]), classes: Some(10) }).unwrap();
+    let g = small_model("resnet18", 40);
     let train = autodiff::training_graph(&g, 0.0).unwrap();
     let b = bindings(&train.graph, 4);
     let run = || reference::run_outputs(&train.graph, &b, TRAIN).unwrap();
@@ -152,7 +149,7 @@ fn results_are_bit_identical_for_any_thread_count() {
 
 #[test]
 fn inference_uses_moving_statistics_and_training_updates_them() {
-    let g = zoo::build_with("resnet18", ZooOptions { input_hw: Some([32, 32]), classes: Some(10) }).unwrap();
+    let g = small_model("resnet18", 32);
     let mut b = bindings(&g, 2);
     let (infer, no_updates) = reference::run_outputs(&g, &b, RunOptions::default()).unwrap();
     assert!(no_updates.is_empty());

@@ -13,64 +13,24 @@ use systolic_compiler::{Tensor, TensorMap};
 const INFER: RunOptions = RunOptions { mode: Mode::Inference, step: 0 };
 const TRAIN: RunOptions = RunOptions { mode: Mode::Training, step: 3 };
 
+/// A parameter the test binds (its initialiser is never used).
 fn param(g: &mut Graph, name: &str, shape: &[usize]) -> NodeId {
-    g.add(name, Op::Parameter(Parameter { shape: shape.to_vec(), init: Init::Zeros, trainable: true }), &[]).unwrap()
+    parameter(g, name, shape, Init::Zeros).unwrap()
 }
 
-#[derive(Debug, Clone)]
-struct ConvParams {
-    n: usize,
-    hw: [usize; 2],
-    cg: usize,
-    groups: usize,
-    cog: usize,
-    k: [usize; 2],
-    strides: [usize; 2],
-    dilation: [usize; 2],
-    padding: Padding,
-    bias: bool,
-}
-
-fn conv_params() -> impl Strategy<Value = ConvParams> {
-    (
-        (1usize..3, 1usize..9, 1usize..9),
-        (1usize..4, 1usize..4, 1usize..4),
-        (1usize..4, 1usize..4),
-        (1usize..3, 1usize..3, 1usize..3, 1usize..3),
-        padding_strategy(2),
-        any::<bool>(),
-    )
-        .prop_map(|((n, h, w), (cg, groups, cog), (kh, kw), (sh, sw, dh, dw), padding, bias)| ConvParams {
-            n,
-            hw: [h, w],
-            cg,
-            groups,
-            cog,
-            k: [kh, kw],
-            strides: [sh, sw],
-            dilation: [dh, dw],
-            padding,
-            bias,
-        })
+fn conv_cases() -> impl Strategy<Value = ConvParams> {
+    conv_params(ConvRanges { hw: 1..9, cg: 1..4, strides: 1..3 })
 }
 
 /// A graph `x -> conv(x, k, b)`, or None when the case is not a valid convolution.
 fn conv_graph(p: &ConvParams) -> Option<(Graph, NodeId, TensorMap)> {
     let mut g = Graph::new("conv");
-    let c = p.cg * p.groups;
-    let co = p.cog * p.groups;
-    let x = g.input("x", &[p.hw[0], p.hw[1], c]).unwrap();
-    let k = param(&mut g, "k", &[p.k[0], p.k[1], p.cg, co]);
-    let mut inputs = vec![x, k];
-    if p.bias {
-        inputs.push(param(&mut g, "b", &[co]));
-    }
-    let conv = Conv2d { strides: p.strides, padding: p.padding, dilation: p.dilation, groups: p.groups };
-    let y = g.add("conv", Op::Conv2d(conv), &inputs).ok()?;
+    let x = g.input("x", &[p.hw[0], p.hw[1], p.channels()]).unwrap();
+    let y = add_conv(&mut g, "conv", ["k", "b"], Init::Zeros, x, p)?;
     let mut b = TensorMap::new();
-    b.insert("x".into(), rand_tensor(&[p.n, p.hw[0], p.hw[1], c], 1));
-    b.insert("k".into(), rand_tensor(&[p.k[0], p.k[1], p.cg, co], 2));
-    b.insert("b".into(), rand_tensor(&[co], 3));
+    b.insert("x".into(), rand_tensor(&[p.n, p.hw[0], p.hw[1], p.channels()], 1));
+    b.insert("k".into(), rand_tensor(&p.kernel_shape(), 2));
+    b.insert("b".into(), rand_tensor(&[p.filters()], 3));
     Some((g, y, b))
 }
 
@@ -78,15 +38,14 @@ proptest! {
     #![proptest_config(config(64))]
 
     #[test]
-    fn conv_forward_matches_naive(p in conv_params()) {
+    fn conv_forward_matches_naive(p in conv_cases()) {
         let Some((g, y, b)) = conv_graph(&p) else { return Ok(()) };
-        let case = ConvCase { strides: p.strides, dilation: p.dilation, groups: p.groups, padding: p.padding };
-        let want = naive_conv(&b["x"], &b["k"], p.bias.then(|| &b["b"]), &case);
+        let want = naive_conv(&b["x"], &b["k"], p.bias.then(|| &b["b"]), &p.case());
         assert_close(&eval(&g, y, &b, INFER), &want, 1e-5, 1e-5, "conv");
     }
 
     #[test]
-    fn conv_gradients_match_finite_differences(p in conv_params()) {
+    fn conv_gradients_match_finite_differences(p in conv_cases()) {
         let Some((g, y, b)) = conv_graph(&p) else { return Ok(()) };
         let wrt: &[&str] = if p.bias { &["x", "k", "b"] } else { &["x", "k"] };
         check_gradients(&g, y, &b, wrt, INFER, 1e-2, 16);
@@ -111,8 +70,7 @@ fn one_by_one_convolution_padded_after_matches_naive() {
             bias: true,
         };
         let (g, y, b) = conv_graph(&p).unwrap();
-        let case = ConvCase { strides: p.strides, dilation: p.dilation, groups: p.groups, padding: p.padding };
-        let want = naive_conv(&b["x"], &b["k"], Some(&b["b"]), &case);
+        let want = naive_conv(&b["x"], &b["k"], Some(&b["b"]), &p.case());
         assert_eq!(want.shape(), &[2, 2 + bottom, 3 + right, 3]);
         assert_close(&eval(&g, y, &b, INFER), &want, 1e-5, 1e-5, "padded 1x1 conv");
     }
@@ -163,20 +121,8 @@ proptest! {
         b.insert("k".into(), rand_tensor(&[din, dout], 2));
         b.insert("b".into(), rand_tensor(&[dout], 3));
         let got = eval(&g, y, &b, INFER);
-        let flat = b["x"].len() / din;
-        let mut want = vec![0f64; flat * dout];
-        for r in 0..flat {
-            for o in 0..dout {
-                let mut acc = if bias { b["b"][[o]] as f64 } else { 0.0 };
-                for i in 0..din {
-                    acc += b["x"].as_slice().unwrap()[r * din + i] as f64 * b["k"][[i, o]] as f64;
-                }
-                want[r * dout + o] = acc;
-            }
-        }
-        let mut out_shape = shape.clone();
-        *out_shape.last_mut().unwrap() = dout;
-        assert_close(&got, &ArrayD::from_shape_vec(IxDyn(&out_shape), want).unwrap(), 1e-5, 1e-5, "dense");
+        let want = naive_dense(&b["x"], &b["k"], bias.then(|| &b["b"]));
+        assert_close(&got, &want, 1e-5, 1e-5, "dense");
         let wrt: &[&str] = if bias { &["x", "k", "b"] } else { &["x", "k"] };
         check_gradients(&g, y, &b, wrt, INFER, 1e-2, 16);
     }
@@ -201,12 +147,7 @@ proptest! {
         assert_close(&ev.take(y).unwrap(), &want, 1e-5, 1e-5, "batch norm");
         if train {
             // Moving statistics: momentum-weighted with the batch mean and unbiased variance.
-            let xs = &b["x"];
-            let m = xs.len() / c;
-            for ch in 0..c {
-                let vals: Vec<f64> = xs.iter().skip(ch).step_by(c).map(|&v| v as f64).collect();
-                let mean = vals.iter().sum::<f64>() / m as f64;
-                let var = vals.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (m as f64 - 1.0);
+            for (ch, (mean, var)) in naive_moments(&b["x"]).into_iter().enumerate() {
                 let want_mean = 0.9 * b["bn/moving_mean"][[ch]] as f64 + 0.1 * mean;
                 let want_var = 0.9 * b["bn/moving_variance"][[ch]] as f64 + 0.1 * var;
                 prop_assert!((ev.updates["bn/moving_mean"][[ch]] as f64 - want_mean).abs() < 1e-6);
@@ -244,16 +185,7 @@ proptest! {
                 "relu" => av.mapv(|v| v.max(0.0)),
                 "relu6" => bv.mapv(|v| v.clamp(0.0, 6.0)),
                 "bias_add" => &av + &f64s(&b["bias"]),
-                _ => {
-                    let mut s = av.clone();
-                    for mut row in s.rows_mut() {
-                        let m = row.fold(f64::NEG_INFINITY, |a, &b| a.max(b));
-                        row.mapv_inplace(|v| (v - m).exp());
-                        let sum = row.sum();
-                        row.mapv_inplace(|v| v / sum);
-                    }
-                    s
-                }
+                _ => naive_softmax(&av),
             };
             assert_close(&eval(&g, *id, &b, INFER), &want, 1e-5, 1e-5, name);
             let wrt: &[&str] = match *name {
@@ -301,19 +233,8 @@ proptest! {
         let loss = g.softmax_cross_entropy("loss", z, y, smoothing).unwrap();
         let mut b = TensorMap::new();
         b.insert("z".into(), rand_tensor(&[n, classes], 1) * 3.0);
-        let labels: Vec<f32> = (0..n).map(|i| ((i * 7 + 3) % classes) as f32).collect();
-        b.insert("y".into(), Tensor::from_shape_vec(vec![n], labels.clone()).unwrap());
-        let zs = f64s(&b["z"]);
-        let mut want = 0.0;
-        for (r, row) in zs.rows().into_iter().enumerate() {
-            let m = row.fold(f64::NEG_INFINITY, |a, &b| a.max(b));
-            let lse = m + row.mapv(|v| (v - m).exp()).sum().ln();
-            for (k, &v) in row.iter().enumerate() {
-                let q = if k == labels[r] as usize { 1.0 - smoothing as f64 } else { 0.0 } + smoothing as f64 / classes as f64;
-                want += q * (lse - v);
-            }
-        }
-        want /= n as f64;
+        b.insert("y".into(), labels(n, classes));
+        let want = naive_cross_entropy(&b["z"], &b["y"], smoothing);
         let got = eval(&g, loss, &b, INFER);
         prop_assert!(got.ndim() == 0);
         prop_assert!((got.first().copied().unwrap() as f64 - want).abs() < 1e-5 * want.abs().max(1.0));
@@ -356,8 +277,7 @@ fn depthwise_with_multiplier_matches_naive() {
         bias: true,
     };
     let (g, y, b) = conv_graph(&p).unwrap();
-    let case = ConvCase { strides: p.strides, dilation: p.dilation, groups: p.groups, padding: p.padding };
-    let want = naive_conv(&b["x"], &b["k"], Some(&b["b"]), &case);
+    let want = naive_conv(&b["x"], &b["k"], Some(&b["b"]), &p.case());
     assert_close(&eval(&g, y, &b, INFER), &want, 1e-5, 1e-5, "depthwise");
     check_gradients(&g, y, &b, &["x", "k", "b"], INFER, 1e-2, 64);
 }
@@ -379,8 +299,7 @@ fn large_convolutions_take_the_blocked_paths() {
             bias: false,
         };
         let (g, y, b) = conv_graph(&p).unwrap();
-        let case = ConvCase { strides: p.strides, dilation: p.dilation, groups: 1, padding: p.padding };
-        assert_close(&eval(&g, y, &b, INFER), &naive_conv(&b["x"], &b["k"], None, &case), 1e-4, 1e-4, "conv");
+        assert_close(&eval(&g, y, &b, INFER), &naive_conv(&b["x"], &b["k"], None, &p.case()), 1e-4, 1e-4, "conv");
         check_gradients(&g, y, &b, &["x", "k"], INFER, 1e-2, 24);
     }
 }

@@ -121,9 +121,9 @@ impl Functional {
         Ok(())
     }
 
-    fn execute(&mut self, op: &Op) -> std::result::Result<(), String> {
+    fn execute(&mut self, op: &Operation) -> std::result::Result<(), String> {
         match *op {
-            Op::Dma { src, dst, repeat, .. } => {
+            Operation::Dma { src, dst, repeat, .. } => {
                 let (count, src_step, dst_step) =
                     repeat.map_or((1, 0, 0), |r| (r.count as u64, r.src_step, r.dst_step));
                 for i in 0..count {
@@ -133,7 +133,7 @@ impl Functional {
                     self.memory(d.space).write(&d, &v);
                 }
             }
-            Op::MatMul { lhs, rhs, out, accumulate, precision, .. } => {
+            Operation::MatMul { lhs, rhs, out, accumulate, precision, .. } => {
                 let a = self.vmem.read(&lhs);
                 let b = self.vmem.read(&rhs);
                 let mut c = if accumulate { self.vmem.read(&out) } else { vec![0.0; out.elements() as usize] };
@@ -141,17 +141,17 @@ impl Functional {
                 matmul(Matrix::new(&a, m, k), Matrix::new(&b, k, n), &mut c, n, self.machine.core.mxu.rows, precision);
                 self.vmem.write(&out, &c);
             }
-            Op::Unary { op, src, dst } => {
+            Operation::Unary { op, src, dst } => {
                 let v: Vec<f32> = self.vmem.read(&src).into_iter().map(|x| unary(op, x)).collect();
                 self.vmem.write(&dst, &v);
             }
-            Op::Binary { op, a, b, dst } => {
+            Operation::Binary { op, a, b, dst } => {
                 let (av, bv) = (self.vmem.read(&a), self.vmem.read(&b));
                 let pick = broadcast_index(&a, &b);
                 let v: Vec<f32> = av.iter().enumerate().map(|(i, &x)| binary(op, x, bv[pick(i)])).collect();
                 self.vmem.write(&dst, &v);
             }
-            Op::MulAdd { a, b, acc } => {
+            Operation::MulAdd { a, b, acc } => {
                 let (av, bv, mut cv) = (self.vmem.read(&a), self.vmem.read(&b), self.vmem.read(&acc));
                 let pick = broadcast_index(&a, &b);
                 for (i, c) in cv.iter_mut().enumerate() {
@@ -159,10 +159,10 @@ impl Functional {
                 }
                 self.vmem.write(&acc, &cv);
             }
-            Op::Fill { dst, value } => {
+            Operation::Fill { dst, value } => {
                 self.vmem.write(&dst, &vec![value; dst.elements() as usize]);
             }
-            Op::Reduce { op, axis, src, dst } => {
+            Operation::Reduce { op, axis, src, dst } => {
                 let v = self.vmem.read(&src);
                 let (rows, cols) = (src.rows as usize, src.cols as usize);
                 let init = match op {
@@ -183,25 +183,25 @@ impl Functional {
                 };
                 self.vmem.write(&dst, &out);
             }
-            Op::Pool { op, shape, src, dst } => {
+            Operation::Pool { op, shape, src, dst } => {
                 let v = self.vmem.read(&src);
                 let out = pool(op, &shape, &v, src.cols as usize);
                 self.vmem.write(&dst, &out);
             }
-            Op::PoolGrad { op, shape, x, dy, dst } => {
+            Operation::PoolGrad { op, shape, x, dy, dst } => {
                 let d = self.vmem.read(&dy);
                 let xv = x.map(|x| self.vmem.read(&x));
                 let out = pool_grad(op, &shape, xv.as_deref(), &d, dst.cols as usize);
                 self.vmem.write(&dst, &out);
             }
-            Op::Transpose { src, dst } => {
+            Operation::Transpose { src, dst } => {
                 let v = self.vmem.read(&src);
                 let (rows, cols) = (src.rows as usize, src.cols as usize);
                 let t: Vec<f32> =
                     (0..cols).flat_map(|c| (0..rows).map(move |r| (r, c))).map(|(r, c)| v[r * cols + c]).collect();
                 self.vmem.write(&dst, &t);
             }
-            Op::Dropout { seed, rate, step, counter, src, dst } => {
+            Operation::Dropout { seed, rate, step, counter, src, dst } => {
                 let s = self.vmem.read(&step)[0];
                 if !(s >= 0.0 && s.fract() == 0.0 && s < (1u32 << 24) as f32) {
                     return Err(format!(
@@ -222,15 +222,15 @@ impl Functional {
                     .collect();
                 self.vmem.write(&dst, &v);
             }
-            Op::Barrier => {}
-            Op::AllReduce { replicas, .. } => {
+            Operation::Barrier => {}
+            Operation::AllReduce { replicas, .. } => {
                 if replicas > 1 {
                     return Err(format!(
                         "an all-reduce over {replicas} replicas needs the pod simulator; one core runs alone"
                     ));
                 }
             }
-            Op::Infeed { .. } | Op::Outfeed { .. } => {
+            Operation::Infeed { .. } | Operation::Outfeed { .. } => {
                 return Err("infeed and outfeed exchange data with a host; run them through the pod simulator".into());
             }
         }
@@ -302,7 +302,7 @@ fn window_taps(s: &PoolShape, oh: i64, ow: i64) -> (std::ops::Range<i64>, std::o
     (h0.max(0)..(h0 + s.window[0] as i64).min(h), w0.max(0)..(w0 + s.window[1] as i64).min(w))
 }
 
-/// The pooling gradient (see [`Op::PoolGrad`]): windows in order, channels independent.
+/// The pooling gradient (see [`Operation::PoolGrad`]): windows in order, channels independent.
 fn pool_grad(op: PoolOp, s: &PoolShape, x: Option<&[f32]>, dy: &[f32], c: usize) -> Vec<f32> {
     let (h, w) = (s.h as i64, s.w as i64);
     let img = (h * w) as usize * c;

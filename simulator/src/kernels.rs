@@ -56,7 +56,7 @@ pub fn matmul(machine: &Machine, m: usize, k: usize, n: usize, precision: Precis
         let c0 = first * cols;
         let width = (per_mxu * cols).min(n - c0);
         program.push(
-            Op::MatMul {
+            Operation::MatMul {
                 mxu: x as u8,
                 lhs: a,
                 rhs: b.columns(c0, width),

@@ -74,14 +74,16 @@ fn vregs(machine: &Machine, t: &Tile) -> u64 {
 }
 
 /// Cycles of a vector-unit instruction (the compiler's estimate uses the same model).
-pub fn vpu_cycles(machine: &Machine, op: &Op) -> u64 {
+pub fn vpu_cycles(machine: &Machine, op: &Operation) -> u64 {
     let alus = machine.core.vpu.alus as u64;
     let ops = |n: u64| n.div_ceil(alus).max(1);
     match op {
-        Op::Unary { dst, .. } | Op::Binary { dst, .. } | Op::Fill { dst, .. } => ops(vregs(machine, dst)),
+        Operation::Unary { dst, .. } | Operation::Binary { dst, .. } | Operation::Fill { dst, .. } => {
+            ops(vregs(machine, dst))
+        }
         // A multiply and an add per register.
-        Op::MulAdd { acc, .. } => ops(2 * vregs(machine, acc)),
-        Op::Reduce { axis, src, .. } => {
+        Operation::MulAdd { acc, .. } => ops(2 * vregs(machine, acc)),
+        Operation::Reduce { axis, src, .. } => {
             // Combine registers elementwise, then reduce across sublanes or lanes (log steps).
             let across = match axis {
                 Axis::Rows => machine.core.vpu.sublanes,
@@ -89,17 +91,17 @@ pub fn vpu_cycles(machine: &Machine, op: &Op) -> u64 {
             };
             ops(vregs(machine, src)) + (across as u64).next_power_of_two().trailing_zeros() as u64
         }
-        Op::Pool { shape, dst, .. } => ops(vregs(machine, dst) * (shape.window[0] * shape.window[1]) as u64),
+        Operation::Pool { shape, dst, .. } => ops(vregs(machine, dst) * (shape.window[0] * shape.window[1]) as u64),
         // Zero the result, then per window tap: a compare and select (max) or a scaled add
         // (average) of a register of dy into the result.
-        Op::PoolGrad { shape, dy, dst, x, .. } => {
+        Operation::PoolGrad { shape, dy, dst, x, .. } => {
             let per_tap = if x.is_some() { 2 } else { 1 };
             ops(vregs(machine, dst) + per_tap * vregs(machine, dy) * (shape.window[0] * shape.window[1]) as u64)
         }
         // One register through the transpose unit per cycle.
-        Op::Transpose { src, .. } => vregs(machine, src).max(1),
+        Operation::Transpose { src, .. } => vregs(machine, src).max(1),
         // The counter hash in 32-bit lane operations (see `rng::DROPOUT_LANE_OPS`).
-        Op::Dropout { dst, .. } => ops(vregs(machine, dst) * crate::rng::DROPOUT_LANE_OPS),
+        Operation::Dropout { dst, .. } => ops(vregs(machine, dst) * crate::rng::DROPOUT_LANE_OPS),
         _ => 1,
     }
 }
@@ -138,7 +140,7 @@ impl Engine<'_> {
         let m = self.machine;
         let op = &self.program.instrs[i].op;
         let (start, end) = match *op {
-            Op::Dma { src, dst, repeat, .. } => {
+            Operation::Dma { src, dst, repeat, .. } => {
                 let bytes = src.bytes() * repeat.map_or(1, |r| r.count as u64);
                 // Bytes crossing the HBM port: read, written, or both for an HBM-to-HBM copy.
                 let port_bytes = bytes * ((src.space == Space::Hbm) as u64 + (dst.space == Space::Hbm) as u64);
@@ -153,7 +155,7 @@ impl Engine<'_> {
                 }
                 (at, end)
             }
-            Op::MatMul { mxu, lhs, rhs, out, precision, .. } => {
+            Operation::MatMul { mxu, lhs, rhs, out, precision, .. } => {
                 let x = mxu as usize;
                 // Interlock: wait for earlier matmuls on this MXU whose results this one reads.
                 // Entries retired before the next weight load can begin can never delay anything.
@@ -173,17 +175,17 @@ impl Engine<'_> {
                 self.recent[x].push_back((out, end));
                 (first, end)
             }
-            Op::Unary { .. }
-            | Op::Binary { .. }
-            | Op::MulAdd { .. }
-            | Op::Fill { .. }
-            | Op::Reduce { .. }
-            | Op::Pool { .. }
-            | Op::PoolGrad { .. }
-            | Op::Transpose { .. }
-            | Op::Dropout { .. } => (at, at + vpu_cycles(m, op)),
-            Op::Barrier => (at, at + 1),
-            Op::AllReduce { replicas, .. } => {
+            Operation::Unary { .. }
+            | Operation::Binary { .. }
+            | Operation::MulAdd { .. }
+            | Operation::Fill { .. }
+            | Operation::Reduce { .. }
+            | Operation::Pool { .. }
+            | Operation::PoolGrad { .. }
+            | Operation::Transpose { .. }
+            | Operation::Dropout { .. } => (at, at + vpu_cycles(m, op)),
+            Operation::Barrier => (at, at + 1),
+            Operation::AllReduce { replicas, .. } => {
                 if replicas > 1 {
                     return Err(Error::Program {
                         index: i,
@@ -195,16 +197,16 @@ impl Engine<'_> {
                 }
                 (at, at)
             }
-            Op::Infeed { dst: t } | Op::Outfeed { src: t } => {
+            Operation::Infeed { dst: t } | Operation::Outfeed { src: t } => {
                 let per_core = m.host.pcie_bytes_per_second / m.chip.cores as f64;
                 let cycles = (t.bytes() as f64 / per_core * m.core.clock_hz).ceil() as u64;
                 (at, at + cycles)
             }
         };
-        if !matches!(op, Op::MatMul { .. }) {
+        if !matches!(op, Operation::MatMul { .. }) {
             self.busy[u] += end - start;
         }
-        self.unit_free[u] = if matches!(op, Op::MatMul { .. }) { start } else { end };
+        self.unit_free[u] = if matches!(op, Operation::MatMul { .. }) { start } else { end };
         self.count[u] += 1;
         Ok((start, end))
     }

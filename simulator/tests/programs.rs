@@ -98,17 +98,17 @@ fn machines_round_trip_through_ron_files() {
 fn out_of_bounds_and_over_capacity_tiles_are_rejected() {
     let m = v2();
     let mut p = Program::new("big");
-    p.push(Op::Unary { op: UnaryOp::Relu, src: vmem(0, 2049, 2048), dst: vmem(0, 2049, 2048) }, &[]);
+    p.push(Operation::Unary { op: UnaryOp::Relu, src: vmem(0, 2049, 2048), dst: vmem(0, 2049, 2048) }, &[]);
     let e = program_error(&p, &m);
     assert!(e.contains("instruction 0 (unary)") && e.contains("VMEM holds 16777216 bytes"), "{e}");
 
     let mut p = Program::new("hbm");
     let far = m.core.hbm.bytes - 64;
-    p.push(Op::dma(0, hbm(far, 1, 32), vmem(0, 1, 32)), &[]);
+    p.push(Operation::dma(0, hbm(far, 1, 32), vmem(0, 1, 32)), &[]);
     assert!(program_error(&p, &m).contains("HBM holds"));
 
     let mut p = Program::new("misaligned");
-    p.push(Op::dma(0, hbm(2, 1, 4), vmem(0, 1, 4)), &[]);
+    p.push(Operation::dma(0, hbm(2, 1, 4), vmem(0, 1, 4)), &[]);
     assert!(program_error(&p, &m).contains("not a multiple of its element size"));
 }
 
@@ -117,7 +117,7 @@ fn shapes_units_and_dependencies_are_checked() {
     let m = v2();
     let mut p = Program::new("shape");
     p.push(
-        Op::MatMul {
+        Operation::MatMul {
             mxu: 0,
             lhs: vmem(0, 8, 16),
             rhs: vmem(4096, 17, 8),
@@ -131,7 +131,7 @@ fn shapes_units_and_dependencies_are_checked() {
 
     let mut p = Program::new("unit");
     p.push(
-        Op::MatMul {
+        Operation::MatMul {
             mxu: 1,
             lhs: vmem(0, 8, 16),
             rhs: vmem(4096, 16, 8),
@@ -145,7 +145,7 @@ fn shapes_units_and_dependencies_are_checked() {
 
     let mut p = Program::new("overlap");
     p.push(
-        Op::MatMul {
+        Operation::MatMul {
             mxu: 0,
             lhs: vmem(0, 8, 16),
             rhs: vmem(4096, 16, 8),
@@ -158,8 +158,8 @@ fn shapes_units_and_dependencies_are_checked() {
     assert!(program_error(&p, &m).contains("out and lhs"));
 
     let mut p = Program::new("deps");
-    p.push(Op::Barrier, &[1]);
-    p.push(Op::Barrier, &[]);
+    p.push(Operation::Barrier, &[1]);
+    p.push(Operation::Barrier, &[]);
     assert!(program_error(&p, &m).contains("depends on instruction 1, which is not earlier"));
 }
 
@@ -168,10 +168,10 @@ fn races_are_found_and_dependencies_remove_them() {
     let m = v2();
     let racy = |deps: &[u32], engine: u8| {
         let mut p = Program::new("race");
-        p.push(Op::dma(0, hbm(0, 16, 16), vmem(0, 16, 16)), &[]);
+        p.push(Operation::dma(0, hbm(0, 16, 16), vmem(0, 16, 16)), &[]);
         // Reads part of what instruction 0 writes, on another unit.
-        p.push(Op::Unary { op: UnaryOp::Relu, src: vmem(256, 4, 16), dst: vmem(4096, 4, 16) }, deps);
-        p.push(Op::dma(engine, vmem(4096, 4, 16), hbm(8192, 4, 16)), &[]);
+        p.push(Operation::Unary { op: UnaryOp::Relu, src: vmem(256, 4, 16), dst: vmem(4096, 4, 16) }, deps);
+        p.push(Operation::dma(engine, vmem(4096, 4, 16), hbm(8192, 4, 16)), &[]);
         p
     };
     let e = program_error(&racy(&[], 0), &m);
@@ -188,10 +188,10 @@ fn races_are_found_and_dependencies_remove_them() {
     // Interleaved column blocks of one matrix do not overlap; the same block does.
     let c = vmem(0, 64, 256);
     let mut p = Program::new("columns");
-    p.push(Op::Unary { op: UnaryOp::Copy, src: vmem(1 << 20, 64, 128), dst: c.columns(0, 128) }, &[]);
-    p.push(Op::dma(0, vmem(1 << 21, 64, 128), c.columns(128, 128)), &[]);
+    p.push(Operation::Unary { op: UnaryOp::Copy, src: vmem(1 << 20, 64, 128), dst: c.columns(0, 128) }, &[]);
+    p.push(Operation::dma(0, vmem(1 << 21, 64, 128), c.columns(128, 128)), &[]);
     p.validate(&m).unwrap();
-    p.push(Op::dma(1, vmem(1 << 22, 64, 128), c.columns(64, 128)), &[]);
+    p.push(Operation::dma(1, vmem(1 << 22, 64, 128), c.columns(64, 128)), &[]);
     assert!(program_error(&p, &m).contains("instruction 2 (dma): writes"));
 }
 
@@ -222,7 +222,7 @@ fn the_race_check_agrees_with_brute_force_on_random_programs() {
         let n = if long { 300 } else { 2 + next(14) as usize };
         for i in 0..n {
             if long && i % 60 == 59 {
-                p.push(Op::Barrier, &(0..i as u32).collect::<Vec<_>>());
+                p.push(Operation::Barrier, &(0..i as u32).collect::<Vec<_>>());
                 continue;
             }
             let (rows, cols) = (1 + next(6) as u32, 1 + next(8) as u32);
@@ -238,9 +238,9 @@ fn the_race_check_agrees_with_brute_force_on_random_programs() {
             // Reads may overlap their own rows (sliding windows).
             let src = tile(128 + next(96) * (next(2)), (cols + next(4) as u32).saturating_sub(1));
             let op = match next(4) {
-                0 => Op::Fill { dst, value: 0.0 },
-                1 => Op::Unary { op: UnaryOp::Copy, src, dst },
-                _ => Op::dma(next(4) as u8, src, dst),
+                0 => Operation::Fill { dst, value: 0.0 },
+                1 => Operation::Unary { op: UnaryOp::Copy, src, dst },
+                _ => Operation::dma(next(4) as u8, src, dst),
             };
             // Long programs mostly chain each instruction to the one before, so their first race
             // (if any) comes late, after epochs and overwritten accesses have been dropped.
@@ -316,15 +316,17 @@ fn a_program_computes_what_its_instructions_say() {
     let (a_h, b_h, bias_h, out_h) = (hbm(0, rows, k), hbm(8192, k, n), hbm(16384, 1, n), hbm(32768, 1, n));
     let (a, b, bv) = (vmem(0, rows, k), vmem(8192, k, n), vmem(16384, 1, n));
     let (c, r, s) = (vmem(20480, rows, n), vmem(24576, rows, n), vmem(28672, 1, n));
-    let i0 = p.push(Op::dma(0, a_h, a), &[]);
-    let i1 = p.push(Op::dma(1, b_h, b), &[]);
-    let i2 = p.push(Op::dma(2, bias_h, bv), &[]);
-    let i3 =
-        p.push(Op::MatMul { mxu: 0, lhs: a, rhs: b, out: c, accumulate: false, precision: Precision::High }, &[i0, i1]);
-    let i4 = p.push(Op::Binary { op: BinaryOp::Add, a: c, b: bv, dst: r }, &[i2, i3]);
-    let i5 = p.push(Op::Unary { op: UnaryOp::Relu, src: r, dst: r }, &[i4]);
-    let i6 = p.push(Op::Reduce { op: ReduceOp::Sum, axis: Axis::Rows, src: r, dst: s }, &[i5]);
-    p.push(Op::dma(0, s, out_h), &[i6]);
+    let i0 = p.push(Operation::dma(0, a_h, a), &[]);
+    let i1 = p.push(Operation::dma(1, b_h, b), &[]);
+    let i2 = p.push(Operation::dma(2, bias_h, bv), &[]);
+    let i3 = p.push(
+        Operation::MatMul { mxu: 0, lhs: a, rhs: b, out: c, accumulate: false, precision: Precision::High },
+        &[i0, i1],
+    );
+    let i4 = p.push(Operation::Binary { op: BinaryOp::Add, a: c, b: bv, dst: r }, &[i2, i3]);
+    let i5 = p.push(Operation::Unary { op: UnaryOp::Relu, src: r, dst: r }, &[i4]);
+    let i6 = p.push(Operation::Reduce { op: ReduceOp::Sum, axis: Axis::Rows, src: r, dst: s }, &[i5]);
+    p.push(Operation::dma(0, s, out_h), &[i6]);
 
     let mut f = Functional::new(&m);
     f.write(a_h, &a_vals).unwrap();
@@ -349,9 +351,9 @@ fn pooling_transpose_and_bf16_storage() {
     let (t_src, t_dst) = (vmem(8192, 3, 7), vmem(12288, 7, 3));
     let half = Tile::new(Space::Vmem, 16384, 3, 7, DType::Bf16);
     let mut p = Program::new("misc");
-    p.push(Op::Pool { op: PoolOp::Max, shape, src, dst }, &[]);
-    p.push(Op::Transpose { src: t_src, dst: t_dst }, &[]);
-    p.push(Op::Unary { op: UnaryOp::Copy, src: t_src, dst: half }, &[]);
+    p.push(Operation::Pool { op: PoolOp::Max, shape, src, dst }, &[]);
+    p.push(Operation::Transpose { src: t_src, dst: t_dst }, &[]);
+    p.push(Operation::Unary { op: UnaryOp::Copy, src: t_src, dst: half }, &[]);
     let mut f = Functional::new(&m);
     f.write(src, &x).unwrap();
     let t = values(21, 4);
@@ -373,7 +375,7 @@ fn dropout_draws_the_shared_mask_for_the_step_and_checks_its_operands() {
     let (src, dst, step) = (vmem(0, 6, 40), vmem(4096, 6, 40), vmem(8192, 1, 1));
     let x = values(240, 3);
     let mut p = Program::new("dropout");
-    p.push(Op::Dropout { seed: 5, rate: 0.3, step, counter: 80, src, dst }, &[]);
+    p.push(Operation::Dropout { seed: 5, rate: 0.3, step, counter: 80, src, dst }, &[]);
     let mut f = Functional::new(&m);
     f.write(src, &x).unwrap();
     f.write(step, &[9.0]).unwrap();
@@ -394,10 +396,10 @@ fn dropout_draws_the_shared_mask_for_the_step_and_checks_its_operands() {
     let e = f.run(&p).unwrap_err().to_string();
     assert!(e.contains("whole number"), "{e}");
     let mut bad = Program::new("bad");
-    bad.push(Op::Dropout { seed: 5, rate: 1.0, step, counter: 0, src, dst }, &[]);
+    bad.push(Operation::Dropout { seed: 5, rate: 1.0, step, counter: 0, src, dst }, &[]);
     assert!(program_error(&bad, &m).contains("rate 1 must be in [0, 1)"));
     let mut bad = Program::new("bad");
-    bad.push(Op::Dropout { seed: 5, rate: 0.5, step: vmem(8192, 1, 2), counter: 0, src, dst }, &[]);
+    bad.push(Operation::Dropout { seed: 5, rate: 0.5, step: vmem(8192, 1, 2), counter: 0, src, dst }, &[]);
     assert!(program_error(&bad, &m).contains("must be one value"));
 }
 
@@ -408,8 +410,8 @@ fn dma_costs_latency_plus_bytes_over_bandwidth_and_shares_hbm() {
     let m = v2();
     let bytes = 64 * 1024 * 4;
     let mut p = Program::new("dma");
-    p.push(Op::dma(0, hbm(0, 64, 1024), vmem(0, 64, 1024)), &[]);
-    p.push(Op::dma(1, hbm(1 << 20, 64, 1024), vmem(1 << 20, 64, 1024)), &[]);
+    p.push(Operation::dma(0, hbm(0, 64, 1024), vmem(0, 64, 1024)), &[]);
+    p.push(Operation::dma(1, hbm(1 << 20, 64, 1024), vmem(1 << 20, 64, 1024)), &[]);
     let t = simulate(&m, &p, true).unwrap();
     let transfer = (bytes as f64 / m.core.hbm.bytes_per_cycle).ceil() as u64;
     let latency = m.core.dma.latency_cycles;
@@ -427,8 +429,8 @@ fn vector_work_is_counted_in_registers() {
     let m = v2();
     let mut p = Program::new("vpu");
     // 8 x 128 is one register; 9 x 129 needs 4 (two sublane groups x two lane groups).
-    p.push(Op::Unary { op: UnaryOp::Relu, src: vmem(0, 64, 1024), dst: vmem(0, 64, 1024) }, &[]);
-    p.push(Op::Unary { op: UnaryOp::Relu, src: vmem(1 << 20, 9, 129), dst: vmem(1 << 20, 9, 129) }, &[]);
+    p.push(Operation::Unary { op: UnaryOp::Relu, src: vmem(0, 64, 1024), dst: vmem(0, 64, 1024) }, &[]);
+    p.push(Operation::Unary { op: UnaryOp::Relu, src: vmem(1 << 20, 9, 129), dst: vmem(1 << 20, 9, 129) }, &[]);
     let t = simulate(&m, &p, false).unwrap();
     assert_eq!(t.finish[0], 64 / 2, "64 registers, 2 ALUs");
     assert_eq!(t.finish[1] - t.finish[0], 2);
@@ -441,7 +443,7 @@ fn matmul_time_is_the_mxu_pipeline_and_overlaps_independent_dma() {
     let mp = kernels::matmul(&m, mm, k, n, Precision::Default).unwrap();
     let mut p = mp.program.clone();
     // An unrelated transfer runs alongside the matmul.
-    p.push(Op::dma(0, hbm(0, 128, 128), vmem(8 << 20, 128, 128)), &[]);
+    p.push(Operation::dma(0, hbm(0, 128, 128), vmem(8 << 20, 128, 128)), &[]);
     let t = simulate(&m, &p, true).unwrap();
     let mut tl = Timeline::new(128, true);
     let want = tl.schedule_all(passes(mm, k, n, 128, 128, Precision::Default), 0);
@@ -453,7 +455,7 @@ fn matmul_time_is_the_mxu_pipeline_and_overlaps_independent_dma() {
 
     // Dependencies order units: the same DMA after the matmul starts when it ends.
     let mut q = mp.program.clone();
-    q.push(Op::dma(0, mp.c.columns(0, 128).rows(0, 64), hbm(0, 64, 128)), &[0]);
+    q.push(Operation::dma(0, mp.c.columns(0, 128).rows(0, 64), hbm(0, 64, 128)), &[0]);
     let t = simulate(&m, &q, false).unwrap();
     assert!(t.finish[1] >= want + m.core.dma.latency_cycles);
 }
@@ -474,14 +476,14 @@ fn an_mxu_waits_for_its_own_results_before_reading_them() {
     let m = v2();
     let mut p = Program::new("chain");
     let (a, b, c, d) = (vmem(0, 128, 128), vmem(65536, 128, 128), vmem(131072, 128, 128), vmem(196608, 128, 128));
-    p.push(Op::MatMul { mxu: 0, lhs: a, rhs: b, out: c, accumulate: false, precision: Precision::Default }, &[]);
-    p.push(Op::MatMul { mxu: 0, lhs: c, rhs: b, out: d, accumulate: false, precision: Precision::Default }, &[]);
+    p.push(Operation::MatMul { mxu: 0, lhs: a, rhs: b, out: c, accumulate: false, precision: Precision::Default }, &[]);
+    p.push(Operation::MatMul { mxu: 0, lhs: c, rhs: b, out: d, accumulate: false, precision: Precision::Default }, &[]);
     let t = simulate(&m, &p, true).unwrap();
     assert!(t.spans[1].start >= t.finish[0], "{:?}", t.spans);
     // Independent matmuls pipeline instead.
     let mut q = Program::new("pipelined");
-    q.push(Op::MatMul { mxu: 0, lhs: a, rhs: b, out: c, accumulate: false, precision: Precision::Default }, &[]);
-    q.push(Op::MatMul { mxu: 0, lhs: a, rhs: b, out: d, accumulate: false, precision: Precision::Default }, &[]);
+    q.push(Operation::MatMul { mxu: 0, lhs: a, rhs: b, out: c, accumulate: false, precision: Precision::Default }, &[]);
+    q.push(Operation::MatMul { mxu: 0, lhs: a, rhs: b, out: d, accumulate: false, precision: Precision::Default }, &[]);
     let u = simulate(&m, &q, true).unwrap();
     assert!(u.spans[1].start < u.finish[0]);
     assert!(u.report.cycles < t.report.cycles);
@@ -492,7 +494,7 @@ fn timing_is_deterministic_and_traces_have_a_track_per_unit() {
     let m = presets::preset("v4-8").unwrap();
     let mp = kernels::matmul(&m, 128, 640, 1000, Precision::High).unwrap();
     let mut p = mp.program.clone();
-    p.push(Op::dma(1, mp.c, Tile::new(Space::Hbm, 0, 128, 1000, DType::F32)), &[0, 1, 2, 3]);
+    p.push(Operation::dma(1, mp.c, Tile::new(Space::Hbm, 0, 128, 1000, DType::F32)), &[0, 1, 2, 3]);
     let a = simulate(&m, &p, true).unwrap();
     let b = simulate(&m, &p, true).unwrap();
     assert_eq!(a.finish, b.finish);
@@ -513,17 +515,22 @@ fn repeated_dma_fill_muladd_and_column_broadcast() {
     let img = hbm(0, 3, 4);
     let staging = vmem(0, 5, 6);
     let mut p = Program::new("stage");
-    let fill = p.push(Op::Fill { dst: staging, value: 0.0 }, &[]);
+    let fill = p.push(Operation::Fill { dst: staging, value: 0.0 }, &[]);
     let row_in = Tile { rows: 1, ..img };
     let row_out = Tile { offset: staging.offset + (6 + 1) * 4, rows: 1, cols: 4, stride: 4, ..staging };
     let copy = p.push(
-        Op::Dma { engine: 0, src: row_in, dst: row_out, repeat: Some(Repeat { count: 3, src_step: 16, dst_step: 24 }) },
+        Operation::Dma {
+            engine: 0,
+            src: row_in,
+            dst: row_out,
+            repeat: Some(Repeat { count: 3, src_step: 16, dst_step: 24 }),
+        },
         &[fill],
     );
     let (a, col, acc) = (vmem(4096, 2, 3), vmem(8192, 2, 1), vmem(12288, 2, 3));
-    let f = p.push(Op::Fill { dst: acc, value: 1.0 }, &[]);
-    p.push(Op::MulAdd { a, b: col, acc }, &[f]);
-    p.push(Op::Binary { op: BinaryOp::Sub, a, b: col, dst: vmem(16384, 2, 3) }, &[]);
+    let f = p.push(Operation::Fill { dst: acc, value: 1.0 }, &[]);
+    p.push(Operation::MulAdd { a, b: col, acc }, &[f]);
+    p.push(Operation::Binary { op: BinaryOp::Sub, a, b: col, dst: vmem(16384, 2, 3) }, &[]);
     let mut func = Functional::new(&m);
     let pixels: Vec<f32> = (1..=12).map(|v| v as f32).collect();
     func.write(img, &pixels).unwrap();
@@ -549,7 +556,7 @@ fn repeated_dma_fill_muladd_and_column_broadcast() {
         m.core.dma.latency_cycles + (48.0 / m.core.hbm.bytes_per_cycle).ceil() as u64
     );
     // Each repetition is checked for races: a second writer of row 2 of the band is caught.
-    p.push(Op::dma(1, hbm(4096, 1, 4), Tile { offset: row_out.offset + 2 * 24, ..row_out }), &[]);
+    p.push(Operation::dma(1, hbm(4096, 1, 4), Tile { offset: row_out.offset + 2 * 24, ..row_out }), &[]);
     let e = program_error(&p, &m);
     assert!(e.contains("instruction 5 (dma): writes") && e.contains("neither waits"), "{e}");
 }
@@ -575,7 +582,7 @@ fn overrides_apply_together_and_units_are_bounded() {
 fn hbm_to_hbm_copies_cross_the_port_twice() {
     let m = v2();
     let mut p = Program::new("copy");
-    p.push(Op::dma(0, hbm(0, 64, 1024), hbm(1 << 20, 64, 1024)), &[]);
+    p.push(Operation::dma(0, hbm(0, 64, 1024), hbm(1 << 20, 64, 1024)), &[]);
     let t = simulate(&m, &p, false).unwrap();
     let bytes = 64 * 1024 * 4;
     assert_eq!(t.report.hbm_bytes, 2 * bytes);
@@ -593,9 +600,9 @@ fn matmuls_retire_in_order_so_unit_order_is_completion_order() {
     let mut p = Program::new("retire");
     let (a, b, c) = (vmem(0, 128, 128), vmem(65536, 128, 128), vmem(131072, 128, 128));
     let (x, y, z) = (vmem(262144, 1, 1), vmem(262160, 1, 1), vmem(262176, 1, 1));
-    p.push(Op::MatMul { mxu: 0, lhs: a, rhs: b, out: c, accumulate: false, precision: Precision::Default }, &[]);
-    p.push(Op::MatMul { mxu: 0, lhs: x, rhs: y, out: z, accumulate: false, precision: Precision::Default }, &[]);
-    p.push(Op::dma(0, c, hbm(0, 128, 128)), &[1]);
+    p.push(Operation::MatMul { mxu: 0, lhs: a, rhs: b, out: c, accumulate: false, precision: Precision::Default }, &[]);
+    p.push(Operation::MatMul { mxu: 0, lhs: x, rhs: y, out: z, accumulate: false, precision: Precision::Default }, &[]);
+    p.push(Operation::dma(0, c, hbm(0, 128, 128)), &[1]);
     let t = simulate(&m, &p, true).unwrap();
     assert!(t.finish[1] >= t.finish[0]);
     assert!(t.spans[2].start >= t.finish[0]);

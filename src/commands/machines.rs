@@ -1,8 +1,10 @@
-//! `systolic machines`: the machine presets, or one machine in full with its sources.
+//! `systolic machines`: the machine presets, or one machine in full with its sources, or
+//! (`--ron`) one machine as a file to edit and load with `--machine FILE.ron`.
 
 use anyhow::Result;
 use serde::Serialize;
-use systolic::simulator::config::presets;
+use systolic::simulator::Machine;
+use systolic::simulator::config::{FIELDS, presets};
 
 use crate::table::{Table, si, thousands};
 
@@ -14,8 +16,12 @@ pub struct Args {
     #[arg(long = "set", value_name = "FIELD=VALUE")]
     sets: Vec<String>,
     /// Print JSON instead of a table.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "ron")]
     json: bool,
+    /// Print only the machine as RON, sources included: a file that `--machine FILE.ron` loads
+    /// back as the same machine (`systolic machines v3-8 --ron > mine.ron`).
+    #[arg(long)]
+    ron: bool,
 }
 
 #[derive(Serialize)]
@@ -40,28 +46,16 @@ struct Row {
 pub fn run(args: Args) -> Result<()> {
     if let Some(spec) = &args.machine {
         let m = super::load_machine(spec, &args.sets)?;
-        if args.json {
+        if args.ron {
+            println!("{}", m.to_ron());
+        } else if args.json {
             println!("{}", serde_json::to_string_pretty(&m)?);
-            return Ok(());
-        }
-        let mut shown = m.clone();
-        shown.sources.clear();
-        println!("{}", shown.to_ron());
-        println!();
-        println!(
-            "{}: {} chips, {} cores, peak bf16 {:.1} TFLOP/s per chip, {:.1} TFLOP/s for the slice",
-            m.name,
-            m.chips(),
-            m.cores(),
-            m.chip_peak_flops() / 1e12,
-            m.peak_flops() / 1e12
-        );
-        println!("\nsources:");
-        for (field, source) in &m.sources {
-            println!("  {field:<34} {source}");
+        } else {
+            print!("{}", describe(&m, spec));
         }
         return Ok(());
     }
+    anyhow::ensure!(!args.ron, "--ron needs a machine to write: `systolic machines v3-8 --ron > mine.ron`");
     anyhow::ensure!(args.sets.is_empty(), "--set needs a machine to change: `systolic machines v3-8 --set ...`");
     let rows: Vec<Row> = presets::names()
         .iter()
@@ -103,19 +97,11 @@ pub fn run(args: Args) -> Result<()> {
         "ICI GB/s/link",
     ]);
     for r in &rows {
-        let dims: Vec<String> = r.torus.iter().map(|d| d.to_string()).collect();
-        let kind = if r.wraparound.iter().all(|&w| w) {
-            "torus"
-        } else if r.wraparound.iter().any(|&w| w) {
-            "partial torus"
-        } else {
-            "mesh"
-        };
         t.row(vec![
             r.name.clone(),
             thousands(r.chips as u64),
             thousands(r.cores as u64),
-            format!("{} {kind}", dims.join("x")),
+            topology(&r.torus, &r.wraparound),
             format!("{:.1}", r.peak_tflops),
             format!("{} GiB", r.hbm_bytes_per_core >> 30),
             format!("{:.0}", r.hbm_bytes_per_second_per_core / 1e9),
@@ -125,6 +111,103 @@ pub fn run(args: Args) -> Result<()> {
         ]);
     }
     print!("{}", t.render());
-    println!("\n`systolic machines NAME` shows one machine in full with the source of every figure.");
+    println!("\n`systolic machines NAME` shows one machine in full with the source of every figure;");
+    println!(
+        "`systolic machines NAME --ron > mine.ron` writes it as a file to edit and use with `--machine mine.ron`."
+    );
     Ok(())
+}
+
+/// `2x2 mesh`, `4x4x4 torus`, `2x2x4 partial torus`.
+fn topology(torus: &[usize], wraparound: &[bool]) -> String {
+    let dims: Vec<String> = torus.iter().map(|d| d.to_string()).collect();
+    let kind = if wraparound.iter().all(|&w| w) {
+        "torus"
+    } else if wraparound.iter().any(|&w| w) {
+        "partial torus"
+    } else {
+        "mesh"
+    };
+    format!("{} {kind}", dims.join("x"))
+}
+
+/// One machine for people: a summary, then every field with its value (as `--set` and machine
+/// files take it, with units where they help) and its source.
+fn describe(m: &Machine, spec: &str) -> String {
+    let hosts = m.hosts();
+    let mut out = format!(
+        "{}: {} chips ({}), {} cores, {hosts} host{}\n",
+        m.name,
+        thousands(m.chips() as u64),
+        topology(&m.slice.torus, &m.slice.wraparound),
+        thousands(m.cores() as u64),
+        if hosts == 1 { "" } else { "s" },
+    );
+    out += &format!(
+        "peak bf16 {:.1} TFLOP/s per chip, {:.1} TFLOP/s for the slice; HBM {} GB/s per core\n\n",
+        m.chip_peak_flops() / 1e12,
+        m.peak_flops() / 1e12,
+        short(m.hbm_bytes_per_second() / 1e9),
+    );
+    let rows: Vec<[String; 3]> = m
+        .fields()
+        .into_iter()
+        .map(|(field, value)| {
+            let value = match unit(m, field) {
+                Some(unit) => format!("{value} ({unit})"),
+                None => value,
+            };
+            let source = m.sources.get(field).cloned().unwrap_or_else(|| "(no source given)".into());
+            [field.to_string(), value, source]
+        })
+        .collect();
+    let header = ["field".to_string(), "value".to_string(), "source".to_string()];
+    let width = |i: usize| rows.iter().chain([&header]).map(|r| r[i].chars().count()).max().unwrap_or(0);
+    let (w0, w1) = (width(0), width(1));
+    let rule = ["-".repeat(w0), "-".repeat(w1), "-".repeat(6)];
+    for [field, value, source] in [&header, &rule].into_iter().chain(&rows) {
+        out += &format!("{field:<w0$}  {value:<w1$}  {source}\n");
+    }
+    // A hand-written file may cite fields that do not exist: list them rather than hide them.
+    for (field, source) in m.sources.iter().filter(|(f, _)| !FIELDS.contains(&f.as_str())) {
+        out += &format!("{field:<w0$}  {:<w1$}  {source}\n", "(not a field)");
+    }
+    out += &format!(
+        "\nChange a field with `--set FIELD=VALUE`, or write the machine as a file to edit (values and\n\
+         sources) with `systolic machines {spec} --ron > mine.ron` and use it with `--machine mine.ron`.\n"
+    );
+    out
+}
+
+/// A field's value in everyday units, where the raw number is hard to read.
+fn unit(m: &Machine, field: &str) -> Option<String> {
+    let c = &m.core;
+    Some(match field {
+        "core.clock_hz" => format!("{} MHz", short(c.clock_hz / 1e6)),
+        "core.vmem_bytes" => binary(c.vmem_bytes),
+        "core.hbm.bytes" => binary(c.hbm.bytes),
+        "core.hbm.bytes_per_cycle" => format!("{} GB/s", short(m.hbm_bytes_per_second() / 1e9)),
+        "core.dma.latency_cycles" => format!("{} µs", short(c.dma.latency_cycles as f64 / c.clock_hz * 1e6)),
+        "chip.ici.bytes_per_second" => format!("{} GB/s", short(m.chip.ici.bytes_per_second / 1e9)),
+        "chip.ici.latency_seconds" => format!("{} µs", short(m.chip.ici.latency_seconds * 1e6)),
+        "host.pcie_bytes_per_second" => format!("{} GB/s", short(m.host.pcie_bytes_per_second / 1e9)),
+        _ => return None,
+    })
+}
+
+/// At most three decimals, trailing zeros dropped: `940`, `62.5`, `0.532`.
+fn short(x: f64) -> String {
+    let s = format!("{x:.3}");
+    s.trim_end_matches('0').trim_end_matches('.').to_string()
+}
+
+/// `16 MiB`, `8 GiB`, `1.5 GiB`, `about 16 MiB` (not a whole number of KiB).
+fn binary(bytes: u64) -> String {
+    let Some((shift, unit)) =
+        [(40, "TiB"), (30, "GiB"), (20, "MiB"), (10, "KiB")].into_iter().find(|&(s, _)| bytes >= 1 << s)
+    else {
+        return format!("{bytes} bytes");
+    };
+    let about = if bytes.is_multiple_of(1 << 10) { "" } else { "about " };
+    format!("{about}{} {unit}", short(bytes as f64 / (1u64 << shift) as f64))
 }

@@ -138,12 +138,12 @@ impl From<usize> for DenseSpec {
     }
 }
 
-fn param(shape: Vec<usize>, init: Init) -> Op {
-    Op::Parameter(Parameter { shape, init, trainable: true })
+fn param(shape: Vec<usize>, init: Init) -> Parameter {
+    Parameter { shape, init, trainable: true }
 }
 
-fn frozen(shape: Vec<usize>, init: Init) -> Op {
-    Op::Parameter(Parameter { shape, init, trainable: false })
+fn frozen(shape: Vec<usize>, init: Init) -> Parameter {
+    Parameter { shape, init, trainable: false }
 }
 
 impl Graph {
@@ -159,14 +159,8 @@ impl Graph {
 
     /// Checks that `op` applied to `x` and parameters of `param_shapes` is well-formed, then adds
     /// the parameters (named `<name>/<param>`) and the layer node.
-    fn layer(&mut self, name: &str, op: Op, x: NodeId, params: Vec<(&str, Op)>) -> Result<NodeId> {
-        let shapes: Vec<Shape> = params
-            .iter()
-            .map(|(_, p)| match p {
-                Op::Parameter(p) => Shape::fixed(p.shape.clone()),
-                _ => unreachable!("layer parameters are Parameter ops"),
-            })
-            .collect();
+    fn layer(&mut self, name: &str, op: Op, x: NodeId, params: Vec<(&str, Parameter)>) -> Result<NodeId> {
+        let shapes: Vec<Shape> = params.iter().map(|(_, p)| Shape::fixed(p.shape.clone())).collect();
         let mut operands = vec![&self.node(x).shape];
         operands.extend(shapes.iter());
         if let Err(reason) = op.infer_shape(&operands) {
@@ -188,7 +182,7 @@ impl Graph {
         }
         let mut inputs = vec![x];
         for (suffix, p) in params {
-            inputs.push(self.add(format!("{name}/{suffix}"), p, &[])?);
+            inputs.push(self.add(format!("{name}/{suffix}"), Op::Parameter(p), &[])?);
         }
         self.add(name, op, &inputs)
     }

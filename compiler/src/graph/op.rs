@@ -406,7 +406,41 @@ impl Op {
 
     /// Inputs and Parameters are the graph's leaves: they take values from bindings.
     pub fn is_leaf(&self) -> bool {
-        matches!(self, Op::Input(_) | Op::Parameter(_))
+        match self {
+            Op::Input(_) | Op::Parameter(_) => true,
+            Op::Conv2d(_)
+            | Op::MaxPool(_)
+            | Op::AvgPool(_)
+            | Op::GlobalAvgPool
+            | Op::Dense
+            | Op::BiasAdd
+            | Op::Add
+            | Op::Mul
+            | Op::Relu
+            | Op::Relu6
+            | Op::BatchNorm(_)
+            | Op::Dropout(_)
+            | Op::Flatten
+            | Op::Reshape(_)
+            | Op::Concat(_)
+            | Op::Softmax
+            | Op::SoftmaxCrossEntropy(_)
+            | Op::Conv2dBackpropInput(_)
+            | Op::Conv2dBackpropFilter(_)
+            | Op::MaxPoolGrad(_)
+            | Op::AvgPoolGrad(_)
+            | Op::GlobalAvgPoolGrad(_)
+            | Op::DenseBackpropInput
+            | Op::DenseBackpropKernel
+            | Op::BiasAddGrad
+            | Op::ReluGrad
+            | Op::Relu6Grad
+            | Op::BatchNormGradInput(_)
+            | Op::BatchNormGradGamma(_)
+            | Op::SoftmaxGrad
+            | Op::SoftmaxCrossEntropyGrad(_)
+            | Op::Slice(_) => false,
+        }
     }
 
     /// The number of inputs the op accepts, as an inclusive range.

@@ -171,6 +171,21 @@ fn bn_check(x: &Shape, params: &[&Shape], names: &[&str]) -> Result<usize, Strin
     Ok(c)
 }
 
+/// Checks the logits `[N, classes]`, the labels `[N]` and the smoothing of a cross-entropy (or
+/// of its gradient).
+fn cross_entropy_check(sce: &SoftmaxCrossEntropy, logits: &Shape, labels: &Shape) -> Result<(), String> {
+    if !logits.batched || logits.dims.len() != 1 {
+        return Err(format!("logits must be [N, classes], got {logits}"));
+    }
+    if !labels.batched || !labels.dims.is_empty() {
+        return Err(format!("labels must be [N] integer class ids, got {labels}"));
+    }
+    if !(0.0..=1.0).contains(&sce.label_smoothing) {
+        return Err(format!("label smoothing {} must be in [0, 1]", sce.label_smoothing));
+    }
+    Ok(())
+}
+
 impl Op {
     /// Infers the op's output shape from its input shapes. The error says what is wrong with
     /// which input; the graph adds the node's name.
@@ -318,21 +333,13 @@ impl Op {
                 }
                 Ok(Shape::batched(dims))
             }
-            Op::SoftmaxCrossEntropy(sce) | Op::SoftmaxCrossEntropyGrad(sce) => {
-                let (logits, labels) = (x(), inputs[1]);
-                if !logits.batched || logits.dims.len() != 1 {
-                    return Err(format!("logits must be [N, classes], got {logits}"));
-                }
-                if !labels.batched || !labels.dims.is_empty() {
-                    return Err(format!("labels must be [N] integer class ids, got {labels}"));
-                }
-                if !(0.0..=1.0).contains(&sce.label_smoothing) {
-                    return Err(format!("label smoothing {} must be in [0, 1]", sce.label_smoothing));
-                }
-                Ok(match self {
-                    Op::SoftmaxCrossEntropy(_) => Shape::scalar(),
-                    _ => logits.clone(),
-                })
+            Op::SoftmaxCrossEntropy(sce) => {
+                cross_entropy_check(sce, x(), inputs[1])?;
+                Ok(Shape::scalar())
+            }
+            Op::SoftmaxCrossEntropyGrad(sce) => {
+                cross_entropy_check(sce, x(), inputs[1])?;
+                Ok(x().clone())
             }
             Op::Conv2dBackpropInput(b) => {
                 let (dy, kernel) = (x(), inputs[1]);

@@ -23,7 +23,7 @@ use std::time::Instant;
 use ndarray::Dimension;
 use rayon::prelude::*;
 
-use crate::graph::{Graph, NodeId, Op, Shape};
+use crate::graph::{Graph, NodeId, Shape};
 use crate::tensors::{Tensor, TensorMap};
 
 /// Training or inference semantics for BatchNorm and Dropout.
@@ -75,7 +75,7 @@ impl Evaluation {
 fn check_binding(graph: &Graph, id: NodeId, t: &Tensor) -> Result<Option<usize>> {
     let node = graph.node(id);
     let Shape { dims, batched } = &node.shape;
-    let what = if matches!(node.op, Op::Input(_)) { "input" } else { "parameter" };
+    let what = node.op.kind().to_ascii_lowercase();
     let fits = if *batched {
         t.ndim() == dims.len() + 1 && &t.shape()[1..] == dims.as_slice()
     } else {
@@ -126,7 +126,7 @@ pub fn run(graph: &Graph, bindings: &TensorMap, fetch: &[NodeId], opts: RunOptio
             continue;
         }
         let t = bindings.get(&node.name).ok_or_else(|| {
-            let what = if matches!(node.op, Op::Input(_)) { "input" } else { "parameter" };
+            let what = node.op.kind().to_ascii_lowercase();
             Error::binding(
                 &node.name,
                 format!("is missing: {what} '{}' needs a {} tensor of that name", node.name, node.shape),

@@ -3,14 +3,14 @@
 
 use std::collections::BTreeMap;
 
-use super::rand_tensor;
+use super::{labels, random_bindings};
 use systolic_compiler::autodiff;
 use systolic_compiler::lower::training::DROPOUT_STEP;
 use systolic_compiler::lower::{Options, Training, compile};
 use systolic_compiler::optimizer::Optimizer;
 use systolic_compiler::reference::{self, RunOptions};
 use systolic_compiler::{Graph, NodeId, Op, Tensor, TensorMap};
-use systolic_simulator::config::presets;
+use systolic_simulator::config::{Machine, presets};
 use systolic_simulator::numerics::Precision;
 use systolic_simulator::timing::simulate;
 
@@ -19,13 +19,8 @@ use systolic_simulator::timing::simulate;
 /// largest reference value of each output.
 pub fn differential(g: &Graph, machine: &str, batch: usize, precision: Precision) -> Vec<(String, f64)> {
     let m = presets::preset(machine).unwrap();
-    let compiled =
-        compile(g, &Options { machine: m.clone(), batch, precision, training: None, train_mode: false }).unwrap();
-    let mut b: TensorMap = g.init_parameters(3);
-    for id in g.inputs() {
-        let node = g.node(id);
-        b.insert(node.name.clone(), rand_tensor(&node.shape.concrete(batch), 5));
-    }
+    let compiled = compile(g, &options(m.clone(), batch, precision)).unwrap();
+    let b = random_bindings(g, batch, 3, 5);
     let (want, _) = reference::run_outputs(g, &b, RunOptions::default()).unwrap();
     let got = compiled.executable.run(&m, |name| b.get(name).and_then(|t| t.as_slice())).unwrap();
     // The timing engine accepts the same program.
@@ -78,18 +73,9 @@ fn check_step(g: Graph, batch: usize, step: u64, check: Check, machine: &str) {
     let (with_loss, loss) = g.with_classifier_loss(0.0).unwrap();
     let grads = autodiff::differentiate(&with_loss, loss, &with_loss.trainable_parameters()).unwrap();
     let training = Some(Training { optimizer: Optimizer::Sgd { learning_rate: 0.1 }, label_smoothing: 0.0 });
-    let compiled =
-        compile(&g, &Options { machine: m.clone(), batch, precision: Precision::Highest, training, train_mode: false })
-            .unwrap();
-    let mut b = g.init_parameters(3);
-    for id in g.inputs() {
-        let node = g.node(id);
-        b.insert(node.name.clone(), rand_tensor(&node.shape.concrete(batch), 5));
-    }
-    let y = labels(batch, 10);
-    b.insert("labels".into(), y.clone());
-    let mut feed = b.clone();
-    feed.insert("labels/one_hot".into(), one_hot(&y, 10));
+    let compiled = compile(&g, &Options { training, ..options(m.clone(), batch, Precision::Highest) }).unwrap();
+    let mut b = random_bindings(&g, batch, 3, 5);
+    let mut feed = add_labels(&mut b, batch);
     feed.insert(DROPOUT_STEP.into(), Tensor::from_shape_vec(vec![1], vec![step as f32]).unwrap());
     let got: BTreeMap<String, Vec<f32>> =
         compiled.executable.run(&m, |name| feed.get(name).and_then(|t| t.as_slice())).unwrap().into_iter().collect();
@@ -152,8 +138,19 @@ fn near_a_kink(g: &Graph, bindings: &TensorMap, step: u64) -> bool {
     })
 }
 
-pub fn labels(batch: usize, classes: usize) -> Tensor {
-    Tensor::from_shape_vec(vec![batch], (0..batch).map(|i| ((i * 7 + 3) % classes) as f32).collect()).unwrap()
+/// Inference of `batch` examples at `precision` on `machine`; set `training` for a step.
+pub fn options(machine: Machine, batch: usize, precision: Precision) -> Options {
+    Options { machine, batch, precision, training: None, train_mode: false }
+}
+
+/// Binds `labels` (ten classes, [`labels`]) in `b` and returns what a compiled program is fed:
+/// `b` and the labels one-hot (`labels/one_hot`).
+pub fn add_labels(b: &mut TensorMap, batch: usize) -> TensorMap {
+    let y = labels(batch, 10);
+    b.insert("labels".into(), y.clone());
+    let mut feed = b.clone();
+    feed.insert("labels/one_hot".into(), one_hot(&y, 10));
+    feed
 }
 
 pub fn one_hot(labels: &Tensor, classes: usize) -> Tensor {

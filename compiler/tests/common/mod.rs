@@ -4,12 +4,15 @@
 
 pub mod lowering;
 
+use std::ops::Range;
+
 use ndarray::{ArrayD, IxDyn};
 use proptest::prelude::*;
 use systolic_compiler::autodiff;
-use systolic_compiler::graph::{Graph, NodeId, Padding, Window2d};
+use systolic_compiler::graph::{Conv2d, Graph, Init, NodeId, Op, Padding, Parameter, Window2d};
 use systolic_compiler::reference::{self, RunOptions};
 use systolic_compiler::rng;
+use systolic_compiler::zoo::{self, ZooOptions};
 use systolic_compiler::{Tensor, TensorMap};
 
 /// Uniform values in [-1, 1), deterministic in `seed`.
@@ -31,6 +34,44 @@ pub fn distinct(shape: &[usize], seed: u64) -> Tensor {
     idx.sort_by_key(|&i| rng::derive(seed, i as u64));
     let v = idx.iter().map(|&i| (i as f32 - n as f32 / 2.0) * 0.02).collect();
     Tensor::from_shape_vec(shape.to_vec(), v).unwrap()
+}
+
+/// Class ids `(7i + 3) mod classes` for a batch of `batch` examples.
+pub fn labels(batch: usize, classes: usize) -> Tensor {
+    Tensor::from_shape_vec(vec![batch], (0..batch).map(|i| ((i * 7 + 3) % classes) as f32).collect()).unwrap()
+}
+
+/// Every parameter of `g` initialised from `weights_seed`, and a random tensor (from
+/// `inputs_seed`) for every Input at `batch` examples.
+pub fn random_bindings(g: &Graph, batch: usize, weights_seed: u64, inputs_seed: u64) -> TensorMap {
+    let mut b = g.init_parameters(weights_seed);
+    for id in g.inputs() {
+        let node = g.node(id);
+        b.insert(node.name.clone(), rand_tensor(&node.shape.concrete(batch), inputs_seed));
+    }
+    b
+}
+
+/// A zoo model for `hw` x `hw` images and ten classes.
+pub fn small_model(name: &str, hw: usize) -> Graph {
+    zoo::build_with(name, ZooOptions { input_hw: Some([hw, hw]), classes: Some(10) }).unwrap()
+}
+
+/// Adds a trainable parameter initialised by `init`.
+pub fn parameter(g: &mut Graph, name: &str, shape: &[usize], init: Init) -> systolic_compiler::Result<NodeId> {
+    g.add(name, Op::Parameter(Parameter { shape: shape.to_vec(), init, trainable: true }), &[])
+}
+
+/// Adds convolution `name` of `x` as `p` describes it, with the kernel parameter `params[0]`
+/// and, when `p.bias`, the bias parameter `params[1]`, both initialised by `init`. None when
+/// `p` is not a valid convolution.
+pub fn add_conv(g: &mut Graph, name: &str, params: [&str; 2], init: Init, x: NodeId, p: &ConvParams) -> Option<NodeId> {
+    let k = parameter(g, params[0], &p.kernel_shape(), init.clone()).ok()?;
+    let mut inputs = vec![x, k];
+    if p.bias {
+        inputs.push(parameter(g, params[1], &[p.filters()], init).ok()?);
+    }
+    g.add(name, Op::Conv2d(p.attrs()), &inputs).ok()
 }
 
 /// Evaluates one node of a graph.
@@ -162,6 +203,69 @@ pub fn naive_pool(x: &Tensor, window: [usize; 2], strides: [usize; 2], padding: 
     y
 }
 
+/// A dense layer in f64 over the last axis: `y[r, o] = bias[o] + Σ_i x[r, i] · k[i, o]`.
+pub fn naive_dense(x: &Tensor, k: &Tensor, bias: Option<&Tensor>) -> ArrayD<f64> {
+    let (din, dout) = (k.shape()[0], k.shape()[1]);
+    let flat = x.len() / din;
+    let mut want = vec![0f64; flat * dout];
+    for r in 0..flat {
+        for o in 0..dout {
+            let mut acc = bias.map_or(0.0, |b| b[[o]] as f64);
+            for i in 0..din {
+                acc += x.as_slice().unwrap()[r * din + i] as f64 * k[[i, o]] as f64;
+            }
+            want[r * dout + o] = acc;
+        }
+    }
+    let mut out_shape = x.shape().to_vec();
+    *out_shape.last_mut().unwrap() = dout;
+    ArrayD::from_shape_vec(IxDyn(&out_shape), want).unwrap()
+}
+
+/// Softmax in f64 over the last axis.
+pub fn naive_softmax(x: &ArrayD<f64>) -> ArrayD<f64> {
+    let mut s = x.clone();
+    for mut row in s.rows_mut() {
+        let m = row.fold(f64::NEG_INFINITY, |a, &b| a.max(b));
+        row.mapv_inplace(|v| (v - m).exp());
+        let sum = row.sum();
+        row.mapv_inplace(|v| v / sum);
+    }
+    s
+}
+
+/// The mean over the batch of the cross-entropy between `softmax(logits)` (`[N, classes]`) and
+/// integer `labels` smoothed by `smoothing`, in f64.
+pub fn naive_cross_entropy(logits: &Tensor, labels: &Tensor, smoothing: f32) -> f64 {
+    let classes = logits.shape()[1];
+    let zs = f64s(logits);
+    let mut want = 0.0;
+    for (r, row) in zs.rows().into_iter().enumerate() {
+        let m = row.fold(f64::NEG_INFINITY, |a, &b| a.max(b));
+        let lse = m + row.mapv(|v| (v - m).exp()).sum().ln();
+        for (k, &v) in row.iter().enumerate() {
+            let q = if k == labels[[r]] as usize { 1.0 - smoothing as f64 } else { 0.0 }
+                + smoothing as f64 / classes as f64;
+            want += q * (lse - v);
+        }
+    }
+    want / zs.shape()[0] as f64
+}
+
+/// The mean and the unbiased variance of each channel (last axis) of `x`, in f64.
+pub fn naive_moments(x: &Tensor) -> Vec<(f64, f64)> {
+    let c = *x.shape().last().unwrap();
+    let m = x.len() / c;
+    (0..c)
+        .map(|ch| {
+            let vals: Vec<f64> = x.iter().skip(ch).step_by(c).map(|&v| v as f64).collect();
+            let mean = vals.iter().sum::<f64>() / m as f64;
+            let var = vals.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (m as f64 - 1.0);
+            (mean, var)
+        })
+        .collect()
+}
+
 /// Batch norm in f64 over the last axis, with batch statistics or the given moving ones.
 pub fn naive_batch_norm(
     x: &Tensor,
@@ -189,6 +293,21 @@ pub fn naive_batch_norm(
         }
     }
     y
+}
+
+/// The central difference quotient of `objective` in element `i` of the bound tensor `name`.
+fn central_difference(
+    objective: &impl Fn(&TensorMap) -> f64,
+    bindings: &TensorMap,
+    name: &str,
+    i: usize,
+    eps: f32,
+) -> f64 {
+    let mut plus = bindings.clone();
+    plus.get_mut(name).unwrap().as_slice_mut().unwrap()[i] += eps;
+    let mut minus = bindings.clone();
+    minus.get_mut(name).unwrap().as_slice_mut().unwrap()[i] -= eps;
+    (objective(&plus) - objective(&minus)) / (2.0 * eps as f64)
 }
 
 /// Central finite differences against autodiff for node `out` with respect to the named leaves.
@@ -245,11 +364,7 @@ pub fn check_gradients(
         let floor = 1e-3 * scale + noise + 1e-6;
         let close = |a: f64, b: f64| (a - b).abs() <= floor + 2e-2 * a.abs().max(b.abs());
         for &i in &picks {
-            let mut plus = bindings.clone();
-            plus.get_mut(*name).unwrap().as_slice_mut().unwrap()[i] += eps;
-            let mut minus = bindings.clone();
-            minus.get_mut(*name).unwrap().as_slice_mut().unwrap()[i] -= eps;
-            let fd = (objective(&plus) - objective(&minus)) / (2.0 * eps as f64);
+            let fd = central_difference(&objective, bindings, name, i, eps);
             let an = analytic.as_slice().unwrap()[i] as f64;
             assert!(close(fd, an), "d/d {name}[{i}]: autodiff {an}, finite differences {fd}");
         }
@@ -280,11 +395,7 @@ pub fn check_gradient_direction(
         let (mut dot, mut nf, mut na) = (0f64, 0f64, 0f64);
         for s in 0..samples.min(n) {
             let i = if n <= samples { s } else { (rng::derive(11, s as u64) % n as u64) as usize };
-            let mut plus = bindings.clone();
-            plus.get_mut(*name).unwrap().as_slice_mut().unwrap()[i] += eps;
-            let mut minus = bindings.clone();
-            minus.get_mut(*name).unwrap().as_slice_mut().unwrap()[i] -= eps;
-            let fd = (objective(&plus) - objective(&minus)) / (2.0 * eps as f64);
+            let fd = central_difference(&objective, bindings, name, i, eps);
             let an = analytic.as_slice().unwrap()[i] as f64;
             dot += fd * an;
             nf += fd * fd;
@@ -312,6 +423,82 @@ pub fn padding_strategy(max_pad: usize) -> impl Strategy<Value = Padding> {
             right
         }),
     ]
+}
+
+/// A random convolution: `n` images of `hw` with `cg · groups` channels, `cog · groups` filters
+/// of size `k`, strides, dilation, padding and an optional bias.
+#[derive(Debug, Clone)]
+pub struct ConvParams {
+    pub n: usize,
+    pub hw: [usize; 2],
+    pub cg: usize,
+    pub groups: usize,
+    pub cog: usize,
+    pub k: [usize; 2],
+    pub strides: [usize; 2],
+    pub dilation: [usize; 2],
+    pub padding: Padding,
+    pub bias: bool,
+}
+
+impl ConvParams {
+    /// Input channels.
+    pub fn channels(&self) -> usize {
+        self.cg * self.groups
+    }
+
+    /// Output channels.
+    pub fn filters(&self) -> usize {
+        self.cog * self.groups
+    }
+
+    /// The kernel's HWIO shape.
+    pub fn kernel_shape(&self) -> [usize; 4] {
+        [self.k[0], self.k[1], self.cg, self.filters()]
+    }
+
+    /// The IR's attributes.
+    pub fn attrs(&self) -> Conv2d {
+        Conv2d { strides: self.strides, padding: self.padding, dilation: self.dilation, groups: self.groups }
+    }
+
+    /// The geometry [`naive_conv`] takes.
+    pub fn case(&self) -> ConvCase {
+        ConvCase { strides: self.strides, dilation: self.dilation, groups: self.groups, padding: self.padding }
+    }
+}
+
+/// Where the suites' random convolutions differ: image height and width, channels per group,
+/// strides. Every suite draws 1-2 images, 1-3 groups of 1-3 filters, kernels of 1-3, dilation
+/// 1-2, any padding up to 2 and a bias or not.
+pub struct ConvRanges {
+    pub hw: Range<usize>,
+    pub cg: Range<usize>,
+    pub strides: Range<usize>,
+}
+
+pub fn conv_params(r: ConvRanges) -> impl Strategy<Value = ConvParams> {
+    (
+        (1usize..3, r.hw.clone(), r.hw),
+        (r.cg, 1usize..4, 1usize..4),
+        (1usize..4, 1usize..4),
+        (r.strides.clone(), r.strides),
+        (1usize..3, 1usize..3),
+        padding_strategy(2),
+        any::<bool>(),
+    )
+        .prop_map(|((n, h, w), (cg, groups, cog), (kh, kw), (sh, sw), (dh, dw), padding, bias)| ConvParams {
+            n,
+            hw: [h, w],
+            cg,
+            groups,
+            cog,
+            k: [kh, kw],
+            strides: [sh, sw],
+            dilation: [dh, dw],
+            padding,
+            bias,
+        })
 }
 
 pub fn config(cases: u32) -> ProptestConfig {

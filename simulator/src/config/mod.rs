@@ -106,6 +106,32 @@ pub struct Slice {
     pub wraparound: Vec<bool>,
 }
 
+/// The path of every figure of a [`Machine`] (every field but `name` and `sources`), in the
+/// order a machine file lists them.
+pub const FIELDS: [&str; 21] = [
+    "core.clock_hz",
+    "core.mxu.count",
+    "core.mxu.rows",
+    "core.mxu.cols",
+    "core.mxu.weight_double_buffering",
+    "core.vmem_bytes",
+    "core.vpu.lanes",
+    "core.vpu.sublanes",
+    "core.vpu.alus",
+    "core.hbm.bytes",
+    "core.hbm.bytes_per_cycle",
+    "core.dma.engines",
+    "core.dma.latency_cycles",
+    "chip.cores",
+    "chip.ici.links",
+    "chip.ici.bytes_per_second",
+    "chip.ici.latency_seconds",
+    "host.chips",
+    "host.pcie_bytes_per_second",
+    "slice.torus",
+    "slice.wraparound",
+];
+
 /// A whole machine: a slice of chips, each of cores.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -158,24 +184,49 @@ impl Machine {
         self.core.hbm.bytes_per_cycle * self.core.clock_hz
     }
 
-    /// Loads a machine from a RON file (validated).
+    /// Loads a machine from a RON file (validated). Errors name the file, line and column: of
+    /// the syntax or type error, or of the field an impossible value was given to.
     pub fn load(path: impl AsRef<Path>) -> Result<Machine> {
         let path = path.as_ref();
         let text = std::fs::read_to_string(path).map_err(|e| Error::Io { path: path.to_path_buf(), cause: e })?;
-        let m: Machine = ron::from_str(&text).map_err(|e| Error::ConfigFile {
-            path: path.to_path_buf(),
-            line: e.span.start.line,
-            col: e.span.start.col,
-            reason: e.code.to_string(),
+        Machine::parse(&text, path)
+    }
+
+    /// Parses and validates a machine from RON text (what [`Machine::to_ron`] writes); errors
+    /// are located as in [`Machine::load`], in `<machine RON>`.
+    pub fn from_ron(text: &str) -> Result<Machine> {
+        Machine::parse(text, Path::new("<machine RON>"))
+    }
+
+    fn parse(text: &str, path: &Path) -> Result<Machine> {
+        let at = |(line, col), reason| Error::ConfigFile { path: path.to_path_buf(), line, col, reason };
+        let m: Machine =
+            ron::from_str(text).map_err(|e| at((e.span.start.line, e.span.start.col), e.code.to_string()))?;
+        m.validate().map_err(|e| match &e {
+            Error::Config { field, .. } => at(locate(text, field), e.to_string()),
+            _ => e,
         })?;
-        m.validate()?;
         Ok(m)
     }
 
-    /// The machine as RON text.
+    /// The machine as RON text, sources included: [`Machine::from_ron`] and [`Machine::load`]
+    /// read it back into an equal machine.
     pub fn to_ron(&self) -> String {
         ron::ser::to_string_pretty(self, ron::ser::PrettyConfig::new().indentor("  ".to_string()))
             .expect("machines always serialise")
+    }
+
+    /// Every field as (path, value as `--set` takes it: `128`, `940000000.0`, `[2, 2]`), in the
+    /// order of [`FIELDS`].
+    pub fn fields(&self) -> Vec<(&'static str, String)> {
+        let tree = serde_json::to_value(self).expect("machines serialise to JSON");
+        FIELDS
+            .iter()
+            .map(|&path| {
+                let value = path.split('.').fold(&tree, |node, key| &node[key]);
+                (path, value_text(value))
+            })
+            .collect()
     }
 
     /// A preset by name (`v3-8`), or a RON file by path.
@@ -344,6 +395,37 @@ impl Machine {
         }
         Ok(())
     }
+}
+
+/// A JSON leaf as `--set` and RON write it: `128`, `940000000.0`, `true`, `[2, 2]`.
+fn value_text(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::Array(items) => {
+            format!("[{}]", items.iter().map(value_text).collect::<Vec<_>>().join(", "))
+        }
+        other => other.to_string(),
+    }
+}
+
+/// Line and column (1-based) of the field at a dotted `path` in RON text: each key found as
+/// `key:` after the previous one. Best effort (a comment naming a key can mislead it); (1, 1)
+/// when a key is not found.
+fn locate(text: &str, path: &str) -> (usize, usize) {
+    let is_ident = |c: char| c.is_ascii_alphanumeric() || c == '_';
+    let mut at = 0;
+    for key in path.split('.') {
+        let found = text[at..].match_indices(key).map(|(i, _)| at + i).find(|&i| {
+            let before = text[..i].chars().next_back();
+            let after = text[i + key.len()..].trim_start();
+            !before.is_some_and(is_ident) && after.starts_with(':')
+        });
+        match found {
+            Some(i) => at = i,
+            None => return (1, 1),
+        }
+    }
+    let line_start = text[..at].rfind('\n').map_or(0, |i| i + 1);
+    (text[..at].matches('\n').count() + 1, text[line_start..at].chars().count() + 1)
 }
 
 fn kind(v: &serde_json::Value) -> &'static str {

@@ -1,7 +1,13 @@
 //! Machine presets named like Cloud TPU slices: `v2-8` … `v2-512`, `v3-8` … `v3-2048`,
 //! `v4-8` … `v4-8192` (the number counts TensorCores, two per chip).
 //!
-//! Sources (keys used in [`Machine::sources`] and `docs/machines.md`):
+//! Every figure of a generation lives in one data file, `presets/<generation>.ron`, beside its
+//! source: array size, MXUs per core, VMEM, vector unit, DMA, cores per chip, clock, HBM size
+//! and bandwidth, ICI links, bandwidth and latency, host link, and the slices (torus shapes).
+//! A new generation is one more file in [`GENERATIONS`]; a user's own chip is a machine file
+//! (`systolic machines v3-8 --ron > mine.ron`, edited, loaded with `--machine mine.ron`).
+//!
+//! Sources (keys used in the data files, [`Machine::sources`] and `docs/machines.md`):
 //! - ISCA17: Jouppi et al., "In-Datacenter Performance Analysis of a Tensor Processing Unit", ISCA 2017.
 //! - HC20: Norrie & Patil, "Google's Training Chips Revealed: TPUv2 and TPUv3", Hot Chips 2020.
 //! - CACM20: Jouppi et al., "A Domain-Specific Supercomputer for Training Deep Neural Networks", CACM 2020.
@@ -10,185 +16,240 @@
 //! - GC: Cloud TPU documentation (v2, v3, v4, system architecture, performance guide).
 //!
 //! A figure marked "assumption" has no public source; the reason for the value is given.
+//! The only figures a preset derives rather than copies are the per-core HBM size and
+//! bandwidth: the chip's, split over its cores (bandwidth per core clock cycle).
 
 use std::collections::BTreeMap;
+use std::sync::LazyLock;
+
+use serde::Deserialize;
 
 use super::*;
 
-/// One TPU generation's per-chip figures and their sources.
-struct Generation {
-    name: &'static str,
-    clock_hz: f64,
-    clock_src: &'static str,
-    mxus: usize,
-    mxus_src: &'static str,
-    hbm_bytes_per_chip: u64,
-    hbm_bandwidth_per_chip: f64,
-    hbm_src: &'static str,
-    ici_links: usize,
-    ici_link_bytes_per_second: f64,
-    ici_src: &'static str,
-    /// Slices: (cores, torus dims, wraparound per dim).
-    slices: &'static [(usize, &'static [usize], &'static [bool])],
-    topology_src: &'static str,
+/// The generation data files, compiled in: (file name, RON text).
+pub const GENERATIONS: [(&str, &str); 3] = [
+    ("v2.ron", include_str!("presets/v2.ron")),
+    ("v3.ron", include_str!("presets/v3.ron")),
+    ("v4.ron", include_str!("presets/v4.ron")),
+];
+
+/// One figure and where it comes from (a source key and the fact, or "assumption: <reason>").
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Figure<T> {
+    pub value: T,
+    pub source: String,
 }
 
-const GIB: u64 = 1 << 30;
+/// One TPU generation: every figure of its cores, chips, hosts and slices, with sources.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Generation {
+    /// The preset prefix (`v3`): slices are named `v3-<cores>`.
+    pub name: String,
+    pub core: CoreFigures,
+    pub chip: ChipFigures,
+    pub host: HostFigures,
+    /// The slices offered as presets; the source covers their torus shapes and wraparound.
+    pub slices: Figure<Vec<SliceShape>>,
+}
 
-const V2: Generation = Generation {
-    name: "v2",
-    clock_hz: 700e6,
-    clock_src: "HC20: TPUv2 runs at 700 MHz",
-    mxus: 1,
-    mxus_src: "HC20: one 128x128 bf16 MXU per TensorCore",
-    hbm_bytes_per_chip: 16 * GIB,
-    hbm_bandwidth_per_chip: 700e9,
-    hbm_src: "HC20: 16 GiB HBM per chip (8 GiB per core) at about 700 GB/s per chip, shared by its two cores",
-    ici_links: 4,
-    ici_link_bytes_per_second: 62.5e9,
-    ici_src: "CACM20 (secondary notes): 4 ICI links per chip at about 500 Gb/s each",
-    slices: &[
-        (8, &[2, 2], &[false, false]),
-        (32, &[4, 4], &[false, false]),
-        (128, &[8, 8], &[false, false]),
-        (512, &[16, 16], &[true, true]),
-    ],
-    topology_src: "CACM20, GC: 2-D torus of 16x16 chips per v2 pod (v2-512); smaller slices are meshes without wraparound",
-};
+/// Per TensorCore (the fields of [`Core`] except HBM, which is a chip figure).
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CoreFigures {
+    pub clock_hz: Figure<f64>,
+    pub mxu: MxuFigures,
+    pub vmem_bytes: Figure<u64>,
+    pub vpu: VpuFigures,
+    pub dma: DmaFigures,
+}
 
-const V3: Generation = Generation {
-    name: "v3",
-    clock_hz: 940e6,
-    clock_src: "HC20: TPUv3 runs at 940 MHz",
-    mxus: 2,
-    mxus_src: "GC v3: two 128x128 MXUs per TensorCore",
-    hbm_bytes_per_chip: 32 * GIB,
-    hbm_bandwidth_per_chip: 900e9,
-    hbm_src: "GC v3: 32 GiB HBM per chip at 900 GB/s, shared by its two cores",
-    ici_links: 4,
-    ici_link_bytes_per_second: 82e9,
-    ici_src: "CACM20 (secondary notes): 4 ICI links per chip at about 656 Gb/s each",
-    slices: &[
-        (8, &[2, 2], &[false, false]),
-        (32, &[4, 4], &[false, false]),
-        (128, &[8, 8], &[false, false]),
-        (512, &[16, 16], &[false, false]),
-        (2048, &[32, 32], &[true, true]),
-    ],
-    topology_src: "GC v3, SB: 2-D torus of 32x32 chips per v3 pod (v3-2048); smaller slices are meshes without wraparound",
-};
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MxuFigures {
+    pub count: Figure<usize>,
+    pub rows: Figure<usize>,
+    pub cols: Figure<usize>,
+    pub weight_double_buffering: Figure<bool>,
+}
 
-const V4: Generation = Generation {
-    name: "v4",
-    clock_hz: 1050e6,
-    clock_src: "secondary notes on GC v4: 1050 MHz (consistent with 275 TFLOP/s per chip)",
-    mxus: 4,
-    mxus_src: "GC v4: four 128x128 MXUs per TensorCore",
-    hbm_bytes_per_chip: 32 * GIB,
-    hbm_bandwidth_per_chip: 1200e9,
-    hbm_src: "GC v4: 32 GiB HBM per chip at 1200 GB/s, shared by its two cores",
-    ici_links: 6,
-    ici_link_bytes_per_second: 45e9,
-    ici_src: "SB: 6 ICI links per v4 chip, about 45 GB/s one way each",
-    slices: &[
-        (8, &[2, 2, 1], &[false, false, false]),
-        (16, &[2, 2, 2], &[false, false, false]),
-        (32, &[2, 2, 4], &[false, false, false]),
-        (64, &[2, 4, 4], &[false, false, false]),
-        (128, &[4, 4, 4], &[true, true, true]),
-        (256, &[4, 4, 8], &[true, true, true]),
-        (512, &[4, 8, 8], &[true, true, true]),
-        (1024, &[8, 8, 8], &[true, true, true]),
-        (2048, &[8, 8, 16], &[true, true, true]),
-        (4096, &[8, 16, 16], &[true, true, true]),
-        (8192, &[16, 16, 16], &[true, true, true]),
-    ],
-    topology_src: "GC v4, SB: 3-D torus built from 4x4x4 cubes joined by optical circuit switches (up to 4096 chips); \
-                   a slice is a torus when every dimension is a multiple of 4, otherwise a mesh",
-};
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VpuFigures {
+    pub lanes: Figure<usize>,
+    pub sublanes: Figure<usize>,
+    pub alus: Figure<usize>,
+}
 
-const GENERATIONS: [&Generation; 3] = [&V2, &V3, &V4];
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DmaFigures {
+    pub engines: Figure<usize>,
+    pub latency_cycles: Figure<u64>,
+}
+
+/// Per chip.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChipFigures {
+    pub cores: Figure<usize>,
+    pub hbm: HbmFigures,
+    pub ici: IciFigures,
+}
+
+/// The chip's HBM, shared evenly by its cores.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HbmFigures {
+    pub bytes: Figure<u64>,
+    pub bytes_per_second: Figure<f64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IciFigures {
+    pub links: Figure<usize>,
+    pub bytes_per_second: Figure<f64>,
+    pub latency_seconds: Figure<f64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostFigures {
+    pub chips: Figure<usize>,
+    pub pcie_bytes_per_second: Figure<f64>,
+}
+
+/// One slice: its TensorCores (the preset's number) and its chips' torus.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SliceShape {
+    pub cores: usize,
+    pub torus: Vec<usize>,
+    pub wraparound: Vec<bool>,
+}
+
+impl Generation {
+    /// Parses a generation file; `file` names it in the error (file:line:col).
+    pub fn from_ron(file: &str, text: &str) -> Result<Generation> {
+        ron::from_str(text).map_err(|e| Error::ConfigFile {
+            path: file.into(),
+            line: e.span.start.line,
+            col: e.span.start.col,
+            reason: e.code.to_string(),
+        })
+    }
+
+    /// The preset for `slice`, named `<generation>-<cores>`, with every figure's source.
+    pub fn machine(&self, slice: &SliceShape) -> Machine {
+        let (c, chip, host) = (&self.core, &self.chip, &self.host);
+        let mut s = Cited::default();
+        let cores = s.take("chip.cores", &chip.cores);
+        let clock = s.take("core.clock_hz", &c.clock_hz);
+        // HBM is a chip figure: each core gets its share, bandwidth per core clock cycle.
+        let hbm = &chip.hbm;
+        let hbm = Hbm {
+            bytes: s.take("core.hbm.bytes", &hbm.bytes) / cores as u64,
+            bytes_per_cycle: hbm.bytes_per_second.value / cores as f64 / clock,
+        };
+        s.cite(
+            "core.hbm.bytes_per_cycle",
+            format!(
+                "derived: {} GB/s per chip / {cores} cores / {} MHz ({})",
+                chip.hbm.bytes_per_second.value / 1e9,
+                clock / 1e6,
+                chip.hbm.bytes_per_second.source
+            ),
+        );
+        s.cite("slice.torus", self.slices.source.clone());
+        s.cite("slice.wraparound", self.slices.source.clone());
+        Machine {
+            name: format!("{}-{}", self.name, slice.cores),
+            core: Core {
+                clock_hz: clock,
+                mxu: Mxu {
+                    count: s.take("core.mxu.count", &c.mxu.count),
+                    rows: s.take("core.mxu.rows", &c.mxu.rows),
+                    cols: s.take("core.mxu.cols", &c.mxu.cols),
+                    weight_double_buffering: s.take("core.mxu.weight_double_buffering", &c.mxu.weight_double_buffering),
+                },
+                vmem_bytes: s.take("core.vmem_bytes", &c.vmem_bytes),
+                vpu: Vpu {
+                    lanes: s.take("core.vpu.lanes", &c.vpu.lanes),
+                    sublanes: s.take("core.vpu.sublanes", &c.vpu.sublanes),
+                    alus: s.take("core.vpu.alus", &c.vpu.alus),
+                },
+                hbm,
+                dma: Dma {
+                    engines: s.take("core.dma.engines", &c.dma.engines),
+                    latency_cycles: s.take("core.dma.latency_cycles", &c.dma.latency_cycles),
+                },
+            },
+            chip: Chip {
+                cores,
+                ici: Ici {
+                    links: s.take("chip.ici.links", &chip.ici.links),
+                    bytes_per_second: s.take("chip.ici.bytes_per_second", &chip.ici.bytes_per_second),
+                    latency_seconds: s.take("chip.ici.latency_seconds", &chip.ici.latency_seconds),
+                },
+            },
+            host: Host {
+                chips: s.take("host.chips", &host.chips),
+                pcie_bytes_per_second: s.take("host.pcie_bytes_per_second", &host.pcie_bytes_per_second),
+            },
+            slice: Slice { torus: slice.torus.clone(), wraparound: slice.wraparound.clone() },
+            sources: s.0,
+        }
+    }
+}
+
+/// Sources by machine field path, collected as a preset reads its figures.
+#[derive(Default)]
+struct Cited(BTreeMap<String, String>);
+
+impl Cited {
+    /// The figure's value, its source recorded under `field`.
+    fn take<T: Clone>(&mut self, field: &str, figure: &Figure<T>) -> T {
+        self.cite(field, figure.source.clone());
+        figure.value.clone()
+    }
+
+    fn cite(&mut self, field: &str, source: String) {
+        self.0.insert(field.to_string(), source);
+    }
+}
+
+/// The generations of [`GENERATIONS`], parsed once. The files are compiled in and tested, so
+/// a parse error is a bug in this crate; the panic names the file, line and column.
+pub fn generations() -> &'static [Generation] {
+    static PARSED: LazyLock<Vec<Generation>> = LazyLock::new(|| {
+        GENERATIONS
+            .iter()
+            .map(|(file, text)| {
+                Generation::from_ron(&format!("simulator/src/config/presets/{file}"), text)
+                    .unwrap_or_else(|e| panic!("{e}"))
+            })
+            .collect()
+    });
+    &PARSED
+}
 
 /// Every preset name, in order.
 pub fn names() -> Vec<String> {
-    GENERATIONS.iter().flat_map(|g| g.slices.iter().map(move |s| format!("{}-{}", g.name, s.0))).collect()
+    generations().iter().flat_map(|g| g.slices.value.iter().map(move |s| format!("{}-{}", g.name, s.cores))).collect()
 }
 
 /// The preset called `name` (`v3-32`), or an error that lists the presets.
 pub fn preset(name: &str) -> Result<Machine> {
-    for generation in GENERATIONS {
-        for &(cores, torus, wrap) in generation.slices {
-            if name == format!("{}-{cores}", generation.name) {
-                return Ok(build(generation, name, torus, wrap));
+    for generation in generations() {
+        for slice in &generation.slices.value {
+            if name == format!("{}-{}", generation.name, slice.cores) {
+                return Ok(generation.machine(slice));
             }
         }
     }
     Err(Error::UnknownMachine { name: name.to_string(), known: names() })
-}
-
-fn build(g: &Generation, name: &str, torus: &[usize], wrap: &[bool]) -> Machine {
-    const CORES_PER_CHIP: usize = 2;
-    let mut sources = BTreeMap::new();
-    let mut cite = |field: &str, source: &str| {
-        sources.insert(field.to_string(), source.to_string());
-    };
-    cite("core.clock_hz", g.clock_src);
-    cite("core.mxu.count", g.mxus_src);
-    cite("core.mxu.rows", "HC20, GC: 128x128 systolic arrays of bf16 multipliers with f32 accumulation");
-    cite("core.mxu.cols", "HC20, GC: 128x128 systolic arrays of bf16 multipliers with f32 accumulation");
-    cite(
-        "core.mxu.weight_double_buffering",
-        "ISCA17: the array holds one weight tile plus a double-buffered one to hide the weight load",
-    );
-    cite("core.vmem_bytes", "JAX tpu_info, HC20: 16 MiB of vector memory per TensorCore");
-    cite("core.vpu.lanes", "HC20: vector registers of 8 sublanes x 128 lanes of 32-bit values");
-    cite("core.vpu.sublanes", "HC20: vector registers of 8 sublanes x 128 lanes of 32-bit values");
-    cite("core.vpu.alus", "HC20: 2 vector ALUs per lane and sublane in the 322-bit VLIW bundle");
-    cite("core.hbm.bytes", g.hbm_src);
-    cite(
-        "core.hbm.bytes_per_cycle",
-        &format!(
-            "derived: {} GB/s per chip / 2 cores / {} MHz ({})",
-            g.hbm_bandwidth_per_chip / 1e9,
-            g.clock_hz / 1e6,
-            g.hbm_src
-        ),
-    );
-    cite("core.dma.engines", "assumption: no public figure; 4 engines let transfers overlap their start-up latency");
-    cite(
-        "core.dma.latency_cycles",
-        "assumption: no public figure; 500 cycles (0.5-0.7 us), the order of an HBM round trip",
-    );
-    cite("chip.cores", "CACM20, JAX, GC: two TensorCores per chip");
-    cite("chip.ici.links", g.ici_src);
-    cite("chip.ici.bytes_per_second", g.ici_src);
-    cite("chip.ici.latency_seconds", "assumption: no public figure; 1 us per hop");
-    cite("host.chips", "GC: a host drives one board of 4 chips (v2-8, v3-8 and v4-8 are one host)");
-    cite("host.pcie_bytes_per_second", "GC, SB (secondary notes): PCIe Gen3 x16, about 16 GB/s per chip");
-    cite("slice.torus", g.topology_src);
-    cite("slice.wraparound", g.topology_src);
-    let clock = g.clock_hz;
-    Machine {
-        name: name.to_string(),
-        core: Core {
-            clock_hz: clock,
-            mxu: Mxu { count: g.mxus, rows: 128, cols: 128, weight_double_buffering: true },
-            vmem_bytes: 16 << 20,
-            vpu: Vpu { lanes: 128, sublanes: 8, alus: 2 },
-            hbm: Hbm {
-                bytes: g.hbm_bytes_per_chip / CORES_PER_CHIP as u64,
-                bytes_per_cycle: g.hbm_bandwidth_per_chip / CORES_PER_CHIP as f64 / clock,
-            },
-            dma: Dma { engines: 4, latency_cycles: 500 },
-        },
-        chip: Chip {
-            cores: CORES_PER_CHIP,
-            ici: Ici { links: g.ici_links, bytes_per_second: g.ici_link_bytes_per_second, latency_seconds: 1e-6 },
-        },
-        host: Host { chips: 4, pcie_bytes_per_second: 16e9 },
-        slice: Slice { torus: torus.to_vec(), wraparound: wrap.to_vec() },
-        sources,
-    }
 }
 
 #[cfg(test)]
@@ -201,6 +262,17 @@ mod tests {
         assert!((tflops("v2-8") - 45.9).abs() < 0.05, "{}", tflops("v2-8"));
         assert!((tflops("v3-8") - 123.2).abs() < 0.05, "{}", tflops("v3-8"));
         assert!((tflops("v4-8") - 275.3).abs() < 0.05, "{}", tflops("v4-8"));
+    }
+
+    #[test]
+    fn generation_files_parse_and_errors_name_the_position() {
+        assert_eq!(generations().len(), GENERATIONS.len());
+        assert_eq!(names().len(), 20);
+        let e = Generation::from_ron("mine.ron", "(name: \"v9\",\n  core: oops)").unwrap_err().to_string();
+        assert!(e.starts_with("mine.ron:2:"), "{e}");
+        let v3 = GENERATIONS[1].1.replace("clock_hz: (value: 940e6,", "clock_hz: (");
+        let e = Generation::from_ron("v3.ron", &v3).unwrap_err().to_string();
+        assert!(e.starts_with("v3.ron:9:") && e.contains("value"), "{e}");
     }
 
     #[test]

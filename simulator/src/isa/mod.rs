@@ -223,7 +223,7 @@ pub struct PoolShape {
 
 /// What an instruction does.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub enum Op {
+pub enum Operation {
     /// Copy a tile between (or within) memory spaces on DMA engine `engine`, optionally
     /// repeated with steps (a 3-D copy).
     Dma {
@@ -296,87 +296,90 @@ impl fmt::Display for Unit {
     }
 }
 
-impl Op {
+impl Operation {
     pub fn unit(&self) -> Unit {
         match self {
-            Op::Dma { engine, .. } => Unit::Dma(*engine),
-            Op::MatMul { mxu, .. } => Unit::Mxu(*mxu),
-            Op::Unary { .. }
-            | Op::Binary { .. }
-            | Op::MulAdd { .. }
-            | Op::Fill { .. }
-            | Op::Reduce { .. }
-            | Op::Pool { .. }
-            | Op::PoolGrad { .. }
-            | Op::Transpose { .. }
-            | Op::Dropout { .. } => Unit::Vpu,
-            Op::Barrier => Unit::Scalar,
-            Op::AllReduce { .. } => Unit::Ici,
-            Op::Infeed { .. } | Op::Outfeed { .. } => Unit::Host,
+            Operation::Dma { engine, .. } => Unit::Dma(*engine),
+            Operation::MatMul { mxu, .. } => Unit::Mxu(*mxu),
+            Operation::Unary { .. }
+            | Operation::Binary { .. }
+            | Operation::MulAdd { .. }
+            | Operation::Fill { .. }
+            | Operation::Reduce { .. }
+            | Operation::Pool { .. }
+            | Operation::PoolGrad { .. }
+            | Operation::Transpose { .. }
+            | Operation::Dropout { .. } => Unit::Vpu,
+            Operation::Barrier => Unit::Scalar,
+            Operation::AllReduce { .. } => Unit::Ici,
+            Operation::Infeed { .. } | Operation::Outfeed { .. } => Unit::Host,
         }
     }
 
     pub fn name(&self) -> &'static str {
         match self {
-            Op::Dma { .. } => "dma",
-            Op::MatMul { .. } => "matmul",
-            Op::Unary { .. } => "unary",
-            Op::Binary { .. } => "binary",
-            Op::MulAdd { .. } => "mul_add",
-            Op::Fill { .. } => "fill",
-            Op::Reduce { .. } => "reduce",
-            Op::Pool { .. } => "pool",
-            Op::PoolGrad { .. } => "pool_grad",
-            Op::Transpose { .. } => "transpose",
-            Op::Dropout { .. } => "dropout",
-            Op::Barrier => "barrier",
-            Op::AllReduce { .. } => "all_reduce",
-            Op::Infeed { .. } => "infeed",
-            Op::Outfeed { .. } => "outfeed",
+            Operation::Dma { .. } => "dma",
+            Operation::MatMul { .. } => "matmul",
+            Operation::Unary { .. } => "unary",
+            Operation::Binary { .. } => "binary",
+            Operation::MulAdd { .. } => "mul_add",
+            Operation::Fill { .. } => "fill",
+            Operation::Reduce { .. } => "reduce",
+            Operation::Pool { .. } => "pool",
+            Operation::PoolGrad { .. } => "pool_grad",
+            Operation::Transpose { .. } => "transpose",
+            Operation::Dropout { .. } => "dropout",
+            Operation::Barrier => "barrier",
+            Operation::AllReduce { .. } => "all_reduce",
+            Operation::Infeed { .. } => "infeed",
+            Operation::Outfeed { .. } => "outfeed",
         }
     }
 
     /// The tiles the instruction reads.
     pub fn reads(&self) -> Vec<Tile> {
         match *self {
-            Op::Dma { src, repeat, .. } => repeated(src, repeat.map(|r| (r.count, r.src_step))),
-            Op::MatMul { lhs, rhs, out, accumulate, .. } => {
+            Operation::Dma { src, repeat, .. } => repeated(src, repeat.map(|r| (r.count, r.src_step))),
+            Operation::MatMul { lhs, rhs, out, accumulate, .. } => {
                 if accumulate {
                     vec![lhs, rhs, out]
                 } else {
                     vec![lhs, rhs]
                 }
             }
-            Op::Unary { src, .. } | Op::Reduce { src, .. } | Op::Pool { src, .. } | Op::Transpose { src, .. } => {
+            Operation::Unary { src, .. }
+            | Operation::Reduce { src, .. }
+            | Operation::Pool { src, .. }
+            | Operation::Transpose { src, .. } => {
                 vec![src]
             }
-            Op::Binary { a, b, .. } => vec![a, b],
-            Op::Dropout { src, step, .. } => vec![src, step],
-            Op::PoolGrad { x, dy, .. } => x.into_iter().chain([dy]).collect(),
-            Op::MulAdd { a, b, acc } => vec![a, b, acc],
-            Op::Barrier | Op::Infeed { .. } | Op::Fill { .. } => vec![],
-            Op::AllReduce { tile, .. } => vec![tile],
-            Op::Outfeed { src } => vec![src],
+            Operation::Binary { a, b, .. } => vec![a, b],
+            Operation::Dropout { src, step, .. } => vec![src, step],
+            Operation::PoolGrad { x, dy, .. } => x.into_iter().chain([dy]).collect(),
+            Operation::MulAdd { a, b, acc } => vec![a, b, acc],
+            Operation::Barrier | Operation::Infeed { .. } | Operation::Fill { .. } => vec![],
+            Operation::AllReduce { tile, .. } => vec![tile],
+            Operation::Outfeed { src } => vec![src],
         }
     }
 
     /// The tiles the instruction writes.
     pub fn writes(&self) -> Vec<Tile> {
         match *self {
-            Op::Dma { dst, repeat, .. } => repeated(dst, repeat.map(|r| (r.count, r.dst_step))),
-            Op::MulAdd { acc, .. } => vec![acc],
-            Op::Fill { dst, .. }
-            | Op::Unary { dst, .. }
-            | Op::Binary { dst, .. }
-            | Op::Reduce { dst, .. }
-            | Op::Pool { dst, .. }
-            | Op::PoolGrad { dst, .. }
-            | Op::Transpose { dst, .. }
-            | Op::Dropout { dst, .. }
-            | Op::Infeed { dst } => vec![dst],
-            Op::MatMul { out, .. } => vec![out],
-            Op::AllReduce { tile, .. } => vec![tile],
-            Op::Barrier | Op::Outfeed { .. } => vec![],
+            Operation::Dma { dst, repeat, .. } => repeated(dst, repeat.map(|r| (r.count, r.dst_step))),
+            Operation::MulAdd { acc, .. } => vec![acc],
+            Operation::Fill { dst, .. }
+            | Operation::Unary { dst, .. }
+            | Operation::Binary { dst, .. }
+            | Operation::Reduce { dst, .. }
+            | Operation::Pool { dst, .. }
+            | Operation::PoolGrad { dst, .. }
+            | Operation::Transpose { dst, .. }
+            | Operation::Dropout { dst, .. }
+            | Operation::Infeed { dst } => vec![dst],
+            Operation::MatMul { out, .. } => vec![out],
+            Operation::AllReduce { tile, .. } => vec![tile],
+            Operation::Barrier | Operation::Outfeed { .. } => vec![],
         }
     }
 }
@@ -391,17 +394,17 @@ fn repeated(tile: Tile, repeat: Option<(u32, u64)>) -> Vec<Tile> {
     }
 }
 
-impl Op {
+impl Operation {
     /// A plain 2-D DMA.
-    pub fn dma(engine: u8, src: Tile, dst: Tile) -> Op {
-        Op::Dma { engine, src, dst, repeat: None }
+    pub fn dma(engine: u8, src: Tile, dst: Tile) -> Operation {
+        Operation::Dma { engine, src, dst, repeat: None }
     }
 }
 
 /// One instruction and the (earlier) instructions it waits for.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Instr {
-    pub op: Op,
+    pub op: Operation,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub deps: Vec<u32>,
 }
@@ -419,7 +422,7 @@ impl Program {
     }
 
     /// Appends an instruction; returns its index for later dependencies.
-    pub fn push(&mut self, op: Op, deps: &[u32]) -> u32 {
+    pub fn push(&mut self, op: Operation, deps: &[u32]) -> u32 {
         self.instrs.push(Instr { op, deps: deps.to_vec() });
         (self.instrs.len() - 1) as u32
     }
@@ -433,25 +436,27 @@ impl Program {
     }
 }
 
-impl fmt::Display for Op {
+impl fmt::Display for Operation {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Op::Dma { src, dst, repeat, .. } => {
+            Operation::Dma { src, dst, repeat, .. } => {
                 write!(f, "dma        {src} -> {dst}")?;
                 if let Some(r) = repeat {
                     write!(f, " x{} (steps {:#x}, {:#x})", r.count, r.src_step, r.dst_step)?;
                 }
                 Ok(())
             }
-            Op::MulAdd { a, b, acc } => write!(f, "mul_add    {acc} += {a} * {b}"),
-            Op::Fill { dst, value } => write!(f, "fill       {dst} = {value}"),
-            Op::MatMul { lhs, rhs, out, accumulate, precision, .. } => {
+            Operation::MulAdd { a, b, acc } => write!(f, "mul_add    {acc} += {a} * {b}"),
+            Operation::Fill { dst, value } => write!(f, "fill       {dst} = {value}"),
+            Operation::MatMul { lhs, rhs, out, accumulate, precision, .. } => {
                 let op = if *accumulate { "+=" } else { "=" };
                 write!(f, "matmul.{:<7} {out} {op} {lhs} x {rhs}", precision.name())
             }
-            Op::Unary { op, src, dst } => write!(f, "{:<10} {dst} = {src}", format!("{op:?}").to_lowercase()),
-            Op::Binary { op, a, b, dst } => write!(f, "{:<10} {dst} = {a}, {b}", format!("{op:?}").to_lowercase()),
-            Op::Reduce { op, axis, src, dst } => {
+            Operation::Unary { op, src, dst } => write!(f, "{:<10} {dst} = {src}", format!("{op:?}").to_lowercase()),
+            Operation::Binary { op, a, b, dst } => {
+                write!(f, "{:<10} {dst} = {a}, {b}", format!("{op:?}").to_lowercase())
+            }
+            Operation::Reduce { op, axis, src, dst } => {
                 write!(
                     f,
                     "reduce.{}  {dst} = {src} over {}",
@@ -459,7 +464,7 @@ impl fmt::Display for Op {
                     format!("{axis:?}").to_lowercase()
                 )
             }
-            Op::PoolGrad { op, shape, x, dy, dst } => write!(
+            Operation::PoolGrad { op, shape, x, dy, dst } => write!(
                 f,
                 "pool_grad.{}   {dst} = d({}) window {}x{} stride {}x{} from {dy}",
                 format!("{op:?}").to_lowercase(),
@@ -469,7 +474,7 @@ impl fmt::Display for Op {
                 shape.strides[0],
                 shape.strides[1]
             ),
-            Op::Pool { op, shape, src, dst } => write!(
+            Operation::Pool { op, shape, src, dst } => write!(
                 f,
                 "pool.{}   {dst} = {src} window {}x{} stride {}x{}",
                 format!("{op:?}").to_lowercase(),
@@ -478,16 +483,16 @@ impl fmt::Display for Op {
                 shape.strides[0],
                 shape.strides[1]
             ),
-            Op::Transpose { src, dst } => write!(f, "transpose  {dst} = {src}ᵀ"),
-            Op::Dropout { seed, rate, step, counter, src, dst } => {
+            Operation::Transpose { src, dst } => write!(f, "transpose  {dst} = {src}ᵀ"),
+            Operation::Dropout { seed, rate, step, counter, src, dst } => {
                 write!(f, "dropout    {dst} = {src} rate {rate} seed {seed} step {step} from element {counter}")
             }
-            Op::Barrier => write!(f, "barrier"),
-            Op::AllReduce { op, tile, replicas } => {
+            Operation::Barrier => write!(f, "barrier"),
+            Operation::AllReduce { op, tile, replicas } => {
                 write!(f, "all_reduce.{} {tile} over {replicas} replicas", format!("{op:?}").to_lowercase())
             }
-            Op::Infeed { dst } => write!(f, "infeed     {dst}"),
-            Op::Outfeed { src } => write!(f, "outfeed    {src}"),
+            Operation::Infeed { dst } => write!(f, "infeed     {dst}"),
+            Operation::Outfeed { src } => write!(f, "outfeed    {src}"),
         }
     }
 }

@@ -128,7 +128,7 @@ impl Checker<'_> {
         Ok(())
     }
 
-    fn op(&self, op: &Op) -> Result<()> {
+    fn op(&self, op: &Operation) -> Result<()> {
         // A read view may have overlapping rows (a sliding window: stride < cols); a written
         // tile may not, or two rows would write the same bytes.
         for t in op.reads().iter() {
@@ -138,7 +138,7 @@ impl Checker<'_> {
             self.tile("written operand", t)?;
         }
         match op {
-            Op::Dma { engine, src, dst, repeat } => {
+            Operation::Dma { engine, src, dst, repeat } => {
                 if let Some(r) = repeat
                     && r.count == 0
                 {
@@ -159,7 +159,7 @@ impl Checker<'_> {
                 }
                 Ok(())
             }
-            Op::MatMul { mxu, lhs, rhs, out, .. } => {
+            Operation::MatMul { mxu, lhs, rhs, out, .. } => {
                 if *mxu as usize >= self.machine.core.mxu.count {
                     return Err(self.fail(format!(
                         "MXU {mxu} does not exist (the core has {}, core.mxu.count)",
@@ -181,13 +181,13 @@ impl Checker<'_> {
                 self.disjoint("out and lhs", out, lhs)?;
                 self.disjoint("out and rhs", out, rhs)
             }
-            Op::Unary { src, dst, .. } => {
+            Operation::Unary { src, dst, .. } => {
                 self.in_vmem("src", src)?;
                 self.in_vmem("dst", dst)?;
                 self.same_shape("src and dst", src, dst)?;
                 self.disjoint_or_same(dst, src)
             }
-            Op::Binary { a, b, dst, .. } => {
+            Operation::Binary { a, b, dst, .. } => {
                 for (what, t) in [("a", a), ("b", b), ("dst", dst)] {
                     self.in_vmem(what, t)?;
                 }
@@ -196,7 +196,7 @@ impl Checker<'_> {
                 self.disjoint_or_same(dst, a)?;
                 self.disjoint_or_same(dst, b)
             }
-            Op::MulAdd { a, b, acc } => {
+            Operation::MulAdd { a, b, acc } => {
                 for (what, t) in [("a", a), ("b", b), ("acc", acc)] {
                     self.in_vmem(what, t)?;
                 }
@@ -205,14 +205,14 @@ impl Checker<'_> {
                 self.disjoint("acc and a", acc, a)?;
                 self.disjoint("acc and b", acc, b)
             }
-            Op::Fill { dst, value } => {
+            Operation::Fill { dst, value } => {
                 self.in_vmem("dst", dst)?;
                 if value.is_nan() {
                     return Err(self.fail("fill value is NaN".into()));
                 }
                 Ok(())
             }
-            Op::Reduce { axis, src, dst, .. } => {
+            Operation::Reduce { axis, src, dst, .. } => {
                 self.in_vmem("src", src)?;
                 self.in_vmem("dst", dst)?;
                 let want = match axis {
@@ -226,13 +226,13 @@ impl Checker<'_> {
                 }
                 self.disjoint("src and dst", src, dst)
             }
-            Op::Pool { shape, src, dst, .. } => {
+            Operation::Pool { shape, src, dst, .. } => {
                 self.in_vmem("src", src)?;
                 self.in_vmem("dst", dst)?;
                 self.pool_geometry(shape, src, dst)?;
                 self.disjoint("src and dst", src, dst)
             }
-            Op::PoolGrad { op, shape, x, dy, dst } => {
+            Operation::PoolGrad { op, shape, x, dy, dst } => {
                 self.in_vmem("dy", dy)?;
                 self.in_vmem("dst", dst)?;
                 self.pool_geometry(shape, dst, dy)?;
@@ -249,7 +249,7 @@ impl Checker<'_> {
                     (PoolOp::Avg, None) => Ok(()),
                 }
             }
-            Op::Transpose { src, dst } => {
+            Operation::Transpose { src, dst } => {
                 self.in_vmem("src", src)?;
                 self.in_vmem("dst", dst)?;
                 if dst.rows != src.cols || dst.cols != src.rows {
@@ -259,7 +259,7 @@ impl Checker<'_> {
                 }
                 self.disjoint("src and dst", src, dst)
             }
-            Op::Dropout { rate, step, src, dst, .. } => {
+            Operation::Dropout { rate, step, src, dst, .. } => {
                 for (what, t) in [("src", src), ("dst", dst), ("step", step)] {
                     self.in_vmem(what, t)?;
                 }
@@ -273,14 +273,14 @@ impl Checker<'_> {
                 self.disjoint_or_same(dst, src)?;
                 self.disjoint("dst and step", dst, step)
             }
-            Op::Barrier => Ok(()),
-            Op::AllReduce { replicas, .. } => {
+            Operation::Barrier => Ok(()),
+            Operation::AllReduce { replicas, .. } => {
                 if *replicas == 0 {
                     return Err(self.fail("an all-reduce needs at least one replica".into()));
                 }
                 Ok(())
             }
-            Op::Infeed { dst: t } | Op::Outfeed { src: t } => {
+            Operation::Infeed { dst: t } | Operation::Outfeed { src: t } => {
                 if t.space != Space::Hbm {
                     return Err(self.fail(format!("{t} must be in HBM (the host link reaches HBM)")));
                 }

@@ -5,7 +5,7 @@
 //! placed by the staging DMA, never stored in HBM) and padded by `(k − 1)·d − pad` — with the
 //! kernel flipped in space and transposed per tap (`[kh, kw, cout, cin]`). The flip and
 //! transpose run once per step on the VPU's transpose unit into an HBM scratch buffer; the
-//! convolution itself is the forward kernel ([`emit::conv_with`]). For strided layers the
+//! convolution itself is the forward kernel ([`conv_with`]). For strided layers the
 //! zeros are streamed through the MXU and reported as padding waste.
 //!
 //! **Filter gradient** (`Conv2dBackpropFilter`): per tap `dWᵀ_tap = dyᵀ · x_tap`, summed over
@@ -19,40 +19,31 @@
 
 use systolic_simulator::isa::*;
 
-use super::emit::{self, BUFFERS, ConvGeom, ConvSpec, Emitter, PixelBlocks, TARGET_ROWS};
-use super::fusion::Kernel;
-use super::{KernelReport, Main, Place};
 use crate::error::Result;
-use crate::graph::{Conv2d, Graph, NodeId, Op as GOp, Padding};
+use crate::graph::{Conv2d, Graph, NodeId, Op, Padding};
+use crate::lower::blocks::conv_layout::{ConvLayout, PixelBlocks};
+use crate::lower::blocks::staging::{im2col_copies, out_rows, stage_block};
+use crate::lower::emitter::{BUFFERS, Emitted, Emitter, TARGET_ROWS};
+use crate::lower::kernel::{Kernel, Place};
+use crate::lower::kernels::conv::{ConvSpec, conv_with};
 
-/// HBM scratch a kernel needs beyond graph tensors: the flipped kernel of an input gradient.
-pub(super) fn scratch_bytes(graph: &Graph, kernel: &Kernel) -> u64 {
-    match kernel.main {
-        Main::ConvGradInput(n) => {
-            let w = &graph.node(graph.node(n).inputs[1]).shape.dims;
-            w.iter().product::<usize>() as u64 * 4
-        }
-        _ => 0,
-    }
+/// The HBM scratch of an input gradient (`Conv2dBackpropInput` node `node`): the flipped,
+/// transposed kernel.
+pub(crate) fn input_scratch_bytes(graph: &Graph, node: NodeId) -> u64 {
+    let w = &graph.node(graph.node(node).inputs[1]).shape.dims;
+    w.iter().product::<usize>() as u64 * 4
 }
 
 /// The forward MACs of a convolution, which each of its gradients repeats.
-fn conv_macs(g: &ConvGeom, cg: usize) -> u64 {
+fn conv_macs(g: &ConvLayout, cg: usize) -> u64 {
     (g.n * g.oh * g.ow * g.taps() * cg * g.co) as u64
 }
 
-/// Overrides a report's useful work (the gradient's, not the padded transposed conv's).
-fn set_useful(report: &mut KernelReport, useful: u64) {
-    report.useful_macs = useful;
-    report.padding_waste = if report.padded_macs > 0 { 1.0 - useful as f64 / report.padded_macs as f64 } else { 0.0 };
-}
-
-pub(super) fn conv_grad_input(e: &mut Emitter, kernel: &Kernel, node: NodeId) -> Result<KernelReport> {
-    let first = e.program.len();
+pub(crate) fn input(e: &mut Emitter, kernel: &Kernel, node: NodeId) -> Result<Emitted> {
     let n = e.graph.node(node);
-    let GOp::Conv2dBackpropInput(b) = &n.op else { unreachable!("a ConvGradInput main") };
+    let Op::Conv2dBackpropInput(b) = &n.op else { unreachable!("a ConvGradInput main") };
     let (dy, w, dx) = (e.place(n.inputs[0]), e.place(n.inputs[1]), e.place(kernel.output));
-    let g = ConvGeom::new(&b.conv, &dx.shape, &w.shape);
+    let g = ConvLayout::new(&b.conv, &dx.shape, &w.shape);
     let (cg, groups) = (w.shape[2], g.groups);
     let cog = g.co / groups;
     let depthwise = g.depthwise(cg);
@@ -81,7 +72,7 @@ pub(super) fn conv_grad_input(e: &mut Emitter, kernel: &Kernel, node: NodeId) ->
     let mut done = Vec::new();
     if depthwise {
         for t in 0..taps {
-            done.push(e.push(Op::dma(t as u8, w.tile.rows(t, 1), flipped.tile.rows(taps - 1 - t, 1)), &[]));
+            done.push(e.push(Operation::dma(t as u8, w.tile.rows(t, 1), flipped.tile.rows(taps - 1 - t, 1)), &[]));
         }
     } else {
         let budget = (e.m.core.vmem_bytes / (2 * BUFFERS as u64)) as usize;
@@ -102,12 +93,12 @@ pub(super) fn conv_grad_input(e: &mut Emitter, kernel: &Kernel, node: NodeId) ->
                     let a = Tile { rows: rn as u32, ..loads[p] };
                     let bt = Tile { cols: rn as u32, stride: rn as u32, ..turned[p] };
                     let src = w.tile.rows(t * cg + r0, rn).columns(gi * cog, cog);
-                    let l = e.push(Op::dma(0, src, a), &load_free[p]);
+                    let l = e.push(Operation::dma(0, src, a), &load_free[p]);
                     let mut deps = turned_free[p].clone();
                     deps.push(l);
-                    let tr = e.push(Op::Transpose { src: a, dst: bt }, &deps);
+                    let tr = e.push(Operation::Transpose { src: a, dst: bt }, &deps);
                     let dst = flipped.tile.rows((taps - 1 - t) * cog, cog).columns(gi * cg + r0, rn);
-                    let st = e.push(Op::dma(2, bt, dst), &[tr]);
+                    let st = e.push(Operation::dma(2, bt, dst), &[tr]);
                     load_free[p] = vec![tr];
                     turned_free[p] = vec![st];
                     done.push(st);
@@ -119,9 +110,9 @@ pub(super) fn conv_grad_input(e: &mut Emitter, kernel: &Kernel, node: NodeId) ->
 
     let out_window = Some([crop_t, crop_l, g.h, g.w]);
     let spec = ConvSpec { x: dy, w: &flipped, y: dx, attrs, bias: None, input_dilation: [g.sh, g.sw], out_window };
-    let mut report = emit::conv_with(e, kernel, &spec)?;
-    report.instructions.start = first;
-    set_useful(&mut report, conv_macs(&g, cg));
+    let mut report = conv_with(e, kernel, &spec)?;
+    // The useful work is the gradient's, not the padded transposed convolution's.
+    report.useful_macs = conv_macs(&g, cg);
     report.strategy = if g.sh > 1 || g.sw > 1 {
         format!("transposed conv, dy dilated by {}x{} in staging: {}", g.sh, g.sw, report.strategy)
     } else {
@@ -145,7 +136,7 @@ struct Job {
 /// tap each, or each tap's channels cut into `parts` array-wide chunks, with `parts` the
 /// fewest that give every MXU the same number of jobs (9 taps on 2 MXUs would leave one idle
 /// a ninth of the time; 18 half-taps do not).
-fn filter_jobs(g: &ConvGeom, cg: usize, im2col: bool, mxus: usize, cols: usize) -> Vec<Job> {
+fn filter_jobs(g: &ConvLayout, cg: usize, im2col: bool, mxus: usize, cols: usize) -> Vec<Job> {
     let chunks = |width: usize, parts: usize| -> Vec<(usize, usize)> {
         let parts = parts.min(width.div_ceil(cols)).max(1);
         let per = width.div_ceil(parts).div_ceil(cols) * cols;
@@ -171,12 +162,11 @@ fn filter_jobs(g: &ConvGeom, cg: usize, im2col: bool, mxus: usize, cols: usize) 
     jobs
 }
 
-pub(super) fn conv_grad_filter(e: &mut Emitter, kernel: &Kernel, node: NodeId) -> Result<KernelReport> {
-    let first = e.program.len();
+pub(crate) fn filter(e: &mut Emitter, kernel: &Kernel, node: NodeId) -> Result<Emitted> {
     let n = e.graph.node(node);
-    let GOp::Conv2dBackpropFilter(b) = &n.op else { unreachable!("a ConvGradFilter main") };
+    let Op::Conv2dBackpropFilter(b) = &n.op else { unreachable!("a ConvGradFilter main") };
     let (x, dy, dw) = (e.place(n.inputs[0]), e.place(n.inputs[1]), e.place(kernel.output));
-    let g = ConvGeom::new(&b.conv, &x.shape, &b.kernel_shape);
+    let g = ConvLayout::new(&b.conv, &x.shape, &b.kernel_shape);
     let (c, co, groups, taps) = (g.c, g.co, g.groups, g.taps());
     let cg = b.kernel_shape[2];
     let cog = co / groups;
@@ -270,18 +260,17 @@ pub(super) fn conv_grad_filter(e: &mut Emitter, kernel: &Kernel, node: NodeId) -
             let p = wi % BUFFERS;
             wi += 1;
             let m_blk = g.block_rows(blk, whole);
-            let staged =
-                emit::stage_block(e, &g, x.tile, blk, whole, stage[p], &mut stage_filled[p], &stage_readers[p]);
+            let staged = stage_block(e, &g, x.tile, blk, whole, stage[p], &mut stage_filled[p], &stage_readers[p]);
             // dy rows in the padded-width layout, zeros at the dropped columns. Rows stay `nb`
             // apart in every block, so a narrower last block finds zeros where the wider ones
             // left them (the buffer is zeroed once, at full width).
             let dyt = Tile { rows: m_blk as u32, cols: nbw as u32, stride: nb as u32, ..dyb[p] };
             let mut dy_deps = dy_readers[p].clone();
             if !dy_filled[p] {
-                dy_deps = vec![e.push(Op::Fill { dst: dyb[p], value: 0.0 }, &dy_deps)];
+                dy_deps = vec![e.push(Operation::Fill { dst: dyb[p], value: 0.0 }, &dy_deps)];
                 dy_filled[p] = true;
             }
-            let loaded = emit::out_rows(e, &g, blk, whole, per_image, dy.tile, dyt, c0, nbw, true, &dy_deps);
+            let loaded = out_rows(e, &g, blk, whole, per_image, dy.tile, dyt, c0, nbw, true, &dy_deps);
             let mut readers = Vec::new();
             if depthwise {
                 let prod = Tile { rows: m_blk as u32, cols: nbw as u32, stride: nbw as u32, ..second[p] };
@@ -292,17 +281,21 @@ pub(super) fn conv_grad_filter(e: &mut Emitter, kernel: &Kernel, node: NodeId) -
                         let mut deps = vec![staged, loaded];
                         deps.extend(vpu_last);
                         deps.extend(second_readers[p].iter().copied());
-                        let mul = e.push(Op::Binary { op: BinaryOp::Mul, a, b: dyt, dst: prod }, &deps);
+                        let mul = e.push(Operation::Binary { op: BinaryOp::Mul, a, b: dyt, dst: prod }, &deps);
                         let part_t = part.expect("allocated for the depthwise path").columns(0, nbw);
-                        let sum =
-                            e.push(Op::Reduce { op: ReduceOp::Sum, axis: Axis::Rows, src: prod, dst: part_t }, &[mul]);
+                        let sum = e.push(
+                            Operation::Reduce { op: ReduceOp::Sum, axis: Axis::Rows, src: prod, dst: part_t },
+                            &[mul],
+                        );
                         let row = acc_t.rows(tap, 1);
                         let mut deps = vec![sum];
                         deps.extend(last_write[tap]);
                         deps.extend(acc_free.iter().copied());
                         let add = match last_write[tap] {
-                            Some(_) => e.push(Op::Binary { op: BinaryOp::Add, a: row, b: part_t, dst: row }, &deps),
-                            None => e.push(Op::Unary { op: UnaryOp::Copy, src: part_t, dst: row }, &deps),
+                            Some(_) => {
+                                e.push(Operation::Binary { op: BinaryOp::Add, a: row, b: part_t, dst: row }, &deps)
+                            }
+                            None => e.push(Operation::Unary { op: UnaryOp::Copy, src: part_t, dst: row }, &deps),
                         };
                         last_write[tap] = Some(add);
                         vpu_last = Some(add);
@@ -316,11 +309,11 @@ pub(super) fn conv_grad_filter(e: &mut Emitter, kernel: &Kernel, node: NodeId) -
                 let dyt_t = Tile { rows: nbw as u32, cols: m_blk as u32, stride: m_blk as u32, ..second[p] };
                 let mut deps = second_readers[p].clone();
                 deps.push(loaded);
-                let turned = e.push(Op::Transpose { src: dyt, dst: dyt_t }, &deps);
+                let turned = e.push(Operation::Transpose { src: dyt, dst: dyt_t }, &deps);
                 dy_readers[p] = vec![turned];
                 readers.push(turned);
                 let cols_t = im2col.then(|| Tile { rows: m_blk as u32, ..im2col_bufs[p] });
-                let copied = cols_t.map(|ct| emit::im2col_copies(e, &g, stage[p], ct, staged, m_blk));
+                let copied = cols_t.map(|ct| im2col_copies(e, &g, stage[p], ct, staged, m_blk));
                 let mut matmuls = Vec::new();
                 for (ji, job) in jobs.iter().enumerate() {
                     let rhs = match (job.tap, cols_t) {
@@ -341,7 +334,7 @@ pub(super) fn conv_grad_filter(e: &mut Emitter, kernel: &Kernel, node: NodeId) -
                     }
                     last_mxu[ji] = Some(mxu);
                     let id = e.push(
-                        Op::MatMul {
+                        Operation::MatMul {
                             mxu: mxu as u8,
                             lhs: dyt_t,
                             rhs,
@@ -371,28 +364,27 @@ pub(super) fn conv_grad_filter(e: &mut Emitter, kernel: &Kernel, node: NodeId) -
             for (ji, w) in last_write.iter().enumerate().take(if depthwise { taps } else { jobs.len() }) {
                 if w.is_none() {
                     let dst = if depthwise { acc_t.rows(ji, 1) } else { acc_t.columns(jobs[ji].k0, jobs[ji].kn) };
-                    ready.push(e.push(Op::Fill { dst, value: 0.0 }, &deps));
+                    ready.push(e.push(Operation::Fill { dst, value: 0.0 }, &deps));
                 }
             }
         }
         // Back to HWIO: dW rows are (tap, input channel), columns output channels.
         acc_free.clear();
         if depthwise {
-            acc_free.push(e.push(Op::dma(2, acc_t, dw.tile.columns(c0, nbw)), &ready));
+            acc_free.push(e.push(Operation::dma(2, acc_t, dw.tile.columns(c0, nbw)), &ready));
         } else {
             for (q, k0) in (0..kdim).step_by(kc).enumerate() {
                 let kn = kc.min(kdim - k0);
                 let o = Tile { rows: kn as u32, cols: nbw as u32, stride: nbw as u32, ..outs[q % 2] };
                 let mut deps = ready.clone();
                 deps.extend(out_free[q % 2].iter().copied());
-                let tr = e.push(Op::Transpose { src: acc_t.columns(k0, kn), dst: o }, &deps);
-                let st = e.push(Op::dma(2, o, dw.tile.rows(k0, kn).columns(c0, nbw)), &[tr]);
+                let tr = e.push(Operation::Transpose { src: acc_t.columns(k0, kn), dst: o }, &deps);
+                let st = e.push(Operation::dma(2, o, dw.tile.rows(k0, kn).columns(c0, nbw)), &[tr]);
                 out_free[q % 2] = vec![st];
                 acc_free.push(tr);
             }
         }
     }
-    let range = first..e.program.len() + 1;
     let unit = if depthwise {
         "on the VPU (per tap a product with dy and a column sum)".to_string()
     } else if im2col {
@@ -411,7 +403,5 @@ pub(super) fn conv_grad_filter(e: &mut Emitter, kernel: &Kernel, node: NodeId) -
     } else {
         format!("M {nb} x K {m_rows} x N {}", if im2col { kdim } else { cg })
     };
-    let mut report = e.report(e.graph, kernel, strategy, padded, 0, range);
-    set_useful(&mut report, conv_macs(&g, cg));
-    Ok(report)
+    Ok(Emitted::new(strategy, padded, conv_macs(&g, cg)))
 }

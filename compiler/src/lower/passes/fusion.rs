@@ -7,180 +7,49 @@
 //! HBM. Reshapes (and dropout at inference) become views: no instructions, the same bytes.
 
 use std::collections::BTreeMap;
-use std::fmt;
 
-use super::training::Update;
 use crate::error::{Error, Result};
 use crate::graph::{Graph, NodeId, Op};
+use crate::lower::kernel::{BatchNormGrad, Epilogue, Kernel, Main};
+use crate::lower::training::Step;
 
-/// An elementwise step applied in a kernel's epilogue.
-#[derive(Clone, Debug, PartialEq)]
-pub enum Epilogue {
-    /// Adds a `[C]` parameter.
-    Bias(NodeId),
-    /// Batch norm with moving statistics; the node's inputs give the parameters.
-    BatchNorm(NodeId),
-    /// Batch norm with the batch's statistics (training): a pass over the kernel's input
-    /// computes them first, so it is only ever the first step of a pointwise kernel.
-    BatchNormTrain(NodeId),
-    /// Adds a tensor of the kernel's output shape.
-    Residual(NodeId),
-    /// Multiplies by a tensor of the kernel's output shape (`Mul`). A kernel has at most one
-    /// such tensor operand (this or `Residual`).
-    Product(NodeId),
-    /// `ReluGrad` / `Relu6Grad` of the value so far (a gradient) by the activation `y`: the
-    /// mask applied where the gradient is made, so it is not written and read back. Only in
-    /// a convolution input gradient's epilogue.
-    Mask {
-        y: NodeId,
-        relu6: bool,
-    },
-    Relu,
-    Relu6,
-}
-
-/// What a kernel computes before its epilogue.
-#[derive(Clone, Debug, PartialEq)]
-pub enum Main {
-    Conv(NodeId),
-    Dense(NodeId),
-    MaxPool(NodeId),
-    AvgPool(NodeId),
-    GlobalAvgPool(NodeId),
-    Softmax(NodeId),
-    Concat(NodeId),
-    /// A slice along one axis (a concatenation's gradient).
-    Slice(NodeId),
-    /// Only an epilogue, applied to an existing tensor.
-    Pointwise {
-        input: NodeId,
-    },
-    /// The same bytes under another shape (reshape, flatten, dropout at inference).
-    View(NodeId),
-    // ---- training ----
-    /// Softmax cross-entropy: the mean loss, from logits and one-hot labels.
-    Loss(NodeId),
-    /// The loss's gradient with respect to the logits.
-    LossGrad(NodeId),
-    /// `DenseBackpropInput` (`dy · Wᵀ`) or `DenseBackpropKernel` (`xᵀ · dy`).
-    MatMulT(NodeId),
-    /// `BiasAddGrad`: sums over every row.
-    ColumnSums(NodeId),
-    /// `SoftmaxGrad`: `y · (dy − Σ dy·y)` per row.
-    SoftmaxGrad(NodeId),
-    /// `ReluGrad` or `Relu6Grad`: `dy` where the activation was in its active range.
-    Mask(NodeId),
-    /// `MaxPoolGrad`, `AvgPoolGrad` or `GlobalAvgPoolGrad` on the VPU.
-    PoolGrad(NodeId),
-    /// `Conv2dBackpropInput`: a stride-1 convolution of the (zero-dilated) gradient with the
-    /// flipped, transposed kernel.
-    ConvGradInput(NodeId),
-    /// `Conv2dBackpropFilter`: per tap, `dyᵀ · x_tap` accumulated over blocks of pixels.
-    ConvGradFilter(NodeId),
-    /// A batch norm's gradients with batch statistics in one kernel: a pass of sums, then the
-    /// input gradient; the gamma and beta gradients come from the sums.
-    BatchNormGrad(BatchNormGrad),
-    /// `BatchNormGradGamma`: one pass of sums.
-    BatchNormGradGamma(NodeId),
-    /// Dropout in a training step (forward, or the same mask on the gradient): the mask drawn
-    /// on the VPU from the step number.
-    Dropout(NodeId),
-    /// The optimizer's update of one parameter (in place) and its slots.
-    Update(Update),
-    /// The optimizer's shared state after the step (Adam's powers).
-    Advance(Vec<NodeId>),
-}
-
-/// The nodes of one batch norm's gradient kernel.
-#[derive(Clone, Debug, PartialEq)]
-pub struct BatchNormGrad {
-    /// The `BatchNormGradInput` node (the kernel's output).
-    pub input: NodeId,
-    /// `BatchNormGradGamma` on the same `x` and `dy`.
-    pub gamma: Option<NodeId>,
-    /// `BiasAddGrad` of the same `dy` (beta's gradient).
-    pub beta: Option<NodeId>,
-    /// A `ReluGrad` / `Relu6Grad` that makes `dy` and feeds only this kernel: applied to each
-    /// block as it loads, so the masked gradient never goes to HBM.
-    pub mask: Option<NodeId>,
-}
-
-/// A group of nodes computed by one block of instructions.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Kernel {
-    pub name: String,
-    pub main: Main,
-    pub epilogue: Vec<Epilogue>,
-    /// Every graph node the kernel computes, in order.
-    pub nodes: Vec<NodeId>,
-    /// The node whose value the kernel writes to HBM.
-    pub output: NodeId,
-    /// Further nodes it writes (a fused batch-norm gradient's gamma and beta gradients).
-    pub also: Vec<NodeId>,
-    /// A convolution whose output feeds this batch norm (batch statistics): its epilogue also
-    /// sums the output per channel, so the batch norm skips its own pass of sums.
-    pub stats_for: Option<NodeId>,
-}
-
-impl Kernel {
-    /// The tensors (graph nodes) the kernel reads, excluding parameters.
-    pub fn inputs(&self, graph: &Graph) -> Vec<NodeId> {
-        let mut out = Vec::new();
-        match &self.main {
-            Main::Conv(n)
-            | Main::Dense(n)
-            | Main::MaxPool(n)
-            | Main::AvgPool(n)
-            | Main::GlobalAvgPool(n)
-            | Main::Softmax(n)
-            | Main::Dropout(n)
-            | Main::Slice(n)
-            | Main::View(n) => out.push(graph.node(*n).inputs[0]),
-            Main::Concat(n)
-            | Main::MatMulT(n)
-            | Main::SoftmaxGrad(n)
-            | Main::Mask(n)
-            | Main::PoolGrad(n)
-            | Main::ConvGradInput(n)
-            | Main::ConvGradFilter(n)
-            | Main::BatchNormGradGamma(n) => out.extend(graph.node(*n).inputs.iter().copied()),
-            Main::BatchNormGrad(g) => {
-                let ins = &graph.node(g.input).inputs;
-                out.extend(ins[..4].iter().copied());
-                match g.mask {
-                    Some(m) => out.extend(graph.node(m).inputs.iter().copied()),
-                    None => out.push(ins[4]),
-                }
-            }
-            Main::Pointwise { input } => out.push(*input),
-            // The labels are read as their one-hot input, a leaf.
-            Main::Loss(n) | Main::LossGrad(n) | Main::ColumnSums(n) => out.push(graph.node(*n).inputs[0]),
-            Main::Update(u) => out.push(u.grad),
-            Main::Advance(_) => {}
-        }
-        for e in &self.epilogue {
-            if let Epilogue::Residual(r) | Epilogue::Product(r) | Epilogue::Mask { y: r, .. } = e {
-                out.push(*r);
-            }
-        }
-        out
+/// The pass: the graph's kernels, then (for a training step) one update kernel per parameter
+/// and one that advances the optimizer's shared state.
+pub(crate) fn run(graph: &Graph, step: &Step, training: bool) -> Result<Vec<Kernel>> {
+    let mut kernels = fuse(graph, training)?;
+    for u in &step.updates {
+        kernels.push(Kernel {
+            name: format!("update/{}", graph.node(u.param).name),
+            main: Main::Update(u.clone()),
+            epilogue: Vec::new(),
+            nodes: vec![u.param],
+            output: u.param,
+            also: Vec::new(),
+            stats_for: None,
+        });
     }
-
-    /// Whether the kernel writes a new tensor (views alias one, updates write in place).
-    pub fn allocates(&self) -> bool {
-        !matches!(self.main, Main::View(_) | Main::Update(_) | Main::Advance(_))
+    if let Some(&first) = step.state.first() {
+        kernels.push(Kernel {
+            name: "update/optimizer state".to_string(),
+            main: Main::Advance(step.state.clone()),
+            epilogue: Vec::new(),
+            nodes: step.state.clone(),
+            output: first,
+            also: Vec::new(),
+            stats_for: None,
+        });
     }
-
-    /// A short description of the kernel's ops (`Conv2d+BatchNorm+Relu`).
-    pub fn ops(&self, graph: &Graph) -> String {
-        self.nodes.iter().map(|&n| graph.node(n).op.kind()).collect::<Vec<_>>().join("+")
-    }
+    Ok(kernels)
 }
 
-impl fmt::Display for Main {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{self:?}")
+/// One line per kernel: its name, ops and nodes.
+pub(crate) fn dump(graph: &Graph, kernels: &[Kernel]) -> String {
+    let mut s = format!("{} kernels\n", kernels.len());
+    for (i, k) in kernels.iter().enumerate() {
+        let names: Vec<&str> = k.nodes.iter().map(|&n| graph.node(n).name.as_str()).collect();
+        s += &format!("{i:>4}  {:<28} {:<40} [{}]\n", k.name, k.ops(graph), names.join(", "));
     }
+    s
 }
 
 fn unsupported(graph: &Graph, id: NodeId, why: &str) -> Error {
@@ -190,7 +59,7 @@ fn unsupported(graph: &Graph, id: NodeId, why: &str) -> Error {
 
 /// Groups the graph's nodes (those the outputs need) into kernels, in an order where every
 /// kernel's inputs are produced by earlier kernels.
-pub fn fuse(graph: &Graph, training: bool) -> Result<Vec<Kernel>> {
+fn fuse(graph: &Graph, training: bool) -> Result<Vec<Kernel>> {
     let needed = graph.ancestors(graph.outputs());
     let mut fused = vec![false; graph.len()];
     let is_output = |id: NodeId| graph.outputs().contains(&id);
@@ -235,8 +104,8 @@ pub fn fuse(graph: &Graph, training: bool) -> Result<Vec<Kernel>> {
             }
             Op::BatchNormGradInput(_) => Main::BatchNormGrad(bn_grads.remove(&id).expect("grouped above")),
             Op::BatchNormGradGamma(_) => Main::BatchNormGradGamma(id),
-            // Every op of the IR has a kernel above; a new op must get one before it compiles.
-            other => return Err(unsupported(graph, id, &format!("{} is not lowered yet", other.kind()))),
+            // Every other op of the IR has a kernel above; a new op must get one to compile.
+            Op::Input(_) | Op::Parameter(_) => unreachable!("leaves are skipped above"),
         };
         let mut kernel = Kernel {
             name: node.name.clone(),
@@ -393,6 +262,34 @@ fn epilogue_step(graph: &Graph, next: NodeId, cur: NodeId) -> Option<Epilogue> {
             };
             Some(if matches!(node.op, Op::Add) { Epilogue::Residual(other) } else { Epilogue::Product(other) })
         }
-        _ => None,
+        // The elementwise ops above, with operands they cannot take as an epilogue step.
+        Op::BiasAdd | Op::BatchNorm(_) | Op::Relu | Op::Relu6 | Op::ReluGrad | Op::Relu6Grad => None,
+        // Ops that are not elementwise on the value so far.
+        Op::Input(_)
+        | Op::Parameter(_)
+        | Op::Conv2d(_)
+        | Op::MaxPool(_)
+        | Op::AvgPool(_)
+        | Op::GlobalAvgPool
+        | Op::Dense
+        | Op::Dropout(_)
+        | Op::Flatten
+        | Op::Reshape(_)
+        | Op::Concat(_)
+        | Op::Softmax
+        | Op::SoftmaxCrossEntropy(_)
+        | Op::Conv2dBackpropInput(_)
+        | Op::Conv2dBackpropFilter(_)
+        | Op::MaxPoolGrad(_)
+        | Op::AvgPoolGrad(_)
+        | Op::GlobalAvgPoolGrad(_)
+        | Op::DenseBackpropInput
+        | Op::DenseBackpropKernel
+        | Op::BiasAddGrad
+        | Op::BatchNormGradInput(_)
+        | Op::BatchNormGradGamma(_)
+        | Op::SoftmaxGrad
+        | Op::SoftmaxCrossEntropyGrad(_)
+        | Op::Slice(_) => None,
     }
 }

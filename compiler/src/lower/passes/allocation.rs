@@ -10,14 +10,14 @@ use std::collections::BTreeMap;
 
 use systolic_simulator::Machine;
 
-use super::Kernel;
 use crate::error::{Error, Result};
 use crate::graph::{Graph, NodeId};
+use crate::lower::kernel::Kernel;
 
 const ALIGN: u64 = 512;
 
 /// HBM addresses of every storage owner (leaves and non-view kernel outputs), and the peak.
-pub(super) struct Plan {
+pub(crate) struct Plan {
     pub offsets: Vec<Option<u64>>,
     /// Per kernel: HBM scratch for intermediates that are not graph tensors (a flipped kernel,
     /// a zero-dilated gradient), live only during the kernel.
@@ -78,7 +78,7 @@ fn gib(bytes: u64) -> String {
     format!("{:.2} GiB", bytes as f64 / (1u64 << 30) as f64)
 }
 
-pub(super) fn plan(
+pub(crate) fn plan(
     graph: &Graph,
     kernels: &[Kernel],
     owner: &[Option<NodeId>],

@@ -1,0 +1,329 @@
+//! Moving a convolution's rows between HBM and VMEM: the input staged with its zero padding
+//! (and, for the gradient of a strided convolution, zeros between pixels), the im2col copies,
+//! and output rows to and from an accumulator laid out over the padded width.
+
+use systolic_simulator::isa::*;
+
+use crate::lower::blocks::conv_layout::{Block, ConvLayout};
+use crate::lower::emitter::Emitter;
+
+/// DMAs the input rows block `sb` reads into `stage` (zero padding already in place): whole
+/// images one slot each (`sh·hv` padded rows of `wp` pixels), or one band of padded rows. A
+/// band that reads no input row (padding only) was zero-filled: it only waits for `deps`.
+fn stage_input(e: &mut Emitter, g: &ConvLayout, x: Tile, sb: &Block, whole: bool, stage: Tile, deps: &[u32]) -> u32 {
+    let c = g.c;
+    let hv = g.hv();
+    let row_bytes = (g.w * c * 4) as u64;
+    let slot_elems = (g.sh * hv * g.wp * c) as u64;
+    if g.xsh > 1 || g.xsw > 1 {
+        return stage_dilated(e, g, x, sb, whole, stage, deps);
+    }
+    if whole {
+        // Whole images, one slot each.
+        let src = Tile {
+            space: Space::Hbm,
+            offset: x.offset + (sb.n0 * g.h) as u64 * row_bytes,
+            rows: g.h as u32,
+            cols: (g.w * c) as u32,
+            stride: (g.w * c) as u32,
+            dtype: DType::F32,
+        };
+        let dst = Tile {
+            space: Space::Vmem,
+            offset: stage.offset + ((g.pt * g.wp + g.pl) * c * 4) as u64,
+            rows: g.h as u32,
+            cols: (g.w * c) as u32,
+            stride: (g.wp * c) as u32,
+            dtype: DType::F32,
+        };
+        let repeat = (sb.images > 1).then(|| Repeat {
+            count: sb.images as u32,
+            src_step: g.h as u64 * row_bytes,
+            dst_step: slot_elems * 4,
+        });
+        e.push(Operation::Dma { engine: 0, src, dst, repeat }, deps)
+    } else {
+        // A band: padded rows oh0·s .. from image n0.
+        let first_padded = sb.oh0 * g.sh;
+        let h_lo = first_padded.saturating_sub(g.pt);
+        let h_hi = (first_padded + g.sh * sb.bh + g.halo()).saturating_sub(g.pt).min(g.h);
+        if h_hi <= h_lo {
+            return e.push(Operation::Barrier, deps);
+        }
+        let q_lo = h_lo + g.pt - first_padded;
+        let src = Tile {
+            space: Space::Hbm,
+            offset: x.offset + ((sb.n0 * g.h + h_lo) as u64) * row_bytes,
+            rows: (h_hi - h_lo) as u32,
+            cols: (g.w * c) as u32,
+            stride: (g.w * c) as u32,
+            dtype: DType::F32,
+        };
+        let dst = Tile {
+            space: Space::Vmem,
+            offset: stage.offset + ((q_lo * g.wp + g.pl) * c * 4) as u64,
+            rows: (h_hi - h_lo) as u32,
+            cols: (g.w * c) as u32,
+            stride: (g.wp * c) as u32,
+            dtype: DType::F32,
+        };
+        e.push(Operation::dma(0, src, dst), deps)
+    }
+}
+
+/// Stages block `sb` into `stage` after its previous `readers`: zero padding first — once per
+/// buffer (`filled`), and again before a band whose valid outputs read padding rows that an
+/// earlier band filled with data — then [`stage_input`].
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn stage_block(
+    e: &mut Emitter,
+    g: &ConvLayout,
+    x: Tile,
+    sb: &Block,
+    whole: bool,
+    stage: Tile,
+    filled: &mut bool,
+    readers: &[u32],
+) -> u32 {
+    if !*filled || (!whole && g.band_needs_fill(sb)) {
+        *filled = true;
+        let f = e.push(Operation::Fill { dst: stage, value: 0.0 }, readers);
+        stage_input(e, g, x, sb, whole, stage, &[f])
+    } else {
+        stage_input(e, g, x, sb, whole, stage, readers)
+    }
+}
+
+/// [`stage_input`] for a dilated input: stored pixels land `xs` apart in each staged row, and
+/// stored rows `xs` padded rows apart (one DMA per image, repeated over its stored rows).
+fn stage_dilated(e: &mut Emitter, g: &ConvLayout, x: Tile, sb: &Block, whole: bool, stage: Tile, deps: &[u32]) -> u32 {
+    let c = g.c;
+    let slot_elems = g.sh * g.hv() * g.wp * c;
+    let row_bytes = (g.xw * c * 4) as u64;
+    // Stored rows r0..r1 of image n to padded row q of the slot at `slot`.
+    let copy = |e: &mut Emitter, n: usize, r0: usize, r1: usize, q: usize, slot: usize, engine: usize| {
+        let src = Tile {
+            space: Space::Hbm,
+            offset: x.offset + (n * g.xh + r0) as u64 * row_bytes,
+            rows: g.xw as u32,
+            cols: c as u32,
+            stride: c as u32,
+            dtype: DType::F32,
+        };
+        let dst = Tile {
+            space: Space::Vmem,
+            offset: stage.offset + ((slot + (q * g.wp + g.pl) * c) * 4) as u64,
+            rows: g.xw as u32,
+            cols: c as u32,
+            stride: (g.xsw * c) as u32,
+            dtype: DType::F32,
+        };
+        let repeat = Repeat { count: (r1 - r0) as u32, src_step: row_bytes, dst_step: (g.xsh * g.wp * c * 4) as u64 };
+        let engine = (engine % e.m.core.dma.engines.max(1)) as u8;
+        e.push(Operation::Dma { engine, src, dst, repeat: Some(repeat) }, deps)
+    };
+    let ids: Vec<u32> = if whole {
+        (0..sb.images).map(|img| copy(e, sb.n0 + img, 0, g.xh, g.pt, img * slot_elems, img)).collect()
+    } else {
+        // Virtual rows h_lo..h_hi of the band; the stored ones are the multiples of xs.
+        let first_padded = sb.oh0 * g.sh;
+        let h_lo = first_padded.saturating_sub(g.pt);
+        let h_hi = (first_padded + g.sh * sb.bh + g.halo()).saturating_sub(g.pt).min(g.h);
+        let (r0, r1) = (h_lo.div_ceil(g.xsh), h_hi.div_ceil(g.xsh));
+        if r1 > r0 { vec![copy(e, sb.n0, r0, r1, r0 * g.xsh + g.pt - first_padded, 0, 0)] } else { Vec::new() }
+    };
+    match ids.as_slice() {
+        [one] => *one,
+        _ => e.push(Operation::Barrier, if ids.is_empty() { deps } else { &ids }),
+    }
+}
+
+/// The im2col copies of one block: each kernel row's taps into their columns of `cols`
+/// (one copy per kernel row when the taps of a row are consecutive, else one per tap).
+/// Returns the last copy.
+pub(crate) fn im2col_copies(
+    e: &mut Emitter,
+    g: &ConvLayout,
+    stage: Tile,
+    cols: Tile,
+    staged: u32,
+    m_blk: usize,
+) -> u32 {
+    let c = stage.cols as usize;
+    let (per_copy, taps_per_copy) = if g.dw == 1 { (g.kw * c, g.kw) } else { (c, 1) };
+    let mut last = staged;
+    for i in 0..g.kh {
+        for j in (0..g.kw).step_by(taps_per_copy) {
+            let tap = i * g.kw + j;
+            let src = Tile {
+                space: Space::Vmem,
+                offset: stage.offset + (((i * g.dh * g.wp + j * g.dw) * c) * 4) as u64,
+                rows: m_blk as u32,
+                cols: per_copy as u32,
+                stride: (g.sw * c) as u32,
+                dtype: DType::F32,
+            };
+            last = e.push(Operation::Unary { op: UnaryOp::Copy, src, dst: cols.columns(tap * c, per_copy) }, &[staged]);
+        }
+    }
+    last
+}
+
+/// Moves the valid output rows of a block between HBM (compact NHWC rows) and an accumulator
+/// laid out over the padded width; `load` reads HBM into VMEM (residuals), else writes back.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn out_rows(
+    e: &mut Emitter,
+    g: &ConvLayout,
+    blk: &Block,
+    whole: bool,
+    per_image: usize,
+    hbm: Tile,
+    vmem: Tile,
+    c0: usize,
+    nb: usize,
+    load: bool,
+    deps: &[u32],
+) -> u32 {
+    // The tensor holds the output window `crop .. crop + out_hw` (usually all of it).
+    let ([top, left], [oh, ow]) = (g.crop, g.out_hw);
+    // VMEM rows are `pitch` elements apart (the block's channel width, or wider when a
+    // narrower last block keeps the layout of the full-width ones).
+    let pitch = vmem.stride as usize;
+    let (h_step, v_step) = ((ow * g.co * 4) as u64, (g.wv * pitch * 4) as u64);
+    // When image slots hold exactly the output rows (hv = OH), rows of successive images are
+    // evenly spaced on both sides: one DMA moves the whole block. Otherwise one per image,
+    // spread over the DMA engines so their start-up latencies overlap.
+    let cropped = g.crop != [0, 0] || g.out_hw != [g.oh, g.ow];
+    let merged = whole && g.hv() == g.oh && !cropped;
+    // The block's rows that fall in the window.
+    let (r_lo, r_hi) = (blk.oh0.max(top), (blk.oh0 + blk.bh).min(top + oh));
+    if r_hi <= r_lo {
+        return e.push(Operation::Barrier, deps);
+    }
+    let (copies, rows_each) = if merged { (1, blk.images * blk.bh) } else { (blk.images, r_hi - r_lo) };
+    let engines = e.m.core.dma.engines.max(1);
+    let mut ids = Vec::with_capacity(copies);
+    for img in 0..copies {
+        let n = blk.n0 + img;
+        let v_row0 = if whole { img * per_image } else { 0 } + (r_lo - blk.oh0) * g.wv + left;
+        let h = Tile {
+            space: Space::Hbm,
+            offset: hbm.offset + (((n * oh + r_lo - top) * ow * g.co + c0) * 4) as u64,
+            rows: ow as u32,
+            cols: nb as u32,
+            stride: g.co as u32,
+            dtype: DType::F32,
+        };
+        let v = Tile {
+            offset: vmem.offset + (v_row0 * pitch * 4) as u64,
+            rows: ow as u32,
+            cols: nb as u32,
+            stride: pitch as u32,
+            ..vmem
+        };
+        let (src, dst, src_step, dst_step) = if load { (h, v, h_step, v_step) } else { (v, h, v_step, h_step) };
+        let repeat = (rows_each > 1).then_some(Repeat { count: rows_each as u32, src_step, dst_step });
+        let engine = ((if load { 1 } else { 2 }) + img) % engines;
+        ids.push(e.push(Operation::Dma { engine: engine as u8, src, dst, repeat }, deps));
+    }
+    if ids.len() == 1 { ids[0] } else { e.push(Operation::Barrier, &ids) }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+    use systolic_simulator::config::presets;
+    use systolic_simulator::functional::Functional;
+    use systolic_simulator::isa::{DType, Space, Tile};
+    use systolic_simulator::numerics::Precision;
+
+    use crate::graph::{Conv2d, Graph, NodeId, Padding};
+    use crate::lower::blocks::conv_layout::ConvLayout;
+    use crate::lower::blocks::staging::stage_block;
+    use crate::lower::emitter::{Context, Emitted, Emitter, Extras};
+    use crate::lower::kernel::{Kernel, Main};
+    use crate::lower::options::Options;
+
+    /// What staging must leave in VMEM: padded row `q` (from the slot or band start) and padded
+    /// column `p` hold the virtual input pixel there — zero in the padding, and between the
+    /// stored pixels of a dilated input.
+    fn expected(g: &ConvLayout, x: &[f32], image: usize, padded_row: usize, p: usize, ch: usize) -> f32 {
+        let (r, col) = (padded_row as i64 - g.pt as i64, p as i64 - g.pl as i64);
+        if r < 0 || col < 0 || r >= g.h as i64 || col >= g.w as i64 {
+            return 0.0;
+        }
+        let (r, col) = (r as usize, col as usize);
+        if r % g.xsh != 0 || col % g.xsw != 0 {
+            return 0.0;
+        }
+        x[((image * g.xh + r / g.xsh) * g.xw + col / g.xsw) * g.c + ch]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+        /// Every block a convolution stages — whole images or bands, plain or dilated input —
+        /// holds exactly the zero-padded input its taps read.
+        #[test]
+        fn staged_blocks_hold_the_padded_input(
+            n in 1usize..3, xh in 1usize..7, xw in 1usize..7, c in 1usize..4,
+            k in 1usize..4, stride in 1usize..3, dilation in 1usize..3, xs in 1usize..3,
+            pads in proptest::array::uniform4(0usize..3), target in 1usize..64,
+        ) {
+            let (vh, vw) = ((xh - 1) * xs + 1, (xw - 1) * xs + 1);
+            let reach = (k - 1) * dilation + 1;
+            let [top, bottom, left, right] = pads;
+            prop_assume!(vh + top + bottom >= reach && vw + left + right >= reach);
+            let attrs = Conv2d {
+                strides: [stride, stride],
+                padding: Padding::Explicit { top, bottom, left, right },
+                dilation: [dilation, dilation],
+                groups: 1,
+            };
+            let g = ConvLayout::dilated(&attrs, &[n, xh, xw, c], &[k, k, c, 1], [xs, xs]);
+            let machine = presets::preset("v2-8").unwrap();
+            let opts = Options { machine: machine.clone(), batch: n, precision: Precision::Default, training: None, train_mode: false };
+            let graph = Graph::new("staging");
+            let extras = Extras::default();
+            let cx = Context { graph: &graph, opts: &opts, places: &[], extras: &extras };
+            let x: Vec<f32> = (0..n * xh * xw * c).map(|i| i as f32 + 1.0).collect();
+            let x_tile = Tile::new(Space::Hbm, 0, n * xh * xw, c, DType::F32);
+            let pb = g.blocks(target);
+            let stage = Tile::new(Space::Vmem, 0, pb.stage_rows * g.wp, c, DType::F32);
+            for b in &pb.blocks {
+                let mut e = Emitter::new(&cx, "stage", None, None);
+                let mut filled = false;
+                stage_block(&mut e, &g, x_tile, b, pb.whole, stage, &mut filled, &[]);
+                let kernel = Kernel {
+                    name: "stage".into(),
+                    main: Main::Advance(Vec::new()),
+                    epilogue: Vec::new(),
+                    nodes: Vec::new(),
+                    output: NodeId::new(0),
+                    also: Vec::new(),
+                    stats_for: None,
+                };
+                let fragment = e.finish(&kernel, Emitted::new("", "", 0));
+                let mut f = Functional::new(&machine);
+                f.write(x_tile, &x).unwrap();
+                f.run(&fragment.program).unwrap();
+                let got = f.read(stage).unwrap();
+                let slot_rows = g.sh * g.hv();
+                for q in 0..pb.stage_rows {
+                    for p in 0..g.wp {
+                        for ch in 0..c {
+                            let want = if pb.whole {
+                                let (img, row) = (q / slot_rows, q % slot_rows);
+                                if img < b.images { expected(&g, &x, b.n0 + img, row, p, ch) } else { 0.0 }
+                            } else {
+                                expected(&g, &x, b.n0, b.oh0 * g.sh + q, p, ch)
+                            };
+                            prop_assert_eq!(got[(q * g.wp + p) * c + ch], want, "block {:?} row {} col {} ch {}", b, q, p, ch);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

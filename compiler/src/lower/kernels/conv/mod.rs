@@ -1,0 +1,333 @@
+//! Convolutions forward.
+//!
+//! Convolutions run as **shifted matmuls**: the input band is staged in VMEM with its zero
+//! padding, and each kernel tap (i, j) is one matmul whose left operand is the staging buffer
+//! read with a row stride of `stride × channels`, starting `(i·dh·Wp + j·dw)` pixels in. The
+//! output rows then run over the padded width (`Wp` per output row), so the `Wp − OW` extra
+//! columns (and, for whole-image blocks, the extra rows) are computed and dropped: reported as
+//! padding waste. When the channels are few (the 3-channel first layer), the taps are folded
+//! into K instead (**im2col**): the VPU copies each tap's view into the columns of one matrix
+//! and a single matmul of depth `taps × channels` replaces `taps` shallow ones. Depthwise
+//! convolutions have one input channel per output channel — a matmul of depth 1 — so they run
+//! on the **VPU** as one multiply-add per tap.
+
+use systolic_simulator::isa::*;
+
+use crate::error::Result;
+use crate::graph::{Conv2d, NodeId, Op};
+use crate::lower::blocks::channel_sums::ChannelSums;
+use crate::lower::blocks::conv_layout::{Block, ConvLayout, PixelBlocks};
+use crate::lower::blocks::epilogue::{Operands, apply_epilogue, mask_of, prepare_channels, residual_of};
+use crate::lower::blocks::staging::{out_rows, stage_block};
+use crate::lower::emitter::{BUFFERS, Emitted, Emitter, TARGET_ROWS, WEIGHT_BUDGET};
+use crate::lower::kernel::{Epilogue, Kernel, Place};
+use crate::lower::kernels::conv::work::{BlockWork, Computed, NextBlock};
+
+mod depthwise;
+mod im2col;
+mod shifted;
+mod work;
+
+/// How each block of output rows is computed (one module each).
+enum Strategy {
+    Shifted,
+    Im2col(Option<im2col::Im2col>),
+    Depthwise,
+}
+
+impl Strategy {
+    /// Depthwise on the VPU; im2col where folding the taps into K needs fewer passes; else
+    /// shifted matmuls.
+    fn choose(g: &ConvLayout, cg: usize, array_rows: usize) -> Strategy {
+        if g.depthwise(cg) {
+            Strategy::Depthwise
+        } else if g.im2col_pays(cg, array_rows) {
+            Strategy::Im2col(None)
+        } else {
+            Strategy::Shifted
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        match self {
+            Strategy::Shifted => "shifted matmuls (one per tap)",
+            Strategy::Im2col(_) => "im2col on the VPU, one matmul per block",
+            Strategy::Depthwise => "depthwise on the VPU (one multiply-add per tap)",
+        }
+    }
+
+    /// VMEM of the strategy's own buffers, per buffer of the ring.
+    fn bytes_per_buffer(&self, g: &ConvLayout, m_rows: usize) -> u64 {
+        match self {
+            Strategy::Im2col(_) => im2col::Im2col::bytes_per_buffer(m_rows, g.taps(), g.c),
+            Strategy::Shifted | Strategy::Depthwise => 0,
+        }
+    }
+
+    fn compute(&mut self, e: &mut Emitter, w: &BlockWork) -> Computed {
+        match self {
+            Strategy::Shifted => shifted::compute(e, w),
+            Strategy::Im2col(state) => state.as_mut().expect("buffers allocated").compute(e, w),
+            Strategy::Depthwise => depthwise::compute(e, w),
+        }
+    }
+}
+
+/// What a convolution kernel computes: `y = conv(x, w)` (+ the kernel's epilogue), operands
+/// given by place so the gradient kernels can convolve tensors that are not graph nodes.
+pub(crate) struct ConvSpec<'p> {
+    pub x: &'p Place,
+    pub w: &'p Place,
+    pub y: &'p Place,
+    pub attrs: Conv2d,
+    pub bias: Option<NodeId>,
+    /// Zeros between the stored pixels of `x` plus one, along rows and columns (`[1, 1]`:
+    /// none); see [`ConvLayout::dilated`].
+    pub input_dilation: [usize; 2],
+    /// `y` holds rows `top..top+h` and columns `left..left+w` of the convolution's output
+    /// (`[top, left, h, w]`); None: all of it.
+    pub out_window: Option<[usize; 4]>,
+}
+
+pub(crate) fn conv(e: &mut Emitter, kernel: &Kernel, node: NodeId) -> Result<Emitted> {
+    let n = e.graph.node(node);
+    let Op::Conv2d(attrs) = &n.op else { unreachable!("a Conv main") };
+    let spec = ConvSpec {
+        x: e.place(n.inputs[0]),
+        w: e.place(n.inputs[1]),
+        y: e.place(kernel.output),
+        attrs: attrs.clone(),
+        bias: n.inputs.get(2).copied(),
+        input_dilation: [1, 1],
+        out_window: None,
+    };
+    conv_with(e, kernel, &spec)
+}
+
+/// Emits the convolution `spec` for `kernel`.
+pub(crate) fn conv_with(e: &mut Emitter, kernel: &Kernel, spec: &ConvSpec) -> Result<Emitted> {
+    let (x, w, y, attrs) = (spec.x, spec.w, spec.y, &spec.attrs);
+    let c = x.shape[3];
+    let cg = w.shape[2];
+    let mut g = ConvLayout::dilated(attrs, &x.shape, &w.shape, spec.input_dilation);
+    if let Some([top, left, h, w]) = spec.out_window {
+        (g.crop, g.out_hw) = ([top, left], [h, w]);
+    }
+    let co = g.co;
+    // The bias input is the first epilogue step.
+    let mut kernel = kernel.clone();
+    if let Some(b) = spec.bias {
+        kernel.epilogue.insert(0, Epilogue::Bias(b));
+    }
+    let depthwise = g.depthwise(cg);
+    let mut strategy = Strategy::choose(&g, cg, e.m.core.mxu.rows);
+
+    // Output channel blocks: one group each for grouped convolutions, else as wide as the
+    // weight budget allows (whole array widths).
+    let cols = e.m.core.mxu.cols;
+    let nb = if depthwise {
+        co.min(512)
+    } else if g.groups > 1 {
+        g.cog()
+    } else {
+        // Equal blocks of whole array widths within the weight budget.
+        let per_col = (g.taps() * cg * 4) as u64;
+        let fit = ((WEIGHT_BUDGET / per_col) as usize / cols * cols).clamp(cols.min(co), 4 * cols);
+        let blocks = co.div_ceil(fit);
+        co.min(co.div_ceil(blocks).div_ceil(cols) * cols)
+    };
+
+    // Blocks of output rows sized to TARGET_ROWS and to VMEM.
+    let per_image = g.hv() * g.wv;
+    let mut target = TARGET_ROWS;
+    let PixelBlocks { blocks, m_rows, stage_rows, whole } = loop {
+        let pb = g.blocks(target);
+        let (m_rows, stage_rows) = (pb.m_rows, pb.stage_rows);
+        let stage = (stage_rows * g.wp * c * 4) as u64;
+        let acc = (m_rows * nb * 4) as u64;
+        let operands = residual_of(&kernel).is_some() as u64 + mask_of(&kernel).is_some() as u64;
+        let res = operands * acc;
+        let cols_buf = strategy.bytes_per_buffer(&g, m_rows);
+        let weights = (g.taps() * cg * nb * 4) as u64;
+        // Channel sums for a batch norm: one block-sized work buffer and `1 × C` vectors.
+        let sums = if e.stats_out.is_some() { acc + (4 * co * 4) as u64 } else { 0 };
+        let need =
+            BUFFERS as u64 * (stage + acc + res + cols_buf) + 2 * weights + sums + (8 * co * 4) as u64 + 16 * 512;
+        if need <= e.m.core.vmem_bytes {
+            break pb;
+        }
+        if target <= g.wv {
+            return Err(e.vmem_error(&kernel, "staging, accumulator and weight buffers"));
+        }
+        target /= 2;
+    };
+
+    let mut vmem = e.vmem();
+    let oom = |e: &Emitter| e.vmem_error(&kernel, "buffers");
+    // Two weight buffers: the next channel block's weights load while this one computes.
+    let weight_bufs: Vec<Tile> =
+        (0..2).map(|_| vmem.alloc(g.taps() * cg, nb)).collect::<Option<_>>().ok_or_else(|| oom(e))?;
+    let stage: Vec<Tile> =
+        (0..BUFFERS).map(|_| vmem.alloc(stage_rows * g.wp, c)).collect::<Option<_>>().ok_or_else(|| oom(e))?;
+    let acc: Vec<Tile> = (0..BUFFERS).map(|_| vmem.alloc(m_rows, nb)).collect::<Option<_>>().ok_or_else(|| oom(e))?;
+    let res: Vec<Tile> = if residual_of(&kernel).is_some() {
+        (0..BUFFERS).map(|_| vmem.alloc(m_rows, nb)).collect::<Option<_>>().ok_or_else(|| oom(e))?
+    } else {
+        Vec::new()
+    };
+    let masks: Vec<Tile> =
+        if mask_of(&kernel).is_some() { vmem.ring(m_rows, nb).ok_or_else(|| oom(e))? } else { Vec::new() };
+    if let Strategy::Im2col(state) = &mut strategy {
+        *state = Some(im2col::Im2col::new(&mut vmem, m_rows, g.taps(), c).ok_or_else(|| oom(e))?);
+    }
+    let ch = prepare_channels(e, &kernel, co, &mut vmem)?;
+    let mut sums = match e.stats_out {
+        Some(at) => Some(ChannelSums::new(e, &kernel, at, m_rows, nb, co, &mut vmem)?),
+        None => None,
+    };
+
+    // Per buffer parity: who last read staging, acc and res.
+    let mut stage_readers: Vec<Vec<u32>> = vec![Vec::new(); BUFFERS];
+    let mut stage_filled = [false; BUFFERS];
+    let mut acc_free: Vec<Option<u32>> = vec![None; BUFFERS];
+    let mut res_free: Vec<Option<u32>> = vec![None; BUFFERS];
+    let mut mask_free: Vec<Option<u32>> = vec![None; BUFFERS];
+    let mut weight_readers: Vec<Vec<u32>> = vec![Vec::new(); 2];
+    let mut weight_no = 0usize;
+    let precision = e.opts.precision;
+    let mut useful_macs = 0u64;
+    // Loop order: channel blocks outside (each channel block's weights load once, the input is
+    // staged once per channel block) or pixel blocks outside (each block is staged once and
+    // every channel block's weights stream past it) — whichever moves fewer HBM bytes.
+    let (n_c, n_p) = (co.div_ceil(nb), blocks.len());
+    let (w_bytes, x_bytes) = (w.tile.bytes(), x.tile.bytes());
+    let pixel_outer = n_c > 1 && n_p > 1 && n_p as u64 * w_bytes + x_bytes < w_bytes + n_c as u64 * x_bytes;
+    let work: Vec<(usize, Block)> = if pixel_outer {
+        blocks.iter().flat_map(|b| (0..co).step_by(nb).map(move |c0| (c0, *b))).collect()
+    } else {
+        (0..co).step_by(nb).flat_map(|c0| blocks.iter().map(move |b| (c0, *b))).collect()
+    };
+    // Work items share a staged block in pixel-outer order: `unit` numbers the stagings.
+    let unit = |wi: usize| if pixel_outer { wi / n_c } else { wi };
+    let units = if pixel_outer { n_p } else { work.len() };
+    let unit_block = |u: usize| if pixel_outer { blocks[u] } else { work[u].1 };
+    let mut staged_ids: Vec<u32> = Vec::with_capacity(units);
+    let mut wload = 0;
+    let mut current_c0 = usize::MAX;
+    for (wi, &(c0, blk)) in work.iter().enumerate() {
+        let blk = &blk;
+        let p = wi % BUFFERS;
+        let nbw = nb.min(co - c0);
+        if c0 != current_c0 {
+            weight_no += 1;
+        }
+        let wp_ = weight_no % 2;
+        let wdst = Tile { cols: nbw as u32, stride: nbw as u32, ..weight_bufs[wp_] };
+        if c0 != current_c0 {
+            // Weights of this channel block (all taps), once, into the buffer the block two
+            // back used.
+            wload = e.push(Operation::dma(1, w.tile.columns(c0, nbw), wdst), &weight_readers[wp_]);
+            weight_readers[wp_].clear();
+            current_c0 = c0;
+        }
+        let group = if g.groups > 1 && !depthwise { c0 / g.cog() } else { 0 };
+        let m_blk = g.block_rows(blk, whole);
+        // Stage inputs ahead: the blocks up to BUFFERS - 1 later load while this one computes.
+        while staged_ids.len() < units && staged_ids.len() < unit(wi) + BUFFERS {
+            let si = staged_ids.len();
+            let sp = si % BUFFERS;
+            let sb = &unit_block(si);
+            let readers = std::mem::take(&mut stage_readers[sp]);
+            let id = stage_block(e, &g, x.tile, sb, whole, stage[sp], &mut stage_filled[sp], &readers);
+            staged_ids.push(id);
+        }
+        let sp = unit(wi) % BUFFERS;
+        let staged = staged_ids[unit(wi)];
+        // Compute into acc[p].
+        let accp = Tile { rows: m_blk as u32, cols: nbw as u32, stride: nbw as u32, ..acc[p] };
+        let mut compute_deps = vec![staged, wload];
+        compute_deps.extend(acc_free[p]);
+        let next = (wi + 1 < work.len()).then(|| NextBlock {
+            stage: stage[unit(wi + 1) % BUFFERS],
+            staged: staged_ids[unit(wi + 1)],
+            m_blk: g.block_rows(&work[wi + 1].1, whole),
+        });
+        let block = BlockWork {
+            g: &g,
+            wi,
+            stage: stage[sp],
+            staged,
+            weights: wdst,
+            wload,
+            acc: accp,
+            acc_free: acc_free[p],
+            deps: compute_deps,
+            m_blk,
+            c0,
+            nbw,
+            group,
+            cg,
+            precision,
+            next,
+        };
+        let Computed { readers, producers } = strategy.compute(e, &block);
+        stage_readers[sp].extend(readers.iter().copied());
+        weight_readers[wp_].extend(producers.iter().copied());
+        // Residual rows, in the accumulator's layout.
+        let residual = match residual_of(&kernel) {
+            Some(r) => {
+                let rp = e.place(r);
+                let resp = Tile { rows: m_blk as u32, cols: nbw as u32, stride: nbw as u32, ..res[p] };
+                let deps: Vec<u32> = res_free[p].into_iter().collect();
+                let loaded = out_rows(e, &g, blk, whole, per_image, rp.tile, resp, c0, nbw, true, &deps);
+                Some((resp, loaded))
+            }
+            None => None,
+        };
+        // The activation a fused mask reads, likewise.
+        let mask = mask_of(&kernel).map(|y| {
+            let mp = Tile { rows: m_blk as u32, cols: nbw as u32, stride: nbw as u32, ..masks[p] };
+            let deps: Vec<u32> = mask_free[p].into_iter().collect();
+            (mp, out_rows(e, &g, blk, whole, per_image, e.place(y).tile, mp, c0, nbw, true, &deps))
+        });
+        let done = apply_epilogue(e, &kernel, &ch, accp, c0, Operands { residual, mask }, producers.clone());
+        if residual.is_some() {
+            res_free[p] = Some(done);
+        }
+        if mask.is_some() {
+            mask_free[p] = Some(done);
+        }
+        let stored = out_rows(e, &g, blk, whole, per_image, y.tile, accp, c0, nbw, false, &[done]);
+        acc_free[p] = Some(match sums.as_mut() {
+            Some(s) => {
+                let read = s.add_block(e, &g, blk, whole, accp, c0, done);
+                e.after_all(stored, &[read])
+            }
+            None => stored,
+        });
+        useful_macs += (blk.images * blk.bh * g.ow * nbw * g.taps() * cg) as u64;
+    }
+    if let Some(s) = sums {
+        s.store(e);
+    }
+    let name = strategy.name();
+    let blocks_desc = if whole {
+        format!("{} images per block", m_rows / per_image)
+    } else {
+        format!("bands of {} rows", m_rows / g.wv)
+    };
+    let order = if pixel_outer { "; pixel blocks outside (fewer HBM bytes)" } else { "" };
+    let strategy_text = format!("{name}; {blocks_desc}; {} channels per block{order}", nb);
+    let k_depth = if let Strategy::Im2col(_) = strategy { g.taps() * c } else { cg };
+    let padded = format!(
+        "M {m_rows} (of which {} useful) x K {k_depth}{} x N {nb}{}",
+        (blocks.first().map_or(0, |b| b.images * b.bh * g.ow)),
+        if matches!(strategy, Strategy::Shifted) && g.taps() > 1 {
+            format!(" x {} taps", g.taps())
+        } else {
+            String::new()
+        },
+        if depthwise { " (VPU)".to_string() } else { String::new() }
+    );
+    Ok(Emitted::new(strategy_text, padded, useful_macs))
+}

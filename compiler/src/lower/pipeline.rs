@@ -1,0 +1,165 @@
+//! The pass pipeline: a list of named passes over one [`Lowering`], each printable with
+//! `--dump-after PASS`. A new pass (sharding, storage precision) is one more entry in
+//! [`PIPELINE`] and one more module in [`crate::lower::passes`].
+
+use serde::Serialize;
+use systolic_simulator::isa::{DType, Program, Space, Tile};
+
+use crate::error::Result;
+use crate::graph::{Graph, NodeId};
+use crate::lower::emitter::{Context, Extras, Fragment};
+use crate::lower::kernel::{Kernel, KernelReport, Place, rows_cols};
+use crate::lower::kernels;
+use crate::lower::options::Options;
+use crate::lower::passes::{allocation, fusion, layout, scheduling, tiling};
+use crate::lower::training::Step;
+
+/// The named passes, in order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub enum PassName {
+    Fusion,
+    Layout,
+    Allocation,
+    Tiling,
+    Scheduling,
+}
+
+impl PassName {
+    pub const ALL: [PassName; 5] =
+        [PassName::Fusion, PassName::Layout, PassName::Allocation, PassName::Tiling, PassName::Scheduling];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            PassName::Fusion => "fusion",
+            PassName::Layout => "layout",
+            PassName::Allocation => "allocation",
+            PassName::Tiling => "tiling",
+            PassName::Scheduling => "scheduling",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<PassName> {
+        PassName::ALL.into_iter().find(|p| p.name() == s)
+    }
+}
+
+/// A pass: its name and what it does to the lowering, returning the text `--dump-after` shows.
+pub(crate) struct Pass {
+    pub name: PassName,
+    pub run: fn(&mut Lowering) -> Result<String>,
+}
+
+/// The passes, in order.
+pub(crate) const PIPELINE: [Pass; 5] = [
+    Pass { name: PassName::Fusion, run: run_fusion },
+    Pass { name: PassName::Layout, run: run_layout },
+    Pass { name: PassName::Allocation, run: run_allocation },
+    Pass { name: PassName::Tiling, run: run_tiling },
+    Pass { name: PassName::Scheduling, run: run_scheduling },
+];
+
+/// A graph on its way to a program: what each pass has made so far.
+pub(crate) struct Lowering<'g> {
+    /// The prepared graph (the training step, or the model with one-hot labels).
+    pub graph: &'g Graph,
+    pub opts: &'g Options,
+    pub step: &'g Step,
+    /// `fusion`: the kernels, in an order where each kernel's inputs come from earlier ones.
+    pub kernels: Vec<Kernel>,
+    /// `layout`: the node that owns each node's HBM bytes.
+    pub owner: Vec<Option<NodeId>>,
+    /// `allocation`: HBM addresses, per-kernel scratch and channel sums, the peak.
+    pub plan: Option<allocation::Plan>,
+    /// `allocation`: each placed tensor's shape and HBM tile.
+    pub places: Vec<Option<Place>>,
+    /// `tiling`: each kernel's instructions and report.
+    pub fragments: Vec<Fragment>,
+    /// `scheduling`: the program and the kernels' reports.
+    pub program: Program,
+    pub reports: Vec<KernelReport>,
+}
+
+impl<'g> Lowering<'g> {
+    pub(crate) fn new(graph: &'g Graph, opts: &'g Options, step: &'g Step) -> Lowering<'g> {
+        Lowering {
+            graph,
+            opts,
+            step,
+            kernels: Vec::new(),
+            owner: Vec::new(),
+            plan: None,
+            places: Vec::new(),
+            fragments: Vec::new(),
+            program: Program::new(graph.name()),
+            reports: Vec::new(),
+        }
+    }
+
+    /// A node's concrete shape at the compiled batch.
+    fn shape_of(&self, id: NodeId) -> Vec<usize> {
+        self.graph.node(id).shape.concrete(self.opts.batch)
+    }
+
+    /// Runs every pass in order; returns each one's dump.
+    pub(crate) fn run(&mut self) -> Result<Vec<(PassName, String)>> {
+        let mut dumps = Vec::with_capacity(PIPELINE.len());
+        for pass in &PIPELINE {
+            dumps.push((pass.name, (pass.run)(self)?));
+        }
+        Ok(dumps)
+    }
+}
+
+fn run_fusion(l: &mut Lowering) -> Result<String> {
+    let training = l.opts.training.is_some() || l.opts.train_mode;
+    l.kernels = fusion::run(l.graph, l.step, training)?;
+    Ok(fusion::dump(l.graph, &l.kernels))
+}
+
+fn run_layout(l: &mut Lowering) -> Result<String> {
+    l.owner = layout::owners(l.graph, &l.kernels, &l.step.one_hot);
+    Ok(layout::dump(l.graph, &l.kernels, &l.owner, &|id| l.shape_of(id)))
+}
+
+fn run_allocation(l: &mut Lowering) -> Result<String> {
+    let graph = l.graph;
+    // Leaves no output depends on through graph edges but kernels read: one-hot labels.
+    let extra_leaves: Vec<NodeId> = l.step.one_hot.values().copied().collect();
+    let scratch = |k: &Kernel| kernels::scratch_bytes(graph, k);
+    let shape_of = |id: NodeId| l.shape_of(id);
+    let plan = allocation::plan(graph, &l.kernels, &l.owner, &shape_of, &l.opts.machine, &extra_leaves, &scratch)?;
+    l.places = graph
+        .node_ids()
+        .map(|id| {
+            let o = l.owner[id.index()]?;
+            let offset = plan.offsets[o.index()]?;
+            let shape = l.shape_of(id);
+            let (r, c) = rows_cols(&shape);
+            Some(Place { tile: Tile::new(Space::Hbm, offset, r, c, DType::F32), shape })
+        })
+        .collect();
+    let dump = plan.dump.clone();
+    l.plan = Some(plan);
+    Ok(dump)
+}
+
+fn run_tiling(l: &mut Lowering) -> Result<String> {
+    let plan = l.plan.as_ref().expect("allocation runs before tiling");
+    let extras = Extras {
+        one_hot: l.step.one_hot.clone(),
+        optimizer: l.opts.training.map(|t| t.optimizer),
+        state: l.step.state.clone(),
+        dropout_step: l.step.dropout_step,
+        stats: l.kernels.iter().zip(&plan.stats).filter_map(|(k, &at)| Some((k.stats_for?, at?))).collect(),
+    };
+    let cx = Context { graph: l.graph, opts: l.opts, places: &l.places, extras: &extras };
+    let (fragments, dump) = tiling::run(&cx, &l.kernels, plan)?;
+    l.fragments = fragments;
+    Ok(dump)
+}
+
+fn run_scheduling(l: &mut Lowering) -> Result<String> {
+    let (program, reports) = scheduling::run(l.graph.name(), std::mem::take(&mut l.fragments));
+    (l.program, l.reports) = (program, reports);
+    Ok(l.program.to_string())
+}
