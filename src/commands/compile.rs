@@ -152,11 +152,7 @@ pub fn run(args: Args) -> Result<()> {
         compile_model(&args.what.model, &machine, args.what.batch, precision, args.what.train.training()?, false)?;
     if let Some(p) = &args.dump_after {
         let pass = PassName::parse(p).expect("checked above");
-        for (name, text) in &compiled.dumps {
-            if *name == pass {
-                println!("== after {} ==\n{text}", pass.name());
-            }
-        }
+        println!("== after {} ==\n{}", pass.name(), compiled.dump(pass));
     }
     if let Some(path) = &args.emit {
         std::fs::write(path, serde_json::to_vec(&compiled.executable)?)

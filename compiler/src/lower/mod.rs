@@ -31,7 +31,7 @@ use crate::graph::{Graph, Op};
 use crate::tensors::TensorMap;
 pub use kernel::{BatchNormGrad, Epilogue, Kernel, KernelReport, Main, Storage};
 pub use options::Options;
-pub use pipeline::PassName;
+pub use pipeline::{Dump, PassName};
 pub use training::Training;
 
 /// A compiled graph.
@@ -39,11 +39,22 @@ pub use training::Training;
 pub struct Compiled {
     pub executable: Executable,
     pub kernels: Vec<KernelReport>,
-    /// Text of each pass's result, for `--dump-after`.
-    pub dumps: Vec<(PassName, String)>,
+    /// Each pass's result as `--dump-after` shows it (see [`Compiled::dump`]).
+    pub dumps: Vec<(PassName, Dump)>,
     /// Initial values of the state the lowering added (optimizer slots at zero, Adam's powers):
     /// feed them with the model's parameters before the first training step.
     pub initial_state: TensorMap,
+}
+
+impl Compiled {
+    /// The text of `pass`'s result.
+    pub fn dump(&self, pass: PassName) -> String {
+        match self.dumps.iter().find(|(name, _)| *name == pass).map(|(_, d)| d) {
+            Some(Dump::Text(text)) => text.clone(),
+            Some(Dump::Listing) => self.executable.program.to_string(),
+            None => unreachable!("every pass of the pipeline leaves a dump"),
+        }
+    }
 }
 
 /// Compiles `graph` for one core of `opts.machine`: inference, or with `opts.training` the

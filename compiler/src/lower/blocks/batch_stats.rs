@@ -1,4 +1,6 @@
-//! Batch norm with batch statistics (training), on the VPU.
+//! Batch statistics on the VPU, for batch norm in training: the forward's scale and shift and the
+//! moving statistics' update (an epilogue step), and the sums its gradients start from
+//! ([`crate::lower::kernels::batch_norm`]).
 //!
 //! A pass over the rows of `x` (and, for the gradients, `dy`) accumulates per-channel sums of
 //! `x' = x − K`, where `K` is the first row of `x`: `Σx'`, `Σx'²`, `Σdy`, `Σx'·dy`, each block

@@ -1,3 +1,7 @@
+//! Per-channel sums of a convolution's output for the batch norm after it (batch statistics),
+//! accumulated on the VPU block by block while the MXU works, so the batch norm needs no pass
+//! of its own over the output.
+
 use systolic_simulator::isa::*;
 
 use crate::error::Result;

@@ -1,6 +1,6 @@
 //! The blocks layer: pieces kernels are built from — staging a convolution's input with its
 //! zero fill, matmul blocks, row streaming, epilogues, per-channel sums and batch statistics.
-//! Blocks emit through the [`Emitter`]; they know nothing of graph ops.
+//! Blocks emit through the [`crate::lower::emitter::Emitter`].
 
 pub(crate) mod batch_stats;
 pub(crate) mod channel_sums;

@@ -11,15 +11,20 @@ use crate::lower::kernel::KernelReport;
 /// The program named `name`, and each kernel's report with its instructions in the program.
 pub(crate) fn run(name: &str, fragments: Vec<Fragment>) -> (Program, Vec<KernelReport>) {
     let mut program = Program::new(name);
+    program.instrs.reserve_exact(fragments.iter().map(|f| f.program.len()).sum());
     let mut reports = Vec::with_capacity(fragments.len());
     let mut prev_end: Option<u32> = None;
     for Fragment { program: fragment, mut report } in fragments {
         let offset = program.len() as u32;
-        for (i, instr) in fragment.instrs.into_iter().enumerate() {
-            let deps: Vec<u32> =
-                if i == 0 { prev_end.into_iter().collect() } else { instr.deps.iter().map(|d| d + offset).collect() };
-            program.push(instr.op, &deps);
+        let mut instrs = fragment.instrs.into_iter();
+        if let Some(mut open) = instrs.next() {
+            open.deps = prev_end.into_iter().collect();
+            program.instrs.push(open);
         }
+        program.instrs.extend(instrs.map(|mut instr| {
+            instr.deps.iter_mut().for_each(|d| *d += offset);
+            instr
+        }));
         prev_end = Some(program.len() as u32 - 1);
         let r = &report.instructions;
         report.instructions = r.start + offset as usize..r.end + offset as usize;

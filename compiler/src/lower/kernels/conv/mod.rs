@@ -1,15 +1,10 @@
-//! Convolutions forward.
-//!
-//! Convolutions run as **shifted matmuls**: the input band is staged in VMEM with its zero
-//! padding, and each kernel tap (i, j) is one matmul whose left operand is the staging buffer
-//! read with a row stride of `stride × channels`, starting `(i·dh·Wp + j·dw)` pixels in. The
-//! output rows then run over the padded width (`Wp` per output row), so the `Wp − OW` extra
-//! columns (and, for whole-image blocks, the extra rows) are computed and dropped: reported as
-//! padding waste. When the channels are few (the 3-channel first layer), the taps are folded
-//! into K instead (**im2col**): the VPU copies each tap's view into the columns of one matrix
-//! and a single matmul of depth `taps × channels` replaces `taps` shallow ones. Depthwise
-//! convolutions have one input channel per output channel — a matmul of depth 1 — so they run
-//! on the **VPU** as one multiply-add per tap.
+//! Convolutions forward: the driver every strategy shares. Output channels are cut into blocks
+//! (one group each for grouped convolutions, else whole array widths within the weight
+//! budget), output rows into blocks of whole images or bands sized to `TARGET_ROWS` and VMEM;
+//! the two loops nest whichever way moves fewer HBM bytes. Per block the driver stages the
+//! input (`BUFFERS` ahead), hands the block to its strategy — [`shifted`] matmuls, [`im2col`]
+//! or [`depthwise`] on the VPU — then applies the epilogue, stores the rows and, for a batch
+//! norm that follows, sums them per channel.
 
 use systolic_simulator::isa::*;
 
