@@ -22,6 +22,7 @@ fn resnet50(c: &mut Criterion) {
         precision: Precision::Default,
         training: None,
         train_mode: false,
+        activations: Options::default_activations(Precision::Default),
     };
     let mut group = c.benchmark_group("resnet50 inference, batch 128, v2-8");
     group.sample_size(10);
@@ -38,8 +39,7 @@ fn resnet50_training(c: &mut Criterion) {
     let machine = presets::preset("v3-8").unwrap();
     let training =
         Some(Training { optimizer: Optimizer::Momentum { learning_rate: 0.1, momentum: 0.9 }, label_smoothing: 0.1 });
-    let opts =
-        Options { machine: machine.clone(), batch: 128, precision: Precision::Default, training, train_mode: false };
+    let opts = Options { training, ..Options::new(machine.clone(), 128, Precision::Default) };
     let mut group = c.benchmark_group("resnet50 training step, batch 128, v3-8");
     group.sample_size(10);
     group.bench_function("compile", |b| b.iter(|| compile(&graph, &opts).unwrap()));

@@ -611,7 +611,16 @@ fn compile_reports_every_layer_against_its_roofline() {
     let dump = ok(&["compile", "simple_cnn", "--dump-after", "fusion"]);
     assert!(dump.contains("== after fusion ==") && dump.contains("Conv2d+Relu"), "{dump}");
     let e = fails(&["compile", "simple_cnn", "--dump-after", "magic"]);
-    assert!(e.contains("fusion, layout, allocation, tiling"), "{e}");
+    assert!(e.contains("fusion, layout, storage, allocation, tiling"), "{e}");
+    // Activations in bf16 by default at DEFAULT precision: the storage pass lists them.
+    let dump = ok(&["compile", "simple_cnn", "--dump-after", "storage"]);
+    assert!(dump.contains("B in bf16") && dump.contains("bf16") && dump.contains("conv1"), "{dump}");
+    let dump = ok(&["compile", "simple_cnn", "--activations", "f32", "--dump-after", "storage"]);
+    assert!(dump.contains("0 B in bf16 (0 B saved)"), "{dump}");
+    let e = fails(&["compile", "simple_cnn", "--activations", "fp8"]);
+    assert!(e.contains("--activations fp8: use bf16 or f32"), "{e}");
+    let e = fails(&["run", "simple_cnn", "--activations", "bf16", "--output", "/dev/null"]);
+    assert!(e.contains("--backend tpu"), "{e}");
     let e = fails(&["compile", "vgg16", "--batch", "4096"]);
     assert!(e.contains("GiB of HBM per core") && e.contains("lower the batch"), "{e}");
     let e = fails(&["compile", "simple_cnn", "--batch", "0"]);

@@ -7,6 +7,7 @@
 use systolic_compiler::lower::{Compiled, Options, Training, compile};
 use systolic_compiler::zoo;
 use systolic_simulator::config::presets;
+use systolic_simulator::isa::DType;
 use systolic_simulator::numerics::Precision;
 use systolic_simulator::timing::simulate;
 
@@ -24,8 +25,7 @@ fn check(
 ) {
     let machine = presets::preset(machine).unwrap();
     let training = train.then(Training::default);
-    let opts =
-        Options { machine: machine.clone(), batch: 128, precision: Precision::Default, training, train_mode: false };
+    let opts = Options { training, activations: DType::F32, ..Options::new(machine.clone(), 128, Precision::Default) };
     let Compiled { executable, kernels: reports, .. } = compile(&zoo::build(model).unwrap(), &opts).unwrap();
     let timing = simulate(&machine, &executable.program, true).unwrap();
     let what = format!("{model} on {}{}", machine.name, if train { " (training step)" } else { "" });

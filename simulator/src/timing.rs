@@ -141,13 +141,17 @@ impl Engine<'_> {
         let op = &self.program.instrs[i].op;
         let (start, end) = match *op {
             Operation::Dma { src, dst, repeat, .. } => {
-                let bytes = src.bytes() * repeat.map_or(1, |r| r.count as u64);
-                // Bytes crossing the HBM port: read, written, or both for an HBM-to-HBM copy.
-                let port_bytes = bytes * ((src.space == Space::Hbm) as u64 + (dst.space == Space::Hbm) as u64);
+                let count = repeat.map_or(1, |r| r.count as u64);
+                // Bytes crossing the HBM port: read, written, or both for an HBM-to-HBM copy, each
+                // side in its own element type (a converting DMA moves bf16 on the HBM side).
+                let side = |t: &Tile| if t.space == Space::Hbm { t.bytes() * count } else { 0 };
+                let port_bytes = side(&src) + side(&dst);
+                let bytes = src.bytes().max(dst.bytes()) * count;
                 let data_ready = at + m.core.dma.latency_cycles;
                 let data_start = if port_bytes > 0 { data_ready.max(self.hbm_free) } else { data_ready };
-                // VMEM-to-VMEM copies move at the same rate (assumption: no public figure).
-                let moved = port_bytes.max(bytes);
+                // HBM transfers take the port's bytes; VMEM-to-VMEM copies move at the same rate
+                // (assumption: no public figure).
+                let moved = if port_bytes > 0 { port_bytes } else { bytes };
                 let end = data_start + (moved as f64 / m.core.hbm.bytes_per_cycle).ceil() as u64;
                 if port_bytes > 0 {
                     self.hbm_free = end;

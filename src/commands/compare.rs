@@ -18,6 +18,8 @@ pub struct Args {
     model: String,
     #[command(flatten)]
     target: super::Target,
+    #[command(flatten)]
+    storage: super::Storage,
     /// Parameter values (safetensors); without it, initialise from --seed.
     #[arg(long)]
     weights: Option<PathBuf>,
@@ -79,6 +81,7 @@ fn agreement(name: &str, want: &Tensor, got: &[f32]) -> Agreement {
 
 pub fn run(args: Args) -> Result<()> {
     let (machine, precision) = args.target.resolve()?;
+    let activations = args.storage.resolve(precision)?;
     let graph = super::load_model(&args.model)?;
     let weights = super::load_weights(&graph, args.weights.as_deref(), args.seed)?;
     let inputs = match &args.input {
@@ -133,7 +136,7 @@ pub fn run(args: Args) -> Result<()> {
     };
 
     let (compiled, compile_seconds) =
-        super::compile::compile_model(&args.model, &machine, batch, precision, training, false)?;
+        super::compile::compile_model(&args.model, &machine, batch, precision, activations, training, false)?;
     let mut feed = lower::training::one_hot_feed(&compiled.executable, &bindings)?;
     feed.extend(compiled.initial_state.clone());
     let start = Instant::now();

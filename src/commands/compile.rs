@@ -9,6 +9,7 @@ use serde::Serialize;
 use systolic::compiler::lower::{Compiled, KernelReport, Options, PassName, Training, compile};
 use systolic::compiler::optimizer::Optimizer;
 use systolic::simulator::Machine;
+use systolic::simulator::isa::DType;
 use systolic::simulator::numerics::Precision;
 use systolic::simulator::timing::{Timing, simulate};
 
@@ -21,7 +22,7 @@ pub struct Args {
     /// Write the executable (program and bindings) as JSON.
     #[arg(long)]
     emit: Option<PathBuf>,
-    /// Print the result of a pass: fusion, layout, allocation, tiling or scheduling.
+    /// Print the result of a pass: fusion, layout, storage, allocation, tiling or scheduling.
     #[arg(long, value_name = "PASS")]
     dump_after: Option<String>,
     /// Print JSON.
@@ -36,6 +37,8 @@ pub struct Lowering {
     pub model: String,
     #[command(flatten)]
     pub target: super::Target,
+    #[command(flatten)]
+    pub storage: super::Storage,
     /// Examples per core.
     #[arg(long, default_value_t = 8)]
     pub batch: usize,
@@ -98,13 +101,23 @@ pub fn compile_model(
     machine: &Machine,
     batch: usize,
     precision: Precision,
+    activations: DType,
     training: Option<Training>,
     train_mode: bool,
 ) -> Result<(Compiled, f64)> {
     let graph = super::load_model(model)?;
     let start = Instant::now();
-    let compiled = compile(&graph, &Options { machine: machine.clone(), batch, precision, training, train_mode })?;
+    let opts = Options { machine: machine.clone(), batch, precision, training, train_mode, activations };
+    let compiled = compile(&graph, &opts)?;
     Ok((compiled, start.elapsed().as_secs_f64()))
+}
+
+/// `bf16` or `f32`, as the command line writes them.
+pub fn dtype_name(dtype: DType) -> &'static str {
+    match dtype {
+        DType::Bf16 => "bf16",
+        DType::F32 => "f32",
+    }
 }
 
 /// Per-kernel simulated cycles and roofline terms.
@@ -148,8 +161,16 @@ pub fn run(args: Args) -> Result<()> {
             PassName::ALL.iter().map(|p| p.name()).collect::<Vec<_>>().join(", ")
         );
     }
-    let (compiled, compile_seconds) =
-        compile_model(&args.what.model, &machine, args.what.batch, precision, args.what.train.training()?, false)?;
+    let activations = args.what.storage.resolve(precision)?;
+    let (compiled, compile_seconds) = compile_model(
+        &args.what.model,
+        &machine,
+        args.what.batch,
+        precision,
+        activations,
+        args.what.train.training()?,
+        false,
+    )?;
     if let Some(p) = &args.dump_after {
         let pass = PassName::parse(p).expect("checked above");
         println!("== after {} ==\n{}", pass.name(), compiled.dump(pass));
@@ -170,6 +191,10 @@ pub fn run(args: Args) -> Result<()> {
             "seconds": r.seconds, "mxu_utilization": r.mxu_utilization,
             "hbm_peak_bytes": compiled.executable.hbm_peak_bytes, "instructions": r.instructions,
             "compile_seconds": compile_seconds, "simulate_seconds": simulate_seconds,
+            "activations": dtype_name(activations), "hbm_bytes_saved": compiled.bytes_saved(),
+            "tensors": compiled.tensors.iter().map(|t| serde_json::json!({
+                "name": t.name, "dtype": dtype_name(t.dtype), "bytes": t.bytes,
+            })).collect::<Vec<_>>(),
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(());
@@ -219,6 +244,15 @@ pub fn run(args: Args) -> Result<()> {
         "HBM peak          {} bytes ({:.2} GiB)",
         thousands(compiled.executable.hbm_peak_bytes),
         compiled.executable.hbm_peak_bytes as f64 / (1u64 << 30) as f64
+    );
+    let in_bf16: Vec<_> = compiled.tensors.iter().filter(|t| t.dtype == DType::Bf16).collect();
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    println!(
+        "activations       {} in HBM: {} tensors in bf16 ({:.2} GiB, {:.2} GiB saved against f32; --dump-after storage lists them)",
+        dtype_name(activations),
+        in_bf16.len(),
+        gib(in_bf16.iter().map(|t| t.bytes).sum()),
+        gib(compiled.bytes_saved())
     );
     println!("compiled in {compile_seconds:.3} s, simulated in {simulate_seconds:.3} s");
     println!(

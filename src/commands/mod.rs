@@ -15,8 +15,10 @@ pub mod zoo;
 use std::path::Path;
 
 use anyhow::{Context, Result};
+use systolic::compiler::lower::Options;
 use systolic::compiler::{Error, Graph, Op, Tensor, TensorMap, rng, tensors, zoo as model_zoo};
 use systolic::simulator::Machine;
+use systolic::simulator::isa::DType;
 use systolic::simulator::numerics::Precision;
 
 /// The machine a command targets and how its MXU rounds: the options every simulating
@@ -41,6 +43,28 @@ impl Target {
         let precision = Precision::parse(&self.precision)
             .with_context(|| format!("--precision {}: use default, high or highest", self.precision))?;
         Ok((machine, precision))
+    }
+}
+
+/// How a lowered program stores activations in HBM: the option every compiling command shares.
+#[derive(clap::Args)]
+pub struct Storage {
+    /// Activations, the values kept for the backward pass and activation gradients in HBM:
+    /// bf16 (as a TPU trains) or f32. Default: bf16 at --precision default, f32 at high and
+    /// highest. Parameters, optimizer state, statistics and weight gradients are always f32.
+    #[arg(long, value_name = "bf16|f32")]
+    pub activations: Option<String>,
+}
+
+impl Storage {
+    /// The element type activations are stored in.
+    pub fn resolve(&self, precision: Precision) -> Result<DType> {
+        match self.activations.as_deref() {
+            None => Ok(Options::default_activations(precision)),
+            Some("bf16") => Ok(DType::Bf16),
+            Some("f32") => Ok(DType::F32),
+            Some(other) => anyhow::bail!("--activations {other}: use bf16 or f32"),
+        }
     }
 }
 

@@ -23,6 +23,9 @@ pub struct Args {
     backend: Backend,
     #[command(flatten)]
     target: super::Target,
+    /// With --backend tpu.
+    #[command(flatten)]
+    storage: super::Storage,
     /// Parameter values (safetensors, named `<layer>/<param>`); without it, initialise from --seed.
     #[arg(long)]
     weights: Option<PathBuf>,
@@ -73,6 +76,10 @@ pub fn run(args: Args) -> Result<()> {
         None => super::random_inputs(&graph, args.batch, args.seed)?,
     };
     anyhow::ensure!(args.repeat >= 1, "--repeat must be at least 1");
+    anyhow::ensure!(
+        args.storage.activations.is_none() || matches!(args.backend, Backend::Tpu),
+        "--activations sets how the simulated TPU stores activations; the CPU reference keeps f32 (add --backend tpu)"
+    );
     match args.backend {
         Backend::Cpu => run_reference(&args, &graph, weights, inputs),
         Backend::Tpu => run_simulated(&args, &graph, weights, inputs),
@@ -138,9 +145,10 @@ fn run_simulated(args: &Args, graph: &Graph, weights: TensorMap, inputs: TensorM
         args.model
     );
     let (machine, precision) = args.target.resolve()?;
+    let activations = args.storage.resolve(precision)?;
     let batch = batch_of(graph, &inputs, args.input.as_deref())?;
     let (compiled, compile_seconds) =
-        super::compile::compile_model(&args.model, &machine, batch, precision, None, args.train_mode)?;
+        super::compile::compile_model(&args.model, &machine, batch, precision, activations, None, args.train_mode)?;
     let exe = &compiled.executable;
     let mut bindings = weights.clone();
     bindings.extend(inputs);

@@ -27,6 +27,7 @@ pub fn run(args: Args) -> Result<()> {
         &machine,
         args.what.batch,
         precision,
+        args.what.storage.resolve(precision)?,
         args.what.train.training()?,
         false,
     )?;

@@ -24,7 +24,9 @@ mod passes;
 mod pipeline;
 pub mod training;
 
+use serde::Serialize;
 use systolic_simulator::executable::{Binding, Executable, Role};
+use systolic_simulator::isa::DType;
 
 use crate::error::{Error, Result};
 use crate::graph::{Graph, Op};
@@ -44,9 +46,25 @@ pub struct Compiled {
     /// Initial values of the state the lowering added (optimizer slots at zero, Adam's powers):
     /// feed them with the model's parameters before the first training step.
     pub initial_state: TensorMap,
+    /// Every tensor the program keeps in HBM (inputs, parameters, state, activations), with
+    /// its element type there and its bytes.
+    pub tensors: Vec<StoredTensor>,
+}
+
+/// A tensor in HBM: its name, element type and bytes.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct StoredTensor {
+    pub name: String,
+    pub dtype: DType,
+    pub bytes: u64,
 }
 
 impl Compiled {
+    /// HBM bytes bf16 storage saves against f32: half of what the bf16 tensors would take.
+    pub fn bytes_saved(&self) -> u64 {
+        self.tensors.iter().filter(|t| t.dtype == DType::Bf16).map(|t| t.bytes).sum()
+    }
+
     /// The text of `pass`'s result.
     pub fn dump(&self, pass: PassName) -> String {
         match self.dumps.iter().find(|(name, _)| *name == pass).map(|(_, d)| d) {
@@ -89,11 +107,19 @@ pub fn compile(graph: &Graph, opts: &Options) -> Result<Compiled> {
         let name = step.output_names.get(&out).cloned().unwrap_or_else(|| graph.node(out).name.clone());
         bindings.push(Binding { name, role: Role::Output, shape: p.shape.clone(), tile: p.tile });
     }
+    let tensors = graph
+        .node_ids()
+        .filter(|&id| lowering.owner[id.index()] == Some(id))
+        .filter_map(|id| {
+            let p = places[id.index()].as_ref()?;
+            Some(StoredTensor { name: graph.node(id).name.clone(), dtype: p.tile.dtype, bytes: p.tile.bytes() })
+        })
+        .collect();
     let hbm_peak_bytes = lowering.plan.as_ref().expect("allocation ran").peak;
     let program = std::mem::take(&mut lowering.program);
     let executable = Executable { name: graph.name().to_string(), program, bindings, hbm_peak_bytes };
     let added = step.updates.iter().flat_map(|u| &u.slots).chain(&step.state);
     let initial_state =
         added.filter_map(|&id| Some((graph.node(id).name.clone(), graph.init_parameter(id, 0)?))).collect();
-    Ok(Compiled { executable, kernels: lowering.reports, dumps, initial_state })
+    Ok(Compiled { executable, kernels: lowering.reports, dumps, initial_state, tensors })
 }

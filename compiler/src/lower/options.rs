@@ -1,6 +1,7 @@
 //! What to compile for.
 
 use systolic_simulator::Machine;
+use systolic_simulator::isa::DType;
 use systolic_simulator::numerics::Precision;
 
 use crate::lower::training::Training;
@@ -19,4 +20,33 @@ pub struct Options {
     /// statistics (moving statistics updated in place and output), dropout with the mask of
     /// the step in `dropout/step` (advanced by the program) — as `run --train-mode` does.
     pub train_mode: bool,
+    /// How activations, the values kept for the backward pass and activation gradients are
+    /// stored in HBM: `Bf16` as a TPU trains (rounded to nearest even on store, widened on
+    /// load), or `F32`. Parameters, optimizer state, statistics, the loss and weight gradients
+    /// are always f32.
+    pub activations: DType,
+}
+
+impl Options {
+    /// Inference on `machine` at `batch` examples per core and `precision`, activations stored
+    /// as [`Options::default_activations`] says.
+    pub fn new(machine: Machine, batch: usize, precision: Precision) -> Options {
+        Options {
+            machine,
+            batch,
+            precision,
+            training: None,
+            train_mode: false,
+            activations: Self::default_activations(precision),
+        }
+    }
+
+    /// bf16 at DEFAULT precision (one bf16 pass, as a TPU trains); f32 where the user asks the
+    /// MXU for more (HIGH, HIGHEST).
+    pub fn default_activations(precision: Precision) -> DType {
+        match precision {
+            Precision::Default => DType::Bf16,
+            Precision::High | Precision::Highest => DType::F32,
+        }
+    }
 }

@@ -11,7 +11,7 @@ use crate::lower::emitter::{Context, Extras, Fragment};
 use crate::lower::kernel::{Kernel, KernelReport, Place, rows_cols};
 use crate::lower::kernels;
 use crate::lower::options::Options;
-use crate::lower::passes::{allocation, fusion, layout, scheduling, tiling};
+use crate::lower::passes::{allocation, fusion, layout, scheduling, storage, tiling};
 use crate::lower::training::Step;
 
 /// The named passes, in order.
@@ -19,19 +19,27 @@ use crate::lower::training::Step;
 pub enum PassName {
     Fusion,
     Layout,
+    Storage,
     Allocation,
     Tiling,
     Scheduling,
 }
 
 impl PassName {
-    pub const ALL: [PassName; 5] =
-        [PassName::Fusion, PassName::Layout, PassName::Allocation, PassName::Tiling, PassName::Scheduling];
+    pub const ALL: [PassName; 6] = [
+        PassName::Fusion,
+        PassName::Layout,
+        PassName::Storage,
+        PassName::Allocation,
+        PassName::Tiling,
+        PassName::Scheduling,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             PassName::Fusion => "fusion",
             PassName::Layout => "layout",
+            PassName::Storage => "storage",
             PassName::Allocation => "allocation",
             PassName::Tiling => "tiling",
             PassName::Scheduling => "scheduling",
@@ -60,9 +68,10 @@ pub(crate) struct Pass {
 }
 
 /// The passes, in order.
-pub(crate) const PIPELINE: [Pass; 5] = [
+pub(crate) const PIPELINE: [Pass; 6] = [
     Pass { name: PassName::Fusion, run: run_fusion },
     Pass { name: PassName::Layout, run: run_layout },
+    Pass { name: PassName::Storage, run: run_storage },
     Pass { name: PassName::Allocation, run: run_allocation },
     Pass { name: PassName::Tiling, run: run_tiling },
     Pass { name: PassName::Scheduling, run: run_scheduling },
@@ -78,6 +87,8 @@ pub(crate) struct Lowering<'g> {
     pub kernels: Vec<Kernel>,
     /// `layout`: the node that owns each node's HBM bytes.
     pub owner: Vec<Option<NodeId>>,
+    /// `storage`: each node's element type in HBM.
+    pub dtypes: Vec<DType>,
     /// `allocation`: HBM addresses, per-kernel scratch and channel sums, the peak.
     pub plan: Option<allocation::Plan>,
     /// `allocation`: each placed tensor's shape and HBM tile.
@@ -97,6 +108,7 @@ impl<'g> Lowering<'g> {
             step,
             kernels: Vec::new(),
             owner: Vec::new(),
+            dtypes: Vec::new(),
             plan: None,
             places: Vec::new(),
             fragments: Vec::new(),
@@ -131,13 +143,26 @@ fn run_layout(l: &mut Lowering) -> Result<Dump> {
     Ok(Dump::Text(layout::dump(l.graph, &l.kernels, &l.owner, &|id| l.shape_of(id))))
 }
 
+fn run_storage(l: &mut Lowering) -> Result<Dump> {
+    l.dtypes = storage::dtypes(l.graph, &l.owner, l.opts.activations);
+    let bytes_f32 = |id: NodeId| l.shape_of(id).iter().product::<usize>().max(1) as u64 * 4;
+    Ok(Dump::Text(storage::dump(l.graph, &l.owner, &l.dtypes, &bytes_f32)))
+}
+
 fn run_allocation(l: &mut Lowering) -> Result<Dump> {
     let graph = l.graph;
     // Leaves no output depends on through graph edges but kernels read: one-hot labels.
     let extra_leaves: Vec<NodeId> = l.step.one_hot.values().copied().collect();
     let scratch = |k: &Kernel| kernels::scratch_bytes(graph, k);
     let shape_of = |id: NodeId| l.shape_of(id);
-    let plan = allocation::plan(graph, &l.kernels, &l.owner, &shape_of, &l.opts.machine, &extra_leaves, &scratch)?;
+    let dtype_of = |id: NodeId| l.dtypes[id.index()];
+    let tensors = allocation::Tensors {
+        owner: &l.owner,
+        shape_of: &shape_of,
+        dtype_of: &dtype_of,
+        activations: l.opts.activations,
+    };
+    let plan = allocation::plan(graph, &l.kernels, &tensors, &l.opts.machine, &extra_leaves, &scratch)?;
     l.places = graph
         .node_ids()
         .map(|id| {
@@ -145,7 +170,7 @@ fn run_allocation(l: &mut Lowering) -> Result<Dump> {
             let offset = plan.offsets[o.index()]?;
             let shape = l.shape_of(id);
             let (r, c) = rows_cols(&shape);
-            Some(Place { tile: Tile::new(Space::Hbm, offset, r, c, DType::F32), shape })
+            Some(Place { tile: Tile::new(Space::Hbm, offset, r, c, l.dtypes[id.index()]), shape })
         })
         .collect();
     let dump = plan.dump.clone();

@@ -11,6 +11,7 @@ use systolic_compiler::optimizer::Optimizer;
 use systolic_compiler::reference::{self, RunOptions};
 use systolic_compiler::{Graph, NodeId, Op, Tensor, TensorMap};
 use systolic_simulator::config::{Machine, presets};
+use systolic_simulator::isa::DType;
 use systolic_simulator::numerics::Precision;
 use systolic_simulator::timing::simulate;
 
@@ -140,7 +141,9 @@ fn near_a_kink(g: &Graph, bindings: &TensorMap, step: u64) -> bool {
 
 /// Inference of `batch` examples at `precision` on `machine`; set `training` for a step.
 pub fn options(machine: Machine, batch: usize, precision: Precision) -> Options {
-    Options { machine, batch, precision, training: None, train_mode: false }
+    // f32 storage: these tests hold the lowering to the f32 reference; bf16 storage is tested
+    // against the reference's bf16-storage mode.
+    Options { machine, batch, precision, training: None, train_mode: false, activations: DType::F32 }
 }
 
 /// Binds `labels` (ten classes, [`labels`]) in `b` and returns what a compiled program is fed:

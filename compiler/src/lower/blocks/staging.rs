@@ -13,7 +13,8 @@ use crate::lower::emitter::Emitter;
 fn stage_input(e: &mut Emitter, g: &ConvLayout, x: Tile, sb: &Block, whole: bool, stage: Tile, deps: &[u32]) -> u32 {
     let c = g.c;
     let hv = g.hv();
-    let row_bytes = (g.w * c * 4) as u64;
+    // HBM rows in the tensor's element type (bf16 activations widen as they land in VMEM).
+    let row_bytes = (g.w * c) as u64 * x.dtype.size();
     let slot_elems = (g.sh * hv * g.wp * c) as u64;
     if g.xsh > 1 || g.xsw > 1 {
         return stage_dilated(e, g, x, sb, whole, stage, deps);
@@ -26,7 +27,7 @@ fn stage_input(e: &mut Emitter, g: &ConvLayout, x: Tile, sb: &Block, whole: bool
             rows: g.h as u32,
             cols: (g.w * c) as u32,
             stride: (g.w * c) as u32,
-            dtype: DType::F32,
+            dtype: x.dtype,
         };
         let dst = Tile {
             space: Space::Vmem,
@@ -57,7 +58,7 @@ fn stage_input(e: &mut Emitter, g: &ConvLayout, x: Tile, sb: &Block, whole: bool
             rows: (h_hi - h_lo) as u32,
             cols: (g.w * c) as u32,
             stride: (g.w * c) as u32,
-            dtype: DType::F32,
+            dtype: x.dtype,
         };
         let dst = Tile {
             space: Space::Vmem,
@@ -99,7 +100,7 @@ pub(crate) fn stage_block(
 fn stage_dilated(e: &mut Emitter, g: &ConvLayout, x: Tile, sb: &Block, whole: bool, stage: Tile, deps: &[u32]) -> u32 {
     let c = g.c;
     let slot_elems = g.sh * g.hv() * g.wp * c;
-    let row_bytes = (g.xw * c * 4) as u64;
+    let row_bytes = (g.xw * c) as u64 * x.dtype.size();
     // Stored rows r0..r1 of image n to padded row q of the slot at `slot`.
     let copy = |e: &mut Emitter, n: usize, r0: usize, r1: usize, q: usize, slot: usize, engine: usize| {
         let src = Tile {
@@ -108,7 +109,7 @@ fn stage_dilated(e: &mut Emitter, g: &ConvLayout, x: Tile, sb: &Block, whole: bo
             rows: g.xw as u32,
             cols: c as u32,
             stride: c as u32,
-            dtype: DType::F32,
+            dtype: x.dtype,
         };
         let dst = Tile {
             space: Space::Vmem,
@@ -190,7 +191,7 @@ pub(crate) fn out_rows(
     // VMEM rows are `pitch` elements apart (the block's channel width, or wider when a
     // narrower last block keeps the layout of the full-width ones).
     let pitch = vmem.stride as usize;
-    let (h_step, v_step) = ((ow * g.co * 4) as u64, (g.wv * pitch * 4) as u64);
+    let (h_step, v_step) = ((ow * g.co) as u64 * hbm.dtype.size(), (g.wv * pitch * 4) as u64);
     // When image slots hold exactly the output rows (hv = OH), rows of successive images are
     // evenly spaced on both sides: one DMA moves the whole block. Otherwise one per image,
     // spread over the DMA engines so their start-up latencies overlap.
@@ -209,11 +210,11 @@ pub(crate) fn out_rows(
         let v_row0 = if whole { img * per_image } else { 0 } + (r_lo - blk.oh0) * g.wv + left;
         let h = Tile {
             space: Space::Hbm,
-            offset: hbm.offset + (((n * oh + r_lo - top) * ow * g.co + c0) * 4) as u64,
+            offset: hbm.offset + ((n * oh + r_lo - top) * ow * g.co + c0) as u64 * hbm.dtype.size(),
             rows: ow as u32,
             cols: nb as u32,
             stride: g.co as u32,
-            dtype: DType::F32,
+            dtype: hbm.dtype,
         };
         let v = Tile {
             offset: vmem.offset + (v_row0 * pitch * 4) as u64,
@@ -283,7 +284,7 @@ mod tests {
             };
             let g = ConvLayout::dilated(&attrs, &[n, xh, xw, c], &[k, k, c, 1], [xs, xs]);
             let machine = presets::preset("v2-8").unwrap();
-            let opts = Options { machine: machine.clone(), batch: n, precision: Precision::Default, training: None, train_mode: false };
+            let opts = Options::new(machine.clone(), n, Precision::Default);
             let graph = Graph::new("staging");
             let extras = Extras::default();
             let cx = Context { graph: &graph, opts: &opts, places: &[], extras: &extras };

@@ -172,10 +172,12 @@ impl<'a> Emitter<'a> {
         let core = &self.m.core;
         match op {
             Operation::Dma { src, dst, repeat, .. } => {
-                let bytes = src.bytes() * repeat.map_or(1, |r| r.count as u64);
-                let hbm = (src.space == Space::Hbm) as u64 + (dst.space == Space::Hbm) as u64;
-                self.account.hbm_bytes += bytes * hbm;
-                self.account.dma_bytes += bytes * hbm.max(1);
+                // As the timing engine counts them: each HBM side in its own element type.
+                let count = repeat.map_or(1, |r| r.count as u64);
+                let side = |t: &Tile| if t.space == Space::Hbm { t.bytes() * count } else { 0 };
+                let hbm = side(src) + side(dst);
+                self.account.hbm_bytes += hbm;
+                self.account.dma_bytes += if hbm > 0 { hbm } else { src.bytes().max(dst.bytes()) * count };
             }
             Operation::MatMul { mxu, lhs, rhs, precision, .. } => {
                 let (m, k, n) = (lhs.rows as usize, lhs.cols as usize, rhs.cols as usize);

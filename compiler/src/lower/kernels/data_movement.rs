@@ -15,11 +15,11 @@ fn axis_block(p: &Place, axis: usize, a0: usize, len: usize) -> Tile {
     let inner: usize = p.shape[axis + 1..].iter().product();
     Tile {
         space: p.tile.space,
-        offset: p.tile.offset + (a0 * inner * 4) as u64,
+        offset: p.tile.offset + (a0 * inner) as u64 * p.tile.dtype.size(),
         rows: outer as u32,
         cols: (len * inner) as u32,
         stride: (p.shape[axis] * inner) as u32,
-        dtype: DType::F32,
+        dtype: p.tile.dtype,
     }
 }
 

@@ -9,12 +9,24 @@
 use std::collections::BTreeMap;
 
 use systolic_simulator::Machine;
+use systolic_simulator::isa::DType;
 
 use crate::error::{Error, Result};
 use crate::graph::{Graph, NodeId};
 use crate::lower::kernel::Kernel;
 
 const ALIGN: u64 = 512;
+
+/// What the allocation needs of each tensor: who owns its bytes (`layout`), its shape and its
+/// element type in HBM (`storage`).
+#[derive(Clone, Copy)]
+pub(crate) struct Tensors<'a> {
+    pub owner: &'a [Option<NodeId>],
+    pub shape_of: &'a dyn Fn(NodeId) -> Vec<usize>,
+    pub dtype_of: &'a dyn Fn(NodeId) -> DType,
+    /// How activations are stored (for the advice when they do not fit).
+    pub activations: DType,
+}
 
 /// HBM addresses of every storage owner (leaves and non-view kernel outputs), and the peak.
 pub(crate) struct Plan {
@@ -81,13 +93,13 @@ fn gib(bytes: u64) -> String {
 pub(crate) fn plan(
     graph: &Graph,
     kernels: &[Kernel],
-    owner: &[Option<NodeId>],
-    shape_of: &dyn Fn(NodeId) -> Vec<usize>,
+    tensors: &Tensors,
     machine: &Machine,
     extra_leaves: &[NodeId],
     scratch_bytes: &dyn Fn(&Kernel) -> u64,
 ) -> Result<Plan> {
-    let bytes = |id: NodeId| shape_of(id).iter().product::<usize>().max(1) as u64 * 4;
+    let Tensors { owner, shape_of, dtype_of, .. } = *tensors;
+    let bytes = |id: NodeId| shape_of(id).iter().product::<usize>().max(1) as u64 * dtype_of(id).size();
     let mut needed = graph.ancestors(graph.outputs());
     for &leaf in extra_leaves {
         needed[leaf.index()] = true;
@@ -173,12 +185,13 @@ pub(crate) fn plan(
             graph: graph.name().to_string(),
             reason: format!(
                 "needs {} of HBM per core ({} of inputs and parameters, {} of live activations at the peak); \
-                 {} cores have {}: lower the batch or add cores",
+                 {} cores have {}: lower the batch{} or add cores",
                 gib(peak),
                 gib(persistent),
                 gib(peak_activations),
                 machine.name,
-                gib(capacity)
+                gib(capacity),
+                if tensors.activations == DType::F32 { ", store activations in bf16 (--activations bf16)" } else { "" }
             ),
         });
     }

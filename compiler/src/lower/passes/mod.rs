@@ -4,4 +4,5 @@ pub(crate) mod allocation;
 pub(crate) mod fusion;
 pub(crate) mod layout;
 pub(crate) mod scheduling;
+pub(crate) mod storage;
 pub(crate) mod tiling;
