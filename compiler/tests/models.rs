@@ -9,7 +9,7 @@ use systolic_compiler::reference::{self, Mode, RunOptions};
 use systolic_compiler::zoo;
 use systolic_compiler::{Graph, Tensor, TensorMap};
 
-const TRAIN: RunOptions = RunOptions { mode: Mode::Training, step: 1 };
+const TRAIN: RunOptions = RunOptions { mode: Mode::Training, step: 1, bf16: None };
 
 fn small(name: &str) -> Graph {
     let hw = match name {
@@ -168,7 +168,7 @@ fn gradient_descent_lowers_the_loss() {
     let mut b = bindings(&train.graph, 16);
     let mut losses = Vec::new();
     for step in 0..30 {
-        let v = reference::run_gradients(&train, &b, RunOptions { mode: Mode::Training, step }).unwrap();
+        let v = reference::run_gradients(&train, &b, RunOptions { step, ..TRAIN }).unwrap();
         losses.push(v.root.first().copied().unwrap());
         for id in g.trainable_parameters() {
             let name = &g.node(id).name;

@@ -10,8 +10,8 @@ use systolic_compiler::graph::*;
 use systolic_compiler::reference::{Mode, RunOptions};
 use systolic_compiler::{Tensor, TensorMap};
 
-const INFER: RunOptions = RunOptions { mode: Mode::Inference, step: 0 };
-const TRAIN: RunOptions = RunOptions { mode: Mode::Training, step: 3 };
+const INFER: RunOptions = RunOptions { mode: Mode::Inference, step: 0, bf16: None };
+const TRAIN: RunOptions = RunOptions { mode: Mode::Training, step: 3, bf16: None };
 
 /// A parameter the test binds (its initialiser is never used).
 fn param(g: &mut Graph, name: &str, shape: &[usize]) -> NodeId {

@@ -1,6 +1,7 @@
 //! `systolic compare`: the simulated TPU (bf16 MXU numerics) against the f32 CPU reference —
 //! how close the values are, and how the reference's wall time compares with simulated time.
 
+use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -52,6 +53,26 @@ struct Agreement {
     cosine: f64,
     /// For [batch, classes] outputs: fraction of examples whose argmax agrees.
     top1_agreement: Option<f64>,
+    /// With bf16 storage, the error split in two: the reference with the same tensors rounded
+    /// to bf16 as they are stored, against the f32 reference (storage alone) ...
+    #[serde(skip_serializing_if = "Option::is_none")]
+    storage: Option<Part>,
+    /// ... and the simulated TPU against that reference (bf16 multiplication alone).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    multiplication: Option<Part>,
+}
+
+/// One source of error: max error relative to the largest magnitude, and cosine.
+#[derive(Serialize)]
+struct Part {
+    max_rel_error: f64,
+    cosine: f64,
+}
+
+impl From<Agreement> for Part {
+    fn from(a: Agreement) -> Part {
+        Part { max_rel_error: a.max_rel_error, cosine: a.cosine }
+    }
 }
 
 fn agreement(name: &str, want: &Tensor, got: &[f32]) -> Agreement {
@@ -76,6 +97,8 @@ fn agreement(name: &str, want: &Tensor, got: &[f32]) -> Agreement {
         max_rel_error: max_abs / scale,
         cosine: if norm > 0.0 { dot / norm } else { 1.0 },
         top1_agreement: top1,
+        storage: None,
+        multiplication: None,
     }
 }
 
@@ -92,15 +115,10 @@ pub fn run(args: Args) -> Result<()> {
     let mut bindings = weights;
     bindings.extend(inputs);
 
-    // The reference's values (outputs, or the loss and every gradient) and its wall time.
+    // What the reference computes: the outputs, or (training) the loss and every gradient.
     let training = args.train.training()?;
-    let (want, cpu_seconds): (TensorMap, f64) = match training {
-        None => {
-            let start = Instant::now();
-            let (want, _) = reference::run_outputs(&graph, &bindings, RunOptions::default())
-                .map_err(|e| super::blame(e, |_| args.input.as_deref()))?;
-            (want, start.elapsed().as_secs_f64())
-        }
+    let grads = match training {
+        None => None,
         Some(_) => {
             let (g, loss) = graph.with_classifier_loss(0.0)?;
             let labels_name = g.node(g.node(loss).inputs[1]).name.clone();
@@ -119,24 +137,42 @@ pub fn run(args: Args) -> Result<()> {
                 }
             };
             bindings.insert(labels_name, labels);
-            let grads = autodiff::differentiate(&g, loss, &g.trainable_parameters())?;
-            let start = Instant::now();
-            let values = reference::run_gradients(&grads, &bindings, RunOptions::training(0))
-                .map_err(|e| super::blame(e, |_| args.labels.as_deref().or(args.input.as_deref())))?;
-            let seconds = start.elapsed().as_secs_f64();
-            let mut want = TensorMap::new();
-            want.insert(g.node(loss).name.clone(), values.root);
-            for (name, t) in values.grads {
-                want.insert(format!("{name}/grad"), t);
-            }
-            // Batch norm's moving statistics after the step.
-            want.extend(values.updates);
-            (want, seconds)
+            let loss_name = g.node(loss).name.clone();
+            Some((autodiff::differentiate(&g, loss, &g.trainable_parameters())?, loss_name))
         }
     };
+    // The reference's values, with every value f32 or with the compiled program's bf16 tensors
+    // rounded as they are stored.
+    let reference_values = |bf16: Option<&BTreeSet<String>>| -> Result<TensorMap> {
+        let blame = |e| super::blame(e, |_| args.labels.as_deref().or(args.input.as_deref()));
+        Ok(match &grads {
+            None => {
+                reference::run_outputs(&graph, &bindings, RunOptions { bf16, ..RunOptions::default() })
+                    .map_err(blame)?
+                    .0
+            }
+            Some((grads, loss_name)) => {
+                let values = reference::run_gradients(grads, &bindings, RunOptions { bf16, ..RunOptions::training(0) })
+                    .map_err(blame)?;
+                let mut want = TensorMap::new();
+                want.insert(loss_name.clone(), values.root);
+                for (name, t) in values.grads {
+                    want.insert(format!("{name}/grad"), t);
+                }
+                // Batch norm's moving statistics after the step.
+                want.extend(values.updates);
+                want
+            }
+        })
+    };
+    let start = Instant::now();
+    let want = reference_values(None)?;
+    let cpu_seconds = start.elapsed().as_secs_f64();
 
     let (compiled, compile_seconds) =
         super::compile::compile_model(&args.model, &machine, batch, precision, activations, training, false)?;
+    let bf16_tensors = compiled.bf16_tensors();
+    let stored = if bf16_tensors.is_empty() { None } else { Some(reference_values(Some(&bf16_tensors))?) };
     let mut feed = lower::training::one_hot_feed(&compiled.executable, &bindings)?;
     feed.extend(compiled.initial_state.clone());
     let start = Instant::now();
@@ -149,7 +185,18 @@ pub fn run(args: Args) -> Result<()> {
 
     // Compare what both computed (a training step's updated parameters have no reference here).
     let got: Vec<(String, Vec<f32>)> = got.into_iter().filter(|(name, _)| want.contains_key(name)).collect();
-    let mut results: Vec<Agreement> = got.iter().map(|(name, values)| agreement(name, &want[name], values)).collect();
+    let mut results: Vec<Agreement> = got
+        .iter()
+        .map(|(name, values)| {
+            let mut a = agreement(name, &want[name], values);
+            if let Some(stored) = &stored {
+                let s = &stored[name];
+                a.storage = Some(agreement(name, &want[name], s.as_slice().expect("standard layout")).into());
+                a.multiplication = Some(agreement(name, s, values).into());
+            }
+            a
+        })
+        .collect();
     if training.is_some() {
         // Gradients have no classes to agree on.
         results.iter_mut().for_each(|a| a.top1_agreement = None);
@@ -160,7 +207,7 @@ pub fn run(args: Args) -> Result<()> {
             "outputs": results, "cpu_reference_seconds": cpu_seconds, "simulated_seconds": r.seconds,
             "simulated_cycles": r.cycles, "functional_simulation_seconds": functional_seconds,
             "compile_seconds": compile_seconds, "mxu_utilization": r.mxu_utilization,
-            "training": training.is_some(),
+            "training": training.is_some(), "activations": super::compile::dtype_name(activations),
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(());
@@ -172,17 +219,33 @@ pub fn run(args: Args) -> Result<()> {
         machine.name,
         precision.name()
     );
-    let mut t = Table::new(&["output", "max abs error", "max rel error", "cosine", "top-1 agreement"]);
+    let split = stored.is_some();
+    let mut header = vec!["output", "max abs error", "max rel error", "cosine", "top-1 agreement"];
+    if split {
+        header.extend(["storage: rel error", "cosine", "multiply: rel error", "cosine"]);
+    }
+    let mut t = Table::new(&header);
     for a in &results {
-        t.row(vec![
+        let mut row = vec![
             a.name.clone(),
             format!("{:.3e}", a.max_abs_error),
             format!("{:.3e}", a.max_rel_error),
             format!("{:.6}", a.cosine),
             a.top1_agreement.map_or("-".into(), |v| format!("{:.1}%", 100.0 * v)),
-        ]);
+        ];
+        for part in [&a.storage, &a.multiplication].into_iter().flatten() {
+            row.extend([format!("{:.3e}", part.max_rel_error), format!("{:.6}", part.cosine)]);
+        }
+        t.row(row);
     }
     print!("{}", t.render());
+    if split {
+        println!(
+            "activations in bf16: storage = the reference with the same {} tensors rounded to bf16 as they are \
+             stored, against f32; multiply = the simulated TPU against that reference (bf16 MXU products)",
+            bf16_tensors.len()
+        );
+    }
     println!();
     println!("CPU reference     {:.3} ms wall time on this host", cpu_seconds * 1e3);
     println!(

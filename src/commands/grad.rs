@@ -56,10 +56,11 @@ pub fn run(args: Args) -> Result<()> {
     bindings.insert(labels_node.clone(), labels);
 
     let mode = if args.inference_mode { Mode::Inference } else { Mode::Training };
-    let values = reference::run_gradients(&train, &bindings, RunOptions { mode, step: args.step }).map_err(|e| {
-        let labels = Some((labels_node.as_str(), args.labels.as_path()));
-        super::blame(e, |name| super::source_of(graph, name, args.weights.as_deref(), labels, Some(&args.input)))
-    })?;
+    let values = reference::run_gradients(&train, &bindings, RunOptions { mode, step: args.step, bf16: None })
+        .map_err(|e| {
+            let labels = Some((labels_node.as_str(), args.labels.as_path()));
+            super::blame(e, |name| super::source_of(graph, name, args.weights.as_deref(), labels, Some(&args.input)))
+        })?;
     let loss_value = values.root.first().copied().unwrap_or(f32::NAN);
     let mut out = values.grads;
     out.insert("loss".to_string(), values.root);

@@ -95,8 +95,8 @@ fn run_reference(args: &Args, graph: &Graph, weights: TensorMap, inputs: TensorM
     let mut result = None;
     for _ in 0..args.repeat {
         let start = Instant::now();
-        let ev =
-            reference::run(graph, &bindings, graph.outputs(), RunOptions { mode, step: args.step }).map_err(|e| {
+        let ev = reference::run(graph, &bindings, graph.outputs(), RunOptions { mode, step: args.step, bf16: None })
+            .map_err(|e| {
                 super::blame(e, |name| {
                     super::source_of(graph, name, args.weights.as_deref(), None, args.input.as_deref())
                 })

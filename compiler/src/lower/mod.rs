@@ -24,6 +24,8 @@ mod passes;
 mod pipeline;
 pub mod training;
 
+use std::collections::BTreeSet;
+
 use serde::Serialize;
 use systolic_simulator::executable::{Binding, Executable, Role};
 use systolic_simulator::isa::DType;
@@ -60,6 +62,12 @@ pub struct StoredTensor {
 }
 
 impl Compiled {
+    /// The names of the tensors stored in bf16: what the reference rounds to reproduce bf16
+    /// storage ([`crate::reference::RunOptions::bf16`]).
+    pub fn bf16_tensors(&self) -> BTreeSet<String> {
+        self.tensors.iter().filter(|t| t.dtype == DType::Bf16).map(|t| t.name.clone()).collect()
+    }
+
     /// HBM bytes bf16 storage saves against f32: half of what the bf16 tensors would take.
     pub fn bytes_saved(&self) -> u64 {
         self.tensors.iter().filter(|t| t.dtype == DType::Bf16).map(|t| t.bytes).sum()

@@ -18,10 +18,13 @@ pub mod pool;
 use crate::autodiff::Gradients;
 use crate::error::{Error, Result};
 use std::borrow::Cow;
+use std::collections::BTreeSet;
 use std::time::Instant;
 
 use ndarray::Dimension;
 use rayon::prelude::*;
+
+use systolic_simulator::numerics::bf16;
 
 use crate::graph::{Graph, NodeId, Shape};
 use crate::tensors::{Tensor, TensorMap};
@@ -36,15 +39,20 @@ pub enum Mode {
 
 /// How to run a graph.
 #[derive(Clone, Copy, Debug, Default)]
-pub struct RunOptions {
+pub struct RunOptions<'a> {
     pub mode: Mode,
     /// The training step, mixed into dropout masks so that each step draws a new one.
     pub step: u64,
+    /// bf16 storage, as a compiled program keeps activations: the values of these nodes (by
+    /// name) are rounded to bf16 (nearest even) as soon as they are computed, so every use
+    /// sees what a TPU reads back from HBM (`lower::Compiled::bf16_tensors` names them).
+    /// None: every value stays f32.
+    pub bf16: Option<&'a BTreeSet<String>>,
 }
 
-impl RunOptions {
+impl RunOptions<'_> {
     pub fn training(step: u64) -> Self {
-        RunOptions { mode: Mode::Training, step }
+        RunOptions { mode: Mode::Training, step, bf16: None }
     }
 }
 
@@ -180,7 +188,11 @@ pub fn run(graph: &Graph, bindings: &TensorMap, fetch: &[NodeId], opts: RunOptio
         for (pid, t) in out.updates {
             updates.insert(graph.node(pid).name.clone(), t);
         }
-        values[id.index()] = Some(Cow::Owned(out.value));
+        let mut value = out.value;
+        if opts.bf16.is_some_and(|names| names.contains(&node.name)) {
+            value.par_mapv_inplace(bf16);
+        }
+        values[id.index()] = Some(Cow::Owned(value));
         node_seconds.push((id, start.elapsed().as_secs_f64()));
         for &i in &node.inputs {
             if last_use[i.index()] == id.index() && !fetched[i.index()] {
