@@ -483,6 +483,44 @@ fn mxu_shows_why_small_batches_waste_the_array() {
 }
 
 #[test]
+fn mxu_gives_scale_sims_cycles_with_its_timing() {
+    let run = |extra: &[&str]| -> serde_json::Value {
+        let mut args = vec!["mxu", "--m", "256", "--k", "300", "--n", "200", "--json"];
+        args.extend(extra);
+        serde_json::from_str(&ok(&args)).unwrap()
+    };
+    // SCALE-Sim's weight-stationary total on its 128x128 array: ceil(300/128) * ceil(200/128)
+    // folds of 2*128 + 128 + 256 - 2 cycles, minus one (it reports the last cycle's index).
+    let closed_form = 3 * 2 * (2 * 128 + 128 + 256 - 2) - 1;
+    let scalesim = run(&["--set", "core.mxu.timing=scalesim", "--pe-level"]);
+    assert_eq!(scalesim["timing"], "scalesim");
+    assert_eq!(scalesim["cycles"], closed_form, "{scalesim}");
+    assert_eq!(scalesim["pe_level"]["cycles"], closed_form, "{scalesim}");
+    assert_eq!(scalesim["pe_level"]["bits_identical"], true);
+    // The default timing overlaps folds: under half of SCALE-Sim's cycles here.
+    let default = run(&[]);
+    assert_eq!(default["timing"], "pipelined");
+    assert!(default["cycles"].as_u64().unwrap() * 2 < closed_form, "{default}");
+    // The text says which model it used.
+    let text = ok(&["mxu", "--m", "256", "--k", "300", "--n", "200", "--set", "core.mxu.timing=scalesim"]);
+    assert!(text.contains("timing model scalesim") && text.contains("3,827"), "{text}");
+    assert!(ok(&["mxu", "--m", "8", "--k", "8", "--n", "8"]).contains("timing model pipelined"));
+    // A machine file keeps the choice.
+    let d = Dir::new();
+    let ron = ok(&["machines", "v2-8", "--set", "core.mxu.timing=scalesim", "--ron"]);
+    assert!(ron.contains("timing: scalesim,") && ron.contains("\"set by the user to scalesim\""), "{ron}");
+    std::fs::write(d.path("ss.ron"), &ron).unwrap();
+    assert_eq!(ok(&["machines", &d.s("ss.ron"), "--ron"]), ron);
+    let from_file = run(&["--machine", &d.s("ss.ron")]);
+    assert_eq!(from_file["cycles"], closed_form);
+    let shown = ok(&["machines", "v2-8"]);
+    let row = shown.lines().find(|l| l.starts_with("core.mxu.timing ")).unwrap_or_else(|| panic!("{shown}"));
+    assert!(row.contains(" pipelined ") && row.contains("model: "), "{row}");
+    let e = fails(&["mxu", "--m", "8", "--k", "8", "--n", "8", "--set", "core.mxu.timing=fast"]);
+    assert!(e.contains("core.mxu.timing") && e.contains("scalesim"), "{e}");
+}
+
+#[test]
 fn mxu_writes_a_trace_and_rejects_bad_input() {
     let d = Dir::new();
     ok(&["mxu", "--m", "256", "--k", "256", "--n", "512", "--machine", "v4-8", "--trace", &d.s("t.json")]);

@@ -9,8 +9,9 @@
 //! Costs come from mechanisms:
 //! - DMA: `latency + bytes / bytes_per_cycle`; the data phase holds the HBM port when either side
 //!   is HBM, so concurrent transfers share its bandwidth.
-//! - MXU: weight load, fill, stream and drain of every pass ([`crate::mxu::Timeline`]); a matmul
-//!   that reads what an earlier one on the same MXU still writes waits for it (interlock).
+//! - MXU: weight load, fill, stream and drain of every pass ([`crate::mxu::Timeline`], in the
+//!   machine's `core.mxu.timing` model); a matmul that reads what an earlier one on the same MXU
+//!   still writes waits for it (interlock).
 //! - VPU: tiles occupy `ceil(rows / sublanes) · ceil(cols / lanes)` vector registers; each
 //!   register-wide operation takes `1 / alus` cycles.
 //! - Host link: bytes over the chip's PCIe bandwidth, shared by its cores.
@@ -254,9 +255,7 @@ pub fn simulate_unchecked(machine: &Machine, program: &Program, keep_spans: bool
         unit_free: vec![0; unit_list.len()],
         busy: vec![0; unit_list.len()],
         count: vec![0; unit_list.len()],
-        timelines: (0..machine.core.mxu.count)
-            .map(|_| Timeline::new(machine.core.mxu.rows, machine.core.mxu.weight_double_buffering))
-            .collect(),
+        timelines: (0..machine.core.mxu.count).map(|_| Timeline::for_mxu(&machine.core.mxu)).collect(),
         recent: vec![VecDeque::new(); machine.core.mxu.count],
         hbm_free: 0,
         hbm_bytes: 0,

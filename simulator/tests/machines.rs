@@ -4,8 +4,8 @@
 use std::collections::BTreeSet;
 
 use systolic_simulator::Machine;
-use systolic_simulator::config::FIELDS;
 use systolic_simulator::config::presets::{self, GENERATIONS, Generation};
+use systolic_simulator::config::{FIELDS, MxuTiming};
 
 fn all_presets() -> Vec<Machine> {
     presets::names().iter().map(|name| presets::preset(name).unwrap()).collect()
@@ -59,8 +59,10 @@ fn every_figure_of_every_preset_has_a_source() {
         for field in &leaves {
             let source = m.sources.get(field).unwrap_or_else(|| panic!("{}: {field} has no source", m.name));
             assert!(
-                source.starts_with("assumption: ") || keys.iter().any(|k| source.contains(k)),
-                "{}: {field}: '{source}' names no source key and is not marked as an assumption",
+                source.starts_with("assumption: ")
+                    || source.starts_with("model: ")
+                    || keys.iter().any(|k| source.contains(k)),
+                "{}: {field}: '{source}' names no source key and is not marked as an assumption or a model choice",
                 m.name
             );
         }
@@ -120,6 +122,35 @@ fn overrides_are_cited_and_survive_the_round_trip() {
     let back = Machine::from_ron(&m.to_ron()).unwrap();
     assert_eq!(back, m);
     assert_eq!(back.sources["core.vmem_bytes"], "set by the user to 33554432");
+}
+
+#[test]
+fn the_mxu_timing_model_is_a_field_with_a_default() {
+    for m in all_presets() {
+        assert_eq!(m.core.mxu.timing, MxuTiming::Pipelined, "{}", m.name);
+        assert!(m.sources["core.mxu.timing"].starts_with("model: "), "{}", m.name);
+    }
+    // Set by name (quoted or not), cited, shown as `--set` takes it, and written to RON.
+    let mut m = presets::preset("v3-8").unwrap();
+    m.set("core.mxu.timing", "scalesim").unwrap();
+    assert_eq!(m.core.mxu.timing, MxuTiming::Scalesim);
+    assert_eq!(m.sources["core.mxu.timing"], "set by the user to scalesim");
+    assert!(m.fields().contains(&("core.mxu.timing", "scalesim".to_string())));
+    let text = m.to_ron();
+    assert!(text.contains("timing: scalesim,"), "{text}");
+    assert_eq!(Machine::from_ron(&text).unwrap(), m);
+    m.set("core.mxu.timing", "\"pipelined\"").unwrap();
+    assert_eq!(m.core.mxu.timing, MxuTiming::Pipelined);
+    // Anything else is refused with the field and the choices.
+    let e = m.clone().set("core.mxu.timing", "fast").unwrap_err().to_string();
+    assert!(e.contains("core.mxu.timing") && e.contains("pipelined") && e.contains("scalesim"), "{e}");
+    let e = m.clone().set("core.mxu.timing", "3").unwrap_err().to_string();
+    assert!(e.contains("core.mxu.timing"), "{e}");
+    // A machine file from before the field existed loads with the default timing.
+    let preset = presets::preset("v2-8").unwrap();
+    let old = preset.to_ron().replace("    timing: pipelined,\n", "");
+    assert!(!old.contains("timing:"), "{old}");
+    assert_eq!(Machine::from_ron(&old).unwrap(), preset);
 }
 
 #[test]

@@ -490,6 +490,38 @@ fn an_mxu_waits_for_its_own_results_before_reading_them() {
 }
 
 #[test]
+fn scalesim_timing_runs_folds_one_after_another_in_the_timing_engine() {
+    // One MXU: SCALE-Sim's total for the GEMM, F * (2R + C + M - 2) - 1.
+    let mut m = v2();
+    m.set("core.mxu.timing", "scalesim").unwrap();
+    let mp = kernels::matmul(&m, 256, 300, 200, Precision::Default).unwrap();
+    let t = simulate(&m, &mp.program, false).unwrap();
+    assert_eq!(t.report.cycles, 6 * (2 * 128 + 128 + 256 - 2) - 1);
+    assert_eq!(t.report.cycles, systolic_simulator::mxu::scalesim_cycles(256, 300, 200, 128, 128, Precision::Default));
+    assert_eq!(t.report.cycles, systolic_simulator::mxu::matmul_cycles(&m, 256, 300, 200, Precision::Default));
+    // The default timing on the same machine is less than half of it.
+    let default = simulate(&v2(), &mp.program, false).unwrap();
+    assert!(default.report.cycles * 2 < t.report.cycles, "{} vs {}", default.report.cycles, t.report.cycles);
+    // Independent matmuls on one MXU do not overlap: the second's first fold loads the cycle
+    // after the first's last write.
+    let (a, b, c, d) = (vmem(0, 128, 128), vmem(65536, 128, 128), vmem(131072, 128, 128), vmem(196608, 128, 128));
+    let mut q = Program::new("folds");
+    q.push(Operation::MatMul { mxu: 0, lhs: a, rhs: b, out: c, accumulate: false, precision: Precision::Default }, &[]);
+    q.push(Operation::MatMul { mxu: 0, lhs: a, rhs: b, out: d, accumulate: false, precision: Precision::Default }, &[]);
+    let u = simulate(&m, &q, true).unwrap();
+    let fold = 2 * 128 + 128 + 128 - 2;
+    assert_eq!(u.finish[0], fold - 1);
+    assert_eq!(u.spans[1].start, fold);
+    assert_eq!(u.report.cycles, 2 * fold - 1);
+    // Two MXUs (v3) each run their share of the column blocks.
+    let mut v3 = presets::preset("v3-8").unwrap();
+    v3.set("core.mxu.timing", "scalesim").unwrap();
+    let mp = kernels::matmul(&v3, 512, 512, 512, Precision::Default).unwrap();
+    let t = simulate(&v3, &mp.program, false).unwrap();
+    assert_eq!(t.report.cycles, systolic_simulator::mxu::scalesim_cycles(512, 512, 256, 128, 128, Precision::Default));
+}
+
+#[test]
 fn timing_is_deterministic_and_traces_have_a_track_per_unit() {
     let m = presets::preset("v4-8").unwrap();
     let mp = kernels::matmul(&m, 128, 640, 1000, Precision::High).unwrap();

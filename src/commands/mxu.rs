@@ -6,6 +6,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use serde_json::json;
 use systolic::simulator::Machine;
+use systolic::simulator::config::MxuTiming;
 use systolic::simulator::kernels;
 use systolic::simulator::mxu::kernel::{Matrix, matmul};
 use systolic::simulator::mxu::{passes, pe_array};
@@ -85,6 +86,7 @@ pub fn run(args: Args) -> Result<()> {
         let mut out = json!({
             "machine": machine.name, "m": m, "k": k, "n": n, "precision": precision.name(),
             "mxus": core.mxu.count, "array": [rows, cols], "weight_double_buffering": core.mxu.weight_double_buffering,
+            "timing": core.mxu.timing.name(),
             "passes_per_mxu": per_mxu_passes, "cycles": r.cycles, "seconds": r.seconds,
             "mxu_utilization": r.mxu_utilization, "tflops": tflops, "peak_tflops": core_peak, "bound": bound,
         });
@@ -107,6 +109,17 @@ pub fn run(args: Args) -> Result<()> {
         if core.mxu.count == 1 { "" } else { "s" },
         core.clock_hz / 1e6,
         if core.mxu.weight_double_buffering { "on" } else { "off" }
+    );
+    println!(
+        "timing model {}",
+        match core.mxu.timing {
+            MxuTiming::Pipelined =>
+                "pipelined: weights written row by row under the stream, passes overlapping \
+                 (core.mxu.timing=scalesim gives SCALE-Sim's cycles)",
+            MxuTiming::Scalesim =>
+                "scalesim: SCALE-Sim's weight-stationary folds, each loaded, streamed and drained \
+                 through the whole array before the next; cycles counted as SCALE-Sim counts them",
+        }
     );
     println!(
         "matmul {m}x{k}x{n}, {} precision: {per_mxu_passes} passes per MXU (weight tiles of up to {rows}x{cols}{})",
@@ -155,6 +168,15 @@ pub fn run(args: Args) -> Result<()> {
 fn explain(machine: &Machine, m: usize, k: usize, n: usize, passes: usize, cycles: u64) -> String {
     let c = &machine.core.mxu;
     let (rows, cols) = (c.rows, c.cols);
+    if c.timing == MxuTiming::Scalesim {
+        let fold = 2 * rows + cols + m - 2;
+        return format!(
+            "SCALE-Sim's folds: each of the {passes} passes per MXU loads all {rows} weight rows, streams {m} rows and drains \
+             through the {rows}x{cols} array with nothing overlapped, 2*{rows} + {cols} + {m} - 2 = {fold} cycles, \
+             {passes} * {fold} - 1 = {} in all as SCALE-Sim counts ({m} of each {fold} cycles stream)",
+            passes as u64 * fold as u64 - 1
+        );
+    }
     let n_per_mxu = (n.div_ceil(cols)).div_ceil(c.count) * cols;
     let kc = k.min(rows);
     let nc = n.min(n_per_mxu).min(cols);
@@ -206,16 +228,7 @@ fn pe_check(machine: &Machine, m: usize, k: usize, n: usize, precision: Precisio
         let w = block.min(n - c0);
         let bb: Vec<f32> = (0..k).flat_map(|r| b[r * n + c0..r * n + c0 + w].iter().copied()).collect();
         let mut acc = vec![0f32; m * w];
-        let run = pe_array::matmul(
-            &a,
-            &bb,
-            (m, k, w),
-            core.mxu.rows,
-            core.mxu.cols,
-            core.mxu.weight_double_buffering,
-            precision,
-            &mut acc,
-        )?;
+        let run = pe_array::matmul_on(&core.mxu, &a, &bb, (m, k, w), precision, &mut acc)?;
         cycles = cycles.max(run.cycles);
         identical &= (0..m).all(|i| (0..w).all(|j| acc[i * w + j].to_bits() == fast[i * n + c0 + j].to_bits()));
     }

@@ -39,6 +39,34 @@ pub struct Mxu {
     pub cols: usize,
     /// Two weight banks per PE: the next tile loads while the current one streams.
     pub weight_double_buffering: bool,
+    /// Which timing model the MXUs follow (`docs/timing.md`); machine files written before
+    /// the field existed load as [`MxuTiming::Pipelined`].
+    #[serde(default)]
+    pub timing: MxuTiming,
+}
+
+/// How an MXU's passes are timed (`core.mxu.timing`; `docs/timing.md`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MxuTiming {
+    /// Systolic's model: weights written row by row under the stream, consecutive passes
+    /// overlapping (the next tile loads while the current one streams and drains).
+    #[default]
+    Pipelined,
+    /// SCALE-Sim's weight-stationary model: each fold's weights fully loaded (all `rows` rows)
+    /// before its first LHS row enters, no overlap between folds, outputs drained through the
+    /// whole array; cycles counted as SCALE-Sim counts them.
+    Scalesim,
+}
+
+impl MxuTiming {
+    /// The name machine files and `--set core.mxu.timing=NAME` use.
+    pub fn name(self) -> &'static str {
+        match self {
+            MxuTiming::Pipelined => "pipelined",
+            MxuTiming::Scalesim => "scalesim",
+        }
+    }
 }
 
 /// The vector unit: `lanes × sublanes` f32 elements per vector, `alus` operations on each per cycle.
@@ -108,12 +136,13 @@ pub struct Slice {
 
 /// The path of every figure of a [`Machine`] (every field but `name` and `sources`), in the
 /// order a machine file lists them.
-pub const FIELDS: [&str; 21] = [
+pub const FIELDS: [&str; 22] = [
     "core.clock_hz",
     "core.mxu.count",
     "core.mxu.rows",
     "core.mxu.cols",
     "core.mxu.weight_double_buffering",
+    "core.mxu.timing",
     "core.vmem_bytes",
     "core.vpu.lanes",
     "core.vpu.sublanes",
@@ -216,8 +245,8 @@ impl Machine {
             .expect("machines always serialise")
     }
 
-    /// Every field as (path, value as `--set` takes it: `128`, `940000000.0`, `[2, 2]`), in the
-    /// order of [`FIELDS`].
+    /// Every field as (path, value as `--set` takes it: `128`, `940000000.0`, `[2, 2]`,
+    /// `pipelined`), in the order of [`FIELDS`].
     pub fn fields(&self) -> Vec<(&'static str, String)> {
         let tree = serde_json::to_value(self).expect("machines serialise to JSON");
         FIELDS
@@ -238,8 +267,8 @@ impl Machine {
         presets::preset(spec)
     }
 
-    /// Sets the field at a dotted `path` (`core.mxu.rows`) from text (`256`, `true`, `[4, 4]`),
-    /// without validating the result. The error names the path and says what is wrong.
+    /// Sets the field at a dotted `path` (`core.mxu.rows`) from text (`256`, `true`, `[4, 4]`,
+    /// `scalesim`), without validating the result. The error names the path and says what is wrong.
     fn set_field(&mut self, path: &str, value: &str) -> Result<()> {
         let bad = |reason: String| Error::Config { field: path.to_string(), reason };
         let mut tree = serde_json::to_value(&*self).expect("machines serialise to JSON");
@@ -257,10 +286,15 @@ impl Machine {
                 }
             };
         }
-        let parsed: serde_json::Value = ron::from_str::<ron::Value>(value)
-            .ok()
-            .and_then(|v| serde_json::to_value(v).ok())
-            .unwrap_or_else(|| serde_json::Value::String(value.to_string()));
+        // A named choice (`core.mxu.timing=scalesim`) is taken as its name, quoted or not.
+        let parsed: serde_json::Value = if node.is_string() {
+            serde_json::Value::String(value.trim().trim_matches('"').to_string())
+        } else {
+            ron::from_str::<ron::Value>(value)
+                .ok()
+                .and_then(|v| serde_json::to_value(v).ok())
+                .unwrap_or_else(|| serde_json::Value::String(value.to_string()))
+        };
         // Integers written for float fields (and vice versa) are fine; other kinds must match.
         let fits = matches!(
             (&*node, &parsed),
@@ -397,12 +431,13 @@ impl Machine {
     }
 }
 
-/// A JSON leaf as `--set` and RON write it: `128`, `940000000.0`, `true`, `[2, 2]`.
+/// A JSON leaf as `--set` and RON write it: `128`, `940000000.0`, `true`, `[2, 2]`, `pipelined`.
 fn value_text(v: &serde_json::Value) -> String {
     match v {
         serde_json::Value::Array(items) => {
             format!("[{}]", items.iter().map(value_text).collect::<Vec<_>>().join(", "))
         }
+        serde_json::Value::String(name) => name.clone(),
         other => other.to_string(),
     }
 }

@@ -15,7 +15,8 @@
 //! - SB: the JAX "How to Scale Your Model" (scaling book) chapter on TPUs.
 //! - GC: Cloud TPU documentation (v2, v3, v4, system architecture, performance guide).
 //!
-//! A figure marked "assumption" has no public source; the reason for the value is given.
+//! A figure marked "assumption" has no public source; the reason for the value is given. One
+//! entry, `core.mxu.timing`, is a model choice (marked "model: ..."), not a hardware figure.
 //! The only figures a preset derives rather than copies are the per-core HBM size and
 //! bandwidth: the chip's, split over its cores (bandwidth per core clock cycle).
 
@@ -72,6 +73,8 @@ pub struct MxuFigures {
     pub rows: Figure<usize>,
     pub cols: Figure<usize>,
     pub weight_double_buffering: Figure<bool>,
+    /// A model choice rather than a published figure: its source names the model.
+    pub timing: Figure<MxuTiming>,
 }
 
 #[derive(Clone, Debug, PartialEq, Deserialize)]
@@ -173,6 +176,7 @@ impl Generation {
                     rows: s.take("core.mxu.rows", &c.mxu.rows),
                     cols: s.take("core.mxu.cols", &c.mxu.cols),
                     weight_double_buffering: s.take("core.mxu.weight_double_buffering", &c.mxu.weight_double_buffering),
+                    timing: s.take("core.mxu.timing", &c.mxu.timing),
                 },
                 vmem_bytes: s.take("core.vmem_bytes", &c.vmem_bytes),
                 vpu: Vpu {

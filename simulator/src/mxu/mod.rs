@@ -28,12 +28,32 @@
 //! With double buffering the next tile's load hides under the current stream once `m ≥ k`
 //! and `2m ≥ m + n`; with one bank, tile `t+1` cannot start until tile `t` has left the columns
 //! it uses, so nothing overlaps but the load with the drain.
+//!
+//! ## SCALE-Sim's timing (`core.mxu.timing = scalesim`)
+//!
+//! SCALE-Sim's weight-stationary model (scale-sim-v2, `scalesim/compute/systolic_compute_ws.py`,
+//! `systolic_compute_ws.create_{ifmap,filter,ofmap}_demand_mat`) runs the same passes (its
+//! *folds*) one after another with nothing overlapped: all `rows` weight rows are pushed in
+//! (one per cycle, padding rows included), then the LHS rows stream, then the outputs drain
+//! through the whole `rows × cols` array (padding columns included), and only then does the
+//! next fold's load begin. Its outputs are written in the cycle the bottom PE computes them,
+//! and it reports the index of the cycle of the last write, counted from 0 at the first
+//! weight-load cycle (`scalesim/memory/double_buffered_scratchpad_mem.py`,
+//! `double_buffered_scratchpad.service_memory_requests`). Hence, for pass `t`:
+//!
+//! - `load_t ≥ end_{t-1} + 1` — the array is empty;
+//! - `start_t = load_t + rows` — every weight row is in place;
+//! - `end_t = start_t + m_t + rows + cols - 3` — the last output leaves PE `(rows-1, cols-1)`.
+//!
+//! A fold takes `2·rows + cols + m - 2` cycles, and a matmul of `F` passes from an idle MXU
+//! `F · (2·rows + cols + m - 2) - 1` ([`scalesim_cycles`]), SCALE-Sim's total for the GEMM.
 
 pub mod kernel;
 pub mod pe_array;
 
 use serde::Serialize;
 
+use crate::config::{Machine, Mxu, MxuTiming};
 use crate::numerics::Precision;
 
 /// One weight tile streamed by LHS rows.
@@ -79,11 +99,14 @@ pub struct PassTiming {
 }
 
 /// The fast MXU cycle model: the recurrence of the module docs, pass by pass. It keeps the
-/// state of the last two passes, so consecutive matmuls on one MXU pipeline into each other.
+/// state of the last two passes, so consecutive matmuls on one MXU pipeline into each other
+/// (or, with SCALE-Sim's timing, follow each other).
 #[derive(Clone, Debug)]
 pub struct Timeline {
     rows: u64,
+    cols: u64,
     double_buffered: bool,
+    timing: MxuTiming,
     /// (start, m, n) of the last two passes, most recent last.
     recent: [Option<(u64, u64, u64)>; 2],
     /// When the weight-load port is next free.
@@ -100,10 +123,24 @@ pub struct Timeline {
 }
 
 impl Timeline {
+    /// Systolic's pipelined timing on an array of `rows` rows (its columns do not matter there).
     pub fn new(rows: usize, double_buffered: bool) -> Timeline {
+        Timeline::with_timing(rows, 0, double_buffered, MxuTiming::Pipelined)
+    }
+
+    /// One MXU of a machine, in the timing model it names (`core.mxu.timing`).
+    pub fn for_mxu(mxu: &Mxu) -> Timeline {
+        Timeline::with_timing(mxu.rows, mxu.cols, mxu.weight_double_buffering, mxu.timing)
+    }
+
+    /// A `rows × cols` array in the given timing model. SCALE-Sim's timing has no weight banks,
+    /// so `double_buffered` matters only to the pipelined model.
+    pub fn with_timing(rows: usize, cols: usize, double_buffered: bool, timing: MxuTiming) -> Timeline {
         Timeline {
             rows: rows as u64,
+            cols: cols as u64,
             double_buffered,
+            timing,
             recent: [None, None],
             load_port_free: 0,
             input_free: 0,
@@ -116,6 +153,9 @@ impl Timeline {
 
     /// Schedules a pass whose operands are ready at cycle `ready`.
     pub fn schedule(&mut self, pass: Pass, ready: u64) -> PassTiming {
+        if self.timing == MxuTiming::Scalesim {
+            return self.schedule_scalesim(pass, ready);
+        }
         let (m, k, n) = (pass.m as u64, pass.k as u64, pass.n as u64);
         let load = self.next_load(ready);
         let start = (load + 1).max(self.input_free);
@@ -132,9 +172,30 @@ impl Timeline {
         PassTiming { load, start, end }
     }
 
+    /// SCALE-Sim's fold (module docs): the whole array loaded, streamed and drained once the
+    /// previous fold is out. `end` is SCALE-Sim's count, the cycle of the fold's last write; the
+    /// array is free for the next fold the cycle after.
+    fn schedule_scalesim(&mut self, pass: Pass, ready: u64) -> PassTiming {
+        let (m, k, n) = (pass.m as u64, pass.k as u64, pass.n as u64);
+        let load = self.next_load(ready);
+        let start = load + self.rows;
+        let end = start + m + self.rows + self.cols - 3;
+        self.retired = end;
+        self.load_port_free = end + 1;
+        self.input_free = end + 1;
+        self.busy += end.saturating_sub(load.max(self.busy_until));
+        self.busy_until = self.busy_until.max(end);
+        self.pass_macs += m * k * n;
+        PassTiming { load, start, end }
+    }
+
     /// When the next pass's weight load could begin, for operands ready at `ready`: the load
-    /// port must be free and the bank's previous user must have finished reading it.
+    /// port must be free and the bank's previous user must have finished reading it (with
+    /// SCALE-Sim's timing: the previous fold must have written its last output).
     pub fn next_load(&self, ready: u64) -> u64 {
+        if self.timing == MxuTiming::Scalesim {
+            return ready.max(self.load_port_free);
+        }
         let previous_user = if self.double_buffered { self.recent[0] } else { self.recent[1] };
         let bank_free = previous_user.map_or(0, |(s, pm, pn)| s + pm + pn - 1);
         ready.max(self.load_port_free).max(bank_free)
@@ -144,6 +205,32 @@ impl Timeline {
     pub fn schedule_all(&mut self, passes: impl IntoIterator<Item = Pass>, ready: u64) -> u64 {
         passes.into_iter().map(|p| self.schedule(p, ready).end).max().unwrap_or(ready)
     }
+}
+
+/// SCALE-Sim's weight-stationary cycle count for an `m × k × n` matmul on one idle
+/// `rows × cols` array: `F · (2·rows + cols + m − 2) − 1` for its `F` passes
+/// (`⌈k / rows⌉ · ⌈n / cols⌉` folds, times the precision's bf16 passes); 0 for an empty matmul.
+/// What [`Timeline`] and [`pe_array`] give with `core.mxu.timing = scalesim`, and SCALE-Sim's
+/// "Total Cycles" for the GEMM (`M, N, K` in its topology file; `ArrayHeight = rows`,
+/// `ArrayWidth = cols`, dataflow `ws`) when its memories never stall.
+pub fn scalesim_cycles(m: usize, k: usize, n: usize, rows: usize, cols: usize, precision: Precision) -> u64 {
+    let folds = (k.div_ceil(rows.max(1)) * n.div_ceil(cols.max(1)) * precision.passes().len()) as u64;
+    if folds == 0 {
+        return 0;
+    }
+    folds * (2 * rows.max(1) + cols.max(1) + m - 2) as u64 - 1
+}
+
+/// MXU cycles of one `m × k × n` matmul alone on one of `machine`'s MXUs: every pass scheduled
+/// from an idle MXU with operands ready at cycle 0, in the machine's timing model
+/// (`core.mxu.timing`), so the last pass's end. What the timing engine charges such a matmul
+/// when nothing else runs on that MXU. There, consecutive matmuls on one MXU pipeline into each
+/// other, so the sum of their `matmul_cycles` bounds their time in the pipelined model; with
+/// SCALE-Sim's timing they follow each other exactly, one cycle apart (the sum plus one cycle
+/// per matmul after the first).
+pub fn matmul_cycles(machine: &Machine, m: usize, k: usize, n: usize, precision: Precision) -> u64 {
+    let mxu = &machine.core.mxu;
+    Timeline::for_mxu(mxu).schedule_all(pass_iter(m, k, n, mxu.rows, mxu.cols, precision), 0)
 }
 
 #[cfg(test)]

@@ -9,8 +9,16 @@
 //! Each PE `(i, j)` has two weight registers (banks; one with double buffering off), an input
 //! register passed right and a partial-sum register passed down. Row `i` of the array holds
 //! weight row `i` of the tile (a k index); column `j` an output column.
+//!
+//! With SCALE-Sim's timing (`core.mxu.timing = scalesim`, see [`super`]) the same array runs
+//! SCALE-Sim's rules instead: one bank; the load port writes all `rows` rows of a pass (padding
+//! rows too) and only once the previous pass has left the array; the first LHS row enters once
+//! the last weight row is in place; inputs and partial sums travel through every column
+//! (padding columns compute nothing); a result is written from the bottom row in the cycle it is
+//! computed; a pass ends at (and the run counts to) the cycle of its last write, counted from 0.
 
 use super::{Pass, PassTiming};
+use crate::config::{Mxu, MxuTiming};
 use crate::error::{Error, Result};
 
 /// One pass with its data: `weights` is `k × n` and `lhs` is `m × k`, row-major, already
@@ -55,8 +63,8 @@ struct Psum {
 
 const NO_PSUM: Psum = Psum { pass: EMPTY, m: 0, value: 0.0 };
 
-/// Runs `passes` in order on a `rows × cols` array and adds their results into `acc`
-/// (`acc_cols` columns per row). Returns the cycle count and per-pass timings.
+/// Runs `passes` in order on a `rows × cols` array (pipelined timing) and adds their results
+/// into `acc` (`acc_cols` columns per row). Returns the cycle count and per-pass timings.
 pub fn run(
     rows: usize,
     cols: usize,
@@ -65,6 +73,24 @@ pub fn run(
     acc: &mut [f32],
     acc_cols: usize,
 ) -> Result<PeRun> {
+    simulate(rows, cols, double_buffered, MxuTiming::Pipelined, passes, acc, acc_cols)
+}
+
+/// As [`run`], on one MXU of a machine: its array, its weight banks and its timing model.
+pub fn run_on(mxu: &Mxu, passes: &[PassData], acc: &mut [f32], acc_cols: usize) -> Result<PeRun> {
+    simulate(mxu.rows, mxu.cols, mxu.weight_double_buffering, mxu.timing, passes, acc, acc_cols)
+}
+
+fn simulate(
+    rows: usize,
+    cols: usize,
+    double_buffered: bool,
+    timing: MxuTiming,
+    passes: &[PassData],
+    acc: &mut [f32],
+    acc_cols: usize,
+) -> Result<PeRun> {
+    let scalesim = timing == MxuTiming::Scalesim;
     let fail = |reason: String| Error::Data(format!("PE-level array: {reason}"));
     for (t, p) in passes.iter().enumerate() {
         let Pass { m, k, n } = p.pass;
@@ -85,7 +111,7 @@ pub fn run(
             )));
         }
     }
-    let banks = if double_buffered { 2 } else { 1 };
+    let banks = if double_buffered && !scalesim { 2 } else { 1 };
     let bank_of = |t: usize| t % banks;
     // Weight registers, per bank, row-major over the array.
     let mut weights = vec![vec![0f32; rows * cols]; banks];
@@ -108,6 +134,8 @@ pub fn run(
     let (mut load_pass, mut load_row) = (0usize, 0usize);
     let (mut stream_pass, mut stream_m) = (0usize, 0usize);
     let mut in_flight = 0usize;
+    // SCALE-Sim's timing: passes whose last input has left the bottom-right PE.
+    let mut drained = 0usize;
     let mut last_activity = 0u64;
     let mut cycle = 0u64;
     let limit = 64 + passes.iter().map(|p| (p.pass.m + 2 * rows + cols + p.pass.k) as u64 * 4).sum::<u64>();
@@ -123,22 +151,26 @@ pub fn run(
         }
         landing.clear();
 
-        // 2. The weight-load port writes one row of the current pass, if the row is free.
+        // 2. The weight-load port writes one row of the current pass, if the row is free (with
+        //    SCALE-Sim's timing: if the array is empty; every row is written, padding included).
         if load_pass < passes.len() {
             let p = &passes[load_pass];
             let b = bank_of(load_pass);
-            if released[b][load_row] {
+            let free = if scalesim { drained == load_pass } else { released[b][load_row] };
+            if free {
                 if load_row == 0 {
                     timings[load_pass].load = cycle;
                 }
-                let dst = &mut weights[b][load_row * cols..load_row * cols + p.pass.n];
-                dst.copy_from_slice(&p.weights[load_row * p.pass.n..(load_row + 1) * p.pass.n]);
+                if load_row < p.pass.k {
+                    let dst = &mut weights[b][load_row * cols..load_row * cols + p.pass.n];
+                    dst.copy_from_slice(&p.weights[load_row * p.pass.n..(load_row + 1) * p.pass.n]);
+                }
                 occupant[b][load_row] = load_pass as u32;
                 released[b][load_row] = false;
                 written_at[b][load_row] = cycle;
                 last_activity = last_activity.max(cycle);
                 load_row += 1;
-                if load_row == p.pass.k {
+                if load_row == if scalesim { rows } else { p.pass.k } {
                     load_pass += 1;
                     load_row = 0;
                 }
@@ -150,8 +182,10 @@ pub fn run(
         injected[slot] = None;
         if stream_pass < passes.len() {
             let b = bank_of(stream_pass);
+            // The first LHS row needs weight row 0 in place (with SCALE-Sim's timing: every row).
+            let r = if scalesim { rows - 1 } else { 0 };
             let ready =
-                stream_m > 0 || (occupant[b][0] == stream_pass as u32 && written_at[b][0] < cycle && !released[b][0]);
+                stream_m > 0 || (occupant[b][r] == stream_pass as u32 && written_at[b][r] < cycle && !released[b][r]);
             if ready {
                 if stream_m == 0 {
                     timings[stream_pass].start = cycle;
@@ -185,12 +219,14 @@ pub fn run(
             for j in 0..cols {
                 let token = if j == 0 { entering } else { x[i * cols + j - 1] };
                 let here = i * cols + j;
-                if token.pass == EMPTY || j >= passes[token.pass as usize].pass.n {
+                // Columns beyond the pass's n: inputs stop there, or (SCALE-Sim) pass through idle.
+                if token.pass == EMPTY || (!scalesim && j >= passes[token.pass as usize].pass.n) {
                     x_next[here] = NO_TOKEN;
                     ps_next[here] = NO_PSUM;
                     continue;
                 }
                 let p = &passes[token.pass as usize];
+                let used = j < p.pass.n;
                 let psum_in = if i == 0 {
                     0.0
                 } else {
@@ -200,7 +236,7 @@ pub fn run(
                     }
                     above.value
                 };
-                let value = if token.has_value {
+                let value = if token.has_value && used {
                     let b = bank_of(token.pass as usize);
                     if occupant[b][i] != token.pass {
                         return Err(fail(format!(
@@ -215,9 +251,18 @@ pub fn run(
                 x_next[here] = token;
                 ps_next[here] = Psum { pass: token.pass, m: token.m, value };
                 if i == rows - 1 {
-                    outgoing.push((token.pass, token.m, j, value));
+                    if !scalesim {
+                        outgoing.push((token.pass, token.m, j, value));
+                    } else {
+                        // Written in the cycle it is computed; padding columns write nothing.
+                        if used {
+                            acc[token.m as usize * acc_cols + p.out_col + j] += value;
+                        }
+                        timings[token.pass as usize].end = timings[token.pass as usize].end.max(cycle);
+                    }
                 }
-                if token.m as usize == p.pass.m - 1 && j == p.pass.n - 1 {
+                let last_col = if scalesim { cols - 1 } else { p.pass.n - 1 };
+                if token.m as usize == p.pass.m - 1 && j == last_col {
                     // The pass's last LHS row has read row i: the bank row may be rewritten.
                     let b = bank_of(token.pass as usize);
                     if occupant[b][i] == token.pass {
@@ -225,6 +270,7 @@ pub fn run(
                     }
                     if i == rows - 1 {
                         in_flight -= p.pass.m;
+                        drained += 1;
                     }
                 }
                 last_activity = last_activity.max(cycle);
@@ -247,24 +293,45 @@ pub fn run(
     for t in 1..timings.len() {
         timings[t].end = timings[t].end.max(timings[t - 1].end);
     }
-    let cycles = if passes.is_empty() { 0 } else { last_activity + 1 };
+    // SCALE-Sim counts to the cycle of the last write; Systolic counts cycles.
+    let cycles = if passes.is_empty() {
+        0
+    } else if scalesim {
+        last_activity
+    } else {
+        last_activity + 1
+    };
     Ok(PeRun { cycles, timings })
 }
 
-/// Runs an `m × k × n` matmul (row-major `a`, `b`) on the PE-level array, adding into `acc`
-/// (`m × n`), with passes in the order of [`super::passes`].
+/// Runs an `m × k × n` matmul (row-major `a`, `b`) on the PE-level array (pipelined timing),
+/// adding into `acc` (`m × n`), with passes in the order of [`super::passes`].
 #[allow(clippy::too_many_arguments)] // the array's shape, the operands' shape and the mode
 pub fn matmul(
     a: &[f32],
     b: &[f32],
-    (m, k, n): (usize, usize, usize),
+    shape: (usize, usize, usize),
     rows: usize,
     cols: usize,
     double_buffered: bool,
     precision: crate::numerics::Precision,
     acc: &mut [f32],
 ) -> Result<PeRun> {
+    let mxu = Mxu { count: 1, rows, cols, weight_double_buffering: double_buffered, timing: MxuTiming::Pipelined };
+    matmul_on(&mxu, a, b, shape, precision, acc)
+}
+
+/// As [`matmul`], on one MXU of a machine: its array, its weight banks and its timing model.
+pub fn matmul_on(
+    mxu: &Mxu,
+    a: &[f32],
+    b: &[f32],
+    (m, k, n): (usize, usize, usize),
+    precision: crate::numerics::Precision,
+    acc: &mut [f32],
+) -> Result<PeRun> {
     use crate::numerics::split;
+    let (rows, cols) = (mxu.rows, mxu.cols);
     if a.len() != m * k || b.len() != k * n || acc.len() != m * n {
         return Err(Error::Data(format!("PE-level matmul: operands do not match {m}x{k}x{n}")));
     }
@@ -280,5 +347,5 @@ pub fn matmul(
             }
         }
     }
-    run(rows, cols, double_buffered, &data, acc, n)
+    run_on(mxu, &data, acc, n)
 }
