@@ -11,8 +11,9 @@ mod vmem;
 use std::collections::BTreeMap;
 
 use systolic_simulator::Machine;
+use systolic_simulator::config::MxuTiming;
 use systolic_simulator::isa::*;
-use systolic_simulator::mxu::passes;
+use systolic_simulator::mxu::{passes, scalesim_cycles};
 use systolic_simulator::timing::vpu_cycles;
 
 pub(crate) use vmem::{BUFFERS, TARGET_ROWS, Vmem, WEIGHT_BUDGET};
@@ -184,8 +185,12 @@ impl<'a> Emitter<'a> {
                 let ps = passes(m, k, n, core.mxu.rows, core.mxu.cols, *precision);
                 self.account.mxu_passes += ps.len() as u64;
                 self.account.padded_macs += (ps.len() * m * core.mxu.rows * core.mxu.cols) as u64;
-                *self.account.mxu_stream.entry(*mxu).or_default() +=
-                    ps.iter().map(|p| p.m.max(p.k) as u64).sum::<u64>();
+                *self.account.mxu_stream.entry(*mxu).or_default() += match core.mxu.timing {
+                    // Passes pipeline: each costs its stream or its weight load, whichever is longer.
+                    MxuTiming::Pipelined => ps.iter().map(|p| p.m.max(p.k) as u64).sum::<u64>(),
+                    // Folds do not overlap: each loads, streams and drains in full.
+                    MxuTiming::Scalesim => scalesim_cycles(m, k, n, core.mxu.rows, core.mxu.cols, *precision) + 1,
+                };
             }
             // The timing engine's own vector-unit cost.
             op if op.unit() == Unit::Vpu => self.account.vpu_cycles += vpu_cycles(self.m, op),
