@@ -114,7 +114,9 @@ fn compile_errors_name_what_to_change() {
     let e = compile(&big, &opts(2048)).unwrap_err().to_string();
     assert!(
         e.contains("GiB of HBM per core")
-            && e.contains("v2-8 cores have 8.00 GiB: lower the batch, store activations in bf16 (--activations bf16) or add cores"),
+            && e.contains(
+                "v2-8 cores have 8.00 GiB: lower the batch, store activations in bf16 (--activations bf16) or add cores"
+            ),
         "{e}"
     );
     // A kernel the lowering cannot place: its smallest blocks overflow a tiny VMEM.

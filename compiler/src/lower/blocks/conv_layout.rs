@@ -48,6 +48,9 @@ pub(crate) struct ConvLayout {
     /// forward padding exceeded its kernel's reach).
     pub crop: [usize; 2],
     pub out_hw: [usize; 2],
+    /// Staged by stride phase (space-to-depth, see [`ConvLayout::phased`]): each of the
+    /// `sh × sw` phases of the padded input is a dense sub-image `wv` pixels wide.
+    pub phases: bool,
 }
 
 impl ConvLayout {
@@ -88,7 +91,36 @@ impl ConvLayout {
             xw: w,
             crop: [0, 0],
             out_hw: [win.out_h, win.out_w],
+            phases: false,
         }
+    }
+
+    /// The geometry staged by stride phase: phase `(pr, pc)` holds padded pixels
+    /// `(sh·i + pr, sw·j + pc)` as a dense image of `wv = ⌈wp / sw⌉` pixels per row, and tap
+    /// (ki, kj) reads phase `(ki·dh mod sh, kj·dw mod sw)` from `(ki·dh div sh, kj·dw div sw)`
+    /// with unit stride, so output rows stream over a phase's width instead of `sh·wp/sw`.
+    pub(crate) fn phased(self) -> ConvLayout {
+        ConvLayout { wv: self.wp.div_ceil(self.sw), phases: true, ..self }
+    }
+
+    /// Whether staging by phase streams fewer rows than the strided layout: a stride above 1
+    /// and a stored (not dilated) input.
+    pub(crate) fn phases_pay(&self) -> bool {
+        !self.phases
+            && self.xsh == 1
+            && self.xsw == 1
+            && (self.sh > 1 || self.sw > 1)
+            && self.wp.div_ceil(self.sw) < self.wv
+    }
+
+    /// Pixels of a staging buffer of `stage_rows` rows (padded rows, or each phase's rows).
+    pub(crate) fn stage_pixels(&self, stage_rows: usize) -> usize {
+        if self.phases { self.sh * self.sw * stage_rows * self.wv } else { stage_rows * self.wp }
+    }
+
+    /// The phases of rows and of columns some tap reads (the others are never staged).
+    pub(crate) fn phase_read(&self, pr: usize, pc: usize) -> bool {
+        (0..self.kh).any(|i| (i * self.dh) % self.sh == pr) && (0..self.kw).any(|j| (j * self.dw) % self.sw == pc)
     }
 
     /// The geometry over `x` dilated by `[xsh, xsw]` (zeros between stored pixels), for the
@@ -112,7 +144,11 @@ impl ConvLayout {
             PixelBlocks {
                 blocks,
                 m_rows: imgs * per_image,
-                stage_rows: imgs * self.sh * self.hv() + self.halo(),
+                stage_rows: if self.phases {
+                    imgs * self.hv() + self.phase_halo()
+                } else {
+                    imgs * self.sh * self.hv() + self.halo()
+                },
                 whole: true,
             }
         } else {
@@ -122,7 +158,8 @@ impl ConvLayout {
                     (0..self.oh).step_by(bh).map(move |oh0| Block { n0, images: 1, oh0, bh: bh.min(self.oh - oh0) })
                 })
                 .collect();
-            PixelBlocks { blocks, m_rows: bh * self.wv, stage_rows: self.sh * bh + self.halo(), whole: false }
+            let stage_rows = if self.phases { bh + self.phase_halo() } else { self.sh * bh + self.halo() };
+            PixelBlocks { blocks, m_rows: bh * self.wv, stage_rows, whole: false }
         }
     }
 
@@ -132,16 +169,43 @@ impl ConvLayout {
     }
 
     /// The staged pixels tap (i, j) reads for `rows` output rows: channels `ch0..ch0+chs` of
-    /// `stage`, one pixel every `sw`.
+    /// `stage` (the whole staging buffer), one pixel every `sw` — or, staged by phase, every
+    /// pixel of the tap's phase from its offset.
     pub(crate) fn tap_view(&self, stage: Tile, i: usize, j: usize, ch0: usize, chs: usize, rows: usize) -> Tile {
+        let (pixel, step) = if self.phases {
+            let ((ai, pr), (aj, pc)) =
+                ((i * self.dh / self.sh, i * self.dh % self.sh), (j * self.dw / self.sw, j * self.dw % self.sw));
+            let len = stage.rows as usize / (self.sh * self.sw);
+            ((pr * self.sw + pc) * len + ai * self.wv + aj, 1)
+        } else {
+            (i * self.dh * self.wp + j * self.dw, self.sw)
+        };
         Tile {
             space: Space::Vmem,
-            offset: stage.offset + (((i * self.dh * self.wp + j * self.dw) * self.c + ch0) * 4) as u64,
+            offset: stage.offset + ((pixel * self.c + ch0) * 4) as u64,
             rows: rows as u32,
             cols: chs as u32,
-            stride: (self.sw * self.c) as u32,
+            stride: (step * self.c) as u32,
             dtype: DType::F32,
         }
+    }
+
+    /// Where tap (i, j) reads a phased layout: its phase of rows and of columns, and its
+    /// offset in rows and columns of that phase.
+    pub(crate) fn phase_of(&self, i: usize, j: usize) -> [usize; 4] {
+        let (a, b) = (i * self.dh, j * self.dw);
+        [a % self.sh, b % self.sw, a / self.sh, b / self.sw]
+    }
+
+    /// The taps in the order of their im2col columns: row by row, or, staged by phase, by
+    /// phase then offset, so the taps of one phase row are consecutive columns (one copy)
+    /// whose weights load in the same order.
+    pub(crate) fn im2col_taps(&self) -> Vec<(usize, usize)> {
+        let mut taps: Vec<(usize, usize)> = (0..self.kh).flat_map(|i| (0..self.kw).map(move |j| (i, j))).collect();
+        if self.phases {
+            taps.sort_by_key(|&(i, j)| self.phase_of(i, j));
+        }
+        taps
     }
 
     /// Whether band `b`'s valid outputs read padding rows (which an earlier band of the same
@@ -178,6 +242,10 @@ impl ConvLayout {
     /// Padded rows past the last streamed row that taps can reach.
     pub(crate) fn halo(&self) -> usize {
         (self.kh - 1) * self.dh + 2
+    }
+    /// Rows of each phase past the last streamed row that taps can reach.
+    pub(crate) fn phase_halo(&self) -> usize {
+        (self.kh - 1) * self.dh / self.sh + 2
     }
 }
 

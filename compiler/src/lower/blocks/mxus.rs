@@ -5,7 +5,7 @@ use systolic_simulator::Machine;
 /// Splits `rows` into at most `parts` near-equal ranges (for MXUs working side by side).
 pub(crate) fn split_rows(rows: usize, parts: usize) -> Vec<(usize, usize)> {
     let parts = parts.clamp(1, rows.max(1));
-    let per = rows.div_ceil(parts);
+    let per = rows.div_ceil(parts).max(1);
     (0..rows).step_by(per).map(|r| (r, per.min(rows - r))).collect()
 }
 

@@ -19,6 +19,9 @@ fn stage_input(e: &mut Emitter, g: &ConvLayout, x: Tile, sb: &Block, whole: bool
     if g.xsh > 1 || g.xsw > 1 {
         return stage_dilated(e, g, x, sb, whole, stage, deps);
     }
+    if g.phases {
+        return stage_phases(e, g, x, sb, whole, stage, deps);
+    }
     if whole {
         // Whole images, one slot each.
         let src = Tile {
@@ -139,8 +142,75 @@ fn stage_dilated(e: &mut Emitter, g: &ConvLayout, x: Tile, sb: &Block, whole: bo
     }
 }
 
+/// [`stage_input`] by stride phase ([`ConvLayout::phased`]): phase `(pr, pc)` is a dense
+/// image of `rows × wv` pixels at pixel `(pr·sw + pc) · rows · wv` of `stage`, its row `i`
+/// holding padded row `sh·i + pr` (from the slot or band start) at columns `sw·j + pc`. One
+/// DMA per phase (and image) gathers the stored pixels of the phase from HBM (a tile of
+/// pixels, `sw·c` elements apart) and repeats over the image rows of the phase. Phases no tap
+/// reads are not staged.
+fn stage_phases(e: &mut Emitter, g: &ConvLayout, x: Tile, sb: &Block, whole: bool, stage: Tile, deps: &[u32]) -> u32 {
+    let (c, sh, sw, wq) = (g.c, g.sh, g.sw, g.wv);
+    let len = stage.rows as usize / (sh * sw);
+    let rows = len / wq;
+    let row_bytes = (g.w * c) as u64 * x.dtype.size();
+    // (image, first padded row, its phase row, padded rows covered).
+    let parts: Vec<(usize, usize, usize, usize)> = if whole {
+        (0..sb.images).map(|img| (sb.n0 + img, 0, img * g.hv(), sh * g.hv())).collect()
+    } else {
+        vec![(sb.n0, sb.oh0 * sh, 0, sh * rows)]
+    };
+    let engines = e.m.core.dma.engines.max(1);
+    let mut ids = Vec::new();
+    for (n, p0, i0, span) in parts {
+        for pr in 0..sh {
+            // Padded rows p0 + pr + sh·t that hold stored rows.
+            let first = p0 + pr;
+            let t_lo = g.pt.saturating_sub(first).div_ceil(sh);
+            let t_hi =
+                (g.pt + g.h).saturating_sub(first).div_ceil(sh).min((p0 + span).saturating_sub(first).div_ceil(sh));
+            for pc in (0..sw).filter(|&pc| g.phase_read(pr, pc)) {
+                let col0 = (pc + sw - g.pl % sw) % sw;
+                if t_hi <= t_lo || col0 >= g.w {
+                    continue;
+                }
+                let r0 = first + sh * t_lo - g.pt;
+                let pixels = (g.w - col0).div_ceil(sw);
+                let src = Tile {
+                    space: Space::Hbm,
+                    offset: x.offset + (((n * g.h + r0) * g.w + col0) * c) as u64 * x.dtype.size(),
+                    rows: pixels as u32,
+                    cols: c as u32,
+                    stride: (sw * c) as u32,
+                    dtype: x.dtype,
+                };
+                let at = (pr * sw + pc) * len + (i0 + t_lo) * wq + (col0 + g.pl) / sw;
+                let dst = Tile {
+                    space: Space::Vmem,
+                    offset: stage.offset + (at * c * 4) as u64,
+                    rows: pixels as u32,
+                    cols: c as u32,
+                    stride: c as u32,
+                    dtype: DType::F32,
+                };
+                let repeat = Repeat {
+                    count: (t_hi - t_lo) as u32,
+                    src_step: sh as u64 * row_bytes,
+                    dst_step: (wq * c * 4) as u64,
+                };
+                let engine = (ids.len() % engines) as u8;
+                ids.push(e.push(Operation::Dma { engine, src, dst, repeat: Some(repeat) }, deps));
+            }
+        }
+    }
+    match ids.as_slice() {
+        [one] => *one,
+        _ => e.push(Operation::Barrier, if ids.is_empty() { deps } else { &ids }),
+    }
+}
+
 /// The im2col copies of one block: each kernel row's taps into their columns of `cols`
-/// (one copy per kernel row when the taps of a row are consecutive, else one per tap).
+/// (one copy per kernel row when the taps of a row are consecutive, else one per tap; staged
+/// by phase, one per run of taps in a phase row).
 /// Returns the last copy.
 pub(crate) fn im2col_copies(
     e: &mut Emitter,
@@ -151,6 +221,23 @@ pub(crate) fn im2col_copies(
     m_blk: usize,
 ) -> u32 {
     let c = stage.cols as usize;
+    if g.phases {
+        // Columns in [`ConvLayout::im2col_taps`] order: one copy per run of taps at
+        // consecutive offsets of one phase row.
+        let taps = g.im2col_taps();
+        let (mut k, mut last) = (0, staged);
+        while k < taps.len() {
+            let [pr, pc, ai, aj] = g.phase_of(taps[k].0, taps[k].1);
+            let n = (1..taps.len() - k)
+                .take_while(|&d| g.phase_of(taps[k + d].0, taps[k + d].1) == [pr, pc, ai, aj + d])
+                .count()
+                + 1;
+            let src = g.tap_view(stage, taps[k].0, taps[k].1, 0, n * c, m_blk);
+            last = e.push(Operation::Unary { op: UnaryOp::Copy, src, dst: cols.columns(k * c, n * c) }, &[staged]);
+            k += n;
+        }
+        return last;
+    }
     let (per_copy, taps_per_copy) = if g.dw == 1 { (g.kw * c, g.kw) } else { (c, 1) };
     let mut last = staged;
     for i in 0..g.kh {
@@ -240,7 +327,7 @@ mod tests {
     use systolic_simulator::numerics::Precision;
 
     use crate::graph::{Conv2d, Graph, NodeId, Padding};
-    use crate::lower::blocks::conv_layout::ConvLayout;
+    use crate::lower::blocks::conv_layout::{Block, ConvLayout};
     use crate::lower::blocks::staging::stage_block;
     use crate::lower::emitter::{Context, Emitted, Emitter, Extras};
     use crate::lower::kernel::{Kernel, Main};
@@ -259,6 +346,33 @@ mod tests {
             return 0.0;
         }
         x[((image * g.xh + r / g.xsh) * g.xw + col / g.xsw) * g.c + ch]
+    }
+
+    /// Stages block `b` of `g` from `x` into `stage` on the functional engine; what lands.
+    fn run_staging(g: &ConvLayout, n: usize, x: &[f32], b: &Block, whole: bool, stage: Tile) -> Vec<f32> {
+        let machine = presets::preset("v2-8").unwrap();
+        let opts = Options::new(machine.clone(), n, Precision::Default);
+        let graph = Graph::new("staging");
+        let extras = Extras::default();
+        let cx = Context { graph: &graph, opts: &opts, places: &[], extras: &extras };
+        let x_tile = Tile::new(Space::Hbm, 0, x.len() / g.c, g.c, DType::F32);
+        let mut e = Emitter::new(&cx, "stage", None, None);
+        let mut filled = false;
+        stage_block(&mut e, g, x_tile, b, whole, stage, &mut filled, &[]);
+        let kernel = Kernel {
+            name: "stage".into(),
+            main: Main::Advance(Vec::new()),
+            epilogue: Vec::new(),
+            nodes: Vec::new(),
+            output: NodeId::new(0),
+            also: Vec::new(),
+            stats_for: None,
+        };
+        let fragment = e.finish(&kernel, Emitted::new("", "", 0));
+        let mut f = Functional::new(&machine);
+        f.write(x_tile, x).unwrap();
+        f.run(&fragment.program).unwrap();
+        f.read(stage).unwrap()
     }
 
     proptest! {
@@ -321,6 +435,54 @@ mod tests {
                                 expected(&g, &x, b.n0, b.oh0 * g.sh + q, p, ch)
                             };
                             prop_assert_eq!(got[(q * g.wp + p) * c + ch], want, "block {:?} row {} col {} ch {}", b, q, p, ch);
+                        }
+                    }
+                }
+            }
+        }
+        /// Staged by stride phase, every block holds in each phase some tap reads exactly that
+        /// phase of the zero-padded input: phase (pr, pc), row i, column j is padded pixel
+        /// (sh·i + pr, sw·j + pc) of the slot or band.
+        #[test]
+        fn phased_blocks_hold_the_phases_of_the_padded_input(
+            n in 1usize..3, xh in 1usize..9, xw in 1usize..9, c in 1usize..4,
+            k in 1usize..4, sh in 1usize..4, sw in 1usize..4, dilation in 1usize..3,
+            pads in proptest::array::uniform4(0usize..3), target in 1usize..64,
+        ) {
+            let reach = (k - 1) * dilation + 1;
+            let [top, bottom, left, right] = pads;
+            prop_assume!(xh + top + bottom >= reach && xw + left + right >= reach);
+            let attrs = Conv2d {
+                strides: [sh, sw],
+                padding: Padding::Explicit { top, bottom, left, right },
+                dilation: [dilation, dilation],
+                groups: 1,
+            };
+            let g = ConvLayout::new(&attrs, &[n, xh, xw, c], &[k, k, c, 1]);
+            prop_assume!(g.phases_pay());
+            let g = g.phased();
+            let x: Vec<f32> = (0..n * xh * xw * c).map(|i| i as f32 + 1.0).collect();
+            let pb = g.blocks(target);
+            let stage = Tile::new(Space::Vmem, 0, g.stage_pixels(pb.stage_rows), c, DType::F32);
+            let len = pb.stage_rows * g.wv;
+            for b in &pb.blocks {
+                let got = run_staging(&g, n, &x, b, pb.whole, stage);
+                for (pr, pc) in (0..sh).flat_map(|pr| (0..sw).map(move |pc| (pr, pc))) {
+                    if !g.phase_read(pr, pc) {
+                        continue;
+                    }
+                    for i in 0..pb.stage_rows {
+                        for j in 0..g.wv {
+                            for ch in 0..c {
+                                let want = if pb.whole {
+                                    let (img, row) = (i / g.hv(), sh * (i % g.hv()) + pr);
+                                    if img < b.images { expected(&g, &x, b.n0 + img, row, sw * j + pc, ch) } else { 0.0 }
+                                } else {
+                                    expected(&g, &x, b.n0, b.oh0 * sh + sh * i + pr, sw * j + pc, ch)
+                                };
+                                let at = ((pr * sw + pc) * len + i * g.wv + j) * c + ch;
+                                prop_assert_eq!(got[at], want, "block {:?} phase ({}, {}) row {} col {} ch {}", b, pr, pc, i, j, ch);
+                            }
                         }
                     }
                 }

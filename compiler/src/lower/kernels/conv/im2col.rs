@@ -2,10 +2,13 @@
 //! The VPU copies each tap's view of the staged input into the columns of one matrix and a
 //! single matmul of depth `taps × channels` replaces `taps` shallow ones. The next block's
 //! copies are issued right after this block's matmuls, so the VPU fills the next matrix while
-//! the MXU works on this one.
+//! the MXU works on this one. A strided convolution reads its input staged by phase (see
+//! [`crate::lower::kernels::conv::phases`]): the matrix has about `1/sw` of the rows, its
+//! columns follow the phases ([`ConvLayout::im2col_taps`]) and the weights load in that order.
 
 use systolic_simulator::isa::*;
 
+use crate::lower::blocks::conv_layout::ConvLayout;
 use crate::lower::blocks::mxus::{mxus_for, split_rows};
 use crate::lower::blocks::staging::im2col_copies;
 use crate::lower::emitter::{BUFFERS, Emitter, Vmem};
@@ -29,6 +32,24 @@ impl Im2col {
     pub(crate) fn new(vmem: &mut Vmem, m_rows: usize, taps: usize, c: usize) -> Option<Im2col> {
         let cols = (0..BUFFERS).map(|_| vmem.alloc(m_rows, taps * c)).collect::<Option<Vec<Tile>>>()?;
         Some(Im2col { cols, readers: vec![Vec::new(); BUFFERS], copies: Vec::new() })
+    }
+
+    /// A channel block's weights `src` (HWIO rows) into `dst` with their rows in the order of
+    /// the im2col columns of a phased layout: one DMA per tap, then a barrier.
+    pub(crate) fn load_phased_weights(
+        e: &mut Emitter,
+        g: &ConvLayout,
+        src: Tile,
+        dst: Tile,
+        cg: usize,
+        deps: &[u32],
+    ) -> u32 {
+        let ids: Vec<u32> = (g.im2col_taps().iter().enumerate())
+            .map(|(k, &(i, j))| {
+                e.push(Operation::dma(1, src.rows((i * g.kw + j) * cg, cg), dst.rows(k * cg, cg)), deps)
+            })
+            .collect();
+        e.push(Operation::Barrier, &ids)
     }
 
     /// The block's copies (unless issued ahead), one matmul per MXU, then the next block's copies.

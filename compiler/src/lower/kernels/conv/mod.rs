@@ -2,9 +2,10 @@
 //! (one group each for grouped convolutions, else whole array widths within the weight
 //! budget), output rows into blocks of whole images or bands sized to `TARGET_ROWS` and VMEM;
 //! the two loops nest whichever way moves fewer HBM bytes. Per block the driver stages the
-//! input (`BUFFERS` ahead), hands the block to its strategy — [`shifted`] matmuls, [`im2col`]
-//! or [`depthwise`] on the VPU — then applies the epilogue, stores the rows and, for a batch
-//! norm that follows, sums them per channel.
+//! input (`BUFFERS` ahead), hands the block to its strategy — [`shifted`] matmuls, [`phases`]
+//! for strided convolutions, [`im2col`] or [`depthwise`] on the VPU (both read a strided
+//! input by phase too) — then applies the epilogue, stores the rows and, for a batch norm
+//! that follows, sums them per channel.
 
 use systolic_simulator::isa::*;
 
@@ -20,32 +21,47 @@ use crate::lower::kernels::conv::work::{BlockWork, Computed, NextBlock};
 
 mod depthwise;
 mod im2col;
+mod phases;
 mod shifted;
 mod work;
 
 /// How each block of output rows is computed (one module each).
 enum Strategy {
     Shifted,
+    Phases,
     Im2col(Option<im2col::Im2col>),
     Depthwise,
 }
 
 impl Strategy {
-    /// Depthwise on the VPU; im2col where folding the taps into K needs fewer passes; else
-    /// shifted matmuls.
+    /// Depthwise on the VPU; im2col where folding the taps into K needs fewer passes; by
+    /// phase where a stride above 1 would stream wasted rows; else shifted matmuls.
     fn choose(g: &ConvLayout, cg: usize, array_rows: usize) -> Strategy {
         if g.depthwise(cg) {
             Strategy::Depthwise
         } else if g.im2col_pays(cg, array_rows) {
             Strategy::Im2col(None)
+        } else if phases::pays(g) {
+            Strategy::Phases
         } else {
             Strategy::Shifted
+        }
+    }
+
+    /// Whether the strategy reads the input staged by phase: matmuls by phase, and im2col
+    /// and depthwise convolutions wherever phases pay.
+    fn phased(&self, g: &ConvLayout) -> bool {
+        match self {
+            Strategy::Phases => true,
+            Strategy::Im2col(_) | Strategy::Depthwise => phases::pays(g),
+            Strategy::Shifted => false,
         }
     }
 
     fn name(&self) -> &'static str {
         match self {
             Strategy::Shifted => "shifted matmuls (one per tap)",
+            Strategy::Phases => "shifted matmuls over stride phases (one per tap)",
             Strategy::Im2col(_) => "im2col on the VPU, one matmul per block",
             Strategy::Depthwise => "depthwise on the VPU (one multiply-add per tap)",
         }
@@ -55,13 +71,14 @@ impl Strategy {
     fn bytes_per_buffer(&self, g: &ConvLayout, m_rows: usize) -> u64 {
         match self {
             Strategy::Im2col(_) => im2col::Im2col::bytes_per_buffer(m_rows, g.taps(), g.c),
-            Strategy::Shifted | Strategy::Depthwise => 0,
+            Strategy::Shifted | Strategy::Phases | Strategy::Depthwise => 0,
         }
     }
 
     fn compute(&mut self, e: &mut Emitter, w: &BlockWork) -> Computed {
         match self {
             Strategy::Shifted => shifted::compute(e, w),
+            Strategy::Phases => phases::compute(e, w),
             Strategy::Im2col(state) => state.as_mut().expect("buffers allocated").compute(e, w),
             Strategy::Depthwise => depthwise::compute(e, w),
         }
@@ -116,6 +133,9 @@ pub(crate) fn conv_with(e: &mut Emitter, kernel: &Kernel, spec: &ConvSpec) -> Re
     }
     let depthwise = g.depthwise(cg);
     let mut strategy = Strategy::choose(&g, cg, e.m.core.mxu.rows);
+    if strategy.phased(&g) {
+        g = g.phased();
+    }
 
     // Output channel blocks: one group each for grouped convolutions, else as wide as the
     // weight budget allows (whole array widths).
@@ -138,7 +158,7 @@ pub(crate) fn conv_with(e: &mut Emitter, kernel: &Kernel, spec: &ConvSpec) -> Re
     let PixelBlocks { blocks, m_rows, stage_rows, whole } = loop {
         let pb = g.blocks(target);
         let (m_rows, stage_rows) = (pb.m_rows, pb.stage_rows);
-        let stage = (stage_rows * g.wp * c * 4) as u64;
+        let stage = (g.stage_pixels(stage_rows) * c * 4) as u64;
         let acc = (m_rows * nb * 4) as u64;
         let operands = residual_of(&kernel).is_some() as u64 + mask_of(&kernel).is_some() as u64;
         let res = operands * acc;
@@ -163,7 +183,7 @@ pub(crate) fn conv_with(e: &mut Emitter, kernel: &Kernel, spec: &ConvSpec) -> Re
     let weight_bufs: Vec<Tile> =
         (0..2).map(|_| vmem.alloc(g.taps() * cg, nb)).collect::<Option<_>>().ok_or_else(|| oom(e))?;
     let stage: Vec<Tile> =
-        (0..BUFFERS).map(|_| vmem.alloc(stage_rows * g.wp, c)).collect::<Option<_>>().ok_or_else(|| oom(e))?;
+        (0..BUFFERS).map(|_| vmem.alloc(g.stage_pixels(stage_rows), c)).collect::<Option<_>>().ok_or_else(|| oom(e))?;
     let acc: Vec<Tile> = (0..BUFFERS).map(|_| vmem.alloc(m_rows, nb)).collect::<Option<_>>().ok_or_else(|| oom(e))?;
     let res: Vec<Tile> = if residual_of(&kernel).is_some() {
         (0..BUFFERS).map(|_| vmem.alloc(m_rows, nb)).collect::<Option<_>>().ok_or_else(|| oom(e))?
@@ -221,7 +241,11 @@ pub(crate) fn conv_with(e: &mut Emitter, kernel: &Kernel, spec: &ConvSpec) -> Re
         if c0 != current_c0 {
             // Weights of this channel block (all taps), once, into the buffer the block two
             // back used.
-            wload = e.push(Operation::dma(1, w.tile.columns(c0, nbw), wdst), &weight_readers[wp_]);
+            wload = if matches!(strategy, Strategy::Im2col(_)) && g.phases {
+                im2col::Im2col::load_phased_weights(e, &g, w.tile.columns(c0, nbw), wdst, cg, &weight_readers[wp_])
+            } else {
+                e.push(Operation::dma(1, w.tile.columns(c0, nbw), wdst), &weight_readers[wp_])
+            };
             weight_readers[wp_].clear();
             current_c0 = c0;
         }
@@ -305,7 +329,11 @@ pub(crate) fn conv_with(e: &mut Emitter, kernel: &Kernel, spec: &ConvSpec) -> Re
     if let Some(s) = sums {
         s.store(e);
     }
-    let name = strategy.name();
+    let name = match (&strategy, g.phases) {
+        (Strategy::Depthwise, true) => "depthwise on the VPU over stride phases (one multiply-add per tap)",
+        (Strategy::Im2col(_), true) => "im2col on the VPU over stride phases, one matmul per block",
+        _ => strategy.name(),
+    };
     let blocks_desc = if whole {
         format!("{} images per block", m_rows / per_image)
     } else {
@@ -317,7 +345,7 @@ pub(crate) fn conv_with(e: &mut Emitter, kernel: &Kernel, spec: &ConvSpec) -> Re
     let padded = format!(
         "M {m_rows} (of which {} useful) x K {k_depth}{} x N {nb}{}",
         (blocks.first().map_or(0, |b| b.images * b.bh * g.ow)),
-        if matches!(strategy, Strategy::Shifted) && g.taps() > 1 {
+        if matches!(strategy, Strategy::Shifted | Strategy::Phases) && g.taps() > 1 {
             format!(" x {} taps", g.taps())
         } else {
             String::new()
