@@ -74,6 +74,24 @@ fn vregs(machine: &Machine, t: &Tile) -> u64 {
     (t.rows as u64).div_ceil(v.sublanes as u64) * (t.cols as u64).div_ceil(v.lanes as u64)
 }
 
+/// What a DMA moves (the compiler's estimate counts the same).
+pub struct DmaBytes {
+    /// Bytes crossing the HBM port: read, written, or both for an HBM-to-HBM copy, each side in
+    /// its own element type (a converting DMA moves bf16 on the HBM side).
+    pub port: u64,
+    /// Bytes the transfer's duration follows: the port's, or for a VMEM-to-VMEM copy its own
+    /// (moved at the same rate; assumption: no public figure).
+    pub moved: u64,
+}
+
+/// The bytes of a DMA from `src` to `dst`, repeated as `repeat` says.
+pub fn dma_bytes(src: &Tile, dst: &Tile, repeat: Option<Repeat>) -> DmaBytes {
+    let count = repeat.map_or(1, |r| r.count as u64);
+    let side = |t: &Tile| if t.space == Space::Hbm { t.bytes() * count } else { 0 };
+    let port = side(src) + side(dst);
+    DmaBytes { port, moved: if port > 0 { port } else { src.bytes().max(dst.bytes()) * count } }
+}
+
 /// Cycles of a vector-unit instruction (the compiler's estimate uses the same model).
 pub fn vpu_cycles(machine: &Machine, op: &Operation) -> u64 {
     let alus = machine.core.vpu.alus as u64;
@@ -142,17 +160,9 @@ impl Engine<'_> {
         let op = &self.program.instrs[i].op;
         let (start, end) = match *op {
             Operation::Dma { src, dst, repeat, .. } => {
-                let count = repeat.map_or(1, |r| r.count as u64);
-                // Bytes crossing the HBM port: read, written, or both for an HBM-to-HBM copy, each
-                // side in its own element type (a converting DMA moves bf16 on the HBM side).
-                let side = |t: &Tile| if t.space == Space::Hbm { t.bytes() * count } else { 0 };
-                let port_bytes = side(&src) + side(&dst);
-                let bytes = src.bytes().max(dst.bytes()) * count;
+                let DmaBytes { port: port_bytes, moved } = dma_bytes(&src, &dst, repeat);
                 let data_ready = at + m.core.dma.latency_cycles;
                 let data_start = if port_bytes > 0 { data_ready.max(self.hbm_free) } else { data_ready };
-                // HBM transfers take the port's bytes; VMEM-to-VMEM copies move at the same rate
-                // (assumption: no public figure).
-                let moved = if port_bytes > 0 { port_bytes } else { bytes };
                 let end = data_start + (moved as f64 / m.core.hbm.bytes_per_cycle).ceil() as u64;
                 if port_bytes > 0 {
                     self.hbm_free = end;

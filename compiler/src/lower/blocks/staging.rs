@@ -397,33 +397,11 @@ mod tests {
                 groups: 1,
             };
             let g = ConvLayout::dilated(&attrs, &[n, xh, xw, c], &[k, k, c, 1], [xs, xs]);
-            let machine = presets::preset("v2-8").unwrap();
-            let opts = Options::new(machine.clone(), n, Precision::Default);
-            let graph = Graph::new("staging");
-            let extras = Extras::default();
-            let cx = Context { graph: &graph, opts: &opts, places: &[], extras: &extras };
             let x: Vec<f32> = (0..n * xh * xw * c).map(|i| i as f32 + 1.0).collect();
-            let x_tile = Tile::new(Space::Hbm, 0, n * xh * xw, c, DType::F32);
             let pb = g.blocks(target);
             let stage = Tile::new(Space::Vmem, 0, pb.stage_rows * g.wp, c, DType::F32);
             for b in &pb.blocks {
-                let mut e = Emitter::new(&cx, "stage", None, None);
-                let mut filled = false;
-                stage_block(&mut e, &g, x_tile, b, pb.whole, stage, &mut filled, &[]);
-                let kernel = Kernel {
-                    name: "stage".into(),
-                    main: Main::Advance(Vec::new()),
-                    epilogue: Vec::new(),
-                    nodes: Vec::new(),
-                    output: NodeId::new(0),
-                    also: Vec::new(),
-                    stats_for: None,
-                };
-                let fragment = e.finish(&kernel, Emitted::new("", "", 0));
-                let mut f = Functional::new(&machine);
-                f.write(x_tile, &x).unwrap();
-                f.run(&fragment.program).unwrap();
-                let got = f.read(stage).unwrap();
+                let got = run_staging(&g, n, &x, b, pb.whole, stage);
                 let slot_rows = g.sh * g.hv();
                 for q in 0..pb.stage_rows {
                     for p in 0..g.wp {

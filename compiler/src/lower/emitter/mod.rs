@@ -14,7 +14,7 @@ use systolic_simulator::Machine;
 use systolic_simulator::config::MxuTiming;
 use systolic_simulator::isa::*;
 use systolic_simulator::mxu::{passes, scalesim_cycles};
-use systolic_simulator::timing::vpu_cycles;
+use systolic_simulator::timing::{dma_bytes, vpu_cycles};
 
 pub(crate) use vmem::{BUFFERS, TARGET_ROWS, Vmem, WEIGHT_BUDGET};
 
@@ -173,12 +173,9 @@ impl<'a> Emitter<'a> {
         let core = &self.m.core;
         match op {
             Operation::Dma { src, dst, repeat, .. } => {
-                // As the timing engine counts them: each HBM side in its own element type.
-                let count = repeat.map_or(1, |r| r.count as u64);
-                let side = |t: &Tile| if t.space == Space::Hbm { t.bytes() * count } else { 0 };
-                let hbm = side(src) + side(dst);
-                self.account.hbm_bytes += hbm;
-                self.account.dma_bytes += if hbm > 0 { hbm } else { src.bytes().max(dst.bytes()) * count };
+                let bytes = dma_bytes(src, dst, *repeat);
+                self.account.hbm_bytes += bytes.port;
+                self.account.dma_bytes += bytes.moved;
             }
             Operation::MatMul { mxu, lhs, rhs, precision, .. } => {
                 let (m, k, n) = (lhs.rows as usize, lhs.cols as usize, rhs.cols as usize);
