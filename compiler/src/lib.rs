@@ -7,7 +7,7 @@
 //! - [`autodiff`]: reverse-mode differentiation as a graph transformation;
 //! - [`cost`]: FLOP and parameter counts per node;
 //! - [`optimizer`]: SGD, momentum and Adam as f32 update rules;
-//! - [`lower`]: graphs to simulator executables (fusion, layout, allocation, tiling, scheduling).
+//! - [`lower`]: graphs to simulator executables (fusion, layout, storage, allocation, tiling, scheduling).
 //!
 //! The compiler knows nothing of estimators or command lines; it depends only on the simulator.
 
