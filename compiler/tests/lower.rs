@@ -218,6 +218,75 @@ fn gradients_of_convolutions_padded_beyond_their_kernel() {
     gradients_match(g, 3);
 }
 
+/// The training step's kernel named `name`: how it was lowered, and its padding waste (at
+/// DEFAULT precision; HIGHEST repeats each pass for six bf16 products).
+fn training_kernel(g: &Graph, batch: usize, precision: Precision, name: &str) -> (String, f64) {
+    let m = presets::preset("v2-8").unwrap();
+    let training = Some(Training { optimizer: Optimizer::Sgd { learning_rate: 0.1 }, label_smoothing: 0.0 });
+    let report = compile(g, &Options { training, ..options(m, batch, precision) }).unwrap();
+    let k = report.kernels.iter().find(|k| k.name == name).unwrap_or_else(|| panic!("no kernel {name}"));
+    (k.strategy.clone(), k.padding_waste)
+}
+
+/// Strided convolutions' input gradients run by stride phase: each phase of `dx` is a stride-1
+/// convolution of `dy` with the taps that reach it, so no zeros between `dy`'s pixels stream;
+/// phases no tap reaches (a 1x1/2 layer's odd pixels, a 2x2/3 layer's third) get the
+/// epilogue applied to zeros — here the other branch's gradient, summed in, and the ReLU mask.
+/// Strides 2 and 3, unequal strides, dilation sharing a factor with the stride, uneven padding.
+#[test]
+fn strided_input_gradients_run_by_phase() {
+    let uneven = Padding::Explicit { top: 0, bottom: 2, left: 1, right: 0 };
+    let cases = [
+        ConvSpec::new(16, 1).stride(2),
+        ConvSpec::new(16, 3).stride(2).pad(1),
+        ConvSpec::new(16, 2).stride(3),
+        ConvSpec::new(16, 3).stride(2).dilation(2).same(),
+        ConvSpec::new(16, 3).stride_hw(2, 3).padding(uneven),
+    ];
+    for (i, spec) in cases.into_iter().enumerate() {
+        let mut g = Graph::new(format!("phases{i}"));
+        let x = g.input("x", &[8, 7, 8]).unwrap();
+        let pre = g.conv2d("pre", x, ConvSpec::new(8, 1)).unwrap();
+        let pre = g.relu("pre_relu", pre).unwrap();
+        let a = g.conv2d("a", pre, spec.clone()).unwrap();
+        let b = g.conv2d("b", pre, spec).unwrap();
+        let y = g.add_op("sum", a, b).unwrap();
+        let flat = g.flatten("flat", y).unwrap();
+        let logits = g.dense("logits", flat, 10).unwrap();
+        g.set_outputs(vec![logits]);
+        for name in ["bwd/a/input", "bwd/b/input"] {
+            let (strategy, _) = training_kernel(&g, 3, Precision::Highest, name);
+            assert!(strategy.contains("by stride phase"), "{name}: {strategy}");
+        }
+        gradients_match(g, 3);
+    }
+}
+
+/// On small maps a convolution stages its im2col matrix, gathered by DMAs from HBM: forward,
+/// input gradient and filter gradient stream only output pixels (a 7x7 map padded to 9x9
+/// would stream 81 rows per image for 49 outputs) — where the matmuls outlast the gather's
+/// transfers (256 channels: 9 transfers per image against 18 K-passes of 49 rows per channel
+/// tile), at DEFAULT precision (the waste) and at HIGHEST (where the values are checked).
+#[test]
+fn small_maps_gather_their_im2col_matrix() {
+    let mut g = Graph::new("small_maps");
+    let x = g.input("x", &[7, 7, 256]).unwrap();
+    let pre = g.conv2d("pre", x, ConvSpec::new(256, 1)).unwrap();
+    let h = g.conv2d("c", pre, ConvSpec::new(256, 3).same()).unwrap();
+    let h = g.relu("c_relu", h).unwrap();
+    let flat = g.flatten("flat", h).unwrap();
+    let logits = g.dense("logits", flat, 10).unwrap();
+    g.set_outputs(vec![logits]);
+    for name in ["c", "bwd/c/input", "bwd/c/kernel"] {
+        let (strategy, waste) = training_kernel(&g, 64, Precision::Default, name);
+        assert!(strategy.contains("gathered"), "{name}: {strategy}");
+        assert!(waste < 0.15, "{name}: waste {waste}");
+        let (strategy, _) = training_kernel(&g, 8, Precision::Highest, name);
+        assert!(strategy.contains("gathered"), "{name} at HIGHEST: {strategy}");
+    }
+    gradients_match(g, 8);
+}
+
 /// Large images (staged in bands, the input gradient's dilated dy too) and wide layers
 /// (filter-gradient accumulators split into output-channel blocks).
 #[test]

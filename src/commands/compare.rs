@@ -206,7 +206,7 @@ pub fn run(args: Args) -> Result<()> {
             "model": graph.name(), "machine": machine.name, "batch": batch, "precision": precision.name(),
             "outputs": results, "cpu_reference_seconds": cpu_seconds, "simulated_seconds": r.seconds,
             "simulated_cycles": r.cycles, "functional_simulation_seconds": functional_seconds,
-            "compile_seconds": compile_seconds, "mxu_utilization": r.mxu_utilization,
+            "compile_seconds": compile_seconds, "mxu_utilization": compiled.mxu_utilization(&machine, r.cycles),
             "training": training.is_some(), "activations": super::compile::dtype_name(activations),
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
@@ -253,7 +253,7 @@ pub fn run(args: Args) -> Result<()> {
         r.seconds * 1e3,
         r.cycles,
         machine.name,
-        100.0 * r.mxu_utilization
+        100.0 * compiled.mxu_utilization(&machine, r.cycles)
     );
     println!(
         "                  (the functional simulation computing those values took {:.3} s; compiling {:.3} s)",

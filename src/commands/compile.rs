@@ -82,6 +82,7 @@ pub struct Layer {
     mxu_passes: u64,
     flops: u64,
     padding_waste: f64,
+    array_fill: f64,
     mxu_cycles: u64,
     hbm_bytes: u64,
     estimate_cycles: u64,
@@ -140,6 +141,7 @@ pub fn layers(machine: &Machine, kernels: &[KernelReport], timing: &Timing) -> V
                 mxu_passes: k.mxu_passes,
                 flops: k.flops,
                 padding_waste: k.padding_waste,
+                array_fill: k.array_fill,
                 mxu_cycles: k.mxu_cycles,
                 hbm_bytes: k.hbm_bytes,
                 estimate_cycles: k.estimate_cycles,
@@ -188,7 +190,7 @@ pub fn run(args: Args) -> Result<()> {
         let out = serde_json::json!({
             "model": compiled.executable.name, "machine": machine.name, "batch": args.what.batch,
             "precision": precision.name(), "layers": layers, "total_cycles": r.cycles,
-            "seconds": r.seconds, "mxu_utilization": r.mxu_utilization,
+            "seconds": r.seconds, "mxu_utilization": compiled.mxu_utilization(&machine, r.cycles),
             "hbm_peak_bytes": compiled.executable.hbm_peak_bytes, "instructions": r.instructions,
             "compile_seconds": compile_seconds, "simulate_seconds": simulate_seconds,
             "activations": dtype_name(activations), "hbm_bytes_saved": compiled.bytes_saved(),
@@ -215,6 +217,7 @@ pub fn run(args: Args) -> Result<()> {
         "passes",
         "FLOPs",
         "waste",
+        "fill",
         "HBM bytes",
         "estimate",
         "simulated",
@@ -229,6 +232,7 @@ pub fn run(args: Args) -> Result<()> {
             thousands(l.mxu_passes),
             si(l.flops as f64),
             format!("{:.0}%", 100.0 * l.padding_waste),
+            if l.mxu_passes > 0 { format!("{:.0}%", 100.0 * l.array_fill) } else { String::new() },
             si(l.hbm_bytes as f64),
             thousands(l.estimate_cycles),
             thousands(l.cycles),
@@ -239,7 +243,7 @@ pub fn run(args: Args) -> Result<()> {
     print!("{}", t.render());
     println!();
     println!("total             {} cycles, {:.3} ms", thousands(r.cycles), r.seconds * 1e3);
-    println!("MXU utilization   {:.1}%", 100.0 * r.mxu_utilization);
+    println!("MXU utilization   {:.1}%", 100.0 * compiled.mxu_utilization(&machine, r.cycles));
     println!(
         "HBM peak          {} bytes ({:.2} GiB)",
         thousands(compiled.executable.hbm_peak_bytes),

@@ -198,7 +198,7 @@ fn run_simulated(args: &Args, graph: &Graph, weights: TensorMap, inputs: TensorM
             "model": graph.name(), "batch": batch, "backend": "tpu", "machine": machine.name,
             "precision": precision.name(), "runs": args.repeat, "min_seconds": min, "median_seconds": median,
             "compile_seconds": compile_seconds, "simulated_step_seconds": report.seconds,
-            "simulated_step_cycles": report.cycles, "mxu_utilization": report.mxu_utilization,
+            "simulated_step_cycles": report.cycles, "mxu_utilization": compiled.mxu_utilization(&machine, report.cycles),
         });
         println!("{out}");
     } else {
@@ -213,7 +213,7 @@ fn run_simulated(args: &Args, graph: &Graph, weights: TensorMap, inputs: TensorM
             precision.name(),
             report.seconds * 1e3,
             report.cycles,
-            100.0 * report.mxu_utilization,
+            100.0 * compiled.mxu_utilization(&machine, report.cycles),
             args.output.display()
         );
         let timing = timing_text(min, median, args.repeat);

@@ -43,7 +43,7 @@ pub fn run(args: Args) -> Result<()> {
         let out = serde_json::json!({
             "model": compiled.executable.name, "machine": machine.name, "batch": args.what.batch,
             "step_cycles": r.cycles, "step_seconds": r.seconds, "examples_per_second": examples_per_second,
-            "mxu_utilization": r.mxu_utilization, "hbm_bytes": r.hbm_bytes,
+            "mxu_utilization": compiled.mxu_utilization(&machine, r.cycles), "hbm_bytes": r.hbm_bytes,
             "hbm_bytes_per_second": r.hbm_bytes_per_second, "units": r.units, "instructions": r.instructions,
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
@@ -58,7 +58,7 @@ pub fn run(args: Args) -> Result<()> {
     );
     println!("step              {} cycles, {:.3} ms", thousands(r.cycles), r.seconds * 1e3);
     println!("throughput        {examples_per_second:.1} examples/s per core");
-    println!("MXU utilization   {:.1}%", 100.0 * r.mxu_utilization);
+    println!("MXU utilization   {:.1}%", 100.0 * compiled.mxu_utilization(&machine, r.cycles));
     println!(
         "HBM               {} bytes at {:.1} GB/s ({:.0}% of peak)",
         thousands(r.hbm_bytes),

@@ -69,8 +69,8 @@ pub enum Main {
     Mask(NodeId),
     /// `MaxPoolGrad`, `AvgPoolGrad` or `GlobalAvgPoolGrad` on the VPU.
     PoolGrad(NodeId),
-    /// `Conv2dBackpropInput`: a stride-1 convolution of the (zero-dilated) gradient with the
-    /// flipped, transposed kernel.
+    /// `Conv2dBackpropInput`: stride-1 convolutions of the gradient with the flipped,
+    /// transposed kernel (one per stride phase of the input for a strided convolution).
     ConvGradInput(NodeId),
     /// `Conv2dBackpropFilter`: per tap, `dyᵀ · x_tap` accumulated over blocks of pixels.
     ConvGradFilter(NodeId),
@@ -241,8 +241,14 @@ pub struct KernelReport {
     pub useful_macs: u64,
     /// Multiply-adds the MXU performs, padding included (`passes × rows × cols × streamed rows`).
     pub padded_macs: u64,
-    /// Fraction of the padded MXU work that is padding.
+    /// Fraction of the MXU work on the PEs the operands occupy that multiplies padding: zeros
+    /// the mapping put into the streamed rows or the weight tiles (padded pixels, rows over the
+    /// padded width, contraction rows rounded up to a pass).
     pub padding_waste: f64,
+    /// Fraction of the array's PEs the passes' operands occupy (SCALE-Sim's mapping
+    /// efficiency): a layer with 64 channels fills half of a 128-wide array whatever the
+    /// mapping. The passes' utilisation is `(1 − padding_waste) · array_fill`.
+    pub array_fill: f64,
     /// Estimated cycles of each resource.
     pub mxu_cycles: u64,
     pub hbm_bytes: u64,

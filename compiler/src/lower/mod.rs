@@ -68,6 +68,15 @@ impl Compiled {
         self.tensors.iter().filter(|t| t.dtype == DType::Bf16).map(|t| t.name.clone()).collect()
     }
 
+    /// The multiply-adds the graph asks of the MXU over what the core's MXUs could do in
+    /// `cycles`: the step's MXU utilisation. (The timing engine's own figure counts the
+    /// matmuls as issued, padding included.)
+    pub fn mxu_utilization(&self, machine: &systolic_simulator::Machine, cycles: u64) -> f64 {
+        let useful: u64 = self.kernels.iter().map(|k| k.useful_macs).sum();
+        let peak = machine.macs_per_cycle() as f64 * cycles as f64;
+        if peak > 0.0 { useful as f64 / peak } else { 0.0 }
+    }
+
     /// HBM bytes bf16 storage saves against f32: half of what the bf16 tensors would take.
     pub fn bytes_saved(&self) -> u64 {
         self.tensors.iter().filter(|t| t.dtype == DType::Bf16).map(|t| t.bytes).sum()

@@ -9,9 +9,8 @@ use systolic_simulator::isa::{DType, Space, Tile};
 
 use crate::graph::Conv2d;
 
-/// A convolution's geometry. `h` and `w` are the rows and columns the windows slide over: the
-/// stored input's, or with input dilation `xs > 1` (the gradient of a strided convolution) the
-/// virtual input with `xs − 1` zeros between stored pixels; `xh × xw` is what is stored.
+/// A convolution's geometry: the input `h × w` the windows slide over, the kernel, strides,
+/// dilation and padding, the output, and how the lowering lays the input out in VMEM.
 pub(crate) struct ConvLayout {
     pub n: usize,
     pub h: usize,
@@ -38,19 +37,18 @@ pub(crate) struct ConvLayout {
     /// strides). Output `(oh, ow)` is streamed row `oh · wv + ow`, and reads staged pixel
     /// `(oh · wv + ow) · sw = oh · sh · wp + ow · sw`, so one row stride serves every tap.
     pub wv: usize,
-    /// Input dilation along rows and columns (zeros between stored pixels plus one).
-    pub xsh: usize,
-    pub xsw: usize,
-    pub xh: usize,
-    pub xw: usize,
     /// The window of the `oh × ow` output that the output tensor holds: rows `crop[0]..` and
     /// columns `crop[1]..` of `out_hw` (all of it but for a transposed convolution whose
     /// forward padding exceeded its kernel's reach).
     pub crop: [usize; 2],
     pub out_hw: [usize; 2],
+    /// Where the window lands in the output tensor (None: the tensor is the window).
+    pub scatter: Option<Scatter>,
     /// Staged by stride phase (space-to-depth, see [`ConvLayout::phased`]): each of the
     /// `sh × sw` phases of the padded input is a dense sub-image `wv` pixels wide.
     pub phases: bool,
+    /// Staged as the im2col matrix itself, gathered from HBM (see [`ConvLayout::gathered`]).
+    pub gathered: bool,
 }
 
 impl ConvLayout {
@@ -85,13 +83,11 @@ impl ConvLayout {
             hp: h + win.pad_top + win.pad_bottom,
             wp,
             wv: sh * wp / sw,
-            xsh: 1,
-            xsw: 1,
-            xh: h,
-            xw: w,
             crop: [0, 0],
             out_hw: [win.out_h, win.out_w],
+            scatter: None,
             phases: false,
+            gathered: false,
         }
     }
 
@@ -103,32 +99,60 @@ impl ConvLayout {
         ConvLayout { wv: self.wp.div_ceil(self.sw), phases: true, ..self }
     }
 
-    /// Whether staging by phase streams fewer rows than the strided layout: a stride above 1
-    /// and a stored (not dilated) input.
-    pub(crate) fn phases_pay(&self) -> bool {
-        !self.phases
-            && self.xsh == 1
-            && self.xsw == 1
-            && (self.sh > 1 || self.sw > 1)
-            && self.wp.div_ceil(self.sw) < self.wv
+    /// The geometry staged as its im2col matrix: one row per output pixel (`wv = ow`,
+    /// `hv = oh`: no padded-width rows), columns (tap, channel) in tap order, gathered from HBM
+    /// by one strided DMA per image and tap with zeros where a window reaches the padding. On
+    /// small maps the padded width and height are most of the rows a shifted layout streams
+    /// (a 7×7 map padded to 9×9: 81 rows for 49 outputs); gathered, every streamed row is an
+    /// output, for `taps` times the input's HBM reads.
+    pub(crate) fn gathered(self) -> ConvLayout {
+        ConvLayout { wv: self.ow, gathered: true, ..self }
     }
 
-    /// Pixels of a staging buffer of `stage_rows` rows (padded rows, or each phase's rows).
+    /// Whether the gathered layout pays for a convolution with `cg` input channels per group
+    /// on an `array_rows`-deep MXU: ungrouped, several taps; a block of whole
+    /// output rows at least `array_rows` long fits `buffers` times in half of `vmem_bytes`;
+    /// and it streams at least 10% fewer row-passes than the best of shifted matmuls and
+    /// im2col over the padded width (or over the stride phases, where those pay).
+    pub(crate) fn gather_pays(&self, cg: usize, array_rows: usize, buffers: usize, vmem_bytes: u64) -> bool {
+        if self.groups != 1 || self.taps() < 2 || self.phases || self.gathered {
+            return false;
+        }
+        let padded_rows = self.hv() * if self.phases_pay() { self.wp.div_ceil(self.sw) } else { self.wv };
+        let folded = (self.taps() * cg).div_ceil(array_rows);
+        let current = (self.taps() * cg.div_ceil(array_rows)).min(folded) * padded_rows;
+        let gathered = folded * self.oh * self.ow;
+        let block_rows = array_rows.div_ceil(self.ow).min(self.oh) * self.ow;
+        let matrix = (block_rows * self.taps() * self.c * 4 * buffers) as u64;
+        matrix <= vmem_bytes / 2 && 10 * gathered < 9 * current
+    }
+
+    /// The im2col matrix a gathered stage buffer holds for `rows` output pixels.
+    pub(crate) fn matrix(&self, stage: Tile, rows: usize) -> Tile {
+        let k = self.taps() * self.c;
+        Tile { offset: stage.offset, rows: rows as u32, cols: k as u32, stride: k as u32, ..stage }
+    }
+
+    /// Whether staging by phase streams fewer rows than the strided layout (a stride above 1).
+    pub(crate) fn phases_pay(&self) -> bool {
+        !self.phases && !self.gathered && (self.sh > 1 || self.sw > 1) && self.wp.div_ceil(self.sw) < self.wv
+    }
+
+    /// Pixels of a staging buffer of `stage_rows` rows (padded rows, each phase's rows, or the
+    /// gathered matrix's rows, `taps` pixels each).
     pub(crate) fn stage_pixels(&self, stage_rows: usize) -> usize {
-        if self.phases { self.sh * self.sw * stage_rows * self.wv } else { stage_rows * self.wp }
+        if self.gathered {
+            stage_rows * self.taps()
+        } else if self.phases {
+            self.sh * self.sw * stage_rows * self.wv
+        } else {
+            stage_rows * self.wp
+        }
     }
 
     /// The phases of rows and of columns some tap reads (the others are never staged).
     pub(crate) fn phase_read(&self, pr: usize, pc: usize) -> bool {
         (0..self.kh).any(|i| (i * self.dh) % self.sh == pr) && (0..self.kw).any(|j| (j * self.dw) % self.sw == pc)
-    }
-
-    /// The geometry over `x` dilated by `[xsh, xsw]` (zeros between stored pixels), for the
-    /// transposed convolution of a strided one.
-    pub(crate) fn dilated(attrs: &Conv2d, x: &[usize], kernel: &[usize], [xsh, xsw]: [usize; 2]) -> ConvLayout {
-        let virt = [x[0], (x[1] - 1) * xsh + 1, (x[2] - 1) * xsw + 1, x[3]];
-        let g = ConvLayout::new(attrs, &virt, kernel);
-        ConvLayout { xsh, xsw, xh: x[1], xw: x[2], ..g }
     }
 
     /// Rows per image slot and per block, and the blocks themselves, for a block size of
@@ -144,7 +168,9 @@ impl ConvLayout {
             PixelBlocks {
                 blocks,
                 m_rows: imgs * per_image,
-                stage_rows: if self.phases {
+                stage_rows: if self.gathered {
+                    imgs * per_image
+                } else if self.phases {
                     imgs * self.hv() + self.phase_halo()
                 } else {
                     imgs * self.sh * self.hv() + self.halo()
@@ -158,7 +184,13 @@ impl ConvLayout {
                     (0..self.oh).step_by(bh).map(move |oh0| Block { n0, images: 1, oh0, bh: bh.min(self.oh - oh0) })
                 })
                 .collect();
-            let stage_rows = if self.phases { bh + self.phase_halo() } else { self.sh * bh + self.halo() };
+            let stage_rows = if self.gathered {
+                bh * self.wv
+            } else if self.phases {
+                bh + self.phase_halo()
+            } else {
+                self.sh * bh + self.halo()
+            };
             PixelBlocks { blocks, m_rows: bh * self.wv, stage_rows, whole: false }
         }
     }
@@ -209,12 +241,9 @@ impl ConvLayout {
     }
 
     /// Whether band `b`'s valid outputs read padding rows (which an earlier band of the same
-    /// buffer may have filled with data), or stored rows land where another band left zeros.
+    /// buffer may have filled with data).
     pub(crate) fn band_needs_fill(&self, b: &Block) -> bool {
-        self.xsh > 1
-            || self.xsw > 1
-            || b.oh0 * self.sh < self.pt
-            || (b.oh0 + b.bh - 1) * self.sh + (self.kh - 1) * self.dh >= self.pt + self.h
+        b.oh0 * self.sh < self.pt || (b.oh0 + b.bh - 1) * self.sh + (self.kh - 1) * self.dh >= self.pt + self.h
     }
 
     pub(crate) fn cog(&self) -> usize {
@@ -232,12 +261,18 @@ impl ConvLayout {
             && self.taps() > 1
             && (self.taps() * cg).div_ceil(array_rows) < self.taps() * cg.div_ceil(array_rows)
     }
+    /// The convolution's multiply-adds with `cg` input channels per group (each of its
+    /// gradients repeats them).
+    pub(crate) fn macs(&self, cg: usize) -> u64 {
+        (self.n * self.oh * self.ow * self.taps() * cg * self.co) as u64
+    }
     pub(crate) fn taps(&self) -> usize {
         self.kh * self.kw
     }
-    /// Output rows per image slot: the slot holds `sh · hv ≥ hp` padded rows.
+    /// Output rows per image slot: the slot holds `sh · hv ≥ hp` padded rows (gathered: the
+    /// output rows themselves).
     pub(crate) fn hv(&self) -> usize {
-        self.hp.div_ceil(self.sh)
+        if self.gathered { self.oh } else { self.hp.div_ceil(self.sh) }
     }
     /// Padded rows past the last streamed row that taps can reach.
     pub(crate) fn halo(&self) -> usize {
@@ -247,6 +282,16 @@ impl ConvLayout {
     pub(crate) fn phase_halo(&self) -> usize {
         (self.kh - 1) * self.dh / self.sh + 2
     }
+}
+
+/// An output window spread over a larger tensor: window pixel `(r, c)` is pixel
+/// `(at[0] + step[0]·r, at[1] + step[1]·c)` of a tensor `dims[0] × dims[1]` pixels per image.
+/// One stride phase of a strided convolution's input gradient is such a window.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Scatter {
+    pub dims: [usize; 2],
+    pub step: [usize; 2],
+    pub at: [usize; 2],
 }
 
 /// How a convolution's output rows are cut into blocks (see [`ConvLayout::blocks`]).

@@ -1,10 +1,11 @@
 //! Moving a convolution's rows between HBM and VMEM: the input staged with its zero padding
-//! (and, for the gradient of a strided convolution, zeros between pixels), the im2col copies,
-//! and output rows to and from an accumulator laid out over the padded width.
+//! (over the padded width, by stride phase, or gathered as the im2col matrix), the im2col
+//! copies, and output rows to and from an accumulator laid out over the padded width (or a
+//! strided view of a larger tensor: one stride phase of an input gradient).
 
 use systolic_simulator::isa::*;
 
-use crate::lower::blocks::conv_layout::{Block, ConvLayout};
+use crate::lower::blocks::conv_layout::{Block, ConvLayout, Scatter};
 use crate::lower::emitter::Emitter;
 
 /// DMAs the input rows block `sb` reads into `stage` (zero padding already in place): whole
@@ -16,11 +17,11 @@ fn stage_input(e: &mut Emitter, g: &ConvLayout, x: Tile, sb: &Block, whole: bool
     // HBM rows in the tensor's element type (bf16 activations widen as they land in VMEM).
     let row_bytes = (g.w * c) as u64 * x.dtype.size();
     let slot_elems = (g.sh * hv * g.wp * c) as u64;
-    if g.xsh > 1 || g.xsw > 1 {
-        return stage_dilated(e, g, x, sb, whole, stage, deps);
-    }
     if g.phases {
         return stage_phases(e, g, x, sb, whole, stage, deps);
+    }
+    if g.gathered {
+        return stage_gathered(e, g, x, sb, whole, stage, deps);
     }
     if whole {
         // Whole images, one slot each.
@@ -98,50 +99,6 @@ pub(crate) fn stage_block(
     }
 }
 
-/// [`stage_input`] for a dilated input: stored pixels land `xs` apart in each staged row, and
-/// stored rows `xs` padded rows apart (one DMA per image, repeated over its stored rows).
-fn stage_dilated(e: &mut Emitter, g: &ConvLayout, x: Tile, sb: &Block, whole: bool, stage: Tile, deps: &[u32]) -> u32 {
-    let c = g.c;
-    let slot_elems = g.sh * g.hv() * g.wp * c;
-    let row_bytes = (g.xw * c) as u64 * x.dtype.size();
-    // Stored rows r0..r1 of image n to padded row q of the slot at `slot`.
-    let copy = |e: &mut Emitter, n: usize, r0: usize, r1: usize, q: usize, slot: usize, engine: usize| {
-        let src = Tile {
-            space: Space::Hbm,
-            offset: x.offset + (n * g.xh + r0) as u64 * row_bytes,
-            rows: g.xw as u32,
-            cols: c as u32,
-            stride: c as u32,
-            dtype: x.dtype,
-        };
-        let dst = Tile {
-            space: Space::Vmem,
-            offset: stage.offset + ((slot + (q * g.wp + g.pl) * c) * 4) as u64,
-            rows: g.xw as u32,
-            cols: c as u32,
-            stride: (g.xsw * c) as u32,
-            dtype: DType::F32,
-        };
-        let repeat = Repeat { count: (r1 - r0) as u32, src_step: row_bytes, dst_step: (g.xsh * g.wp * c * 4) as u64 };
-        let engine = (engine % e.m.core.dma.engines.max(1)) as u8;
-        e.push(Operation::Dma { engine, src, dst, repeat: Some(repeat) }, deps)
-    };
-    let ids: Vec<u32> = if whole {
-        (0..sb.images).map(|img| copy(e, sb.n0 + img, 0, g.xh, g.pt, img * slot_elems, img)).collect()
-    } else {
-        // Virtual rows h_lo..h_hi of the band; the stored ones are the multiples of xs.
-        let first_padded = sb.oh0 * g.sh;
-        let h_lo = first_padded.saturating_sub(g.pt);
-        let h_hi = (first_padded + g.sh * sb.bh + g.halo()).saturating_sub(g.pt).min(g.h);
-        let (r0, r1) = (h_lo.div_ceil(g.xsh), h_hi.div_ceil(g.xsh));
-        if r1 > r0 { vec![copy(e, sb.n0, r0, r1, r0 * g.xsh + g.pt - first_padded, 0, 0)] } else { Vec::new() }
-    };
-    match ids.as_slice() {
-        [one] => *one,
-        _ => e.push(Operation::Barrier, if ids.is_empty() { deps } else { &ids }),
-    }
-}
-
 /// [`stage_input`] by stride phase ([`ConvLayout::phased`]): phase `(pr, pc)` is a dense
 /// image of `rows × wv` pixels at pixel `(pr·sw + pc) · rows · wv` of `stage`, its row `i`
 /// holding padded row `sh·i + pr` (from the slot or band start) at columns `sw·j + pc`. One
@@ -199,6 +156,67 @@ fn stage_phases(e: &mut Emitter, g: &ConvLayout, x: Tile, sb: &Block, whole: boo
                 };
                 let engine = (ids.len() % engines) as u8;
                 ids.push(e.push(Operation::Dma { engine, src, dst, repeat: Some(repeat) }, deps));
+            }
+        }
+    }
+    match ids.as_slice() {
+        [one] => *one,
+        _ => e.push(Operation::Barrier, if ids.is_empty() { deps } else { &ids }),
+    }
+}
+
+/// [`stage_input`] as the im2col matrix ([`ConvLayout::gathered`]): per image and tap, one
+/// DMA gathers the input pixels the tap reads for the block's output rows — a run of pixels
+/// `sw` apart per output row, repeated over the rows — into the tap's columns. Windows that
+/// reach the padding keep the zeros the buffer was filled with.
+fn stage_gathered(e: &mut Emitter, g: &ConvLayout, x: Tile, sb: &Block, whole: bool, stage: Tile, deps: &[u32]) -> u32 {
+    let (c, taps) = (g.c, g.taps());
+    let size = x.dtype.size();
+    let row_bytes = (g.w * c) as u64 * size;
+    // Output indices `lo..hi` whose input index `o·s + k·d − pad` falls in `0..len`.
+    let valid = |lo: usize, hi: usize, s: usize, kd: usize, pad: usize, len: usize| {
+        let first = pad.saturating_sub(kd).div_ceil(s);
+        let end = if len + pad > kd { (len + pad - kd - 1) / s + 1 } else { 0 };
+        (lo.max(first), hi.min(end))
+    };
+    let (r0, r1) = if whole { (0, g.oh) } else { (sb.oh0, sb.oh0 + sb.bh) };
+    let engines = e.m.core.dma.engines.max(1);
+    let mut ids = Vec::new();
+    for img in 0..sb.images {
+        let n = sb.n0 + img;
+        let base = if whole { img * g.oh * g.ow } else { 0 };
+        for i in 0..g.kh {
+            let (o_lo, o_hi) = valid(r0, r1, g.sh, i * g.dh, g.pt, g.h);
+            for j in 0..g.kw {
+                let (c_lo, c_hi) = valid(0, g.ow, g.sw, j * g.dw, g.pl, g.w);
+                if o_hi <= o_lo || c_hi <= c_lo {
+                    continue;
+                }
+                let (in_r, in_c) = (o_lo * g.sh + i * g.dh - g.pt, c_lo * g.sw + j * g.dw - g.pl);
+                let src = Tile {
+                    space: Space::Hbm,
+                    offset: x.offset + (((n * g.h + in_r) * g.w + in_c) * c) as u64 * size,
+                    rows: (c_hi - c_lo) as u32,
+                    cols: c as u32,
+                    stride: (g.sw * c) as u32,
+                    dtype: x.dtype,
+                };
+                let row = base + (o_lo - r0) * g.ow + c_lo;
+                let dst = Tile {
+                    space: Space::Vmem,
+                    offset: stage.offset + ((row * taps + i * g.kw + j) * c * 4) as u64,
+                    rows: (c_hi - c_lo) as u32,
+                    cols: c as u32,
+                    stride: (taps * c) as u32,
+                    dtype: DType::F32,
+                };
+                let repeat = (o_hi - o_lo > 1).then(|| Repeat {
+                    count: (o_hi - o_lo) as u32,
+                    src_step: g.sh as u64 * row_bytes,
+                    dst_step: (g.ow * taps * c * 4) as u64,
+                });
+                let engine = (ids.len() % engines) as u8;
+                ids.push(e.push(Operation::Dma { engine, src, dst, repeat }, deps));
             }
         }
     }
@@ -273,16 +291,18 @@ pub(crate) fn out_rows(
     load: bool,
     deps: &[u32],
 ) -> u32 {
-    // The tensor holds the output window `crop .. crop + out_hw` (usually all of it).
+    // The tensor holds the output window `crop .. crop + out_hw` (usually all of it), spread
+    // over a larger tensor when the layout says so (one stride phase of an input gradient).
     let ([top, left], [oh, ow]) = (g.crop, g.out_hw);
+    let s = g.scatter.unwrap_or(Scatter { dims: [oh, ow], step: [1, 1], at: [0, 0] });
     // VMEM rows are `pitch` elements apart (the block's channel width, or wider when a
     // narrower last block keeps the layout of the full-width ones).
     let pitch = vmem.stride as usize;
-    let (h_step, v_step) = ((ow * g.co) as u64 * hbm.dtype.size(), (g.wv * pitch * 4) as u64);
+    let (h_step, v_step) = ((s.step[0] * s.dims[1] * g.co) as u64 * hbm.dtype.size(), (g.wv * pitch * 4) as u64);
     // When image slots hold exactly the output rows (hv = OH), rows of successive images are
     // evenly spaced on both sides: one DMA moves the whole block. Otherwise one per image,
     // spread over the DMA engines so their start-up latencies overlap.
-    let cropped = g.crop != [0, 0] || g.out_hw != [g.oh, g.ow];
+    let cropped = g.crop != [0, 0] || g.out_hw != [g.oh, g.ow] || g.scatter.is_some();
     let merged = whole && g.hv() == g.oh && !cropped;
     // The block's rows that fall in the window.
     let (r_lo, r_hi) = (blk.oh0.max(top), (blk.oh0 + blk.bh).min(top + oh));
@@ -295,12 +315,13 @@ pub(crate) fn out_rows(
     for img in 0..copies {
         let n = blk.n0 + img;
         let v_row0 = if whole { img * per_image } else { 0 } + (r_lo - blk.oh0) * g.wv + left;
+        let pixel = (n * s.dims[0] + s.at[0] + (r_lo - top) * s.step[0]) * s.dims[1] + s.at[1];
         let h = Tile {
             space: Space::Hbm,
-            offset: hbm.offset + ((n * oh + r_lo - top) * ow * g.co + c0) as u64 * hbm.dtype.size(),
+            offset: hbm.offset + (pixel * g.co + c0) as u64 * hbm.dtype.size(),
             rows: ow as u32,
             cols: nb as u32,
-            stride: g.co as u32,
+            stride: (s.step[1] * g.co) as u32,
             dtype: hbm.dtype,
         };
         let v = Tile {
@@ -334,18 +355,35 @@ mod tests {
     use crate::lower::options::Options;
 
     /// What staging must leave in VMEM: padded row `q` (from the slot or band start) and padded
-    /// column `p` hold the virtual input pixel there — zero in the padding, and between the
-    /// stored pixels of a dilated input.
+    /// column `p` hold the input pixel there — zero in the padding.
     fn expected(g: &ConvLayout, x: &[f32], image: usize, padded_row: usize, p: usize, ch: usize) -> f32 {
         let (r, col) = (padded_row as i64 - g.pt as i64, p as i64 - g.pl as i64);
         if r < 0 || col < 0 || r >= g.h as i64 || col >= g.w as i64 {
             return 0.0;
         }
-        let (r, col) = (r as usize, col as usize);
-        if r % g.xsh != 0 || col % g.xsw != 0 {
-            return 0.0;
+        x[((image * g.h + r as usize) * g.w + col as usize) * g.c + ch]
+    }
+
+    /// The layout of a `k × k` convolution of `[n, xh, xw, c]` with these strides, dilation
+    /// and padding; None when the kernel reaches past the padded input.
+    fn layout(
+        [n, xh, xw, c]: [usize; 4],
+        k: usize,
+        strides: [usize; 2],
+        dilation: usize,
+        [top, bottom, left, right]: [usize; 4],
+    ) -> Option<ConvLayout> {
+        let reach = (k - 1) * dilation + 1;
+        if xh + top + bottom < reach || xw + left + right < reach {
+            return None;
         }
-        x[((image * g.xh + r / g.xsh) * g.xw + col / g.xsw) * g.c + ch]
+        let attrs = Conv2d {
+            strides,
+            padding: Padding::Explicit { top, bottom, left, right },
+            dilation: [dilation, dilation],
+            groups: 1,
+        };
+        Some(ConvLayout::new(&attrs, &[n, xh, xw, c], &[k, k, c, 1]))
     }
 
     /// Stages block `b` of `g` from `x` into `stage` on the functional engine; what lands.
@@ -378,25 +416,17 @@ mod tests {
     proptest! {
         #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
 
-        /// Every block a convolution stages — whole images or bands, plain or dilated input —
-        /// holds exactly the zero-padded input its taps read.
+        /// Every block a convolution stages — whole images or bands — holds exactly the
+        /// zero-padded input its taps read.
         #[test]
         fn staged_blocks_hold_the_padded_input(
             n in 1usize..3, xh in 1usize..7, xw in 1usize..7, c in 1usize..4,
-            k in 1usize..4, stride in 1usize..3, dilation in 1usize..3, xs in 1usize..3,
+            k in 1usize..4, stride in 1usize..3, dilation in 1usize..3,
             pads in proptest::array::uniform4(0usize..3), target in 1usize..64,
         ) {
-            let (vh, vw) = ((xh - 1) * xs + 1, (xw - 1) * xs + 1);
-            let reach = (k - 1) * dilation + 1;
-            let [top, bottom, left, right] = pads;
-            prop_assume!(vh + top + bottom >= reach && vw + left + right >= reach);
-            let attrs = Conv2d {
-                strides: [stride, stride],
-                padding: Padding::Explicit { top, bottom, left, right },
-                dilation: [dilation, dilation],
-                groups: 1,
-            };
-            let g = ConvLayout::dilated(&attrs, &[n, xh, xw, c], &[k, k, c, 1], [xs, xs]);
+            let g = layout([n, xh, xw, c], k, [stride, stride], dilation, pads);
+            prop_assume!(g.is_some());
+            let g = g.unwrap();
             let x: Vec<f32> = (0..n * xh * xw * c).map(|i| i as f32 + 1.0).collect();
             let pb = g.blocks(target);
             let stage = Tile::new(Space::Vmem, 0, pb.stage_rows * g.wp, c, DType::F32);
@@ -427,18 +457,9 @@ mod tests {
             k in 1usize..4, sh in 1usize..4, sw in 1usize..4, dilation in 1usize..3,
             pads in proptest::array::uniform4(0usize..3), target in 1usize..64,
         ) {
-            let reach = (k - 1) * dilation + 1;
-            let [top, bottom, left, right] = pads;
-            prop_assume!(xh + top + bottom >= reach && xw + left + right >= reach);
-            let attrs = Conv2d {
-                strides: [sh, sw],
-                padding: Padding::Explicit { top, bottom, left, right },
-                dilation: [dilation, dilation],
-                groups: 1,
-            };
-            let g = ConvLayout::new(&attrs, &[n, xh, xw, c], &[k, k, c, 1]);
-            prop_assume!(g.phases_pay());
-            let g = g.phased();
+            let g = layout([n, xh, xw, c], k, [sh, sw], dilation, pads);
+            prop_assume!(g.as_ref().is_some_and(|g| g.phases_pay()));
+            let g = g.unwrap().phased();
             let x: Vec<f32> = (0..n * xh * xw * c).map(|i| i as f32 + 1.0).collect();
             let pb = g.blocks(target);
             let stage = Tile::new(Space::Vmem, 0, g.stage_pixels(pb.stage_rows), c, DType::F32);
@@ -461,6 +482,40 @@ mod tests {
                                 let at = ((pr * sw + pc) * len + i * g.wv + j) * c + ch;
                                 prop_assert_eq!(got[at], want, "block {:?} phase ({}, {}) row {} col {} ch {}", b, pr, pc, i, j, ch);
                             }
+                        }
+                    }
+                }
+            }
+        }
+
+        /// Gathered, every block holds the im2col matrix of its output pixels: row (image,
+        /// output row, output column), columns (tap, channel) in tap order, zero where the
+        /// tap's window reaches the padding.
+        #[test]
+        fn gathered_blocks_hold_the_im2col_matrix(
+            n in 1usize..3, xh in 1usize..8, xw in 1usize..8, c in 1usize..4,
+            k in 1usize..4, sh in 1usize..3, sw in 1usize..3, dilation in 1usize..3,
+            pads in proptest::array::uniform4(0usize..3), target in 1usize..64,
+        ) {
+            let g = layout([n, xh, xw, c], k, [sh, sw], dilation, pads);
+            prop_assume!(g.is_some());
+            let g = g.unwrap().gathered();
+            let x: Vec<f32> = (0..n * xh * xw * c).map(|i| i as f32 + 1.0).collect();
+            let pb = g.blocks(target);
+            let stage = Tile::new(Space::Vmem, 0, g.stage_pixels(pb.stage_rows), c, DType::F32);
+            let taps = k * k;
+            for b in &pb.blocks {
+                let got = run_staging(&g, n, &x, b, pb.whole, stage);
+                for r in 0..pb.m_rows {
+                    let (img, o) = if pb.whole { (r / (g.oh * g.ow), r % (g.oh * g.ow)) } else { (0, r) };
+                    let (o_r, o_c) = (o / g.ow + if pb.whole { 0 } else { b.oh0 }, o % g.ow);
+                    let inside = img < b.images && (pb.whole || o_r < b.oh0 + b.bh);
+                    for t in 0..taps {
+                        let (i, j) = (t / k, t % k);
+                        for ch in 0..c {
+                            let (row, col) = (o_r * sh + i * dilation, o_c * sw + j * dilation);
+                            let want = if inside { expected(&g, &x, b.n0 + img, row, col, ch) } else { 0.0 };
+                            prop_assert_eq!(got[(r * taps + t) * c + ch], want, "block {:?} row {} tap {} ch {}", b, r, t, ch);
                         }
                     }
                 }

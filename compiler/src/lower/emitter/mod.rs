@@ -30,6 +30,10 @@ use crate::optimizer::Optimizer;
 struct Account {
     mxu_passes: u64,
     padded_macs: u64,
+    /// Multiply-adds of the PEs the passes' operands occupy (`Σ m · k · n` per pass).
+    mapped_macs: u64,
+    /// Passes per weight tile: the bf16 products of the precision.
+    products: u64,
     /// Streamed rows per MXU (the MXU estimate).
     mxu_stream: BTreeMap<u8, u64>,
     hbm_bytes: u64,
@@ -137,6 +141,14 @@ impl<'a> Emitter<'a> {
         self.start = self.program.push(Operation::Barrier, ids);
     }
 
+    /// Makes the rest of the kernel wait for everything emitted so far: a kernel that runs
+    /// in parts reusing the same VMEM (the stride phases of an input gradient) fences between
+    /// them.
+    pub(crate) fn fence(&mut self) {
+        let ids: Vec<u32> = self.last_on_unit.values().copied().collect();
+        self.wait_for(&ids);
+    }
+
     /// `first`, or a barrier on it and `also` (instructions the next user must wait for too).
     pub(crate) fn after_all(&mut self, first: u32, also: &[u32]) -> u32 {
         if also.is_empty() {
@@ -182,6 +194,8 @@ impl<'a> Emitter<'a> {
                 let ps = passes(m, k, n, core.mxu.rows, core.mxu.cols, *precision);
                 self.account.mxu_passes += ps.len() as u64;
                 self.account.padded_macs += (ps.len() * m * core.mxu.rows * core.mxu.cols) as u64;
+                self.account.mapped_macs += ps.iter().map(|p| (p.m * p.k * p.n) as u64).sum::<u64>();
+                self.account.products = precision.passes().len() as u64;
                 *self.account.mxu_stream.entry(*mxu).or_default() += match core.mxu.timing {
                     // Passes pipeline: each costs its stream or its weight load, whichever is longer.
                     MxuTiming::Pipelined => ps.iter().map(|p| p.m.max(p.k) as u64).sum::<u64>(),
@@ -221,7 +235,13 @@ impl<'a> Emitter<'a> {
             flops,
             useful_macs,
             padded_macs: a.padded_macs,
-            padding_waste: if a.padded_macs > 0 { 1.0 - useful_macs as f64 / a.padded_macs as f64 } else { 0.0 },
+            // Both per bf16 product, so neither depends on the precision.
+            padding_waste: if a.mapped_macs > 0 {
+                1.0 - (useful_macs * a.products.max(1)) as f64 / a.mapped_macs as f64
+            } else {
+                0.0
+            },
+            array_fill: if a.padded_macs > 0 { a.mapped_macs as f64 / a.padded_macs as f64 } else { 0.0 },
             mxu_cycles,
             hbm_bytes: a.hbm_bytes,
             dma_cycles,

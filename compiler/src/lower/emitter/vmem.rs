@@ -25,7 +25,12 @@ impl Vmem {
 
     /// `BUFFERS` tiles of `rows × cols`: a ring, so block i+1 loads while block i computes.
     pub(crate) fn ring(&mut self, rows: usize, cols: usize) -> Option<Vec<Tile>> {
-        (0..BUFFERS).map(|_| self.alloc(rows, cols)).collect()
+        self.ring_of(BUFFERS, rows, cols)
+    }
+
+    /// `n` tiles of `rows × cols`, for a kernel whose rings are another depth.
+    pub(crate) fn ring_of(&mut self, n: usize, rows: usize, cols: usize) -> Option<Vec<Tile>> {
+        (0..n).map(|_| self.alloc(rows, cols)).collect()
     }
 
     /// Bytes not yet allocated.

@@ -31,8 +31,8 @@ pub(crate) struct Tensors<'a> {
 /// HBM addresses of every storage owner (leaves and non-view kernel outputs), and the peak.
 pub(crate) struct Plan {
     pub offsets: Vec<Option<u64>>,
-    /// Per kernel: HBM scratch for intermediates that are not graph tensors (a flipped kernel,
-    /// a zero-dilated gradient), live only during the kernel.
+    /// Per kernel: HBM scratch for intermediates that are not graph tensors (an input
+    /// gradient's flipped kernel), live only during the kernel.
     pub scratch: Vec<Option<u64>>,
     /// Per kernel with `stats_for`: where its per-channel sums go (`3 × C`: the shift, Σ, Σ²),
     /// kept with the persistent tensors (a few KiB each).

@@ -64,6 +64,7 @@ mod tests {
             useful_macs: 0,
             padded_macs: 0,
             padding_waste: 0.0,
+            array_fill: 0.0,
             mxu_cycles: 0,
             hbm_bytes: 0,
             dma_cycles: 0,

@@ -8,11 +8,12 @@
 //! that follows, sums them per channel.
 
 use systolic_simulator::isa::*;
+use systolic_simulator::numerics::Precision;
 
 use crate::error::Result;
 use crate::graph::{Conv2d, NodeId, Op};
 use crate::lower::blocks::channel_sums::ChannelSums;
-use crate::lower::blocks::conv_layout::{Block, ConvLayout, PixelBlocks};
+use crate::lower::blocks::conv_layout::{Block, ConvLayout, PixelBlocks, Scatter};
 use crate::lower::blocks::epilogue::{Operands, apply_epilogue, mask_of, prepare_channels, residual_of};
 use crate::lower::blocks::staging::{out_rows, stage_block};
 use crate::lower::emitter::{BUFFERS, Emitted, Emitter, TARGET_ROWS, WEIGHT_BUDGET};
@@ -20,6 +21,7 @@ use crate::lower::kernel::{Epilogue, Kernel, Place};
 use crate::lower::kernels::conv::work::{BlockWork, Computed, NextBlock};
 
 mod depthwise;
+mod gathered;
 mod im2col;
 mod phases;
 mod shifted;
@@ -28,17 +30,23 @@ mod work;
 /// How each block of output rows is computed (one module each).
 enum Strategy {
     Shifted,
+    Gathered,
     Phases,
     Im2col(Option<im2col::Im2col>),
     Depthwise,
 }
 
 impl Strategy {
-    /// Depthwise on the VPU; im2col where folding the taps into K needs fewer passes; by
-    /// phase where a stride above 1 would stream wasted rows; else shifted matmuls.
-    fn choose(g: &ConvLayout, cg: usize, array_rows: usize) -> Strategy {
+    /// Depthwise on the VPU; the gathered im2col matrix on small maps, where the padded
+    /// width and height would be much of the streamed rows; im2col where folding the taps
+    /// into K needs fewer passes; by phase where a stride above 1 would stream wasted rows;
+    /// else shifted matmuls.
+    fn choose(g: &ConvLayout, cg: usize, m: &systolic_simulator::Machine, traffic: Traffic) -> Strategy {
+        let array_rows = m.core.mxu.rows;
         if g.depthwise(cg) {
             Strategy::Depthwise
+        } else if g.gather_pays(cg, array_rows, BUFFERS, m.core.vmem_bytes) && gathering_is_faster(g, cg, m, traffic) {
+            Strategy::Gathered
         } else if g.im2col_pays(cg, array_rows) {
             Strategy::Im2col(None)
         } else if phases::pays(g) {
@@ -54,13 +62,14 @@ impl Strategy {
         match self {
             Strategy::Phases => true,
             Strategy::Im2col(_) | Strategy::Depthwise => phases::pays(g),
-            Strategy::Shifted => false,
+            Strategy::Shifted | Strategy::Gathered => false,
         }
     }
 
     fn name(&self) -> &'static str {
         match self {
             Strategy::Shifted => "shifted matmuls (one per tap)",
+            Strategy::Gathered => "im2col gathered by the staging DMAs, one matmul per block",
             Strategy::Phases => "shifted matmuls over stride phases (one per tap)",
             Strategy::Im2col(_) => "im2col on the VPU, one matmul per block",
             Strategy::Depthwise => "depthwise on the VPU (one multiply-add per tap)",
@@ -71,18 +80,74 @@ impl Strategy {
     fn bytes_per_buffer(&self, g: &ConvLayout, m_rows: usize) -> u64 {
         match self {
             Strategy::Im2col(_) => im2col::Im2col::bytes_per_buffer(m_rows, g.taps(), g.c),
-            Strategy::Shifted | Strategy::Phases | Strategy::Depthwise => 0,
+            Strategy::Shifted | Strategy::Gathered | Strategy::Phases | Strategy::Depthwise => 0,
         }
     }
 
     fn compute(&mut self, e: &mut Emitter, w: &BlockWork) -> Computed {
         match self {
             Strategy::Shifted => shifted::compute(e, w),
+            Strategy::Gathered => gathered::compute(e, w),
             Strategy::Phases => phases::compute(e, w),
             Strategy::Im2col(state) => state.as_mut().expect("buffers allocated").compute(e, w),
             Strategy::Depthwise => depthwise::compute(e, w),
         }
     }
+}
+
+/// The HBM bytes of a convolution's tensors (input, weights, output), its channel block
+/// width and precision: what gathering the input once per tap and channel block costs.
+#[derive(Clone, Copy)]
+struct Traffic {
+    x: u64,
+    w: u64,
+    y: u64,
+    nb: usize,
+    precision: Precision,
+}
+
+/// Cycles a kernel's transfers take, as the timing engine runs them: the data phases share
+/// the HBM port, and each transfer holds one of the engines for its start-up latency and its
+/// data — the slower of the two.
+fn dma_time(m: &systolic_simulator::Machine, bytes: u64, transfers: u64) -> f64 {
+    let engines = m.core.dma.engines.max(1) as f64;
+    let port = bytes as f64 / m.core.hbm.bytes_per_cycle;
+    port.max(((transfers * m.core.dma.latency_cycles) as f64 + port) / engines)
+}
+
+/// HBM bytes and transfers of the two loop orders (channel blocks outside, pixel blocks
+/// outside) for `n_c` channel blocks and `n_p` pixel blocks of `stage_dmas` staging transfers
+/// each; `x` is the input as staged (a gathered input: once per tap).
+fn loop_orders(t: Traffic, x: u64, n_c: u64, n_p: u64, stage_dmas: u64) -> [(u64, u64); 2] {
+    let stores = n_c * n_p;
+    [
+        (t.w + n_c * x + t.y, n_c + n_c * n_p * stage_dmas + stores),
+        (n_p * t.w + x + t.y, 2 * n_c * n_p + n_p * stage_dmas),
+    ]
+}
+
+/// Whether the gathered layout's step is shorter, each side the slower of its MXU passes and
+/// its DMAs: gathering streams only output rows, but reads the input once per tap and channel
+/// block in one transfer per image and tap, which can leave a small map DMA-bound.
+fn gathering_is_faster(g: &ConvLayout, cg: usize, m: &systolic_simulator::Machine, t: Traffic) -> bool {
+    let (rows, mxus) = (m.core.mxu.rows, m.core.mxu.count.max(1));
+    // Each pass is repeated for every bf16 product the precision needs.
+    let products = t.precision.passes().len();
+    let folded = (g.taps() * cg).div_ceil(rows);
+    let width = if g.phases_pay() { g.wp.div_ceil(g.sw) } else { g.wv };
+    let padded = (g.taps() * cg.div_ceil(rows)).min(folded) * g.hv() * width;
+    let col_tiles = g.co.div_ceil(m.core.mxu.cols);
+    let mxu = |row_passes: usize| (g.n * row_passes * col_tiles * products).div_ceil(mxus) as f64;
+    // Blocks of whole images, enough of them for one array's depth of rows.
+    let per_image = g.oh * g.ow;
+    let images = rows.div_ceil(per_image).min(g.n).max(1);
+    let (n_c, n_p) = (g.co.div_ceil(t.nb.max(1)) as u64, g.n.div_ceil(images) as u64);
+    let now = mxu(padded).max(dma_time(m, t.x + t.w + t.y, 2 * n_c * n_p));
+    let dma = loop_orders(t, t.x * g.taps() as u64, n_c, n_p, (images * g.taps()) as u64)
+        .map(|(bytes, transfers)| dma_time(m, bytes, transfers));
+    let gathered = mxu(folded * per_image).max(dma[0].min(dma[1]));
+    // Estimates both: the gathered layout must win by a margin.
+    gathered < 0.95 * now
 }
 
 /// What a convolution kernel computes: `y = conv(x, w)` (+ the kernel's epilogue), operands
@@ -93,12 +158,11 @@ pub(crate) struct ConvSpec<'p> {
     pub y: &'p Place,
     pub attrs: Conv2d,
     pub bias: Option<NodeId>,
-    /// Zeros between the stored pixels of `x` plus one, along rows and columns (`[1, 1]`:
-    /// none); see [`ConvLayout::dilated`].
-    pub input_dilation: [usize; 2],
     /// `y` holds rows `top..top+h` and columns `left..left+w` of the convolution's output
     /// (`[top, left, h, w]`); None: all of it.
     pub out_window: Option<[usize; 4]>,
+    /// The window is one stride phase of a larger `y` (see [`Scatter`]); None: `y` is it.
+    pub scatter: Option<Scatter>,
 }
 
 pub(crate) fn conv(e: &mut Emitter, kernel: &Kernel, node: NodeId) -> Result<Emitted> {
@@ -110,8 +174,8 @@ pub(crate) fn conv(e: &mut Emitter, kernel: &Kernel, node: NodeId) -> Result<Emi
         y: e.place(kernel.output),
         attrs: attrs.clone(),
         bias: n.inputs.get(2).copied(),
-        input_dilation: [1, 1],
         out_window: None,
+        scatter: None,
     };
     conv_with(e, kernel, &spec)
 }
@@ -121,22 +185,18 @@ pub(crate) fn conv_with(e: &mut Emitter, kernel: &Kernel, spec: &ConvSpec) -> Re
     let (x, w, y, attrs) = (spec.x, spec.w, spec.y, &spec.attrs);
     let c = x.shape[3];
     let cg = w.shape[2];
-    let mut g = ConvLayout::dilated(attrs, &x.shape, &w.shape, spec.input_dilation);
+    let mut g = ConvLayout::new(attrs, &x.shape, &w.shape);
     if let Some([top, left, h, w]) = spec.out_window {
         (g.crop, g.out_hw) = ([top, left], [h, w]);
     }
+    g.scatter = spec.scatter;
     let co = g.co;
+    let depthwise = g.depthwise(cg);
     // The bias input is the first epilogue step.
     let mut kernel = kernel.clone();
     if let Some(b) = spec.bias {
         kernel.epilogue.insert(0, Epilogue::Bias(b));
     }
-    let depthwise = g.depthwise(cg);
-    let mut strategy = Strategy::choose(&g, cg, e.m.core.mxu.rows);
-    if strategy.phased(&g) {
-        g = g.phased();
-    }
-
     // Output channel blocks: one group each for grouped convolutions, else as wide as the
     // weight budget allows (whole array widths).
     let cols = e.m.core.mxu.cols;
@@ -152,15 +212,26 @@ pub(crate) fn conv_with(e: &mut Emitter, kernel: &Kernel, spec: &ConvSpec) -> Re
         co.min(co.div_ceil(blocks).div_ceil(cols) * cols)
     };
 
+    let mut strategy = Strategy::choose(
+        &g,
+        cg,
+        e.m,
+        Traffic { x: x.tile.bytes(), w: w.tile.bytes(), y: y.tile.bytes(), nb, precision: e.opts.precision },
+    );
+    if strategy.phased(&g) {
+        g = g.phased();
+    }
+    if matches!(strategy, Strategy::Gathered) {
+        g = g.gathered();
+    }
+
     // Blocks of output rows sized to TARGET_ROWS and to VMEM.
     let per_image = g.hv() * g.wv;
-    let mut target = TARGET_ROWS;
-    let PixelBlocks { blocks, m_rows, stage_rows, whole } = loop {
-        let pb = g.blocks(target);
+    let operands = residual_of(&kernel).is_some() as u64 + mask_of(&kernel).is_some() as u64;
+    let fits = |pb: &PixelBlocks| {
         let (m_rows, stage_rows) = (pb.m_rows, pb.stage_rows);
         let stage = (g.stage_pixels(stage_rows) * c * 4) as u64;
         let acc = (m_rows * nb * 4) as u64;
-        let operands = residual_of(&kernel).is_some() as u64 + mask_of(&kernel).is_some() as u64;
         let res = operands * acc;
         let cols_buf = strategy.bytes_per_buffer(&g, m_rows);
         let weights = (g.taps() * cg * nb * 4) as u64;
@@ -168,7 +239,12 @@ pub(crate) fn conv_with(e: &mut Emitter, kernel: &Kernel, spec: &ConvSpec) -> Re
         let sums = if e.stats_out.is_some() { acc + (4 * co * 4) as u64 } else { 0 };
         let need =
             BUFFERS as u64 * (stage + acc + res + cols_buf) + 2 * weights + sums + (8 * co * 4) as u64 + 16 * 512;
-        if need <= e.m.core.vmem_bytes {
+        need <= e.m.core.vmem_bytes
+    };
+    let mut target = TARGET_ROWS;
+    let mut pb = loop {
+        let pb = g.blocks(target);
+        if fits(&pb) {
             break pb;
         }
         if target <= g.wv {
@@ -176,6 +252,15 @@ pub(crate) fn conv_with(e: &mut Emitter, kernel: &Kernel, spec: &ConvSpec) -> Re
         }
         target /= 2;
     };
+    // A block shorter than the array leaves each weight load longer than the rows streamed
+    // past it: then the largest block between this size and the one that did not fit.
+    if pb.m_rows < e.m.core.mxu.rows
+        && target < TARGET_ROWS
+        && let Some(t) = (target + g.wv..2 * target).step_by(g.wv).rev().find(|&t| fits(&g.blocks(t)))
+    {
+        pb = g.blocks(t);
+    }
+    let PixelBlocks { blocks, m_rows, stage_rows, whole } = pb;
 
     let mut vmem = e.vmem();
     let oom = |e: &Emitter| e.vmem_error(&kernel, "buffers");
@@ -215,8 +300,20 @@ pub(crate) fn conv_with(e: &mut Emitter, kernel: &Kernel, spec: &ConvSpec) -> Re
     // staged once per channel block) or pixel blocks outside (each block is staged once and
     // every channel block's weights stream past it) — whichever moves fewer HBM bytes.
     let (n_c, n_p) = (co.div_ceil(nb), blocks.len());
-    let (w_bytes, x_bytes) = (w.tile.bytes(), x.tile.bytes());
-    let pixel_outer = n_c > 1 && n_p > 1 && n_p as u64 * w_bytes + x_bytes < w_bytes + n_c as u64 * x_bytes;
+    // Staging transfers per pixel block: one per image and tap for a gathered input (read
+    // once per tap), one per read phase, else one.
+    let stage_dmas = if g.gathered {
+        (if whole { m_rows / per_image } else { 1 }) * g.taps()
+    } else if g.phases {
+        g.sh * g.sw
+    } else {
+        1
+    };
+    let staged_x = x.tile.bytes() * if g.gathered { g.taps() as u64 } else { 1 };
+    let traffic = Traffic { x: x.tile.bytes(), w: w.tile.bytes(), y: y.tile.bytes(), nb, precision: e.opts.precision };
+    let [outside, inside] = loop_orders(traffic, staged_x, n_c as u64, n_p as u64, stage_dmas as u64)
+        .map(|(bytes, transfers)| dma_time(e.m, bytes, transfers));
+    let pixel_outer = n_c > 1 && n_p > 1 && inside < outside;
     let work: Vec<(usize, Block)> = if pixel_outer {
         blocks.iter().flat_map(|b| (0..co).step_by(nb).map(move |c0| (c0, *b))).collect()
     } else {
@@ -341,7 +438,7 @@ pub(crate) fn conv_with(e: &mut Emitter, kernel: &Kernel, spec: &ConvSpec) -> Re
     };
     let order = if pixel_outer { "; pixel blocks outside (fewer HBM bytes)" } else { "" };
     let strategy_text = format!("{name}; {blocks_desc}; {} channels per block{order}", nb);
-    let k_depth = if let Strategy::Im2col(_) = strategy { g.taps() * c } else { cg };
+    let k_depth = if let Strategy::Im2col(_) | Strategy::Gathered = strategy { g.taps() * c } else { cg };
     let padded = format!(
         "M {m_rows} (of which {} useful) x K {k_depth}{} x N {nb}{}",
         (blocks.first().map_or(0, |b| b.images * b.bh * g.ow)),

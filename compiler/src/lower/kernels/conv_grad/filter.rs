@@ -1,124 +1,44 @@
-//! The two gradients of a convolution, as matmuls on the MXU.
-//!
-//! **Input gradient** (`Conv2dBackpropInput`): the transposed convolution. `dx` is the
-//! stride-1 convolution of `dy` — dilated by the forward stride (`s − 1` zeros between pixels,
-//! placed by the staging DMA, never stored in HBM) and padded by `(k − 1)·d − pad` — with the
-//! kernel flipped in space and transposed per tap (`[kh, kw, cout, cin]`). The flip and
-//! transpose run once per step on the VPU's transpose unit into an HBM scratch buffer; the
-//! convolution itself is the forward kernel ([`conv_with`]). For strided layers the
-//! zeros are streamed through the MXU and reported as padding waste.
-//!
-//! **Filter gradient** (`Conv2dBackpropFilter`): per tap `dWᵀ_tap = dyᵀ · x_tap`, summed over
-//! blocks of output pixels. `dy` is loaded in the forward kernel's padded-width layout (zeros
-//! at the dropped columns, so those pixels add nothing) and transposed once per block; each
+//! The filter gradient (`Conv2dBackpropFilter`): per tap `dWᵀ_tap = dyᵀ · x_tap`, summed over
+//! blocks of output pixels. `dy` is loaded in the forward kernel's layout (zeros at the
+//! padded-width columns, so those pixels add nothing) and transposed once per block; each
 //! tap's view of the staged input is the stationary operand, so a block's `K` is its pixel
-//! count and the streamed rows are the output channels. The per-tap accumulators stay in VMEM
-//! for the whole kernel and are transposed back to HWIO at the end. When the input channels are
-//! few (the 3-channel first layer) the taps are folded into one im2col matrix, as forward.
-//! Depthwise filters run on the VPU: per tap a product with `dy` and a column sum.
+//! count and the streamed rows are the output channels. The input is staged as forward: by
+//! stride phase for strided convolutions, as its gathered im2col matrix on small maps, with
+//! the taps folded into one im2col matrix when the channels are few (the 3-channel first
+//! layer). The per-tap accumulators stay in VMEM for the whole kernel and are transposed back
+//! to HWIO at the end. Depthwise filters run on the VPU: per tap a product with `dy` and a
+//! column sum.
 
 use systolic_simulator::isa::*;
 
 use crate::error::Result;
-use crate::graph::{Conv2d, Graph, NodeId, Op, Padding};
+use crate::graph::{NodeId, Op};
 use crate::lower::blocks::conv_layout::{ConvLayout, PixelBlocks};
 use crate::lower::blocks::staging::{im2col_copies, out_rows, stage_block};
 use crate::lower::emitter::{BUFFERS, Emitted, Emitter, TARGET_ROWS};
-use crate::lower::kernel::{Kernel, Place};
-use crate::lower::kernels::conv::{ConvSpec, conv_with};
+use crate::lower::kernel::Kernel;
 
-/// The HBM scratch of an input gradient (`Conv2dBackpropInput` node `node`): the flipped,
-/// transposed kernel.
-pub(crate) fn input_scratch_bytes(graph: &Graph, node: NodeId) -> u64 {
-    let w = &graph.node(graph.node(node).inputs[1]).shape.dims;
-    w.iter().product::<usize>() as u64 * 4
-}
-
-/// The forward MACs of a convolution, which each of its gradients repeats.
-fn conv_macs(g: &ConvLayout, cg: usize) -> u64 {
-    (g.n * g.oh * g.ow * g.taps() * cg * g.co) as u64
-}
-
-pub(crate) fn input(e: &mut Emitter, kernel: &Kernel, node: NodeId) -> Result<Emitted> {
-    let n = e.graph.node(node);
-    let Op::Conv2dBackpropInput(b) = &n.op else { unreachable!("a ConvGradInput main") };
-    let (dy, w, dx) = (e.place(n.inputs[0]), e.place(n.inputs[1]), e.place(kernel.output));
-    let g = ConvLayout::new(&b.conv, &dx.shape, &w.shape);
-    let (cg, groups) = (w.shape[2], g.groups);
-    let cog = g.co / groups;
-    let depthwise = g.depthwise(cg);
-    // Padding of the transposed convolution: the taps that reach past the dilated dy.
-    let (reach_h, reach_w) = ((g.kh - 1) * g.dh, (g.kw - 1) * g.dw);
-    let (dil_h, dil_w) = ((g.oh - 1) * g.sh + 1, (g.ow - 1) * g.sw + 1);
-    // Where the forward padding exceeds the kernel's reach these are negative: pad by 0
-    // instead, compute the larger output and keep the window that is `dx` (`out_window`).
-    let signed = |a: usize, b: usize| a as i64 - b as i64;
-    let pads = [signed(reach_h, g.pt), signed(g.h + g.pt, dil_h), signed(reach_w, g.pl), signed(g.w + g.pl, dil_w)];
-    let [top, bottom, left, right] = pads.map(|p| p.max(0) as usize);
-    let [crop_t, crop_l] = [(-pads[0]).max(0) as usize, (-pads[2]).max(0) as usize];
-    let attrs = Conv2d {
-        strides: [1, 1],
-        padding: Padding::Explicit { top, bottom, left, right },
-        dilation: b.conv.dilation,
-        groups,
+/// Where accumulator columns `k0..k0+kn` go in the HWIO kernel: runs of `(first column
+/// relative to k0, first kernel row, length)`. The columns are (tap, input channel) in tap
+/// order, but an im2col matrix staged by phase orders its taps by phase
+/// ([`ConvLayout::im2col_taps`]).
+fn hwio_runs(g: &ConvLayout, im2col: bool, cg: usize, k0: usize, kn: usize) -> Vec<(usize, usize, usize)> {
+    if !(im2col && g.phases) {
+        return vec![(0, k0, kn)];
+    }
+    let order = g.im2col_taps();
+    let row_of = |k: usize| {
+        let (i, j) = order[k / cg];
+        (i * g.kw + j) * cg + k % cg
     };
-
-    // The flipped kernel [kh, kw, cog, cin] into scratch: tap t goes to taps-1-t, and each
-    // group's [cg x cog] block is transposed.
-    let scratch = e.scratch.expect("the allocation pass gives every input gradient its scratch");
-    let taps = g.taps();
-    let flipped =
-        Place { shape: vec![g.kh, g.kw, cog, g.c], tile: Tile::new(Space::Hbm, scratch, taps * cog, g.c, DType::F32) };
-    let mut done = Vec::new();
-    if depthwise {
-        for t in 0..taps {
-            done.push(e.push(Operation::dma(t as u8, w.tile.rows(t, 1), flipped.tile.rows(taps - 1 - t, 1)), &[]));
-        }
-    } else {
-        let budget = (e.m.core.vmem_bytes / (2 * BUFFERS as u64)) as usize;
-        let rb = (budget / (cog * 4)).clamp(1, cg);
-        let mut vmem = e.vmem();
-        let oom = |e: &Emitter| e.vmem_error(kernel, "kernel transpose buffers");
-        let loads = vmem.ring(rb, cog).ok_or_else(|| oom(e))?;
-        let turned = vmem.ring(cog, rb).ok_or_else(|| oom(e))?;
-        let mut load_free: Vec<Vec<u32>> = vec![Vec::new(); BUFFERS];
-        let mut turned_free: Vec<Vec<u32>> = vec![Vec::new(); BUFFERS];
-        let mut step = 0;
-        for t in 0..taps {
-            for gi in 0..groups {
-                for r0 in (0..cg).step_by(rb) {
-                    let rn = rb.min(cg - r0);
-                    let p = step % BUFFERS;
-                    step += 1;
-                    let a = Tile { rows: rn as u32, ..loads[p] };
-                    let bt = Tile { cols: rn as u32, stride: rn as u32, ..turned[p] };
-                    let src = w.tile.rows(t * cg + r0, rn).columns(gi * cog, cog);
-                    let l = e.push(Operation::dma(0, src, a), &load_free[p]);
-                    let mut deps = turned_free[p].clone();
-                    deps.push(l);
-                    let tr = e.push(Operation::Transpose { src: a, dst: bt }, &deps);
-                    let dst = flipped.tile.rows((taps - 1 - t) * cog, cog).columns(gi * cg + r0, rn);
-                    let st = e.push(Operation::dma(2, bt, dst), &[tr]);
-                    load_free[p] = vec![tr];
-                    turned_free[p] = vec![st];
-                    done.push(st);
-                }
-            }
+    let mut runs: Vec<(usize, usize, usize)> = Vec::new();
+    for k in k0..k0 + kn {
+        match runs.last_mut() {
+            Some((_, at, len)) if *at + *len == row_of(k) => *len += 1,
+            _ => runs.push((k - k0, row_of(k), 1)),
         }
     }
-    e.wait_for(&done);
-
-    let out_window = Some([crop_t, crop_l, g.h, g.w]);
-    let spec = ConvSpec { x: dy, w: &flipped, y: dx, attrs, bias: None, input_dilation: [g.sh, g.sw], out_window };
-    let mut report = conv_with(e, kernel, &spec)?;
-    // The useful work is the gradient's, not the padded transposed convolution's.
-    report.useful_macs = conv_macs(&g, cg);
-    report.strategy = if g.sh > 1 || g.sw > 1 {
-        format!("transposed conv, dy dilated by {}x{} in staging: {}", g.sh, g.sw, report.strategy)
-    } else {
-        format!("transposed conv: {}", report.strategy)
-    };
-    Ok(report)
+    runs
 }
 
 /// Work for one MXU in a filter-gradient block: accumulator columns `k0..k0+kn` from the
@@ -162,23 +82,44 @@ fn filter_jobs(g: &ConvLayout, cg: usize, im2col: bool, mxus: usize, cols: usize
     jobs
 }
 
+/// Buffers of each ring in a filter gradient staged as a gathered matrix: two, so the next
+/// block's gather overlaps this block's matmuls — there is no copy step between them and
+/// nothing is stored per block — leaving VMEM for more pixels per block. Other layouts keep
+/// `BUFFERS`, the third for the im2col copies and transposes in flight.
+const GATHERED_RING: usize = 2;
+
 pub(crate) fn filter(e: &mut Emitter, kernel: &Kernel, node: NodeId) -> Result<Emitted> {
     let n = e.graph.node(node);
     let Op::Conv2dBackpropFilter(b) = &n.op else { unreachable!("a ConvGradFilter main") };
     let (x, dy, dw) = (e.place(n.inputs[0]), e.place(n.inputs[1]), e.place(kernel.output));
+    // A strided convolution's taps read the input by stride phase, as forward: dense rows,
+    // no streamed pixels between the strided ones.
     let g = ConvLayout::new(&b.conv, &x.shape, &b.kernel_shape);
-    let (c, co, groups, taps) = (g.c, g.co, g.groups, g.taps());
     let cg = b.kernel_shape[2];
+    let (rows, cols) = (e.m.core.mxu.rows, e.m.core.mxu.cols);
+    // On small maps the input is staged as its im2col matrix, as forward (no padded-width
+    // pixels in K, no copies).
+    let gathered = g.gather_pays(cg, rows, GATHERED_RING, e.m.core.vmem_bytes);
+    let g = if gathered {
+        g.gathered()
+    } else if g.phases_pay() {
+        g.phased()
+    } else {
+        g
+    };
+    let ring = if gathered { GATHERED_RING } else { BUFFERS };
+    let (c, co, groups, taps) = (g.c, g.co, g.groups, g.taps());
     let cog = co / groups;
     let depthwise = g.depthwise(cg);
-    let (rows, cols) = (e.m.core.mxu.rows, e.m.core.mxu.cols);
-    let im2col = g.im2col_pays(cg, rows);
+    let im2col = gathered || g.im2col_pays(cg, rows);
+    // Copies into an im2col matrix (a gathered stage is one already).
+    let copies = im2col && !gathered;
     // Accumulator columns per output channel: every tap's input channels.
     let kdim = taps * cg;
     let vmem_bytes = e.m.core.vmem_bytes as usize;
     // Output-channel blocks: a group each when grouped; else as many channels as keep the
     // accumulators within 3/8 of VMEM, in whole array widths when possible.
-    let nb = if depthwise {
+    let widest = if depthwise {
         co.min(512)
     } else if groups > 1 {
         cog
@@ -191,33 +132,67 @@ pub(crate) fn filter(e: &mut Emitter, kernel: &Kernel, node: NodeId) -> Result<E
     };
     // Accumulator chunks transposed back to HWIO at the end.
     let kc = kdim.min(512);
-    let acc_bytes = if depthwise { taps * nb * 4 } else { nb * kdim * 4 + 2 * kc * nb * 4 };
-
-    let mut target = TARGET_ROWS;
-    let PixelBlocks { blocks, m_rows, stage_rows, whole } = loop {
-        let pb = g.blocks(target);
-        let stage = pb.stage_rows * g.wp * c * 4;
+    let acc_bytes = |nb: usize| if depthwise { taps * nb * 4 } else { nb * kdim * 4 + 2 * kc * nb * 4 };
+    let fits = |nb: usize, pb: &PixelBlocks| {
+        let stage = g.stage_pixels(pb.stage_rows) * c * 4;
         let dyb = pb.m_rows * nb * 4;
         // Transposed dy (MXU) or the per-tap product (VPU).
         let second = dyb;
-        let cols_buf = if im2col { pb.m_rows * kdim * 4 } else { 0 };
-        let need = BUFFERS * (stage + dyb + second + cols_buf) + acc_bytes + 16 * 512;
-        if need <= vmem_bytes {
-            break pb;
-        }
-        if target <= g.wv {
-            return Err(e.vmem_error(kernel, "staging, gradient and accumulator buffers"));
-        }
-        target /= 2;
+        let cols_buf = if copies { pb.m_rows * kdim * 4 } else { 0 };
+        ring * (stage + dyb + second + cols_buf) + acc_bytes(nb) + 16 * 512 <= vmem_bytes
     };
+    // A block's pixels are the matmuls' K. The largest block that fits (whole images, or
+    // bands of output rows), unless a smaller one leaves clearly less of its last array-deep
+    // pass empty — a 7×7 map: 5 images fill 2 passes to 96%, 4 fill 2 to 77%.
+    let per_image = g.hv() * g.wv;
+    let choose = |nb: usize| -> Option<(PixelBlocks, f64)> {
+        // Whole images when one fits, else bands of output rows.
+        let largest = |unit: usize, most: usize| (1..=most).rev().find(|&k| fits(nb, &g.blocks(k * unit)));
+        let images = (per_image <= TARGET_ROWS)
+            .then(|| largest(per_image, (TARGET_ROWS / per_image).clamp(1, g.n)))
+            .flatten()
+            .map(|k| (per_image, k));
+        let (unit, most) = match images {
+            Some(found) => found,
+            None => (g.wv, largest(g.wv, (TARGET_ROWS / g.wv).clamp(1, g.oh))?),
+        };
+        let filled = |k: usize| (k * unit) as f64 / ((k * unit).div_ceil(rows) * rows) as f64;
+        // Smaller blocks cost their own transposes and transfers: only for a fuller pass.
+        let fuller = |k: usize| filled(k) > filled(most) + 0.05;
+        let best = if depthwise {
+            most
+        } else {
+            (1..most).rev().filter(|&k| fuller(k)).fold(most, |b, k| if filled(k) > filled(b) + 1e-9 { k } else { b })
+        };
+        Some((g.blocks(best * unit), filled(best)))
+    };
+    // Narrower channel blocks leave VMEM for more pixels per block: taken when that fills
+    // the passes at least 10 points better (each channel block stages the input again).
+    let mut options = vec![widest];
+    if !depthwise && groups == 1 && widest / 2 >= cols && (widest / 2).is_multiple_of(cols) {
+        options.push(widest / 2);
+    }
+    let mut picked: Option<(usize, PixelBlocks, f64)> = None;
+    for nb in options {
+        if let Some((pb, fill)) = choose(nb)
+            && picked.as_ref().is_none_or(|p| fill > p.2 + 0.1)
+        {
+            picked = Some((nb, pb, fill));
+        }
+    }
+    let Some((nb, pb, _)) = picked else {
+        return Err(e.vmem_error(kernel, "staging, gradient and accumulator buffers"));
+    };
+    let PixelBlocks { blocks, m_rows, stage_rows, whole } = pb;
 
     let mut vmem = e.vmem();
     let oom = |e: &Emitter| e.vmem_error(kernel, "buffers");
-    let stage = vmem.ring(stage_rows * g.wp, c).ok_or_else(|| oom(e))?;
-    let dyb = vmem.ring(m_rows, nb).ok_or_else(|| oom(e))?;
+    let stage = vmem.ring_of(ring, g.stage_pixels(stage_rows), c).ok_or_else(|| oom(e))?;
+    let dyb = vmem.ring_of(ring, m_rows, nb).ok_or_else(|| oom(e))?;
     // dyᵀ for the MXU, or the VPU's per-tap product.
-    let second = if depthwise { vmem.ring(m_rows, nb) } else { vmem.ring(nb, m_rows) }.ok_or_else(|| oom(e))?;
-    let im2col_bufs = if im2col { vmem.ring(m_rows, kdim).ok_or_else(|| oom(e))? } else { Vec::new() };
+    let second = if depthwise { vmem.ring_of(ring, m_rows, nb) } else { vmem.ring_of(ring, nb, m_rows) }
+        .ok_or_else(|| oom(e))?;
+    let im2col_bufs = if copies { vmem.ring_of(ring, m_rows, kdim).ok_or_else(|| oom(e))? } else { Vec::new() };
     // Accumulators: per tap a row of channel sums (VPU), or dWᵀ as [nb × taps·cg] (MXU); the
     // VPU's per-tap column sum goes through `part`.
     let (acc, part) = if depthwise {
@@ -234,12 +209,11 @@ pub(crate) fn filter(e: &mut Emitter, kernel: &Kernel, node: NodeId) -> Result<E
     let mxus = e.m.core.mxu.count.max(1);
     let jobs = filter_jobs(&g, cg, im2col, mxus, cols);
     let precision = e.opts.precision;
-    let per_image = g.hv() * g.wv;
-    let mut stage_readers: Vec<Vec<u32>> = vec![Vec::new(); BUFFERS];
-    let mut stage_filled = [false; BUFFERS];
-    let mut dy_readers: Vec<Vec<u32>> = vec![Vec::new(); BUFFERS];
-    let mut dy_filled = [false; BUFFERS];
-    let mut second_readers: Vec<Vec<u32>> = vec![Vec::new(); BUFFERS];
+    let mut stage_readers: Vec<Vec<u32>> = vec![Vec::new(); ring];
+    let mut stage_filled = vec![false; ring];
+    let mut dy_readers: Vec<Vec<u32>> = vec![Vec::new(); ring];
+    let mut dy_filled = vec![false; ring];
+    let mut second_readers: Vec<Vec<u32>> = vec![Vec::new(); ring];
     let mut acc_free: Vec<u32> = Vec::new();
     let mut out_free: Vec<Vec<u32>> = vec![Vec::new(); 2];
     let mut wi = 0usize;
@@ -257,7 +231,7 @@ pub(crate) fn filter(e: &mut Emitter, kernel: &Kernel, node: NodeId) -> Result<E
         let mut block_no = 0usize;
         let mut vpu_last: Option<u32> = None;
         for blk in &blocks {
-            let p = wi % BUFFERS;
+            let p = wi % ring;
             wi += 1;
             let m_blk = g.block_rows(blk, whole);
             let staged = stage_block(e, &g, x.tile, blk, whole, stage[p], &mut stage_filled[p], &stage_readers[p]);
@@ -312,8 +286,12 @@ pub(crate) fn filter(e: &mut Emitter, kernel: &Kernel, node: NodeId) -> Result<E
                 let turned = e.push(Operation::Transpose { src: dyt, dst: dyt_t }, &deps);
                 dy_readers[p] = vec![turned];
                 readers.push(turned);
-                let cols_t = im2col.then(|| Tile { rows: m_blk as u32, ..im2col_bufs[p] });
-                let copied = cols_t.map(|ct| im2col_copies(e, &g, stage[p], ct, staged, m_blk));
+                let cols_t = if gathered {
+                    Some(g.matrix(stage[p], m_blk))
+                } else {
+                    copies.then(|| Tile { rows: m_blk as u32, ..im2col_bufs[p] })
+                };
+                let copied = cols_t.filter(|_| copies).map(|ct| im2col_copies(e, &g, stage[p], ct, staged, m_blk));
                 let mut matmuls = Vec::new();
                 for (ji, job) in jobs.iter().enumerate() {
                     let rhs = match (job.tap, cols_t) {
@@ -379,7 +357,12 @@ pub(crate) fn filter(e: &mut Emitter, kernel: &Kernel, node: NodeId) -> Result<E
                 let mut deps = ready.clone();
                 deps.extend(out_free[q % 2].iter().copied());
                 let tr = e.push(Operation::Transpose { src: acc_t.columns(k0, kn), dst: o }, &deps);
-                let st = e.push(Operation::dma(2, o, dw.tile.rows(k0, kn).columns(c0, nbw)), &[tr]);
+                let mut stores = Vec::new();
+                for (row, at, len) in hwio_runs(&g, im2col, cg, k0, kn) {
+                    let dst = dw.tile.rows(at, len).columns(c0, nbw);
+                    stores.push(e.push(Operation::dma(2, o.rows(row, len), dst), &[tr]));
+                }
+                let st = e.after_all(stores[0], &stores[1..]);
                 out_free[q % 2] = vec![st];
                 acc_free.push(tr);
             }
@@ -387,6 +370,8 @@ pub(crate) fn filter(e: &mut Emitter, kernel: &Kernel, node: NodeId) -> Result<E
     }
     let unit = if depthwise {
         "on the VPU (per tap a product with dy and a column sum)".to_string()
+    } else if gathered {
+        format!("dyᵀ · im2col(x) gathered by the staging DMAs, {} accumulator columns", kdim)
     } else if im2col {
         format!("dyᵀ · im2col(x), {} accumulator columns", kdim)
     } else {
@@ -403,5 +388,5 @@ pub(crate) fn filter(e: &mut Emitter, kernel: &Kernel, node: NodeId) -> Result<E
     } else {
         format!("M {nb} x K {m_rows} x N {}", if im2col { kdim } else { cg })
     };
-    Ok(Emitted::new(strategy, padded, conv_macs(&g, cg)))
+    Ok(Emitted::new(strategy, padded, g.macs(cg)))
 }
