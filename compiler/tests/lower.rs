@@ -287,7 +287,30 @@ fn small_maps_gather_their_im2col_matrix() {
     gradients_match(g, 8);
 }
 
-/// Large images (staged in bands, the input gradient's dilated dy too) and wide layers
+/// Stride-1 layers on small maps lay several images side by side in each staged row, sharing
+/// their padding columns: forward (with the batch norm's channel sums read from the packed
+/// accumulator) and input gradient stream 8 rows per 7 outputs of a 7x7 map, not 81 per 49.
+#[test]
+fn small_maps_pack_images_side_by_side() {
+    let mut g = Graph::new("packed");
+    let x = g.input("x", &[7, 7, 128]).unwrap();
+    let pre = g.conv2d("pre", x, ConvSpec::new(128, 1)).unwrap();
+    let h = g.conv2d("c", pre, ConvSpec::new(128, 3).same().no_bias()).unwrap();
+    let h = g.batch_norm("bn", h, BatchNorm::default()).unwrap();
+    let h = g.relu("bn_relu", h).unwrap();
+    let h = g.conv2d("c2", h, ConvSpec::new(128, 3).same()).unwrap();
+    let h = g.global_avg_pool("gap", h).unwrap();
+    let logits = g.dense("logits", h, 10).unwrap();
+    g.set_outputs(vec![logits]);
+    for name in ["c", "c2", "bwd/c2/input"] {
+        let (strategy, waste) = training_kernel(&g, 4, Precision::Default, name);
+        assert!(strategy.contains("side by side"), "{name}: {strategy}");
+        assert!(waste < 0.15, "{name}: waste {waste}");
+    }
+    gradients_match(g, 4);
+}
+
+/// Large images (staged in bands) and wide layers
 /// (filter-gradient accumulators split into output-channel blocks).
 #[test]
 fn convolution_gradients_in_bands_and_channel_blocks() {

@@ -36,6 +36,30 @@ pub fn differential(g: &Graph, machine: &str, batch: usize, precision: Precision
         .collect()
 }
 
+/// [`differential`] with each output's error relative to the magnitude of the terms it sums:
+/// the reference run on the absolute values of the weights and input (`|W|·|x|` through
+/// the layers — exact for convolutions, dense layers, pooling and ReLU, a scale elsewhere).
+/// That is the classic bound of a sum's rounding, so outputs that nearly cancel (a dense head
+/// over a few ReLU outputs) are held to the rounding of their terms, not of their small sum.
+pub fn differential_by_magnitude(g: &Graph, machine: &str, batch: usize, precision: Precision) -> Vec<(String, f64)> {
+    let m = presets::preset(machine).unwrap();
+    let compiled = compile(g, &options(m.clone(), batch, precision)).unwrap();
+    let b = random_bindings(g, batch, 3, 5);
+    let (want, _) = reference::run_outputs(g, &b, RunOptions::default()).unwrap();
+    let abs: TensorMap = b.iter().map(|(k, t)| (k.clone(), t.mapv(f32::abs))).collect();
+    let (magnitude, _) = reference::run_outputs(g, &abs, RunOptions::default()).unwrap();
+    let got = compiled.executable.run(&m, |name| b.get(name).and_then(|t| t.as_slice())).unwrap();
+    got.into_iter()
+        .map(|(name, values)| {
+            let (w, mag) = (&want[&name], &magnitude[&name]);
+            let largest = |t: &Tensor| t.iter().fold(0f64, |a, &v| a.max((v as f64).abs()));
+            let scale = largest(w).max(largest(mag)).max(1e-30);
+            let err = w.iter().zip(&values).fold(0f64, |a, (&x, &y)| a.max((x as f64 - y as f64).abs())) / scale;
+            (name, err)
+        })
+        .collect()
+}
+
 /// Gradients of one SGD step at HIGHEST precision against the reference, element by element.
 pub fn gradients_match(g: Graph, batch: usize) {
     gradients_match_at_step(g, batch, 0);

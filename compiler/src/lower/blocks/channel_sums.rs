@@ -82,15 +82,16 @@ impl ChannelSums {
         }
         let work = Tile { rows: m as u32, cols: nbw as u32, stride: nbw as u32, ..self.work };
         let sub = e.push(Operation::Binary { op: BinaryOp::Sub, a: acc, b: cols(self.shift), dst: work }, &deps);
-        // Zero what is not an output pixel: the columns past OW of every streamed row, and in
-        // whole-image blocks the rows past OH of every image slot.
+        // Zero what is not an output pixel: the columns past OW of every streamed row (of every
+        // packed image), and in whole-image blocks the rows past OH of every image slot.
         let mut last = sub;
-        if g.wv > g.ow {
+        let period = g.column_period();
+        if period > g.ow {
             let t = Tile {
                 offset: work.offset + (g.ow * nbw * 4) as u64,
-                rows: (m / g.wv) as u32,
-                cols: ((g.wv - g.ow) * nbw) as u32,
-                stride: (g.wv * nbw) as u32,
+                rows: (m / period) as u32,
+                cols: ((period - g.ow) * nbw) as u32,
+                stride: (period * nbw) as u32,
                 ..work
             };
             last = e.push(Operation::Fill { dst: t, value: 0.0 }, &[last]);

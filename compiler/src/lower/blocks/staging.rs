@@ -41,11 +41,10 @@ fn stage_input(e: &mut Emitter, g: &ConvLayout, x: Tile, sb: &Block, whole: bool
             stride: (g.wp * c) as u32,
             dtype: DType::F32,
         };
-        let repeat = (sb.images > 1).then(|| Repeat {
-            count: sb.images as u32,
-            src_step: g.h as u64 * row_bytes,
-            dst_step: slot_elems * 4,
-        });
+        // The next image: one slot down, or packed, one pitch along the row.
+        let dst_step = if g.packed > 0 { (g.pitch() * c * 4) as u64 } else { slot_elems * 4 };
+        let repeat =
+            (sb.images > 1).then(|| Repeat { count: sb.images as u32, src_step: g.h as u64 * row_bytes, dst_step });
         e.push(Operation::Dma { engine: 0, src, dst, repeat }, deps)
     } else {
         // A band: padded rows oh0·s .. from image n0.
@@ -283,7 +282,6 @@ pub(crate) fn out_rows(
     g: &ConvLayout,
     blk: &Block,
     whole: bool,
-    per_image: usize,
     hbm: Tile,
     vmem: Tile,
     c0: usize,
@@ -303,7 +301,7 @@ pub(crate) fn out_rows(
     // evenly spaced on both sides: one DMA moves the whole block. Otherwise one per image,
     // spread over the DMA engines so their start-up latencies overlap.
     let cropped = g.crop != [0, 0] || g.out_hw != [g.oh, g.ow] || g.scatter.is_some();
-    let merged = whole && g.hv() == g.oh && !cropped;
+    let merged = whole && g.hv() == g.oh && g.packed == 0 && !cropped;
     // The block's rows that fall in the window.
     let (r_lo, r_hi) = (blk.oh0.max(top), (blk.oh0 + blk.bh).min(top + oh));
     if r_hi <= r_lo {
@@ -314,7 +312,7 @@ pub(crate) fn out_rows(
     let mut ids = Vec::with_capacity(copies);
     for img in 0..copies {
         let n = blk.n0 + img;
-        let v_row0 = if whole { img * per_image } else { 0 } + (r_lo - blk.oh0) * g.wv + left;
+        let v_row0 = if whole { g.image_offset(img) } else { 0 } + (r_lo - blk.oh0) * g.wv + left;
         let pixel = (n * s.dims[0] + s.at[0] + (r_lo - top) * s.step[0]) * s.dims[1] + s.at[1];
         let h = Tile {
             space: Space::Hbm,
@@ -516,6 +514,39 @@ mod tests {
                             let (row, col) = (o_r * sh + i * dilation, o_c * sw + j * dilation);
                             let want = if inside { expected(&g, &x, b.n0 + img, row, col, ch) } else { 0.0 };
                             prop_assert_eq!(got[(r * taps + t) * c + ch], want, "block {:?} row {} tap {} ch {}", b, r, t, ch);
+                        }
+                    }
+                }
+            }
+        }
+
+        /// Packed, every block holds its images side by side: padded row q, column p is pixel
+        /// (q − pt, p mod pitch − pl) of image p / pitch of the block, zero elsewhere.
+        #[test]
+        fn packed_blocks_hold_their_images_side_by_side(
+            n in 1usize..5, xh in 1usize..7, xw in 1usize..7, c in 1usize..4,
+            k in 1usize..4, dilation in 1usize..3, pads in proptest::array::uniform4(0usize..3),
+            side in 1usize..4,
+        ) {
+            let g = layout([n, xh, xw, c], k, [1, 1], dilation, pads);
+            prop_assume!(g.is_some());
+            let g = g.unwrap().packed(side);
+            let x: Vec<f32> = (0..n * xh * xw * c).map(|i| i as f32 + 1.0).collect();
+            let pb = g.blocks(2048);
+            let stage = Tile::new(Space::Vmem, 0, g.stage_pixels(pb.stage_rows), c, DType::F32);
+            let pitch = g.pitch();
+            for b in &pb.blocks {
+                let got = run_staging(&g, n, &x, b, pb.whole, stage);
+                for q in 0..pb.stage_rows {
+                    for p in 0..g.wp {
+                        let img = p / pitch;
+                        for ch in 0..c {
+                            let want = if img < b.images {
+                                expected(&g, &x, b.n0 + img, q, p % pitch, ch)
+                            } else {
+                                0.0
+                            };
+                            prop_assert_eq!(got[(q * g.wp + p) * c + ch], want, "block {:?} row {} col {} ch {}", b, q, p, ch);
                         }
                     }
                 }

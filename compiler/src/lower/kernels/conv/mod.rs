@@ -134,8 +134,15 @@ fn gathering_is_faster(g: &ConvLayout, cg: usize, m: &systolic_simulator::Machin
     // Each pass is repeated for every bf16 product the precision needs.
     let products = t.precision.passes().len();
     let folded = (g.taps() * cg).div_ceil(rows);
-    let width = if g.phases_pay() { g.wp.div_ceil(g.sw) } else { g.wv };
-    let padded = (g.taps() * cg.div_ceil(rows)).min(folded) * g.hv() * width;
+    // Rows per image otherwise: by phase, packed side by side, or one image a slot.
+    let streamed = if g.phases_pay() {
+        g.hv() * g.wp.div_ceil(g.sw)
+    } else if g.packing_pays() {
+        g.oh * g.pitch()
+    } else {
+        g.hv() * g.wv
+    };
+    let padded = (g.taps() * cg.div_ceil(rows)).min(folded) * streamed;
     let col_tiles = g.co.div_ceil(m.core.mxu.cols);
     let mxu = |row_passes: usize| (g.n * row_passes * col_tiles * products).div_ceil(mxus) as f64;
     // Blocks of whole images, enough of them for one array's depth of rows.
@@ -226,14 +233,13 @@ pub(crate) fn conv_with(e: &mut Emitter, kernel: &Kernel, spec: &ConvSpec) -> Re
     }
 
     // Blocks of output rows sized to TARGET_ROWS and to VMEM.
-    let per_image = g.hv() * g.wv;
     let operands = residual_of(&kernel).is_some() as u64 + mask_of(&kernel).is_some() as u64;
-    let fits = |pb: &PixelBlocks| {
+    let fits = |g: &ConvLayout, pb: &PixelBlocks| {
         let (m_rows, stage_rows) = (pb.m_rows, pb.stage_rows);
         let stage = (g.stage_pixels(stage_rows) * c * 4) as u64;
         let acc = (m_rows * nb * 4) as u64;
         let res = operands * acc;
-        let cols_buf = strategy.bytes_per_buffer(&g, m_rows);
+        let cols_buf = strategy.bytes_per_buffer(g, m_rows);
         let weights = (g.taps() * cg * nb * 4) as u64;
         // Channel sums for a batch norm: one block-sized work buffer and `1 × C` vectors.
         let sums = if e.stats_out.is_some() { acc + (4 * co * 4) as u64 } else { 0 };
@@ -241,10 +247,23 @@ pub(crate) fn conv_with(e: &mut Emitter, kernel: &Kernel, spec: &ConvSpec) -> Re
             BUFFERS as u64 * (stage + acc + res + cols_buf) + 2 * weights + sums + (8 * co * 4) as u64 + 16 * 512;
         need <= e.m.core.vmem_bytes
     };
+    // Stride-1 shifted matmuls on small maps: images side by side, as many as fit and divide
+    // the batch (every block full, so the channel sums see only the block's images).
+    if matches!(strategy, Strategy::Shifted) && g.groups == 1 && g.packing_pays() {
+        let row = g.oh * g.pitch();
+        let fitting = (1..=g.n).rev().filter(|&k| g.n.is_multiple_of(k) && k * row <= TARGET_ROWS).find(|&k| {
+            let gk = g.clone().packed(k);
+            fits(&gk, &gk.blocks(TARGET_ROWS))
+        });
+        if let Some(k) = fitting {
+            g = g.packed(k);
+        }
+    }
+    let per_image = g.hv() * g.wv;
     let mut target = TARGET_ROWS;
     let mut pb = loop {
         let pb = g.blocks(target);
-        if fits(&pb) {
+        if fits(&g, &pb) {
             break pb;
         }
         if target <= g.wv {
@@ -256,7 +275,8 @@ pub(crate) fn conv_with(e: &mut Emitter, kernel: &Kernel, spec: &ConvSpec) -> Re
     // past it: then the largest block between this size and the one that did not fit.
     if pb.m_rows < e.m.core.mxu.rows
         && target < TARGET_ROWS
-        && let Some(t) = (target + g.wv..2 * target).step_by(g.wv).rev().find(|&t| fits(&g.blocks(t)))
+        && g.packed == 0
+        && let Some(t) = (target + g.wv..2 * target).step_by(g.wv).rev().find(|&t| fits(&g, &g.blocks(t)))
     {
         pb = g.blocks(t);
     }
@@ -395,7 +415,7 @@ pub(crate) fn conv_with(e: &mut Emitter, kernel: &Kernel, spec: &ConvSpec) -> Re
                 let rp = e.place(r);
                 let resp = Tile { rows: m_blk as u32, cols: nbw as u32, stride: nbw as u32, ..res[p] };
                 let deps: Vec<u32> = res_free[p].into_iter().collect();
-                let loaded = out_rows(e, &g, blk, whole, per_image, rp.tile, resp, c0, nbw, true, &deps);
+                let loaded = out_rows(e, &g, blk, whole, rp.tile, resp, c0, nbw, true, &deps);
                 Some((resp, loaded))
             }
             None => None,
@@ -404,7 +424,7 @@ pub(crate) fn conv_with(e: &mut Emitter, kernel: &Kernel, spec: &ConvSpec) -> Re
         let mask = mask_of(&kernel).map(|y| {
             let mp = Tile { rows: m_blk as u32, cols: nbw as u32, stride: nbw as u32, ..masks[p] };
             let deps: Vec<u32> = mask_free[p].into_iter().collect();
-            (mp, out_rows(e, &g, blk, whole, per_image, e.place(y).tile, mp, c0, nbw, true, &deps))
+            (mp, out_rows(e, &g, blk, whole, e.place(y).tile, mp, c0, nbw, true, &deps))
         });
         let done = apply_epilogue(e, &kernel, &ch, accp, c0, Operands { residual, mask }, producers.clone());
         if residual.is_some() {
@@ -413,7 +433,7 @@ pub(crate) fn conv_with(e: &mut Emitter, kernel: &Kernel, spec: &ConvSpec) -> Re
         if mask.is_some() {
             mask_free[p] = Some(done);
         }
-        let stored = out_rows(e, &g, blk, whole, per_image, y.tile, accp, c0, nbw, false, &[done]);
+        let stored = out_rows(e, &g, blk, whole, y.tile, accp, c0, nbw, false, &[done]);
         acc_free[p] = Some(match sums.as_mut() {
             Some(s) => {
                 let read = s.add_block(e, &g, blk, whole, accp, c0, done);
@@ -431,12 +451,14 @@ pub(crate) fn conv_with(e: &mut Emitter, kernel: &Kernel, spec: &ConvSpec) -> Re
         (Strategy::Im2col(_), true) => "im2col on the VPU over stride phases, one matmul per block",
         _ => strategy.name(),
     };
-    let blocks_desc = if whole {
+    let blocks_desc = if g.packed > 0 {
+        format!("{} images side by side per block", g.packed)
+    } else if whole {
         format!("{} images per block", m_rows / per_image)
     } else {
         format!("bands of {} rows", m_rows / g.wv)
     };
-    let order = if pixel_outer { "; pixel blocks outside (fewer HBM bytes)" } else { "" };
+    let order = if pixel_outer { "; pixel blocks outside (shorter DMAs)" } else { "" };
     let strategy_text = format!("{name}; {blocks_desc}; {} channels per block{order}", nb);
     let k_depth = if let Strategy::Im2col(_) | Strategy::Gathered = strategy { g.taps() * c } else { cg };
     let padded = format!(

@@ -244,7 +244,7 @@ pub(crate) fn filter(e: &mut Emitter, kernel: &Kernel, node: NodeId) -> Result<E
                 dy_deps = vec![e.push(Operation::Fill { dst: dyb[p], value: 0.0 }, &dy_deps)];
                 dy_filled[p] = true;
             }
-            let loaded = out_rows(e, &g, blk, whole, per_image, dy.tile, dyt, c0, nbw, true, &dy_deps);
+            let loaded = out_rows(e, &g, blk, whole, dy.tile, dyt, c0, nbw, true, &dy_deps);
             let mut readers = Vec::new();
             if depthwise {
                 let prod = Tile { rows: m_blk as u32, cols: nbw as u32, stride: nbw as u32, ..second[p] };

@@ -307,7 +307,6 @@ fn zero_phases(
     let mut i = 0;
     for pg in &layouts {
         let PixelBlocks { blocks, whole, .. } = pg.blocks(target);
-        let per_image = pg.hv() * pg.wv;
         for blk in &blocks {
             let p = i % BUFFERS;
             i += 1;
@@ -319,13 +318,13 @@ fn zero_phases(
             }
             let load = |e: &mut Emitter, t: NodeId, ring: &[Tile]| {
                 let v = Tile { rows: m_blk as u32, cols: c as u32, stride: c as u32, ..ring[p] };
-                (v, out_rows(e, pg, blk, whole, per_image, e.place(t).tile, v, 0, c, true, &res_free[p]))
+                (v, out_rows(e, pg, blk, whole, e.place(t).tile, v, 0, c, true, &res_free[p]))
             };
             let operands =
                 Operands { residual: residual.map(|r| load(e, r, &res)), mask: mask.map(|y| load(e, y, &masks)) };
             let ready = zeroed[p].into_iter().collect();
             let done = apply_epilogue(e, kernel, &ch, accp, 0, operands, ready);
-            let stored = out_rows(e, pg, blk, whole, per_image, dx.tile, accp, 0, c, false, &[done]);
+            let stored = out_rows(e, pg, blk, whole, dx.tile, accp, 0, c, false, &[done]);
             res_free[p] = vec![done];
             acc_free[p] = vec![stored];
         }
