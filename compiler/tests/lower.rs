@@ -308,6 +308,22 @@ fn small_maps_pack_images_side_by_side() {
         assert!(waste < 0.15, "{name}: waste {waste}");
     }
     gradients_match(g, 4);
+
+    // By stride phase too: a 3x3/2 layer from 14x14 to 7x7 streams each phase's 7 output rows
+    // of 4 images side by side, not 8x8 phase images one under the other (64 rows per 49).
+    let mut g = Graph::new("packed_phases");
+    let x = g.input("x", &[14, 14, 128]).unwrap();
+    let pre = g.conv2d("pre", x, ConvSpec::new(128, 1)).unwrap();
+    let h = g.conv2d("c", pre, ConvSpec::new(128, 3).stride(2).pad(1).no_bias()).unwrap();
+    let h = g.batch_norm("bn", h, BatchNorm::default()).unwrap();
+    let h = g.relu("bn_relu", h).unwrap();
+    let h = g.global_avg_pool("gap", h).unwrap();
+    let logits = g.dense("logits", h, 10).unwrap();
+    g.set_outputs(vec![logits]);
+    let (strategy, waste) = training_kernel(&g, 4, Precision::Default, "c");
+    assert!(strategy.contains("stride phases") && strategy.contains("side by side"), "{strategy}");
+    assert!(waste < 0.15, "waste {waste}");
+    gradients_match(g, 4);
 }
 
 /// Large images (staged in bands) and wide layers

@@ -134,9 +134,9 @@ impl ConvLayout {
     }
 
     /// Pixels one image takes in a packed row: its width and the wider of its side paddings,
-    /// which the images on either side of it share.
+    /// which the images on either side of it share; staged by phase, a phase's width.
     pub(crate) fn pitch(&self) -> usize {
-        self.w + self.pl.max(self.pr)
+        if self.phases { self.wp.div_ceil(self.sw) } else { self.w + self.pl.max(self.pr) }
     }
 
     /// The geometry with `k` whole images side by side in each staged row (stride 1): image
@@ -146,22 +146,27 @@ impl ConvLayout {
     /// row streams `k·pitch` pixels for `k·ow` outputs and no padding rows stream at all: a
     /// 3×3 layer on a 7×7 map streams 8 rows per 7 outputs, where one image a slot streams 81
     /// per 49.
+    ///
+    /// Staged by phase, each phase holds the images' phase rows side by side (`k` phase widths
+    /// per row), and only output rows stream: the halo rows of a phase image no longer do.
     pub(crate) fn packed(self, k: usize) -> ConvLayout {
-        let wp = k * self.pitch();
-        ConvLayout { wp, wv: wp, packed: k, ..self }
+        let wv = k * self.pitch();
+        if self.phases {
+            return ConvLayout { wv, packed: k, ..self };
+        }
+        ConvLayout { wp: wv, wv, packed: k, ..self }
     }
 
     /// Whether packing images side by side streams at least 10% fewer rows than one image a
-    /// slot: stride 1, unpacked, over the padded width, and every output column within the
-    /// image's pitch (padding on both sides wider than the kernel's reach would put outputs
-    /// in the neighbour's).
+    /// slot: unpacked, over the padded width (stride 1) or by phase, with every output column
+    /// and the columns its taps read within the image's pitch (padding on both sides wider
+    /// than the kernel's reach would put outputs in the neighbour's).
     pub(crate) fn packing_pays(&self) -> bool {
-        self.sh == 1
-            && self.sw == 1
-            && !self.phases
+        let reach = if self.phases { (self.kw - 1) * self.dw / self.sw } else { 0 };
+        (self.phases || (self.sh == 1 && self.sw == 1))
             && !self.gathered
             && self.packed == 0
-            && self.ow <= self.pitch()
+            && self.ow + reach <= self.pitch()
             && 10 * self.oh * self.pitch() < 9 * self.hv() * self.wv
     }
 
@@ -215,7 +220,8 @@ impl ConvLayout {
                 .step_by(k)
                 .map(|n0| Block { n0, images: k.min(self.n - n0), oh0: 0, bh: self.oh })
                 .collect();
-            return PixelBlocks { blocks, m_rows: self.oh * self.wv, stage_rows: self.hp + 1, whole: true };
+            let stage_rows = if self.phases { self.oh + self.phase_halo() } else { self.hp + 1 };
+            return PixelBlocks { blocks, m_rows: self.oh * self.wv, stage_rows, whole: true };
         }
         let per_image = self.hv() * self.wv;
         if per_image <= target {

@@ -109,15 +109,18 @@ fn stage_phases(e: &mut Emitter, g: &ConvLayout, x: Tile, sb: &Block, whole: boo
     let len = stage.rows as usize / (sh * sw);
     let rows = len / wq;
     let row_bytes = (g.w * c) as u64 * x.dtype.size();
-    // (image, first padded row, its phase row, padded rows covered).
-    let parts: Vec<(usize, usize, usize, usize)> = if whole {
-        (0..sb.images).map(|img| (sb.n0 + img, 0, img * g.hv(), sh * g.hv())).collect()
+    // (image, first padded row, its phase row, padded rows covered, its first phase column):
+    // images one under the other, or packed, side by side.
+    let parts: Vec<(usize, usize, usize, usize, usize)> = if whole && g.packed > 0 {
+        (0..sb.images).map(|img| (sb.n0 + img, 0, 0, sh * rows, img * g.pitch())).collect()
+    } else if whole {
+        (0..sb.images).map(|img| (sb.n0 + img, 0, img * g.hv(), sh * g.hv(), 0)).collect()
     } else {
-        vec![(sb.n0, sb.oh0 * sh, 0, sh * rows)]
+        vec![(sb.n0, sb.oh0 * sh, 0, sh * rows, 0)]
     };
     let engines = e.m.core.dma.engines.max(1);
     let mut ids = Vec::new();
-    for (n, p0, i0, span) in parts {
+    for (n, p0, i0, span, j0) in parts {
         for pr in 0..sh {
             // Padded rows p0 + pr + sh·t that hold stored rows.
             let first = p0 + pr;
@@ -139,7 +142,7 @@ fn stage_phases(e: &mut Emitter, g: &ConvLayout, x: Tile, sb: &Block, whole: boo
                     stride: (sw * c) as u32,
                     dtype: x.dtype,
                 };
-                let at = (pr * sw + pc) * len + (i0 + t_lo) * wq + (col0 + g.pl) / sw;
+                let at = (pr * sw + pc) * len + (i0 + t_lo) * wq + j0 + (col0 + g.pl) / sw;
                 let dst = Tile {
                     space: Space::Vmem,
                     offset: stage.offset + (at * c * 4) as u64,
@@ -547,6 +550,46 @@ mod tests {
                                 0.0
                             };
                             prop_assert_eq!(got[(q * g.wp + p) * c + ch], want, "block {:?} row {} col {} ch {}", b, q, p, ch);
+                        }
+                    }
+                }
+            }
+        }
+
+        /// Packed by phase, each phase holds the block's images side by side: phase (pr, pc),
+        /// row i, column p is padded pixel (sh·i + pr, sw·(p mod pitch) + pc) of image
+        /// p / pitch.
+        #[test]
+        fn packed_phases_hold_their_images_side_by_side(
+            n in 1usize..4, xh in 1usize..9, xw in 1usize..9, c in 1usize..3,
+            k in 1usize..4, sh in 1usize..4, sw in 1usize..4, dilation in 1usize..3,
+            pads in proptest::array::uniform4(0usize..3), side in 1usize..4,
+        ) {
+            let g = layout([n, xh, xw, c], k, [sh, sw], dilation, pads);
+            prop_assume!(g.as_ref().is_some_and(|g| g.phases_pay()));
+            let g = g.unwrap().phased().packed(side);
+            let x: Vec<f32> = (0..n * xh * xw * c).map(|i| i as f32 + 1.0).collect();
+            let pb = g.blocks(2048);
+            let stage = Tile::new(Space::Vmem, 0, g.stage_pixels(pb.stage_rows), c, DType::F32);
+            let (len, pitch) = (pb.stage_rows * g.wv, g.pitch());
+            for b in &pb.blocks {
+                let got = run_staging(&g, n, &x, b, pb.whole, stage);
+                for (pr, pc) in (0..sh).flat_map(|pr| (0..sw).map(move |pc| (pr, pc))) {
+                    if !g.phase_read(pr, pc) {
+                        continue;
+                    }
+                    for i in 0..pb.stage_rows {
+                        for p in 0..g.wv {
+                            let img = p / pitch;
+                            for ch in 0..c {
+                                let want = if img < b.images {
+                                    expected(&g, &x, b.n0 + img, sh * i + pr, sw * (p % pitch) + pc, ch)
+                                } else {
+                                    0.0
+                                };
+                                let at = ((pr * sw + pc) * len + i * g.wv + p) * c + ch;
+                                prop_assert_eq!(got[at], want, "block {:?} phase ({}, {}) row {} col {} ch {}", b, pr, pc, i, p, ch);
+                            }
                         }
                     }
                 }

@@ -247,9 +247,10 @@ pub(crate) fn conv_with(e: &mut Emitter, kernel: &Kernel, spec: &ConvSpec) -> Re
             BUFFERS as u64 * (stage + acc + res + cols_buf) + 2 * weights + sums + (8 * co * 4) as u64 + 16 * 512;
         need <= e.m.core.vmem_bytes
     };
-    // Stride-1 shifted matmuls on small maps: images side by side, as many as fit and divide
-    // the batch (every block full, so the channel sums see only the block's images).
-    if matches!(strategy, Strategy::Shifted) && g.groups == 1 && g.packing_pays() {
+    // Shifted matmuls on small maps (over the padded width or by phase): images side by side,
+    // as many as fit and divide the batch (every block full, so the channel sums see only the
+    // block's images).
+    if matches!(strategy, Strategy::Shifted | Strategy::Phases) && g.groups == 1 && g.packing_pays() {
         let row = g.oh * g.pitch();
         let fitting = (1..=g.n).rev().filter(|&k| g.n.is_multiple_of(k) && k * row <= TARGET_ROWS).find(|&k| {
             let gk = g.clone().packed(k);
