@@ -9,7 +9,8 @@
 //! - [`timing`]: runs programs on the clock: cycles, busy time and utilisation per unit;
 //! - [`trace`]: Chrome trace-event JSON of a timed run;
 //! - [`kernels`]: small programs built from the ISA (one matmul, for the `mxu` command);
-//! - [`executable`]: a program plus the HBM places of the tensors the host exchanges.
+//! - [`executable`]: a program plus the HBM places of the tensors the host exchanges;
+//! - [`pod`]: slices of many chips (so far their topology: chips, hosts and ICI links).
 
 pub mod config;
 pub mod error;
@@ -19,6 +20,7 @@ pub mod isa;
 pub mod kernels;
 pub mod mxu;
 pub mod numerics;
+pub mod pod;
 pub mod rng;
 pub mod timing;
 pub mod trace;

@@ -1,0 +1,222 @@
+//! A slice as a network: its chips at torus coordinates, the cores of each chip, the hosts
+//! that feed them, and the directed ICI links between neighbouring chips — along every axis
+//! longer than one chip, in both directions, with wraparound only where the slice has it
+//! (`slice.wraparound`: small slices are meshes). Link figures come from `chip.ici`.
+
+use crate::config::Machine;
+use crate::error::{Error, Result};
+
+/// Which way a link runs along its axis.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Direction {
+    /// Towards the next coordinate (`+1`, wrapping at the end of a torus axis).
+    Up,
+    /// Towards the previous coordinate.
+    Down,
+}
+
+/// One direction of one ICI link between neighbouring chips.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Link {
+    pub from: usize,
+    pub to: usize,
+    pub axis: usize,
+    pub direction: Direction,
+    /// Bandwidth one way, bytes per second.
+    pub bytes_per_second: f64,
+    /// Latency of one hop, seconds.
+    pub latency_seconds: f64,
+}
+
+/// The chips, cores, hosts and links of a slice.
+#[derive(Clone, Debug)]
+pub struct Topology {
+    /// Chips along each axis.
+    pub dims: Vec<usize>,
+    pub wraparound: Vec<bool>,
+    pub cores_per_chip: usize,
+    pub chips_per_host: usize,
+    pub links: Vec<Link>,
+    /// Per chip, axis and direction (`Up` first): the link leaving the chip that way, if any.
+    out: Vec<Option<usize>>,
+}
+
+impl Topology {
+    /// The topology of `machine`'s slice.
+    pub fn of(machine: &Machine) -> Result<Topology> {
+        let (dims, wraparound) = (machine.slice.torus.clone(), machine.slice.wraparound.clone());
+        if dims.is_empty() || dims.len() != wraparound.len() || dims.contains(&0) {
+            return Err(Error::Config {
+                field: "slice.torus".into(),
+                reason: format!(
+                    "{dims:?} with wraparound {wraparound:?}: give one positive chip count and one wraparound flag per axis"
+                ),
+            });
+        }
+        let mut topo = Topology {
+            dims,
+            wraparound,
+            cores_per_chip: machine.chip.cores,
+            chips_per_host: machine.host.chips.max(1),
+            links: Vec::new(),
+            out: Vec::new(),
+        };
+        let axes = topo.dims.len();
+        topo.out = vec![None; topo.chips() * axes * 2];
+        for chip in 0..topo.chips() {
+            for axis in 0..axes {
+                for direction in [Direction::Up, Direction::Down] {
+                    if let Some(to) = topo.neighbour(chip, axis, direction) {
+                        topo.out[(chip * axes + axis) * 2 + direction as usize] = Some(topo.links.len());
+                        topo.links.push(Link {
+                            from: chip,
+                            to,
+                            axis,
+                            direction,
+                            bytes_per_second: machine.chip.ici.bytes_per_second,
+                            latency_seconds: machine.chip.ici.latency_seconds,
+                        });
+                    }
+                }
+            }
+        }
+        Ok(topo)
+    }
+
+    pub fn chips(&self) -> usize {
+        self.dims.iter().product()
+    }
+
+    pub fn cores(&self) -> usize {
+        self.chips() * self.cores_per_chip
+    }
+
+    /// The chip holding `core` (cores are numbered chip by chip).
+    pub fn chip_of(&self, core: usize) -> usize {
+        core / self.cores_per_chip
+    }
+
+    /// The host feeding `chip` (hosts take consecutive chips).
+    pub fn host_of(&self, chip: usize) -> usize {
+        chip / self.chips_per_host
+    }
+
+    /// A chip's coordinates, the last axis varying fastest.
+    pub fn coords(&self, chip: usize) -> Vec<usize> {
+        let mut c = vec![0; self.dims.len()];
+        let mut rest = chip;
+        for axis in (0..self.dims.len()).rev() {
+            c[axis] = rest % self.dims[axis];
+            rest /= self.dims[axis];
+        }
+        c
+    }
+
+    /// The chip at `coords`.
+    pub fn chip_at(&self, coords: &[usize]) -> usize {
+        coords.iter().zip(&self.dims).fold(0, |chip, (&c, &d)| chip * d + c)
+    }
+
+    /// The chip one step from `chip` along `axis`, if the slice has a link there.
+    fn neighbour(&self, chip: usize, axis: usize, direction: Direction) -> Option<usize> {
+        let (n, mut c) = (self.dims[axis], self.coords(chip));
+        if n < 2 {
+            return None;
+        }
+        c[axis] = match direction {
+            Direction::Up if c[axis] + 1 < n => c[axis] + 1,
+            Direction::Up if self.wraparound[axis] => 0,
+            Direction::Down if c[axis] > 0 => c[axis] - 1,
+            Direction::Down if self.wraparound[axis] => n - 1,
+            _ => return None,
+        };
+        Some(self.chip_at(&c))
+    }
+
+    /// The link leaving `chip` along `axis` in `direction`, if any.
+    pub fn link(&self, chip: usize, axis: usize, direction: Direction) -> Option<usize> {
+        self.out[(chip * self.dims.len() + axis) * 2 + direction as usize]
+    }
+
+    /// The chips along `axis` through `chip`, from coordinate 0 up.
+    pub fn ring(&self, chip: usize, axis: usize) -> Vec<usize> {
+        let mut c = self.coords(chip);
+        (0..self.dims[axis])
+            .map(|i| {
+                c[axis] = i;
+                self.chip_at(&c)
+            })
+            .collect()
+    }
+
+    /// The links from `from` to `to`, axis by axis in order (dimension-order routing), each
+    /// axis the shorter way round (up on a tie); along a mesh axis the only way.
+    pub fn route(&self, from: usize, to: usize) -> Vec<usize> {
+        let (mut at, target) = (self.coords(from), self.coords(to));
+        let mut links = Vec::new();
+        for axis in 0..self.dims.len() {
+            let n = self.dims[axis];
+            let up = (target[axis] + n - at[axis]) % n;
+            let direction = if self.wraparound[axis] {
+                if up <= n - up { Direction::Up } else { Direction::Down }
+            } else if target[axis] >= at[axis] {
+                Direction::Up
+            } else {
+                Direction::Down
+            };
+            while at[axis] != target[axis] {
+                let chip = self.chip_at(&at);
+                let link = self.link(chip, axis, direction).expect("a route follows the slice's links");
+                links.push(link);
+                at = self.coords(self.links[link].to);
+            }
+        }
+        links
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::presets;
+
+    #[test]
+    fn small_slices_are_meshes_and_pods_are_tori() {
+        // v2-8: one board of 2x2 chips, a mesh: every chip has one link each way per axis.
+        let t = Topology::of(&presets::preset("v2-8").unwrap()).unwrap();
+        assert_eq!((t.chips(), t.cores(), t.links.len()), (4, 8, 8));
+        assert_eq!(t.host_of(3), 0);
+        assert!(t.link(0, 0, Direction::Down).is_none(), "no wraparound on a small slice");
+        // v3-2048: 32x32 chips, both axes wrap: four links out of every chip.
+        let t = Topology::of(&presets::preset("v3-2048").unwrap()).unwrap();
+        assert_eq!((t.chips(), t.links.len()), (1024, 4 * 1024));
+        let corner = t.chip_at(&[0, 0]);
+        assert_eq!(t.links[t.link(corner, 1, Direction::Down).unwrap()].to, t.chip_at(&[0, 31]));
+        // v4-128: a 4x4x4 cube wraps on every axis: six links out of every chip, as the chip
+        // has; v4-64 (2x4x4) is a mesh.
+        let m = presets::preset("v4-128").unwrap();
+        let t = Topology::of(&m).unwrap();
+        assert!((0..t.chips()).all(|c| (0..3).all(|a| t.link(c, a, Direction::Up).is_some())));
+        assert_eq!(t.links.len(), m.chip.ici.links * t.chips());
+        let t = Topology::of(&presets::preset("v4-64").unwrap()).unwrap();
+        assert!(t.link(t.chip_at(&[0, 0, 3]), 2, Direction::Up).is_none());
+    }
+
+    #[test]
+    fn routes_go_axis_by_axis_the_short_way_round() {
+        let t = Topology::of(&presets::preset("v3-2048").unwrap()).unwrap();
+        let (from, to) = (t.chip_at(&[1, 30]), t.chip_at(&[3, 1]));
+        let route = t.route(from, to);
+        // Two hops up axis 0, then three up axis 1 through the wraparound (30 -> 31 -> 0 -> 1).
+        assert_eq!(route.len(), 5);
+        assert!(route[..2].iter().all(|&l| t.links[l].axis == 0 && t.links[l].direction == Direction::Up));
+        assert!(route[2..].iter().all(|&l| t.links[l].axis == 1 && t.links[l].direction == Direction::Up));
+        assert_eq!(t.links[route[4]].to, to);
+        // On a mesh the only way: from the last chip of an axis back to the first.
+        let t = Topology::of(&presets::preset("v3-32").unwrap()).unwrap();
+        let route = t.route(t.chip_at(&[0, 3]), t.chip_at(&[0, 0]));
+        assert_eq!(route.len(), 3);
+        assert!(route.iter().all(|&l| t.links[l].direction == Direction::Down));
+        assert_eq!(t.ring(t.chip_at(&[2, 1]), 1), (0..4).map(|i| t.chip_at(&[2, i])).collect::<Vec<_>>());
+    }
+}
