@@ -41,6 +41,8 @@ enum Command {
     Simulate(commands::simulate::Args),
     /// Compare the simulated TPU (bf16 MXU) against the f32 CPU reference, in values and speed.
     Compare(commands::compare::Args),
+    /// Time one collective over every chip of a slice on the ICI network model, against its closed form.
+    Collective(commands::collective::Args),
 }
 
 fn main() {
@@ -63,6 +65,7 @@ fn main() {
         Command::Compile(a) => commands::compile::run(a),
         Command::Simulate(a) => commands::simulate::run(a),
         Command::Compare(a) => commands::compare::run(a),
+        Command::Collective(a) => commands::collective::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

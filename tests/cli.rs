@@ -796,3 +796,27 @@ const CONCAT_HEIGHT: &str = r#"(
   ],
   outputs: ["cat"],
 )"#;
+
+#[test]
+fn collective_times_a_ring_against_its_closed_form() {
+    // A full v3 pod wraps both axes: the unloaded all-reduce takes its closed form.
+    let out = ok(&["collective", "all-reduce", "--bytes", "100000000", "--machine", "v3-2048", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let (got, want) = (v["seconds"].as_f64().unwrap(), v["closed_form_seconds"].as_f64().unwrap());
+    assert!((got - want).abs() <= 1e-9 * want, "{out}");
+    assert_eq!(v["chips"], 1024);
+    assert_eq!(v["busiest_links"].as_array().unwrap().len(), 4);
+    // A 4x4 mesh (v3-32) closes its rings through the line back: about twice as long.
+    let out = ok(&["collective", "all-reduce", "--bytes", "100000000", "--machine", "v3-32", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let ratio = v["seconds"].as_f64().unwrap() / v["closed_form_seconds"].as_f64().unwrap();
+    assert!(ratio > 1.5 && ratio < 2.2, "{out}");
+    let text = ok(&["collective", "reduce-scatter", "--bytes", "1000000", "--machine", "v4-128"]);
+    assert!(text.contains("4x4x4") && text.contains("busiest links"), "{text}");
+    let e = fails(&["collective", "all-reduce", "--bytes", "0"]);
+    assert!(e.contains("--bytes 0"), "{e}");
+    let e = fails(&["collective", "all-sum", "--bytes", "8"]);
+    assert!(e.contains("unknown collective 'all-sum': use all-reduce, reduce-scatter or all-gather"), "{e}");
+    let e = fails(&["collective", "all-reduce", "--bytes", "8", "--machine", "v9-8"]);
+    assert!(e.contains("unknown machine"), "{e}");
+}

@@ -1,6 +1,7 @@
 //! One module per subcommand, plus what several of them share: loading models, weights and
 //! inputs with errors that name the file.
 
+pub mod collective;
 pub mod compare;
 pub mod compile;
 pub mod export;

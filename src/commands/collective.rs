@@ -1,0 +1,111 @@
+//! `systolic collective`: one collective alone over every chip of a slice — its time on the
+//! network model against the closed form, and the links it kept busiest.
+
+use anyhow::{Result, bail};
+use serde_json::json;
+use systolic::simulator::pod::collectives::{self, Collective};
+use systolic::simulator::pod::network::Network;
+use systolic::simulator::pod::topology::{Direction, Topology};
+
+use crate::table::{si, thousands};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Which collective: all-reduce, reduce-scatter or all-gather.
+    kind: String,
+    /// Bytes per chip: what each holds before an all-reduce or reduce-scatter, after an
+    /// all-gather.
+    #[arg(long)]
+    bytes: u64,
+    /// A slice preset or `.ron` machine file.
+    #[arg(long, default_value = "v3-128")]
+    machine: String,
+    /// Override a machine field (repeatable), e.g. `--set chip.ici.bytes_per_second=50e9`.
+    #[arg(long = "set", value_name = "FIELD=VALUE")]
+    sets: Vec<String>,
+    /// Bytes a transfer moves per hop at a time (large transfers stream in chunks; an
+    /// assumption of the model, not a published figure).
+    #[arg(long, default_value_t = 1 << 20)]
+    chunk_bytes: u64,
+    /// How many of the busiest links to list.
+    #[arg(long, default_value_t = 4)]
+    links: usize,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    if args.bytes == 0 {
+        bail!("--bytes 0: give the bytes each chip holds, at least 1");
+    }
+    if args.chunk_bytes == 0 {
+        bail!("--chunk-bytes 0: give a chunk of at least 1 byte");
+    }
+    let machine = super::load_machine(&args.machine, &args.sets)?;
+    let topo = Topology::of(&machine)?;
+    let (collective, name) = match args.kind.as_str() {
+        "all-reduce" => (Collective::AllReduce, "all-reduce"),
+        "reduce-scatter" => (Collective::ReduceScatter, "reduce-scatter"),
+        "all-gather" => (Collective::AllGather, "all-gather"),
+        other => bail!("unknown collective '{other}': use all-reduce, reduce-scatter or all-gather"),
+    };
+    let bytes = args.bytes as f64;
+    let mut net = Network::new(&topo, args.chunk_bytes as f64);
+    let seconds = collectives::run(&mut net, collective, bytes, 0.0).into_iter().fold(0.0, f64::max);
+    let closed = collectives::closed_form(&topo, collective, bytes);
+    let shape = topo.dims.iter().map(|d| d.to_string()).collect::<Vec<_>>().join("x");
+    let wraps: Vec<&str> = topo.wraparound.iter().map(|&w| if w { "wraps" } else { "mesh" }).collect();
+    let busiest: Vec<usize> = net.busiest().into_iter().take(args.links).collect();
+    let describe = |l: usize| {
+        let link = &topo.links[l];
+        let dir = if link.direction == Direction::Up { "up" } else { "down" };
+        (topo.coords(link.from), topo.coords(link.to), link.axis, dir, net.stats[l])
+    };
+    if args.json {
+        let links: Vec<_> = busiest
+            .iter()
+            .map(|&l| {
+                let (from, to, axis, dir, s) = describe(l);
+                json!({
+                    "from": from, "to": to, "axis": axis, "direction": dir, "bytes": s.bytes,
+                    "busy_seconds": s.busy_seconds,
+                    "utilization": if seconds > 0.0 { s.busy_seconds / seconds } else { 0.0 },
+                })
+            })
+            .collect();
+        let out = json!({
+            "collective": name, "machine": machine.name, "chips": topo.chips(), "cores": topo.cores(),
+            "torus": topo.dims, "wraparound": topo.wraparound, "bytes": args.bytes, "seconds": seconds,
+            "closed_form_seconds": closed, "chunk_bytes": args.chunk_bytes, "busiest_links": links,
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
+    println!(
+        "{name} of {}B per chip on {} ({} chips, {shape}: {}; {} directed ICI links at {}B/s one way, {:.1} us per hop)",
+        si(bytes),
+        machine.name,
+        topo.chips(),
+        wraps.join(", "),
+        topo.links.len(),
+        si(topo.links.first().map_or(0.0, |l| l.bytes_per_second)),
+        topo.links.first().map_or(0.0, |l| l.latency_seconds) * 1e6,
+    );
+    println!(
+        "time              {:.3} us  (closed form on unloaded rings with wraparound: {:.3} us)",
+        seconds * 1e6,
+        closed * 1e6
+    );
+    println!("busiest links");
+    for l in busiest {
+        let (from, to, axis, dir, s) = describe(l);
+        println!(
+            "  {from:?} -> {to:?} (axis {axis}, {dir}): {} bytes, busy {:.3} us ({:.0}% of the collective)",
+            thousands(s.bytes as u64),
+            s.busy_seconds * 1e6,
+            if seconds > 0.0 { 100.0 * s.busy_seconds / seconds } else { 0.0 }
+        );
+    }
+    Ok(())
+}
