@@ -6,7 +6,9 @@
 //! (rows, then columns; docs/architecture.md). A ring of `n` chips takes `n − 1` steps; in each,
 //! every chip sends its neighbour `1/n` of its half and the next step waits for what arrived.
 //! On a mesh axis (no wraparound) the ring closes through the line back, sharing the links of
-//! the other direction, hence slower. (Between the cores of a chip, and the values, come next.)
+//! the other direction, hence slower. [`all_reduce_values`] computes what an all-reduce leaves,
+//! summed in the algorithm's order. (The time between the cores of a chip, and the values of
+//! reduce-scatter and all-gather with their shard layout, come next.)
 
 use crate::pod::network::Network;
 use crate::pod::topology::Topology;
@@ -80,6 +82,93 @@ pub fn run(net: &mut Network, collective: Collective, bytes: f64, start: f64) ->
     ready
 }
 
+/// How an all-reduce combines the replicas' values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reduction {
+    Sum,
+    /// The sum divided by the number of cores (TensorFlow's `CrossShardOptimizer` default).
+    Mean,
+}
+
+/// The values an all-reduce leaves on every core, `values[core]` being each core's (equal
+/// lengths): summed as the algorithm sums them, so every run and thread count gives the same
+/// bits. The cores of a chip first (in core order); then per axis, every ring reduce-scatters
+/// what its chips hold, half the elements up the ring and half down, each half cut into
+/// `n` chunks; chunk `c` of the up half is summed from the chip after its owner (ring
+/// position `c`) round to the owner, the down half the other way; the next axis works on what
+/// each chip owns. The all-gather copies the owners' sums back to every core.
+pub fn all_reduce_values(topo: &Topology, values: &[Vec<f32>], reduction: Reduction) -> Vec<Vec<f32>> {
+    let len = values.first().map_or(0, Vec::len);
+    assert!(
+        values.len() == topo.cores() && values.iter().all(|v| v.len() == len),
+        "one vector per core, equal lengths"
+    );
+    // Each chip's cores, summed in core order.
+    let mut chips: Vec<Vec<f32>> = (0..topo.chips())
+        .map(|chip| {
+            let mut acc = values[chip * topo.cores_per_chip].clone();
+            for core in 1..topo.cores_per_chip {
+                for (a, &v) in acc.iter_mut().zip(&values[chip * topo.cores_per_chip + core]) {
+                    *a += v;
+                }
+            }
+            acc
+        })
+        .collect();
+    // The elements each chip owns (the same along every ring of the next axis).
+    let mut owned: Vec<Vec<usize>> = vec![(0..len).collect(); topo.chips()];
+    for axis in (0..topo.dims.len()).filter(|&a| topo.dims[a] > 1) {
+        let n = topo.dims[axis];
+        let mut next_owned = owned.clone();
+        for ring in (0..topo.chips()).filter(|&c| topo.coords(c)[axis] == 0).map(|c| topo.ring(c, axis)) {
+            let elements = owned[ring[0]].clone();
+            let (up, down) = elements.split_at(elements.len().div_ceil(2));
+            for p in 0..n {
+                next_owned[ring[p]].clear();
+            }
+            for (half, step) in [(up, 1), (down, n - 1)] {
+                for (c, chunk) in chunks(half, n).into_iter().enumerate() {
+                    // From the chip after the owner, round to the owner.
+                    for &e in chunk {
+                        let mut acc = chips[ring[(c + step) % n]][e];
+                        for k in 2..=n {
+                            acc += chips[ring[(c + k * step) % n]][e];
+                        }
+                        chips[ring[c]][e] = acc;
+                    }
+                    next_owned[ring[c]].extend_from_slice(chunk);
+                }
+            }
+        }
+        owned = next_owned;
+    }
+    // The all-gather: every element from its owner.
+    let mut total = vec![0f32; len];
+    for (chip, elements) in owned.iter().enumerate() {
+        for &e in elements {
+            total[e] = chips[chip][e];
+        }
+    }
+    if reduction == Reduction::Mean {
+        let n = topo.cores() as f32;
+        total.iter_mut().for_each(|v| *v /= n);
+    }
+    vec![total; topo.cores()]
+}
+
+/// `items` cut into `n` chunks as even as can be, the first ones one longer.
+fn chunks<T>(items: &[T], n: usize) -> Vec<&[T]> {
+    let (base, extra) = (items.len() / n, items.len() % n);
+    let mut out = Vec::with_capacity(n);
+    let mut at = 0;
+    for c in 0..n {
+        let size = base + usize::from(c < extra);
+        out.push(&items[at..at + size]);
+        at += size;
+    }
+    out
+}
+
 /// The closed form on unloaded rings with wraparound: per axis of `n` chips holding `b`
 /// bytes, a pass is `(n − 1) · (b / (2n) / bandwidth + hop latency)`; an all-reduce is a
 /// reduce-scatter and an all-gather.
@@ -122,6 +211,53 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Every core's vector: integers, so that sums in any order are exact.
+    fn integers(topo: &Topology, len: usize) -> Vec<Vec<f32>> {
+        (0..topo.cores()).map(|core| (0..len).map(|e| ((core * 7 + e * 3) % 11) as f32 - 5.0).collect()).collect()
+    }
+
+    #[test]
+    fn all_reduce_values_are_the_sums_on_boards_tori_and_cubes() {
+        // v2-8 (a 2x2 board), a 4x4 torus (v3-32 with wraparound), a 4x4x4 cube (v4-128).
+        let mut torus = presets::preset("v3-32").unwrap();
+        torus.slice.wraparound = vec![true, true];
+        for m in [presets::preset("v2-8").unwrap(), torus, presets::preset("v4-128").unwrap()] {
+            let t = Topology::of(&m).unwrap();
+            for len in [1, 7, 100] {
+                let values = integers(&t, len);
+                let sum: Vec<f32> = (0..len).map(|e| values.iter().map(|v| v[e]).sum()).collect();
+                let got = all_reduce_values(&t, &values, Reduction::Sum);
+                assert!(got.iter().all(|v| *v == sum), "{} {len}", m.name);
+                let mean: Vec<f32> = sum.iter().map(|s| s / t.cores() as f32).collect();
+                assert!(all_reduce_values(&t, &values, Reduction::Mean).iter().all(|v| *v == mean), "{}", m.name);
+            }
+        }
+    }
+
+    #[test]
+    fn all_reduce_values_keep_their_order() {
+        // Values whose sum depends on the order: the same bits every run, on every core, and
+        // the order is the rings' (v3-32, 4x4 chips, checked for the first element: chunk 0 of
+        // the up half on both axes, summed from position 1 round to 0).
+        let t = Topology::of(&presets::preset("v3-32").unwrap()).unwrap();
+        let values: Vec<Vec<f32>> =
+            (0..t.cores()).map(|c| (0..64).map(|e| 1.0 + (c * 64 + e) as f32 * 1e-3).collect()).collect();
+        let a = all_reduce_values(&t, &values, Reduction::Sum);
+        let b = all_reduce_values(&t, &values, Reduction::Sum);
+        assert!(a.iter().zip(&b).all(|(x, y)| x.iter().zip(y).all(|(p, q)| p.to_bits() == q.to_bits())));
+        assert!(a.iter().all(|v| v == &a[0]));
+        // Element 0: each chip's two cores, then along axis 0 from position 1 round to 0,
+        // then the same along axis 1, in f32.
+        let chip = |x: usize, y: usize| {
+            let c = t.chip_at(&[x, y]);
+            values[2 * c][0] + values[2 * c + 1][0]
+        };
+        let order = [1, 2, 3, 0];
+        let column = |y: usize| order[1..].iter().fold(chip(order[0], y), |acc, &x| acc + chip(x, y));
+        let want = order[1..].iter().fold(column(order[0]), |acc, &y| acc + column(y));
+        assert_eq!(a[0][0].to_bits(), want.to_bits(), "{} vs {want}", a[0][0]);
     }
 
     #[test]
