@@ -52,7 +52,7 @@ pub fn run(args: Args) -> Result<()> {
     };
     let bytes = args.bytes as f64;
     let mut net = Network::new(&topo, args.chunk_bytes as f64);
-    let seconds = collectives::run(&mut net, collective, bytes, 0.0).into_iter().fold(0.0, f64::max);
+    let seconds = collectives::run(&mut net, collective, bytes, 0.0)?.into_iter().fold(0.0, f64::max);
     let closed = collectives::closed_form(&topo, collective, bytes);
     let shape = topo.dims.iter().map(|d| d.to_string()).collect::<Vec<_>>().join("x");
     let wraps: Vec<&str> = topo.wraparound.iter().map(|&w| if w { "wraps" } else { "mesh" }).collect();

@@ -10,6 +10,7 @@
 //! summed in the algorithm's order. (The time between the cores of a chip, and the values of
 //! reduce-scatter and all-gather with their shard layout, come next.)
 
+use crate::error::{Error, Result};
 use crate::pod::network::Network;
 use crate::pod::topology::Topology;
 
@@ -24,11 +25,11 @@ pub enum Collective {
 /// One ring pass along `axis`: `n − 1` steps of every ring of the axis, each chip sending
 /// `bytes / (2n)` each way per step. `ready[chip]` is when each chip may start; on return,
 /// when each has what the pass delivers.
-fn ring_pass(net: &mut Network, axis: usize, bytes: f64, ready: &mut [f64]) {
+fn ring_pass(net: &mut Network, axis: usize, bytes: f64, ready: &mut [f64]) -> Result<()> {
     let topo = net.topology;
     let n = topo.dims[axis];
     if n < 2 {
-        return;
+        return Ok(());
     }
     let rings: Vec<Vec<usize>> =
         (0..topo.chips()).filter(|&c| topo.coords(c)[axis] == 0).map(|c| topo.ring(c, axis)).collect();
@@ -42,6 +43,16 @@ fn ring_pass(net: &mut Network, axis: usize, bytes: f64, ready: &mut [f64]) {
                 for i in 0..n {
                     let (from, to) = (ring[i], ring[(i + hop) % n]);
                     let route = topo.route(from, to);
+                    if route.is_empty() {
+                        return Err(Error::Config {
+                            field: "slice links".into(),
+                            reason: format!(
+                                "chip {:?} cannot reach chip {:?}: failed links cut the slice",
+                                topo.coords(from),
+                                topo.coords(to)
+                            ),
+                        });
+                    }
                     next[d][to] = net.send(&route, share, at[d][from]);
                 }
             }
@@ -53,12 +64,13 @@ fn ring_pass(net: &mut Network, axis: usize, bytes: f64, ready: &mut [f64]) {
             ready[chip] = at[0][chip].max(at[1][chip]);
         }
     }
+    Ok(())
 }
 
 /// Runs `collective` over every chip of the slice, `bytes` per chip (what each holds before an
 /// all-reduce or reduce-scatter, after an all-gather), all ready at `start`; returns when each
-/// chip is done.
-pub fn run(net: &mut Network, collective: Collective, bytes: f64, start: f64) -> Vec<f64> {
+/// chip is done — or an error when failed links leave a ring's chips unable to reach each other.
+pub fn run(net: &mut Network, collective: Collective, bytes: f64, start: f64) -> Result<Vec<f64>> {
     let topo = net.topology;
     let mut ready = vec![start; topo.chips()];
     let axes: Vec<usize> = (0..topo.dims.len()).filter(|&a| topo.dims[a] > 1).collect();
@@ -71,15 +83,15 @@ pub fn run(net: &mut Network, collective: Collective, bytes: f64, start: f64) ->
     }
     if matches!(collective, Collective::AllReduce | Collective::ReduceScatter) {
         for (&a, &s) in axes.iter().zip(&sizes) {
-            ring_pass(net, a, s, &mut ready);
+            ring_pass(net, a, s, &mut ready)?;
         }
     }
     if matches!(collective, Collective::AllReduce | Collective::AllGather) {
         for (&a, &s) in axes.iter().zip(&sizes).rev() {
-            ring_pass(net, a, s, &mut ready);
+            ring_pass(net, a, s, &mut ready)?;
         }
     }
-    ready
+    Ok(ready)
 }
 
 /// How an all-reduce combines the replicas' values.
@@ -191,6 +203,7 @@ pub fn closed_form(topo: &Topology, collective: Collective, bytes: f64) -> f64 {
 mod tests {
     use super::*;
     use crate::config::presets;
+    use crate::pod::topology::Direction;
 
     fn slowest(times: &[f64]) -> f64 {
         times.iter().copied().fold(0.0, f64::max)
@@ -205,7 +218,7 @@ mod tests {
             for collective in [Collective::AllReduce, Collective::ReduceScatter, Collective::AllGather] {
                 for bytes in [1e3, 1e8] {
                     let mut net = Network::new(&t, f64::INFINITY);
-                    let got = slowest(&run(&mut net, collective, bytes, 0.0));
+                    let got = slowest(&run(&mut net, collective, bytes, 0.0).unwrap());
                     let want = closed_form(&t, collective, bytes);
                     assert!((got - want).abs() <= 1e-9 * want, "{name} {collective:?} {bytes}: {got} vs {want}");
                 }
@@ -261,12 +274,41 @@ mod tests {
     }
 
     #[test]
+    fn degraded_and_failed_links_slow_the_collective() {
+        let m = presets::preset("v3-2048").unwrap();
+        let healthy = Topology::of(&m).unwrap();
+        let want = closed_form(&healthy, Collective::AllReduce, 1e8);
+        let time = |t: &Topology| slowest(&run(&mut Network::new(t, 1e6), Collective::AllReduce, 1e8, 0.0).unwrap());
+        // One link at half bandwidth: its ring waits for it at every step of the first axis.
+        let mut t = healthy.clone();
+        t.degrade(t.link(t.chip_at(&[3, 3]), 0, Direction::Up).unwrap(), 41e9);
+        let degraded = time(&t);
+        assert!(degraded > 1.5 * want, "{degraded} vs {want}");
+        // One failed link: its traffic detours through a neighbouring ring and queues there.
+        let mut t = healthy.clone();
+        t.fail(t.link(t.chip_at(&[3, 3]), 0, Direction::Up).unwrap());
+        let failed = time(&t);
+        assert!(failed > 1.1 * want, "{failed} vs {want}");
+        // Links cut in every way across an axis: the collective cannot run, and says why.
+        let mut t = Topology::of(&presets::preset("v3-32").unwrap()).unwrap();
+        for chip in 0..t.chips() {
+            for d in [Direction::Up, Direction::Down] {
+                if let Some(l) = t.link(chip, 0, d) {
+                    t.fail(l);
+                }
+            }
+        }
+        let e = run(&mut Network::new(&t, 1e6), Collective::AllReduce, 1e6, 0.0).unwrap_err();
+        assert!(e.to_string().contains("failed links cut the slice"), "{e}");
+    }
+
+    #[test]
     fn meshes_are_slower_and_shared_links_queue() {
         // A 4x4 mesh (v3-32): each ring closes through the line back, over the links the other
         // direction uses — slower than the torus's closed form, at most about twice it.
         let t = Topology::of(&presets::preset("v3-32").unwrap()).unwrap();
         let mut net = Network::new(&t, 1e6);
-        let mesh = slowest(&run(&mut net, Collective::AllReduce, 1e8, 0.0));
+        let mesh = slowest(&run(&mut net, Collective::AllReduce, 1e8, 0.0).unwrap());
         let torus = closed_form(&t, Collective::AllReduce, 1e8);
         assert!(mesh > 1.3 * torus && mesh < 2.2 * torus, "{mesh} vs {torus}");
         // Two all-reduces at once on a torus share every link: the second finishes about
@@ -274,8 +316,8 @@ mod tests {
         let t = Topology::of(&presets::preset("v3-2048").unwrap()).unwrap();
         let one = closed_form(&t, Collective::AllReduce, 1e8);
         let mut net = Network::new(&t, 1e6);
-        run(&mut net, Collective::AllReduce, 1e8, 0.0);
-        let second = slowest(&run(&mut net, Collective::AllReduce, 1e8, 0.0));
+        run(&mut net, Collective::AllReduce, 1e8, 0.0).unwrap();
+        let second = slowest(&run(&mut net, Collective::AllReduce, 1e8, 0.0).unwrap());
         assert!(second > 1.9 * one && second < 2.1 * one, "{second} vs {one}");
         // The busiest links are on the first axis: per all-reduce, 2 · 31 steps of 1e8 / 64 B.
         let busiest = net.stats[net.busiest()[0]];

@@ -1,7 +1,8 @@
 //! A slice as a network: its chips at torus coordinates, the cores of each chip, the hosts
 //! that feed them, and the directed ICI links between neighbouring chips — along every axis
 //! longer than one chip, in both directions, with wraparound only where the slice has it
-//! (`slice.wraparound`: small slices are meshes). Link figures come from `chip.ici`.
+//! (`slice.wraparound`: small slices are meshes). Link figures come from `chip.ici`; a link
+//! can be degraded (less bandwidth) or failed, and routes then go around it.
 
 use crate::config::Machine;
 use crate::error::{Error, Result};
@@ -22,10 +23,12 @@ pub struct Link {
     pub to: usize,
     pub axis: usize,
     pub direction: Direction,
-    /// Bandwidth one way, bytes per second.
+    /// Bandwidth one way, bytes per second (lower than the chip's for a degraded link).
     pub bytes_per_second: f64,
     /// Latency of one hop, seconds.
     pub latency_seconds: f64,
+    /// A failed link carries nothing: routes go around it.
+    pub failed: bool,
 }
 
 /// The chips, cores, hosts and links of a slice.
@@ -75,6 +78,7 @@ impl Topology {
                             direction,
                             bytes_per_second: machine.chip.ici.bytes_per_second,
                             latency_seconds: machine.chip.ici.latency_seconds,
+                            failed: false,
                         });
                     }
                 }
@@ -149,9 +153,61 @@ impl Topology {
             .collect()
     }
 
-    /// The links from `from` to `to`, axis by axis in order (dimension-order routing), each
-    /// axis the shorter way round (up on a tie); along a mesh axis the only way.
+    /// Degrades link `link` to `bytes_per_second` one way.
+    pub fn degrade(&mut self, link: usize, bytes_per_second: f64) {
+        self.links[link].bytes_per_second = bytes_per_second;
+    }
+
+    /// Fails link `link` (one direction): routes that would take it go around.
+    pub fn fail(&mut self, link: usize) {
+        self.links[link].failed = true;
+    }
+
+    /// The links from `from` to `to`: axis by axis in order (dimension-order routing), each
+    /// axis the shorter way round (up on a tie), along a mesh axis the only way; where that
+    /// route meets a failed link, the shortest route over working links (ties to the lower
+    /// link numbers, so the same every run). Empty when `to` cannot be reached.
     pub fn route(&self, from: usize, to: usize) -> Vec<usize> {
+        let route = self.dimension_order(from, to);
+        if route.iter().all(|&l| !self.links[l].failed) {
+            return route;
+        }
+        self.detour(from, to)
+    }
+
+    /// The shortest route over working links (breadth first, links in number order).
+    fn detour(&self, from: usize, to: usize) -> Vec<usize> {
+        let mut came_by: Vec<Option<usize>> = vec![None; self.chips()];
+        let mut seen = vec![false; self.chips()];
+        let mut queue = std::collections::VecDeque::from([from]);
+        seen[from] = true;
+        let axes = self.dims.len();
+        while let Some(chip) = queue.pop_front() {
+            if chip == to {
+                break;
+            }
+            for slot in 0..axes * 2 {
+                let Some(l) = self.out[chip * axes * 2 + slot] else { continue };
+                let next = self.links[l].to;
+                if !self.links[l].failed && !seen[next] {
+                    seen[next] = true;
+                    came_by[next] = Some(l);
+                    queue.push_back(next);
+                }
+            }
+        }
+        let mut links = Vec::new();
+        let mut at = to;
+        while at != from {
+            let Some(l) = came_by[at] else { return Vec::new() };
+            links.push(l);
+            at = self.links[l].from;
+        }
+        links.reverse();
+        links
+    }
+
+    fn dimension_order(&self, from: usize, to: usize) -> Vec<usize> {
         let (mut at, target) = (self.coords(from), self.coords(to));
         let mut links = Vec::new();
         for axis in 0..self.dims.len() {
@@ -200,6 +256,30 @@ mod tests {
         assert_eq!(t.links.len(), m.chip.ici.links * t.chips());
         let t = Topology::of(&presets::preset("v4-64").unwrap()).unwrap();
         assert!(t.link(t.chip_at(&[0, 0, 3]), 2, Direction::Up).is_none());
+    }
+
+    #[test]
+    fn routes_go_around_failed_links() {
+        let mut t = Topology::of(&presets::preset("v3-2048").unwrap()).unwrap();
+        let (a, b) = (t.chip_at(&[5, 5]), t.chip_at(&[5, 7]));
+        assert_eq!(t.route(a, b).len(), 2);
+        // Fail the first hop (5,5) -> (5,6): the shortest way round is four hops, through a
+        // neighbouring row.
+        let first = t.link(a, 1, Direction::Up).unwrap();
+        t.fail(first);
+        let route = t.route(a, b);
+        assert_eq!(route.len(), 4);
+        assert!(!route.contains(&first));
+        assert_eq!(t.links[*route.last().unwrap()].to, b);
+        // A 2-chip mesh axis cut in one direction cannot be crossed that way.
+        let mut t = Topology::of(&presets::preset("v4-16").unwrap()).unwrap();
+        let (a, b) = (t.chip_at(&[0, 0, 0]), t.chip_at(&[1, 0, 0]));
+        for chip in 0..t.chips() {
+            if let Some(l) = t.link(chip, 0, Direction::Up) {
+                t.fail(l);
+            }
+        }
+        assert!(t.route(a, b).is_empty());
     }
 
     #[test]
