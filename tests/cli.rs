@@ -820,3 +820,22 @@ fn collective_times_a_ring_against_its_closed_form() {
     let e = fails(&["collective", "all-reduce", "--bytes", "8", "--machine", "v9-8"]);
     assert!(e.contains("unknown machine"), "{e}");
 }
+
+#[test]
+fn a_machine_file_degrades_and_fails_links() {
+    // The v3 pod with one link at half bandwidth and one failed, written into its machine file.
+    let d = Dir::new();
+    let ron = ok(&["machines", "v3-2048", "--ron"]);
+    let links = "    links: [\n      (chip: [3, 3], axis: 0, direction: Up, bytes_per_second: Some(41e9)),\n      (chip: [7, 7], axis: 1, direction: Down, failed: true),\n    ],\n  ),\n  sources:";
+    let edited = ron.replacen("\n  ),\n  sources:", &format!("\n{links}"), 1);
+    assert_ne!(edited, ron, "the slice section is where the test expects it");
+    std::fs::write(d.path("slow.ron"), &edited).unwrap();
+    let out = ok(&["collective", "all-reduce", "--bytes", "100000000", "--machine", &d.s("slow.ron"), "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(v["seconds"].as_f64().unwrap() > 1.5 * v["closed_form_seconds"].as_f64().unwrap(), "{out}");
+    // A link the slice does not have: the field and why.
+    let bad = edited.replace("(chip: [7, 7], axis: 1", "(chip: [7, 40], axis: 1");
+    std::fs::write(d.path("bad.ron"), &bad).unwrap();
+    let e = fails(&["collective", "all-reduce", "--bytes", "8", "--machine", &d.s("bad.ron")]);
+    assert!(e.contains("slice.links[1]") && e.contains("[7, 40]"), "{e}");
+}

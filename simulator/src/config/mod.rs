@@ -132,6 +132,35 @@ pub struct Slice {
     pub torus: Vec<usize>,
     /// Whether each dimension wraps around.
     pub wraparound: Vec<bool>,
+    /// Links that differ from the chip's: degraded or failed (none in a preset).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub links: Vec<LinkOverride>,
+}
+
+/// Which way a link runs along its torus axis.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Direction {
+    /// Towards the next coordinate (`+1`, wrapping at the end of a torus axis).
+    Up,
+    /// Towards the previous coordinate.
+    Down,
+}
+
+/// One direction of one link, degraded or failed: `(chip: [3, 3], axis: 0, direction: Up,
+/// bytes_per_second: Some(41e9))` or `(chip: [3, 3], axis: 0, direction: Up, failed: true)`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LinkOverride {
+    /// The torus coordinates of the chip the link leaves.
+    pub chip: Vec<usize>,
+    pub axis: usize,
+    pub direction: Direction,
+    /// Its bandwidth one way, bytes per second (None: the chip's `ici.bytes_per_second`).
+    #[serde(default)]
+    pub bytes_per_second: Option<f64>,
+    /// A failed link carries nothing; routes go around it.
+    #[serde(default)]
+    pub failed: bool,
 }
 
 /// The path of every figure of a [`Machine`] (every field but `name` and `sources`), in the
@@ -420,6 +449,27 @@ impl Machine {
                     self.slice.torus, self.chip.ici.links
                 ),
             );
+        }
+        for (i, o) in self.slice.links.iter().enumerate() {
+            let field = format!("slice.links[{i}]");
+            let (torus, wrap) = (&self.slice.torus, &self.slice.wraparound);
+            if o.chip.len() != dims || o.chip.iter().zip(torus).any(|(&c, &d)| c >= d) {
+                return bad(&field, format!("chip {:?} is not a chip of the {torus:?} torus", o.chip));
+            }
+            if o.axis >= dims {
+                return bad(&field, format!("axis {} does not exist: the torus has {dims} axes", o.axis));
+            }
+            let (c, n) = (o.chip[o.axis], torus[o.axis]);
+            let at_edge = match o.direction {
+                Direction::Up => c + 1 == n,
+                Direction::Down => c == 0,
+            };
+            if n < 2 || (at_edge && !wrap[o.axis]) {
+                return bad(&field, format!("chip {:?} has no link {:?} along axis {}", o.chip, o.direction, o.axis));
+            }
+            if o.bytes_per_second.is_some_and(|b| !(b > 0.0 && b.is_finite())) {
+                return bad(&field, "bytes_per_second must be positive (use failed: true for a dead link)".into());
+            }
         }
         if self.chips() > self.host.chips && !self.chips().is_multiple_of(self.host.chips) {
             return bad(

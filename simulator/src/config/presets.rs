@@ -202,7 +202,7 @@ impl Generation {
                 chips: s.take("host.chips", &host.chips),
                 pcie_bytes_per_second: s.take("host.pcie_bytes_per_second", &host.pcie_bytes_per_second),
             },
-            slice: Slice { torus: slice.torus.clone(), wraparound: slice.wraparound.clone() },
+            slice: Slice { torus: slice.torus.clone(), wraparound: slice.wraparound.clone(), links: Vec::new() },
             sources: s.0,
         }
     }

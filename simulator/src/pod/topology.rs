@@ -4,17 +4,9 @@
 //! (`slice.wraparound`: small slices are meshes). Link figures come from `chip.ici`; a link
 //! can be degraded (less bandwidth) or failed, and routes then go around it.
 
+pub use crate::config::Direction;
 use crate::config::Machine;
 use crate::error::{Error, Result};
-
-/// Which way a link runs along its axis.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Direction {
-    /// Towards the next coordinate (`+1`, wrapping at the end of a torus axis).
-    Up,
-    /// Towards the previous coordinate.
-    Down,
-}
 
 /// One direction of one ICI link between neighbouring chips.
 #[derive(Clone, Debug, PartialEq)]
@@ -82,6 +74,22 @@ impl Topology {
                         });
                     }
                 }
+            }
+        }
+        // The machine's degraded and failed links (validated with the machine).
+        for o in &machine.slice.links {
+            let chip = topo.chip_at(&o.chip);
+            let Some(l) = topo.link(chip, o.axis, o.direction) else {
+                return Err(Error::Config {
+                    field: "slice.links".into(),
+                    reason: format!("chip {:?} has no link {:?} along axis {}", o.chip, o.direction, o.axis),
+                });
+            };
+            if let Some(b) = o.bytes_per_second {
+                topo.degrade(l, b);
+            }
+            if o.failed {
+                topo.fail(l);
             }
         }
         Ok(topo)
