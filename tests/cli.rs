@@ -817,6 +817,10 @@ fn collective_times_a_ring_against_its_closed_form() {
     assert!(e.contains("--bytes 0"), "{e}");
     let e = fails(&["collective", "all-sum", "--bytes", "8"]);
     assert!(e.contains("unknown collective 'all-sum': use all-reduce, reduce-scatter or all-gather"), "{e}");
+    let e = fails(&["collective", "all-reduce", "--bytes", "100000000", "--chunk-bytes", "1"]);
+    assert!(e.contains("--chunk-bytes 1 cuts each transfer") && e.contains("use at least"), "{e}");
+    let e = fails(&["collective", "all-reduce", "--bytes", "8", "--set", "slice.torus=[1000,1000]"]);
+    assert!(e.contains("slice.torus") && e.contains("at most 65536"), "{e}");
     let e = fails(&["collective", "all-reduce", "--bytes", "8", "--machine", "v9-8"]);
     assert!(e.contains("unknown machine"), "{e}");
 }

@@ -54,6 +54,20 @@ fn agrees_within(g: Graph, batch: usize, tol: f64) {
     gradients_match(g, batch);
 }
 
+/// An ungrouped convolution of `p`'s geometry with at most 3x3 taps and two output channels
+/// per group, the channels of `p` (enough for shifted matmuls), agrees forward and backward.
+fn wide_convolution_agrees(p: ConvParams) {
+    let p = ConvParams { groups: 1, cog: p.cog.min(2), k: [p.k[0].min(3), p.k[1].min(3)], ..p };
+    let g = around("conv", p.hw, p.channels(), |g, x| {
+        let y = add_conv(g, "conv", ["conv/kernel", "conv/bias"], Init::GlorotUniform, x, &p)?;
+        g.relu("conv_relu", y).ok()
+    });
+    // Up to 9 × 128 products per output, summed in another order than the reference's.
+    if let Some(g) = g {
+        agrees_within(g, p.n, 1e-4);
+    }
+}
+
 proptest! {
     #![proptest_config(config(32))]
 
@@ -80,15 +94,7 @@ proptest! {
     fn strided_convolutions_by_phase_agree_forward_and_backward(
         p in conv_params(ConvRanges { hw: 3..10, cg: 114..129, strides: 2..4 }),
     ) {
-        let p = ConvParams { groups: 1, cog: p.cog.min(2), k: [p.k[0].min(3), p.k[1].min(3)], ..p };
-        let g = around("conv", p.hw, p.channels(), |g, x| {
-            let y = add_conv(g, "conv", ["conv/kernel", "conv/bias"], Init::GlorotUniform, x, &p)?;
-            g.relu("conv_relu", y).ok()
-        });
-        // Up to 9 × 128 products per output, summed in another order than the reference's.
-        if let Some(g) = g {
-            agrees_within(g, p.n, 1e-4);
-        }
+        wide_convolution_agrees(p);
     }
 
     /// Stride-1 convolutions with channels enough for shifted matmuls: on maps where the
@@ -98,14 +104,7 @@ proptest! {
     fn packed_convolutions_agree_forward_and_backward(
         p in conv_params(ConvRanges { hw: 2..9, cg: 114..129, strides: 1..2 }),
     ) {
-        let p = ConvParams { groups: 1, cog: p.cog.min(2), k: [p.k[0].min(3), p.k[1].min(3)], ..p };
-        let g = around("conv", p.hw, p.channels(), |g, x| {
-            let y = add_conv(g, "conv", ["conv/kernel", "conv/bias"], Init::GlorotUniform, x, &p)?;
-            g.relu("conv_relu", y).ok()
-        });
-        if let Some(g) = g {
-            agrees_within(g, p.n, 1e-4);
-        }
+        wide_convolution_agrees(p);
     }
 
     /// Max and average windows, strides and paddings, forward and gradient.

@@ -44,6 +44,17 @@ pub fn run(args: Args) -> Result<()> {
     }
     let machine = super::load_machine(&args.machine, &args.sets)?;
     let topo = Topology::of(&machine)?;
+    // Each ring step sends 1/(2n) of a chip's bytes; more chunks than this per transfer
+    // would take the model minutes, not the figure any accuracy.
+    let smallest_ring = topo.dims.iter().copied().filter(|&d| d > 1).min().unwrap_or(1);
+    let chunks = (args.bytes / (2 * smallest_ring as u64)).div_ceil(args.chunk_bytes);
+    if chunks > 1 << 16 {
+        bail!(
+            "--chunk-bytes {} cuts each transfer into {chunks} chunks; use at least {} bytes",
+            args.chunk_bytes,
+            (args.bytes / (2 * smallest_ring as u64)).div_ceil(1 << 16)
+        );
+    }
     let (collective, name) = match args.kind.as_str() {
         "all-reduce" => (Collective::AllReduce, "all-reduce"),
         "reduce-scatter" => (Collective::ReduceScatter, "reduce-scatter"),

@@ -34,28 +34,33 @@ fn ring_pass(net: &mut Network, axis: usize, bytes: f64, ready: &mut [f64]) -> R
     let rings: Vec<Vec<usize>> =
         (0..topo.chips()).filter(|&c| topo.coords(c)[axis] == 0).map(|c| topo.ring(c, axis)).collect();
     let share = bytes / (2 * n) as f64;
+    // Every step sends over the same routes: (direction, from, to, route), found once.
+    let mut sends = Vec::with_capacity(rings.len() * 2 * n);
+    for ring in &rings {
+        for (d, hop) in [(0, 1), (1, n - 1)] {
+            for i in 0..n {
+                let (from, to) = (ring[i], ring[(i + hop) % n]);
+                let route = topo.route(from, to);
+                if route.is_empty() {
+                    return Err(Error::Config {
+                        field: "slice.links".into(),
+                        reason: format!(
+                            "chip {:?} cannot reach chip {:?}: failed links cut the slice",
+                            topo.coords(from),
+                            topo.coords(to)
+                        ),
+                    });
+                }
+                sends.push((d, from, to, route));
+            }
+        }
+    }
     // Per direction (up the ring, down the ring): when each chip has what it sends next.
     let mut at = [ready.to_vec(), ready.to_vec()];
     for _step in 1..n {
         let mut next = at.clone();
-        for ring in &rings {
-            for (d, hop) in [(0, 1), (1, n - 1)] {
-                for i in 0..n {
-                    let (from, to) = (ring[i], ring[(i + hop) % n]);
-                    let route = topo.route(from, to);
-                    if route.is_empty() {
-                        return Err(Error::Config {
-                            field: "slice links".into(),
-                            reason: format!(
-                                "chip {:?} cannot reach chip {:?}: failed links cut the slice",
-                                topo.coords(from),
-                                topo.coords(to)
-                            ),
-                        });
-                    }
-                    next[d][to] = net.send(&route, share, at[d][from]);
-                }
-            }
+        for (d, from, to, route) in &sends {
+            next[*d][*to] = net.send(route, share, at[*d][*from]);
         }
         at = next;
     }

@@ -8,6 +8,9 @@ pub use crate::config::Direction;
 use crate::config::Machine;
 use crate::error::{Error, Result};
 
+/// The most chips a slice may have in the pod model.
+pub const MAX_CHIPS: usize = 1 << 16;
+
 /// One direction of one ICI link between neighbouring chips.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Link {
@@ -46,6 +49,15 @@ impl Topology {
                 reason: format!(
                     "{dims:?} with wraparound {wraparound:?}: give one positive chip count and one wraparound flag per axis"
                 ),
+            });
+        }
+        // Beyond the largest pods by far (a v4 pod has 4,096 chips): a bound, so that a typo in
+        // a machine file is an error rather than an allocation the host cannot make.
+        let chips: usize = dims.iter().product();
+        if chips > MAX_CHIPS {
+            return Err(Error::Config {
+                field: "slice.torus".into(),
+                reason: format!("{dims:?} is {chips} chips; the pod model takes at most {MAX_CHIPS}"),
             });
         }
         let mut topo = Topology {

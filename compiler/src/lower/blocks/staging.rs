@@ -387,6 +387,34 @@ mod tests {
         Some(ConvLayout::new(&attrs, &[n, xh, xw, c], &[k, k, c, 1]))
     }
 
+    /// Where phase (pr, pc), row i, column j of a staged block reads: an image of the block
+    /// (from `b.n0`) and a padded row and column of it, or None for zeros.
+    type Source<'s> = &'s dyn Fn(usize, usize, usize, usize) -> Option<(usize, usize, usize)>;
+
+    /// Checks a block staged by phase (`got`: every phase's rows of `wv` pixels) against `source`.
+    fn check_phases(g: &ConvLayout, x: &[f32], b: &Block, got: &[f32], source: Source) -> Result<(), TestCaseError> {
+        let rows = got.len() / (g.sh * g.sw * g.wv * g.c);
+        let len = rows * g.wv;
+        for (pr, pc) in (0..g.sh).flat_map(|pr| (0..g.sw).map(move |pc| (pr, pc))) {
+            if !g.phase_read(pr, pc) {
+                continue;
+            }
+            for i in 0..rows {
+                for j in 0..g.wv {
+                    for ch in 0..g.c {
+                        let want = match source(pr, pc, i, j) {
+                            Some((img, row, col)) => expected(g, x, b.n0 + img, row, col, ch),
+                            None => 0.0,
+                        };
+                        let at = ((pr * g.sw + pc) * len + i * g.wv + j) * g.c + ch;
+                        prop_assert_eq!(got[at], want, "block {:?} phase {:?} at {:?}", b, (pr, pc), (i, j, ch));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Stages block `b` of `g` from `x` into `stage` on the functional engine; what lands.
     fn run_staging(g: &ConvLayout, n: usize, x: &[f32], b: &Block, whole: bool, stage: Tile) -> Vec<f32> {
         let machine = presets::preset("v2-8").unwrap();
@@ -464,28 +492,15 @@ mod tests {
             let x: Vec<f32> = (0..n * xh * xw * c).map(|i| i as f32 + 1.0).collect();
             let pb = g.blocks(target);
             let stage = Tile::new(Space::Vmem, 0, g.stage_pixels(pb.stage_rows), c, DType::F32);
-            let len = pb.stage_rows * g.wv;
             for b in &pb.blocks {
                 let got = run_staging(&g, n, &x, b, pb.whole, stage);
-                for (pr, pc) in (0..sh).flat_map(|pr| (0..sw).map(move |pc| (pr, pc))) {
-                    if !g.phase_read(pr, pc) {
-                        continue;
+                check_phases(&g, &x, b, &got, &|pr, pc, i, j| {
+                    if !pb.whole {
+                        return Some((0, b.oh0 * sh + sh * i + pr, sw * j + pc));
                     }
-                    for i in 0..pb.stage_rows {
-                        for j in 0..g.wv {
-                            for ch in 0..c {
-                                let want = if pb.whole {
-                                    let (img, row) = (i / g.hv(), sh * (i % g.hv()) + pr);
-                                    if img < b.images { expected(&g, &x, b.n0 + img, row, sw * j + pc, ch) } else { 0.0 }
-                                } else {
-                                    expected(&g, &x, b.n0, b.oh0 * sh + sh * i + pr, sw * j + pc, ch)
-                                };
-                                let at = ((pr * sw + pc) * len + i * g.wv + j) * c + ch;
-                                prop_assert_eq!(got[at], want, "block {:?} phase ({}, {}) row {} col {} ch {}", b, pr, pc, i, j, ch);
-                            }
-                        }
-                    }
-                }
+                    let img = i / g.hv();
+                    (img < b.images).then(|| (img, sh * (i % g.hv()) + pr, sw * j + pc))
+                })?;
             }
         }
 
@@ -571,28 +586,13 @@ mod tests {
             let x: Vec<f32> = (0..n * xh * xw * c).map(|i| i as f32 + 1.0).collect();
             let pb = g.blocks(2048);
             let stage = Tile::new(Space::Vmem, 0, g.stage_pixels(pb.stage_rows), c, DType::F32);
-            let (len, pitch) = (pb.stage_rows * g.wv, g.pitch());
+            let pitch = g.pitch();
             for b in &pb.blocks {
                 let got = run_staging(&g, n, &x, b, pb.whole, stage);
-                for (pr, pc) in (0..sh).flat_map(|pr| (0..sw).map(move |pc| (pr, pc))) {
-                    if !g.phase_read(pr, pc) {
-                        continue;
-                    }
-                    for i in 0..pb.stage_rows {
-                        for p in 0..g.wv {
-                            let img = p / pitch;
-                            for ch in 0..c {
-                                let want = if img < b.images {
-                                    expected(&g, &x, b.n0 + img, sh * i + pr, sw * (p % pitch) + pc, ch)
-                                } else {
-                                    0.0
-                                };
-                                let at = ((pr * sw + pc) * len + i * g.wv + p) * c + ch;
-                                prop_assert_eq!(got[at], want, "block {:?} phase ({}, {}) row {} col {} ch {}", b, pr, pc, i, p, ch);
-                            }
-                        }
-                    }
-                }
+                check_phases(&g, &x, b, &got, &|pr, pc, i, j| {
+                    let img = j / pitch;
+                    (img < b.images).then(|| (img, sh * i + pr, sw * (j % pitch) + pc))
+                })?;
             }
         }
     }

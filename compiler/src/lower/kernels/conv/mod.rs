@@ -1,7 +1,7 @@
 //! Convolutions forward: the driver every strategy shares. Output channels are cut into blocks
 //! (one group each for grouped convolutions, else whole array widths within the weight
 //! budget), output rows into blocks of whole images or bands sized to `TARGET_ROWS` and VMEM;
-//! the two loops nest whichever way moves fewer HBM bytes. Per block the driver stages the
+//! the two loops nest whichever way keeps the DMAs shorter. Per block the driver stages the
 //! input (`BUFFERS` ahead), hands the block to its strategy — [`shifted`] matmuls, [`phases`]
 //! for strided convolutions, [`im2col`] or [`depthwise`] on the VPU (both read a strided
 //! input by phase too) — then applies the epilogue, stores the rows and, for a batch norm
@@ -219,12 +219,8 @@ pub(crate) fn conv_with(e: &mut Emitter, kernel: &Kernel, spec: &ConvSpec) -> Re
         co.min(co.div_ceil(blocks).div_ceil(cols) * cols)
     };
 
-    let mut strategy = Strategy::choose(
-        &g,
-        cg,
-        e.m,
-        Traffic { x: x.tile.bytes(), w: w.tile.bytes(), y: y.tile.bytes(), nb, precision: e.opts.precision },
-    );
+    let traffic = Traffic { x: x.tile.bytes(), w: w.tile.bytes(), y: y.tile.bytes(), nb, precision: e.opts.precision };
+    let mut strategy = Strategy::choose(&g, cg, e.m, traffic);
     if strategy.phased(&g) {
         g = g.phased();
     }
@@ -319,7 +315,8 @@ pub(crate) fn conv_with(e: &mut Emitter, kernel: &Kernel, spec: &ConvSpec) -> Re
     let mut useful_macs = 0u64;
     // Loop order: channel blocks outside (each channel block's weights load once, the input is
     // staged once per channel block) or pixel blocks outside (each block is staged once and
-    // every channel block's weights stream past it) — whichever moves fewer HBM bytes.
+    // every channel block's weights stream past it) — whichever keeps the DMAs shorter
+    // (`dma_time`: bytes over bandwidth against transfers' start-up latency over the engines).
     let (n_c, n_p) = (co.div_ceil(nb), blocks.len());
     // Staging transfers per pixel block: one per image and tap for a gathered input (read
     // once per tap), one per read phase, else one.
@@ -331,7 +328,6 @@ pub(crate) fn conv_with(e: &mut Emitter, kernel: &Kernel, spec: &ConvSpec) -> Re
         1
     };
     let staged_x = x.tile.bytes() * if g.gathered { g.taps() as u64 } else { 1 };
-    let traffic = Traffic { x: x.tile.bytes(), w: w.tile.bytes(), y: y.tile.bytes(), nb, precision: e.opts.precision };
     let [outside, inside] = loop_orders(traffic, staged_x, n_c as u64, n_p as u64, stage_dmas as u64)
         .map(|(bytes, transfers)| dma_time(e.m, bytes, transfers));
     let pixel_outer = n_c > 1 && n_p > 1 && inside < outside;
