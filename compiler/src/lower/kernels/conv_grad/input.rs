@@ -1,10 +1,9 @@
 //! The input gradient (`Conv2dBackpropInput`): the transposed convolution, `dx` from `dy`
 //! and the kernel flipped in space and transposed per tap (`[kh, kw, cout, cin]`). The flip and
 //! transpose run once per step on the VPU's transpose unit into an HBM scratch buffer; the
-//! convolution itself is the forward kernel ([`conv_with`]). A stride-1 convolution's is one
-//! convolution of `dy`; a strided one's runs by stride phase of `dx` (each phase a stride-1
-//! convolution of `dy` with the taps that reach it), so no zeros between `dy`'s pixels are
-//! streamed.
+//! convolution itself is the forward kernel ([`conv_with`]), once per stride phase of `dx`
+//! (each phase a stride-1 convolution of `dy` with the taps that reach it), so no zeros between
+//! `dy`'s pixels are streamed; a stride-1 convolution's has one phase, all of `dx`.
 
 use systolic_simulator::isa::*;
 
@@ -24,59 +23,9 @@ pub(crate) fn input(e: &mut Emitter, kernel: &Kernel, node: NodeId) -> Result<Em
     let g = ConvLayout::new(&b.conv, &dx.shape, &w.shape);
     let cg = w.shape[2];
     let scratch = e.scratch.expect("the allocation pass gives every input gradient its scratch");
-    let mut report = if g.sh > 1 || g.sw > 1 {
-        by_phase(e, kernel, &g, cg, [dy, w, dx], scratch)?
-    } else {
-        transposed(e, kernel, &b.conv, &g, cg, [dy, w, dx], scratch)?
-    };
+    let mut report = by_phase(e, kernel, &g, cg, [dy, w, dx], scratch)?;
     // The useful work is the gradient's, not the padded transposed convolution's.
     report.useful_macs = g.macs(cg);
-    Ok(report)
-}
-
-/// The transposed convolution of a stride-1 convolution: `dy` padded by the kernel's reach
-/// beyond the forward padding, convolved with the flipped kernel.
-fn transposed(
-    e: &mut Emitter,
-    kernel: &Kernel,
-    conv: &Conv2d,
-    g: &ConvLayout,
-    cg: usize,
-    [dy, w, dx]: [&Place; 3],
-    scratch: u64,
-) -> Result<Emitted> {
-    let cog = g.co / g.groups;
-    // Padding of the transposed convolution: the taps that reach past dy.
-    let (reach_h, reach_w) = ((g.kh - 1) * g.dh, (g.kw - 1) * g.dw);
-    let (dil_h, dil_w) = (g.oh, g.ow);
-    // Where the forward padding exceeds the kernel's reach these are negative: pad by 0
-    // instead, compute the larger output and keep the window that is `dx` (`out_window`).
-    let signed = |a: usize, b: usize| a as i64 - b as i64;
-    let pads = [signed(reach_h, g.pt), signed(g.h + g.pt, dil_h), signed(reach_w, g.pl), signed(g.w + g.pl, dil_w)];
-    let [top, bottom, left, right] = pads.map(|p| p.max(0) as usize);
-    let [crop_t, crop_l] = [(-pads[0]).max(0) as usize, (-pads[2]).max(0) as usize];
-    let attrs = Conv2d {
-        strides: [1, 1],
-        padding: Padding::Explicit { top, bottom, left, right },
-        dilation: conv.dilation,
-        groups: g.groups,
-    };
-    // The flipped kernel [kh, kw, cog, cin]: tap t goes to taps-1-t.
-    let taps = g.taps();
-    let flipped =
-        Place { shape: vec![g.kh, g.kw, cog, g.c], tile: Tile::new(Space::Hbm, scratch, taps * cog, g.c, DType::F32) };
-    flip_kernel(e, kernel, g, cg, w, scratch, |t| Some(taps - 1 - t))?;
-    let spec = ConvSpec {
-        x: dy,
-        w: &flipped,
-        y: dx,
-        attrs,
-        bias: None,
-        out_window: Some([crop_t, crop_l, g.h, g.w]),
-        scatter: None,
-    };
-    let mut report = conv_with(e, kernel, &spec)?;
-    report.strategy = format!("transposed conv: {}", report.strategy);
     Ok(report)
 }
 
@@ -113,9 +62,10 @@ impl PhaseAxis {
     }
 }
 
-/// The transposed convolution of a strided one by stride phase: phase `(rh, rw)` of `dx` (the
-/// pixels `(sh·a + rh, sw·b + rw)`) is a stride-1 convolution of the stored `dy` with the taps
-/// that reach that phase, so no zeros between `dy`'s pixels are streamed. Each phase's flipped
+/// The transposed convolution by stride phase: phase `(rh, rw)` of `dx` (the pixels
+/// `(sh·a + rh, sw·b + rw)`) is a stride-1 convolution of the stored `dy` with the taps that
+/// reach that phase, so no zeros between `dy`'s pixels are streamed (stride 1: one phase, the
+/// whole flipped kernel, `dy` padded by the kernel's reach beyond the forward padding). Each phase's flipped
 /// taps are contiguous in the scratch; phases run one after another (they share VMEM) and write
 /// their pixels of `dx` through a strided view; a phase no tap reaches (a 1×1 convolution's odd
 /// pixels) gets the kernel's epilogue applied to zeros.
@@ -154,7 +104,9 @@ fn by_phase(
     let mut zero = Vec::new();
     for &(rh, rw, base) in &phases {
         let (ph, pw) = (&rows[rh], &cols[rw]);
-        let scatter = Some(Scatter { dims: [g.h, g.w], step: [g.sh, g.sw], at: [rh, rw] });
+        // Stride 1: one phase, all of `dx`.
+        let strided = g.sh > 1 || g.sw > 1;
+        let scatter = strided.then_some(Scatter { dims: [g.h, g.w], step: [g.sh, g.sw], at: [rh, rw] });
         if ph.taps.is_empty() || pw.taps.is_empty() {
             zero.push((rh, rw));
             continue;
@@ -179,12 +131,20 @@ fn by_phase(
             out_window: Some([ph.crop, pw.crop, ph.len, pw.len]),
             scatter,
         };
-        e.fence();
+        // Phases reuse the same VMEM: each waits for the one before.
+        if !parts.is_empty() {
+            e.fence();
+        }
         parts.push((nh * nw, conv_with(e, kernel, &spec)?));
     }
     if !zero.is_empty() {
         e.fence();
         zero_phases(e, kernel, g, dx, &zero, [&rows, &cols])?;
+    }
+    if let [(_, one)] = parts.as_slice()
+        && zero.is_empty()
+    {
+        return Ok(Emitted::new(format!("transposed conv: {}", one.strategy), one.padded.clone(), 0));
     }
     // The phase with the most taps speaks for the others.
     let (strategy, padded) = match parts.iter().max_by_key(|(taps, _)| *taps) {
