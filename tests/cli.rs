@@ -816,7 +816,7 @@ fn collective_times_a_ring_against_its_closed_form() {
     let e = fails(&["collective", "all-reduce", "--bytes", "0"]);
     assert!(e.contains("--bytes 0"), "{e}");
     let e = fails(&["collective", "all-sum", "--bytes", "8"]);
-    assert!(e.contains("unknown collective 'all-sum': use all-reduce, reduce-scatter or all-gather"), "{e}");
+    assert!(e.contains("unknown collective 'all-sum': use all-reduce, reduce-scatter, all-gather or broadcast"), "{e}");
     let e = fails(&["collective", "all-reduce", "--bytes", "100000000", "--chunk-bytes", "1"]);
     assert!(e.contains("--chunk-bytes 1 cuts each transfer") && e.contains("use at least"), "{e}");
     let e = fails(&["collective", "all-reduce", "--bytes", "8", "--set", "slice.torus=[1000,1000]"]);

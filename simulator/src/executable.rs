@@ -56,6 +56,13 @@ impl Executable {
         tensors: impl Fn(&str) -> Option<&'a [f32]>,
     ) -> Result<Vec<(String, Vec<f32>)>> {
         let mut core = Functional::new(machine);
+        self.load(&mut core, tensors)?;
+        core.run(&self.program)?;
+        self.outputs(&mut core)
+    }
+
+    /// Writes every input and parameter from `tensors` into `core`'s HBM.
+    pub fn load<'a>(&self, core: &mut Functional, tensors: impl Fn(&str) -> Option<&'a [f32]>) -> Result<()> {
         for b in self.bindings.iter().filter(|b| b.role != Role::Output) {
             let values = tensors(&b.name).ok_or_else(|| Error::Data(format!("tensor '{}' is not given", b.name)))?;
             let want: usize = b.shape.iter().product();
@@ -69,7 +76,11 @@ impl Executable {
             }
             core.write(b.tile, values)?;
         }
-        core.run(&self.program)?;
+        Ok(())
+    }
+
+    /// Reads every output from `core`'s HBM, by name.
+    pub fn outputs(&self, core: &mut Functional) -> Result<Vec<(String, Vec<f32>)>> {
         self.bindings
             .iter()
             .filter(|b| b.role == Role::Output)

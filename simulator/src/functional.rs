@@ -112,13 +112,41 @@ impl Functional {
         Ok(self.memory(t.space).read(&t))
     }
 
-    /// Validates and runs a program.
+    /// Validates and runs a program. A collective over more than one replica is an error
+    /// here: only a slice ([`crate::pod::slice`]) has the other replicas.
     pub fn run(&mut self, program: &Program) -> Result<()> {
         program.validate(&self.machine)?;
-        for (i, instr) in program.instrs.iter().enumerate() {
+        match self.run_until_collective(program, 0)? {
+            None => Ok(()),
+            Some(i) => {
+                let Operation::Collective { kind, replicas, .. } = &program.instrs[i].op else {
+                    unreachable!("runs pause only at collectives")
+                };
+                Err(Error::Program {
+                    index: i,
+                    op: program.instrs[i].op.name(),
+                    reason: format!(
+                        "{} over {replicas} replicas needs the other replicas: run the slice (pod::slice)",
+                        kind.name()
+                    ),
+                })
+            }
+        }
+    }
+
+    /// Runs a validated program from instruction `from` up to the next collective over more
+    /// than one replica, whose index it returns (the slice executes it, then resumes after
+    /// it), or to the end (`None`).
+    pub fn run_until_collective(&mut self, program: &Program, from: usize) -> Result<Option<usize>> {
+        for (i, instr) in program.instrs.iter().enumerate().skip(from) {
+            if let Operation::Collective { replicas, .. } = instr.op
+                && replicas > 1
+            {
+                return Ok(Some(i));
+            }
             self.execute(&instr.op).map_err(|reason| Error::Program { index: i, op: instr.op.name(), reason })?;
         }
-        Ok(())
+        Ok(None)
     }
 
     fn execute(&mut self, op: &Operation) -> std::result::Result<(), String> {
@@ -223,13 +251,9 @@ impl Functional {
                 self.vmem.write(&dst, &v);
             }
             Operation::Barrier => {}
-            Operation::AllReduce { replicas, .. } => {
-                if replicas > 1 {
-                    return Err(format!(
-                        "an all-reduce over {replicas} replicas needs the pod simulator; one core runs alone"
-                    ));
-                }
-            }
+            // A group of one: nothing to exchange. Larger groups pause the run
+            // ([`Functional::run_until_collective`]) and the slice executes them.
+            Operation::Collective { .. } => {}
             Operation::Infeed { .. } | Operation::Outfeed { .. } => {
                 return Err("infeed and outfeed exchange data with a host; run them through the pod simulator".into());
             }

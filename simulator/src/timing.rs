@@ -15,6 +15,8 @@
 //! - VPU: tiles occupy `ceil(rows / sublanes) · ceil(cols / lanes)` vector registers; each
 //!   register-wide operation takes `1 / alus` cycles.
 //! - Host link: bytes over the chip's PCIe bandwidth, shared by its cores.
+//! - ICI: collectives pause the core's run ([`CoreTiming`]); the slice times them on its
+//!   network ([`crate::pod::slice`]) and the core goes on from their end.
 
 use std::collections::VecDeque;
 
@@ -125,6 +127,7 @@ pub fn vpu_cycles(machine: &Machine, op: &Operation) -> u64 {
     }
 }
 
+#[derive(Clone)]
 struct Engine<'a> {
     machine: &'a Machine,
     program: &'a Program,
@@ -200,18 +203,8 @@ impl Engine<'_> {
             | Operation::Transpose { .. }
             | Operation::Dropout { .. } => (at, at + vpu_cycles(m, op)),
             Operation::Barrier => (at, at + 1),
-            Operation::AllReduce { replicas, .. } => {
-                if replicas > 1 {
-                    return Err(Error::Program {
-                        index: i,
-                        op: op.name(),
-                        reason: format!(
-                            "an all-reduce over {replicas} replicas needs the pod simulator; one core runs alone"
-                        ),
-                    });
-                }
-                (at, at)
-            }
+            // Timed by whoever runs the core ([`CoreTiming::advance`] pauses before them).
+            Operation::Collective { .. } => unreachable!("collectives are completed, not run"),
             Operation::Infeed { dst: t } | Operation::Outfeed { src: t } => {
                 let per_core = m.host.pcie_bytes_per_second / m.chip.cores as f64;
                 let cycles = (t.bytes() as f64 / per_core * m.core.clock_hz).ceil() as u64;
@@ -233,100 +226,182 @@ pub fn simulate(machine: &Machine, program: &Program, keep_spans: bool) -> Resul
     simulate_unchecked(machine, program, keep_spans)
 }
 
-/// As [`simulate`], for programs already validated.
+/// As [`simulate`], for programs already validated. A collective over more than one replica
+/// is an error here: only a slice ([`crate::pod::slice`]) has the other replicas.
 pub fn simulate_unchecked(machine: &Machine, program: &Program, keep_spans: bool) -> Result<Timing> {
-    let n = program.instrs.len();
-    // Units in a fixed order: DMA engines, MXUs, VPU, scalar, ICI, host.
-    let mut unit_list: Vec<Unit> = (0..machine.core.dma.engines as u8).map(Unit::Dma).collect();
-    unit_list.extend((0..machine.core.mxu.count as u8).map(Unit::Mxu));
-    unit_list.extend([Unit::Vpu, Unit::Scalar, Unit::Ici, Unit::Host]);
-    let (engines, mxus) = (machine.core.dma.engines, machine.core.mxu.count);
-    let slot = |unit: Unit| match unit {
-        Unit::Dma(e) => ((e as usize) < engines).then_some(e as usize),
-        Unit::Mxu(x) => ((x as usize) < mxus).then_some(engines + x as usize),
-        Unit::Vpu => Some(engines + mxus),
-        Unit::Scalar => Some(engines + mxus + 1),
-        Unit::Ici => Some(engines + mxus + 2),
-        Unit::Host => Some(engines + mxus + 3),
-    };
-    let mut queues: Vec<Vec<u32>> = vec![Vec::new(); unit_list.len()];
-    for (i, instr) in program.instrs.iter().enumerate() {
-        let u = slot(instr.op.unit()).ok_or_else(|| Error::Program {
-            index: i,
-            op: instr.op.name(),
-            reason: format!("unit {} does not exist on {}", instr.op.unit(), machine.name),
-        })?;
-        queues[u].push(i as u32);
-    }
-    let mut e = Engine {
-        machine,
-        program,
-        finish: vec![u64::MAX; n],
-        unit_free: vec![0; unit_list.len()],
-        busy: vec![0; unit_list.len()],
-        count: vec![0; unit_list.len()],
-        timelines: (0..machine.core.mxu.count).map(|_| Timeline::for_mxu(&machine.core.mxu)).collect(),
-        recent: vec![VecDeque::new(); machine.core.mxu.count],
-        hbm_free: 0,
-        hbm_bytes: 0,
-        useful_macs: 0,
-        spans: keep_spans.then(|| Vec::with_capacity(n)),
-    };
-    let mut heads = vec![0usize; unit_list.len()];
-    // When each unit's next instruction has all its inputs (finish times never change once
-    // known, so this is computed once per instruction).
-    let mut head_ready: Vec<Option<u64>> = vec![None; unit_list.len()];
-    for _ in 0..n {
-        // The unit whose next instruction can start earliest (ties: earlier instruction).
-        let mut best: Option<(u64, u32, usize)> = None;
-        for (u, queue) in queues.iter().enumerate() {
-            let Some(&i) = queue.get(heads[u]) else { continue };
-            if head_ready[u].is_none() {
-                head_ready[u] = e.ready(i as usize);
-            }
-            let Some(ready) = head_ready[u] else { continue };
-            let at = ready.max(e.unit_free[u]);
-            if best.is_none_or(|(t, j, _)| (at, i) < (t, j)) {
-                best = Some((at, i, u));
-            }
+    let mut core = CoreTiming::new(machine, program, keep_spans)?;
+    while let Some((i, at)) = core.advance()? {
+        if let Operation::Collective { kind, replicas, .. } = &program.instrs[i].op
+            && *replicas > 1
+        {
+            return Err(Error::Program {
+                index: i,
+                op: program.instrs[i].op.name(),
+                reason: format!(
+                    "{} over {replicas} replicas needs the other replicas: simulate the slice (systolic simulate --machine with more cores)",
+                    kind.name()
+                ),
+            });
         }
-        let (at, i, u) = best.expect("a validated program always has a runnable instruction");
-        let (start, end) = e.run(i as usize, u, at)?;
-        e.finish[i as usize] = end;
-        heads[u] += 1;
-        head_ready[u] = None;
-        if let Some(spans) = e.spans.as_mut() {
-            spans.push(Span { instr: i, unit: unit_list[u], start, end });
+        core.complete(at);
+    }
+    Ok(core.finish())
+}
+
+/// One core's timing run that pauses at every collective, so that a slice can time the
+/// collective over all its members before the core goes on ([`crate::pod::slice`]).
+#[derive(Clone)]
+pub struct CoreTiming<'a> {
+    e: Engine<'a>,
+    unit_list: Vec<Unit>,
+    queues: Vec<Vec<u32>>,
+    heads: Vec<usize>,
+    /// When each unit's next instruction has all its inputs (finish times never change once
+    /// known, so this is computed once per instruction).
+    head_ready: Vec<Option<u64>>,
+    scheduled: usize,
+    /// The collective waiting for its end: (instruction, unit slot, cycle it may start).
+    pending: Option<(usize, usize, u64)>,
+}
+
+impl<'a> CoreTiming<'a> {
+    /// A run of `program` (already validated) on one core of `machine`.
+    pub fn new(machine: &'a Machine, program: &'a Program, keep_spans: bool) -> Result<CoreTiming<'a>> {
+        let n = program.instrs.len();
+        // Units in a fixed order: DMA engines, MXUs, VPU, scalar, ICI, host.
+        let mut unit_list: Vec<Unit> = (0..machine.core.dma.engines as u8).map(Unit::Dma).collect();
+        unit_list.extend((0..machine.core.mxu.count as u8).map(Unit::Mxu));
+        unit_list.extend([Unit::Vpu, Unit::Scalar, Unit::Ici, Unit::Host]);
+        let (engines, mxus) = (machine.core.dma.engines, machine.core.mxu.count);
+        let slot = |unit: Unit| match unit {
+            Unit::Dma(e) => ((e as usize) < engines).then_some(e as usize),
+            Unit::Mxu(x) => ((x as usize) < mxus).then_some(engines + x as usize),
+            Unit::Vpu => Some(engines + mxus),
+            Unit::Scalar => Some(engines + mxus + 1),
+            Unit::Ici => Some(engines + mxus + 2),
+            Unit::Host => Some(engines + mxus + 3),
+        };
+        let mut queues: Vec<Vec<u32>> = vec![Vec::new(); unit_list.len()];
+        for (i, instr) in program.instrs.iter().enumerate() {
+            let u = slot(instr.op.unit()).ok_or_else(|| Error::Program {
+                index: i,
+                op: instr.op.name(),
+                reason: format!("unit {} does not exist on {}", instr.op.unit(), machine.name),
+            })?;
+            queues[u].push(i as u32);
         }
-    }
-    let cycles = e.finish.iter().copied().max().unwrap_or(0);
-    for (x, t) in e.timelines.iter().enumerate() {
-        e.busy[engines + x] = t.busy;
-    }
-    let seconds = cycles as f64 / machine.core.clock_hz;
-    let units = unit_list
-        .iter()
-        .enumerate()
-        .filter(|&(u, _)| e.count[u] > 0)
-        .map(|(u, unit)| UnitReport {
-            unit: unit.to_string(),
-            instructions: e.count[u],
-            busy_cycles: e.busy[u],
-            utilization: if cycles == 0 { 0.0 } else { e.busy[u] as f64 / cycles as f64 },
+        let e = Engine {
+            machine,
+            program,
+            finish: vec![u64::MAX; n],
+            unit_free: vec![0; unit_list.len()],
+            busy: vec![0; unit_list.len()],
+            count: vec![0; unit_list.len()],
+            timelines: (0..machine.core.mxu.count).map(|_| Timeline::for_mxu(&machine.core.mxu)).collect(),
+            recent: vec![VecDeque::new(); machine.core.mxu.count],
+            hbm_free: 0,
+            hbm_bytes: 0,
+            useful_macs: 0,
+            spans: keep_spans.then(|| Vec::with_capacity(n)),
+        };
+        let units = unit_list.len();
+        Ok(CoreTiming {
+            e,
+            unit_list,
+            queues,
+            heads: vec![0; units],
+            head_ready: vec![None; units],
+            scheduled: 0,
+            pending: None,
         })
-        .collect();
-    let peak_macs = cycles as f64 * machine.macs_per_cycle() as f64;
-    let hbm_bytes_per_second = if seconds > 0.0 { e.hbm_bytes as f64 / seconds } else { 0.0 };
-    let report = Report {
-        cycles,
-        seconds,
-        instructions: n as u64,
-        units,
-        useful_macs: e.useful_macs,
-        mxu_utilization: if peak_macs > 0.0 { e.useful_macs as f64 / peak_macs } else { 0.0 },
-        hbm_bytes: e.hbm_bytes,
-        hbm_bytes_per_second,
-        hbm_utilization: hbm_bytes_per_second / machine.hbm_bytes_per_second(),
-    };
-    Ok(Timing { report, finish: e.finish, spans: e.spans.unwrap_or_default() })
+    }
+
+    /// Schedules instructions until the next one to start is a collective — returned as
+    /// (instruction, the cycle it may start), to be ended with [`CoreTiming::complete`] — or
+    /// until the program is done (`None`).
+    pub fn advance(&mut self) -> Result<Option<(usize, u64)>> {
+        assert!(self.pending.is_none(), "complete the pending collective first");
+        let n = self.e.program.instrs.len();
+        while self.scheduled < n {
+            // The unit whose next instruction can start earliest (ties: earlier instruction).
+            let mut best: Option<(u64, u32, usize)> = None;
+            for (u, queue) in self.queues.iter().enumerate() {
+                let Some(&i) = queue.get(self.heads[u]) else { continue };
+                if self.head_ready[u].is_none() {
+                    self.head_ready[u] = self.e.ready(i as usize);
+                }
+                let Some(ready) = self.head_ready[u] else { continue };
+                let at = ready.max(self.e.unit_free[u]);
+                if best.is_none_or(|(t, j, _)| (at, i) < (t, j)) {
+                    best = Some((at, i, u));
+                }
+            }
+            let (at, i, u) = best.expect("a validated program always has a runnable instruction");
+            if matches!(self.e.program.instrs[i as usize].op, Operation::Collective { .. }) {
+                self.pending = Some((i as usize, u, at));
+                return Ok(Some((i as usize, at)));
+            }
+            let (start, end) = self.e.run(i as usize, u, at)?;
+            self.retire(i as usize, u, start, end);
+        }
+        Ok(None)
+    }
+
+    /// Ends the pending collective at cycle `end` (at least the cycle it could start).
+    pub fn complete(&mut self, end: u64) {
+        let (i, u, at) = self.pending.take().expect("a collective is pending");
+        let end = end.max(at);
+        self.e.busy[u] += end - at;
+        self.e.unit_free[u] = end;
+        self.e.count[u] += 1;
+        self.retire(i, u, at, end);
+    }
+
+    fn retire(&mut self, i: usize, u: usize, start: u64, end: u64) {
+        self.e.finish[i] = end;
+        self.heads[u] += 1;
+        self.head_ready[u] = None;
+        self.scheduled += 1;
+        if let Some(spans) = self.e.spans.as_mut() {
+            spans.push(Span { instr: i as u32, unit: self.unit_list[u], start, end });
+        }
+    }
+
+    /// The report of the finished run.
+    pub fn finish(self) -> Timing {
+        let CoreTiming { mut e, unit_list, .. } = self;
+        let machine = e.machine;
+        let n = e.program.instrs.len();
+        let engines = machine.core.dma.engines;
+        let cycles = e.finish.iter().copied().max().unwrap_or(0);
+        for (x, t) in e.timelines.iter().enumerate() {
+            e.busy[engines + x] = t.busy;
+        }
+        let seconds = cycles as f64 / machine.core.clock_hz;
+        let units = unit_list
+            .iter()
+            .enumerate()
+            .filter(|&(u, _)| e.count[u] > 0)
+            .map(|(u, unit)| UnitReport {
+                unit: unit.to_string(),
+                instructions: e.count[u],
+                busy_cycles: e.busy[u],
+                utilization: if cycles == 0 { 0.0 } else { e.busy[u] as f64 / cycles as f64 },
+            })
+            .collect();
+        let peak_macs = cycles as f64 * machine.macs_per_cycle() as f64;
+        let hbm_bytes_per_second = if seconds > 0.0 { e.hbm_bytes as f64 / seconds } else { 0.0 };
+        let report = Report {
+            cycles,
+            seconds,
+            instructions: n as u64,
+            units,
+            useful_macs: e.useful_macs,
+            mxu_utilization: if peak_macs > 0.0 { e.useful_macs as f64 / peak_macs } else { 0.0 },
+            hbm_bytes: e.hbm_bytes,
+            hbm_bytes_per_second,
+            hbm_utilization: hbm_bytes_per_second / machine.hbm_bytes_per_second(),
+        };
+        Timing { report, finish: e.finish, spans: e.spans.unwrap_or_default() }
+    }
 }

@@ -135,6 +135,19 @@ pub struct Slice {
     /// Links that differ from the chip's: degraded or failed (none in a preset).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub links: Vec<LinkOverride>,
+    /// Chips whose cores run slower than the chip's clock (none in a preset): a straggler.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub slow_chips: Vec<SlowChip>,
+}
+
+/// A chip that runs at a lower clock than its generation's (a throttled or faulty part):
+/// `(chip: [1, 0], clock_hz: 470e6)`. Its cores take the same cycles, each longer.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SlowChip {
+    /// The chip's torus coordinates.
+    pub chip: Vec<usize>,
+    pub clock_hz: f64,
 }
 
 /// Which way a link runs along its torus axis.
@@ -469,6 +482,16 @@ impl Machine {
             }
             if o.bytes_per_second.is_some_and(|b| !(b > 0.0 && b.is_finite())) {
                 return bad(&field, "bytes_per_second must be positive (use failed: true for a dead link)".into());
+            }
+        }
+        for (i, slow) in self.slice.slow_chips.iter().enumerate() {
+            let field = format!("slice.slow_chips[{i}]");
+            let torus = &self.slice.torus;
+            if slow.chip.len() != dims || slow.chip.iter().zip(torus).any(|(&c, &d)| c >= d) {
+                return bad(&field, format!("chip {:?} is not a chip of the {torus:?} torus", slow.chip));
+            }
+            if !(slow.clock_hz > 0.0 && slow.clock_hz.is_finite()) {
+                return bad(&field, format!("clock_hz must be a positive number, got {}", slow.clock_hz));
             }
         }
         if self.chips() > self.host.chips && !self.chips().is_multiple_of(self.host.chips) {

@@ -202,7 +202,12 @@ impl Generation {
                 chips: s.take("host.chips", &host.chips),
                 pcie_bytes_per_second: s.take("host.pcie_bytes_per_second", &host.pcie_bytes_per_second),
             },
-            slice: Slice { torus: slice.torus.clone(), wraparound: slice.wraparound.clone(), links: Vec::new() },
+            slice: Slice {
+                torus: slice.torus.clone(),
+                wraparound: slice.wraparound.clone(),
+                links: Vec::new(),
+                slow_chips: Vec::new(),
+            },
             sources: s.0,
         }
     }

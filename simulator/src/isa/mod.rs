@@ -175,6 +175,43 @@ pub enum BinaryOp {
     MaskRelu6,
 }
 
+/// Which collective a [`Operation::Collective`] runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum CollectiveKind {
+    /// Every member ends with the reduction of all members' operands.
+    AllReduce,
+    /// Member `r` ends with shard `r` of the reduction (the rest of its operand unchanged).
+    ReduceScatter,
+    /// Every member ends with every member's own shard, each in its place.
+    AllGather,
+    /// Every member ends with the first member's operand.
+    Broadcast,
+}
+
+impl CollectiveKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            CollectiveKind::AllReduce => "all_reduce",
+            CollectiveKind::ReduceScatter => "reduce_scatter",
+            CollectiveKind::AllGather => "all_gather",
+            CollectiveKind::Broadcast => "broadcast",
+        }
+    }
+
+    /// Whether the collective combines values (and so takes a [`Reduction`] that matters).
+    pub fn reduces(self) -> bool {
+        matches!(self, CollectiveKind::AllReduce | CollectiveKind::ReduceScatter)
+    }
+}
+
+/// How a collective combines the members' values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Reduction {
+    Sum,
+    /// The sum divided by the group's size (TensorFlow's `CrossShardOptimizer` default).
+    Mean,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ReduceOp {
     Sum,
@@ -264,8 +301,13 @@ pub enum Operation {
     Dropout { seed: u64, rate: f32, step: Tile, counter: u64, src: Tile, dst: Tile },
     /// Waits for its dependencies (a join point); costs one scalar cycle.
     Barrier,
-    /// Sums (or maxes) `tile` over `replicas` cores in place. Executed by the pod simulator.
-    AllReduce { op: ReduceOp, tile: Tile, replicas: u32 },
+    /// A collective over the replicas of this core's group, in place on `tiles` (HBM). The
+    /// slice's replicas (its cores, numbered chip by chip) form groups of `replicas`
+    /// consecutive cores; `replicas: 1` is a no-op. The tiles' elements, concatenated in
+    /// order, are the operand; reduce-scatter and all-gather cut it into `replicas` shards as
+    /// even as can be (the first ones one element longer), the member at position `r` of the
+    /// group owning shard `r`. Executed by the pod simulator (`crate::pod`).
+    Collective { kind: CollectiveKind, reduction: Reduction, tiles: Vec<Tile>, replicas: u32 },
     /// Receives host data into `dst` (HBM) over PCIe.
     Infeed { dst: Tile },
     /// Sends `src` (HBM) to the host over PCIe.
@@ -311,7 +353,7 @@ impl Operation {
             | Operation::Transpose { .. }
             | Operation::Dropout { .. } => Unit::Vpu,
             Operation::Barrier => Unit::Scalar,
-            Operation::AllReduce { .. } => Unit::Ici,
+            Operation::Collective { .. } => Unit::Ici,
             Operation::Infeed { .. } | Operation::Outfeed { .. } => Unit::Host,
         }
     }
@@ -330,7 +372,7 @@ impl Operation {
             Operation::Transpose { .. } => "transpose",
             Operation::Dropout { .. } => "dropout",
             Operation::Barrier => "barrier",
-            Operation::AllReduce { .. } => "all_reduce",
+            Operation::Collective { kind, .. } => kind.name(),
             Operation::Infeed { .. } => "infeed",
             Operation::Outfeed { .. } => "outfeed",
         }
@@ -358,7 +400,7 @@ impl Operation {
             Operation::PoolGrad { x, dy, .. } => x.into_iter().chain([dy]).collect(),
             Operation::MulAdd { a, b, acc } => vec![a, b, acc],
             Operation::Barrier | Operation::Infeed { .. } | Operation::Fill { .. } => vec![],
-            Operation::AllReduce { tile, .. } => vec![tile],
+            Operation::Collective { ref tiles, .. } => tiles.clone(),
             Operation::Outfeed { src } => vec![src],
         }
     }
@@ -378,7 +420,7 @@ impl Operation {
             | Operation::Dropout { dst, .. }
             | Operation::Infeed { dst } => vec![dst],
             Operation::MatMul { out, .. } => vec![out],
-            Operation::AllReduce { tile, .. } => vec![tile],
+            Operation::Collective { ref tiles, .. } => tiles.clone(),
             Operation::Barrier | Operation::Outfeed { .. } => vec![],
         }
     }
@@ -488,8 +530,14 @@ impl fmt::Display for Operation {
                 write!(f, "dropout    {dst} = {src} rate {rate} seed {seed} step {step} from element {counter}")
             }
             Operation::Barrier => write!(f, "barrier"),
-            Operation::AllReduce { op, tile, replicas } => {
-                write!(f, "all_reduce.{} {tile} over {replicas} replicas", format!("{op:?}").to_lowercase())
+            Operation::Collective { kind, reduction, tiles, replicas } => {
+                let tiles: Vec<String> = tiles.iter().map(|t| t.to_string()).collect();
+                let reduction = if kind.reduces() {
+                    format!(".{}", format!("{reduction:?}").to_lowercase())
+                } else {
+                    String::new()
+                };
+                write!(f, "{}{reduction} [{}] over {replicas} replicas", kind.name(), tiles.join(", "))
             }
             Operation::Infeed { dst } => write!(f, "infeed     {dst}"),
             Operation::Outfeed { src } => write!(f, "outfeed    {src}"),

@@ -273,9 +273,26 @@ impl Checker<'_> {
                 self.disjoint("dst and step", dst, step)
             }
             Operation::Barrier => Ok(()),
-            Operation::AllReduce { replicas, .. } => {
+            Operation::Collective { kind, reduction, tiles, replicas } => {
                 if *replicas == 0 {
-                    return Err(self.fail("an all-reduce needs at least one replica".into()));
+                    return Err(self.fail(format!("{} needs a group of at least one replica", kind.name())));
+                }
+                if tiles.is_empty() {
+                    return Err(self.fail(format!("{} needs at least one tile", kind.name())));
+                }
+                if !kind.reduces() && *reduction != Reduction::Sum {
+                    return Err(self.fail(format!(
+                        "{} moves values without combining them: give the reduction Sum, not {reduction:?}",
+                        kind.name()
+                    )));
+                }
+                for (i, &t) in tiles.iter().enumerate() {
+                    if t.space != Space::Hbm || t.dtype != DType::F32 {
+                        return Err(self.fail(format!("tile {t} must be f32 in HBM (collectives move HBM tensors)")));
+                    }
+                    for &u in &tiles[..i] {
+                        self.disjoint("the tiles of a collective", &t, &u)?;
+                    }
                 }
                 Ok(())
             }

@@ -1,57 +1,36 @@
-//! Collectives between the chips of a slice, timed on the [`Network`]: reduce-scatter,
-//! all-gather and all-reduce (the two in turn), axis by axis as rings — every ring of an axis
-//! at once, each bidirectional (half the bytes go up the ring, half down, on separate links).
-//! An all-reduce reduce-scatters along the axes in order, each axis on what the previous left
-//! per chip, then all-gathers back in reverse, as TPU pods reduce gradients over the 2-D torus
-//! (rows, then columns; docs/architecture.md). A ring of `n` chips takes `n − 1` steps; in each,
-//! every chip sends its neighbour `1/n` of its half and the next step waits for what arrived.
-//! On a mesh axis (no wraparound) the ring closes through the line back, sharing the links of
-//! the other direction, hence slower. [`all_reduce_values`] computes what an all-reduce leaves,
-//! summed in the algorithm's order. (The time between the cores of a chip, and the values of
-//! reduce-scatter and all-gather with their shard layout, come next.)
+//! Collectives over a group of a slice's cores: reduce-scatter, all-gather and all-reduce
+//! (the two in turn) first between the cores of each chip, then axis by axis as rings over
+//! the group's box of chips — every ring of an axis at once, each bidirectional (half the
+//! bytes go up the ring, half down, on separate links) — as TPU pods reduce gradients over the
+//! 2-D torus (rows, then columns; docs/architecture.md); broadcast as chunked chains from the
+//! group's first chip, axis by axis. A ring of `n` chips takes `n − 1` steps; in each, every
+//! chip sends its neighbour `1/n` of its half and the next step waits for what arrived. On a
+//! mesh axis (no wraparound), or a box shorter than its axis, the ring closes through the line
+//! back, sharing the links of the other direction, hence slower. [`values`] computes what each
+//! collective leaves on every member, summed in the algorithm's order.
 
 use crate::error::{Error, Result};
+pub use crate::isa::{CollectiveKind as Collective, Reduction};
 use crate::pod::network::Network;
-use crate::pod::topology::Topology;
+use crate::pod::topology::{Group, Topology};
 
-/// Which collective.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Collective {
-    AllReduce,
-    ReduceScatter,
-    AllGather,
-}
-
-/// One ring pass along `axis`: `n − 1` steps of every ring of the axis, each chip sending
-/// `bytes / (2n)` each way per step. `ready[chip]` is when each chip may start; on return,
-/// when each has what the pass delivers.
-fn ring_pass(net: &mut Network, axis: usize, bytes: f64, ready: &mut [f64]) -> Result<()> {
+/// One ring pass over `rings` (chips of the slice): `n − 1` steps of every ring at once, each
+/// chip sending `bytes / (2n)` each way per step. `ready[chip]` is when each chip may start;
+/// on return, when each has what the pass delivers.
+fn ring_pass(net: &mut Network, rings: &[Vec<usize>], bytes: f64, ready: &mut [f64]) -> Result<()> {
     let topo = net.topology;
-    let n = topo.dims[axis];
+    let n = rings.first().map_or(0, Vec::len);
     if n < 2 {
         return Ok(());
     }
-    let rings: Vec<Vec<usize>> =
-        (0..topo.chips()).filter(|&c| topo.coords(c)[axis] == 0).map(|c| topo.ring(c, axis)).collect();
     let share = bytes / (2 * n) as f64;
     // Every step sends over the same routes: (direction, from, to, route), found once.
     let mut sends = Vec::with_capacity(rings.len() * 2 * n);
-    for ring in &rings {
+    for ring in rings {
         for (d, hop) in [(0, 1), (1, n - 1)] {
             for i in 0..n {
                 let (from, to) = (ring[i], ring[(i + hop) % n]);
-                let route = topo.route(from, to);
-                if route.is_empty() {
-                    return Err(Error::Config {
-                        field: "slice.links".into(),
-                        reason: format!(
-                            "chip {:?} cannot reach chip {:?}: failed links cut the slice",
-                            topo.coords(from),
-                            topo.coords(to)
-                        ),
-                    });
-                }
-                sends.push((d, from, to, route));
+                sends.push((d, from, to, reach(topo, from, to)?));
             }
         }
     }
@@ -64,7 +43,7 @@ fn ring_pass(net: &mut Network, axis: usize, bytes: f64, ready: &mut [f64]) -> R
         }
         at = next;
     }
-    for ring in &rings {
+    for ring in rings {
         for &chip in ring {
             ready[chip] = at[0][chip].max(at[1][chip]);
         }
@@ -72,60 +51,177 @@ fn ring_pass(net: &mut Network, axis: usize, bytes: f64, ready: &mut [f64]) -> R
     Ok(())
 }
 
-/// Runs `collective` over every chip of the slice, `bytes` per chip (what each holds before an
-/// all-reduce or reduce-scatter, after an all-gather), all ready at `start`; returns when each
-/// chip is done — or an error when failed links leave a ring's chips unable to reach each other.
-pub fn run(net: &mut Network, collective: Collective, bytes: f64, start: f64) -> Result<Vec<f64>> {
+/// The route from `from` to `to`, or the error of a slice cut by failed links.
+fn reach(topo: &Topology, from: usize, to: usize) -> Result<Vec<usize>> {
+    let route = topo.route(from, to);
+    if route.is_empty() {
+        return Err(Error::Config {
+            field: "slice.links".into(),
+            reason: format!(
+                "chip {:?} cannot reach chip {:?}: failed links cut the slice",
+                topo.coords(from),
+                topo.coords(to)
+            ),
+        });
+    }
+    Ok(route)
+}
+
+/// The group's lines along each axis it spans, as chips of the slice.
+fn rings(topo: &Topology, group: &Group, axis: usize, keep: impl Fn(&[usize]) -> bool) -> Vec<Vec<usize>> {
+    group.lines(axis, keep).into_iter().map(|line| line.into_iter().map(|l| group.chip(topo, l)).collect()).collect()
+}
+
+/// Runs `collective` over `group`, `bytes` per core (what each holds before an all-reduce,
+/// reduce-scatter or broadcast, after an all-gather). `ready[chip]` (indexed by the slice's
+/// chips; only the group's are read and written) is when each chip's cores may start; on
+/// return, when each has its result. An error when failed links leave chips unable to reach
+/// each other.
+pub fn run(net: &mut Network, group: &Group, collective: Collective, bytes: f64, ready: &mut [f64]) -> Result<()> {
     let topo = net.topology;
-    let mut ready = vec![start; topo.chips()];
-    let axes: Vec<usize> = (0..topo.dims.len()).filter(|&a| topo.dims[a] > 1).collect();
+    let chips: Vec<usize> = (0..group.chips()).map(|l| group.chip(topo, l)).collect();
+    // Between the cores of a chip: a ring over the chip's shared path, (k − 1)/k of the bytes.
+    let k = group.cores_per_chip as f64;
+    let on_chip = (k - 1.0) / k * bytes / topo.core_bytes_per_second;
+    let axes: Vec<usize> = (0..group.dims.len()).filter(|&a| group.dims[a] > 1).collect();
+    if collective == Collective::Broadcast {
+        broadcast(net, group, &axes, bytes, ready)?;
+        if group.cores_per_chip > 1 {
+            chips.iter().for_each(|&c| ready[c] += bytes / topo.core_bytes_per_second);
+        }
+        return Ok(());
+    }
     // What each chip holds entering each axis's reduce-scatter.
     let mut sizes = Vec::new();
     let mut size = bytes;
     for &a in &axes {
         sizes.push(size);
-        size /= topo.dims[a] as f64;
+        size /= group.dims[a] as f64;
     }
-    if matches!(collective, Collective::AllReduce | Collective::ReduceScatter) {
+    if collective.reduces() {
+        chips.iter().for_each(|&c| ready[c] += on_chip);
         for (&a, &s) in axes.iter().zip(&sizes) {
-            ring_pass(net, a, s, &mut ready)?;
+            ring_pass(net, &rings(topo, group, a, |_| true), s, ready)?;
         }
     }
     if matches!(collective, Collective::AllReduce | Collective::AllGather) {
         for (&a, &s) in axes.iter().zip(&sizes).rev() {
-            ring_pass(net, a, s, &mut ready)?;
+            ring_pass(net, &rings(topo, group, a, |_| true), s, ready)?;
+        }
+        chips.iter().for_each(|&c| ready[c] += on_chip);
+    }
+    Ok(())
+}
+
+/// A broadcast from the group's first chip: axis by axis, every chip holding the bytes sends
+/// them along its line in chunks, chip to chip (both ways round on a full ring), so the
+/// chunks pipeline over the hops.
+fn broadcast(net: &mut Network, group: &Group, axes: &[usize], bytes: f64, ready: &mut [f64]) -> Result<()> {
+    let topo = net.topology;
+    let chunks = (bytes / net.chunk_bytes).ceil().max(1.0) as usize;
+    for &a in axes {
+        let n = group.dims[a];
+        let wraps = n == topo.dims[a] && topo.wraparound[a];
+        // The lines through the chips that hold the bytes: coordinate 0 on every later axis.
+        for line in rings(topo, group, a, |c| c[a + 1..].iter().all(|&x| x == 0)) {
+            let chains: Vec<Vec<usize>> = if wraps {
+                // Half the ring up from the root, the rest down from it.
+                let up = n / 2;
+                let down = std::iter::once(line[0]).chain(line[up + 1..].iter().rev().copied()).collect();
+                vec![line[..=up].to_vec(), down]
+            } else {
+                vec![line]
+            };
+            for chain in chains {
+                let routes: Vec<Vec<usize>> =
+                    chain.windows(2).map(|w| reach(topo, w[0], w[1])).collect::<Result<_>>()?;
+                let start = ready[chain[0]];
+                let mut arrival = vec![start; chain.len()];
+                for c in 0..chunks {
+                    let size = (bytes - c as f64 * net.chunk_bytes).min(net.chunk_bytes);
+                    let mut at = start;
+                    for (h, route) in routes.iter().enumerate() {
+                        at = net.send(route, size, at);
+                        arrival[h + 1] = at;
+                    }
+                }
+                for (i, &chip) in chain.iter().enumerate().skip(1) {
+                    ready[chip] = arrival[i];
+                }
+            }
         }
     }
-    Ok(ready)
+    Ok(())
 }
 
-/// How an all-reduce combines the replicas' values.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Reduction {
-    Sum,
-    /// The sum divided by the number of cores (TensorFlow's `CrossShardOptimizer` default).
-    Mean,
-}
-
-/// The values an all-reduce leaves on every core, `values[core]` being each core's (equal
-/// lengths): summed as the algorithm sums them, so every run and thread count gives the same
-/// bits. The cores of a chip first (in core order); then per axis, every ring reduce-scatters
-/// what its chips hold, half the elements up the ring and half down, each half cut into
-/// `n` chunks; chunk `c` of the up half is summed from the chip after its owner (ring
-/// position `c`) round to the owner, the down half the other way; the next axis works on what
-/// each chip owns. The all-gather copies the owners' sums back to every core.
-pub fn all_reduce_values(topo: &Topology, values: &[Vec<f32>], reduction: Reduction) -> Vec<Vec<f32>> {
-    let len = values.first().map_or(0, Vec::len);
+/// What each member of `group` holds after `collective`: `members[r]` is the operand of the
+/// group's member `r` (equal lengths), replaced by its result. Sums follow the algorithm: the
+/// cores of a chip first (in core order); then per axis, every ring reduce-scatters what its
+/// chips hold, half the elements up the ring and half down, each half cut into `n` chunks;
+/// chunk `c` of the up half is summed from the chip after its owner (ring position `c`)
+/// round to the owner, the down half the other way; the next axis works on what each chip
+/// owns. So every run and thread count gives the same bits, and a reduce-scatter's shard has
+/// the bits the all-reduce gives there. Shards are [`shards`] of the operand.
+pub fn values(group: &Group, collective: Collective, reduction: Reduction, members: &mut [Vec<f32>]) {
+    let len = members.first().map_or(0, Vec::len);
     assert!(
-        values.len() == topo.cores() && values.iter().all(|v| v.len() == len),
-        "one vector per core, equal lengths"
+        members.len() == group.cores() && members.iter().all(|v| v.len() == len),
+        "one vector per member, equal lengths"
     );
-    // Each chip's cores, summed in core order.
-    let mut chips: Vec<Vec<f32>> = (0..topo.chips())
+    let n = members.len();
+    let shard = shards(len, n);
+    match collective {
+        Collective::Broadcast => {
+            let root = members[0].clone();
+            members.iter_mut().for_each(|m| m.clone_from(&root));
+        }
+        Collective::AllGather => {
+            let mut all = vec![0f32; len];
+            for (r, range) in shard.iter().enumerate() {
+                all[range.clone()].copy_from_slice(&members[r][range.clone()]);
+            }
+            members.iter_mut().for_each(|m| m.clone_from(&all));
+        }
+        Collective::AllReduce | Collective::ReduceScatter => {
+            let mut total = reduced(group, members);
+            if reduction == Reduction::Mean {
+                total.iter_mut().for_each(|v| *v /= n as f32);
+            }
+            if collective == Collective::AllReduce {
+                members.iter_mut().for_each(|m| m.clone_from(&total));
+            } else {
+                for (m, range) in members.iter_mut().zip(&shard) {
+                    m[range.clone()].copy_from_slice(&total[range.clone()]);
+                }
+            }
+        }
+    }
+}
+
+/// The element ranges of `n` shards of `len` elements, as even as can be, the first ones one
+/// longer.
+pub fn shards(len: usize, n: usize) -> Vec<std::ops::Range<usize>> {
+    let (base, extra) = (len / n, len % n);
+    let mut at = 0;
+    (0..n)
+        .map(|c| {
+            let size = base + usize::from(c < extra);
+            at += size;
+            at - size..at
+        })
+        .collect()
+}
+
+/// The sum over the members, in the all-reduce's order.
+fn reduced(group: &Group, members: &[Vec<f32>]) -> Vec<f32> {
+    let len = members[0].len();
+    let k = group.cores_per_chip;
+    // Each chip's cores, summed in core order (local chip indices).
+    let mut chips: Vec<Vec<f32>> = (0..group.chips())
         .map(|chip| {
-            let mut acc = values[chip * topo.cores_per_chip].clone();
-            for core in 1..topo.cores_per_chip {
-                for (a, &v) in acc.iter_mut().zip(&values[chip * topo.cores_per_chip + core]) {
+            let mut acc = members[chip * k].clone();
+            for core in 1..k {
+                for (a, &v) in acc.iter_mut().zip(&members[chip * k + core]) {
                     *a += v;
                 }
             }
@@ -133,74 +229,61 @@ pub fn all_reduce_values(topo: &Topology, values: &[Vec<f32>], reduction: Reduct
         })
         .collect();
     // The elements each chip owns (the same along every ring of the next axis).
-    let mut owned: Vec<Vec<usize>> = vec![(0..len).collect(); topo.chips()];
-    for axis in (0..topo.dims.len()).filter(|&a| topo.dims[a] > 1) {
-        let n = topo.dims[axis];
+    let mut owned: Vec<Vec<usize>> = vec![(0..len).collect(); group.chips()];
+    for axis in (0..group.dims.len()).filter(|&a| group.dims[a] > 1) {
+        let n = group.dims[axis];
         let mut next_owned = owned.clone();
-        for ring in (0..topo.chips()).filter(|&c| topo.coords(c)[axis] == 0).map(|c| topo.ring(c, axis)) {
+        for ring in group.lines(axis, |_| true) {
             let elements = owned[ring[0]].clone();
             let (up, down) = elements.split_at(elements.len().div_ceil(2));
             for p in 0..n {
                 next_owned[ring[p]].clear();
             }
             for (half, step) in [(up, 1), (down, n - 1)] {
-                for (c, chunk) in chunks(half, n).into_iter().enumerate() {
+                for (c, range) in shards(half.len(), n).into_iter().enumerate() {
                     // From the chip after the owner, round to the owner.
-                    for &e in chunk {
+                    for &e in &half[range] {
                         let mut acc = chips[ring[(c + step) % n]][e];
                         for k in 2..=n {
                             acc += chips[ring[(c + k * step) % n]][e];
                         }
                         chips[ring[c]][e] = acc;
                     }
-                    next_owned[ring[c]].extend_from_slice(chunk);
+                }
+                for (c, range) in shards(half.len(), n).into_iter().enumerate() {
+                    next_owned[ring[c]].extend_from_slice(&half[range]);
                 }
             }
         }
         owned = next_owned;
     }
-    // The all-gather: every element from its owner.
     let mut total = vec![0f32; len];
     for (chip, elements) in owned.iter().enumerate() {
         for &e in elements {
             total[e] = chips[chip][e];
         }
     }
-    if reduction == Reduction::Mean {
-        let n = topo.cores() as f32;
-        total.iter_mut().for_each(|v| *v /= n);
-    }
-    vec![total; topo.cores()]
+    total
 }
 
-/// `items` cut into `n` chunks as even as can be, the first ones one longer.
-fn chunks<T>(items: &[T], n: usize) -> Vec<&[T]> {
-    let (base, extra) = (items.len() / n, items.len() % n);
-    let mut out = Vec::with_capacity(n);
-    let mut at = 0;
-    for c in 0..n {
-        let size = base + usize::from(c < extra);
-        out.push(&items[at..at + size]);
-        at += size;
-    }
-    out
-}
-
-/// The closed form on unloaded rings with wraparound: per axis of `n` chips holding `b`
-/// bytes, a pass is `(n − 1) · (b / (2n) / bandwidth + hop latency)`; an all-reduce is a
-/// reduce-scatter and an all-gather.
-pub fn closed_form(topo: &Topology, collective: Collective, bytes: f64) -> f64 {
-    let Some(link) = topo.links.first() else { return 0.0 };
+/// The closed form on unloaded rings with wraparound: between a chip's `k` cores,
+/// `(k − 1)/k · bytes` over the on-chip bandwidth; per axis of `n` chips holding `b` bytes, a
+/// pass is `(n − 1) · (b / (2n) / bandwidth + hop latency)`; an all-reduce is a reduce-scatter
+/// and an all-gather. (Broadcast has no closed form here.)
+pub fn closed_form(topo: &Topology, group: &Group, collective: Collective, bytes: f64) -> f64 {
+    let k = group.cores_per_chip as f64;
+    let on_chip = (k - 1.0) / k * bytes / topo.core_bytes_per_second;
+    let Some(link) = topo.links.first() else { return on_chip };
     let (bw, hop) = (link.bytes_per_second, link.latency_seconds);
     let mut size = bytes;
     let mut pass = 0.0;
-    for &n in topo.dims.iter().filter(|&&n| n > 1) {
+    for &n in group.dims.iter().filter(|&&n| n > 1) {
         pass += (n - 1) as f64 * (size / (2 * n) as f64 / bw + hop);
         size /= n as f64;
     }
     match collective {
-        Collective::AllReduce => 2.0 * pass,
-        Collective::ReduceScatter | Collective::AllGather => pass,
+        Collective::AllReduce => 2.0 * (pass + on_chip),
+        Collective::ReduceScatter | Collective::AllGather | Collective::Broadcast => pass + on_chip,
     }
 }
 
@@ -210,46 +293,83 @@ mod tests {
     use crate::config::presets;
     use crate::pod::topology::Direction;
 
-    fn slowest(times: &[f64]) -> f64 {
-        times.iter().copied().fold(0.0, f64::max)
+    /// When the last chip of the whole slice is done with `collective` from time 0.
+    fn time(net: &mut Network, collective: Collective, bytes: f64) -> Result<f64> {
+        let topo = net.topology;
+        let mut ready = vec![0.0; topo.chips()];
+        run(net, &topo.whole(), collective, bytes, &mut ready)?;
+        Ok(ready.into_iter().fold(0.0, f64::max))
     }
 
     #[test]
     fn unloaded_tori_take_the_closed_form() {
         // A 32x32 torus (v3-2048), a 4x4x4 cube (v4-128), a 4x4x8 torus (v4-256): every
-        // collective, large and small, equals its closed form.
+        // collective, large and small, equals its closed form; so do the groups of a row of
+        // 32 chips and of one chip's two cores.
         for name in ["v3-2048", "v4-128", "v4-256"] {
             let t = Topology::of(&presets::preset(name).unwrap()).unwrap();
             for collective in [Collective::AllReduce, Collective::ReduceScatter, Collective::AllGather] {
                 for bytes in [1e3, 1e8] {
                     let mut net = Network::new(&t, f64::INFINITY);
-                    let got = slowest(&run(&mut net, collective, bytes, 0.0).unwrap());
-                    let want = closed_form(&t, collective, bytes);
+                    let got = time(&mut net, collective, bytes).unwrap();
+                    let want = closed_form(&t, &t.whole(), collective, bytes);
                     assert!((got - want).abs() <= 1e-9 * want, "{name} {collective:?} {bytes}: {got} vs {want}");
                 }
             }
         }
+        let t = Topology::of(&presets::preset("v3-2048").unwrap()).unwrap();
+        for size in [2, 64] {
+            let group = &t.groups(size).unwrap()[3];
+            let mut ready = vec![0.0; t.chips()];
+            run(&mut Network::new(&t, f64::INFINITY), group, Collective::AllReduce, 1e8, &mut ready).unwrap();
+            let got = ready.iter().copied().fold(0.0, f64::max);
+            let want = closed_form(&t, group, Collective::AllReduce, 1e8);
+            assert!((got - want).abs() <= 1e-9 * want, "group of {size}: {got} vs {want}");
+            // Only the group's chips took part.
+            assert_eq!(ready.iter().filter(|&&r| r > 0.0).count(), group.chips());
+        }
     }
 
     /// Every core's vector: integers, so that sums in any order are exact.
-    fn integers(topo: &Topology, len: usize) -> Vec<Vec<f32>> {
-        (0..topo.cores()).map(|core| (0..len).map(|e| ((core * 7 + e * 3) % 11) as f32 - 5.0).collect()).collect()
+    fn integers(cores: usize, len: usize) -> Vec<Vec<f32>> {
+        (0..cores).map(|core| (0..len).map(|e| ((core * 7 + e * 3) % 11) as f32 - 5.0).collect()).collect()
     }
 
     #[test]
-    fn all_reduce_values_are_the_sums_on_boards_tori_and_cubes() {
-        // v2-8 (a 2x2 board), a 4x4 torus (v3-32 with wraparound), a 4x4x4 cube (v4-128).
+    fn collective_values_are_exact_on_boards_tori_and_cubes() {
+        // v2-8 (a 2x2 board), a 4x4 torus (v3-32 with wraparound), a 4x4x4 cube (v4-128),
+        // and groups of 8 within the torus: sums and means, shards and gathers, broadcasts.
         let mut torus = presets::preset("v3-32").unwrap();
         torus.slice.wraparound = vec![true, true];
-        for m in [presets::preset("v2-8").unwrap(), torus, presets::preset("v4-128").unwrap()] {
-            let t = Topology::of(&m).unwrap();
+        let t = Topology::of(&torus).unwrap();
+        let mut groups: Vec<Group> =
+            ["v2-8", "v4-128"].iter().map(|n| Topology::of(&presets::preset(n).unwrap()).unwrap().whole()).collect();
+        groups.push(t.whole());
+        groups.push(t.groups(8).unwrap()[2].clone());
+        for group in &groups {
+            let n = group.cores();
             for len in [1, 7, 100] {
-                let values = integers(&t, len);
-                let sum: Vec<f32> = (0..len).map(|e| values.iter().map(|v| v[e]).sum()).collect();
-                let got = all_reduce_values(&t, &values, Reduction::Sum);
-                assert!(got.iter().all(|v| *v == sum), "{} {len}", m.name);
-                let mean: Vec<f32> = sum.iter().map(|s| s / t.cores() as f32).collect();
-                assert!(all_reduce_values(&t, &values, Reduction::Mean).iter().all(|v| *v == mean), "{}", m.name);
+                let operands = integers(n, len);
+                let sum: Vec<f32> = (0..len).map(|e| operands.iter().map(|v| v[e]).sum()).collect();
+                let mean: Vec<f32> = sum.iter().map(|s| s / n as f32).collect();
+                for (reduction, want) in [(Reduction::Sum, &sum), (Reduction::Mean, &mean)] {
+                    let mut m = operands.clone();
+                    values(group, Collective::AllReduce, reduction, &mut m);
+                    assert!(m.iter().all(|v| v == want), "{group:?} {len} {reduction:?}");
+                    let mut m = operands.clone();
+                    values(group, Collective::ReduceScatter, reduction, &mut m);
+                    for (r, range) in shards(len, n).into_iter().enumerate() {
+                        assert_eq!(m[r][range.clone()], want[range.clone()], "{group:?} {len} shard {r}");
+                        // Outside its shard, a member's operand is left as it was.
+                        assert_eq!(m[r][range.end..], operands[r][range.end..]);
+                    }
+                    // All-gathering the shards gives every member the whole reduction.
+                    values(group, Collective::AllGather, Reduction::Sum, &mut m);
+                    assert!(m.iter().all(|v| v == want), "{group:?} {len} gather");
+                }
+                let mut m = operands.clone();
+                values(group, Collective::Broadcast, Reduction::Sum, &mut m);
+                assert!(m.iter().all(|v| *v == operands[0]));
             }
         }
     }
@@ -258,19 +378,29 @@ mod tests {
     fn all_reduce_values_keep_their_order() {
         // Values whose sum depends on the order: the same bits every run, on every core, and
         // the order is the rings' (v3-32, 4x4 chips, checked for the first element: chunk 0 of
-        // the up half on both axes, summed from position 1 round to 0).
+        // the up half on both axes, summed from position 1 round to 0); a reduce-scatter's
+        // shard has the all-reduce's bits.
         let t = Topology::of(&presets::preset("v3-32").unwrap()).unwrap();
-        let values: Vec<Vec<f32>> =
+        let operands: Vec<Vec<f32>> =
             (0..t.cores()).map(|c| (0..64).map(|e| 1.0 + (c * 64 + e) as f32 * 1e-3).collect()).collect();
-        let a = all_reduce_values(&t, &values, Reduction::Sum);
-        let b = all_reduce_values(&t, &values, Reduction::Sum);
+        let all_reduce = || {
+            let mut m = operands.clone();
+            values(&t.whole(), Collective::AllReduce, Reduction::Sum, &mut m);
+            m
+        };
+        let (a, b) = (all_reduce(), all_reduce());
         assert!(a.iter().zip(&b).all(|(x, y)| x.iter().zip(y).all(|(p, q)| p.to_bits() == q.to_bits())));
         assert!(a.iter().all(|v| v == &a[0]));
+        let mut rs = operands.clone();
+        values(&t.whole(), Collective::ReduceScatter, Reduction::Sum, &mut rs);
+        for (r, range) in shards(64, t.cores()).into_iter().enumerate() {
+            assert!(rs[r][range.clone()].iter().zip(&a[0][range]).all(|(p, q)| p.to_bits() == q.to_bits()));
+        }
         // Element 0: each chip's two cores, then along axis 0 from position 1 round to 0,
         // then the same along axis 1, in f32.
         let chip = |x: usize, y: usize| {
             let c = t.chip_at(&[x, y]);
-            values[2 * c][0] + values[2 * c + 1][0]
+            operands[2 * c][0] + operands[2 * c + 1][0]
         };
         let order = [1, 2, 3, 0];
         let column = |y: usize| order[1..].iter().fold(chip(order[0], y), |acc, &x| acc + chip(x, y));
@@ -279,20 +409,35 @@ mod tests {
     }
 
     #[test]
+    fn broadcasts_stream_down_lines() {
+        // A 4-chip line of v3-32's first row (a group of 8): 100 MB in 1 MB chunks reach the
+        // far end after the bytes once plus two more chunks and three hop latencies, plus the
+        // copy to each chip's second core.
+        let t = Topology::of(&presets::preset("v3-32").unwrap()).unwrap();
+        let (bw, hop) = (t.links[0].bytes_per_second, t.links[0].latency_seconds);
+        let group = &t.groups(8).unwrap()[0];
+        let mut ready = vec![0.0; t.chips()];
+        run(&mut Network::new(&t, 1e6), group, Collective::Broadcast, 1e8, &mut ready).unwrap();
+        let want = 1e8 / bw + 2.0 * 1e6 / bw + 3.0 * hop + 1e8 / t.core_bytes_per_second;
+        let got = ready[t.chip_at(&[0, 3])];
+        assert!((got - want).abs() < 1e-9, "{got} vs {want}");
+    }
+
+    #[test]
     fn degraded_and_failed_links_slow_the_collective() {
         let m = presets::preset("v3-2048").unwrap();
         let healthy = Topology::of(&m).unwrap();
-        let want = closed_form(&healthy, Collective::AllReduce, 1e8);
-        let time = |t: &Topology| slowest(&run(&mut Network::new(t, 1e6), Collective::AllReduce, 1e8, 0.0).unwrap());
+        let want = closed_form(&healthy, &healthy.whole(), Collective::AllReduce, 1e8);
+        let slowest = |t: &Topology| time(&mut Network::new(t, 1e6), Collective::AllReduce, 1e8).unwrap();
         // One link at half bandwidth: its ring waits for it at every step of the first axis.
         let mut t = healthy.clone();
         t.degrade(t.link(t.chip_at(&[3, 3]), 0, Direction::Up).unwrap(), 41e9);
-        let degraded = time(&t);
+        let degraded = slowest(&t);
         assert!(degraded > 1.5 * want, "{degraded} vs {want}");
         // One failed link: its traffic detours through a neighbouring ring and queues there.
         let mut t = healthy.clone();
         t.fail(t.link(t.chip_at(&[3, 3]), 0, Direction::Up).unwrap());
-        let failed = time(&t);
+        let failed = slowest(&t);
         assert!(failed > 1.1 * want, "{failed} vs {want}");
         // Links cut in every way across an axis: the collective cannot run, and says why.
         let mut t = Topology::of(&presets::preset("v3-32").unwrap()).unwrap();
@@ -303,7 +448,7 @@ mod tests {
                 }
             }
         }
-        let e = run(&mut Network::new(&t, 1e6), Collective::AllReduce, 1e6, 0.0).unwrap_err();
+        let e = time(&mut Network::new(&t, 1e6), Collective::AllReduce, 1e6).unwrap_err();
         assert!(e.to_string().contains("failed links cut the slice"), "{e}");
     }
 
@@ -312,18 +457,19 @@ mod tests {
         // A 4x4 mesh (v3-32): each ring closes through the line back, over the links the other
         // direction uses — slower than the torus's closed form, at most about twice it.
         let t = Topology::of(&presets::preset("v3-32").unwrap()).unwrap();
-        let mut net = Network::new(&t, 1e6);
-        let mesh = slowest(&run(&mut net, Collective::AllReduce, 1e8, 0.0).unwrap());
-        let torus = closed_form(&t, Collective::AllReduce, 1e8);
+        let mesh = time(&mut Network::new(&t, 1e6), Collective::AllReduce, 1e8).unwrap();
+        let torus = closed_form(&t, &t.whole(), Collective::AllReduce, 1e8);
         assert!(mesh > 1.3 * torus && mesh < 2.2 * torus, "{mesh} vs {torus}");
         // Two all-reduces at once on a torus share every link: the second finishes about
-        // when two back to back would.
+        // when its links would have carried both (its steps between a chip's cores overlap).
         let t = Topology::of(&presets::preset("v3-2048").unwrap()).unwrap();
-        let one = closed_form(&t, Collective::AllReduce, 1e8);
+        let one = closed_form(&t, &t.whole(), Collective::AllReduce, 1e8);
+        let links_only = closed_form(&t, &Group { cores_per_chip: 1, ..t.whole() }, Collective::AllReduce, 1e8);
         let mut net = Network::new(&t, 1e6);
-        run(&mut net, Collective::AllReduce, 1e8, 0.0).unwrap();
-        let second = slowest(&run(&mut net, Collective::AllReduce, 1e8, 0.0).unwrap());
-        assert!(second > 1.9 * one && second < 2.1 * one, "{second} vs {one}");
+        time(&mut net, Collective::AllReduce, 1e8).unwrap();
+        let second = time(&mut net, Collective::AllReduce, 1e8).unwrap();
+        let want = one + links_only;
+        assert!((second - want).abs() < 0.05 * want, "{second} vs {want}");
         // The busiest links are on the first axis: per all-reduce, 2 · 31 steps of 1e8 / 64 B.
         let busiest = net.stats[net.busiest()[0]];
         assert_eq!(t.links[net.busiest()[0]].axis, 0);

@@ -7,4 +7,5 @@
 
 pub mod collectives;
 pub mod network;
+pub mod slice;
 pub mod topology;

@@ -35,6 +35,9 @@ pub struct Topology {
     pub cores_per_chip: usize,
     pub chips_per_host: usize,
     pub links: Vec<Link>,
+    /// Bytes per second between two cores of a chip. Assumption (no public figure): a core
+    /// reads its neighbour's HBM at its own HBM bandwidth.
+    pub core_bytes_per_second: f64,
     /// Per chip, axis and direction (`Up` first): the link leaving the chip that way, if any.
     out: Vec<Option<usize>>,
 }
@@ -66,6 +69,7 @@ impl Topology {
             cores_per_chip: machine.chip.cores,
             chips_per_host: machine.host.chips.max(1),
             links: Vec::new(),
+            core_bytes_per_second: machine.hbm_bytes_per_second(),
             out: Vec::new(),
         };
         let axes = topo.dims.len();
@@ -162,6 +166,94 @@ impl Topology {
         self.out[(chip * self.dims.len() + axis) * 2 + direction as usize]
     }
 
+    /// The whole slice as one group.
+    pub fn whole(&self) -> Group {
+        Group {
+            origin: vec![0; self.dims.len()],
+            dims: self.dims.clone(),
+            cores_per_chip: self.cores_per_chip,
+            first_core: 0,
+        }
+    }
+
+    /// The groups of `replicas` consecutive cores (cores numbered chip by chip, chips with
+    /// the last axis fastest): each must be part of one chip (a divisor of its cores) or a box
+    /// of whole chips — which the sizes [`Topology::group_sizes`] lists are.
+    pub fn groups(&self, replicas: usize) -> Result<Vec<Group>> {
+        let fail = || Error::Config {
+            field: "replica group".into(),
+            reason: format!(
+                "a group of {replicas} replicas does not exist on this slice of {} cores ({} per chip, chips {:?}): groups take consecutive cores and must fill part of a chip or a box of chips; use one of {:?}",
+                self.cores(),
+                self.cores_per_chip,
+                self.dims,
+                self.group_sizes()
+            ),
+        };
+        let cpc = self.cores_per_chip;
+        if replicas == 0 || replicas > self.cores() {
+            return Err(fail());
+        }
+        if replicas <= cpc {
+            if !cpc.is_multiple_of(replicas) {
+                return Err(fail());
+            }
+            let unit = vec![1; self.dims.len()];
+            return Ok((0..self.cores() / replicas)
+                .map(|g| Group {
+                    origin: self.coords(g * replicas / cpc),
+                    dims: unit.clone(),
+                    cores_per_chip: replicas,
+                    first_core: g * replicas,
+                })
+                .collect());
+        }
+        if !replicas.is_multiple_of(cpc) {
+            return Err(fail());
+        }
+        // Consecutive chips fill the last axis first: the box's extent, axis by axis from
+        // the last, is all of an axis until what is left is smaller, which must divide it.
+        let mut left = replicas / cpc;
+        let mut dims = vec![1; self.dims.len()];
+        for axis in (0..self.dims.len()).rev() {
+            let n = self.dims[axis];
+            if left >= n {
+                if !left.is_multiple_of(n) {
+                    return Err(fail());
+                }
+                dims[axis] = n;
+                left /= n;
+            } else {
+                if !n.is_multiple_of(left) {
+                    return Err(fail());
+                }
+                dims[axis] = left;
+                left = 1;
+            }
+        }
+        let chips: usize = dims.iter().product();
+        Ok((0..self.chips() / chips)
+            .map(|g| Group {
+                origin: self.coords(g * chips),
+                dims: dims.clone(),
+                cores_per_chip: cpc,
+                first_core: g * chips * cpc,
+            })
+            .collect())
+    }
+
+    /// Every group size the slice has, smallest first.
+    pub fn group_sizes(&self) -> Vec<usize> {
+        let mut sizes: Vec<usize> = (1..=self.cores_per_chip).filter(|&r| self.cores_per_chip.is_multiple_of(r)).collect();
+        let mut chips = 1;
+        for axis in (0..self.dims.len()).rev() {
+            let n = self.dims[axis];
+            sizes.extend((2..=n).filter(|&d| n.is_multiple_of(d)).map(|d| chips * d * self.cores_per_chip));
+            chips *= n;
+        }
+        sizes
+    }
+
     /// The chips along `axis` through `chip`, from coordinate 0 up.
     pub fn ring(&self, chip: usize, axis: usize) -> Vec<usize> {
         let mut c = self.coords(chip);
@@ -251,10 +343,91 @@ impl Topology {
     }
 }
 
+/// The members of one collective: a box of chips (all of each chip's cores, or some cores of
+/// one chip), their cores consecutive from `first_core`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Group {
+    /// The coordinates of the box's first chip.
+    pub origin: Vec<usize>,
+    /// The box's extent along each axis.
+    pub dims: Vec<usize>,
+    /// Cores of each chip in the group.
+    pub cores_per_chip: usize,
+    pub first_core: usize,
+}
+
+impl Group {
+    pub fn chips(&self) -> usize {
+        self.dims.iter().product()
+    }
+
+    pub fn cores(&self) -> usize {
+        self.chips() * self.cores_per_chip
+    }
+
+    /// The slice's chip at the group's local chip index `local` (last axis fastest).
+    pub fn chip(&self, topo: &Topology, local: usize) -> usize {
+        let mut c = self.local_coords(local);
+        for (x, o) in c.iter_mut().zip(&self.origin) {
+            *x += o;
+        }
+        topo.chip_at(&c)
+    }
+
+    /// Local coordinates of local chip `local`.
+    pub fn local_coords(&self, local: usize) -> Vec<usize> {
+        let mut c = vec![0; self.dims.len()];
+        let mut rest = local;
+        for axis in (0..self.dims.len()).rev() {
+            c[axis] = rest % self.dims[axis];
+            rest /= self.dims[axis];
+        }
+        c
+    }
+
+    /// The lines of the box along `axis` (local chip indices, from local coordinate 0 up), for
+    /// those of its chips whose local coordinates satisfy `keep`.
+    pub fn lines(&self, axis: usize, keep: impl Fn(&[usize]) -> bool) -> Vec<Vec<usize>> {
+        let stride: usize = self.dims[axis + 1..].iter().product();
+        (0..self.chips())
+            .filter(|&l| {
+                let c = self.local_coords(l);
+                c[axis] == 0 && keep(&c)
+            })
+            .map(|l| (0..self.dims[axis]).map(|i| l + i * stride).collect())
+            .collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::config::presets;
+
+    #[test]
+    fn groups_are_parts_of_chips_or_boxes_of_chips() {
+        // v3-32: 4x4 chips of 2 cores. Groups of 2 are chips; of 8, a row of 4 chips; of 16,
+        // two rows; 6 is not a box.
+        let t = Topology::of(&presets::preset("v3-32").unwrap()).unwrap();
+        let g = t.groups(2).unwrap();
+        assert_eq!((g.len(), g[5].chips(), g[5].first_core), (16, 1, 10));
+        let g = t.groups(8).unwrap();
+        assert_eq!((g.len(), g[1].origin.clone(), g[1].dims.clone()), (4, vec![1, 0], vec![1, 4]));
+        assert_eq!(g[1].lines(1, |_| true), vec![vec![0, 1, 2, 3]]);
+        assert_eq!(g[1].chip(&t, 3), t.chip_at(&[1, 3]));
+        let g = t.groups(16).unwrap();
+        assert_eq!((g.len(), g[1].dims.clone(), g[1].first_core), (2, vec![2, 4], 16));
+        assert_eq!(t.groups(1).unwrap().len(), 32);
+        assert_eq!(t.groups(32).unwrap()[0], t.whole());
+        assert_eq!(t.group_sizes(), vec![1, 2, 4, 8, 16, 32]);
+        for bad in [0, 3, 6, 12, 64] {
+            let e = t.groups(bad).unwrap_err().to_string();
+            assert!(
+                e.contains(&format!("a group of {bad} replicas does not exist")) && e.contains("[1, 2, 4, 8, 16, 32]"),
+                "{e}"
+            );
+        }
+    }
 
     #[test]
     fn small_slices_are_meshes_and_pods_are_tori() {
