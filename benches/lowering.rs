@@ -16,14 +16,7 @@ use systolic::simulator::timing::{simulate, simulate_unchecked};
 fn resnet50(c: &mut Criterion) {
     let graph = zoo::build("resnet50").unwrap();
     let machine = presets::preset("v2-8").unwrap();
-    let opts = Options {
-        machine: machine.clone(),
-        batch: 128,
-        precision: Precision::Default,
-        training: None,
-        train_mode: false,
-        activations: Options::default_activations(Precision::Default),
-    };
+    let opts = Options::new(machine.clone(), 128, Precision::Default);
     let mut group = c.benchmark_group("resnet50 inference, batch 128, v2-8");
     group.sample_size(10);
     group.bench_function("compile", |b| b.iter(|| compile(&graph, &opts).unwrap()));

@@ -37,8 +37,10 @@ enum Command {
     Mxu(commands::mxu::Args),
     /// Lower a model for one core: per layer padded shapes, passes, estimate and simulated cycles.
     Compile(commands::compile::Args),
-    /// Simulate one step of a model on one core: cycles, time, examples/s, unit utilisation.
+    /// Simulate one step of a model on a whole slice: step time, examples/s, the shares of compute, all-reduce, infeed and host; one core's units.
     Simulate(commands::simulate::Args),
+    /// One step of a model on slices of growing size: throughput, scaling efficiency and where the time goes.
+    Scale(commands::scale::Args),
     /// Compare the simulated TPU (bf16 MXU) against the f32 CPU reference, in values and speed.
     Compare(commands::compare::Args),
     /// Time one collective over every chip of a slice on the ICI network model, against its closed form.
@@ -64,6 +66,7 @@ fn main() {
         Command::Mxu(a) => commands::mxu::run(a),
         Command::Compile(a) => commands::compile::run(a),
         Command::Simulate(a) => commands::simulate::run(a),
+        Command::Scale(a) => commands::scale::run(a),
         Command::Compare(a) => commands::compare::run(a),
         Command::Collective(a) => commands::collective::run(a),
     };

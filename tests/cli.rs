@@ -671,9 +671,11 @@ fn simulate_reports_units_and_writes_a_trace() {
     let args = ["simulate", "simple_cnn", "--batch", "32", "--json", "--trace", &d.s("t.json")];
     let v: serde_json::Value = serde_json::from_str(&ok(&args)).unwrap();
     let cycles = v["step_cycles"].as_u64().unwrap();
-    let seconds = v["step_seconds"].as_f64().unwrap();
-    // v2 cores run at 700 MHz.
+    let seconds = v["core_step_seconds"].as_f64().unwrap();
+    // v2 cores run at 700 MHz; the slice's step adds the host's round trip (1 ms per 100 steps).
     assert!((seconds * 700e6 - cycles as f64).abs() < 1.0, "{v}");
+    assert!((v["step_seconds"].as_f64().unwrap() - seconds - 1e-5).abs() < 1e-12, "{v}");
+    assert_eq!((v["cores"].as_u64(), v["chips"].as_u64(), v["global_batch"].as_u64()), (Some(8), Some(4), Some(256)));
     let units = v["units"].as_array().unwrap();
     assert!(units.iter().any(|u| u["unit"] == "mxu0" && u["busy_cycles"].as_u64().unwrap() > 0), "{v}");
     assert!(units.iter().all(|u| u["utilization"].as_f64().unwrap() <= 1.0));
@@ -682,7 +684,74 @@ fn simulate_reports_units_and_writes_a_trace() {
     // The same step on a faster machine takes less time.
     let v4: serde_json::Value =
         serde_json::from_str(&ok(&["simulate", "simple_cnn", "--batch", "32", "--machine", "v4-8", "--json"])).unwrap();
-    assert!(v4["step_seconds"].as_f64().unwrap() < seconds, "{v4}");
+    assert!(v4["core_step_seconds"].as_f64().unwrap() < seconds, "{v4}");
+}
+
+#[test]
+fn slices_train_with_the_gradient_all_reduce_and_scale() {
+    // A training step on v3-32 over a global batch: 4 per core, the gradients all-reduced in
+    // buckets, the shares adding up to the step.
+    let d = Dir::new();
+    let args = ["simulate", "digits_cnn", "--train", "--machine", "v3-32", "--global-batch", "128", "--json"];
+    let v: serde_json::Value = serde_json::from_str(&ok(&args)).unwrap();
+    assert_eq!((v["cores"].as_u64(), v["batch"].as_u64(), v["core_runs"].as_u64()), (Some(32), Some(4), Some(1)));
+    assert!(v["allreduce_buckets"].as_u64().unwrap() >= 1 && v["allreduce_seconds"]["total"].as_f64().unwrap() > 0.0);
+    let parts = v["compute_seconds"].as_f64().unwrap()
+        + v["allreduce_seconds"]["exposed"].as_f64().unwrap()
+        + v["infeed_seconds"]["exposed"].as_f64().unwrap()
+        + v["host_seconds"].as_f64().unwrap();
+    assert!((parts - v["step_seconds"].as_f64().unwrap()).abs() < 1e-12, "{v}");
+    assert!(!v["busiest_links"].as_array().unwrap().is_empty());
+    // Every core on its own gives the same step; a slow input pipeline shows as infeed.
+    let full: serde_json::Value = serde_json::from_str(&ok(&[&args[..], &["--no-shortcut"]].concat())).unwrap();
+    assert_eq!(full["step_seconds"], v["step_seconds"]);
+    assert_eq!(full["core_runs"].as_u64(), Some(32));
+    let slow: serde_json::Value = serde_json::from_str(&ok(&[&args[..], &["--input-rate", "100"]].concat())).unwrap();
+    assert!((slow["infeed_seconds"]["per_step"].as_f64().unwrap() - 32.0 * 4.0 / 100.0 * 0.25).abs() < 1e-9, "{slow}");
+    // The trace has core 0 and the network.
+    ok(&["simulate", "digits_cnn", "--train", "--machine", "v3-32", "--trace", &d.s("s.json"), "--trace-cores", "0,5"]);
+    let trace: serde_json::Value = serde_json::from_slice(&std::fs::read(d.path("s.json")).unwrap()).unwrap();
+    let names: Vec<String> = trace["traceEvents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["name"] == "process_name")
+        .map(|e| e["args"]["name"].as_str().unwrap().to_string())
+        .collect();
+    assert!(names.iter().any(|n| n.contains("core 5")) && names.iter().any(|n| n.contains("ICI")), "{names:?}");
+    // Bad slices and batches.
+    let e = fails(&["simulate", "digits_cnn", "--machine", "v3-32", "--global-batch", "100"]);
+    assert!(e.contains("--global-batch 100 does not split evenly over the 32 cores") && e.contains("128"), "{e}");
+    let e = fails(&["simulate", "digits_cnn", "--machine", "v3-32", "--global-batch", "0"]);
+    assert!(e.contains("--global-batch 0"), "{e}");
+    let e = fails(&["simulate", "digits_cnn", "--machine", "v3-32", "--host-rate", "9=10"]);
+    assert!(e.contains("host 9 does not exist"), "{e}");
+    // scale: a row per slice, efficiency against the first, and a plot.
+    let out = ok(&[
+        "scale",
+        "digits_cnn",
+        "--train",
+        "--machine",
+        "v2",
+        "--cores",
+        "8,32",
+        "--batch",
+        "8",
+        "--json",
+        "--plot",
+        &d.s("p.svg"),
+    ]);
+    let rows: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let rows = rows.as_array().unwrap();
+    assert_eq!(rows.len(), 2);
+    assert_eq!(rows[0]["scaling_efficiency"].as_f64(), Some(1.0));
+    for key in ["cores", "chips", "global_batch", "step_seconds", "examples_per_second", "scaling_efficiency"] {
+        assert!(rows[1][key].is_number(), "{key}: {}", rows[1]);
+    }
+    assert_eq!(rows[1]["global_batch"].as_u64(), Some(256));
+    assert!(std::fs::read_to_string(d.path("p.svg")).unwrap().contains("scaling efficiency"));
+    let e = fails(&["scale", "digits_cnn", "--machine", "v3", "--cores", "8,24"]);
+    assert!(e.contains("--cores 24") && e.contains("v3-24"), "{e}");
 }
 
 #[test]

@@ -169,8 +169,14 @@ pub fn run(args: Args) -> Result<()> {
     let want = reference_values(None)?;
     let cpu_seconds = start.elapsed().as_secs_f64();
 
-    let (compiled, compile_seconds) =
-        super::compile::compile_model(&args.model, &machine, batch, precision, activations, training, false)?;
+    let (compiled, compile_seconds) = super::compile::compile_model(
+        &args.model,
+        &systolic::compiler::lower::Options {
+            training,
+            activations,
+            ..systolic::compiler::lower::Options::new(machine.clone(), batch, precision)
+        },
+    )?;
     let bf16_tensors = compiled.bf16_tensors();
     let stored = if bf16_tensors.is_empty() { None } else { Some(reference_values(Some(&bf16_tensors))?) };
     let mut feed = lower::training::one_hot_feed(&compiled.executable, &bindings)?;

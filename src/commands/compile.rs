@@ -47,7 +47,7 @@ pub struct Lowering {
 }
 
 /// The training step's options.
-#[derive(clap::Args)]
+#[derive(clap::Args, Clone)]
 pub struct TrainArgs {
     /// Lower the whole training step (forward, loss, backward, optimizer update) as one program.
     #[arg(long)]
@@ -96,21 +96,24 @@ pub struct Layer {
     instructions: [usize; 2],
 }
 
-/// Compiles with the command's options.
-pub fn compile_model(
-    model: &str,
-    machine: &Machine,
-    batch: usize,
-    precision: Precision,
-    activations: DType,
-    training: Option<Training>,
-    train_mode: bool,
-) -> Result<(Compiled, f64)> {
+/// Compiles `model` (a zoo name or `.ron` graph) with `opts`; returns it and the seconds the
+/// compile took.
+pub fn compile_model(model: &str, opts: &Options) -> Result<(Compiled, f64)> {
     let graph = super::load_model(model)?;
     let start = Instant::now();
-    let opts = Options { machine: machine.clone(), batch, precision, training, train_mode, activations };
-    let compiled = compile(&graph, &opts)?;
+    let compiled = compile(&graph, opts)?;
     Ok((compiled, start.elapsed().as_secs_f64()))
+}
+
+impl Lowering {
+    /// The compiler's options for one core of `machine` at `batch` examples.
+    pub fn options(&self, machine: &Machine, precision: Precision, batch: usize) -> Result<Options> {
+        Ok(Options {
+            training: self.train.training()?,
+            activations: self.storage.resolve(precision)?,
+            ..Options::new(machine.clone(), batch, precision)
+        })
+    }
 }
 
 /// `bf16` or `f32`, as the command line writes them.
@@ -163,16 +166,9 @@ pub fn run(args: Args) -> Result<()> {
             PassName::ALL.iter().map(|p| p.name()).collect::<Vec<_>>().join(", ")
         );
     }
-    let activations = args.what.storage.resolve(precision)?;
-    let (compiled, compile_seconds) = compile_model(
-        &args.what.model,
-        &machine,
-        args.what.batch,
-        precision,
-        activations,
-        args.what.train.training()?,
-        false,
-    )?;
+    let opts = args.what.options(&machine, precision, args.what.batch)?;
+    let activations = opts.activations;
+    let (compiled, compile_seconds) = compile_model(&args.what.model, &opts)?;
     if let Some(p) = &args.dump_after {
         let pass = PassName::parse(p).expect("checked above");
         println!("== after {} ==\n{}", pass.name(), compiled.dump(pass));

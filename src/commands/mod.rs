@@ -10,6 +10,7 @@ pub mod inspect;
 pub mod machines;
 pub mod mxu;
 pub mod run;
+pub mod scale;
 pub mod simulate;
 pub mod zoo;
 

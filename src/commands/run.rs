@@ -147,8 +147,14 @@ fn run_simulated(args: &Args, graph: &Graph, weights: TensorMap, inputs: TensorM
     let (machine, precision) = args.target.resolve()?;
     let activations = args.storage.resolve(precision)?;
     let batch = batch_of(graph, &inputs, args.input.as_deref())?;
-    let (compiled, compile_seconds) =
-        super::compile::compile_model(&args.model, &machine, batch, precision, activations, None, args.train_mode)?;
+    let (compiled, compile_seconds) = super::compile::compile_model(
+        &args.model,
+        &systolic::compiler::lower::Options {
+            train_mode: args.train_mode,
+            activations,
+            ..systolic::compiler::lower::Options::new(machine.clone(), batch, precision)
+        },
+    )?;
     let exe = &compiled.executable;
     let mut bindings = weights.clone();
     bindings.extend(inputs);

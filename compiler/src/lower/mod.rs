@@ -10,7 +10,8 @@
 //!    epilogues, per-channel sums and batch statistics;
 //! 4. [`kernels`]: one module per op family and the dispatcher, the only `match` from a fused
 //!    kernel to the function that emits it;
-//! 5. [`passes`] (`fusion`, `layout`, `allocation`, `tiling`, `scheduling`), run in order by
+//! 5. [`passes`] (`fusion`, `layout`, `storage`, `allocation`, `tiling`, `collectives`,
+//!    `scheduling`), run in order by
 //!    [`pipeline`], each printable with `--dump-after PASS`.
 //!
 //! The result runs on the functional engine (values) and the timing engine (cycles).

@@ -1,7 +1,7 @@
 //! What to compile for.
 
 use systolic_simulator::Machine;
-use systolic_simulator::isa::DType;
+use systolic_simulator::isa::{DType, Reduction};
 use systolic_simulator::numerics::Precision;
 
 use crate::lower::training::Training;
@@ -25,7 +25,23 @@ pub struct Options {
     /// load), or `F32`. Parameters, optimizer state, statistics, the loss and weight gradients
     /// are always f32.
     pub activations: DType,
+    /// Data parallelism: the program is one replica's step at `batch` examples, and the
+    /// training step all-reduces each gradient over groups of this many consecutive cores
+    /// before the update (1: no collectives).
+    pub replicas: usize,
+    /// How gradients are combined over the replicas: `Mean` (TensorFlow's
+    /// `CrossShardOptimizer` default) or `Sum`.
+    pub gradient_reduction: Reduction,
+    /// Gradients are all-reduced in buckets of about this many bytes, each issued as soon as
+    /// the backward pass has made its last gradient, so it overlaps the rest of the backward
+    /// pass.
+    pub bucket_bytes: u64,
 }
+
+/// 25 MiB: PyTorch DistributedDataParallel's default bucket (`bucket_cap_mb=25`), large
+/// enough that a bucket's all-reduce is bandwidth-bound on a pod, small enough that ResNet-50's
+/// ~100 MB of gradients make four buckets that overlap the backward pass.
+pub const BUCKET_BYTES: u64 = 25 << 20;
 
 impl Options {
     /// Inference on `machine` at `batch` examples per core and `precision`, activations stored
@@ -38,6 +54,9 @@ impl Options {
             training: None,
             train_mode: false,
             activations: Self::default_activations(precision),
+            replicas: 1,
+            gradient_reduction: Reduction::Mean,
+            bucket_bytes: BUCKET_BYTES,
         }
     }
 

@@ -11,7 +11,7 @@ use crate::lower::emitter::{Context, Extras, Fragment};
 use crate::lower::kernel::{Kernel, KernelReport, Place, rows_cols};
 use crate::lower::kernels;
 use crate::lower::options::Options;
-use crate::lower::passes::{allocation, fusion, layout, scheduling, storage, tiling};
+use crate::lower::passes::{allocation, collectives, fusion, layout, scheduling, storage, tiling};
 use crate::lower::training::Step;
 
 /// The named passes, in order.
@@ -22,16 +22,18 @@ pub enum PassName {
     Storage,
     Allocation,
     Tiling,
+    Collectives,
     Scheduling,
 }
 
 impl PassName {
-    pub const ALL: [PassName; 6] = [
+    pub const ALL: [PassName; 7] = [
         PassName::Fusion,
         PassName::Layout,
         PassName::Storage,
         PassName::Allocation,
         PassName::Tiling,
+        PassName::Collectives,
         PassName::Scheduling,
     ];
 
@@ -42,6 +44,7 @@ impl PassName {
             PassName::Storage => "storage",
             PassName::Allocation => "allocation",
             PassName::Tiling => "tiling",
+            PassName::Collectives => "collectives",
             PassName::Scheduling => "scheduling",
         }
     }
@@ -68,12 +71,13 @@ pub(crate) struct Pass {
 }
 
 /// The passes, in order.
-pub(crate) const PIPELINE: [Pass; 6] = [
+pub(crate) const PIPELINE: [Pass; 7] = [
     Pass { name: PassName::Fusion, run: run_fusion },
     Pass { name: PassName::Layout, run: run_layout },
     Pass { name: PassName::Storage, run: run_storage },
     Pass { name: PassName::Allocation, run: run_allocation },
     Pass { name: PassName::Tiling, run: run_tiling },
+    Pass { name: PassName::Collectives, run: run_collectives },
     Pass { name: PassName::Scheduling, run: run_scheduling },
 ];
 
@@ -95,6 +99,8 @@ pub(crate) struct Lowering<'g> {
     pub places: Vec<Option<Place>>,
     /// `tiling`: each kernel's instructions and report.
     pub fragments: Vec<Fragment>,
+    /// `collectives`: a data-parallel step's gradient all-reduce buckets.
+    pub buckets: Vec<collectives::Bucket>,
     /// `scheduling`: the program and the kernels' reports.
     pub program: Program,
     pub reports: Vec<KernelReport>,
@@ -112,6 +118,7 @@ impl<'g> Lowering<'g> {
             plan: None,
             places: Vec::new(),
             fragments: Vec::new(),
+            buckets: Vec::new(),
             program: Program::new(graph.name()),
             reports: Vec::new(),
         }
@@ -193,8 +200,13 @@ fn run_tiling(l: &mut Lowering) -> Result<Dump> {
     Ok(Dump::Text(dump))
 }
 
+fn run_collectives(l: &mut Lowering) -> Result<Dump> {
+    l.buckets = collectives::buckets(&l.kernels, &l.owner, &l.places, l.opts);
+    Ok(Dump::Text(collectives::dump(l.graph, &l.kernels, &l.buckets)))
+}
+
 fn run_scheduling(l: &mut Lowering) -> Result<Dump> {
-    let (program, reports) = scheduling::run(l.graph.name(), std::mem::take(&mut l.fragments));
+    let (program, reports) = scheduling::run(l.graph.name(), std::mem::take(&mut l.fragments), &l.buckets);
     (l.program, l.reports) = (program, reports);
     Ok(Dump::Listing)
 }

@@ -167,7 +167,7 @@ fn near_a_kink(g: &Graph, bindings: &TensorMap, step: u64) -> bool {
 pub fn options(machine: Machine, batch: usize, precision: Precision) -> Options {
     // f32 storage: these tests hold the lowering to the f32 reference; bf16 storage is tested
     // against the reference's bf16-storage mode.
-    Options { machine, batch, precision, training: None, train_mode: false, activations: DType::F32 }
+    Options { activations: DType::F32, ..Options::new(machine, batch, precision) }
 }
 
 /// Binds `labels` (ten classes, [`labels`]) in `b` and returns what a compiled program is fed:

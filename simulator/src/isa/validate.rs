@@ -408,6 +408,33 @@ fn class_of(len: u64) -> u8 {
 /// mean fewer indexes to query per access.
 const MIN_EPOCH_ACCESSES: usize = 256;
 
+/// Instructions not yet ordered before a barrier that an epoch may still start at, carrying
+/// their accesses.
+const MAX_CARRIED: usize = 8;
+
+impl Epoch {
+    /// Indexes an access of instruction `instr`.
+    fn add(&mut self, tile: Tile, instr: u32, write: bool) {
+        let (start, end) = tile.span();
+        let class = class_of(end - start);
+        let key = (start, self.accesses.len() as u32);
+        self.accesses.push(Access { tile, instr, write, uncovered: Uncovered::of(&tile) });
+        match self.groups.iter_mut().find(|g| g.space == tile.space && g.write == write && g.class == class) {
+            Some(g) => {
+                g.by_start.insert(key);
+                g.bounds = (g.bounds.0.min(start), g.bounds.1.max(end));
+            }
+            None => self.groups.push(Group {
+                space: tile.space,
+                write,
+                class,
+                bounds: (start, end),
+                by_start: BTreeSet::from([key]),
+            }),
+        }
+    }
+}
+
 #[derive(Clone, Copy)]
 struct Access {
     tile: Tile,
@@ -438,6 +465,8 @@ impl Program {
         // at older epochs. Accesses overwritten by later writes leave the index (`coverage`).
         let mut epochs: Vec<Epoch> = vec![Epoch::default()];
         let mut covered: Vec<(u64, u32)> = Vec::new();
+        // Each unit's instructions in order (its sequence number minus one is the index).
+        let mut on_unit: Vec<Vec<u32>> = vec![Vec::new(); n_units];
 
         for (i, instr) in self.instrs.iter().enumerate() {
             let checker = Checker { machine, index: i, op: instr.op.name() };
@@ -518,27 +547,36 @@ impl Program {
                         }
                     }
                 }
-                let epoch = epochs.last_mut().expect("there is always an epoch");
-                let class = class_of(end - start);
-                let key = (start, epoch.accesses.len() as u32);
-                epoch.accesses.push(Access { tile, instr: i as u32, write, uncovered: Uncovered::of(&tile) });
-                match epoch.groups.iter_mut().find(|g| g.space == tile.space && g.write == write && g.class == class) {
-                    Some(g) => {
-                        g.by_start.insert(key);
-                        g.bounds = (g.bounds.0.min(start), g.bounds.1.max(end));
-                    }
-                    None => epoch.groups.push(Group {
-                        space: tile.space,
-                        write,
-                        class,
-                        bounds: (start, end),
-                        by_start: BTreeSet::from([key]),
-                    }),
-                }
+                epochs.last_mut().expect("there is always an epoch").add(tile, i as u32, write);
             }
+            on_unit[u].push(i as u32);
+            // A barrier ordered after all but a few earlier instructions (a gradient bucket's
+            // all-reduce still running beside the backward pass) starts an epoch too: those
+            // few instructions' accesses are carried into it.
             let large = epochs.last().is_some_and(|e| e.accesses.len() >= MIN_EPOCH_ACCESSES);
-            if clock == counters && large {
-                epochs.push(Epoch { barrier: Some(i), ..Epoch::default() });
+            let pending: u32 = counters.iter().zip(&clock).map(|(c, k)| c - k).sum();
+            if large && pending as usize <= MAX_CARRIED {
+                let mut epoch = Epoch { barrier: Some(i), ..Epoch::default() };
+                for (v, unit) in on_unit.iter().enumerate() {
+                    for &j in &unit[clock[v] as usize..counters[v] as usize] {
+                        let op = &self.instrs[j as usize].op;
+                        op.reads().into_iter().for_each(|t| epoch.add(t, j, false));
+                        op.writes().into_iter().for_each(|t| epoch.add(t, j, true));
+                    }
+                }
+                epochs.push(epoch);
+                // Every later instruction follows its unit's last one: epochs older than the
+                // newest barrier all those are ordered after can never be queried again (a
+                // unit yet to run anything could start unordered: then all stay).
+                let live = (0..n_units)
+                    .map(|v| {
+                        let Some(l) = last_on_unit[v] else { return 0 };
+                        let c = &clocks[l * n_units..(l + 1) * n_units];
+                        epochs.iter().rposition(|e| e.barrier.is_none_or(|b| c[unit_of[b]] >= seq_of[b])).unwrap_or(0)
+                    })
+                    .min()
+                    .unwrap_or(0);
+                epochs.drain(..live);
             }
         }
         Ok(())

@@ -22,6 +22,9 @@ pub struct Network<'t> {
     pub chunk_bytes: f64,
     free: Vec<f64>,
     pub stats: Vec<LinkStats>,
+    /// With [`Network::keep_intervals`]: each link's busy intervals (seconds), back-to-back
+    /// chunks merged — for traces.
+    pub intervals: Option<Vec<Vec<(f64, f64)>>>,
 }
 
 impl<'t> Network<'t> {
@@ -32,7 +35,13 @@ impl<'t> Network<'t> {
             chunk_bytes: chunk_bytes.max(1.0),
             free: vec![0.0; links],
             stats: vec![LinkStats::default(); links],
+            intervals: None,
         }
+    }
+
+    /// Keeps every link's busy intervals from now on.
+    pub fn keep_intervals(&mut self) {
+        self.intervals = Some(vec![Vec::new(); self.stats.len()]);
     }
 
     /// Sends `bytes` along `route`, all of them ready at the source at `ready` (seconds);
@@ -55,6 +64,12 @@ impl<'t> Network<'t> {
                 self.free[l] = end;
                 self.stats[l].bytes += size;
                 self.stats[l].busy_seconds += end - start;
+                if let Some(intervals) = self.intervals.as_mut() {
+                    match intervals[l].last_mut() {
+                        Some(last) if start <= last.1 => last.1 = end,
+                        _ => intervals[l].push((start, end)),
+                    }
+                }
                 at = end + link.latency_seconds;
             }
             arrival = at;

@@ -74,13 +74,15 @@ pub struct Options {
     pub chunk_bytes: f64,
     /// Run identical cores once (see the module's doc).
     pub shortcut: bool,
-    /// Cores whose every instruction to keep, for traces.
+    /// Cores whose timing to report ([`Report::timings`]).
     pub trace_cores: Vec<usize>,
+    /// Keep those cores' every instruction and the links' busy intervals, for traces.
+    pub spans: bool,
 }
 
 impl Default for Options {
     fn default() -> Options {
-        Options { chunk_bytes: (1 << 20) as f64, shortcut: true, trace_cores: Vec::new() }
+        Options { chunk_bytes: (1 << 20) as f64, shortcut: true, trace_cores: Vec::new(), spans: false }
     }
 }
 
@@ -109,6 +111,9 @@ pub struct LinkReport {
     pub busy_seconds: f64,
     /// Busy time over the device's step.
     pub utilization: f64,
+    /// When the link was busy (seconds), kept for traces.
+    #[serde(skip)]
+    pub intervals: Vec<(f64, f64)>,
 }
 
 /// One step of the slice.
@@ -140,7 +145,7 @@ pub struct Report {
     pub collectives: Vec<CollectiveRecord>,
     /// The busiest links, busiest first.
     pub links: Vec<LinkReport>,
-    /// The timings of [`Options::trace_cores`], with their spans.
+    /// The timings of [`Options::trace_cores`] (with their spans if [`Options::spans`]).
     #[serde(skip)]
     pub timings: Vec<(usize, Timing)>,
 }
@@ -213,12 +218,15 @@ pub fn simulate(machine: &Machine, program: &Program, hosts: &Hosts, options: &O
     }
     // Classes holding a traced core keep spans (an engine keeps them from its start).
     for class in &mut classes {
-        if class.cores.iter().any(|c| options.trace_cores.contains(c)) {
+        if options.spans && class.cores.iter().any(|c| options.trace_cores.contains(c)) {
             class.engine = CoreTiming::new(machine_of(class.clock_hz), program, true)?;
         }
     }
     let mut core_runs = classes.len();
     let mut net = Network::new(&topo, options.chunk_bytes);
+    if options.spans {
+        net.keep_intervals();
+    }
     let mut groups: BTreeMap<u32, Vec<Group>> = BTreeMap::new();
     let mut records = Vec::new();
     let mut ready_chip = vec![0.0; topo.chips()];
@@ -332,6 +340,7 @@ pub fn simulate(machine: &Machine, program: &Program, hosts: &Hosts, options: &O
                 bytes: s.bytes,
                 busy_seconds: s.busy_seconds,
                 utilization: if device_seconds > 0.0 { s.busy_seconds / device_seconds } else { 0.0 },
+                intervals: net.intervals.as_ref().map_or(Vec::new(), |i| i[l].clone()),
             }
         })
         .collect();

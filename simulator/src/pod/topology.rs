@@ -244,7 +244,8 @@ impl Topology {
 
     /// Every group size the slice has, smallest first.
     pub fn group_sizes(&self) -> Vec<usize> {
-        let mut sizes: Vec<usize> = (1..=self.cores_per_chip).filter(|&r| self.cores_per_chip.is_multiple_of(r)).collect();
+        let mut sizes: Vec<usize> =
+            (1..=self.cores_per_chip).filter(|&r| self.cores_per_chip.is_multiple_of(r)).collect();
         let mut chips = 1;
         for axis in (0..self.dims.len()).rev() {
             let n = self.dims[axis];

@@ -1,24 +1,30 @@
 //! The `scheduling` pass: the kernels' fragments joined into one program, in kernel order. Each
 //! kernel's opening barrier waits for the previous kernel's closing one, so a kernel starts on
 //! a quiet core and may reuse the VMEM and the dead HBM buffers of the kernels before it;
-//! within a kernel, instructions keep the dependencies the kernel gave them.
+//! within a kernel, instructions keep the dependencies the kernel gave them. A gradient
+//! bucket's all-reduce stands outside that chain: it waits for the kernel that made its last
+//! gradient, and the first kernel that reads one of its gradients waits for it.
 
 use systolic_simulator::isa::Program;
 
 use crate::lower::emitter::Fragment;
 use crate::lower::kernel::KernelReport;
+use crate::lower::passes::collectives::Bucket;
 
 /// The program named `name`, and each kernel's report with its instructions in the program.
-pub(crate) fn run(name: &str, fragments: Vec<Fragment>) -> (Program, Vec<KernelReport>) {
+pub(crate) fn run(name: &str, fragments: Vec<Fragment>, buckets: &[Bucket]) -> (Program, Vec<KernelReport>) {
     let mut program = Program::new(name);
-    program.instrs.reserve_exact(fragments.iter().map(|f| f.program.len()).sum());
+    program.instrs.reserve_exact(fragments.iter().map(|f| f.program.len()).sum::<usize>() + buckets.len());
     let mut reports = Vec::with_capacity(fragments.len());
     let mut prev_end: Option<u32> = None;
-    for Fragment { program: fragment, mut report } in fragments {
+    // Each issued bucket's instruction and the kernel that waits for it.
+    let mut issued: Vec<(u32, usize)> = Vec::new();
+    for (k, Fragment { program: fragment, mut report }) in fragments.into_iter().enumerate() {
         let offset = program.len() as u32;
         let mut instrs = fragment.instrs.into_iter();
         if let Some(mut open) = instrs.next() {
             open.deps = prev_end.into_iter().collect();
+            open.deps.extend(issued.iter().filter(|&&(_, by)| by == k).map(|&(i, _)| i));
             program.instrs.push(open);
         }
         program.instrs.extend(instrs.map(|mut instr| {
@@ -26,6 +32,10 @@ pub(crate) fn run(name: &str, fragments: Vec<Fragment>) -> (Program, Vec<KernelR
             instr
         }));
         prev_end = Some(program.len() as u32 - 1);
+        for b in buckets.iter().filter(|b| b.fragment_after == k) {
+            issued.push((program.len() as u32, b.fragment_needed_by));
+            program.push(b.op.clone(), &prev_end.into_iter().collect::<Vec<_>>());
+        }
         let r = &report.instructions;
         report.instructions = r.start + offset as usize..r.end + offset as usize;
         reports.push(report);
@@ -77,7 +87,7 @@ mod tests {
 
     #[test]
     fn fragments_join_behind_each_other() {
-        let (program, reports) = run("joined", vec![fragment("a", 2), fragment("b", 3), fragment("c", 0)]);
+        let (program, reports) = run("joined", vec![fragment("a", 2), fragment("b", 3), fragment("c", 0)], &[]);
         assert_eq!(program.len(), 4 + 5 + 2);
         // Each kernel opens on the previous one's closing barrier; the first on nothing.
         assert!(program.instrs[0].deps.is_empty());
