@@ -82,9 +82,10 @@ pub fn run(args: Args) -> Result<()> {
             batch: args.batch,
             train: args.train.clone(),
         };
-        let (machine, _) = what.target.resolve().with_context(|| format!("--cores {cores}: no slice {name}"))?;
+        let (machine, precision) =
+            what.target.resolve().with_context(|| format!("--cores {cores}: no slice {name}"))?;
         let batch = per_core_batch(&machine, args.batch, args.slice.global_batch)?;
-        let step = slice_step(&what, &args.slice, &machine, batch, &[0], false)?;
+        let step = slice_step(&what, &args.slice, &machine, precision, batch, &[0], false)?;
         let r = &step.report;
         let eps = step.global_batch as f64 / r.step_seconds;
         let share = |s: f64| s / r.step_seconds;

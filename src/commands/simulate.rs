@@ -9,6 +9,7 @@ use systolic::compiler::lower::{Compiled, Options};
 use systolic::simulator::Machine;
 use systolic::simulator::executable::Role;
 use systolic::simulator::isa::Reduction;
+use systolic::simulator::numerics::Precision;
 use systolic::simulator::pod::slice::{self, Hosts, Report};
 use systolic::simulator::timing::Timing;
 use systolic::simulator::trace::slice_trace;
@@ -79,7 +80,7 @@ pub struct SliceStep {
 
 /// The per-core batch: `--batch`, or `--global-batch` split over the slice's cores.
 pub fn per_core_batch(machine: &Machine, batch: usize, global: Option<usize>) -> Result<usize> {
-    let cores = machine.chips() * machine.chip.cores;
+    let cores = machine.cores();
     match global {
         None => Ok(batch),
         Some(0) => bail!("--global-batch 0: give at least one example per core ({cores})"),
@@ -98,12 +99,12 @@ pub fn slice_step(
     what: &super::compile::Lowering,
     args: &SliceArgs,
     machine: &Machine,
+    precision: Precision,
     batch: usize,
     trace_cores: &[usize],
     spans: bool,
 ) -> Result<SliceStep> {
-    let (_, precision) = what.target.resolve()?;
-    let cores = machine.chips() * machine.chip.cores;
+    let cores = machine.cores();
     let reduction = match args.reduction.as_str() {
         "mean" => Reduction::Mean,
         "sum" => Reduction::Sum,
@@ -150,10 +151,10 @@ pub fn slice_step(
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let (machine, _) = args.what.target.resolve()?;
+    let (machine, precision) = args.what.target.resolve()?;
     let batch = per_core_batch(&machine, args.what.batch, args.slice.global_batch)?;
     let trace_cores = if args.trace.is_some() { args.trace_cores.clone() } else { vec![0] };
-    let step = slice_step(&args.what, &args.slice, &machine, batch, &trace_cores, args.trace.is_some())?;
+    let step = slice_step(&args.what, &args.slice, &machine, precision, batch, &trace_cores, args.trace.is_some())?;
     let (r, c) = (&step.report, &step.core.report);
     let program = &step.compiled.executable.program;
     if let Some(path) = &args.trace {

@@ -242,15 +242,13 @@ fn reduced(group: &Group, members: &[Vec<f32>]) -> Vec<f32> {
             for (half, step) in [(up, 1), (down, n - 1)] {
                 for (c, range) in shards(half.len(), n).into_iter().enumerate() {
                     // From the chip after the owner, round to the owner.
-                    for &e in &half[range] {
+                    for &e in &half[range.clone()] {
                         let mut acc = chips[ring[(c + step) % n]][e];
                         for k in 2..=n {
                             acc += chips[ring[(c + k * step) % n]][e];
                         }
                         chips[ring[c]][e] = acc;
                     }
-                }
-                for (c, range) in shards(half.len(), n).into_iter().enumerate() {
                     next_owned[ring[c]].extend_from_slice(&half[range]);
                 }
             }

@@ -150,6 +150,13 @@ pub struct Report {
     pub timings: Vec<(usize, Timing)>,
 }
 
+/// State one core run keeps per instruction (finish time, queue entry, spare): for the bound
+/// on running every core on its own.
+const CORE_RUN_BYTES_PER_INSTRUCTION: u64 = 16;
+
+/// The most state all core runs together may keep.
+const MAX_CORE_RUNS_BYTES: u64 = 4 << 30;
+
 /// Cores that run alike: one engine for all of them.
 #[derive(Clone)]
 struct Class<'a> {
@@ -203,23 +210,38 @@ pub fn simulate(machine: &Machine, program: &Program, hosts: &Hosts, options: &O
         }
         compute_seconds = compute_seconds.max(core.finish().report.seconds);
     }
-    // The classes: by clock with the shortcut, else one per core.
+    // Every core on its own keeps a run's state per core: refuse what the host cannot hold.
+    if !options.shortcut {
+        let bytes = topo.cores() as u64 * program.instrs.len() as u64 * CORE_RUN_BYTES_PER_INSTRUCTION;
+        if bytes > MAX_CORE_RUNS_BYTES {
+            return Err(Error::Config {
+                field: "shortcut".into(),
+                reason: format!(
+                    "running each of the {} cores on its own keeps about {:.1} GiB of state ({} instructions per core), over {} GiB: keep the shortcut (cores that run alike are simulated once, with the same result) or simulate a smaller slice",
+                    topo.cores(),
+                    bytes as f64 / (1u64 << 30) as f64,
+                    program.instrs.len(),
+                    MAX_CORE_RUNS_BYTES >> 30
+                ),
+            });
+        }
+    }
+    // The classes: by clock with the shortcut, else one per core. A class holding a traced
+    // core keeps spans (an engine keeps them from its start).
+    let traced = |core: usize, hz: f64| {
+        options.spans
+            && options.trace_cores.iter().any(|&t| if options.shortcut { clock.get(t) == Some(&hz) } else { t == core })
+    };
     let mut classes: Vec<Class> = Vec::new();
     for (core, &hz) in clock.iter().enumerate() {
         let found = if options.shortcut { classes.iter().position(|c| c.clock_hz == hz) } else { None };
         match found {
             Some(c) => classes[c].cores.push(core),
             None => classes.push(Class {
-                engine: CoreTiming::new(machine_of(hz), program, false)?,
+                engine: CoreTiming::new(machine_of(hz), program, traced(core, hz))?,
                 clock_hz: hz,
                 cores: vec![core],
             }),
-        }
-    }
-    // Classes holding a traced core keep spans (an engine keeps them from its start).
-    for class in &mut classes {
-        if options.spans && class.cores.iter().any(|c| options.trace_cores.contains(c)) {
-            class.engine = CoreTiming::new(machine_of(class.clock_hz), program, true)?;
         }
     }
     let mut core_runs = classes.len();
@@ -347,7 +369,7 @@ pub fn simulate(machine: &Machine, program: &Program, hosts: &Hosts, options: &O
     Ok(Report {
         cores: topo.cores(),
         chips: topo.chips(),
-        hosts: topo.chips().div_ceil(topo.chips_per_host),
+        hosts: topo.hosts(),
         core_runs,
         device_seconds,
         compute_seconds,
@@ -367,7 +389,7 @@ pub fn simulate(machine: &Machine, program: &Program, hosts: &Hosts, options: &O
 /// The slowest host's time to feed one step: its pipeline's examples at its rate, or its
 /// chips' bytes over their PCIe links (each chip has its own), whichever is slower.
 fn infeed(machine: &Machine, topo: &Topology, hosts: &Hosts) -> Result<f64> {
-    let host_count = topo.chips().div_ceil(topo.chips_per_host);
+    let host_count = topo.hosts();
     let bad = |field: &str, reason: String| Error::Config { field: field.into(), reason };
     for (&h, &rate) in &hosts.host_rates {
         if h >= host_count {
@@ -591,6 +613,21 @@ mod tests {
         hosts.host_rates.insert(9, 10.0);
         let e = simulate(&machine, &p, &hosts, &Options::default()).unwrap_err().to_string();
         assert!(e.contains("host 9 does not exist: the slice has 4 hosts"), "{e}");
+    }
+
+    #[test]
+    fn every_core_on_its_own_is_refused_beyond_the_hosts_memory() {
+        // 8,192 cores x 40,000 instructions would keep ~4.9 GiB of run state: an error that
+        // says to keep the shortcut, not an allocation the host cannot make.
+        let machine = presets::preset("v4-8192").unwrap();
+        let mut p = Program::new("long");
+        for _ in 0..40_000 {
+            p.push(Operation::Barrier, &[]);
+        }
+        let options = Options { shortcut: false, ..Options::default() };
+        let e = simulate(&machine, &p, &Hosts::new(1, 1), &options).unwrap_err().to_string();
+        assert!(e.contains("8192 cores") && e.contains("keep the shortcut"), "{e}");
+        assert!(simulate(&machine, &p, &Hosts::new(1, 1), &Options::default()).is_ok());
     }
 
     #[test]

@@ -131,13 +131,12 @@ impl Topology {
 
     /// A chip's coordinates, the last axis varying fastest.
     pub fn coords(&self, chip: usize) -> Vec<usize> {
-        let mut c = vec![0; self.dims.len()];
-        let mut rest = chip;
-        for axis in (0..self.dims.len()).rev() {
-            c[axis] = rest % self.dims[axis];
-            rest /= self.dims[axis];
-        }
-        c
+        unravel(&self.dims, chip)
+    }
+
+    /// How many hosts feed the slice.
+    pub fn hosts(&self) -> usize {
+        self.chips().div_ceil(self.chips_per_host)
     }
 
     /// The chip at `coords`.
@@ -344,6 +343,17 @@ impl Topology {
     }
 }
 
+/// The coordinates of number `index` in a box of `dims`, the last axis varying fastest.
+fn unravel(dims: &[usize], index: usize) -> Vec<usize> {
+    let mut c = vec![0; dims.len()];
+    let mut rest = index;
+    for axis in (0..dims.len()).rev() {
+        c[axis] = rest % dims[axis];
+        rest /= dims[axis];
+    }
+    c
+}
+
 /// The members of one collective: a box of chips (all of each chip's cores, or some cores of
 /// one chip), their cores consecutive from `first_core`.
 #[derive(Clone, Debug, PartialEq)]
@@ -377,13 +387,7 @@ impl Group {
 
     /// Local coordinates of local chip `local`.
     pub fn local_coords(&self, local: usize) -> Vec<usize> {
-        let mut c = vec![0; self.dims.len()];
-        let mut rest = local;
-        for axis in (0..self.dims.len()).rev() {
-            c[axis] = rest % self.dims[axis];
-            rest /= self.dims[axis];
-        }
-        c
+        unravel(&self.dims, local)
     }
 
     /// The lines of the box along `axis` (local chip indices, from local coordinate 0 up), for
