@@ -284,6 +284,19 @@ fn the_race_check_agrees_with_brute_force_on_random_programs() {
         if long {
             long_first_races.push(first_race.unwrap_or(n));
         }
+        // Split into small pieces (checked in parallel, carrying a few pending accesses), a
+        // long program gives the same first race.
+        if long {
+            for min in [1, 5, 37] {
+                let (whole, split) = (p.validate(&m), p.validate_in_pieces(&m, min));
+                let first = |r: &Result<(), _>| {
+                    r.as_ref().err().map(|e: &systolic_simulator::Error| {
+                        e.to_string().split(':').next().unwrap_or_default().to_string()
+                    })
+                };
+                assert_eq!(first(&whole), first(&split), "case {case}: pieces of {min}\n{p}");
+            }
+        }
         match (p.validate(&m), first_race) {
             (Ok(()), None) => clean += 1,
             (Err(e), Some(j)) if e.to_string().contains("neither waits") => {

@@ -11,6 +11,7 @@
 //! [`Program::validate`] before anything runs.
 
 mod coverage;
+mod races;
 mod validate;
 
 /// Helpers for the brute-force tests of `validate` and `coverage`.
@@ -39,7 +40,7 @@ mod testing {
 
 /// Whether two tiles share any byte (exact for strided tiles).
 pub fn overlaps(a: &Tile, b: &Tile) -> bool {
-    validate::overlap(a, b)
+    races::overlap(a, b)
 }
 
 use std::fmt;
