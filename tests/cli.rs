@@ -726,6 +726,21 @@ fn slices_train_with_the_gradient_all_reduce_and_scale() {
     assert!(e.contains("--global-batch 0"), "{e}");
     let e = fails(&["simulate", "digits_cnn", "--machine", "v3-32", "--host-rate", "9=10"]);
     assert!(e.contains("host 9 does not exist"), "{e}");
+    // Batch norm over groups of 4 replicas: its sums all-reduced in the step (forward and
+    // backward, per batch norm), the same step with every core on its own.
+    let g = zoo::build_with("resnet18", zoo::ZooOptions { input_hw: Some([16, 16]), classes: Some(10) }).unwrap();
+    g.save(d.path("r18.ron")).unwrap();
+    let bn = ["simulate", &d.s("r18.ron"), "--train", "--machine", "v2-8", "--batch", "2", "--json"];
+    let alone: serde_json::Value = serde_json::from_str(&ok(&bn)).unwrap();
+    assert_eq!(alone["batch_norm_allreduces"].as_u64(), Some(0));
+    let grouped: serde_json::Value = serde_json::from_str(&ok(&[&bn[..], &["--bn-group", "4"]].concat())).unwrap();
+    assert_eq!(grouped["batch_norm_allreduces"].as_u64(), Some(2 * 20), "{grouped}");
+    assert_eq!(grouped["allreduce_buckets"], alone["allreduce_buckets"]);
+    assert!(grouped["step_seconds"].as_f64() > alone["step_seconds"].as_f64());
+    let full = ok(&[&bn[..], &["--bn-group", "4", "--no-shortcut"]].concat());
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&full).unwrap()["step_seconds"], grouped["step_seconds"]);
+    let e = fails(&[&bn[..], &["--bn-group", "3"]].concat());
+    assert!(e.contains("--bn-group 3") && e.contains("divides the slice's 8 cores"), "{e}");
     // scale: a row per slice, efficiency against the first, and a plot.
     let out = ok(&[
         "scale",

@@ -411,15 +411,7 @@ fn convolution_gradients_in_bands_and_channel_blocks() {
 /// Batch norm with batch statistics: after a convolution, in a residual block, before a ReLU.
 fn batch_normed() -> Graph {
     let mut g = Graph::new("batch_normed");
-    let x = g.input("x", &[8, 8, 3]).unwrap();
-    let h = g.conv2d("c1", x, ConvSpec::new(8, 3).same().no_bias()).unwrap();
-    let h = g.batch_norm("bn1", h, BatchNorm::default()).unwrap();
-    let a = g.relu("relu1", h).unwrap();
-    let h = g.conv2d("c2", a, ConvSpec::new(8, 3).same().no_bias()).unwrap();
-    let h = g.batch_norm("bn2", h, BatchNorm::default()).unwrap();
-    let h = g.add_op("residual", h, a).unwrap();
-    let h = g.relu("relu2", h).unwrap();
-    let h = g.global_avg_pool("gap", h).unwrap();
+    let h = batch_normed_trunk(&mut g);
     let logits = g.dense("logits", h, 10).unwrap();
     g.set_outputs(vec![logits]);
     g

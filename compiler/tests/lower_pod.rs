@@ -5,16 +5,20 @@ mod common;
 
 use std::collections::BTreeMap;
 
-use common::lowering::{add_labels, norm_err};
+use common::lowering::{add_labels, batch_normed_trunk, norm_err};
 use common::random_bindings;
-use systolic_compiler::graph::Op;
+use ndarray::Axis;
+use systolic_compiler::autodiff;
+use systolic_compiler::graph::{BatchNorm, DenseSpec, Graph, Op};
 use systolic_compiler::lower::{Options, Training, compile};
 use systolic_compiler::optimizer::Optimizer;
+use systolic_compiler::reference::{self, RunOptions};
+use systolic_compiler::tensors::{Tensor, TensorMap};
 use systolic_compiler::zoo;
-use systolic_simulator::config::presets;
-use systolic_simulator::executable::Role;
+use systolic_simulator::config::{Machine, presets};
+use systolic_simulator::executable::{Executable, Role};
 use systolic_simulator::functional::Functional;
-use systolic_simulator::isa::{Operation, Reduction};
+use systolic_simulator::isa::{DType, Operation, Reduction};
 use systolic_simulator::numerics::Precision;
 use systolic_simulator::pod::slice;
 
@@ -22,6 +26,32 @@ use systolic_simulator::pod::slice;
 fn shard(values: &[f32], replicas: usize, r: usize) -> Vec<f32> {
     let per = values.len() / replicas;
     values[r * per..(r + 1) * per].to_vec()
+}
+
+/// Runs `exe` on every core of `machine`'s slice in lock step, replica `r` fed its shard of
+/// the inputs in `feed` and the whole of everything else; each core's outputs.
+fn run_replicas(
+    machine: &Machine,
+    exe: &Executable,
+    feed: &TensorMap,
+    replicas: usize,
+) -> Vec<BTreeMap<String, Vec<f32>>> {
+    let mut cores: Vec<Functional> = (0..replicas).map(|_| Functional::new(machine)).collect();
+    for (r, core) in cores.iter_mut().enumerate() {
+        let mine: BTreeMap<String, Vec<f32>> = exe
+            .bindings
+            .iter()
+            .filter(|b| b.role != Role::Output)
+            .map(|b| {
+                let all = feed[&b.name].as_slice().unwrap();
+                let v = if b.role == Role::Input { shard(all, replicas, r) } else { all.to_vec() };
+                (b.name.clone(), v)
+            })
+            .collect();
+        exe.load(core, |n| mine.get(n).map(|v| v.as_slice())).unwrap();
+    }
+    slice::run_values(machine, &exe.program, &mut cores).unwrap();
+    cores.iter_mut().map(|c| exe.outputs(c).unwrap().into_iter().collect()).collect()
 }
 
 #[test]
@@ -65,24 +95,7 @@ fn a_data_parallel_step_on_v2_8_equals_one_core_on_the_global_batch() {
     let want: BTreeMap<String, Vec<f32>> =
         one.executable.run(&machine, |n| feed.get(n).and_then(|t| t.as_slice())).unwrap().into_iter().collect();
 
-    let exe = &dp.executable;
-    let mut cores: Vec<Functional> = (0..replicas).map(|_| Functional::new(&machine)).collect();
-    for (r, core) in cores.iter_mut().enumerate() {
-        let mine: BTreeMap<String, Vec<f32>> = exe
-            .bindings
-            .iter()
-            .filter(|b| b.role != Role::Output)
-            .map(|b| {
-                let all = feed[&b.name].as_slice().unwrap();
-                let v = if b.role == Role::Input { shard(all, replicas, r) } else { all.to_vec() };
-                (b.name.clone(), v)
-            })
-            .collect();
-        exe.load(core, |n| mine.get(n).map(|v| v.as_slice())).unwrap();
-    }
-    slice::run_values(&machine, &exe.program, &mut cores).unwrap();
-    let outputs: Vec<BTreeMap<String, Vec<f32>>> =
-        cores.iter_mut().map(|c| exe.outputs(c).unwrap().into_iter().collect()).collect();
+    let outputs = run_replicas(&machine, &dp.executable, &feed, replicas);
     let mut checked = 0;
     for (name, w) in &want {
         if name == "loss" {
@@ -100,4 +113,104 @@ fn a_data_parallel_step_on_v2_8_equals_one_core_on_the_global_batch() {
     // The loss each replica reports is its own shard's; their mean is the global batch's.
     let mean: f32 = outputs.iter().map(|o| o["loss"][0]).sum::<f32>() / replicas as f32;
     assert!((mean - want["loss"][0]).abs() < 1e-2 * want["loss"][0].abs(), "{mean} vs {}", want["loss"][0]);
+}
+
+/// The batch-normed trunk of the lowering tests with a dense layer and a batch norm of its
+/// own (a statistics pass, where the convolutions' batch norms read the convolutions' sums).
+fn batch_normed() -> Graph {
+    let mut g = Graph::new("batch_normed");
+    let h = batch_normed_trunk(&mut g);
+    let h = g.dense("fc", h, DenseSpec::new(12).no_bias()).unwrap();
+    let h = g.batch_norm("bn3", h, BatchNorm::default()).unwrap();
+    let h = g.relu("relu3", h).unwrap();
+    let logits = g.dense("logits", h, 10).unwrap();
+    g.set_outputs(vec![logits]);
+    g
+}
+
+/// Rows `from..to` of a batched tensor.
+fn rows(t: &Tensor, from: usize, to: usize) -> Tensor {
+    t.slice_axis(Axis(0), (from..to).into()).to_owned()
+}
+
+/// Batch norm in a data-parallel step, with statistics over groups of 1 (each replica its own,
+/// TensorFlow's default), 2 and all 8 replicas: each group's moving statistics and mean loss
+/// are the reference's on the group's examples, and the replicas' gradient is the mean of the
+/// reference's over the groups (each replica's loss is its share of its group's, and the
+/// statistics depend on every member's examples).
+#[test]
+fn batch_norm_over_groups_of_replicas_equals_the_reference_on_each_group() {
+    let g = batch_normed();
+    let machine = presets::preset("v2-8").unwrap();
+    let (replicas, per_core) = (8, 4);
+    let global = replicas * per_core;
+    let (with_loss, loss) = g.with_classifier_loss(0.0).unwrap();
+    let grads = autodiff::differentiate(&with_loss, loss, &with_loss.trainable_parameters()).unwrap();
+    let mut b = random_bindings(&g, global, 3, 5);
+    let feed = add_labels(&mut b, global);
+    let training = Some(Training { optimizer: Optimizer::Sgd { learning_rate: 0.1 }, label_smoothing: 0.0 });
+    for group in [1, 2, 8] {
+        // Six passes and f32 storage, so the step is the f32 reference's but for the order of
+        // sums and the shift of the statistics (bf16 storage moves a loss over four examples
+        // by up to 1%: one ReLU flip).
+        let opts = Options {
+            training,
+            replicas,
+            batch_norm_group: group,
+            activations: DType::F32,
+            ..Options::new(machine.clone(), per_core, Precision::Highest)
+        };
+        let exe = compile(&g, &opts).unwrap().executable;
+        let collectives = exe.program.instrs.iter().filter(|i| matches!(i.op, Operation::Collective { .. })).count();
+        let got = run_replicas(&machine, &exe, &feed, replicas);
+
+        let mut mean_grads: BTreeMap<String, Vec<f32>> = BTreeMap::new();
+        let groups = replicas / group;
+        for first in (0..replicas).step_by(group) {
+            let (from, to) = (first * per_core, (first + group) * per_core);
+            let mut mine = b.clone();
+            for name in ["x", "labels"] {
+                mine.insert(name.into(), rows(&b[name], from, to));
+            }
+            let want = reference::run_gradients(&grads, &mine, RunOptions::training(0)).unwrap();
+            let what = format!("groups of {group}, replicas {first}..{}", first + group);
+            let members = &got[first..first + group];
+            // The group's mean loss is the reference's on the group's examples.
+            let loss: f32 = members.iter().map(|o| o["loss"][0]).sum::<f32>() / group as f32;
+            let want_loss = want.root.iter().next().copied().unwrap();
+            assert!((loss - want_loss).abs() < 1e-4 * want_loss.abs(), "{what}: loss {loss} vs {want_loss}");
+            for (name, v) in &want.updates {
+                for o in members {
+                    let e = norm_err(v.as_slice().unwrap(), &o[name]);
+                    assert!(e < 1e-4, "{what}: {name}: {e}");
+                }
+            }
+            for (name, gw) in &want.grads {
+                let sum = mean_grads.entry(format!("{name}/grad")).or_insert_with(|| vec![0.0; gw.len()]);
+                sum.iter_mut().zip(gw.iter()).for_each(|(s, &v)| *s += v / groups as f32);
+            }
+        }
+        for (name, w) in &mean_grads {
+            for o in &got[1..] {
+                assert_eq!(o[name], got[0][name], "groups of {group}: {name} differs between replicas");
+            }
+            let e = norm_err(w, &got[0][name]);
+            assert!(e < 1e-3, "groups of {group}: {name}: {e} in norm");
+        }
+        // Per batch norm: a forward and a backward all-reduce of sums over each group.
+        let buckets = 1 + usize::from(group > 1) * 6;
+        assert!(collectives >= buckets, "groups of {group}: {collectives} collectives");
+    }
+}
+
+#[test]
+fn batch_norm_groups_must_divide_the_replicas() {
+    let g = batch_normed();
+    let machine = presets::preset("v2-8").unwrap();
+    let training = Some(Training { optimizer: Optimizer::Sgd { learning_rate: 0.1 }, label_smoothing: 0.0 });
+    let base = Options { training, replicas: 8, ..Options::new(machine, 2, Precision::Default) };
+    let e = compile(&g, &Options { batch_norm_group: 3, ..base.clone() }).unwrap_err().to_string();
+    assert!(e.contains("groups of 3") && e.contains("divides the 8 replicas"), "{e}");
+    let e = compile(&g, &Options { batch_norm_group: 2, training: None, ..base }).unwrap_err().to_string();
+    assert!(e.contains("applies to training"), "{e}");
 }

@@ -46,6 +46,11 @@ pub struct SliceArgs {
     /// Gradient all-reduce bucket, MiB.
     #[arg(long, default_value_t = 25.0)]
     pub bucket_mib: f64,
+    /// With --train: batch norm's statistics over groups of this many consecutive replicas
+    /// (their sums all-reduced in the step, as large-batch ResNet-50 recipes do); 1: each
+    /// replica's own examples.
+    #[arg(long, default_value_t = 1)]
+    pub bn_group: usize,
     /// Run every core on its own instead of identical cores once (slower; the same result).
     #[arg(long)]
     pub no_shortcut: bool,
@@ -113,10 +118,17 @@ pub fn slice_step(
     if !(args.bucket_mib > 0.0 && args.bucket_mib.is_finite()) {
         bail!("--bucket-mib {}: give a positive size", args.bucket_mib);
     }
+    if args.bn_group == 0 || !cores.is_multiple_of(args.bn_group) {
+        bail!("--bn-group {}: give a number of replicas that divides the slice's {cores} cores", args.bn_group);
+    }
+    if args.bn_group > 1 && !what.train.train {
+        bail!("--bn-group {} needs --train: batch norm uses batch statistics only in training", args.bn_group);
+    }
     let opts = Options {
         replicas: cores,
         gradient_reduction: reduction,
         bucket_bytes: (args.bucket_mib * (1 << 20) as f64) as u64,
+        batch_norm_group: args.bn_group,
         ..what.options(machine, precision, batch)?
     };
     let (compiled, _) = super::compile::compile_model(&what.model, &opts)?;
@@ -162,8 +174,12 @@ pub fn run(args: Args) -> Result<()> {
         std::fs::write(path, serde_json::to_vec(&trace)?).with_context(|| format!("writing {}", path.display()))?;
     }
     let examples_per_second = step.global_batch as f64 / r.step_seconds;
-    let buckets = r.collectives.len();
-    let reduced: u64 = r.collectives.iter().map(|c| c.bytes).sum();
+    // Gradient buckets, and the batch-norm sums all-reduced over groups of replicas.
+    let (gradients, statistics): (Vec<_>, Vec<_>) =
+        r.collectives.iter().partition(|c| step.compiled.gradient_all_reduces.contains(&c.instr));
+    let buckets = gradients.len();
+    let reduced: u64 = gradients.iter().map(|c| c.bytes).sum();
+    let statistics_bytes: u64 = statistics.iter().map(|c| c.bytes).sum();
     if args.json {
         let links: Vec<_> = r.links.iter().take(4).collect();
         let out = serde_json::json!({
@@ -175,6 +191,7 @@ pub fn run(args: Args) -> Result<()> {
             "allreduce_seconds": { "total": r.collective_seconds, "exposed": r.exposed_collective_seconds,
                                    "hidden": r.hidden_collective_seconds },
             "allreduce_buckets": buckets, "allreduce_bytes_per_core": reduced,
+            "batch_norm_allreduces": statistics.len(), "batch_norm_allreduce_bytes_per_core": statistics_bytes,
             "infeed_seconds": { "per_step": r.infeed_seconds, "exposed": r.exposed_infeed_seconds },
             "host_seconds": r.host_seconds, "core_runs": r.core_runs, "busiest_links": links,
             "step_cycles": c.cycles, "core_step_seconds": c.seconds,
@@ -202,9 +219,13 @@ pub fn run(args: Args) -> Result<()> {
         examples_per_second / r.chips as f64
     );
     println!("  compute         {:.3} ms ({:.1}%)", r.compute_seconds * 1e3, share(r.compute_seconds));
-    if buckets > 0 {
+    if !r.collectives.is_empty() {
+        let statistics = match statistics.len() {
+            0 => String::new(),
+            n => format!("; {n} of batch-norm sums, {} bytes", thousands(statistics_bytes)),
+        };
         println!(
-            "  all-reduce      {:.3} ms exposed ({:.1}%), {:.3} ms hidden behind compute ({buckets} buckets, {} bytes per core)",
+            "  all-reduce      {:.3} ms exposed ({:.1}%), {:.3} ms hidden behind compute ({buckets} buckets, {} bytes per core{statistics})",
             r.exposed_collective_seconds * 1e3,
             share(r.exposed_collective_seconds),
             r.hidden_collective_seconds * 1e3,

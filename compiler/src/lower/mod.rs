@@ -52,6 +52,9 @@ pub struct Compiled {
     /// Every tensor the program keeps in HBM (inputs, parameters, state, activations), with
     /// its element type there and its bytes.
     pub tensors: Vec<StoredTensor>,
+    /// The instructions of the gradient all-reduces (one per bucket); any other collective
+    /// sums batch-norm statistics over a group of replicas.
+    pub gradient_all_reduces: Vec<usize>,
 }
 
 /// A tensor in HBM: its name, element type and bytes.
@@ -100,6 +103,19 @@ pub fn compile(graph: &Graph, opts: &Options) -> Result<Compiled> {
     if opts.batch == 0 {
         return Err(fail("a batch of zero examples cannot be compiled; give --batch 1 or more".into()));
     }
+    let group = opts.batch_norm_group;
+    if group == 0 || opts.replicas == 0 || !opts.replicas.is_multiple_of(group) {
+        return Err(fail(format!(
+            "batch norm over groups of {group} replicas needs a group size of at least 1 that divides the {} replicas",
+            opts.replicas
+        )));
+    }
+    if group > 1 && opts.training.is_none() && !opts.train_mode {
+        return Err(fail(format!(
+            "batch norm over groups of {group} replicas applies to training, where batch norm uses the batch's \
+             statistics: lower the training step or leave the group at 1"
+        )));
+    }
     // The graph the passes see: the training step, or the model with one-hot labels for any loss.
     let (prepared, step) = training::prepare(graph, opts.training.as_ref(), opts.train_mode)?;
     let graph = &prepared;
@@ -139,5 +155,6 @@ pub fn compile(graph: &Graph, opts: &Options) -> Result<Compiled> {
     let added = step.updates.iter().flat_map(|u| &u.slots).chain(&step.state);
     let initial_state =
         added.filter_map(|&id| Some((graph.node(id).name.clone(), graph.init_parameter(id, 0)?))).collect();
-    Ok(Compiled { executable, kernels: lowering.reports, dumps, initial_state, tensors })
+    let gradient_all_reduces = std::mem::take(&mut lowering.bucket_instrs);
+    Ok(Compiled { executable, kernels: lowering.reports, dumps, initial_state, tensors, gradient_all_reduces })
 }

@@ -36,6 +36,10 @@ pub struct Options {
     /// the backward pass has made its last gradient, so it overlaps the rest of the backward
     /// pass.
     pub bucket_bytes: u64,
+    /// Batch norm in training normalises with the statistics of this many consecutive
+    /// replicas' examples (their sums all-reduced in the step, as the large-batch ResNet-50
+    /// recipes on pods do); 1: each replica's own examples, as TensorFlow does by default.
+    pub batch_norm_group: usize,
 }
 
 /// 25 MiB: PyTorch DistributedDataParallel's default bucket (`bucket_cap_mb=25`), large
@@ -57,6 +61,7 @@ impl Options {
             replicas: 1,
             gradient_reduction: Reduction::Mean,
             bucket_bytes: BUCKET_BYTES,
+            batch_norm_group: 1,
         }
     }
 

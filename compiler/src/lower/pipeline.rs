@@ -104,6 +104,8 @@ pub(crate) struct Lowering<'g> {
     /// `scheduling`: the program and the kernels' reports.
     pub program: Program,
     pub reports: Vec<KernelReport>,
+    /// `scheduling`: the instruction of each bucket's gradient all-reduce.
+    pub bucket_instrs: Vec<usize>,
 }
 
 impl<'g> Lowering<'g> {
@@ -121,6 +123,7 @@ impl<'g> Lowering<'g> {
             buckets: Vec::new(),
             program: Program::new(graph.name()),
             reports: Vec::new(),
+            bucket_instrs: Vec::new(),
         }
     }
 
@@ -160,7 +163,7 @@ fn run_allocation(l: &mut Lowering) -> Result<Dump> {
     let graph = l.graph;
     // Leaves no output depends on through graph edges but kernels read: one-hot labels.
     let extra_leaves: Vec<NodeId> = l.step.one_hot.values().copied().collect();
-    let scratch = |k: &Kernel| kernels::scratch_bytes(graph, k);
+    let scratch = |k: &Kernel| kernels::scratch_bytes(graph, k, l.opts);
     let shape_of = |id: NodeId| l.shape_of(id);
     let dtype_of = |id: NodeId| l.dtypes[id.index()];
     let tensors = allocation::Tensors {
@@ -206,7 +209,8 @@ fn run_collectives(l: &mut Lowering) -> Result<Dump> {
 }
 
 fn run_scheduling(l: &mut Lowering) -> Result<Dump> {
-    let (program, reports) = scheduling::run(l.graph.name(), std::mem::take(&mut l.fragments), &l.buckets);
-    (l.program, l.reports) = (program, reports);
+    let (program, reports, bucket_instrs) =
+        scheduling::run(l.graph.name(), std::mem::take(&mut l.fragments), &l.buckets);
+    (l.program, l.reports, l.bucket_instrs) = (program, reports, bucket_instrs);
     Ok(Dump::Listing)
 }

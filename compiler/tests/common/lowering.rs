@@ -202,3 +202,18 @@ pub fn norm_err(want: &[f32], got: &[f32]) -> f64 {
     let norm: f64 = want.iter().map(|&x| (x as f64).powi(2)).sum();
     (diff / norm.max(1e-60)).sqrt()
 }
+
+/// Batch norm with batch statistics after a convolution, in a residual block, before a ReLU:
+/// an 8x8x3 input `x` to global average pooling (the head is the caller's).
+pub fn batch_normed_trunk(g: &mut Graph) -> NodeId {
+    use systolic_compiler::graph::{BatchNorm, ConvSpec};
+    let x = g.input("x", &[8, 8, 3]).unwrap();
+    let h = g.conv2d("c1", x, ConvSpec::new(8, 3).same().no_bias()).unwrap();
+    let h = g.batch_norm("bn1", h, BatchNorm::default()).unwrap();
+    let a = g.relu("relu1", h).unwrap();
+    let h = g.conv2d("c2", a, ConvSpec::new(8, 3).same().no_bias()).unwrap();
+    let h = g.batch_norm("bn2", h, BatchNorm::default()).unwrap();
+    let h = g.add_op("residual", h, a).unwrap();
+    let h = g.relu("relu2", h).unwrap();
+    g.global_avg_pool("gap", h).unwrap()
+}

@@ -5,9 +5,11 @@
 //! 2-D torus (rows, then columns; docs/architecture.md); broadcast as chunked chains from the
 //! group's first chip, axis by axis. A ring of `n` chips takes `n − 1` steps; in each, every
 //! chip sends its neighbour `1/n` of its half and the next step waits for what arrived. On a
-//! mesh axis (no wraparound), or a box shorter than its axis, the ring closes through the line
-//! back, sharing the links of the other direction, hence slower. [`values`] computes what each
-//! collective leaves on every member, summed in the algorithm's order.
+//! mesh axis (no wraparound), or a box shorter than its axis, the ring is folded over the line
+//! (out over every other chip, back over the rest: `Group::rings`), so a step is at most two
+//! hops but both rings share each link — about twice the torus's time, bandwidth and latency
+//! alike. [`values`] computes what each collective leaves on every member, summed in the
+//! algorithm's order.
 
 use crate::error::{Error, Result};
 pub use crate::isa::{CollectiveKind as Collective, Reduction};
@@ -67,9 +69,10 @@ fn reach(topo: &Topology, from: usize, to: usize) -> Result<Vec<usize>> {
     Ok(route)
 }
 
-/// The group's lines along each axis it spans, as chips of the slice.
+/// The group's rings along `axis` (`Group::rings`), as chips of the slice.
 fn rings(topo: &Topology, group: &Group, axis: usize, keep: impl Fn(&[usize]) -> bool) -> Vec<Vec<usize>> {
-    group.lines(axis, keep).into_iter().map(|line| line.into_iter().map(|l| group.chip(topo, l)).collect()).collect()
+    let chips = |line: Vec<usize>| line.into_iter().map(|l| group.chip(topo, l)).collect();
+    group.rings(axis, keep).into_iter().map(chips).collect()
 }
 
 /// Runs `collective` over `group`, `bytes` per core (what each holds before an all-reduce,
@@ -121,10 +124,10 @@ fn broadcast(net: &mut Network, group: &Group, axes: &[usize], bytes: f64, ready
     let chunks = (bytes / net.chunk_bytes).ceil().max(1.0) as usize;
     for &a in axes {
         let n = group.dims[a];
-        let wraps = n == topo.dims[a] && topo.wraparound[a];
         // The lines through the chips that hold the bytes: coordinate 0 on every later axis.
-        for line in rings(topo, group, a, |c| c[a + 1..].iter().all(|&x| x == 0)) {
-            let chains: Vec<Vec<usize>> = if wraps {
+        let holders = group.lines(a, |c| c[a + 1..].iter().all(|&x| x == 0));
+        for line in holders.into_iter().map(|l| l.into_iter().map(|c| group.chip(topo, c)).collect::<Vec<_>>()) {
+            let chains: Vec<Vec<usize>> = if group.wraps[a] {
                 // Half the ring up from the root, the rest down from it.
                 let up = n / 2;
                 let down = std::iter::once(line[0]).chain(line[up + 1..].iter().rev().copied()).collect();
@@ -233,7 +236,7 @@ fn reduced(group: &Group, members: &[Vec<f32>]) -> Vec<f32> {
     for axis in (0..group.dims.len()).filter(|&a| group.dims[a] > 1) {
         let n = group.dims[axis];
         let mut next_owned = owned.clone();
-        for ring in group.lines(axis, |_| true) {
+        for ring in group.rings(axis, |_| true) {
             let elements = owned[ring[0]].clone();
             let (up, down) = elements.split_at(elements.len().div_ceil(2));
             for p in 0..n {
@@ -376,7 +379,7 @@ mod tests {
     fn all_reduce_values_keep_their_order() {
         // Values whose sum depends on the order: the same bits every run, on every core, and
         // the order is the rings' (v3-32, 4x4 chips, checked for the first element: chunk 0 of
-        // the up half on both axes, summed from position 1 round to 0); a reduce-scatter's
+        // the up half on both axes, summed from ring position 1 round to 0); a reduce-scatter's
         // shard has the all-reduce's bits.
         let t = Topology::of(&presets::preset("v3-32").unwrap()).unwrap();
         let operands: Vec<Vec<f32>> =
@@ -394,13 +397,14 @@ mod tests {
         for (r, range) in shards(64, t.cores()).into_iter().enumerate() {
             assert!(rs[r][range.clone()].iter().zip(&a[0][range]).all(|(p, q)| p.to_bits() == q.to_bits()));
         }
-        // Element 0: each chip's two cores, then along axis 0 from position 1 round to 0,
-        // then the same along axis 1, in f32.
+        // Element 0: each chip's two cores, then along axis 0 from ring position 1 round to 0,
+        // then the same along axis 1, in f32. v3-32 is a mesh: the ring is folded over the
+        // line (chips 0, 2, 3, 1), so position 1 round to 0 is chips 2, 3, 1, 0.
         let chip = |x: usize, y: usize| {
             let c = t.chip_at(&[x, y]);
             operands[2 * c][0] + operands[2 * c + 1][0]
         };
-        let order = [1, 2, 3, 0];
+        let order = [2, 3, 1, 0];
         let column = |y: usize| order[1..].iter().fold(chip(order[0], y), |acc, &x| acc + chip(x, y));
         let want = order[1..].iter().fold(column(order[0]), |acc, &y| acc + column(y));
         assert_eq!(a[0][0].to_bits(), want.to_bits(), "{} vs {want}", a[0][0]);
@@ -452,12 +456,16 @@ mod tests {
 
     #[test]
     fn meshes_are_slower_and_shared_links_queue() {
-        // A 4x4 mesh (v3-32): each ring closes through the line back, over the links the other
-        // direction uses — slower than the torus's closed form, at most about twice it.
-        let t = Topology::of(&presets::preset("v3-32").unwrap()).unwrap();
-        let mesh = time(&mut Network::new(&t, 1e6), Collective::AllReduce, 1e8).unwrap();
-        let torus = closed_form(&t, &t.whole(), Collective::AllReduce, 1e8);
-        assert!(mesh > 1.3 * torus && mesh < 2.2 * torus, "{mesh} vs {torus}");
+        // A 4x4 mesh (v3-32): each ring folded over its line shares the links with the other
+        // direction's — slower than the torus's closed form, at most about twice it. On a
+        // 16x16 mesh a small all-reduce is latency-bound: two hops per step, not the fifteen
+        // of a ring closed through the line back.
+        for (slice, bytes) in [("v3-32", 1e8), ("v3-512", 6e3)] {
+            let t = Topology::of(&presets::preset(slice).unwrap()).unwrap();
+            let mesh = time(&mut Network::new(&t, 1e6), Collective::AllReduce, bytes).unwrap();
+            let torus = closed_form(&t, &t.whole(), Collective::AllReduce, bytes);
+            assert!(mesh > 1.3 * torus && mesh < 2.2 * torus, "{slice}: {mesh} vs {torus}");
+        }
         // Two all-reduces at once on a torus share every link: the second finishes about
         // when its links would have carried both (its steps between a chip's cores overlap).
         let t = Topology::of(&presets::preset("v3-2048").unwrap()).unwrap();

@@ -170,6 +170,7 @@ impl Topology {
         Group {
             origin: vec![0; self.dims.len()],
             dims: self.dims.clone(),
+            wraps: self.wraparound.clone(),
             cores_per_chip: self.cores_per_chip,
             first_core: 0,
         }
@@ -202,6 +203,7 @@ impl Topology {
                 .map(|g| Group {
                     origin: self.coords(g * replicas / cpc),
                     dims: unit.clone(),
+                    wraps: vec![false; self.dims.len()],
                     cores_per_chip: replicas,
                     first_core: g * replicas,
                 })
@@ -231,10 +233,12 @@ impl Topology {
             }
         }
         let chips: usize = dims.iter().product();
+        let wraps: Vec<bool> = (0..dims.len()).map(|a| self.wraparound[a] && dims[a] == self.dims[a]).collect();
         Ok((0..self.chips() / chips)
             .map(|g| Group {
                 origin: self.coords(g * chips),
                 dims: dims.clone(),
+                wraps: wraps.clone(),
                 cores_per_chip: cpc,
                 first_core: g * chips * cpc,
             })
@@ -362,6 +366,9 @@ pub struct Group {
     pub origin: Vec<usize>,
     /// The box's extent along each axis.
     pub dims: Vec<usize>,
+    /// Per axis: whether the box's lines close into rings of links (the slice wraps there
+    /// and the box spans the whole axis).
+    pub wraps: Vec<bool>,
     /// Cores of each chip in the group.
     pub cores_per_chip: usize,
     pub first_core: usize,
@@ -388,6 +395,20 @@ impl Group {
     /// Local coordinates of local chip `local`.
     pub fn local_coords(&self, local: usize) -> Vec<usize> {
         unravel(&self.dims, local)
+    }
+
+    /// The lines along `axis` (as [`Group::lines`]) in the order a ring visits them: along
+    /// the line where it wraps; otherwise folded — out over the even positions, back over the
+    /// odd ones (0, 2, 4, …, 5, 3, 1) — so each step of the ring is one or two hops, and each
+    /// direction of every link carries one step of each of the two rings (up and down).
+    pub fn rings(&self, axis: usize, keep: impl Fn(&[usize]) -> bool) -> Vec<Vec<usize>> {
+        let n = self.dims[axis];
+        let lines = self.lines(axis, keep);
+        if self.wraps[axis] || n <= 2 {
+            return lines;
+        }
+        let order: Vec<usize> = (0..n).step_by(2).chain((1..n).step_by(2).rev()).collect();
+        lines.into_iter().map(|line| order.iter().map(|&p| line[p]).collect()).collect()
     }
 
     /// The lines of the box along `axis` (local chip indices, from local coordinate 0 up), for

@@ -15,7 +15,13 @@
 //!   second pass.
 //!
 //! The gradient kernel fuses the three gradients and the ReLU mask that makes `dy` (see
-//! [`crate::lower::kernel::BatchNormGrad`]). Sums are f32 (the reference's are f64): they agree to
+//! [`crate::lower::kernel::BatchNormGrad`]).
+//!
+//! Over a group of replicas ([`Group`]), every replica shifts by the moving mean (the group's
+//! replicas hold the same one, so their shifted sums add up), the sums are all-reduced over
+//! the group before the moments, and `m` counts the group's rows. The gradients `dβ` and `dγ`
+//! stay each replica's own (the gradient all-reduce combines them); `dx` uses the group's
+//! `Σdy` and `Σx'·dy`, since the group's statistics depend on every member's `x`. Sums are f32 (the reference's are f64): they agree to
 //! f32 rounding of the sums.
 
 use systolic_simulator::isa::*;
@@ -24,6 +30,54 @@ use crate::error::Result;
 use crate::graph::{BatchNorm, NodeId, Op};
 use crate::lower::emitter::{BUFFERS, Emitter, Vmem};
 use crate::lower::kernel::Kernel;
+
+/// Batch statistics over `replicas` consecutive replicas: the shift every member uses (the
+/// moving mean, `1 × C` f32 in HBM) and the HBM scratch (`4 × C` f32) the sums are
+/// all-reduced in.
+#[derive(Clone, Copy)]
+pub(crate) struct Group {
+    pub(crate) replicas: u32,
+    pub(crate) shift: Tile,
+    pub(crate) scratch: u64,
+}
+
+impl Group {
+    /// The group of a batch norm whose moving mean is `moving_mean`, if the options ask for
+    /// one (the sums go in the kernel's scratch).
+    pub(crate) fn of(e: &Emitter, moving_mean: NodeId) -> Option<Group> {
+        let replicas = e.opts.batch_norm_group;
+        (replicas > 1).then(|| Group {
+            replicas: replicas as u32,
+            shift: e.place(moving_mean).tile,
+            scratch: e.scratch.expect("kernels with batch statistics over a group have scratch for the sums"),
+        })
+    }
+
+    /// Sums the `rows × C` f32 sums at `at` in HBM over the group, after `after`.
+    fn all_reduce(&self, e: &mut Emitter, at: u64, rows: usize, c: usize, after: &[u32]) -> u32 {
+        let tile = Tile::new(Space::Hbm, at, rows, c, DType::F32);
+        let op = Operation::Collective {
+            kind: CollectiveKind::AllReduce,
+            reduction: Reduction::Sum,
+            tiles: vec![tile],
+            replicas: self.replicas,
+        };
+        e.push(op, after)
+    }
+
+    /// Replaces the `1 × C` sums in VMEM by the group's (each `local` also copied to its
+    /// `group` tile, where one is given); returns when they are loaded.
+    fn reduce_vectors(&self, e: &mut Emitter, sums: &[(Tile, Tile)], after: u32) -> u32 {
+        let c = sums[0].0.cols as usize;
+        let row = |r: usize| Tile::new(Space::Hbm, self.scratch + (r * c * 4) as u64, 1, c, DType::F32);
+        let stores: Vec<u32> =
+            sums.iter().enumerate().map(|(r, &(v, _))| e.push(Operation::dma(2, v, row(r)), &[after])).collect();
+        let reduced = self.all_reduce(e, self.scratch, sums.len(), c, &stores);
+        let loads: Vec<u32> =
+            sums.iter().enumerate().map(|(r, &(_, g))| e.push(Operation::dma(1, row(r), g), &[reduced])).collect();
+        e.push(Operation::Barrier, &loads)
+    }
+}
 
 /// What a pass reads: `x`, and `dy` (masked by the activation `y` on load).
 #[derive(Clone, Copy)]
@@ -102,20 +156,28 @@ pub(crate) struct Moments {
     pub(crate) mean_shifted: Tile,
     pub(crate) var: Tile,
     pub(crate) inv_std: Tile,
-    /// `Σdy` and `Σx'·dy`, when the pass read `dy`.
+    /// `Σdy` and `Σx'·dy`, when the pass read `dy`: this replica's.
     pub(crate) dy: Option<(Tile, Tile)>,
+    /// The same over the group (this replica's, without one).
+    pub(crate) dy_group: Option<(Tile, Tile)>,
+    /// The rows the statistics are over (the group's).
+    pub(crate) rows: usize,
     pub(crate) done: u32,
     /// Per ring slot: what the pass's last use of it was.
     pub(crate) free: Vec<Vec<u32>>,
 }
 
-/// One pass over `src`: the sums, then mean, variance and `σ⁻¹`.
+/// One pass over `src`: the sums (over `group`, with its `dy` sums where `group_dy`), then
+/// mean, variance and `σ⁻¹`.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn moments(
     e: &mut Emitter,
     kernel: &Kernel,
     src: &Source,
     rings: &Rings,
     epsilon: f32,
+    group: Option<Group>,
+    group_dy: bool,
     vmem: &mut Vmem,
 ) -> Result<Moments> {
     let (rows, c) = (src.x.rows as usize, src.x.cols as usize);
@@ -129,7 +191,8 @@ pub(crate) fn moments(
     let sums_dy = if src.dy.is_some() { Some((vec(e)?, vec(e)?)) } else { None };
     let accs: Vec<Tile> =
         [Some(ax), Some(axx), acc_dy.map(|a| a.0), acc_dy.map(|a| a.1)].into_iter().flatten().collect();
-    let shift_loaded = e.push(Operation::dma(1, src.x.rows(0, 1), shift), &[]);
+    let shift_from = group.map_or(src.x.rows(0, 1), |g| g.shift);
+    let shift_loaded = e.push(Operation::dma(1, shift_from, shift), &[]);
     let mut last = e.push(Operation::Fill { dst: ax, value: 0.0 }, &[]);
     for &t in &accs[1..] {
         last = e.push(Operation::Fill { dst: t, value: 0.0 }, &[last]);
@@ -153,8 +216,19 @@ pub(crate) fn moments(
     for (&acc, sum) in accs.iter().zip(sums) {
         last = e.push(Operation::Reduce { op: ReduceOp::Sum, axis: Axis::Rows, src: acc, dst: sum }, &[last]);
     }
-    let done = finish_moments(e, [sx, sxx, shift, mean, inv, tmp], rows, epsilon, last);
-    Ok(Moments { mean, mean_shifted: sx, var: sxx, inv_std: inv, dy: sums_dy, done, free })
+    let (mut dy_group, mut m) = (sums_dy, rows);
+    if let Some(g) = group {
+        let mut pairs = vec![(sx, sx), (sxx, sxx)];
+        if let (Some((sdy, sxdy)), true) = (sums_dy, group_dy) {
+            let (gdy, gxdy) = (vec(e)?, vec(e)?);
+            pairs.extend([(sdy, gdy), (sxdy, gxdy)]);
+            dy_group = Some((gdy, gxdy));
+        }
+        last = g.reduce_vectors(e, &pairs, last);
+        m = rows * g.replicas as usize;
+    }
+    let done = finish_moments(e, [sx, sxx, shift, mean, inv, tmp], m, epsilon, last);
+    Ok(Moments { mean, mean_shifted: sx, var: sxx, inv_std: inv, dy: sums_dy, dy_group, rows: m, done, free })
 }
 
 pub(crate) fn attrs(e: &Emitter, node: NodeId) -> BatchNorm {
@@ -185,7 +259,9 @@ fn finish_moments(
     unary(e, UnaryOp::Rsqrt, inv, inv, eps)
 }
 
-/// The moments from the sums a convolution's epilogue wrote to HBM at `at` (`[K; Σ; Σ²]`).
+/// The moments from the sums a convolution's epilogue wrote to HBM at `at` (`[K; Σ; Σ²]`),
+/// over `group` (whose shift the convolution used: see `ChannelSums`).
+#[allow(clippy::too_many_arguments)]
 fn moments_from_sums(
     e: &mut Emitter,
     kernel: &Kernel,
@@ -193,17 +269,22 @@ fn moments_from_sums(
     rows: usize,
     c: usize,
     epsilon: f32,
+    group: Option<Group>,
     vmem: &mut Vmem,
 ) -> Result<Moments> {
     let oom = |e: &Emitter| e.vmem_error(kernel, "channel vectors");
     let mut vec = |e: &Emitter| vmem.alloc(1, c).ok_or_else(|| oom(e));
     let (shift, sx, sxx, mean, inv, tmp) = (vec(e)?, vec(e)?, vec(e)?, vec(e)?, vec(e)?, vec(e)?);
     let row = |r: usize| Tile::new(Space::Hbm, at + (r * c * 4) as u64, 1, c, DType::F32);
+    // Over a group: Σ and Σ² (rows 1 and 2) summed in place first.
+    let reduced: Vec<u32> = group.map(|g| g.all_reduce(e, at + (c * 4) as u64, 2, c, &[])).into_iter().collect();
     let loads: Vec<u32> =
-        [shift, sx, sxx].into_iter().enumerate().map(|(r, t)| e.push(Operation::dma(1, row(r), t), &[])).collect();
+        [shift, sx, sxx].into_iter().enumerate().map(|(r, t)| e.push(Operation::dma(1, row(r), t), &reduced)).collect();
     let last = e.push(Operation::Barrier, &loads);
-    let done = finish_moments(e, [sx, sxx, shift, mean, inv, tmp], rows, epsilon, last);
-    Ok(Moments { mean, mean_shifted: sx, var: sxx, inv_std: inv, dy: None, done, free: vec![Vec::new(); BUFFERS] })
+    let m = rows * group.map_or(1, |g| g.replicas as usize);
+    let done = finish_moments(e, [sx, sxx, shift, mean, inv, tmp], m, epsilon, last);
+    let free = vec![Vec::new(); BUFFERS];
+    Ok(Moments { mean, mean_shifted: sx, var: sxx, inv_std: inv, dy: None, dy_group: None, rows: m, done, free })
 }
 
 /// The forward's per-channel `scale = γσ⁻¹` and `shift = β − μ·scale` from the batch, and the
@@ -218,14 +299,16 @@ pub(crate) fn train_channels(
     let ins = e.graph.node(node).inputs.clone();
     let src = Source { x: e.place(ins[0]).tile, dy: None, mask: None };
     let (rows, c) = (src.x.rows as usize, src.x.cols as usize);
+    let group = Group::of(e, ins[3]);
     let st = match e.extras.stats.get(&node) {
         // The convolution before summed its output: no pass over x here.
-        Some(&at) => moments_from_sums(e, kernel, at, rows, c, bn.epsilon, vmem)?,
+        Some(&at) => moments_from_sums(e, kernel, at, rows, c, bn.epsilon, group, vmem)?,
         None => {
             let rings = Rings::new(e, kernel, &src, 2, 0.9, vmem)?;
-            moments(e, kernel, &src, &rings, bn.epsilon, vmem)?
+            moments(e, kernel, &src, &rings, bn.epsilon, group, false, vmem)?
         }
     };
+    let rows = st.rows;
     let oom = |e: &Emitter| e.vmem_error(kernel, "channel vectors");
     let mut vec = |e: &Emitter| vmem.alloc(1, c).ok_or_else(|| oom(e));
     let (gamma, beta, mm, mv, tmp) = (vec(e)?, vec(e)?, vec(e)?, vec(e)?, vec(e)?);

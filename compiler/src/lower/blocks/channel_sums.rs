@@ -11,8 +11,9 @@ use crate::lower::kernel::Kernel;
 
 /// Per-channel sums of a convolution's output for the batch norm after it (batch statistics):
 /// `Σ(x − K)` and `Σ(x − K)²` over the valid output pixels, with `K` the first pixel (the
-/// shift `batch_norm` uses), accumulated block by block on the VPU while the MXU works, then
-/// written to HBM as `[K; Σ; Σ²]` rows.
+/// shift `batch_norm` uses) — or, with statistics over a group of replicas, the batch norm's
+/// moving mean, which every member shares — accumulated block by block on the VPU while the
+/// MXU works, then written to HBM as `[K; Σ; Σ²]` rows.
 pub(crate) struct ChannelSums {
     at: u64,
     work: Tile,
@@ -23,14 +24,17 @@ pub(crate) struct ChannelSums {
     /// The last instruction of the chain (the VPU runs it in order; the dependency keeps the
     /// shared vectors ordered for the validator).
     last: Option<u32>,
-    /// Channel blocks whose shift is set (from their first block).
+    /// Channel blocks whose sums are started (by their first block).
     shifted: Vec<bool>,
+    /// The load of a shift shared by a group of replicas (the moving mean), if any: the
+    /// first blocks then keep it rather than take their first pixel.
+    common_shift: Option<u32>,
     nb: usize,
 }
 
 impl ChannelSums {
     pub(crate) fn new(
-        e: &Emitter,
+        e: &mut Emitter,
         kernel: &Kernel,
         at: u64,
         m_rows: usize,
@@ -43,10 +47,17 @@ impl ChannelSums {
         let mut vec = || vmem.alloc(1, co);
         let (shift, sum, sum_sq, part) = (vec(), vec(), vec(), vec());
         let [shift, sum, sum_sq, part] = [shift, sum, sum_sq, part].map(|t| t.ok_or_else(|| oom(e)));
+        let shift = shift?;
+        let moving_mean = kernel.stats_for.map(|bn| e.graph.node(bn).inputs[3]);
+        let common_shift = match moving_mean {
+            Some(mm) if e.opts.batch_norm_group > 1 => Some(e.push(Operation::dma(1, e.place(mm).tile, shift), &[])),
+            _ => None,
+        };
         Ok(ChannelSums {
             at,
             work,
-            shift: shift?,
+            shift,
+            common_shift,
             sum: sum?,
             sum_sq: sum_sq?,
             part: part?,
@@ -75,10 +86,15 @@ impl ChannelSums {
         deps.extend(self.last);
         let first = !self.shifted[c0 / self.nb];
         if first {
-            // The block's first streamed row is output pixel (n0, 0, 0): the shift.
             self.shifted[c0 / self.nb] = true;
-            let s = e.push(Operation::Unary { op: UnaryOp::Copy, src: acc.rows(0, 1), dst: cols(self.shift) }, &deps);
-            deps = vec![s];
+            if let Some(loaded) = self.common_shift {
+                deps.push(loaded);
+            } else {
+                // The block's first streamed row is output pixel (n0, 0, 0): the shift.
+                let s =
+                    e.push(Operation::Unary { op: UnaryOp::Copy, src: acc.rows(0, 1), dst: cols(self.shift) }, &deps);
+                deps = vec![s];
+            }
         }
         let work = Tile { rows: m as u32, cols: nbw as u32, stride: nbw as u32, ..self.work };
         let sub = e.push(Operation::Binary { op: BinaryOp::Sub, a: acc, b: cols(self.shift), dst: work }, &deps);

@@ -12,9 +12,10 @@ pub(crate) mod pooling;
 pub(crate) mod softmax;
 
 use crate::error::Result;
-use crate::graph::Graph;
+use crate::graph::{Graph, NodeId};
 use crate::lower::emitter::{Emitted, Emitter};
-use crate::lower::kernel::{Kernel, Main};
+use crate::lower::kernel::{Epilogue, Kernel, Main};
+use crate::lower::options::Options;
 
 /// Emits `kernel` through `e`: the one place a kernel's kind picks its emitter.
 pub(crate) fn emit(e: &mut Emitter, kernel: &Kernel) -> Result<Emitted> {
@@ -46,8 +47,27 @@ pub(crate) fn emit(e: &mut Emitter, kernel: &Kernel) -> Result<Emitted> {
 }
 
 /// HBM scratch `kernel` needs beyond graph tensors, as its family declares it (the allocation
-/// pass places it, live only during the kernel).
-pub(crate) fn scratch_bytes(graph: &Graph, kernel: &Kernel) -> u64 {
+/// pass places it, live only during the kernel); with batch norm over groups of replicas, room
+/// for the sums the group all-reduces.
+pub(crate) fn scratch_bytes(graph: &Graph, kernel: &Kernel, opts: &Options) -> u64 {
+    let group_sums = |bn: NodeId| batch_norm::group_scratch_bytes(graph, bn, opts);
+    let statistics: u64 = match &kernel.main {
+        Main::BatchNormGrad(g) => group_sums(g.input),
+        Main::BatchNormGradGamma(n) => group_sums(*n),
+        _ => kernel
+            .epilogue
+            .iter()
+            .map(|step| if let Epilogue::BatchNormTrain(bn) = step { group_sums(*bn) } else { 0 })
+            .sum(),
+    };
+    // No family with scratch of its own has batch statistics: the group's sums are the whole
+    // scratch of the kernels that need them (`batch_stats::Group` finds them at its start).
+    let family = family_scratch_bytes(graph, kernel);
+    debug_assert!(statistics == 0 || family == 0, "{}: two kinds of scratch", kernel.name);
+    statistics + family
+}
+
+fn family_scratch_bytes(graph: &Graph, kernel: &Kernel) -> u64 {
     match &kernel.main {
         Main::ConvGradInput(n) => conv_grad::input_scratch_bytes(graph, *n),
         Main::Conv(_)

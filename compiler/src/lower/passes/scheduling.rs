@@ -12,7 +12,12 @@ use crate::lower::kernel::KernelReport;
 use crate::lower::passes::collectives::Bucket;
 
 /// The program named `name`, and each kernel's report with its instructions in the program.
-pub(crate) fn run(name: &str, fragments: Vec<Fragment>, buckets: &[Bucket]) -> (Program, Vec<KernelReport>) {
+/// The joined program, each kernel's report, and where each bucket's all-reduce went.
+pub(crate) fn run(
+    name: &str,
+    fragments: Vec<Fragment>,
+    buckets: &[Bucket],
+) -> (Program, Vec<KernelReport>, Vec<usize>) {
     let mut program = Program::new(name);
     program.instrs.reserve_exact(fragments.iter().map(|f| f.program.len()).sum::<usize>() + buckets.len());
     let mut reports = Vec::with_capacity(fragments.len());
@@ -40,7 +45,8 @@ pub(crate) fn run(name: &str, fragments: Vec<Fragment>, buckets: &[Bucket]) -> (
         report.instructions = r.start + offset as usize..r.end + offset as usize;
         reports.push(report);
     }
-    (program, reports)
+    let bucket_instrs = issued.iter().map(|&(i, _)| i as usize).collect();
+    (program, reports, bucket_instrs)
 }
 
 #[cfg(test)]
@@ -87,7 +93,7 @@ mod tests {
 
     #[test]
     fn fragments_join_behind_each_other() {
-        let (program, reports) = run("joined", vec![fragment("a", 2), fragment("b", 3), fragment("c", 0)], &[]);
+        let (program, reports, _) = run("joined", vec![fragment("a", 2), fragment("b", 3), fragment("c", 0)], &[]);
         assert_eq!(program.len(), 4 + 5 + 2);
         // Each kernel opens on the previous one's closing barrier; the first on nothing.
         assert!(program.instrs[0].deps.is_empty());
