@@ -251,9 +251,26 @@ impl Functional {
                 self.vmem.write(&dst, &v);
             }
             Operation::Barrier => {}
-            // A group of one: nothing to exchange. Larger groups pause the run
-            // ([`Functional::run_until_collective`]) and the slice executes them.
-            Operation::Collective { .. } => {}
+            // A group of one: nothing to exchange, but a shard tile takes (or gives) the whole
+            // operand. Larger groups pause the run ([`Functional::run_until_collective`]) and
+            // the slice executes them.
+            Operation::Collective { kind, ref tiles, shard: Some(s), .. } => {
+                let mut whole = self.hbm.read(&s);
+                let mut at = 0;
+                for t in tiles {
+                    let n = t.elements() as usize;
+                    if kind == CollectiveKind::AllGather {
+                        self.hbm.write(t, &whole[at..at + n]);
+                    } else {
+                        whole[at..at + n].copy_from_slice(&self.hbm.read(t));
+                    }
+                    at += n;
+                }
+                if kind != CollectiveKind::AllGather {
+                    self.hbm.write(&s, &whole);
+                }
+            }
+            Operation::Collective { shard: None, .. } => {}
             Operation::Infeed { .. } | Operation::Outfeed { .. } => {
                 return Err("infeed and outfeed exchange data with a host; run them through the pod simulator".into());
             }

@@ -187,6 +187,10 @@ pub enum CollectiveKind {
     AllGather,
     /// Every member ends with the first member's operand.
     Broadcast,
+    /// Member `r` copies shard `r` of its own operand into its `shard` tile: no traffic (XLA's
+    /// dynamic slice at the replica id), how a sharded weight update takes each replica's
+    /// part of the replicated parameters.
+    Shard,
 }
 
 impl CollectiveKind {
@@ -196,6 +200,7 @@ impl CollectiveKind {
             CollectiveKind::ReduceScatter => "reduce_scatter",
             CollectiveKind::AllGather => "all_gather",
             CollectiveKind::Broadcast => "broadcast",
+            CollectiveKind::Shard => "shard",
         }
     }
 
@@ -307,8 +312,12 @@ pub enum Operation {
     /// consecutive cores; `replicas: 1` is a no-op. The tiles' elements, concatenated in
     /// order, are the operand; reduce-scatter and all-gather cut it into `replicas` shards as
     /// even as can be (the first ones one element longer), the member at position `r` of the
-    /// group owning shard `r`. Executed by the pod simulator (`crate::pod`).
-    Collective { kind: CollectiveKind, reduction: Reduction, tiles: Vec<Tile>, replicas: u32 },
+    /// group owning shard `r`. With a `shard` tile (at least the longest shard's elements,
+    /// the same address on every member), a reduce-scatter leaves the tiles as they are and
+    /// writes member `r`'s shard to the start of `shard`, an all-gather takes member `r`'s
+    /// shard from there, and `Shard` copies it there. Executed by the pod simulator
+    /// (`crate::pod`).
+    Collective { kind: CollectiveKind, reduction: Reduction, tiles: Vec<Tile>, shard: Option<Tile>, replicas: u32 },
     /// Receives host data into `dst` (HBM) over PCIe.
     Infeed { dst: Tile },
     /// Sends `src` (HBM) to the host over PCIe.
@@ -401,6 +410,7 @@ impl Operation {
             Operation::PoolGrad { x, dy, .. } => x.into_iter().chain([dy]).collect(),
             Operation::MulAdd { a, b, acc } => vec![a, b, acc],
             Operation::Barrier | Operation::Infeed { .. } | Operation::Fill { .. } => vec![],
+            Operation::Collective { kind: CollectiveKind::AllGather, shard: Some(s), .. } => vec![s],
             Operation::Collective { ref tiles, .. } => tiles.clone(),
             Operation::Outfeed { src } => vec![src],
         }
@@ -421,6 +431,8 @@ impl Operation {
             | Operation::Dropout { dst, .. }
             | Operation::Infeed { dst } => vec![dst],
             Operation::MatMul { out, .. } => vec![out],
+            Operation::Collective { kind: CollectiveKind::AllGather, ref tiles, .. } => tiles.clone(),
+            Operation::Collective { shard: Some(s), .. } => vec![s],
             Operation::Collective { ref tiles, .. } => tiles.clone(),
             Operation::Barrier | Operation::Outfeed { .. } => vec![],
         }
@@ -531,14 +543,15 @@ impl fmt::Display for Operation {
                 write!(f, "dropout    {dst} = {src} rate {rate} seed {seed} step {step} from element {counter}")
             }
             Operation::Barrier => write!(f, "barrier"),
-            Operation::Collective { kind, reduction, tiles, replicas } => {
+            Operation::Collective { kind, reduction, tiles, shard, replicas } => {
                 let tiles: Vec<String> = tiles.iter().map(|t| t.to_string()).collect();
                 let reduction = if kind.reduces() {
                     format!(".{}", format!("{reduction:?}").to_lowercase())
                 } else {
                     String::new()
                 };
-                write!(f, "{}{reduction} [{}] over {replicas} replicas", kind.name(), tiles.join(", "))
+                let shard = shard.map_or(String::new(), |s| format!(" shard {s}"));
+                write!(f, "{}{reduction} [{}]{shard} over {replicas} replicas", kind.name(), tiles.join(", "))
             }
             Operation::Infeed { dst } => write!(f, "infeed     {dst}"),
             Operation::Outfeed { src } => write!(f, "outfeed    {src}"),

@@ -265,7 +265,7 @@ impl Checker<'_> {
                 self.disjoint("dst and step", dst, step)
             }
             Operation::Barrier => Ok(()),
-            Operation::Collective { kind, reduction, tiles, replicas } => {
+            Operation::Collective { kind, reduction, tiles, shard, replicas } => {
                 if *replicas == 0 {
                     return Err(self.fail(format!("{} needs a group of at least one replica", kind.name())));
                 }
@@ -278,15 +278,36 @@ impl Checker<'_> {
                         kind.name()
                     )));
                 }
-                for (i, &t) in tiles.iter().enumerate() {
+                for (i, &t) in tiles.iter().chain(shard).enumerate() {
                     if t.space != Space::Hbm || t.dtype != DType::F32 {
                         return Err(self.fail(format!("tile {t} must be f32 in HBM (collectives move HBM tensors)")));
                     }
-                    for &u in &tiles[..i] {
+                    for &u in &tiles[..i.min(tiles.len())] {
                         self.disjoint("the tiles of a collective", &t, &u)?;
                     }
                 }
-                Ok(())
+                let takes_shard = matches!(kind, CollectiveKind::ReduceScatter | CollectiveKind::AllGather);
+                match shard {
+                    None if *kind == CollectiveKind::Shard => {
+                        Err(self.fail("shard needs a shard tile to copy this replica's shard to".into()))
+                    }
+                    Some(_) if !takes_shard && *kind != CollectiveKind::Shard => Err(self.fail(format!(
+                        "{} works in place: give no shard tile (only reduce-scatter, all-gather and shard take one)",
+                        kind.name()
+                    ))),
+                    Some(s) => {
+                        let elements: u64 = tiles.iter().map(|t| t.elements()).sum();
+                        let longest = elements.div_ceil(u64::from(*replicas).max(1));
+                        if s.elements() < longest {
+                            return Err(self.fail(format!(
+                                "shard tile {s} holds {} elements but the longest of {replicas} shards of {elements} has {longest}",
+                                s.elements()
+                            )));
+                        }
+                        Ok(())
+                    }
+                    None => Ok(()),
+                }
             }
             Operation::Infeed { dst: t } | Operation::Outfeed { src: t } => {
                 if t.space != Space::Hbm {

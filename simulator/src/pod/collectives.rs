@@ -87,6 +87,12 @@ pub fn run(net: &mut Network, group: &Group, collective: Collective, bytes: f64,
     let k = group.cores_per_chip as f64;
     let on_chip = (k - 1.0) / k * bytes / topo.core_bytes_per_second;
     let axes: Vec<usize> = (0..group.dims.len()).filter(|&a| group.dims[a] > 1).collect();
+    if collective == Collective::Shard {
+        // Each core copies its own shard within its HBM: read and written once, no traffic.
+        let copy = 2.0 * bytes / group.cores() as f64 / topo.core_bytes_per_second;
+        chips.iter().for_each(|&c| ready[c] += copy);
+        return Ok(());
+    }
     if collective == Collective::Broadcast {
         broadcast(net, group, &axes, bytes, ready)?;
         if group.cores_per_chip > 1 {
@@ -174,6 +180,8 @@ pub fn values(group: &Group, collective: Collective, reduction: Reduction, membe
     let n = members.len();
     let shard = shards(len, n);
     match collective {
+        // Each member's own shard, where the caller puts it: the operands stay.
+        Collective::Shard => {}
         Collective::Broadcast => {
             let root = members[0].clone();
             members.iter_mut().for_each(|m| m.clone_from(&root));
@@ -270,8 +278,12 @@ fn reduced(group: &Group, members: &[Vec<f32>]) -> Vec<f32> {
 /// The closed form on unloaded rings with wraparound: between a chip's `k` cores,
 /// `(k − 1)/k · bytes` over the on-chip bandwidth; per axis of `n` chips holding `b` bytes, a
 /// pass is `(n − 1) · (b / (2n) / bandwidth + hop latency)`; an all-reduce is a reduce-scatter
-/// and an all-gather. (Broadcast has no closed form here.)
+/// and an all-gather; a shard is a local copy of `bytes / members` (read and written). (Broadcast
+/// has no closed form here.)
 pub fn closed_form(topo: &Topology, group: &Group, collective: Collective, bytes: f64) -> f64 {
+    if collective == Collective::Shard {
+        return 2.0 * bytes / group.cores() as f64 / topo.core_bytes_per_second;
+    }
     let k = group.cores_per_chip as f64;
     let on_chip = (k - 1.0) / k * bytes / topo.core_bytes_per_second;
     let Some(link) = topo.links.first() else { return on_chip };
@@ -285,6 +297,7 @@ pub fn closed_form(topo: &Topology, group: &Group, collective: Collective, bytes
     match collective {
         Collective::AllReduce => 2.0 * (pass + on_chip),
         Collective::ReduceScatter | Collective::AllGather | Collective::Broadcast => pass + on_chip,
+        Collective::Shard => unreachable!("returned above"),
     }
 }
 

@@ -456,7 +456,7 @@ pub fn run_values(machine: &Machine, program: &Program, cores: &mut [Functional]
             stops.push(core.run_until_collective(program, from)?);
         }
         let Some(i) = stops[0] else { return Ok(()) };
-        let Operation::Collective { kind, reduction, tiles, replicas } = &program.instrs[i].op else {
+        let Operation::Collective { kind, reduction, tiles, shard, replicas } = &program.instrs[i].op else {
             unreachable!("runs pause at collectives")
         };
         for group in topo.groups(*replicas as usize)? {
@@ -469,13 +469,33 @@ pub fn run_values(machine: &Machine, program: &Program, cores: &mut [Functional]
                 }
                 operands.push(v);
             }
+            let ranges = collectives::shards(operands[0].len(), group.cores());
+            // An all-gather from shard tiles: each member's shard comes from its tile.
+            if let (Collective::AllGather, Some(s)) = (kind, shard) {
+                for (r, c) in members.clone().enumerate() {
+                    let range = ranges[r].clone();
+                    let mine = cores[c].read(*s)?;
+                    operands[r][range.clone()].copy_from_slice(&mine[..range.len()]);
+                }
+            }
             collectives::values(&group, *kind, *reduction, &mut operands);
-            for (c, values) in members.zip(operands) {
-                let mut at = 0;
-                for &t in tiles {
-                    let n = t.elements() as usize;
-                    cores[c].write(t, &values[at..at + n])?;
-                    at += n;
+            for (r, (c, values)) in members.zip(operands).enumerate() {
+                match (kind, shard) {
+                    // To the shard tile: member r's shard, at its start.
+                    (Collective::ReduceScatter | Collective::Shard, Some(s)) => {
+                        let mut mine = cores[c].read(*s)?;
+                        let range = ranges[r].clone();
+                        mine[..range.len()].copy_from_slice(&values[range]);
+                        cores[c].write(*s, &mine)?;
+                    }
+                    _ => {
+                        let mut at = 0;
+                        for &t in tiles {
+                            let n = t.elements() as usize;
+                            cores[c].write(t, &values[at..at + n])?;
+                            at += n;
+                        }
+                    }
                 }
             }
         }
@@ -505,7 +525,13 @@ mod tests {
                 last = p.push(Operation::dma(1, vmem, hbm((1 + b) << 20, 64)), &[u]);
             }
             let tiles = vec![hbm((1 + b) << 20, 64), hbm((4 + b) << 20, 192)];
-            let c = Operation::Collective { kind: Collective::AllReduce, reduction: Reduction::Mean, tiles, replicas };
+            let c = Operation::Collective {
+                kind: Collective::AllReduce,
+                reduction: Reduction::Mean,
+                tiles,
+                shard: None,
+                replicas,
+            };
             buckets.push(p.push(c, &[last]));
         }
         let l = p.push(Operation::dma(0, hbm(1 << 20, 64), vmem), &buckets);
@@ -670,5 +696,102 @@ mod tests {
             assert_eq!(core.read(out).unwrap(), operands[0][..64 * 1024]);
             assert_eq!(core.read(other).unwrap(), operands[0][64 * 1024..]);
         }
+    }
+
+    #[test]
+    fn shard_tiles_take_and_give_each_replicas_part() {
+        // v2-8: a sharded weight update's collectives on 1,003 elements in two tiles (shards of
+        // 126 and 125): the gradients reduce-scattered to a shard tile, each replica's part of
+        // the (replicated) parameters taken, the parts gathered back into every replica's tiles.
+        let machine = presets::preset("v2-8").unwrap();
+        let hbm = |at: u64, n: usize| Tile::new(Space::Hbm, at, 1, n, DType::F32);
+        let (g1, g2, p1, p2) = (hbm(0, 1000), hbm(8192, 3), hbm(16384, 1000), hbm(24576, 3));
+        let (gs, ps) = (hbm(32768, 128), hbm(40960, 128));
+        // Reduce-scatter by Mean; the others move values (Sum, as validation asks).
+        let collective = |kind, tiles: Vec<Tile>, shard| Operation::Collective {
+            kind,
+            reduction: if kind == Collective::ReduceScatter { Reduction::Mean } else { Reduction::Sum },
+            tiles,
+            shard: Some(shard),
+            replicas: 8,
+        };
+        let mut p = Program::new("sharded");
+        let rs = p.push(collective(Collective::ReduceScatter, vec![g1, g2], gs), &[]);
+        let take = p.push(collective(Collective::Shard, vec![p1, p2], ps), &[rs]);
+        p.push(collective(Collective::AllGather, vec![p1, p2], ps), &[take]);
+        let mut cores: Vec<Functional> = (0..8).map(|_| Functional::new(&machine)).collect();
+        let params: Vec<f32> = (0..1003).map(|e| e as f32 * 0.5).collect();
+        let mut grads = Vec::new();
+        for (c, core) in cores.iter_mut().enumerate() {
+            let g: Vec<f32> = (0..1003).map(|e| ((c * 7 + e) % 13) as f32 * 0.1).collect();
+            core.write(g1, &g[..1000]).unwrap();
+            core.write(g2, &g[1000..]).unwrap();
+            core.write(p1, &params[..1000]).unwrap();
+            core.write(p2, &params[1000..]).unwrap();
+            grads.push(g);
+        }
+        let mut reduced = grads.clone();
+        let topo = Topology::of(&machine).unwrap();
+        collectives::values(&topo.whole(), Collective::AllReduce, Reduction::Mean, &mut reduced);
+        run_values(&machine, &p, &mut cores).unwrap();
+        let ranges = collectives::shards(1003, 8);
+        assert_eq!((ranges[0].len(), ranges[7].len()), (126, 125));
+        for (r, core) in cores.iter_mut().enumerate() {
+            let range = ranges[r].clone();
+            // The reduce-scatter's shard has the all-reduce's bits; the gradients stay.
+            assert_eq!(core.read(gs).unwrap()[..range.len()], reduced[0][range.clone()]);
+            assert_eq!(core.read(g1).unwrap(), grads[r][..1000]);
+            // Each replica's part of the parameters, and every part back in place on all.
+            assert_eq!(core.read(ps).unwrap()[..range.len()], params[range]);
+            assert_eq!([core.read(p1).unwrap(), core.read(p2).unwrap()].concat(), params);
+        }
+        // The same program times: a shard is a local copy, the others move the operand.
+        let report = simulate(&machine, &p, &Hosts::new(1, 4), &Options::default()).unwrap();
+        let kinds: Vec<Collective> = report.collectives.iter().map(|c| c.kind).collect();
+        assert_eq!(kinds, [Collective::ReduceScatter, Collective::Shard, Collective::AllGather]);
+        let shard = &report.collectives[1];
+        let copy = 2.0 * 1003.0 * 4.0 / 8.0 / topo.core_bytes_per_second;
+        assert!((shard.end_seconds - shard.start_seconds - copy).abs() < 1e-12, "{shard:?}");
+        // A group of one: the shard tile takes (or gives) the whole operand.
+        let one = |kind, tiles: Vec<Tile>, shard| {
+            let Operation::Collective { reduction, .. } = collective(kind, Vec::new(), shard) else { unreachable!() };
+            Operation::Collective { kind, reduction, tiles, shard: Some(shard), replicas: 1 }
+        };
+        let whole = hbm(49152, 1003);
+        let mut p1_only = Program::new("alone");
+        let rs = p1_only.push(one(Collective::ReduceScatter, vec![g1, g2], whole), &[]);
+        let zero =
+            p1_only.push(Operation::Fill { dst: Tile::new(Space::Vmem, 0, 1, 1000, DType::F32), value: 0.0 }, &[]);
+        let dma = p1_only.push(Operation::dma(0, Tile::new(Space::Vmem, 0, 1, 1000, DType::F32), g1), &[zero, rs]);
+        p1_only.push(one(Collective::AllGather, vec![g1, g2], whole), &[dma]);
+        let mut core = Functional::new(&machine);
+        core.write(g1, &grads[0][..1000]).unwrap();
+        core.write(g2, &grads[0][1000..]).unwrap();
+        core.run(&p1_only).unwrap();
+        assert_eq!(core.read(whole).unwrap(), grads[0]);
+        assert_eq!(core.read(g1).unwrap(), grads[0][..1000]);
+        // What a shard tile must be.
+        let bad = |op: Operation, want: &str| {
+            let mut p = Program::new("bad");
+            p.push(op, &[]);
+            let e = p.validate(&machine).unwrap_err().to_string();
+            assert!(e.contains(want), "{e}");
+        };
+        bad(
+            collective(Collective::ReduceScatter, vec![g1, g2], hbm(32768, 125)),
+            "the longest of 8 shards of 1003 has 126",
+        );
+        bad(collective(Collective::AllReduce, vec![g1], gs), "works in place: give no shard tile");
+        bad(
+            Operation::Collective {
+                kind: Collective::Shard,
+                reduction: Reduction::Sum,
+                tiles: vec![p1],
+                shard: None,
+                replicas: 8,
+            },
+            "shard needs a shard tile",
+        );
+        bad(collective(Collective::ReduceScatter, vec![g1], hbm(0, 200)), "overlap");
     }
 }

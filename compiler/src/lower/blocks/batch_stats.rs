@@ -60,6 +60,7 @@ impl Group {
             kind: CollectiveKind::AllReduce,
             reduction: Reduction::Sum,
             tiles: vec![tile],
+            shard: None,
             replicas: self.replicas,
         };
         e.push(op, after)

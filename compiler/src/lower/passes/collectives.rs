@@ -69,6 +69,7 @@ pub(crate) fn buckets(
                 kind: systolic_simulator::isa::CollectiveKind::AllReduce,
                 reduction: opts.gradient_reduction,
                 tiles: open.iter().map(|&(_, _, g)| tile(g)).collect(),
+                shard: None,
                 replicas: opts.replicas as u32,
             };
             let needed_by = open.iter().map(|&(_, u, _)| u).min().expect("a bucket holds a gradient");
