@@ -741,6 +741,17 @@ fn slices_train_with_the_gradient_all_reduce_and_scale() {
     assert_eq!(serde_json::from_str::<serde_json::Value>(&full).unwrap()["step_seconds"], grouped["step_seconds"]);
     let e = fails(&[&bn[..], &["--bn-group", "3"]].concat());
     assert!(e.contains("--bn-group 3") && e.contains("divides the slice's 8 cores"), "{e}");
+    // The sharded weight update: the same buckets reduce-scattered, each replica's update a
+    // shard of the whole, the same step with every core on its own.
+    let sharded: serde_json::Value = serde_json::from_str(&ok(&[&bn[..], &["--sharded-update"]].concat())).unwrap();
+    assert_eq!(sharded["sharded_update"], true);
+    assert_eq!(alone["sharded_update"], false);
+    assert_eq!(sharded["allreduce_buckets"], alone["allreduce_buckets"]);
+    assert!(sharded["compute_seconds"].as_f64() < alone["compute_seconds"].as_f64(), "{sharded}");
+    let full = ok(&[&bn[..], &["--sharded-update", "--no-shortcut"]].concat());
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&full).unwrap()["step_seconds"], sharded["step_seconds"]);
+    let e = fails(&["simulate", "digits_cnn", "--machine", "v2-8", "--sharded-update"]);
+    assert!(e.contains("--sharded-update needs --train"), "{e}");
     // scale: a row per slice, efficiency against the first, and a plot.
     let out = ok(&[
         "scale",

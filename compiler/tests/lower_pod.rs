@@ -18,7 +18,7 @@ use systolic_compiler::zoo;
 use systolic_simulator::config::{Machine, presets};
 use systolic_simulator::executable::{Executable, Role};
 use systolic_simulator::functional::Functional;
-use systolic_simulator::isa::{DType, Operation, Reduction};
+use systolic_simulator::isa::{CollectiveKind, DType, Operation, Reduction};
 use systolic_simulator::numerics::Precision;
 use systolic_simulator::pod::slice;
 
@@ -36,6 +36,17 @@ fn run_replicas(
     feed: &TensorMap,
     replicas: usize,
 ) -> Vec<BTreeMap<String, Vec<f32>>> {
+    run_steps(machine, exe, feed, replicas, 1)
+}
+
+/// [`run_replicas`] for `steps` steps on the same inputs (parameters and state carried).
+fn run_steps(
+    machine: &Machine,
+    exe: &Executable,
+    feed: &TensorMap,
+    replicas: usize,
+    steps: usize,
+) -> Vec<BTreeMap<String, Vec<f32>>> {
     let mut cores: Vec<Functional> = (0..replicas).map(|_| Functional::new(machine)).collect();
     for (r, core) in cores.iter_mut().enumerate() {
         let mine: BTreeMap<String, Vec<f32>> = exe
@@ -50,7 +61,9 @@ fn run_replicas(
             .collect();
         exe.load(core, |n| mine.get(n).map(|v| v.as_slice())).unwrap();
     }
-    slice::run_values(machine, &exe.program, &mut cores).unwrap();
+    for _ in 0..steps {
+        slice::run_values(machine, &exe.program, &mut cores).unwrap();
+    }
     cores.iter_mut().map(|c| exe.outputs(c).unwrap().into_iter().collect()).collect()
 }
 
@@ -204,13 +217,76 @@ fn batch_norm_over_groups_of_replicas_equals_the_reference_on_each_group() {
 }
 
 #[test]
-fn batch_norm_groups_must_divide_the_replicas() {
+fn data_parallel_options_are_checked() {
     let g = batch_normed();
     let machine = presets::preset("v2-8").unwrap();
     let training = Some(Training { optimizer: Optimizer::Sgd { learning_rate: 0.1 }, label_smoothing: 0.0 });
     let base = Options { training, replicas: 8, ..Options::new(machine, 2, Precision::Default) };
     let e = compile(&g, &Options { batch_norm_group: 3, ..base.clone() }).unwrap_err().to_string();
     assert!(e.contains("groups of 3") && e.contains("divides the 8 replicas"), "{e}");
-    let e = compile(&g, &Options { batch_norm_group: 2, training: None, ..base }).unwrap_err().to_string();
+    let e = compile(&g, &Options { batch_norm_group: 2, training: None, ..base.clone() }).unwrap_err().to_string();
     assert!(e.contains("applies to training"), "{e}");
+    let e = compile(&g, &Options { sharded_update: true, replicas: 1, ..base.clone() }).unwrap_err().to_string();
+    assert!(e.contains("sharded weight update") && e.contains("more than one replica (now 1 replica)"), "{e}");
+    let e = compile(&g, &Options { sharded_update: true, training: None, ..base }).unwrap_err().to_string();
+    assert!(e.contains("8 replicas, inference"), "{e}");
+}
+
+/// The sharded weight update gives the bits of the all-reduce's: the reduce-scatter's shards
+/// hold the all-reduce's sums, and each replica's update of its shard does, element for
+/// element, what the whole update does. Two steps, so the slots' shards carry over.
+#[test]
+fn the_sharded_update_gives_the_all_reduce_bits() {
+    let g = zoo::build("digits_cnn").unwrap();
+    let machine = presets::preset("v2-8").unwrap();
+    let (replicas, per_core) = (8, 2);
+    for optimizer in [
+        Optimizer::Momentum { learning_rate: 0.1, momentum: 0.9 },
+        Optimizer::Adam { learning_rate: 0.01, beta1: 0.9, beta2: 0.999, epsilon: 1e-8 },
+    ] {
+        let training = Some(Training { optimizer, label_smoothing: 0.0 });
+        let base = Options {
+            training,
+            replicas,
+            bucket_bytes: 4096,
+            ..Options::new(machine.clone(), per_core, Precision::Default)
+        };
+        let mut b = random_bindings(&g, replicas * per_core, 3, 5);
+        let feed = add_labels(&mut b, replicas * per_core);
+        let run = |sharded: bool| {
+            let compiled = compile(&g, &Options { sharded_update: sharded, ..base.clone() }).unwrap();
+            let mut feed = feed.clone();
+            feed.extend(compiled.initial_state.clone());
+            let kinds: Vec<_> = compiled
+                .executable
+                .program
+                .instrs
+                .iter()
+                .filter_map(|i| match &i.op {
+                    Operation::Collective { kind, .. } => Some(*kind),
+                    _ => None,
+                })
+                .collect();
+            (run_steps(&machine, &compiled.executable, &feed, replicas, 2), kinds)
+        };
+        let ((whole, ar), (sharded, rs)) = (run(false), run(true));
+        // Buckets of reduce-scatter, then per bucket a shard taken and all-gathered.
+        assert!(ar.iter().all(|k| *k == CollectiveKind::AllReduce) && ar.len() >= 3, "{ar:?}");
+        let count = |k| rs.iter().filter(|&&x| x == k).count();
+        assert_eq!(
+            [count(CollectiveKind::ReduceScatter), count(CollectiveKind::Shard), count(CollectiveKind::AllGather)],
+            [ar.len(); 3],
+            "{rs:?}"
+        );
+        let mut checked = 0;
+        for p in g.trainable_parameters() {
+            let name = &g.node(p).name;
+            for r in 0..replicas {
+                assert_eq!(sharded[r][name], whole[r][name], "{optimizer:?}: {name} on replica {r}");
+            }
+            checked += 1;
+        }
+        assert!(checked >= 6, "{checked} parameters");
+        assert_eq!(sharded[0]["loss"], whole[0]["loss"]);
+    }
 }

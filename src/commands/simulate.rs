@@ -8,7 +8,7 @@ use anyhow::{Context, Result, bail};
 use systolic::compiler::lower::{Compiled, Options};
 use systolic::simulator::Machine;
 use systolic::simulator::executable::Role;
-use systolic::simulator::isa::Reduction;
+use systolic::simulator::isa::{CollectiveKind as Collective, Reduction};
 use systolic::simulator::numerics::Precision;
 use systolic::simulator::pod::slice::{self, Hosts, Report};
 use systolic::simulator::timing::Timing;
@@ -51,6 +51,10 @@ pub struct SliceArgs {
     /// replica's own examples.
     #[arg(long, default_value_t = 1)]
     pub bn_group: usize,
+    /// With --train: the sharded weight update — gradients reduce-scattered, each replica
+    /// updating its shard of the parameters and optimizer slots, parameters all-gathered.
+    #[arg(long)]
+    pub sharded_update: bool,
     /// Run every core on its own instead of identical cores once (slower; the same result).
     #[arg(long)]
     pub no_shortcut: bool,
@@ -121,6 +125,9 @@ pub fn slice_step(
     if args.bn_group == 0 || !cores.is_multiple_of(args.bn_group) {
         bail!("--bn-group {}: give a number of replicas that divides the slice's {cores} cores", args.bn_group);
     }
+    if args.sharded_update && !what.train.train {
+        bail!("--sharded-update needs --train: it shares the training step's weight update among replicas");
+    }
     if args.bn_group > 1 && !what.train.train {
         bail!("--bn-group {} needs --train: batch norm uses batch statistics only in training", args.bn_group);
     }
@@ -129,6 +136,7 @@ pub fn slice_step(
         gradient_reduction: reduction,
         bucket_bytes: (args.bucket_mib * (1 << 20) as f64) as u64,
         batch_norm_group: args.bn_group,
+        sharded_update: args.sharded_update,
         ..what.options(machine, precision, batch)?
     };
     let (compiled, _) = super::compile::compile_model(&what.model, &opts)?;
@@ -174,9 +182,14 @@ pub fn run(args: Args) -> Result<()> {
         std::fs::write(path, serde_json::to_vec(&trace)?).with_context(|| format!("writing {}", path.display()))?;
     }
     let examples_per_second = step.global_batch as f64 / r.step_seconds;
-    // Gradient buckets, and the batch-norm sums all-reduced over groups of replicas.
-    let (gradients, statistics): (Vec<_>, Vec<_>) =
+    // Gradient buckets (all-reduced, or reduce-scattered with the sharded update, whose
+    // kernels then take and all-gather the parameters), and the batch-norm sums all-reduced
+    // over groups of replicas.
+    let (gradients, others): (Vec<_>, Vec<_>) =
         r.collectives.iter().partition(|c| step.compiled.gradient_all_reduces.contains(&c.instr));
+    let (parameters, statistics): (Vec<_>, Vec<_>) =
+        others.into_iter().partition(|c| matches!(c.kind, Collective::Shard | Collective::AllGather));
+    let sharded = !parameters.is_empty();
     let buckets = gradients.len();
     let reduced: u64 = gradients.iter().map(|c| c.bytes).sum();
     let statistics_bytes: u64 = statistics.iter().map(|c| c.bytes).sum();
@@ -190,12 +203,13 @@ pub fn run(args: Args) -> Result<()> {
             "device_seconds": r.device_seconds, "compute_seconds": r.compute_seconds,
             "allreduce_seconds": { "total": r.collective_seconds, "exposed": r.exposed_collective_seconds,
                                    "hidden": r.hidden_collective_seconds },
-            "allreduce_buckets": buckets, "allreduce_bytes_per_core": reduced,
+            "allreduce_buckets": buckets, "allreduce_bytes_per_core": reduced, "sharded_update": sharded,
             "batch_norm_allreduces": statistics.len(), "batch_norm_allreduce_bytes_per_core": statistics_bytes,
             "infeed_seconds": { "per_step": r.infeed_seconds, "exposed": r.exposed_infeed_seconds },
             "host_seconds": r.host_seconds, "core_runs": r.core_runs, "busiest_links": links,
             "step_cycles": c.cycles, "core_step_seconds": c.seconds,
             "mxu_utilization": step.compiled.mxu_utilization(&machine, c.cycles), "hbm_bytes": c.hbm_bytes,
+            "hbm_peak_bytes": step.compiled.executable.hbm_peak_bytes,
             "hbm_bytes_per_second": c.hbm_bytes_per_second, "units": c.units, "instructions": c.instructions,
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
@@ -224,6 +238,8 @@ pub fn run(args: Args) -> Result<()> {
             0 => String::new(),
             n => format!("; {n} of batch-norm sums, {} bytes", thousands(statistics_bytes)),
         };
+        let statistics =
+            if sharded { format!(", reduce-scattered, the parameters all-gathered{statistics}") } else { statistics };
         println!(
             "  all-reduce      {:.3} ms exposed ({:.1}%), {:.3} ms hidden behind compute ({buckets} buckets, {} bytes per core{statistics})",
             r.exposed_collective_seconds * 1e3,

@@ -8,7 +8,7 @@ use serde::Serialize;
 use systolic_simulator::isa::Tile;
 
 use crate::graph::{Graph, NodeId};
-use crate::lower::training::Update;
+use crate::lower::training::{ShardedUpdate, Update};
 
 /// An elementwise step applied in a kernel's epilogue.
 #[derive(Clone, Debug, PartialEq)]
@@ -84,6 +84,9 @@ pub enum Main {
     Dropout(NodeId),
     /// The optimizer's update of one parameter (in place) and its slots.
     Update(Update),
+    /// One bucket of a sharded weight update: this replica's shard of the parameters taken,
+    /// updated from the reduce-scattered gradient shard with the slots' shards, all-gathered.
+    ShardedUpdate(ShardedUpdate),
     /// The optimizer's shared state after the step (Adam's powers).
     Advance(Vec<NodeId>),
 }
@@ -153,6 +156,7 @@ impl Kernel {
             // The labels are read as their one-hot input, a leaf.
             Main::Loss(n) | Main::LossGrad(n) | Main::ColumnSums(n) => out.push(graph.node(*n).inputs[0]),
             Main::Update(u) => out.push(u.grad),
+            Main::ShardedUpdate(s) => out.push(s.grad_shard),
             Main::Advance(_) => {}
         }
         for e in &self.epilogue {
@@ -192,7 +196,7 @@ impl Main {
     pub fn storage(&self) -> Storage {
         match self {
             Main::View(_) => Storage::View,
-            Main::Update(_) | Main::Advance(_) => Storage::InPlace,
+            Main::Update(_) | Main::ShardedUpdate(_) | Main::Advance(_) => Storage::InPlace,
             Main::Conv(_)
             | Main::Dense(_)
             | Main::MaxPool(_)

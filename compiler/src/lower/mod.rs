@@ -96,6 +96,11 @@ impl Compiled {
     }
 }
 
+/// How the training step shards its update, if the options ask for it: (replicas, bucket bytes).
+fn sharding(opts: &Options) -> Option<(usize, u64)> {
+    opts.sharded_update.then_some((opts.replicas, opts.bucket_bytes))
+}
+
 /// Compiles `graph` for one core of `opts.machine`: inference, or with `opts.training` the
 /// whole training step.
 pub fn compile(graph: &Graph, opts: &Options) -> Result<Compiled> {
@@ -116,8 +121,17 @@ pub fn compile(graph: &Graph, opts: &Options) -> Result<Compiled> {
              statistics: lower the training step or leave the group at 1"
         )));
     }
+    if opts.sharded_update && (opts.training.is_none() || opts.replicas < 2) {
+        return Err(fail(format!(
+            "the sharded weight update shares a training step's update among replicas: lower the training step \
+             over more than one replica (now {} replica{}{})",
+            opts.replicas,
+            if opts.replicas == 1 { "" } else { "s" },
+            if opts.training.is_none() { ", inference" } else { "" }
+        )));
+    }
     // The graph the passes see: the training step, or the model with one-hot labels for any loss.
-    let (prepared, step) = training::prepare(graph, opts.training.as_ref(), opts.train_mode)?;
+    let (prepared, step) = training::prepare(graph, opts.training.as_ref(), opts.train_mode, sharding(opts))?;
     let graph = &prepared;
     let mut lowering = pipeline::Lowering::new(graph, opts, &step);
     let dumps = lowering.run()?;
@@ -152,7 +166,12 @@ pub fn compile(graph: &Graph, opts: &Options) -> Result<Compiled> {
     let hbm_peak_bytes = lowering.plan.as_ref().expect("allocation ran").peak;
     let program = std::mem::take(&mut lowering.program);
     let executable = Executable { name: graph.name().to_string(), program, bindings, hbm_peak_bytes };
-    let added = step.updates.iter().flat_map(|u| &u.slots).chain(&step.state);
+    let added = step
+        .updates
+        .iter()
+        .flat_map(|u| &u.slots)
+        .chain(step.sharded.iter().flat_map(|s| s.state()))
+        .chain(&step.state);
     let initial_state =
         added.filter_map(|&id| Some((graph.node(id).name.clone(), graph.init_parameter(id, 0)?))).collect();
     let gradient_all_reduces = std::mem::take(&mut lowering.bucket_instrs);

@@ -40,6 +40,12 @@ pub struct Options {
     /// replicas' examples (their sums all-reduced in the step, as the large-batch ResNet-50
     /// recipes on pods do); 1: each replica's own examples, as TensorFlow does by default.
     pub batch_norm_group: usize,
+    /// The sharded weight update (Xu et al., 2020, "Automatic Cross-Replica Sharding of
+    /// Weight Update in Data-Parallel Training"): each bucket's gradients are reduce-scattered,
+    /// each replica updates its shard of the parameters with its shard of the optimizer's
+    /// slots, and the parameters are all-gathered — 1/`replicas` of the update's work and
+    /// slots per replica, the same bytes on the network as the all-reduce.
+    pub sharded_update: bool,
 }
 
 /// 25 MiB: PyTorch DistributedDataParallel's default bucket (`bucket_cap_mb=25`), large
@@ -62,6 +68,7 @@ impl Options {
             gradient_reduction: Reduction::Mean,
             bucket_bytes: BUCKET_BYTES,
             batch_norm_group: 1,
+            sharded_update: false,
         }
     }
 

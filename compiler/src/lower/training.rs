@@ -44,6 +44,26 @@ pub struct Update {
     pub slots: Vec<NodeId>,
 }
 
+/// One bucket of a sharded weight update: its parameters and their gradients, in the order
+/// the backward pass finishes them, and the state each replica keeps for its shard — the
+/// reduced gradient's shard, the parameters' shard, the optimizer's slots' shards — each
+/// `[rows, 128]` f32, at least the longest of `replicas` shards of the bucket's elements.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ShardedUpdate {
+    pub params: Vec<NodeId>,
+    pub grads: Vec<NodeId>,
+    pub grad_shard: NodeId,
+    pub param_shard: NodeId,
+    pub slots: Vec<NodeId>,
+}
+
+impl ShardedUpdate {
+    /// The state the bucket adds (zeros before the first step).
+    pub fn state(&self) -> impl Iterator<Item = &NodeId> {
+        [&self.grad_shard, &self.param_shard].into_iter().chain(&self.slots)
+    }
+}
+
 /// What the passes need to know of a prepared graph beyond its nodes (empty but for the
 /// one-hot labels when compiling inference).
 #[derive(Default)]
@@ -51,6 +71,8 @@ pub(super) struct Step {
     /// Each loss's integer labels -> the one-hot input the program reads instead.
     pub one_hot: BTreeMap<NodeId, NodeId>,
     pub updates: Vec<Update>,
+    /// With the sharded weight update, its buckets (and no `updates`).
+    pub sharded: Vec<ShardedUpdate>,
     /// State shared by all parameters, advanced once per step: Adam's powers, then the
     /// dropout step counter.
     pub state: Vec<NodeId>,
@@ -64,9 +86,15 @@ pub(super) struct Step {
 /// The graph the passes compile: for inference, `graph` with one-hot inputs for any loss's
 /// labels; for training, the whole step. `train_mode` (without a step): the forward pass with
 /// batch statistics and dropout, and the state that needs.
-pub(super) fn prepare(graph: &Graph, training: Option<&Training>, train_mode: bool) -> Result<(Graph, Step)> {
+/// `sharding`: (replicas, bucket bytes) for the sharded weight update.
+pub(super) fn prepare(
+    graph: &Graph,
+    training: Option<&Training>,
+    train_mode: bool,
+    sharding: Option<(usize, u64)>,
+) -> Result<(Graph, Step)> {
     match training {
-        Some(t) => build(graph, t),
+        Some(t) => build(graph, t, sharding),
         None => {
             let mut g = graph.clone();
             let one_hot = add_one_hot(&mut g)?;
@@ -110,7 +138,7 @@ fn add_forward_state(g: &mut Graph, state: &mut Vec<NodeId>, outputs: &mut Vec<N
 }
 
 /// Builds the training graph of `graph` for `t`.
-fn build(graph: &Graph, t: &Training) -> Result<(Graph, Step)> {
+fn build(graph: &Graph, t: &Training, sharding: Option<(usize, u64)>) -> Result<(Graph, Step)> {
     t.optimizer.check()?;
     let (g, loss) = graph.with_classifier_loss(t.label_smoothing)?;
     let params = g.trainable_parameters();
@@ -133,15 +161,27 @@ fn build(graph: &Graph, t: &Training) -> Result<(Graph, Step)> {
         let Some(&grad) = grads.grads.get(&pname) else { continue };
         let shape = g.node(p).shape.dims.clone();
         let mut slots = Vec::new();
-        for slot in t.optimizer.slots() {
-            let name = reserved(&g, format!("{pname}/{slot}"))?;
-            let init = Init::Zeros;
-            slots.push(g.add(name, Op::Parameter(Parameter { shape: shape.clone(), init, trainable: false }), &[])?);
+        if sharding.is_none() {
+            for slot in t.optimizer.slots() {
+                let name = reserved(&g, format!("{pname}/{slot}"))?;
+                let init = Init::Zeros;
+                slots.push(g.add(
+                    name,
+                    Op::Parameter(Parameter { shape: shape.clone(), init, trainable: false }),
+                    &[],
+                )?);
+            }
         }
         outputs.push(grad);
         output_names.insert(grad, format!("{pname}/grad"));
         updates.push(Update { param: p, grad, slots });
     }
+    let sharded = match sharding {
+        Some((replicas, bucket_bytes)) => {
+            shard_buckets(&mut g, t, std::mem::take(&mut updates), replicas, bucket_bytes)?
+        }
+        None => Vec::new(),
+    };
     let mut state = Vec::new();
     for (name, value) in t.optimizer.initial_state() {
         let name = reserved(&g, name.to_string())?;
@@ -152,9 +192,58 @@ fn build(graph: &Graph, t: &Training) -> Result<(Graph, Step)> {
         outputs.push(u.param);
         outputs.extend(u.slots.iter().copied());
     }
+    for s in &sharded {
+        outputs.extend(s.params.iter().copied());
+        outputs.extend(s.state().copied());
+    }
     let dropout_step = add_forward_state(&mut g, &mut state, &mut outputs)?;
     g.set_outputs(outputs);
-    Ok((g, Step { one_hot, updates, state, dropout_step, output_names }))
+    Ok((g, Step { one_hot, updates, sharded, state, dropout_step, output_names }))
+}
+
+/// The buckets of a sharded weight update: `updates` in the order the backward pass makes
+/// their gradients (autodiff adds them last layer first), a bucket closing at `bucket_bytes`;
+/// each with its shard state (`shard<b>/gradient`, `shard<b>/parameter`, `shard<b>/<slot>`).
+fn shard_buckets(
+    g: &mut Graph,
+    t: &Training,
+    mut updates: Vec<Update>,
+    replicas: usize,
+    bucket_bytes: u64,
+) -> Result<Vec<ShardedUpdate>> {
+    updates.sort_by_key(|u| u.grad.index());
+    let elements = |g: &Graph, u: &Update| g.node(u.param).shape.dims.iter().product::<usize>();
+    let mut buckets: Vec<Vec<Update>> = Vec::new();
+    let mut bytes = u64::MAX;
+    for u in updates {
+        if bytes >= bucket_bytes {
+            buckets.push(Vec::new());
+            bytes = 0;
+        }
+        bytes += elements(g, &u) as u64 * 4;
+        buckets.last_mut().expect("a bucket is open").push(u);
+    }
+    let mut out = Vec::new();
+    for (b, members) in buckets.into_iter().enumerate() {
+        let total: usize = members.iter().map(|u| elements(g, u)).sum();
+        let rows = total.div_ceil(replicas).div_ceil(128).max(1);
+        let mut state = |name: String| -> Result<NodeId> {
+            let name = reserved(g, format!("shard{b}/{name}"))?;
+            let p = Parameter { shape: vec![rows, 128], init: Init::Zeros, trainable: false };
+            g.add(name, Op::Parameter(p), &[])
+        };
+        let grad_shard = state("gradient".into())?;
+        let param_shard = state("parameter".into())?;
+        let slots = t.optimizer.slots().iter().map(|s| state(s.to_string())).collect::<Result<_>>()?;
+        out.push(ShardedUpdate {
+            params: members.iter().map(|u| u.param).collect(),
+            grads: members.iter().map(|u| u.grad).collect(),
+            grad_shard,
+            param_shard,
+            slots,
+        });
+    }
+    Ok(out)
 }
 
 /// `name`, unless the graph already has a node of that name.

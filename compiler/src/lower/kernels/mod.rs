@@ -41,6 +41,7 @@ pub(crate) fn emit(e: &mut Emitter, kernel: &Kernel) -> Result<Emitted> {
         Main::Concat(n) => data_movement::concat(e, kernel, *n),
         Main::Slice(n) => data_movement::slice(e, kernel, *n),
         Main::Update(u) => optimizer::update(e, kernel, u),
+        Main::ShardedUpdate(s) => optimizer::sharded_update(e, kernel, s),
         Main::Advance(state) => optimizer::advance(e, kernel, state),
         Main::View(_) => unreachable!("views emit nothing: the tiling pass skips them"),
     }
@@ -91,6 +92,7 @@ fn family_scratch_bytes(graph: &Graph, kernel: &Kernel) -> u64 {
         | Main::Concat(_)
         | Main::Slice(_)
         | Main::Update(_)
+        | Main::ShardedUpdate(_)
         | Main::Advance(_)
         | Main::View(_) => 0,
     }

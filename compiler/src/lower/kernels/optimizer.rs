@@ -11,7 +11,7 @@ use crate::graph::NodeId;
 use crate::lower::blocks::rows::rows_per_block;
 use crate::lower::emitter::{BUFFERS, Emitted, Emitter};
 use crate::lower::kernel::{Kernel, rows_cols};
-use crate::lower::training::Update;
+use crate::lower::training::{ShardedUpdate, Update};
 use crate::optimizer::Optimizer;
 
 /// A tile of one `rows` × 1 column broadcasting the scalar at `t` (row stride 0).
@@ -21,10 +21,53 @@ fn scalar_column(t: Tile, rows: usize) -> Tile {
 
 /// One parameter's optimizer update, in place, block by block.
 pub(crate) fn update(e: &mut Emitter, kernel: &Kernel, u: &Update) -> Result<Emitted> {
-    let opt = e.extras.optimizer.expect("updates come with an optimizer");
     let p = e.place(u.param).tile;
     let g = e.place(u.grad).tile;
     let slots: Vec<Tile> = u.slots.iter().map(|&s| e.place(s).tile).collect();
+    let (rb, _) = update_tiles(e, kernel, p, g, &slots, &[])?;
+    let opt = e.extras.optimizer.expect("updates come with an optimizer");
+    Ok(Emitted::new(format!("{} on the VPU, blocks of {rb} rows", opt.name()), format!("{} x {}", p.rows, p.cols), 0))
+}
+
+/// One bucket of a sharded update: this replica's shard of the parameters taken from the
+/// replicated tensors, updated in place from the reduce-scattered gradient shard (the
+/// `collectives` pass issues that reduce-scatter, and this kernel waits for it) with the
+/// slots' shards, then all-gathered into every replica's parameters.
+pub(crate) fn sharded_update(e: &mut Emitter, kernel: &Kernel, s: &ShardedUpdate) -> Result<Emitted> {
+    let replicas = e.opts.replicas as u32;
+    let params: Vec<Tile> = s.params.iter().map(|&p| e.place(p).tile).collect();
+    let (p, g) = (e.place(s.param_shard).tile, e.place(s.grad_shard).tile);
+    let slots: Vec<Tile> = s.slots.iter().map(|&t| e.place(t).tile).collect();
+    let collective = |kind| Operation::Collective {
+        kind,
+        reduction: Reduction::Sum,
+        tiles: params.clone(),
+        shard: Some(p),
+        replicas,
+    };
+    let take = e.push(collective(CollectiveKind::Shard), &[]);
+    let (rb, stores) = update_tiles(e, kernel, p, g, &slots, &[take])?;
+    e.push(collective(CollectiveKind::AllGather), &stores);
+    let opt = e.extras.optimizer.expect("updates come with an optimizer");
+    let elements: u64 = params.iter().map(|t| t.elements()).sum();
+    Ok(Emitted::new(
+        format!("{} on the VPU over a shard of {} (blocks of {rb} rows), all-gathered", opt.name(), p.rows * p.cols),
+        format!("{elements} elements over {replicas} replicas"),
+        0,
+    ))
+}
+
+/// The optimizer's update of `p` (in place) from `g` with `slots`, block by block, the first
+/// loads after `after`: the rows per block and the last instructions.
+fn update_tiles(
+    e: &mut Emitter,
+    kernel: &Kernel,
+    p: Tile,
+    g: Tile,
+    slots: &[Tile],
+    after: &[u32],
+) -> Result<(usize, Vec<u32>)> {
+    let opt = e.extras.optimizer.expect("updates come with an optimizer");
     let (rows, c) = (p.rows as usize, p.cols as usize);
     let arrays = 2 + slots.len() + 2;
     let rb = rows_per_block(e, rows, c, arrays * BUFFERS);
@@ -52,7 +95,7 @@ pub(crate) fn update(e: &mut Emitter, kernel: &Kernel, u: &Update) -> Result<Emi
         }
         Optimizer::Sgd { .. } | Optimizer::Momentum { .. } => None,
     };
-    let mut free: Vec<Vec<u32>> = vec![Vec::new(); BUFFERS];
+    let mut free: Vec<Vec<u32>> = vec![after.to_vec(); BUFFERS];
     for (b, r0) in (0..rows).step_by(rb).enumerate() {
         let rn = rb.min(rows - r0);
         let k = b % BUFFERS;
@@ -108,7 +151,7 @@ pub(crate) fn update(e: &mut Emitter, kernel: &Kernel, u: &Update) -> Result<Emi
         stores.push(done);
         free[k] = stores;
     }
-    Ok(Emitted::new(format!("{} on the VPU, blocks of {rb} rows", opt.name()), format!("{rows} x {c}"), 0))
+    Ok((rb, free.into_iter().flatten().collect()))
 }
 
 /// Advances the optimizer's shared state once per step (Adam: `beta^t -> beta^(t+1)`).

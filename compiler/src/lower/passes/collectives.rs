@@ -33,18 +33,6 @@ pub(crate) fn buckets(
     if opts.replicas < 2 {
         return Vec::new();
     }
-    // Each update's gradient, the kernel that finishes it, and the update kernel.
-    let mut grads: Vec<(usize, usize, NodeId)> = Vec::new();
-    for (k, kernel) in kernels.iter().enumerate() {
-        let Main::Update(u) = &kernel.main else { continue };
-        let own = owner[u.grad.index()].unwrap_or(u.grad);
-        let made = kernels
-            .iter()
-            .rposition(|p| p.output == own || p.also.contains(&own) || p.nodes.contains(&u.grad))
-            .expect("every gradient is made by a kernel");
-        grads.push((made, k, u.grad));
-    }
-    grads.sort_by_key(|&(made, update, _)| (made, update));
     // Views emit no fragment: the fragment of kernel k is the number of non-views before it.
     let mut fragment_of = Vec::with_capacity(kernels.len());
     let mut count = 0;
@@ -56,6 +44,49 @@ pub(crate) fn buckets(
     let fragment_at =
         |k: usize| if kernels[k].main.storage() == Storage::View { fragment_of[k] - 1 } else { fragment_of[k] };
     let tile = |g: NodeId| -> Tile { places[g.index()].as_ref().expect("gradients are placed").tile };
+    // The kernel that finishes gradient `grad`.
+    let made = |grad: NodeId| {
+        let own = owner[grad.index()].unwrap_or(grad);
+        kernels
+            .iter()
+            .rposition(|p| p.output == own || p.also.contains(&own) || p.nodes.contains(&grad))
+            .expect("every gradient is made by a kernel")
+    };
+    // A sharded update's buckets are its kernels': each reduce-scatters its gradients to the
+    // replica's gradient shard.
+    let sharded: Vec<Bucket> = kernels
+        .iter()
+        .enumerate()
+        .filter_map(|(k, kernel)| {
+            let Main::ShardedUpdate(s) = &kernel.main else { return None };
+            let after = s.grads.iter().map(|&g| made(g)).max().expect("a bucket holds a gradient");
+            let op = Operation::Collective {
+                kind: systolic_simulator::isa::CollectiveKind::ReduceScatter,
+                reduction: opts.gradient_reduction,
+                tiles: s.grads.iter().map(|&g| tile(g)).collect(),
+                shard: Some(tile(s.grad_shard)),
+                replicas: opts.replicas as u32,
+            };
+            Some(Bucket {
+                after,
+                needed_by: k,
+                fragment_after: fragment_at(after),
+                fragment_needed_by: fragment_of[k],
+                gradients: s.grads.clone(),
+                op,
+            })
+        })
+        .collect();
+    if !sharded.is_empty() {
+        return sharded;
+    }
+    // Each update's gradient, the kernel that finishes it, and the update kernel.
+    let mut grads: Vec<(usize, usize, NodeId)> = Vec::new();
+    for (k, kernel) in kernels.iter().enumerate() {
+        let Main::Update(u) = &kernel.main else { continue };
+        grads.push((made(u.grad), k, u.grad));
+    }
+    grads.sort_by_key(|&(made, update, _)| (made, update));
     let mut out = Vec::new();
     let mut open: Vec<(usize, usize, NodeId)> = Vec::new();
     let mut bytes = 0;

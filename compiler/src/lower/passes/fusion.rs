@@ -14,7 +14,7 @@ use crate::lower::kernel::{BatchNormGrad, Epilogue, Kernel, Main};
 use crate::lower::training::Step;
 
 /// The pass: the graph's kernels, then (for a training step) one update kernel per parameter
-/// and one that advances the optimizer's shared state.
+/// (or per bucket of a sharded update) and one that advances the optimizer's shared state.
 pub(crate) fn run(graph: &Graph, step: &Step, training: bool) -> Result<Vec<Kernel>> {
     let mut kernels = fuse(graph, training)?;
     for u in &step.updates {
@@ -24,6 +24,17 @@ pub(crate) fn run(graph: &Graph, step: &Step, training: bool) -> Result<Vec<Kern
             epilogue: Vec::new(),
             nodes: vec![u.param],
             output: u.param,
+            also: Vec::new(),
+            stats_for: None,
+        });
+    }
+    for (b, s) in step.sharded.iter().enumerate() {
+        kernels.push(Kernel {
+            name: format!("update/shard {b}"),
+            main: Main::ShardedUpdate(s.clone()),
+            epilogue: Vec::new(),
+            nodes: s.params.iter().copied().chain(s.state().copied()).collect(),
+            output: s.param_shard,
             also: Vec::new(),
             stats_for: None,
         });
