@@ -901,11 +901,11 @@ fn collective_times_a_ring_against_its_closed_form() {
     assert!((got - want).abs() <= 1e-9 * want, "{out}");
     assert_eq!(v["chips"], 1024);
     assert_eq!(v["busiest_links"].as_array().unwrap().len(), 4);
-    // A 4x4 mesh (v3-32) closes its rings through the line back: about twice as long.
+    // A 4x4 mesh (v3-32) folds its rings over the lines: at most 6% over the folded closed form.
     let out = ok(&["collective", "all-reduce", "--bytes", "100000000", "--machine", "v3-32", "--json"]);
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     let ratio = v["seconds"].as_f64().unwrap() / v["closed_form_seconds"].as_f64().unwrap();
-    assert!(ratio > 1.5 && ratio < 2.2, "{out}");
+    assert!((1.0..1.06).contains(&ratio), "{out}");
     let text = ok(&["collective", "reduce-scatter", "--bytes", "1000000", "--machine", "v4-128"]);
     assert!(text.contains("4x4x4") && text.contains("busiest links"), "{text}");
     let e = fails(&["collective", "all-reduce", "--bytes", "0"]);

@@ -109,7 +109,7 @@ pub fn run(args: Args) -> Result<()> {
     );
     match closed {
         Some(closed) => println!(
-            "time              {:.3} us  (closed form on unloaded rings with wraparound: {:.3} us)",
+            "time              {:.3} us  (closed form on unloaded rings, folded over mesh axes: {:.3} us)",
             seconds * 1e6,
             closed * 1e6
         ),
