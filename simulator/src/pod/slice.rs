@@ -445,6 +445,11 @@ fn host_share(machine: &Machine, hosts: &Hosts) -> Result<f64> {
 /// every run and thread count.
 pub fn run_values(machine: &Machine, program: &Program, cores: &mut [Functional]) -> Result<()> {
     program.validate(machine)?;
+    run_values_validated(machine, program, cores)
+}
+
+/// [`run_values`] for a program already validated: a runtime running the same step again.
+pub fn run_values_validated(machine: &Machine, program: &Program, cores: &mut [Functional]) -> Result<()> {
     let topo = Topology::of(machine)?;
     if cores.len() != topo.cores() {
         return Err(Error::Data(format!("{} cores given for a slice of {}", cores.len(), topo.cores())));

@@ -1,0 +1,212 @@
+//! A simulated core or slice as a backend: the training step compiled for one replica's
+//! share of the batch (with the gradient all-reduce over `replicas`), validated once, run on
+//! one functional engine per core step after step — the state stays in each core's HBM, only
+//! the inputs are written each step — and timed once.
+
+use systolic_compiler::lower::{Compiled, Options, Training, compile};
+use systolic_compiler::{Graph, Tensor, TensorMap};
+use systolic_simulator::Machine;
+use systolic_simulator::executable::{Binding, Executable, Role};
+use systolic_simulator::functional::Functional;
+use systolic_simulator::pod::slice::{self, Hosts};
+use systolic_simulator::timing;
+
+use super::{Backend, Settings, StepOutput};
+use crate::error::{Error, Result};
+use crate::session::{self, LOSS};
+
+/// One simulated core, or every core of a slice (one replica each).
+pub struct Simulated {
+    model: Graph,
+    machine: Machine,
+    replicas: usize,
+    /// Examples per replica.
+    per_replica: usize,
+    step: Compiled,
+    infer: Executable,
+    cores: Vec<Functional>,
+    /// The state to load before the first step (then it lives in HBM).
+    initial: Option<TensorMap>,
+    /// The step's simulated time, once measured.
+    seconds: Option<f64>,
+}
+
+impl Simulated {
+    /// `replicas`: 1 for one core, the slice's cores for a slice.
+    pub fn new(
+        model: &Graph,
+        state: TensorMap,
+        batch: usize,
+        settings: Settings,
+        machine: Machine,
+        replicas: usize,
+    ) -> Result<Simulated> {
+        if replicas == 0 || !batch.is_multiple_of(replicas) || batch == 0 {
+            return Err(Error::Input(format!(
+                "a batch of {batch} examples does not split evenly over {replicas} replicas: give a multiple of {replicas}"
+            )));
+        }
+        let per_replica = batch / replicas;
+        let base = Options::new(machine.clone(), per_replica, settings.precision);
+        let training = Some(Training { optimizer: settings.optimizer, label_smoothing: settings.label_smoothing });
+        let opts = Options { training, replicas, gradient_reduction: settings.reduction, ..base.clone() };
+        let step = compile(model, &opts)?;
+        step.executable.program.validate(&machine)?;
+        let infer = compile(model, &base)?.executable;
+        let mut initial = step.initial_state.clone();
+        initial.extend(state);
+        for b in step.executable.bindings.iter().filter(|b| b.role == Role::Parameter) {
+            if !initial.contains_key(&b.name) {
+                return Err(Error::Input(format!("the state has no parameter '{}'", b.name)));
+            }
+        }
+        let cores = (0..machine.cores().min(replicas.max(1))).map(|_| Functional::new(&machine)).collect();
+        Ok(Simulated {
+            model: model.clone(),
+            machine,
+            replicas,
+            per_replica,
+            step,
+            infer,
+            cores,
+            initial: Some(initial),
+            seconds: None,
+        })
+    }
+
+    /// Replica `r`'s share of `t` (its rows of the batch).
+    fn shard(&self, t: &Tensor, r: usize) -> Vec<f32> {
+        let per = t.len() / self.replicas;
+        t.as_slice().expect("batches are contiguous")[r * per..(r + 1) * per].to_vec()
+    }
+
+    /// Writes `values` to `core` at `binding`, checking their count.
+    fn write(core: &mut Functional, b: &Binding, values: &[f32]) -> Result<()> {
+        let want: usize = b.shape.iter().product();
+        if values.len() != want {
+            return Err(Error::Input(format!(
+                "'{}' has {} values for one replica but its shape {:?} holds {want}",
+                b.name,
+                values.len(),
+                b.shape
+            )));
+        }
+        Ok(core.write(b.tile, values)?)
+    }
+
+    /// The simulated time of one step (measured the first time).
+    fn seconds(&mut self) -> Result<f64> {
+        if let Some(s) = self.seconds {
+            return Ok(s);
+        }
+        let program = &self.step.executable.program;
+        let s = if self.replicas == 1 {
+            timing::simulate_unchecked(&self.machine, program, false)?.report.seconds
+        } else {
+            let input: u64 = session::bound(&self.step.executable, Role::Input)
+                .filter_map(|n| self.step.executable.binding(n, Role::Input))
+                .map(|b| b.tile.bytes())
+                .sum();
+            let hosts = Hosts::new(self.per_replica, input / self.per_replica as u64);
+            slice::simulate(&self.machine, program, &hosts, &slice::Options::default())?.step_seconds
+        };
+        self.seconds = Some(s);
+        Ok(s)
+    }
+}
+
+impl Backend for Simulated {
+    fn describe(&self) -> String {
+        match self.replicas {
+            1 => format!("one {} core", self.machine.name),
+            n => format!("{} ({n} replicas)", self.machine.name),
+        }
+    }
+
+    fn batch(&self) -> usize {
+        self.per_replica * self.replicas
+    }
+
+    fn train_step(&mut self, batch: &TensorMap) -> Result<StepOutput> {
+        let exe = &self.step.executable;
+        let mut feed: TensorMap =
+            session::inputs(&self.model, batch, self.batch())?.into_iter().map(|(n, t)| (n, t.clone())).collect();
+        feed.extend(session::one_hot_labels(exe, batch)?);
+        let initial = self.initial.take();
+        for r in 0..self.replicas {
+            let core = &mut self.cores[r];
+            for b in &exe.bindings {
+                match (b.role, &initial) {
+                    (Role::Input, _) => {
+                        let t =
+                            feed.get(&b.name).ok_or_else(|| Error::Input(format!("the batch has no '{}'", b.name)))?;
+                        let per = t.len() / self.replicas;
+                        let v = &t.as_slice().expect("batches are contiguous")[r * per..(r + 1) * per];
+                        Self::write(core, b, v)?;
+                    }
+                    (Role::Parameter, Some(state)) => {
+                        Self::write(core, b, state[&b.name].as_slice().expect("state is contiguous"))?
+                    }
+                    _ => {}
+                }
+            }
+        }
+        let program = &exe.program;
+        if self.replicas == 1 {
+            self.cores[0].run_until_collective(program, 0)?;
+        } else {
+            slice::run_values_validated(&self.machine, program, &mut self.cores)?;
+        }
+        let mut loss = 0.0;
+        let mut outputs = TensorMap::new();
+        for (r, core) in self.cores.iter_mut().enumerate() {
+            for b in exe.bindings.iter().filter(|b| b.role == Role::Output) {
+                if b.name == LOSS {
+                    loss += core.read(b.tile)?[0] / self.replicas as f32;
+                } else if r == 0 && b.name.ends_with(session::GRAD_SUFFIX) {
+                    let t = Tensor::from_shape_vec(b.shape.clone(), core.read(b.tile)?).expect("a binding's shape");
+                    outputs.insert(b.name.clone(), t);
+                }
+            }
+        }
+        Ok(StepOutput { loss: Some(loss), outputs, simulated_seconds: Some(self.seconds()?) })
+    }
+
+    fn predict(&mut self, batch: &TensorMap) -> Result<StepOutput> {
+        let params = self.state()?;
+        let inputs = session::inputs(&self.model, batch, self.batch())?;
+        let mut shards: Vec<Vec<(String, Vec<f32>)>> = Vec::new();
+        for r in 0..self.replicas {
+            let mut feed: Vec<(String, Vec<f32>)> = inputs.iter().map(|(n, t)| (n.clone(), self.shard(t, r))).collect();
+            for b in self.infer.bindings.iter().filter(|b| b.role == Role::Parameter) {
+                let p = params.get(&b.name).ok_or_else(|| Error::Input(format!("no parameter '{}'", b.name)))?;
+                feed.push((b.name.clone(), p.iter().copied().collect()));
+            }
+            let find = |n: &str| feed.iter().find(|(k, _)| k == n).map(|(_, v)| v.as_slice());
+            shards.push(self.infer.run(&self.machine, find)?);
+        }
+        // Each output's shards, in replica order, as one batch.
+        let mut outputs = TensorMap::new();
+        for (i, b) in self.infer.bindings.iter().filter(|b| b.role == Role::Output).enumerate() {
+            let values: Vec<f32> = shards.iter().flat_map(|s| s[i].1.iter().copied()).collect();
+            let mut shape = b.shape.clone();
+            if let Some(n) = shape.first_mut() {
+                *n *= self.replicas;
+            }
+            outputs.insert(b.name.clone(), Tensor::from_shape_vec(shape, values).expect("the shards make the batch"));
+        }
+        Ok(StepOutput { loss: None, outputs, simulated_seconds: None })
+    }
+
+    fn state(&mut self) -> Result<TensorMap> {
+        if let Some(initial) = &self.initial {
+            return Ok(initial.clone());
+        }
+        let mut state = TensorMap::new();
+        for b in self.step.executable.bindings.iter().filter(|b| b.role == Role::Parameter) {
+            let t = Tensor::from_shape_vec(b.shape.clone(), self.cores[0].read(b.tile)?).expect("a binding's shape");
+            state.insert(b.name.clone(), t);
+        }
+        Ok(state)
+    }
+}

@@ -1,0 +1,16 @@
+//! Systolic's runtime: what runs a model's steps, whatever runs them.
+//!
+//! A [`Backend`] holds a model's state (parameters, optimizer slots, batch norm's moving
+//! statistics) and runs training steps and predictions on batches: the f32 CPU reference
+//! ([`backend::Cpu`]), one simulated core or a whole simulated slice
+//! ([`backend::Simulated`], which compile the step, bind tensors by name, run the functional
+//! engines and report simulated time). [`session`] owns the conventions a compiled step's
+//! tensors follow (gradient and one-hot names, the loss, the state the lowering adds), so no
+//! caller spells them out. TensorFlow's estimator API (issue 10) builds on these.
+
+pub mod backend;
+pub mod error;
+pub mod session;
+
+pub use backend::{Backend, Settings, StepOutput, Target, backend};
+pub use error::{Error, Result};

@@ -1,0 +1,56 @@
+//! The conventions of a compiled step's tensors, in one place: how gradients, one-hot labels
+//! and the loss are named, and which state a training step adds to a model's parameters.
+
+use systolic_compiler::lower::training;
+use systolic_compiler::{Graph, Tensor, TensorMap};
+use systolic_simulator::executable::{Executable, Role};
+
+use crate::error::{Error, Result};
+
+/// A training step's output holding the loss (the mean over this replica's examples).
+pub const LOSS: &str = "loss";
+
+/// Appended to a parameter's name, its gradient among a step's outputs (`conv1/kernel/grad`).
+pub const GRAD_SUFFIX: &str = "/grad";
+
+/// Appended to the integer labels' name, the one-hot matrix a compiled step reads for them
+/// (`labels/one_hot`: the host encodes labels, as a TPU input pipeline does).
+pub const ONE_HOT_SUFFIX: &str = "/one_hot";
+
+/// The step number dropout masks are drawn for, kept on the device and advanced by the step.
+pub const DROPOUT_STEP: &str = training::DROPOUT_STEP;
+
+/// The gradient output of parameter `name`.
+pub fn grad_name(name: &str) -> String {
+    format!("{name}{GRAD_SUFFIX}")
+}
+
+/// The model's inputs in `batch` by name (the labels are not among them), each checked for
+/// its batch size.
+pub fn inputs<'a>(model: &Graph, batch: &'a TensorMap, examples: usize) -> Result<Vec<(String, &'a Tensor)>> {
+    model
+        .inputs()
+        .into_iter()
+        .map(|id| {
+            let name = &model.node(id).name;
+            let t = batch.get(name).ok_or_else(|| Error::Input(format!("the batch has no input '{name}'")))?;
+            if t.shape().first() != Some(&examples) {
+                return Err(Error::Input(format!(
+                    "input '{name}' has shape {:?}: give {examples} examples, the batch size the backend runs",
+                    t.shape()
+                )));
+            }
+            Ok((name.clone(), t))
+        })
+        .collect()
+}
+
+/// The one-hot matrices a compiled step reads, from the integer labels in `batch`.
+pub fn one_hot_labels(executable: &Executable, batch: &TensorMap) -> Result<TensorMap> {
+    Ok(training::one_hot_feed(executable, batch)?)
+}
+
+/// The tensors of `executable` with role `role`, by name.
+pub fn bound(executable: &Executable, role: Role) -> impl Iterator<Item = &str> {
+    executable.bindings.iter().filter(move |b| b.role == role).map(|b| b.name.as_str())
+}
