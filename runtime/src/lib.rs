@@ -9,8 +9,10 @@
 //! caller spells them out. TensorFlow's estimator API (issue 10) builds on these.
 
 pub mod backend;
+pub mod config;
 pub mod error;
 pub mod session;
 
 pub use backend::{Backend, Settings, StepOutput, Target, backend};
+pub use config::{CheckpointEvery, InputPipeline, IterationsPerLoop, RunConfig, TpuConfig};
 pub use error::{Error, Result};
