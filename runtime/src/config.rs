@@ -1,6 +1,9 @@
 //! `RunConfig` and `TpuConfig`, as TensorFlow's `tpu.RunConfig` and `tpu.TPUConfig` define
-//! them (`tensorflow_estimator/python/estimator/tpu/tpu_config.py`), with the same defaults
-//! and the same refusals; loadable from a RON file whose unknown fields are errors.
+//! them (`tensorflow_estimator/python/estimator/tpu/tpu_config.py`): the same defaults, the
+//! same refusals (both checkpoint intervals set, an `iterations_per_loop` that is neither
+//! `[1-9][0-9]*` steps nor such a count of `s`, `m` or `h`, an empty `model_dir`), and ours
+//! where TensorFlow would fail later (a checkpoint interval of zero, zero replicas); loadable
+//! from a RON file whose unknown fields are errors.
 //!
 //! ```ron
 //! (
@@ -32,6 +35,7 @@ pub enum IterationsPerLoop {
 #[serde(untagged)]
 enum Count {
     Steps(u64),
+    Number(f64),
     Text(String),
 }
 
@@ -41,6 +45,9 @@ impl TryFrom<Count> for IterationsPerLoop {
     fn try_from(c: Count) -> std::result::Result<Self, String> {
         match c {
             Count::Steps(n) => IterationsPerLoop::Steps(n).checked(),
+            Count::Number(x) => Err(format!(
+                "iterations_per_loop {x}: give a whole number of steps or a duration such as 30s, 5m or 1h"
+            )),
             Count::Text(t) => t.parse(),
         }
     }
@@ -70,24 +77,25 @@ impl IterationsPerLoop {
 impl FromStr for IterationsPerLoop {
     type Err = String;
 
-    /// `"100"` (steps) or a positive duration: a number followed by `s`, `m` or `h`.
+    /// TensorFlow's forms: `"100"` (steps), or such a count of seconds, minutes or hours
+    /// (`"30s"`, `"5m"`, `"1h"`).
     fn from_str(text: &str) -> std::result::Result<Self, String> {
-        let t = text.trim();
         let bad = || {
             format!("iterations_per_loop '{text}': give a step count such as 100 or a duration such as 30s, 5m or 1h")
         };
-        if let Ok(n) = t.parse::<u64>() {
-            return IterationsPerLoop::Steps(n).checked();
-        }
-        let (number, unit) = t.split_at(t.len().saturating_sub(1));
-        let scale = match unit {
-            "s" => 1.0,
-            "m" => 60.0,
-            "h" => 3600.0,
-            _ => return Err(bad()),
+        let t = text.trim();
+        let (digits, scale) = match [("s", 1.0), ("m", 60.0), ("h", 3600.0)].iter().find(|(u, _)| t.ends_with(u)) {
+            Some(&(unit, scale)) => (&t[..t.len() - unit.len()], Some(scale)),
+            None => (t, None),
         };
-        let value: f64 = number.parse().map_err(|_| bad())?;
-        IterationsPerLoop::Seconds(value * scale).checked()
+        if digits.is_empty() || digits.starts_with('0') || !digits.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(bad());
+        }
+        let n: u64 = digits.parse().map_err(|_| bad())?;
+        match scale {
+            None => IterationsPerLoop::Steps(n).checked(),
+            Some(scale) => IterationsPerLoop::Seconds(n as f64 * scale).checked(),
+        }
     }
 }
 
@@ -151,11 +159,15 @@ pub enum CheckpointEvery {
 pub struct RunConfig {
     /// Where checkpoints and metrics go; `None`: nothing is written.
     pub model_dir: Option<PathBuf>,
+    /// Checkpoint every N steps, or every N seconds (both set is an error; neither: every
+    /// 600 seconds).
     pub save_checkpoints_steps: Option<u64>,
     pub save_checkpoints_secs: Option<f64>,
     /// Checkpoints kept (the oldest deleted); 0 keeps every one, as TensorFlow does.
     pub keep_checkpoint_max: usize,
+    /// Metrics every N steps (0: never, as in TensorFlow).
     pub save_summary_steps: u64,
+    /// Steps/s logged every N steps (0: never).
     pub log_step_count_steps: u64,
     /// Seeds parameter initialisation and dropout; `None`: 0.
     pub random_seed: Option<u64>,
@@ -183,9 +195,12 @@ impl RunConfig {
         let fail = |field: &str, reason: String| Err(Error::Config { field: field.into(), reason });
         if let (Some(steps), Some(secs)) = (self.save_checkpoints_steps, self.save_checkpoints_secs) {
             return fail(
-                "save_checkpoints_steps",
-                format!("and save_checkpoints_secs ({steps} steps, {secs} s) are both set: set one of them"),
+                "save_checkpoints_steps and save_checkpoints_secs",
+                format!("both set ({steps} steps, {secs} s): set one of them"),
             );
+        }
+        if self.model_dir.as_ref().is_some_and(|d| d.as_os_str().is_empty()) {
+            return fail("model_dir", "is empty: give a directory, or leave it unset to write nothing".into());
         }
         if self.save_checkpoints_steps == Some(0) {
             return fail("save_checkpoints_steps", "must be at least 1 (or leave it unset)".into());
@@ -194,13 +209,6 @@ impl RunConfig {
             && !(s > 0.0 && s.is_finite())
         {
             return fail("save_checkpoints_secs", format!("{s}: give a positive number of seconds"));
-        }
-        for (field, v) in
-            [("save_summary_steps", self.save_summary_steps), ("log_step_count_steps", self.log_step_count_steps)]
-        {
-            if v == 0 {
-                return fail(field, "must be at least 1".into());
-            }
         }
         if self.tpu_config.num_shards == Some(0) {
             return fail("tpu_config.num_shards", "must be at least 1 (or leave it unset for every core)".into());
@@ -230,7 +238,12 @@ impl RunConfig {
             col: e.span.start.col,
             reason: e.code.to_string(),
         })?;
-        config.validate()?;
+        config.validate().map_err(|e| match e {
+            Error::Config { field, reason } => {
+                Error::Config { field: format!("{}: {field}", origin.display()), reason }
+            }
+            other => other,
+        })?;
         Ok(config)
     }
 
@@ -242,9 +255,11 @@ impl RunConfig {
         RunConfig::from_ron(&text, path)
     }
 
-    /// The configuration as RON text (what [`RunConfig::load`] reads back).
-    pub fn to_ron(&self) -> String {
-        ron::ser::to_string_pretty(self, ron::ser::PrettyConfig::new()).expect("configs always serialise")
+    /// The configuration as RON text (what [`RunConfig::load`] reads back); an error for a
+    /// `model_dir` that is not UTF-8.
+    pub fn to_ron(&self) -> Result<String> {
+        ron::ser::to_string_pretty(self, ron::ser::PrettyConfig::new())
+            .map_err(|e| Error::Config { field: "model_dir".into(), reason: format!("cannot be written as RON: {e}") })
     }
 }
 
@@ -258,8 +273,10 @@ mod tests {
         assert_eq!(parse("100"), Ok(IterationsPerLoop::Steps(100)));
         assert_eq!(parse("30s"), Ok(IterationsPerLoop::Seconds(30.0)));
         assert_eq!(parse("5m"), Ok(IterationsPerLoop::Seconds(300.0)));
-        assert_eq!(parse("1.5h"), Ok(IterationsPerLoop::Seconds(5400.0)));
-        for bad in ["30x", "", "s", "-5m", "0", "0s", "1e999h", "five"] {
+        assert_eq!(parse("2h"), Ok(IterationsPerLoop::Seconds(7200.0)));
+        for bad in
+            ["30x", "", "s", "-5m", "0", "0s", "1.5h", "+5m", "1e3s", "05", "5м", "30µ", "99999999999999999999", "five"]
+        {
             let e = parse(bad).unwrap_err();
             assert!(e.contains("iterations_per_loop"), "{bad}: {e}");
         }
@@ -277,11 +294,13 @@ mod tests {
         assert_eq!(c.checkpoint_every().unwrap(), CheckpointEvery::Seconds(600.0));
         let both = RunConfig { save_checkpoints_steps: Some(10), save_checkpoints_secs: Some(60.0), ..c.clone() };
         let e = both.checkpoint_every().unwrap_err().to_string();
-        assert!(e.contains("save_checkpoints_secs") && e.contains("set one of them"), "{e}");
+        assert!(e.starts_with("save_checkpoints_steps and save_checkpoints_secs: both set"), "{e}");
         let steps = RunConfig { save_checkpoints_steps: Some(10), ..c.clone() };
         assert_eq!(steps.checkpoint_every().unwrap(), CheckpointEvery::Steps(10));
         let zero = RunConfig { tpu_config: TpuConfig { num_shards: Some(0), ..TpuConfig::default() }, ..c };
         assert!(zero.validate().unwrap_err().to_string().starts_with("tpu_config.num_shards"));
+        let empty = RunConfig { model_dir: Some(PathBuf::new()), ..RunConfig::default() };
+        assert!(empty.validate().unwrap_err().to_string().starts_with("model_dir: is empty"));
     }
 
     #[test]
@@ -296,7 +315,7 @@ mod tests {
         assert_eq!(c.model_dir, Some(PathBuf::from("runs/digits")));
         assert_eq!(c.tpu_config.iterations_per_loop, IterationsPerLoop::Seconds(30.0));
         assert_eq!(c.keep_checkpoint_max, 5, "unset fields keep their defaults");
-        assert_eq!(RunConfig::from_ron(&c.to_ron(), origin).unwrap(), c);
+        assert_eq!(RunConfig::from_ron(&c.to_ron().unwrap(), origin).unwrap(), c);
         let steps = RunConfig::from_ron("(tpu_config: (iterations_per_loop: 100))", origin).unwrap();
         assert_eq!(steps.tpu_config.iterations_per_loop, IterationsPerLoop::Steps(100));
         // A misspelt field, a bad duration, both intervals: errors with the place or the field.
@@ -307,7 +326,9 @@ mod tests {
         let e = RunConfig::from_ron("(save_checkpoints_steps: Some(5), save_checkpoints_secs: Some(9.0))", origin)
             .unwrap_err()
             .to_string();
-        assert!(e.contains("set one of them"), "{e}");
+        assert!(e.starts_with("run.ron: save_checkpoints_steps") && e.contains("set one of them"), "{e}");
+        let e = RunConfig::from_ron("(tpu_config: (iterations_per_loop: 2.5))", origin).unwrap_err().to_string();
+        assert!(e.contains("iterations_per_loop 2.5: give a whole number"), "{e}");
         let e = RunConfig::load("/nonexistent/run.ron").unwrap_err().to_string();
         assert!(e.starts_with("/nonexistent/run.ron"), "{e}");
     }

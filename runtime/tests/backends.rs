@@ -112,6 +112,17 @@ fn a_batch_must_split_over_the_replicas() {
     let machine = presets::preset("v2-8").unwrap();
     let e = backend(Target::Slice(machine), &g, g.init_parameters(3), 12, settings).err().unwrap().to_string();
     assert!(e.contains("12 examples does not split evenly over 8 replicas"), "{e}");
+    // A batch whose images have the wrong shape changes nothing: the state stays the start.
+    let start = g.init_parameters(3);
+    let mut core = backend(Target::Core(presets::preset("v2-8").unwrap()), &g, start.clone(), 4, settings).unwrap();
+    let mut bad = batch(4, 0);
+    bad.insert("image".into(), Tensor::zeros(vec![4, 8, 8, 2]));
+    let e = core.train_step(&bad).unwrap_err().to_string();
+    assert!(e.contains("'image' has 512 values for one replica"), "{e}");
+    let state = core.state().unwrap();
+    assert!(start.iter().all(|(name, t)| state[name] == *t));
+    core.train_step(&batch(4, 0)).unwrap();
+    assert!(core.state().unwrap()["conv/kernel"] != start["conv/kernel"]);
     let mut cpu = backend(Target::Cpu, &g, g.init_parameters(3), 4, settings).unwrap();
     let e = cpu.train_step(&batch(5, 0)).unwrap_err().to_string();
     assert!(e.contains("give 4 examples"), "{e}");

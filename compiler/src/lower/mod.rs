@@ -52,8 +52,9 @@ pub struct Compiled {
     /// Every tensor the program keeps in HBM (inputs, parameters, state, activations), with
     /// its element type there and its bytes.
     pub tensors: Vec<StoredTensor>,
-    /// The instructions of the gradient all-reduces (one per bucket); any other collective
-    /// sums batch-norm statistics over a group of replicas.
+    /// The instructions of the gradient all-reduces (one per bucket; reduce-scatters with the
+    /// sharded update, whose kernels also take and all-gather the parameters); the other
+    /// all-reduces sum batch-norm statistics over a group of replicas.
     pub gradient_all_reduces: Vec<usize>,
 }
 

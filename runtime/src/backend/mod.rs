@@ -36,7 +36,8 @@ pub struct Settings {
     pub optimizer: Optimizer,
     pub label_smoothing: f32,
     pub precision: Precision,
-    /// `Mean` (CrossShardOptimizer's default) or `Sum`.
+    /// How replicas combine gradients: `Mean` (CrossShardOptimizer's default) or `Sum`. The
+    /// CPU reference runs the whole batch as one: its gradient is always the mean's.
     pub reduction: Reduction,
 }
 
@@ -70,7 +71,10 @@ pub trait Backend {
     /// with its moving statistics, no dropout).
     fn predict(&mut self, batch: &TensorMap) -> Result<StepOutput>;
     /// The state: parameters, batch norm's moving statistics, the optimizer's slots
-    /// (`<param>/<slot>`) and shared state, the dropout step — what a checkpoint holds.
+    /// (`<param>/<slot>`) and shared state, the dropout step — what a checkpoint holds. On a
+    /// slice, replica 0's: the parameters and slots are every replica's, the moving
+    /// statistics replica 0's own batch's (each replica also draws dropout masks for its own
+    /// examples).
     fn state(&mut self) -> Result<TensorMap>;
 }
 

@@ -41,7 +41,12 @@ impl Simulated {
         machine: Machine,
         replicas: usize,
     ) -> Result<Simulated> {
-        if replicas == 0 || !batch.is_multiple_of(replicas) || batch == 0 {
+        if batch == 0 || replicas == 0 {
+            return Err(Error::Input(format!(
+                "a batch of {batch} examples over {replicas} replicas: give both at least 1"
+            )));
+        }
+        if !batch.is_multiple_of(replicas) {
             return Err(Error::Input(format!(
                 "a batch of {batch} examples does not split evenly over {replicas} replicas: give a multiple of {replicas}"
             )));
@@ -56,8 +61,15 @@ impl Simulated {
         let mut initial = step.initial_state.clone();
         initial.extend(state);
         for b in step.executable.bindings.iter().filter(|b| b.role == Role::Parameter) {
-            if !initial.contains_key(&b.name) {
-                return Err(Error::Input(format!("the state has no parameter '{}'", b.name)));
+            let t =
+                initial.get(&b.name).ok_or_else(|| Error::Input(format!("the state has no parameter '{}'", b.name)))?;
+            if t.shape() != b.shape.as_slice() {
+                return Err(Error::Input(format!(
+                    "state '{}' has shape {:?} but the model's is {:?}",
+                    b.name,
+                    t.shape(),
+                    b.shape
+                )));
             }
         }
         let cores = (0..machine.cores().min(replicas.max(1))).map(|_| Functional::new(&machine)).collect();
@@ -78,20 +90,6 @@ impl Simulated {
     fn shard(&self, t: &Tensor, r: usize) -> Vec<f32> {
         let per = t.len() / self.replicas;
         t.as_slice().expect("batches are contiguous")[r * per..(r + 1) * per].to_vec()
-    }
-
-    /// Writes `values` to `core` at `binding`, checking their count.
-    fn write(core: &mut Functional, b: &Binding, values: &[f32]) -> Result<()> {
-        let want: usize = b.shape.iter().product();
-        if values.len() != want {
-            return Err(Error::Input(format!(
-                "'{}' has {} values for one replica but its shape {:?} holds {want}",
-                b.name,
-                values.len(),
-                b.shape
-            )));
-        }
-        Ok(core.write(b.tile, values)?)
     }
 
     /// The simulated time of one step (measured the first time).
@@ -132,28 +130,48 @@ impl Backend for Simulated {
         let mut feed: TensorMap =
             session::inputs(&self.model, batch, self.batch())?.into_iter().map(|(n, t)| (n, t.clone())).collect();
         feed.extend(session::one_hot_labels(exe, batch)?);
-        let initial = self.initial.take();
+        // Every replica's values first, checked, so a bad batch changes nothing: the state
+        // (before the first step) and the replica's share of each input.
+        let mut writes: Vec<Vec<(&Binding, &[f32])>> = Vec::with_capacity(self.replicas);
         for r in 0..self.replicas {
-            let core = &mut self.cores[r];
+            let mut mine = Vec::new();
             for b in &exe.bindings {
-                match (b.role, &initial) {
+                let values: &[f32] = match (b.role, &self.initial) {
                     (Role::Input, _) => {
                         let t =
                             feed.get(&b.name).ok_or_else(|| Error::Input(format!("the batch has no '{}'", b.name)))?;
                         let per = t.len() / self.replicas;
-                        let v = &t.as_slice().expect("batches are contiguous")[r * per..(r + 1) * per];
-                        Self::write(core, b, v)?;
+                        &t.as_slice().expect("batches are contiguous")[r * per..(r + 1) * per]
                     }
-                    (Role::Parameter, Some(state)) => {
-                        Self::write(core, b, state[&b.name].as_slice().expect("state is contiguous"))?
-                    }
-                    _ => {}
+                    (Role::Parameter, Some(state)) => state[&b.name].as_slice().expect("state is contiguous"),
+                    _ => continue,
+                };
+                let want: usize = b.shape.iter().product();
+                if values.len() != want {
+                    return Err(Error::Input(format!(
+                        "'{}' has {} values for one replica but its shape {:?} holds {want}",
+                        b.name,
+                        values.len(),
+                        b.shape
+                    )));
                 }
+                mine.push((b, values));
+            }
+            writes.push(mine);
+        }
+        for (core, mine) in self.cores.iter_mut().zip(writes) {
+            for (b, values) in mine {
+                core.write(b.tile, values)?;
             }
         }
+        self.initial = None;
         let program = &exe.program;
         if self.replicas == 1 {
-            self.cores[0].run_until_collective(program, 0)?;
+            if let Some(i) = self.cores[0].run_until_collective(program, 0)? {
+                return Err(Error::Input(format!(
+                    "instruction {i} is a collective over several replicas: run a slice"
+                )));
+            }
         } else {
             slice::run_values_validated(&self.machine, program, &mut self.cores)?;
         }
@@ -185,14 +203,17 @@ impl Backend for Simulated {
             let find = |n: &str| feed.iter().find(|(k, _)| k == n).map(|(_, v)| v.as_slice());
             shards.push(self.infer.run(&self.machine, find)?);
         }
-        // Each output's shards, in replica order, as one batch.
+        // Each batched output's shards, in replica order, as one batch (others: replica 0's).
         let mut outputs = TensorMap::new();
         for (i, b) in self.infer.bindings.iter().filter(|b| b.role == Role::Output).enumerate() {
-            let values: Vec<f32> = shards.iter().flat_map(|s| s[i].1.iter().copied()).collect();
             let mut shape = b.shape.clone();
-            if let Some(n) = shape.first_mut() {
-                *n *= self.replicas;
-            }
+            let values: Vec<f32> = match shape.first_mut() {
+                Some(n) if *n == self.per_replica => {
+                    *n *= self.replicas;
+                    shards.iter().flat_map(|s| s[i].1.iter().copied()).collect()
+                }
+                _ => shards[0][i].1.clone(),
+            };
             outputs.insert(b.name.clone(), Tensor::from_shape_vec(shape, values).expect("the shards make the batch"));
         }
         Ok(StepOutput { loss: None, outputs, simulated_seconds: None })

@@ -326,7 +326,8 @@ impl Program {
     }
 
     /// [`Program::validate`] with the race check split into pieces of at least
-    /// `min_piece` instructions, checked in parallel (the result is the same for any split).
+    /// `min_piece` instructions, checked in parallel (any split fails at the same instruction;
+    /// the earlier instruction the message names may differ).
     #[doc(hidden)]
     pub fn validate_in_pieces(&self, machine: &Machine, min_piece: usize) -> Result<()> {
         races::check_in_pieces(self, |i| self.check_instruction(machine, i), min_piece)

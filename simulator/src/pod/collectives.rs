@@ -294,8 +294,13 @@ pub fn closed_form(topo: &Topology, group: &Group, collective: Collective, bytes
     let mut size = bytes;
     let mut pass = 0.0;
     for (&n, &wraps) in group.dims.iter().zip(&group.wraps).filter(|(n, _)| **n > 1) {
-        let folded = if wraps { 1.0 } else { 2.0 };
-        pass += folded * (n - 1) as f64 * (size / (2 * n) as f64 / bw + hop);
+        // Folded: both rings on every link (twice the bytes), two hops a step beyond two chips.
+        let (bytes, hops) = match (wraps, n) {
+            (true, _) => (1.0, 1.0),
+            (false, 2) => (2.0, 1.0),
+            (false, _) => (2.0, 2.0),
+        };
+        pass += (n - 1) as f64 * (bytes * size / (2 * n) as f64 / bw + hops * hop);
         size /= n as f64;
     }
     match collective {

@@ -21,7 +21,9 @@
 //! replicas hold the same one, so their shifted sums add up), the sums are all-reduced over
 //! the group before the moments, and `m` counts the group's rows. The gradients `dβ` and `dγ`
 //! stay each replica's own (the gradient all-reduce combines them); `dx` uses the group's
-//! `Σdy` and `Σx'·dy`, since the group's statistics depend on every member's `x`. Sums are f32 (the reference's are f64): they agree to
+//! `Σdy` and `Σx'·dy`, since the group's statistics depend on every member's `x`. (The moving
+//! mean starts at zero, so the shift guards against cancellation only once it has moved
+//! towards the batches' means.) Sums are f32 (the reference's are f64): they agree to
 //! f32 rounding of the sums.
 
 use systolic_simulator::isa::*;
