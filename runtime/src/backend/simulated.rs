@@ -58,6 +58,7 @@ impl Simulated {
         let step = compile(model, &opts)?;
         step.executable.program.validate(&machine)?;
         let infer = compile(model, &base)?.executable;
+        infer.program.validate(&machine)?;
         let mut initial = step.initial_state.clone();
         initial.extend(state);
         for b in step.executable.bindings.iter().filter(|b| b.role == Role::Parameter) {
@@ -201,7 +202,13 @@ impl Backend for Simulated {
                 feed.push((b.name.clone(), p.iter().copied().collect()));
             }
             let find = |n: &str| feed.iter().find(|(k, _)| k == n).map(|(_, v)| v.as_slice());
-            shards.push(self.infer.run(&self.machine, find)?);
+            // Validated once in `new`: load, run, read.
+            let mut core = Functional::new(&self.machine);
+            self.infer.load(&mut core, find)?;
+            if let Some(i) = core.run_until_collective(&self.infer.program, 0)? {
+                return Err(Error::Input(format!("instruction {i} of the inference program is a collective")));
+            }
+            shards.push(self.infer.outputs(&mut core)?);
         }
         // Each batched output's shards, in replica order, as one batch (others: replica 0's).
         let mut outputs = TensorMap::new();
