@@ -12,7 +12,6 @@ use systolic::compiler::lower::{Options, Training, compile};
 use systolic::compiler::optimizer::Optimizer;
 use systolic::compiler::zoo;
 use systolic::simulator::config::presets;
-use systolic::simulator::executable::Role;
 use systolic::simulator::numerics::Precision;
 use systolic::simulator::pod::slice::{self, Hosts};
 use systolic::simulator::timing::{simulate, simulate_unchecked};
@@ -60,8 +59,7 @@ fn resnet50_slices(c: &mut Criterion) {
             Options { training, replicas: machine.cores(), ..Options::new(machine.clone(), 128, Precision::Default) };
         let step = || {
             let exe = compile(&graph, &opts).unwrap().executable;
-            let input: u64 = exe.bindings.iter().filter(|b| b.role == Role::Input).map(|b| b.tile.bytes()).sum();
-            let hosts = Hosts::new(128, input / 128);
+            let hosts = Hosts::new(128, exe.input_bytes() / 128);
             slice::simulate(&machine, &exe.program, &hosts, &slice::Options::default()).unwrap()
         };
         group.bench_function(format!("compile and simulate, {name}"), |b| b.iter(step));

@@ -3,7 +3,7 @@
 
 use systolic_compiler::lower::training;
 use systolic_compiler::{Graph, Tensor, TensorMap};
-use systolic_simulator::executable::{Executable, Role};
+use systolic_simulator::executable::Executable;
 
 use crate::error::{Error, Result};
 
@@ -50,7 +50,11 @@ pub fn one_hot_labels(executable: &Executable, batch: &TensorMap) -> Result<Tens
     Ok(training::one_hot_feed(executable, batch)?)
 }
 
-/// The tensors of `executable` with role `role`, by name.
-pub fn bound(executable: &Executable, role: Role) -> impl Iterator<Item = &str> {
-    executable.bindings.iter().filter(move |b| b.role == role).map(|b| b.name.as_str())
+/// `name` from a state, which must have `shape` (the model's).
+pub fn state_tensor<'a>(state: &'a TensorMap, name: &str, shape: &[usize]) -> Result<&'a Tensor> {
+    let t = state.get(name).ok_or_else(|| Error::Input(format!("the state has no parameter '{name}'")))?;
+    if t.shape() != shape {
+        return Err(Error::Input(format!("state '{name}' has shape {:?} but the model's is {shape:?}", t.shape())));
+    }
+    Ok(t)
 }

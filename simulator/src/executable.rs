@@ -79,6 +79,11 @@ impl Executable {
         Ok(())
     }
 
+    /// Bytes the host sends for one step: every input's (images, one-hot labels), as stored.
+    pub fn input_bytes(&self) -> u64 {
+        self.bindings.iter().filter(|b| b.role == Role::Input).map(|b| b.tile.bytes()).sum()
+    }
+
     /// Reads every output from `core`'s HBM, by name.
     pub fn outputs(&self, core: &mut Functional) -> Result<Vec<(String, Vec<f32>)>> {
         self.bindings

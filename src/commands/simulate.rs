@@ -142,8 +142,7 @@ pub fn slice_step(
     let (compiled, _) = super::compile::compile_model(&what.model, &opts)?;
     let exe = &compiled.executable;
     // What the host sends per example: the inputs' bytes (images, one-hot labels).
-    let input_bytes: u64 = exe.bindings.iter().filter(|b| b.role == Role::Input).map(|b| b.tile.bytes()).sum();
-    let mut hosts = Hosts::new(batch, input_bytes / batch as u64);
+    let mut hosts = Hosts::new(batch, exe.input_bytes() / batch as u64);
     hosts.examples_per_second = args.input_rate;
     for spec in &args.host_rates {
         let (h, r) =

@@ -9,7 +9,7 @@ use systolic_compiler::reference::{self, RunOptions};
 use systolic_compiler::{Graph, Tensor, TensorMap};
 
 use super::{Backend, Settings, StepOutput};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::session::{self, DROPOUT_STEP};
 
 /// The CPU reference.
@@ -35,9 +35,10 @@ impl Cpu {
         let train = autodiff::training_graph(model, settings.label_smoothing)?;
         let mut params = TensorMap::new();
         for id in model.parameters() {
-            let name = &model.node(id).name;
-            let t = state.get(name).ok_or_else(|| Error::Input(format!("the state has no parameter '{name}'")))?;
-            params.insert(name.clone(), t.clone());
+            let node = model.node(id);
+            let t = session::state_tensor(&state, &node.name, &node.shape.dims)?;
+            // Standard layout: the optimizer updates parameters as flat slices.
+            params.insert(node.name.clone(), t.as_standard_layout().into_owned());
         }
         let mut slots = BTreeMap::new();
         for id in model.trainable_parameters() {

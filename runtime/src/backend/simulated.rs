@@ -62,18 +62,9 @@ impl Simulated {
         let mut initial = step.initial_state.clone();
         initial.extend(state);
         for b in step.executable.bindings.iter().filter(|b| b.role == Role::Parameter) {
-            let t =
-                initial.get(&b.name).ok_or_else(|| Error::Input(format!("the state has no parameter '{}'", b.name)))?;
-            if t.shape() != b.shape.as_slice() {
-                return Err(Error::Input(format!(
-                    "state '{}' has shape {:?} but the model's is {:?}",
-                    b.name,
-                    t.shape(),
-                    b.shape
-                )));
-            }
+            session::state_tensor(&initial, &b.name, &b.shape)?;
         }
-        let cores = (0..machine.cores().min(replicas.max(1))).map(|_| Functional::new(&machine)).collect();
+        let cores = (0..replicas).map(|_| Functional::new(&machine)).collect();
         Ok(Simulated {
             model: model.clone(),
             machine,
@@ -88,9 +79,9 @@ impl Simulated {
     }
 
     /// Replica `r`'s share of `t` (its rows of the batch).
-    fn shard(&self, t: &Tensor, r: usize) -> Vec<f32> {
+    fn shard<'t>(&self, t: &'t Tensor, r: usize) -> &'t [f32] {
         let per = t.len() / self.replicas;
-        t.as_slice().expect("batches are contiguous")[r * per..(r + 1) * per].to_vec()
+        &t.as_slice().expect("batches are contiguous")[r * per..(r + 1) * per]
     }
 
     /// The simulated time of one step (measured the first time).
@@ -102,11 +93,7 @@ impl Simulated {
         let s = if self.replicas == 1 {
             timing::simulate_unchecked(&self.machine, program, false)?.report.seconds
         } else {
-            let input: u64 = session::bound(&self.step.executable, Role::Input)
-                .filter_map(|n| self.step.executable.binding(n, Role::Input))
-                .map(|b| b.tile.bytes())
-                .sum();
-            let hosts = Hosts::new(self.per_replica, input / self.per_replica as u64);
+            let hosts = Hosts::new(self.per_replica, self.step.executable.input_bytes() / self.per_replica as u64);
             slice::simulate(&self.machine, program, &hosts, &slice::Options::default())?.step_seconds
         };
         self.seconds = Some(s);
@@ -141,8 +128,7 @@ impl Backend for Simulated {
                     (Role::Input, _) => {
                         let t =
                             feed.get(&b.name).ok_or_else(|| Error::Input(format!("the batch has no '{}'", b.name)))?;
-                        let per = t.len() / self.replicas;
-                        &t.as_slice().expect("batches are contiguous")[r * per..(r + 1) * per]
+                        self.shard(t, r)
                     }
                     (Role::Parameter, Some(state)) => state[&b.name].as_slice().expect("state is contiguous"),
                     _ => continue,
@@ -196,7 +182,8 @@ impl Backend for Simulated {
         let inputs = session::inputs(&self.model, batch, self.batch())?;
         let mut shards: Vec<Vec<(String, Vec<f32>)>> = Vec::new();
         for r in 0..self.replicas {
-            let mut feed: Vec<(String, Vec<f32>)> = inputs.iter().map(|(n, t)| (n.clone(), self.shard(t, r))).collect();
+            let mut feed: Vec<(String, Vec<f32>)> =
+                inputs.iter().map(|(n, t)| (n.clone(), self.shard(t, r).to_vec())).collect();
             for b in self.infer.bindings.iter().filter(|b| b.role == Role::Parameter) {
                 let p = params.get(&b.name).ok_or_else(|| Error::Input(format!("no parameter '{}'", b.name)))?;
                 feed.push((b.name.clone(), p.iter().copied().collect()));
