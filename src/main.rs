@@ -45,6 +45,12 @@ enum Command {
     Compare(commands::compare::Args),
     /// Time one collective over every chip of a slice on the ICI network model, against its closed form.
     Collective(commands::collective::Args),
+    /// Train a model with the TPUEstimator on a simulated slice (or --cpu), in loops, with checkpoints in --model-dir.
+    Train(commands::estimator::TrainArgs),
+    /// Evaluate the newest checkpoint in --model-dir: loss, top-1 and top-5 accuracy.
+    Evaluate(commands::estimator::EvaluateArgs),
+    /// Predict with the newest checkpoint in --model-dir and write the outputs.
+    Predict(commands::estimator::PredictArgs),
 }
 
 fn main() {
@@ -69,6 +75,9 @@ fn main() {
         Command::Scale(a) => commands::scale::run(a),
         Command::Compare(a) => commands::compare::run(a),
         Command::Collective(a) => commands::collective::run(a),
+        Command::Train(a) => commands::estimator::train(a),
+        Command::Evaluate(a) => commands::estimator::evaluate(a),
+        Command::Predict(a) => commands::estimator::predict(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -69,17 +69,33 @@ fn f16_to_f32(h: u16) -> f32 {
 
 /// Reads every tensor of a safetensors file, converted to f32.
 pub fn load(path: impl AsRef<Path>) -> Result<TensorMap> {
+    Ok(load_with_metadata(path)?.0)
+}
+
+/// Reads every tensor of a safetensors file, converted to f32, and the file's metadata (the
+/// header's `__metadata__` strings; empty if it has none).
+pub fn load_with_metadata(path: impl AsRef<Path>) -> Result<(TensorMap, Metadata)> {
     let path = path.as_ref();
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let st = SafeTensors::deserialize(&bytes)
-        .map_err(|e| file_error(path, format!("not a valid safetensors file ({e})")))?;
+    from_bytes(path, &bytes)
+}
+
+/// Decodes a safetensors file image (`path` names it in errors).
+pub fn from_bytes(path: &Path, bytes: &[u8]) -> Result<(TensorMap, Metadata)> {
+    let invalid = |e: safetensors::SafeTensorError| file_error(path, format!("not a valid safetensors file ({e})"));
+    let st = SafeTensors::deserialize(bytes).map_err(invalid)?;
     let mut out = TensorMap::new();
     for (name, view) in st.tensors() {
         let t = decode(path, &name, view.dtype(), view.shape(), view.data())?;
         out.insert(name, t);
     }
-    Ok(out)
+    let (_, header) = SafeTensors::read_metadata(bytes).map_err(invalid)?;
+    let metadata = header.metadata().as_ref().map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect());
+    Ok((out, metadata.unwrap_or_default()))
 }
+
+/// A safetensors file's metadata: strings by key, in key order.
+pub type Metadata = BTreeMap<String, String>;
 
 struct F32View<'a>(&'a Tensor, Vec<u8>);
 
@@ -100,6 +116,11 @@ impl View for &F32View<'_> {
 
 /// Serialises tensors as an F32 safetensors file image.
 pub fn to_bytes(tensors: &TensorMap) -> Vec<u8> {
+    to_bytes_with_metadata(tensors, &Metadata::new())
+}
+
+/// Serialises tensors as an F32 safetensors file image with `metadata` in its header.
+pub fn to_bytes_with_metadata(tensors: &TensorMap, metadata: &Metadata) -> Vec<u8> {
     let views: Vec<(String, F32View)> = tensors
         .iter()
         .map(|(name, t)| {
@@ -107,7 +128,8 @@ pub fn to_bytes(tensors: &TensorMap) -> Vec<u8> {
             (name.clone(), F32View(t, bytes))
         })
         .collect();
-    safetensors::serialize(views.iter().map(|(n, v)| (n.as_str(), v)), None)
+    let metadata = (!metadata.is_empty()).then(|| metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect());
+    safetensors::serialize(views.iter().map(|(n, v)| (n.as_str(), v)), metadata)
         .expect("f32 tensors with consistent shapes always serialise")
 }
 
@@ -116,16 +138,30 @@ pub fn save(path: impl AsRef<Path>, tensors: &TensorMap) -> Result<()> {
     write_atomically(path.as_ref(), &to_bytes(tensors))
 }
 
-/// Writes `bytes` to a temporary file beside `path` and renames it into place, so an
-/// interrupted write never leaves a truncated file behind.
+/// Writes `bytes` to a temporary file beside `path`, flushes it to the disk and renames it
+/// into place (then flushes the folder, so the rename survives a crash too): an interrupted
+/// or failed write never leaves a truncated file at `path`, keeps any previous file there
+/// whole, and removes its temporary file.
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
     let file_name = path.file_name().ok_or_else(|| file_error(path, "is not a file path"))?;
     let tmp = path.with_file_name(format!(".{}.tmp{}", file_name.to_string_lossy(), std::process::id()));
-    std::fs::write(&tmp, bytes).map_err(|e| Error::io(path, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| {
+    let written = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if let Err(e) = written {
         let _ = std::fs::remove_file(&tmp);
-        Error::io(path, e)
-    })
+        return Err(Error::io(path, e));
+    }
+    // The rename is durable once the folder is (best effort: not every platform opens folders).
+    let folder = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    if let Ok(dir) = std::fs::File::open(folder) {
+        let _ = dir.sync_all();
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -17,6 +17,18 @@ pub enum Error {
     /// A configuration file that does not parse or names unknown fields.
     #[error("{path}:{line}:{col}: {reason}")]
     ConfigFile { path: String, line: usize, col: usize, reason: String },
+    /// A checkpoint that cannot be used, and why.
+    #[error("{path}: {reason}")]
+    Checkpoint { path: String, reason: String },
+    /// Training produced a NaN or an infinity.
+    #[error(
+        "training stopped at global step {step}: the first non-finite tensor is '{tensor}' ({value}), the loss {loss}; \
+         lower the learning rate or check the input"
+    )]
+    NonFinite { step: u64, loss: f32, tensor: String, value: f32 },
+    /// A step left a NaN or an infinity in the state (the estimator names the step).
+    #[error("the step left a non-finite value in '{tensor}' ({value})")]
+    NonFiniteState { tensor: String, value: f32 },
     #[error("{path}: {source}")]
     Io { path: String, source: std::io::Error },
 }

@@ -9,10 +9,22 @@
 //! caller spells them out. TensorFlow's estimator API (issue 10) builds on these.
 
 pub mod backend;
+pub mod checkpoint;
 pub mod config;
+pub mod data;
 pub mod error;
+pub mod estimator;
+pub mod input;
+pub mod metrics;
 pub mod session;
+pub mod spec;
 
 pub use backend::{Backend, Settings, StepOutput, Target, backend};
 pub use config::{CheckpointEvery, InputPipeline, IterationsPerLoop, RunConfig, TpuConfig};
 pub use error::{Error, Result};
+pub use estimator::{Estimator, EvalReport, LoopReport, TpuEstimator, TpuEstimatorArgs, TrainReport, WarmStart};
+pub use input::{Examples, Input, InputContext, InputFn};
+pub use spec::{
+    CrossShardOptimizer, EstimatorSpec, EvalMetrics, HostCall, Loss, MetricUpdate, Mode, Params, TpuEstimatorSpec,
+    TrainOp, Value,
+};

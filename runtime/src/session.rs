@@ -20,6 +20,12 @@ pub const ONE_HOT_SUFFIX: &str = "/one_hot";
 /// The step number dropout masks are drawn for, kept on the device and advanced by the step.
 pub const DROPOUT_STEP: &str = training::DROPOUT_STEP;
 
+/// Replica `r`'s own value of state `name` where it differs from replica 0's (batch norm's
+/// moving statistics on a slice), as [`crate::Backend::state`] and checkpoints name it.
+pub fn replica_state(r: usize, name: &str) -> String {
+    format!("replica{r}/{name}")
+}
+
 /// The gradient output of parameter `name`.
 pub fn grad_name(name: &str) -> String {
     format!("{name}{GRAD_SUFFIX}")

@@ -166,6 +166,19 @@ impl Graph {
         self.nodes().filter(|(_, n)| matches!(&n.op, Op::Parameter(p) if p.trainable)).map(|(id, _)| id).collect()
     }
 
+    /// Makes parameter `name` trainable or frozen (a frozen parameter gets no gradient and no
+    /// update: transfer learning's fixed features).
+    pub fn set_trainable(&mut self, name: &str, trainable: bool) -> Result<()> {
+        let id = self.expect(name)?;
+        match &mut self.dag[id].op {
+            Op::Parameter(p) => {
+                p.trainable = trainable;
+                Ok(())
+            }
+            _ => Err(self.graph_error(format!("'{name}' is not a parameter, so it cannot be frozen or trained"))),
+        }
+    }
+
     /// The number of trainable parameter values.
     pub fn trainable_param_count(&self) -> usize {
         self.trainable_parameters().iter().map(|&id| self.node(id).shape.numel()).sum()

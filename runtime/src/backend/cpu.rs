@@ -9,7 +9,7 @@ use systolic_compiler::reference::{self, RunOptions};
 use systolic_compiler::{Graph, Tensor, TensorMap};
 
 use super::{Backend, Settings, StepOutput};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::session::{self, DROPOUT_STEP};
 
 /// The CPU reference.
@@ -99,6 +99,13 @@ impl Backend for Cpu {
             let p = self.params.get_mut(name).expect("every trainable parameter is held");
             opt.apply(p.as_slice_mut().expect("parameters are contiguous"), &grad, slots, &self.shared);
             outputs.insert(session::grad_name(name), g.clone());
+        }
+        // The reference refuses non-finite parameters, so a diverging update is reported
+        // here, naming the parameter, rather than as the next step's bad binding.
+        for (name, p) in &self.params {
+            if let Some(&value) = p.iter().find(|v| !v.is_finite()) {
+                return Err(Error::NonFiniteState { tensor: name.clone(), value });
+            }
         }
         opt.advance(&mut self.shared);
         self.params.extend(out.updates);

@@ -72,9 +72,9 @@ pub trait Backend {
     fn predict(&mut self, batch: &TensorMap) -> Result<StepOutput>;
     /// The state: parameters, batch norm's moving statistics, the optimizer's slots
     /// (`<param>/<slot>`) and shared state, the dropout step — what a checkpoint holds. On a
-    /// slice, replica 0's: the parameters and slots are every replica's, the moving
-    /// statistics replica 0's own batch's (each replica also draws dropout masks for its own
-    /// examples).
+    /// slice, replica 0's, plus each other replica's own moving statistics where they differ
+    /// (`replica<r>/<name>`, see [`crate::session::replica_state`]); a backend started from
+    /// such a state gives each replica its own.
     fn state(&mut self) -> Result<TensorMap>;
 }
 

@@ -130,7 +130,10 @@ impl Backend for Simulated {
                             feed.get(&b.name).ok_or_else(|| Error::Input(format!("the batch has no '{}'", b.name)))?;
                         self.shard(t, r)
                     }
-                    (Role::Parameter, Some(state)) => state[&b.name].as_slice().expect("state is contiguous"),
+                    (Role::Parameter, Some(state)) => {
+                        let own = state.get(&session::replica_state(r, &b.name));
+                        own.unwrap_or(&state[&b.name]).as_slice().expect("state is contiguous")
+                    }
                     _ => continue,
                 };
                 let want: usize = b.shape.iter().product();
@@ -219,8 +222,18 @@ impl Backend for Simulated {
         }
         let mut state = TensorMap::new();
         for b in self.step.executable.bindings.iter().filter(|b| b.role == Role::Parameter) {
-            let t = Tensor::from_shape_vec(b.shape.clone(), self.cores[0].read(b.tile)?).expect("a binding's shape");
-            state.insert(b.name.clone(), t);
+            let first = self.cores[0].read(b.tile)?;
+            // Replicas differ only in what their own examples drive (batch norm's moving
+            // statistics): each such value is kept under `replica<r>/`, so a restored slice
+            // continues exactly.
+            for r in 1..self.replicas {
+                let own = self.cores[r].read(b.tile)?;
+                if own != first {
+                    let t = Tensor::from_shape_vec(b.shape.clone(), own).expect("a binding's shape");
+                    state.insert(session::replica_state(r, &b.name), t);
+                }
+            }
+            state.insert(b.name.clone(), Tensor::from_shape_vec(b.shape.clone(), first).expect("a binding's shape"));
         }
         Ok(state)
     }

@@ -1,0 +1,78 @@
+//! Data sets the runtime ships or reads: the 8×8 UCI digits (built into the binary, 57 kB)
+//! and safetensors files of examples.
+
+use std::io::Read;
+use std::path::Path;
+
+use systolic_compiler::rng::mix64;
+use systolic_compiler::{Tensor, TensorMap, tensors};
+
+use crate::error::{Error, Result};
+use crate::input::Examples;
+
+/// `data/digits/digits.csv.gz`: 1,797 images of handwritten digits (Alpaydin & Kaynak 1998,
+/// CC BY 4.0), one per line: 64 values 0..16, then the label.
+const DIGITS_GZ: &[u8] = include_bytes!("../../data/digits/digits.csv.gz");
+
+/// Examples in the training split of [`digits`].
+pub const DIGITS_TRAIN: usize = 1500;
+
+/// The digits as examples: `image` `[1797, 8, 8, 1]` scaled to [0, 1] and integer `labels`
+/// `[1797]`, in the file's order.
+pub fn digits() -> Result<Examples> {
+    let what = "the built-in digits data";
+    let mut text = String::new();
+    flate2::read::GzDecoder::new(DIGITS_GZ)
+        .read_to_string(&mut text)
+        .map_err(|e| Error::Input(format!("{what}: {e}")))?;
+    let (mut images, mut labels) = (Vec::new(), Vec::new());
+    for (i, line) in text.lines().enumerate() {
+        let values: Vec<f32> = line
+            .split(',')
+            .map(|v| v.trim().parse::<f32>())
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|_| Error::Input(format!("{what}: line {} is not 65 numbers", i + 1)))?;
+        if values.len() != 65 {
+            return Err(Error::Input(format!("{what}: line {} has {} values, not 65", i + 1, values.len())));
+        }
+        images.extend(values[..64].iter().map(|v| v / 16.0));
+        labels.push(values[64]);
+    }
+    let n = labels.len();
+    let image = Tensor::from_shape_vec(vec![n, 8, 8, 1], images).expect("64 values per image");
+    let labels = Tensor::from_shape_vec(vec![n], labels).expect("one label per image");
+    Examples::new([("image".to_string(), image), ("labels".to_string(), labels)].into())
+}
+
+/// The fixed split of [`digits`]: a seeded shuffle, then the first [`DIGITS_TRAIN`] for
+/// training and the remaining 297 for testing.
+pub fn digits_split() -> Result<(Examples, Examples)> {
+    let all = digits()?;
+    let mut order: Vec<usize> = (0..all.len()).collect();
+    order.sort_by_key(|&i| mix64(i as u64));
+    let shuffled = Examples::new(all.gather(&order))?;
+    Ok((shuffled.split(0..DIGITS_TRAIN), shuffled.split(DIGITS_TRAIN..shuffled.len())))
+}
+
+/// Examples from a safetensors file: every tensor holds the same number of examples.
+pub fn load(path: &Path) -> Result<Examples> {
+    let t: TensorMap = tensors::load(path)?;
+    Examples::new(t).map_err(|e| Error::Input(format!("{}: {e}", path.display())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn digits_load_and_split() {
+        let (train, test) = digits_split().unwrap();
+        assert_eq!((train.len(), test.len()), (1500, 297));
+        let all = digits().unwrap();
+        let b = all.gather(&[0]);
+        // The file's first image is a 0 whose top-left pixel is blank.
+        assert_eq!(b["labels"][[0]], 0.0);
+        assert_eq!(b["image"].shape(), &[1, 8, 8, 1]);
+        assert!(b["image"].iter().all(|&v| (0.0..=1.0).contains(&v)));
+    }
+}
