@@ -8,7 +8,8 @@ use std::time::Instant;
 use anyhow::Result;
 use serde::Serialize;
 use systolic::compiler::reference::{self, RunOptions};
-use systolic::compiler::{Tensor, TensorMap, autodiff, lower, rng};
+use systolic::compiler::{Tensor, TensorMap, autodiff, rng};
+use systolic::runtime::session;
 use systolic::simulator::timing::simulate;
 
 use crate::table::Table;
@@ -157,7 +158,7 @@ pub fn run(args: Args) -> Result<()> {
                 let mut want = TensorMap::new();
                 want.insert(loss_name.clone(), values.root);
                 for (name, t) in values.grads {
-                    want.insert(format!("{name}/grad"), t);
+                    want.insert(session::grad_name(&name), t);
                 }
                 // Batch norm's moving statistics after the step.
                 want.extend(values.updates);
@@ -179,7 +180,7 @@ pub fn run(args: Args) -> Result<()> {
     )?;
     let bf16_tensors = compiled.bf16_tensors();
     let stored = if bf16_tensors.is_empty() { None } else { Some(reference_values(Some(&bf16_tensors))?) };
-    let mut feed = lower::training::one_hot_feed(&compiled.executable, &bindings)?;
+    let mut feed = session::one_hot_labels(&compiled.executable, &bindings)?;
     feed.extend(compiled.initial_state.clone());
     let start = Instant::now();
     let got = compiled

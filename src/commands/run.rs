@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::Result;
-use systolic::compiler::lower::training::DROPOUT_STEP;
+use systolic::runtime::session::DROPOUT_STEP;
 use systolic::compiler::reference::{self, Mode, RunOptions};
 use systolic::compiler::{Graph, NodeId, Tensor, TensorMap, cost};
 use systolic::simulator::executable::Role;
