@@ -33,8 +33,7 @@ fn resnet50(c: &mut Criterion) {
 fn resnet50_training(c: &mut Criterion) {
     let graph = zoo::build("resnet50").unwrap();
     let machine = presets::preset("v3-8").unwrap();
-    let training =
-        Some(Training { optimizer: Optimizer::Momentum { learning_rate: 0.1, momentum: 0.9 }, label_smoothing: 0.1 });
+    let training = Some(Training { optimizer: Optimizer::momentum(0.1, 0.9), label_smoothing: 0.1 });
     let opts = Options { training, ..Options::new(machine.clone(), 128, Precision::Default) };
     let mut group = c.benchmark_group("resnet50 training step, batch 128, v3-8");
     group.sample_size(10);
@@ -51,10 +50,7 @@ fn resnet50_slices(c: &mut Criterion) {
     group.sample_size(10);
     for name in ["v2-512", "v4-8192"] {
         let machine = presets::preset(name).unwrap();
-        let training = Some(Training {
-            optimizer: Optimizer::Momentum { learning_rate: 0.1, momentum: 0.9 },
-            label_smoothing: 0.1,
-        });
+        let training = Some(Training { optimizer: Optimizer::momentum(0.1, 0.9), label_smoothing: 0.1 });
         let opts =
             Options { training, replicas: machine.cores(), ..Options::new(machine.clone(), 128, Precision::Default) };
         let step = || {

@@ -793,12 +793,28 @@ fn a_training_step_compiles_simulates_and_compares() {
     let d = Dir::new();
     std::fs::write(d.path("mlp.ron"), MLP).unwrap();
     let model = d.s("mlp.ron");
-    let v: serde_json::Value =
-        serde_json::from_str(&ok(&["compile", &model, "--train", "--optimizer", "momentum", "--json"])).unwrap();
-    let names: Vec<&str> = v["layers"].as_array().unwrap().iter().map(|l| l["name"].as_str().unwrap()).collect();
+    let v: serde_json::Value = serde_json::from_str(&ok(&[
+        "compile",
+        &model,
+        "--train",
+        "--optimizer",
+        "lars",
+        "--schedule",
+        "warmup=2,cosine=10",
+        "--weight-decay",
+        "1e-4",
+        "--json",
+    ]))
+    .unwrap();
+    let layers = v["layers"].as_array().unwrap();
+    let names: Vec<&str> = layers.iter().map(|l| l["name"].as_str().unwrap()).collect();
     for want in ["fc1", "loss", "bwd/logits/kernel", "update/fc1/kernel", "update/logits/bias"] {
         assert!(names.contains(&want), "{want} missing from {names:?}");
     }
+    // LARS takes the norms of kernels, not of biases (the recipe's skip list).
+    let strategy = |name: &str| layers.iter().find(|l| l["name"] == name).unwrap()["strategy"].as_str().unwrap();
+    assert!(strategy("update/fc1/kernel").contains("lars") && strategy("update/fc1/kernel").contains("norms"));
+    assert!(!strategy("update/logits/bias").contains("norms"), "{}", strategy("update/logits/bias"));
     let v: serde_json::Value =
         serde_json::from_str(&ok(&["simulate", &model, "--train", "--batch", "64", "--json"])).unwrap();
     assert!(v["step_cycles"].as_u64().unwrap() > 0 && v["examples_per_second"].as_f64().unwrap() > 0.0);
@@ -833,7 +849,11 @@ fn a_training_step_compiles_simulates_and_compares() {
     assert_eq!(v["outputs"].as_array().unwrap().len(), 9);
 
     let e = fails(&["compile", &model, "--train", "--optimizer", "adagrad"]);
-    assert!(e.contains("sgd, momentum or adam"), "{e}");
+    assert!(e.contains("sgd, momentum, nesterov, adam, rmsprop or lars"), "{e}");
+    let e = fails(&["compile", &model, "--train", "--schedule", "warmup=abc"]);
+    assert!(e.contains("--schedule warmup=abc") && e.contains("not a whole number of steps"), "{e}");
+    let e = fails(&["compile", &model, "--train", "--weight-decay", "-1"]);
+    assert!(e.contains("weight decay -1"), "{e}");
     let e = fails(&["compile", &model, "--train", "--learning-rate", "-1"]);
     assert!(e.contains("positive"), "{e}");
 }

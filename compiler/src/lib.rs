@@ -6,7 +6,8 @@
 //! - [`reference`]: the f32 CPU interpreter, the executable meaning of every op;
 //! - [`autodiff`]: reverse-mode differentiation as a graph transformation;
 //! - [`cost`]: FLOP and parameter counts per node;
-//! - [`optimizer`]: SGD, momentum and Adam as f32 update rules;
+//! - [`optimizer`]: SGD, momentum (Nesterov), Adam, RMSProp and LARS as f32 update rules, with
+//!   weight decay and learning-rate schedules;
 //! - [`lower`]: graphs to simulator executables (fusion, layout, storage, allocation, tiling, scheduling).
 //!
 //! The compiler knows nothing of estimators or command lines; it depends only on the simulator.

@@ -10,11 +10,12 @@ use std::collections::BTreeMap;
 use systolic_compiler::autodiff;
 use systolic_compiler::graph::{BatchNorm, ConvSpec, Padding, Pool};
 use systolic_compiler::lower::{Options, Training, compile};
-use systolic_compiler::optimizer::Optimizer;
+use systolic_compiler::optimizer::{Optimizer, Rule, Schedule};
 use systolic_compiler::reference::{self, RunOptions};
 use systolic_compiler::zoo;
 use systolic_compiler::{Graph, Tensor, TensorMap};
-use systolic_simulator::config::presets;
+use systolic_simulator::config::{Machine, presets};
+use systolic_simulator::executable::Executable;
 use systolic_simulator::numerics::Precision;
 use systolic_simulator::timing::simulate;
 
@@ -82,11 +83,10 @@ fn every_zoo_model_trains_one_step_like_the_reference() {
 #[test]
 fn every_zoo_model_compiles_a_full_size_training_step() {
     let m = presets::preset("v4-8").unwrap();
-    let training =
-        Some(Training { optimizer: Optimizer::Momentum { learning_rate: 0.1, momentum: 0.9 }, label_smoothing: 0.1 });
+    let training = Some(Training { optimizer: Optimizer::momentum(0.1, 0.9), label_smoothing: 0.1 });
     for name in zoo::names() {
         let g = zoo::build(name).unwrap();
-        let opts = Options { training, ..options(m.clone(), 32, Precision::Default) };
+        let opts = Options { training: training.clone(), ..options(m.clone(), 32, Precision::Default) };
         let c = compile(&g, &opts).unwrap_or_else(|e| panic!("{name}: {e}"));
         assert!(c.executable.program.len() > 10, "{name}");
     }
@@ -144,7 +144,7 @@ fn compile_errors_name_what_to_change() {
     let mut g3 = Graph::new("frozen");
     let x = g3.input("x", &[10]).unwrap();
     g3.set_outputs(vec![x]);
-    let train = Some(Training { optimizer: Optimizer::Sgd { learning_rate: 0.1 }, label_smoothing: 0.0 });
+    let train = Some(Training { optimizer: Optimizer::sgd(0.1), label_smoothing: 0.0 });
     let e = compile(&g3, &Options { training: train, ..opts(2) }).unwrap_err().to_string();
     assert!(e.contains("no trainable parameters"), "{e}");
 }
@@ -222,7 +222,7 @@ fn gradients_of_convolutions_padded_beyond_their_kernel() {
 /// DEFAULT precision; HIGHEST repeats each pass for six bf16 products).
 fn training_kernel(g: &Graph, batch: usize, precision: Precision, name: &str) -> (String, f64) {
     let m = presets::preset("v2-8").unwrap();
-    let training = Some(Training { optimizer: Optimizer::Sgd { learning_rate: 0.1 }, label_smoothing: 0.0 });
+    let training = Some(Training { optimizer: Optimizer::sgd(0.1), label_smoothing: 0.0 });
     let report = compile(g, &Options { training, ..options(m, batch, precision) }).unwrap();
     let k = report.kernels.iter().find(|k| k.name == name).unwrap_or_else(|| panic!("no kernel {name}"));
     (k.strategy.clone(), k.padding_waste)
@@ -469,21 +469,26 @@ fn training_step_matches(g: Graph, default_tol: f64) {
     let (with_loss, loss) = g.with_classifier_loss(0.0).unwrap();
     let grads = autodiff::differentiate(&with_loss, loss, &with_loss.trainable_parameters()).unwrap();
     for optimizer in [
-        Optimizer::Sgd { learning_rate: 0.1 },
-        Optimizer::Momentum { learning_rate: 0.1, momentum: 0.9 },
-        Optimizer::Adam { learning_rate: 0.01, beta1: 0.9, beta2: 0.999, epsilon: 1e-8 },
+        Optimizer::sgd(0.1),
+        Optimizer::momentum(0.1, 0.9),
+        Optimizer::adam(0.01),
+        Optimizer::nesterov(0.1, 0.9).with_weight_decay(1e-3),
+        Optimizer::new(Rule::RmsProp { decay: 0.9, momentum: 0.5, epsilon: 1e-10 }, 0.01),
+        Optimizer::lars(0.1).with_weight_decay(1e-3),
     ] {
-        let training = Some(Training { optimizer, label_smoothing: 0.0 });
+        let training = Some(Training { optimizer: optimizer.clone(), label_smoothing: 0.0 });
         for precision in [Precision::Highest, Precision::Default] {
-            let compiled = compile(&g, &Options { training, ..options(m.clone(), batch, precision) }).unwrap();
+            let opts = Options { training: training.clone(), ..options(m.clone(), batch, precision) };
+            let compiled = compile(&g, &opts).unwrap();
             let mut b = random_bindings(&g, batch, 3, 5);
             let mut feed = add_labels(&mut b, batch);
             // Optimizer slots carry history: start momentum and Adam's moments away from zero.
             let mut slots = TensorMap::new();
             for (name, t) in g.init_parameters(3) {
                 for (k, slot) in optimizer.slots().iter().enumerate() {
+                    // Second moments (Adam's v, RMSProp's mean square) are positive.
                     let v = rand_tensor(t.shape(), 11 + k as u64)
-                        .mapv(|v| if *slot == "v" { v.abs() * 1e-3 } else { v * 0.1 });
+                        .mapv(|v| if ["v", "rms"].contains(slot) { v.abs() * 1e-3 } else { v * 0.1 });
                     slots.insert(format!("{name}/{slot}"), v);
                 }
             }
@@ -492,12 +497,7 @@ fn training_step_matches(g: Graph, default_tol: f64) {
             for (i, (name, _)) in optimizer.initial_state().iter().enumerate() {
                 feed.insert(name.to_string(), Tensor::from_shape_vec(vec![1], vec![state[i]]).unwrap());
             }
-            let got: BTreeMap<String, Vec<f32>> = compiled
-                .executable
-                .run(&m, |name| feed.get(name).and_then(|t| t.as_slice()))
-                .unwrap()
-                .into_iter()
-                .collect();
+            let got = run_on(&m, &compiled.executable, &feed);
             simulate(&m, &compiled.executable.program, false).unwrap();
 
             // The reference: loss and gradients in f32, then the same update rule.
@@ -532,7 +532,7 @@ fn training_step_matches(g: Graph, default_tol: f64) {
                     .collect();
                 // With the simulated gradient the update must agree bit for bit...
                 let g_sim = &got[&format!("{name}/grad")];
-                optimizer.apply(&mut p, g_sim, &mut s, &state);
+                optimizer.apply(name, gw.shape(), &mut p, g_sim, &mut s, &state);
                 assert_eq!(&p, &got[name], "{what}: {name} after the update, from the simulated gradient");
                 for (slot, v) in optimizer.slots().iter().zip(&s) {
                     assert_eq!(v, &got[&format!("{name}/{slot}")], "{what}: {name}/{slot}");
@@ -544,7 +544,7 @@ fn training_step_matches(g: Graph, default_tol: f64) {
                     .iter()
                     .map(|slot| slots[&format!("{name}/{slot}")].as_slice().unwrap().to_vec())
                     .collect();
-                optimizer.apply(&mut p_ref, gw.as_slice().unwrap(), &mut s_ref, &state);
+                optimizer.apply(name, gw.shape(), &mut p_ref, gw.as_slice().unwrap(), &mut s_ref, &state);
                 let p0 = b[name].as_slice().unwrap();
                 let step = |p: &[f32]| p.iter().zip(p0).map(|(a, b)| a - b).collect::<Vec<f32>>();
                 let (step_ref, step_sim) = (step(&p_ref), step(&got[name]));
@@ -557,6 +557,84 @@ fn training_step_matches(g: Graph, default_tol: f64) {
             }
         }
     }
+}
+
+/// Every rule with weight decay and every kind of schedule, over steps that cross the
+/// warm-up, a step boundary and the end of a decay: after each step the device's parameters,
+/// slots and optimizer state are the reference rule's from the same gradient, bit for bit.
+#[test]
+fn scheduled_and_decayed_updates_match_the_reference_step_after_step() {
+    let rmsprop = Rule::RmsProp { decay: 0.9, momentum: 0.5, epsilon: 1e-10 };
+    let schedule = |spec: &str, lr: f32| Schedule::parse(spec, lr).unwrap();
+    for (g, optimizer) in [
+        (mlp(), Optimizer::sgd(0.1).with_weight_decay(1e-2).with_schedule(schedule("warmup=2", 0.1))),
+        (
+            mlp(),
+            Optimizer::nesterov(0.1, 0.9).with_weight_decay(1e-3).with_schedule(schedule("warmup=2,step=3/4", 0.1)),
+        ),
+        (mlp(), Optimizer::momentum(0.05, 0.9).with_schedule(schedule("poly=3", 0.05))),
+        (mlp(), Optimizer::new(rmsprop, 0.01).with_schedule(schedule("warmup=1,poly=4,end=0.001,power=2", 0.01))),
+        (
+            batch_normed(),
+            Optimizer::adam(0.01).with_weight_decay(1e-3).with_schedule(schedule("warmup=1,cosine=3,alpha=0.1", 0.01)),
+        ),
+        (
+            batch_normed(),
+            Optimizer::lars(0.1).with_weight_decay(5e-3).with_schedule(schedule("cosine=4,alpha=0.1", 0.1)),
+        ),
+        (batch_normed(), Optimizer::lars(0.2)),
+    ] {
+        updates_match_over_steps(&g, &optimizer, 5);
+    }
+}
+
+/// `steps` training steps of `g` at DEFAULT precision, each fed what the last one left.
+fn updates_match_over_steps(g: &Graph, optimizer: &Optimizer, steps: usize) {
+    let m = presets::preset("v2-8").unwrap();
+    let batch = 6;
+    let training = Some(Training { optimizer: optimizer.clone(), label_smoothing: 0.0 });
+    let compiled = compile(g, &Options { training, ..options(m.clone(), batch, Precision::Default) }).unwrap();
+    let mut b = random_bindings(g, batch, 3, 5);
+    let mut feed = add_labels(&mut b, batch);
+    feed.extend(compiled.initial_state.clone());
+    let params: Vec<String> = g.trainable_parameters().iter().map(|&p| g.node(p).name.clone()).collect();
+    let mut reference: BTreeMap<String, (Vec<f32>, Vec<Vec<f32>>)> = BTreeMap::new();
+    for name in &params {
+        let slots = optimizer.slots().iter().map(|s| feed[&format!("{name}/{s}")].iter().copied().collect()).collect();
+        reference.insert(name.clone(), (b[name].iter().copied().collect(), slots));
+    }
+    let mut state: Vec<f32> = optimizer.initial_state().iter().map(|s| s.1).collect();
+    let what = format!("{} {} wd {}", optimizer.name(), optimizer.schedule, optimizer.weight_decay);
+    for t in 0..steps {
+        let got = run_on(&m, &compiled.executable, &feed);
+        let mut moved = 0;
+        for name in &params {
+            let (p, slots) = reference.get_mut(name).unwrap();
+            let before = p.clone();
+            optimizer.apply(name, b[name].shape(), p, &got[&format!("{name}/grad")], slots, &state);
+            assert_eq!(p, &got[name], "{what}, step {t}: {name}");
+            for (slot, v) in optimizer.slots().iter().zip(slots.iter()) {
+                assert_eq!(v, &got[&format!("{name}/{slot}")], "{what}, step {t}: {name}/{slot}");
+            }
+            moved += usize::from(before != *p);
+        }
+        // A warm-up's first step has a rate of 0; after it, every parameter moves.
+        assert!(moved == params.len() || (t == 0 && optimizer.schedule.warmup > 0), "{what}, step {t}: {moved} moved");
+        optimizer.advance(&mut state);
+        for (i, (name, _)) in optimizer.initial_state().iter().enumerate() {
+            assert_eq!(got[*name], vec![state[i]], "{what}, step {t}: {name}");
+        }
+        for (name, values) in got {
+            if let Some(t) = feed.get_mut(&name) {
+                *t = Tensor::from_shape_vec(t.shape().to_vec(), values).unwrap();
+            }
+        }
+    }
+}
+
+/// The outputs of `exe` run on the functional engine with `feed`, by name.
+fn run_on(m: &Machine, exe: &Executable, feed: &TensorMap) -> BTreeMap<String, Vec<f32>> {
+    exe.run(m, |name| feed.get(name).and_then(|t| t.as_slice())).unwrap().into_iter().collect()
 }
 
 /// Evaluation computes the loss too: from one-hot labels, within bf16 tolerance.

@@ -53,7 +53,7 @@ fn forward(g: &Graph, machine: &str, batch: usize) -> Vec<(String, f64, f64)> {
 fn training_step(g: &Graph, machine: &str, batch: usize) -> Vec<(String, f64, f64)> {
     let (with_loss, loss) = g.with_classifier_loss(0.0).unwrap();
     let grads = autodiff::differentiate(&with_loss, loss, &with_loss.trainable_parameters()).unwrap();
-    let training = Some(Training { optimizer: Optimizer::Sgd { learning_rate: 0.1 }, label_smoothing: 0.0 });
+    let training = Some(Training { optimizer: Optimizer::sgd(0.1), label_smoothing: 0.0 });
     let opts = Options { training, ..bf16_options(machine, batch) };
     let compiled = compile(g, &opts).unwrap();
     let names = compiled.bf16_tensors();
@@ -152,7 +152,11 @@ fn every_zoo_model_trains_at_batch_128_on_a_v2_core() {
     let training = Some(Training::default());
     for name in systolic_compiler::zoo::names() {
         let g = systolic_compiler::zoo::build(name).unwrap();
-        let opts = Options { training, activations: DType::Bf16, ..options(m.clone(), 128, Precision::Default) };
+        let opts = Options {
+            training: training.clone(),
+            activations: DType::Bf16,
+            ..options(m.clone(), 128, Precision::Default)
+        };
         let c = compile(&g, &opts).unwrap_or_else(|e| panic!("{name}: {e}"));
         assert!(c.executable.hbm_peak_bytes <= m.core.hbm.bytes, "{name}");
     }

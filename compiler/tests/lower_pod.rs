@@ -11,7 +11,7 @@ use ndarray::Axis;
 use systolic_compiler::autodiff;
 use systolic_compiler::graph::{BatchNorm, DenseSpec, Graph, Op};
 use systolic_compiler::lower::{Options, Training, compile};
-use systolic_compiler::optimizer::Optimizer;
+use systolic_compiler::optimizer::{Optimizer, Rule, STEP, Schedule};
 use systolic_compiler::reference::{self, RunOptions};
 use systolic_compiler::tensors::{Tensor, TensorMap};
 use systolic_compiler::zoo;
@@ -77,8 +77,12 @@ fn a_data_parallel_step_on_v2_8_equals_one_core_on_the_global_batch() {
     let machine = presets::preset("v2-8").unwrap();
     let (replicas, per_core) = (8, 2);
     let global = replicas * per_core;
-    let training = Some(Training { optimizer: Optimizer::Sgd { learning_rate: 0.1 }, label_smoothing: 0.0 });
-    let one = compile(&g, &Options { training, ..Options::new(machine.clone(), global, Precision::Default) }).unwrap();
+    let training = Some(Training { optimizer: Optimizer::sgd(0.1), label_smoothing: 0.0 });
+    let one = compile(
+        &g,
+        &Options { training: training.clone(), ..Options::new(machine.clone(), global, Precision::Default) },
+    )
+    .unwrap();
     let dp = compile(
         &g,
         &Options {
@@ -161,13 +165,13 @@ fn batch_norm_over_groups_of_replicas_equals_the_reference_on_each_group() {
     let grads = autodiff::differentiate(&with_loss, loss, &with_loss.trainable_parameters()).unwrap();
     let mut b = random_bindings(&g, global, 3, 5);
     let feed = add_labels(&mut b, global);
-    let training = Some(Training { optimizer: Optimizer::Sgd { learning_rate: 0.1 }, label_smoothing: 0.0 });
+    let training = Some(Training { optimizer: Optimizer::sgd(0.1), label_smoothing: 0.0 });
     for group in [1, 2, 8] {
         // Six passes and f32 storage, so the step is the f32 reference's but for the order of
         // sums and the shift of the statistics (bf16 storage moves a loss over four examples
         // by up to 1%: one ReLU flip).
         let opts = Options {
-            training,
+            training: training.clone(),
             replicas,
             batch_norm_group: group,
             activations: DType::F32,
@@ -220,7 +224,7 @@ fn batch_norm_over_groups_of_replicas_equals_the_reference_on_each_group() {
 fn data_parallel_options_are_checked() {
     let g = batch_normed();
     let machine = presets::preset("v2-8").unwrap();
-    let training = Some(Training { optimizer: Optimizer::Sgd { learning_rate: 0.1 }, label_smoothing: 0.0 });
+    let training = Some(Training { optimizer: Optimizer::sgd(0.1), label_smoothing: 0.0 });
     let base = Options { training, replicas: 8, ..Options::new(machine, 2, Precision::Default) };
     let e = compile(&g, &Options { batch_norm_group: 3, ..base.clone() }).unwrap_err().to_string();
     assert!(e.contains("groups of 3") && e.contains("divides the 8 replicas"), "{e}");
@@ -228,23 +232,34 @@ fn data_parallel_options_are_checked() {
     assert!(e.contains("applies to training"), "{e}");
     let e = compile(&g, &Options { sharded_update: true, replicas: 1, ..base.clone() }).unwrap_err().to_string();
     assert!(e.contains("sharded weight update") && e.contains("more than one replica (now 1 replica)"), "{e}");
-    let e = compile(&g, &Options { sharded_update: true, training: None, ..base }).unwrap_err().to_string();
+    let e = compile(&g, &Options { sharded_update: true, training: None, ..base.clone() }).unwrap_err().to_string();
     assert!(e.contains("8 replicas, inference"), "{e}");
+    // A shard mixes parameters: LARS's per-parameter norms and selective weight decay refused.
+    let lars = Some(Training { optimizer: Optimizer::lars(0.1), label_smoothing: 0.0 });
+    let e = compile(&g, &Options { sharded_update: true, training: lars, ..base.clone() }).unwrap_err().to_string();
+    assert!(e.contains("LARS") && e.contains("turn off the sharded update"), "{e}");
+    let decayed = Some(Training { optimizer: Optimizer::sgd(0.1).with_weight_decay(1e-4), label_smoothing: 0.0 });
+    let e = compile(&g, &Options { sharded_update: true, training: decayed, ..base }).unwrap_err().to_string();
+    assert!(e.contains("weight decay 0.0001") && e.contains("set the weight decay to 0"), "{e}");
 }
 
 /// The sharded weight update gives the bits of the all-reduce's: the reduce-scatter's shards
 /// hold the all-reduce's sums, and each replica's update of its shard does, element for
-/// element, what the whole update does. Two steps, so the slots' shards carry over.
+/// element, what the whole update does. Three steps, so the slots' shards carry over and the
+/// schedules pass their warm-up and a boundary.
 #[test]
 fn the_sharded_update_gives_the_all_reduce_bits() {
     let g = zoo::build("digits_cnn").unwrap();
     let machine = presets::preset("v2-8").unwrap();
     let (replicas, per_core) = (8, 2);
+    let rmsprop = Rule::RmsProp { decay: 0.9, momentum: 0.5, epsilon: 1e-10 };
     for optimizer in [
-        Optimizer::Momentum { learning_rate: 0.1, momentum: 0.9 },
-        Optimizer::Adam { learning_rate: 0.01, beta1: 0.9, beta2: 0.999, epsilon: 1e-8 },
+        Optimizer::momentum(0.1, 0.9),
+        Optimizer::adam(0.01),
+        Optimizer::nesterov(0.1, 0.9).with_schedule(Schedule::parse("warmup=1,step=2,factor=0.5", 0.1).unwrap()),
+        Optimizer::new(rmsprop, 0.01).with_schedule(Schedule::parse("cosine=3", 0.01).unwrap()),
     ] {
-        let training = Some(Training { optimizer, label_smoothing: 0.0 });
+        let training = Some(Training { optimizer: optimizer.clone(), label_smoothing: 0.0 });
         let base = Options {
             training,
             replicas,
@@ -267,7 +282,7 @@ fn the_sharded_update_gives_the_all_reduce_bits() {
                     _ => None,
                 })
                 .collect();
-            (run_steps(&machine, &compiled.executable, &feed, replicas, 2), kinds)
+            (run_steps(&machine, &compiled.executable, &feed, replicas, 3), kinds)
         };
         let ((whole, ar), (sharded, rs)) = (run(false), run(true));
         // Buckets of reduce-scatter, then per bucket a shard taken and all-gathered.
@@ -288,5 +303,8 @@ fn the_sharded_update_gives_the_all_reduce_bits() {
         }
         assert!(checked >= 6, "{checked} parameters");
         assert_eq!(sharded[0]["loss"], whole[0]["loss"]);
+        if optimizer.step_index().is_some() {
+            assert_eq!((&sharded[0][STEP], &whole[0][STEP]), (&vec![3.0], &vec![3.0]), "{optimizer:?}");
+        }
     }
 }

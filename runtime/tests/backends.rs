@@ -4,7 +4,7 @@
 //! report simulated time; on a slice the replicas' mean gradient is the whole batch's.
 
 use systolic_compiler::graph::{ConvSpec, Graph, Pool};
-use systolic_compiler::optimizer::Optimizer;
+use systolic_compiler::optimizer::{Optimizer, STEP, Schedule};
 use systolic_compiler::{Tensor, TensorMap};
 use systolic_runtime::session::{self, DROPOUT_STEP};
 use systolic_runtime::{Backend, Settings, Target, backend};
@@ -69,10 +69,14 @@ fn every_backend_trains_and_predicts_like_the_reference() {
 /// draws the masks one core would for its own examples, not the whole batch's).
 fn matches_the_reference(precision: Precision, tol: Tolerance) {
     let n = 16;
-    let settings = Settings { precision, ..Settings::new(Optimizer::Momentum { learning_rate: 0.1, momentum: 0.9 }) };
+    // Nesterov with weight decay after a one-step warm-up, halved at step 2: the global step
+    // is state like the slots.
+    let schedule = Schedule::parse("warmup=1,step=2,factor=0.5", 0.1).unwrap();
+    let optimizer = Optimizer::nesterov(0.1, 0.9).with_weight_decay(1e-3).with_schedule(schedule);
+    let settings = Settings { precision, ..Settings::new(optimizer) };
     let machine = presets::preset("v2-8").unwrap();
     let run = |g: &Graph, target: Target| {
-        let mut b: Box<dyn Backend> = backend(target, g, g.init_parameters(3), n, settings).unwrap();
+        let mut b: Box<dyn Backend> = backend(target, g, g.init_parameters(3), n, settings.clone()).unwrap();
         let steps: Vec<_> = (0..3).map(|s| b.train_step(&batch(n, s)).unwrap()).collect();
         let predicted = b.predict(&batch(n, 9)).unwrap();
         (b.describe(), steps, predicted, b.state().unwrap())
@@ -91,7 +95,9 @@ fn matches_the_reference(precision: Precision, tol: Tolerance) {
                 assert!(e <= tol.grads, "{what} {precision:?}: step {s} {name}: {e}");
             }
         }
-        // The state: parameters, the momentum slots, the dropout step, like the reference's.
+        // The state: parameters, the momentum slots, the global and dropout steps, like the
+        // reference's.
+        assert_eq!(cpu_state[STEP].iter().next(), Some(&3.0), "{what}");
         for (name, w) in &cpu_state {
             let e = norm_err(w, &state[name]);
             assert!(e <= tol.state, "{what} {precision:?}: {name}: {e}");
@@ -108,13 +114,14 @@ fn matches_the_reference(precision: Precision, tol: Tolerance) {
 #[test]
 fn a_batch_must_split_over_the_replicas() {
     let g = model(0.25);
-    let settings = Settings::new(Optimizer::Sgd { learning_rate: 0.1 });
+    let settings = Settings::new(Optimizer::sgd(0.1));
     let machine = presets::preset("v2-8").unwrap();
-    let e = backend(Target::Slice(machine), &g, g.init_parameters(3), 12, settings).err().unwrap().to_string();
+    let e = backend(Target::Slice(machine), &g, g.init_parameters(3), 12, settings.clone()).err().unwrap().to_string();
     assert!(e.contains("12 examples does not split evenly over 8 replicas"), "{e}");
     // A batch whose images have the wrong shape changes nothing: the state stays the start.
     let start = g.init_parameters(3);
-    let mut core = backend(Target::Core(presets::preset("v2-8").unwrap()), &g, start.clone(), 4, settings).unwrap();
+    let mut core =
+        backend(Target::Core(presets::preset("v2-8").unwrap()), &g, start.clone(), 4, settings.clone()).unwrap();
     let mut bad = batch(4, 0);
     bad.insert("image".into(), Tensor::zeros(vec![4, 8, 8, 2]));
     let e = core.train_step(&bad).unwrap_err().to_string();

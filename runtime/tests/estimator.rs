@@ -9,7 +9,7 @@ use std::rc::Rc;
 use std::sync::{Arc, Mutex};
 
 use systolic_compiler::graph::{BatchNorm, ConvSpec, Graph, Pool};
-use systolic_compiler::optimizer::Optimizer;
+use systolic_compiler::optimizer::{Optimizer, Schedule};
 use systolic_compiler::{TensorMap, zoo};
 use systolic_runtime::IterationsPerLoop;
 use systolic_runtime::data::digits_split;
@@ -24,8 +24,16 @@ fn temp_dir(name: &str) -> PathBuf {
     d
 }
 
-/// The TPU model function: digits_cnn (or `model`), momentum in a CrossShardOptimizer.
+/// The TPU model function: `model` trained with momentum in a CrossShardOptimizer.
 fn tpu_model_fn(model: Graph, lr: f32) -> impl Fn(Mode, &Params) -> systolic_runtime::Result<TpuEstimatorSpec> {
+    with_optimizer(model, Optimizer::momentum(lr, 0.9))
+}
+
+/// The TPU model function: `model` trained with `optimizer` in a CrossShardOptimizer.
+fn with_optimizer(
+    model: Graph,
+    optimizer: Optimizer,
+) -> impl Fn(Mode, &Params) -> systolic_runtime::Result<TpuEstimatorSpec> {
     move |mode, params| {
         assert!(params.batch_size().is_ok(), "the estimator sets batch_size");
         let mut spec = TpuEstimatorSpec::new(mode, model.clone());
@@ -33,7 +41,7 @@ fn tpu_model_fn(model: Graph, lr: f32) -> impl Fn(Mode, &Params) -> systolic_run
             spec.loss = Some(Loss::default());
         }
         if mode == Mode::Train {
-            spec.train_op = Some(CrossShardOptimizer::new(Optimizer::parse("momentum", lr)?).into());
+            spec.train_op = Some(CrossShardOptimizer::new(optimizer.clone()).into());
         }
         Ok(spec)
     }
@@ -197,7 +205,9 @@ fn bn_model() -> Graph {
 }
 
 /// Training 6 steps in one run and in two (4, then resumed to 6 from the checkpoint) ends
-/// with the same state bit for bit — on the CPU and on a v2-8 slice with batch norm.
+/// with the same state bit for bit — on the CPU and on a v2-8 slice with batch norm, with
+/// Nesterov momentum, weight decay and a warm-up and cosine schedule (whose global step is
+/// optimizer state in the checkpoint).
 #[test]
 fn a_resumed_run_ends_bit_identical_to_an_uninterrupted_one() {
     for use_tpu in [false, true] {
@@ -208,9 +218,11 @@ fn a_resumed_run_ends_bit_identical_to_an_uninterrupted_one() {
                 random_seed: Some(3),
                 ..RunConfig::default()
             };
-            let mut e =
-                TpuEstimator::new(tpu_model_fn(bn_model(), 0.05), TpuEstimatorArgs { use_tpu, config, ..tpu_args(16) })
-                    .unwrap();
+            let optimizer = Optimizer::nesterov(0.05, 0.9)
+                .with_schedule(Schedule::parse("warmup=2,cosine=10", 0.05).unwrap())
+                .with_weight_decay(1e-4);
+            let model_fn = with_optimizer(bn_model(), optimizer);
+            let mut e = TpuEstimator::new(model_fn, TpuEstimatorArgs { use_tpu, config, ..tpu_args(16) }).unwrap();
             quiet(&mut e, |e, l| e.set_log(l));
             e.train(&digits_input(true), None, Some(max_steps)).unwrap()
         };
@@ -227,6 +239,7 @@ fn a_resumed_run_ends_bit_identical_to_an_uninterrupted_one() {
         if use_tpu {
             assert!(a.state.keys().any(|k| k.starts_with("replica1/bn/")), "replicas keep their own statistics");
         }
+        assert_eq!(a.state["optimizer/step"][[0]], 6.0);
         // keep_checkpoint_max = 5 of 2, 4, 6: all kept; the metrics file has a line per loop.
         assert_eq!(systolic_runtime::checkpoint::list(&whole).unwrap().len(), 3);
         for d in [whole, split] {

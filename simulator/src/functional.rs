@@ -294,7 +294,9 @@ fn broadcast_index(a: &Tile, b: &Tile) -> impl Fn(usize) -> usize {
     }
 }
 
-fn unary(op: UnaryOp, x: f32) -> f32 {
+/// One element of a `Unary` instruction: the compiler's optimizer reference evaluates its
+/// scalar programs with this, so both give the same bits.
+pub fn unary(op: UnaryOp, x: f32) -> f32 {
     match op {
         UnaryOp::Copy => x,
         UnaryOp::Relu => x.max(0.0),
@@ -306,12 +308,14 @@ fn unary(op: UnaryOp, x: f32) -> f32 {
         UnaryOp::Rsqrt => 1.0 / x.sqrt(),
         UnaryOp::Square => x * x,
         UnaryOp::Reciprocal => 1.0 / x,
+        UnaryOp::Cos => x.cos(),
         UnaryOp::Scale(c) => x * c,
         UnaryOp::AddScalar(c) => x + c,
     }
 }
 
-fn binary(op: BinaryOp, a: f32, b: f32) -> f32 {
+/// One element of a `Binary` instruction (see [`unary`]).
+pub fn binary(op: BinaryOp, a: f32, b: f32) -> f32 {
     match op {
         BinaryOp::Add => a + b,
         BinaryOp::Sub => a - b,

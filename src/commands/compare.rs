@@ -173,7 +173,7 @@ pub fn run(args: Args) -> Result<()> {
     let (compiled, compile_seconds) = super::compile::compile_model(
         &args.model,
         &systolic::compiler::lower::Options {
-            training,
+            training: training.clone(),
             activations,
             ..systolic::compiler::lower::Options::new(machine.clone(), batch, precision)
         },

@@ -7,7 +7,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use serde::Serialize;
 use systolic::compiler::lower::{Compiled, KernelReport, Options, PassName, Training, compile};
-use systolic::compiler::optimizer::Optimizer;
+use systolic::compiler::optimizer::{Optimizer, Schedule};
 use systolic::simulator::Machine;
 use systolic::simulator::isa::DType;
 use systolic::simulator::numerics::Precision;
@@ -52,12 +52,22 @@ pub struct TrainArgs {
     /// Lower the whole training step (forward, loss, backward, optimizer update) as one program.
     #[arg(long)]
     pub train: bool,
-    /// With --train: sgd, momentum (0.9) or adam (0.9, 0.999, 1e-8).
+    /// With --train: sgd, momentum (0.9), nesterov (0.9), adam (0.9, 0.999, 1e-8), rmsprop
+    /// (decay 0.9, momentum 0, 1e-10) or lars (momentum 0.9, eta 0.001, epsilon 0).
     #[arg(long, default_value = "sgd")]
     pub optimizer: String,
-    /// With --train: the learning rate.
+    /// With --train: the learning rate (the schedule's base rate).
     #[arg(long, default_value_t = 0.01, allow_negative_numbers = true)]
     pub learning_rate: f32,
+    /// With --train: the learning rate by global step: constant, warmup=N, or a decay
+    /// (step=B1/B2/...[,factor=F], poly=N[,end=F][,power=F], cosine=N[,alpha=F]) optionally
+    /// after warmup=N, e.g. warmup=500,step=3000/6000/8000,factor=0.1.
+    #[arg(long, default_value = "constant", value_name = "SPEC")]
+    pub schedule: String,
+    /// With --train: L2 weight decay on all parameters but batch norm's and biases (the loss
+    /// reported does not include it).
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    pub weight_decay: f32,
 }
 
 impl TrainArgs {
@@ -66,10 +76,21 @@ impl TrainArgs {
         if !self.train {
             return Ok(None);
         }
-        let optimizer = Optimizer::parse(&self.optimizer, self.learning_rate)
-            .with_context(|| format!("--optimizer {} --learning-rate {}", self.optimizer, self.learning_rate))?;
+        let optimizer = optimizer(&self.optimizer, self.learning_rate, &self.schedule, self.weight_decay)?;
         Ok(Some(Training { optimizer, label_smoothing: 0.0 }))
     }
+}
+
+/// The optimizer the command-line options name: a rule at a base learning rate, its schedule
+/// and weight decay, each error naming the option to change.
+pub fn optimizer(name: &str, learning_rate: f32, schedule: &str, weight_decay: f32) -> Result<Optimizer> {
+    let optimizer = Optimizer::parse(name, learning_rate)
+        .with_context(|| format!("--optimizer {name} --learning-rate {learning_rate}"))?;
+    let schedule = Schedule::parse(schedule, learning_rate)
+        .with_context(|| format!("--schedule {schedule} --learning-rate {learning_rate}"))?;
+    let optimizer = optimizer.with_schedule(schedule).with_weight_decay(weight_decay);
+    optimizer.check().with_context(|| format!("--weight-decay {weight_decay}"))?;
+    Ok(optimizer)
 }
 
 /// One layer of the report: the compiler's view and the simulation's.

@@ -59,12 +59,20 @@ pub struct TrainArgs {
     /// Steps per host round trip: a count or a duration (`30s`, `5m`, `1h`).
     #[arg(long)]
     iterations_per_loop: Option<String>,
-    /// sgd, momentum or adam (in a CrossShardOptimizer on several replicas).
+    /// sgd, momentum (0.9), nesterov (0.9), adam, rmsprop or lars (in a CrossShardOptimizer,
+    /// which on several replicas puts the gradient all-reduce in the step).
     #[arg(long, default_value = "momentum")]
     optimizer: String,
-    /// The learning rate.
-    #[arg(long, default_value_t = 0.05)]
+    /// The learning rate (the schedule's base rate).
+    #[arg(long, visible_alias = "learning-rate", default_value_t = 0.05, allow_negative_numbers = true)]
     lr: f32,
+    /// The learning rate by global step: constant, warmup=N, or a decay (step=B1/B2/...[,factor=F],
+    /// poly=N[,end=F][,power=F], cosine=N[,alpha=F]) optionally after warmup=N.
+    #[arg(long, default_value = "constant", value_name = "SPEC")]
+    schedule: String,
+    /// L2 weight decay on all parameters but batch norm's and biases.
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    weight_decay: f32,
     /// Label smoothing of the softmax cross-entropy loss.
     #[arg(long, default_value_t = 0.0)]
     label_smoothing: f32,
@@ -105,7 +113,7 @@ fn model_fn(
             spec.loss = Some(Loss { label_smoothing });
         }
         if mode == Mode::Train {
-            spec.train_op = Some(CrossShardOptimizer::new(optimizer).into());
+            spec.train_op = Some(CrossShardOptimizer::new(optimizer.clone()).into());
         }
         Ok(spec)
     }
@@ -194,7 +202,7 @@ pub fn train(args: TrainArgs) -> Result<()> {
         config.save_checkpoints_steps = Some(n);
         config.save_checkpoints_secs = None;
     }
-    let optimizer = Optimizer::parse(&args.optimizer, args.lr)?;
+    let optimizer = super::compile::optimizer(&args.optimizer, args.lr, &args.schedule, args.weight_decay)?;
     let (mut est, model) = c.estimator(config, optimizer, args.label_smoothing)?;
     let examples = c.examples(true)?;
     let began = Instant::now();

@@ -5,9 +5,9 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::Result;
-use systolic::runtime::session::DROPOUT_STEP;
 use systolic::compiler::reference::{self, Mode, RunOptions};
 use systolic::compiler::{Graph, NodeId, Tensor, TensorMap, cost};
+use systolic::runtime::session::DROPOUT_STEP;
 use systolic::simulator::executable::Role;
 use systolic::simulator::timing::simulate;
 

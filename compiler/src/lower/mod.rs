@@ -33,6 +33,7 @@ use systolic_simulator::isa::DType;
 
 use crate::error::{Error, Result};
 use crate::graph::{Graph, Op};
+use crate::optimizer::Rule;
 use crate::tensors::TensorMap;
 pub use kernel::{BatchNormGrad, Epilogue, Kernel, KernelReport, Main, Storage};
 pub use options::Options;
@@ -46,7 +47,8 @@ pub struct Compiled {
     pub kernels: Vec<KernelReport>,
     /// Each pass's result as `--dump-after` shows it (see [`Compiled::dump`]).
     pub dumps: Vec<(PassName, Dump)>,
-    /// Initial values of the state the lowering added (optimizer slots at zero, Adam's powers):
+    /// Initial values of the state the lowering added (optimizer slots at their start, Adam's
+    /// powers, a schedule's global step):
     /// feed them with the model's parameters before the first training step.
     pub initial_state: TensorMap,
     /// Every tensor the program keeps in HBM (inputs, parameters, state, activations), with
@@ -130,6 +132,22 @@ pub fn compile(graph: &Graph, opts: &Options) -> Result<Compiled> {
             if opts.replicas == 1 { "" } else { "s" },
             if opts.training.is_none() { ", inference" } else { "" }
         )));
+    }
+    if let Some(t) = opts.training.as_ref().filter(|_| opts.sharded_update) {
+        if let Rule::Lars { .. } = t.optimizer.rule {
+            return Err(fail(
+                "LARS scales each parameter by its own norms, and a shard of the sharded weight update holds \
+                 pieces of several parameters: turn off the sharded update or choose another optimizer"
+                    .into(),
+            ));
+        }
+        if t.optimizer.weight_decay > 0.0 {
+            return Err(fail(format!(
+                "weight decay {} with the sharded weight update: a shard mixes parameters that decay with \
+                 batch norm's and biases, which do not; set the weight decay to 0 or turn off the sharded update",
+                t.optimizer.weight_decay
+            )));
+        }
     }
     // The graph the passes see: the training step, or the model with one-hot labels for any loss.
     let (prepared, step) = training::prepare(graph, opts.training.as_ref(), opts.train_mode, sharding(opts))?;

@@ -192,7 +192,7 @@ fn run_tiling(l: &mut Lowering) -> Result<Dump> {
     let plan = l.plan.as_ref().expect("allocation runs before tiling");
     let extras = Extras {
         one_hot: l.step.one_hot.clone(),
-        optimizer: l.opts.training.map(|t| t.optimizer),
+        optimizer: l.opts.training.as_ref().map(|t| t.optimizer.clone()),
         state: l.step.state.clone(),
         dropout_step: l.step.dropout_step,
         stats: l.kernels.iter().zip(&plan.stats).filter_map(|(k, &at)| Some((k.stats_for?, at?))).collect(),

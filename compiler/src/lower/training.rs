@@ -5,8 +5,9 @@
 //! - `<labels>/one_hot`: the labels as a `[N, classes]` f32 one-hot matrix (the host encodes
 //!   them, as a TPU input pipeline does; the vector unit has no integer gather);
 //! - every trainable parameter, updated in place, and the optimizer's slots
-//!   (`<param>/momentum`, `<param>/m`, `<param>/v`) and shared state
-//!   ([`crate::optimizer::ADAM_POWERS`]), read and written;
+//!   (`<param>/momentum`, `<param>/m`, `<param>/v`, `<param>/rms`) and shared state
+//!   ([`crate::optimizer::ADAM_POWERS`], the global step [`crate::optimizer::STEP`] of a
+//!   schedule), read and written;
 //! - with dropout, [`DROPOUT_STEP`]: the step number masks are drawn for, advanced in place;
 //! - outputs: the loss, each parameter's gradient as `<param>/grad`, the updated values, and
 //!   batch norm's moving statistics (updated in place from the batch, as in a training run
@@ -29,7 +30,7 @@ use crate::tensors::{Tensor, TensorMap};
 pub const DROPOUT_STEP: &str = "dropout/step";
 
 /// How to train: the optimizer and the loss's label smoothing.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Training {
     pub optimizer: Optimizer,
     /// Used when the graph has no loss and one is added (see `Graph::with_classifier_loss`).
@@ -73,8 +74,8 @@ pub(super) struct Step {
     pub updates: Vec<Update>,
     /// With the sharded weight update, its buckets (and no `updates`).
     pub sharded: Vec<ShardedUpdate>,
-    /// State shared by all parameters, advanced once per step: Adam's powers, then the
-    /// dropout step counter.
+    /// State shared by all parameters, advanced once per step: Adam's powers, the global
+    /// step of a schedule, then the dropout step counter.
     pub state: Vec<NodeId>,
     /// The training step dropout masks are drawn for ([`DROPOUT_STEP`]), when any dropout
     /// drops.
@@ -164,7 +165,7 @@ fn build(graph: &Graph, t: &Training, sharding: Option<(usize, u64)>) -> Result<
         if sharding.is_none() {
             for slot in t.optimizer.slots() {
                 let name = reserved(&g, format!("{pname}/{slot}"))?;
-                let init = Init::Zeros;
+                let init = slot_init(&t.optimizer, slot);
                 slots.push(g.add(
                     name,
                     Op::Parameter(Parameter { shape: shape.clone(), init, trainable: false }),
@@ -227,14 +228,14 @@ fn shard_buckets(
     for (b, members) in buckets.into_iter().enumerate() {
         let total: usize = members.iter().map(|u| elements(g, u)).sum();
         let rows = total.div_ceil(replicas).div_ceil(128).max(1);
-        let mut state = |name: String| -> Result<NodeId> {
+        let mut state = |name: &str, init: Init| -> Result<NodeId> {
             let name = reserved(g, format!("shard{b}/{name}"))?;
-            let p = Parameter { shape: vec![rows, 128], init: Init::Zeros, trainable: false };
+            let p = Parameter { shape: vec![rows, 128], init, trainable: false };
             g.add(name, Op::Parameter(p), &[])
         };
-        let grad_shard = state("gradient".into())?;
-        let param_shard = state("parameter".into())?;
-        let slots = t.optimizer.slots().iter().map(|s| state(s.to_string())).collect::<Result<_>>()?;
+        let grad_shard = state("gradient", Init::Zeros)?;
+        let param_shard = state("parameter", Init::Zeros)?;
+        let slots = t.optimizer.slots().iter().map(|s| state(s, slot_init(&t.optimizer, s))).collect::<Result<_>>()?;
         out.push(ShardedUpdate {
             params: members.iter().map(|u| u.param).collect(),
             grads: members.iter().map(|u| u.grad).collect(),
@@ -244,6 +245,12 @@ fn shard_buckets(
         });
     }
     Ok(out)
+}
+
+/// Where an optimizer slot starts (RMSProp's mean square at 1, the rest at 0).
+fn slot_init(optimizer: &Optimizer, slot: &str) -> Init {
+    let v = optimizer.slot_initial_value(slot);
+    if v == 0.0 { Init::Zeros } else { Init::Constant(v) }
 }
 
 /// `name`, unless the graph already has a node of that name.

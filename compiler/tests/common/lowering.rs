@@ -97,7 +97,7 @@ fn check_step(g: Graph, batch: usize, step: u64, check: Check, machine: &str) {
     let m = presets::preset(machine).unwrap();
     let (with_loss, loss) = g.with_classifier_loss(0.0).unwrap();
     let grads = autodiff::differentiate(&with_loss, loss, &with_loss.trainable_parameters()).unwrap();
-    let training = Some(Training { optimizer: Optimizer::Sgd { learning_rate: 0.1 }, label_smoothing: 0.0 });
+    let training = Some(Training { optimizer: Optimizer::sgd(0.1), label_smoothing: 0.0 });
     let compiled = compile(&g, &Options { training, ..options(m.clone(), batch, Precision::Highest) }).unwrap();
     let mut b = random_bindings(&g, batch, 3, 5);
     let mut feed = add_labels(&mut b, batch);

@@ -22,7 +22,7 @@ pub struct Cpu {
     params: TensorMap,
     /// Each trainable parameter's slots, in the optimizer's order.
     slots: BTreeMap<String, Vec<Vec<f32>>>,
-    /// The optimizer's shared state (Adam's powers).
+    /// The optimizer's shared state (Adam's powers, a schedule's global step).
     shared: Vec<f32>,
     /// Training steps taken (dropout draws each step's mask from it).
     step: u64,
@@ -48,7 +48,10 @@ impl Cpu {
                 .optimizer
                 .slots()
                 .iter()
-                .map(|s| state.get(&format!("{name}/{s}")).map_or(vec![0.0; len], |t| t.iter().copied().collect()))
+                .map(|s| {
+                    let start = settings.optimizer.slot_initial_value(s);
+                    state.get(&format!("{name}/{s}")).map_or(vec![start; len], |t| t.iter().copied().collect())
+                })
                 .collect();
             slots.insert(name.clone(), values);
         }
@@ -91,13 +94,15 @@ impl Backend for Cpu {
             }
         }
         let out = reference::run_gradients(&self.train, &b, RunOptions::training(self.step))?;
-        let opt = self.settings.optimizer;
+        let opt = &self.settings.optimizer;
         let mut outputs = TensorMap::new();
         for (name, slots) in &mut self.slots {
             let Some(g) = out.grads.get(name) else { continue };
             let grad: Vec<f32> = g.iter().copied().collect();
             let p = self.params.get_mut(name).expect("every trainable parameter is held");
-            opt.apply(p.as_slice_mut().expect("parameters are contiguous"), &grad, slots, &self.shared);
+            let shape = p.shape().to_vec();
+            let values = p.as_slice_mut().expect("parameters are contiguous");
+            opt.apply(name, &shape, values, &grad, slots, &self.shared);
             outputs.insert(session::grad_name(name), g.clone());
         }
         // The reference refuses non-finite parameters, so a diverging update is reported

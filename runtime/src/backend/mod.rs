@@ -31,7 +31,7 @@ pub struct StepOutput {
 
 /// How to train: the optimizer, the loss's label smoothing, the MXU precision of a simulated
 /// machine and how replicas combine gradients.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Settings {
     pub optimizer: Optimizer,
     pub label_smoothing: f32,

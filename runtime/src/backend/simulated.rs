@@ -53,7 +53,8 @@ impl Simulated {
         }
         let per_replica = batch / replicas;
         let base = Options::new(machine.clone(), per_replica, settings.precision);
-        let training = Some(Training { optimizer: settings.optimizer, label_smoothing: settings.label_smoothing });
+        let training =
+            Some(Training { optimizer: settings.optimizer.clone(), label_smoothing: settings.label_smoothing });
         let opts = Options { training, replicas, gradient_reduction: settings.reduction, ..base.clone() };
         let step = compile(model, &opts)?;
         step.executable.program.validate(&machine)?;

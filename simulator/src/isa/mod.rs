@@ -155,6 +155,8 @@ pub enum UnaryOp {
     Rsqrt,
     Square,
     Reciprocal,
+    /// cos(x), x in radians (a learning rate's cosine decay; costed as any unary op).
+    Cos,
     /// x * c.
     Scale(f32),
     /// x + c.
