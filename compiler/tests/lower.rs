@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 
 use systolic_compiler::autodiff;
 use systolic_compiler::graph::{BatchNorm, ConvSpec, Padding, Pool};
+use systolic_compiler::lower::training::grad_name;
 use systolic_compiler::lower::{Options, Training, compile};
 use systolic_compiler::optimizer::{Optimizer, Rule, Schedule};
 use systolic_compiler::reference::{self, RunOptions};
@@ -521,7 +522,7 @@ fn training_step_matches(g: Graph, default_tol: f64) {
                 assert!(e < if highest { 1e-4 } else { 1e-2 }, "{what}: {name}: {e}");
             }
             for (name, gw) in &want.grads {
-                let (gw_s, g_sim) = (gw.as_slice().unwrap(), &got[&format!("{name}/grad")]);
+                let (gw_s, g_sim) = (gw.as_slice().unwrap(), &got[&grad_name(name)]);
                 let e = if highest { rel_err(gw_s, g_sim) } else { norm_err(gw_s, g_sim) };
                 assert!(e < grad_tol, "{what}: gradient of {name}: {e}");
                 let mut p = b[name].as_slice().unwrap().to_vec();
@@ -531,7 +532,7 @@ fn training_step_matches(g: Graph, default_tol: f64) {
                     .map(|slot| slots[&format!("{name}/{slot}")].as_slice().unwrap().to_vec())
                     .collect();
                 // With the simulated gradient the update must agree bit for bit...
-                let g_sim = &got[&format!("{name}/grad")];
+                let g_sim = &got[&grad_name(name)];
                 optimizer.apply(name, gw.shape(), &mut p, g_sim, &mut s, &state);
                 assert_eq!(&p, &got[name], "{what}: {name} after the update, from the simulated gradient");
                 for (slot, v) in optimizer.slots().iter().zip(&s) {
@@ -611,7 +612,7 @@ fn updates_match_over_steps(g: &Graph, optimizer: &Optimizer, steps: usize) {
         for name in &params {
             let (p, slots) = reference.get_mut(name).unwrap();
             let before = p.clone();
-            optimizer.apply(name, b[name].shape(), p, &got[&format!("{name}/grad")], slots, &state);
+            optimizer.apply(name, b[name].shape(), p, &got[&grad_name(name)], slots, &state);
             assert_eq!(p, &got[name], "{what}, step {t}: {name}");
             for (slot, v) in optimizer.slots().iter().zip(slots.iter()) {
                 assert_eq!(v, &got[&format!("{name}/{slot}")], "{what}, step {t}: {name}/{slot}");

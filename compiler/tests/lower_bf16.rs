@@ -14,6 +14,7 @@ use common::lowering::*;
 use common::*;
 use systolic_compiler::autodiff;
 use systolic_compiler::lower::training::DROPOUT_STEP;
+use systolic_compiler::lower::training::grad_name;
 use systolic_compiler::lower::{Options, Training, compile};
 use systolic_compiler::optimizer::Optimizer;
 use systolic_compiler::reference::{self, RunOptions};
@@ -76,7 +77,7 @@ fn training_step(g: &Graph, machine: &str, batch: usize) -> Vec<(String, f64, f6
         rel_err(&loss_of(&f32_ref.root), &got["loss"]),
     )];
     for (name, want) in &stored_ref.grads {
-        let got = &got[&format!("{name}/grad")];
+        let got = &got[&grad_name(name)];
         out.push((
             name.clone(),
             norm_err(want.as_slice().unwrap(), got),

@@ -10,6 +10,7 @@ use common::random_bindings;
 use ndarray::Axis;
 use systolic_compiler::autodiff;
 use systolic_compiler::graph::{BatchNorm, DenseSpec, Graph, Op};
+use systolic_compiler::lower::training::grad_name;
 use systolic_compiler::lower::{Options, Training, compile};
 use systolic_compiler::optimizer::{Optimizer, Rule, STEP, Schedule};
 use systolic_compiler::reference::{self, RunOptions};
@@ -203,7 +204,7 @@ fn batch_norm_over_groups_of_replicas_equals_the_reference_on_each_group() {
                 }
             }
             for (name, gw) in &want.grads {
-                let sum = mean_grads.entry(format!("{name}/grad")).or_insert_with(|| vec![0.0; gw.len()]);
+                let sum = mean_grads.entry(grad_name(name)).or_insert_with(|| vec![0.0; gw.len()]);
                 sum.iter_mut().zip(gw.iter()).for_each(|(s, &v)| *s += v / groups as f32);
             }
         }

@@ -10,12 +10,9 @@ use crate::error::{Error, Result};
 /// A training step's output holding the loss (the mean over this replica's examples).
 pub const LOSS: &str = "loss";
 
-/// Appended to a parameter's name, its gradient among a step's outputs (`conv1/kernel/grad`).
-pub const GRAD_SUFFIX: &str = "/grad";
-
-/// Appended to the integer labels' name, the one-hot matrix a compiled step reads for them
-/// (`labels/one_hot`: the host encodes labels, as a TPU input pipeline does).
-pub const ONE_HOT_SUFFIX: &str = "/one_hot";
+/// Appended to a parameter's name, its gradient among a step's outputs (`conv1/kernel/grad`);
+/// appended to the integer labels' name, the one-hot matrix a compiled step reads for them.
+pub use training::{GRAD_SUFFIX, ONE_HOT_SUFFIX, grad_name};
 
 /// The step number dropout masks are drawn for, kept on the device and advanced by the step.
 pub const DROPOUT_STEP: &str = training::DROPOUT_STEP;
@@ -24,11 +21,6 @@ pub const DROPOUT_STEP: &str = training::DROPOUT_STEP;
 /// moving statistics on a slice), as [`crate::Backend::state`] and checkpoints name it.
 pub fn replica_state(r: usize, name: &str) -> String {
     format!("replica{r}/{name}")
-}
-
-/// The gradient output of parameter `name`.
-pub fn grad_name(name: &str) -> String {
-    format!("{name}{GRAD_SUFFIX}")
 }
 
 /// The model's inputs in `batch` by name (the labels are not among them), each checked for

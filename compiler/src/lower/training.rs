@@ -29,6 +29,19 @@ use crate::tensors::{Tensor, TensorMap};
 /// f32, starting at 0 and advanced by each step; the reference's `RunOptions::step`).
 pub const DROPOUT_STEP: &str = "dropout/step";
 
+/// Appended to a parameter's name, its gradient among a training step's outputs
+/// (`conv1/kernel/grad`).
+pub const GRAD_SUFFIX: &str = "/grad";
+
+/// Appended to the integer labels' name, the one-hot matrix a training step reads instead
+/// (`labels/one_hot`: the host encodes labels, as a TPU input pipeline does).
+pub const ONE_HOT_SUFFIX: &str = "/one_hot";
+
+/// The gradient output of parameter `name`.
+pub fn grad_name(name: &str) -> String {
+    format!("{name}{GRAD_SUFFIX}")
+}
+
 /// How to train: the optimizer and the loss's label smoothing.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Training {
@@ -174,7 +187,7 @@ fn build(graph: &Graph, t: &Training, sharding: Option<(usize, u64)>) -> Result<
             }
         }
         outputs.push(grad);
-        output_names.insert(grad, format!("{pname}/grad"));
+        output_names.insert(grad, grad_name(&pname));
         updates.push(Update { param: p, grad, slots });
     }
     let sharded = match sharding {
@@ -279,7 +292,7 @@ pub(super) fn add_one_hot(g: &mut Graph) -> Result<BTreeMap<NodeId, NodeId>> {
             continue;
         }
         let classes = *g.node(logits).shape.dims.last().expect("logits have a class axis");
-        let name = reserved(g, format!("{}/one_hot", g.node(labels).name))?;
+        let name = reserved(g, format!("{}{ONE_HOT_SUFFIX}", g.node(labels).name))?;
         let input = g.input(&name, &[classes])?;
         one_hot.insert(labels, input);
     }
@@ -306,7 +319,7 @@ pub fn one_hot_feed(executable: &Executable, labels: &TensorMap) -> Result<Tenso
         if b.role == Role::Output {
             continue;
         }
-        if let Some(source) = b.name.strip_suffix("/one_hot") {
+        if let Some(source) = b.name.strip_suffix(ONE_HOT_SUFFIX) {
             let t = labels
                 .get(source)
                 .ok_or_else(|| Error::binding(source, "the training step needs these labels (integer class ids)"))?;

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use super::{labels, random_bindings};
 use systolic_compiler::autodiff;
 use systolic_compiler::lower::training::DROPOUT_STEP;
+use systolic_compiler::lower::training::{ONE_HOT_SUFFIX, grad_name};
 use systolic_compiler::lower::{Options, Training, compile};
 use systolic_compiler::optimizer::Optimizer;
 use systolic_compiler::reference::{self, RunOptions};
@@ -121,7 +122,7 @@ fn check_step(g: Graph, batch: usize, step: u64, check: Check, machine: &str) {
     // terms it sums: its rounding is measured against the step's largest gradient too.
     let step_scale = want.grads.values().flat_map(|t| t.iter()).fold(0f64, |a, &v| a.max((v as f64).abs()));
     for (name, gw) in &want.grads {
-        let (gw, gs) = (gw.as_slice().unwrap(), &got[&format!("{name}/grad")]);
+        let (gw, gs) = (gw.as_slice().unwrap(), &got[&grad_name(name)]);
         if let Check::Norm(tol) = check {
             let e = norm_err(gw, gs);
             assert!(e < tol, "{}: gradient of {name}: {e} in norm", g.name());
@@ -176,7 +177,7 @@ pub fn add_labels(b: &mut TensorMap, batch: usize) -> TensorMap {
     let y = labels(batch, 10);
     b.insert("labels".into(), y.clone());
     let mut feed = b.clone();
-    feed.insert("labels/one_hot".into(), one_hot(&y, 10));
+    feed.insert(format!("labels{ONE_HOT_SUFFIX}"), one_hot(&y, 10));
     feed
 }
 
