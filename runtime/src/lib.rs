@@ -22,7 +22,9 @@ pub mod spec;
 pub use backend::{Backend, Settings, StepOutput, Target, backend};
 pub use config::{CheckpointEvery, InputPipeline, IterationsPerLoop, RunConfig, TpuConfig};
 pub use error::{Error, Result};
-pub use estimator::{Estimator, EvalReport, LoopReport, TpuEstimator, TpuEstimatorArgs, TrainReport, WarmStart};
+pub use estimator::{
+    Estimator, EvalReport, HookAction, LoopReport, TpuEstimator, TpuEstimatorArgs, TrainReport, TrainingHook, WarmStart,
+};
 pub use input::{Examples, Input, InputContext, InputFn};
 pub use spec::{
     CrossShardOptimizer, EstimatorSpec, EvalMetrics, HostCall, Loss, MetricUpdate, Mode, Params, TpuEstimatorSpec,

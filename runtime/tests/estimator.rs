@@ -14,8 +14,9 @@ use systolic_compiler::{TensorMap, zoo};
 use systolic_runtime::IterationsPerLoop;
 use systolic_runtime::data::digits_split;
 use systolic_runtime::{
-    CrossShardOptimizer, Error, Estimator, EstimatorSpec, EvalMetrics, Examples, HostCall, InputContext, Loss,
-    MetricUpdate, Mode, Params, RunConfig, TpuConfig, TpuEstimator, TpuEstimatorArgs, TpuEstimatorSpec, Value,
+    CrossShardOptimizer, Error, Estimator, EstimatorSpec, EvalMetrics, Examples, HookAction, HostCall, InputContext,
+    LoopReport, Loss, MetricUpdate, Mode, Params, RunConfig, TpuConfig, TpuEstimator, TpuEstimatorArgs,
+    TpuEstimatorSpec, TrainingHook, Value,
 };
 
 fn temp_dir(name: &str) -> PathBuf {
@@ -145,6 +146,90 @@ fn loops_are_min_of_remaining_and_iterations_per_loop() {
     assert_eq!((r.start_step, r.global_step), (10, 13));
     let r = e.train(&digits_input(true), None, Some(13)).unwrap();
     assert!(r.loops.is_empty());
+    // A duration: the first loop runs one step, the next as many as fit (all that remain).
+    let model = zoo::build("digits_cnn").unwrap();
+    let config = RunConfig {
+        tpu_config: TpuConfig { iterations_per_loop: "1h".parse().unwrap(), ..TpuConfig::default() },
+        ..RunConfig::default()
+    };
+    let mut e = TpuEstimator::new(tpu_model_fn(model, 0.05), TpuEstimatorArgs { use_tpu: false, config, ..tpu_args(16) })
+        .unwrap();
+    quiet(&mut e, |e, l| e.set_log(l));
+    let r = e.train(&digits_input(true), Some(7), None).unwrap();
+    assert_eq!(r.loops.iter().map(|l| l.steps).collect::<Vec<_>>(), vec![1, 6]);
+}
+
+/// per_host_input_for_training decides how many input pipelines train opens and the batch
+/// each yields (v2-8: one host, 8 replicas, a global batch of 32).
+#[test]
+fn input_pipelines_follow_per_host_input_for_training() {
+    use systolic_runtime::InputPipeline::*;
+    for (kind, want) in [
+        (PerHostV1, vec![(0, 1, 4)]),
+        (PerShard, (0..8).map(|i| (i, 8, 4)).collect()),
+        (PerHostV2, vec![(0, 1, 32)]),
+        (Broadcast, vec![(0, 1, 32)]),
+    ] {
+        let seen: Rc<RefCell<Vec<(usize, usize, usize)>>> = Rc::default();
+        let record = seen.clone();
+        let (train, _) = digits_split().unwrap();
+        let input = move |ctx: &InputContext| {
+            record.borrow_mut().push((ctx.input_index, ctx.inputs, ctx.batch_size()?));
+            train.input(ctx)
+        };
+        let config = RunConfig {
+            tpu_config: TpuConfig { per_host_input_for_training: kind, ..TpuConfig::default() },
+            ..RunConfig::default()
+        };
+        let model = zoo::build("digits_cnn").unwrap();
+        let mut e = TpuEstimator::new(tpu_model_fn(model, 0.05), TpuEstimatorArgs { config, ..tpu_args(32) }).unwrap();
+        quiet(&mut e, |e, l| e.set_log(l));
+        let r = e.train(&input, Some(2), None).unwrap();
+        assert_eq!(*seen.borrow(), want, "{kind:?}");
+        assert!(r.losses().iter().all(|l| l.is_finite()));
+    }
+}
+
+/// A hook sees the start, every loop and the end, and can stop training after a loop (which
+/// then ends with a checkpoint).
+#[test]
+fn hooks_run_at_loop_boundaries_and_can_stop_training() {
+    #[derive(Default)]
+    struct Recorder {
+        events: Vec<String>,
+    }
+    impl TrainingHook for Recorder {
+        fn begin(&mut self, step: u64) -> systolic_runtime::Result<()> {
+            self.events.push(format!("begin {step}"));
+            Ok(())
+        }
+        fn after_loop(&mut self, l: &LoopReport) -> systolic_runtime::Result<HookAction> {
+            self.events.push(format!("loop {} of {}", l.global_step, l.steps));
+            Ok(if l.global_step >= 6 { HookAction::Stop } else { HookAction::Continue })
+        }
+        fn end(&mut self, r: &systolic_runtime::TrainReport) -> systolic_runtime::Result<()> {
+            self.events.push(format!("end {}", r.global_step));
+            Ok(())
+        }
+    }
+    let dir = temp_dir("hooks");
+    let config = RunConfig {
+        model_dir: Some(dir.clone()),
+        tpu_config: TpuConfig { iterations_per_loop: IterationsPerLoop::Steps(3), ..TpuConfig::default() },
+        ..RunConfig::default()
+    };
+    let model = zoo::build("digits_cnn").unwrap();
+    let mut e =
+        TpuEstimator::new(tpu_model_fn(model, 0.05), TpuEstimatorArgs { use_tpu: false, config, ..tpu_args(16) })
+            .unwrap();
+    quiet(&mut e, |e, l| e.set_log(l));
+    let mut hook = Recorder::default();
+    let r = e.train_with_hooks(&digits_input(true), &mut [&mut hook], None, Some(100)).unwrap();
+    assert_eq!(r.global_step, 6);
+    assert_eq!(hook.events, vec!["begin 0", "loop 3 of 3", "loop 6 of 3", "end 6"]);
+    let steps: Vec<u64> = systolic_runtime::checkpoint::list(&dir).unwrap().iter().map(|c| c.0).collect();
+    assert_eq!(steps, vec![6]);
+    std::fs::remove_dir_all(dir).unwrap();
 }
 
 #[test]

@@ -18,7 +18,7 @@ use systolic_simulator::Machine;
 use systolic_simulator::config::presets;
 use systolic_simulator::numerics::Precision;
 
-pub use run::{EvalReport, LoopReport, TrainReport};
+pub use run::{EvalReport, HookAction, LoopReport, TrainReport, TrainingHook};
 
 use crate::backend::Target;
 use crate::config::{InputPipeline, RunConfig};
@@ -104,7 +104,18 @@ impl Estimator {
     /// Trains `steps` more steps, or up to global step `max_steps`; with neither, until the
     /// input ends (both: an error, as in TensorFlow).
     pub fn train(&mut self, input_fn: &InputFn, steps: Option<u64>, max_steps: Option<u64>) -> Result<TrainReport> {
-        self.runner.train(input_fn, steps, max_steps)
+        self.runner.train(input_fn, &mut [], steps, max_steps)
+    }
+
+    /// [`Estimator::train`] with `hooks` called at its start, after every loop and at its end.
+    pub fn train_with_hooks(
+        &mut self,
+        input_fn: &InputFn,
+        hooks: &mut [&mut dyn TrainingHook],
+        steps: Option<u64>,
+        max_steps: Option<u64>,
+    ) -> Result<TrainReport> {
+        self.runner.train(input_fn, hooks, steps, max_steps)
     }
 
     /// Evaluates the newest checkpoint (or the state `train` left) on `steps` batches, or
@@ -249,13 +260,25 @@ impl TpuEstimator {
     /// Trains `steps` more steps or up to global step `max_steps` (one of them, as TensorFlow
     /// requires on a TPU), in loops of `iterations_per_loop`.
     pub fn train(&mut self, input_fn: &InputFn, steps: Option<u64>, max_steps: Option<u64>) -> Result<TrainReport> {
+        self.train_with_hooks(input_fn, &mut [], steps, max_steps)
+    }
+
+    /// [`TpuEstimator::train`] with `hooks` called at its start, after every loop (the host
+    /// sees the device only between loops) and at its end.
+    pub fn train_with_hooks(
+        &mut self,
+        input_fn: &InputFn,
+        hooks: &mut [&mut dyn TrainingHook],
+        steps: Option<u64>,
+        max_steps: Option<u64>,
+    ) -> Result<TrainReport> {
         if self.runner.placement.tpu && steps.is_none() && max_steps.is_none() {
             return Err(Error::Config {
                 field: "train".into(),
                 reason: "for TPU training, one of steps or max_steps must be set".into(),
             });
         }
-        self.runner.train(input_fn, steps, max_steps)
+        self.runner.train(input_fn, hooks, steps, max_steps)
     }
 
     /// Evaluates on `steps` batches (required on a TPU, as in TensorFlow).

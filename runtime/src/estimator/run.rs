@@ -87,6 +87,33 @@ pub struct EvalReport {
     pub steps: u64,
 }
 
+/// TensorFlow's `SessionRunHook` at the granularity a TPU's host sees: when training
+/// begins, after every loop of steps (which may end training there, as `StopAtStepHook` or
+/// an early-stopping hook would), and at the end.
+pub trait TrainingHook {
+    /// Training begins at `global_step`.
+    fn begin(&mut self, _global_step: u64) -> Result<()> {
+        Ok(())
+    }
+
+    /// A loop ended; `Stop` ends training here (with a checkpoint, as at the end).
+    fn after_loop(&mut self, _l: &LoopReport) -> Result<HookAction> {
+        Ok(HookAction::Continue)
+    }
+
+    /// Training ended.
+    fn end(&mut self, _report: &TrainReport) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// What a hook asks for after a loop.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HookAction {
+    Continue,
+    Stop,
+}
+
 /// Where a run starts.
 struct Start {
     step: u64,
@@ -99,6 +126,7 @@ impl Runner {
     pub(super) fn train(
         &mut self,
         input_fn: &InputFn,
+        hooks: &mut [&mut dyn TrainingHook],
         steps: Option<u64>,
         max_steps: Option<u64>,
     ) -> Result<TrainReport> {
@@ -167,6 +195,9 @@ impl Runner {
             report.resumed_from = Some(file.clone());
             self.log(&format!("resuming from {file} at global step {}", start.step));
         }
+        for h in hooks.iter_mut() {
+            h.begin(start.step)?;
+        }
         let metrics_file = self.config.model_dir.as_deref().map(MetricsFile::new);
         let every = self.config.checkpoint_every()?;
         let (mut step, mut saved_step, mut saved_at) = (start.step, start.step, Instant::now());
@@ -229,8 +260,12 @@ impl Runner {
             l.wall_seconds = began.elapsed().as_secs_f64();
             l.global_step = step;
             wall_per_step = Some(l.wall_seconds / l.steps as f64);
+            let mut stop = false;
+            for h in hooks.iter_mut() {
+                stop |= h.after_loop(&l)? == HookAction::Stop;
+            }
             let crossed = |every: u64| every > 0 && (step / every > (step - l.steps) / every);
-            let last = step >= target || ended;
+            let last = step >= target || ended || stop;
             if crossed(self.config.log_step_count_steps) || last {
                 let line = loop_line(&l, &report.backend);
                 bar.suspend(|| self.log(&line));
@@ -249,7 +284,7 @@ impl Runner {
                 (saved_step, saved_at) = (step, Instant::now());
             }
             report.loops.push(l);
-            if ended {
+            if ended || stop {
                 break;
             }
         }
@@ -257,6 +292,9 @@ impl Runner {
         report.global_step = step;
         let positions = inputs.iter().map(|i| i.position()).collect();
         self.memory = Some((step, backend.state()?, positions));
+        for h in hooks.iter_mut() {
+            h.end(&report)?;
+        }
         Ok(report)
     }
 
