@@ -135,6 +135,8 @@ fn tensorflow_rules_are_one_error_line() {
     assert!(e.contains("iterations_per_loop '2x'"), "{e}");
     let e = fails(&["evaluate", "digits_cnn", "--cpu", "--model-dir", tmp.path().join("none").to_str().unwrap()]);
     assert!(e.contains("could not find a trained model"), "{e}");
+    let e = fails(&["train", "resnet18", "--cpu", "--steps", "1", "--batch", "2"]);
+    assert!(e.contains("holds examples of shape [8, 8, 1] but model 'resnet18' takes [224, 224, 3]"), "{e}");
     let e = fails(&["train", "digits_cnn", "--cpu", "--steps", "0"]);
     assert!(e.contains("max_steps must be positive"), "{e}");
 }

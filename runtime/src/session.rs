@@ -38,6 +38,14 @@ pub fn inputs<'a>(model: &Graph, batch: &'a TensorMap, examples: usize) -> Resul
                     t.shape()
                 )));
             }
+            let want = &model.node(id).shape.dims;
+            if t.shape()[1..] != want[..] {
+                return Err(Error::Input(format!(
+                    "input '{name}' holds examples of shape {:?} but model '{}' takes {want:?}: give data of that shape",
+                    &t.shape()[1..],
+                    model.name()
+                )));
+            }
             Ok((name.clone(), t))
         })
         .collect()

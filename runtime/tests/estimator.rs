@@ -152,8 +152,9 @@ fn loops_are_min_of_remaining_and_iterations_per_loop() {
         tpu_config: TpuConfig { iterations_per_loop: "1h".parse().unwrap(), ..TpuConfig::default() },
         ..RunConfig::default()
     };
-    let mut e = TpuEstimator::new(tpu_model_fn(model, 0.05), TpuEstimatorArgs { use_tpu: false, config, ..tpu_args(16) })
-        .unwrap();
+    let mut e =
+        TpuEstimator::new(tpu_model_fn(model, 0.05), TpuEstimatorArgs { use_tpu: false, config, ..tpu_args(16) })
+            .unwrap();
     quiet(&mut e, |e, l| e.set_log(l));
     let r = e.train(&digits_input(true), Some(7), None).unwrap();
     assert_eq!(r.loops.iter().map(|l| l.steps).collect::<Vec<_>>(), vec![1, 6]);
@@ -269,6 +270,11 @@ fn tensorflow_rules_are_errors() {
     let mut est = TpuEstimator::new(plain, tpu_args(16)).unwrap();
     let e = est.train(&digits_input(true), Some(1), None).unwrap_err().to_string();
     assert!(e.contains("CrossShardOptimizer must be used for model training on TPUs"), "{e}");
+    // A TPU estimator is told each mode's batch size.
+    let model = zoo::build("digits_cnn").unwrap();
+    let mut bare = TpuEstimator::new(tpu_model_fn(model, 0.1), TpuEstimatorArgs::default()).unwrap();
+    let e = bare.train(&digits_input(true), Some(1), None).unwrap_err().to_string();
+    assert!(e.starts_with("train_batch_size: cannot be None"), "{e}");
     // Evaluation on a TPU needs steps.
     let e = est.evaluate(&digits_input(false), None).unwrap_err().to_string();
     assert!(e.contains("steps must be set"), "{e}");

@@ -278,12 +278,14 @@ impl TpuEstimator {
                 reason: "for TPU training, one of steps or max_steps must be set".into(),
             });
         }
+        self.needs_batch("train_batch_size", self.runner.placement.train_batch)?;
         self.runner.train(input_fn, hooks, steps, max_steps)
     }
 
     /// Evaluates on `steps` batches (required on a TPU, as in TensorFlow).
     pub fn evaluate(&mut self, input_fn: &InputFn, steps: Option<u64>) -> Result<EvalReport> {
         let on_tpu = !matches!(self.runner.placement.eval, Target::Cpu);
+        self.needs_batch("eval_batch_size", self.runner.placement.eval_batch)?;
         if on_tpu && steps.is_none() {
             return Err(Error::Config {
                 field: "evaluate".into(),
@@ -296,6 +298,7 @@ impl TpuEstimator {
     /// The predictions for every example of the input (which must end): the last partial
     /// batch padded to `predict_batch_size` and the padding dropped.
     pub fn predict(&mut self, input_fn: &InputFn) -> Result<TensorMap> {
+        self.needs_batch("predict_batch_size", self.runner.placement.predict_batch)?;
         self.runner.predict(input_fn)
     }
 
@@ -305,6 +308,17 @@ impl TpuEstimator {
 
     pub fn config(&self) -> &RunConfig {
         &self.runner.config
+    }
+
+    /// TensorFlow's rule: a TPU estimator is told each mode's global batch size.
+    fn needs_batch(&self, field: &str, size: Option<usize>) -> Result<()> {
+        match size {
+            Some(_) => Ok(()),
+            None => Err(Error::Config {
+                field: field.into(),
+                reason: "cannot be None: give the global batch size (the input function gets it per replica)".into(),
+            }),
+        }
     }
 
     /// Replicas the model trains on (1 on the CPU).
