@@ -6,9 +6,12 @@
 //! pipelines it is) and returns an [`Input`]: batches of features and labels by name, and a
 //! position a checkpoint stores so that a resumed run continues with the next batch.
 
-use systolic_compiler::rng::mix64;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
 use systolic_compiler::{Tensor, TensorMap};
 
+use crate::data::pipeline::{Dataset, Repeat, Source};
 use crate::error::{Error, Result};
 use crate::spec::{Mode, Params};
 
@@ -109,72 +112,40 @@ impl Examples {
 
     /// Batches of `ctx`'s batch size over this input's shard of the examples (example `i`
     /// belongs to pipeline `i mod inputs`): in training shuffled afresh each epoch (seeded by
-    /// the run's seed and the epoch) and repeated forever, full batches only; otherwise in
-    /// order, once, the last batch partial.
+    /// the run's seed) and repeated forever, full batches only; otherwise in order, once, the
+    /// last batch partial. A [`Dataset`] over these examples.
     pub fn input(&self, ctx: &InputContext) -> Result<Box<dyn Input>> {
         let batch = ctx.batch_size()?;
-        let indices: Vec<usize> = (ctx.input_index..self.len).step_by(ctx.inputs.max(1)).collect();
         let train = ctx.mode == Mode::Train;
-        if train && indices.len() < batch {
-            return Err(Error::Input(format!(
-                "input {} of {} has {} examples, fewer than its batch of {batch}: give more examples or a smaller batch",
-                ctx.input_index,
-                ctx.inputs,
-                indices.len()
-            )));
+        let mut d = Dataset::from_source(Arc::new(self.clone())).shard(ctx.input_index, ctx.inputs.max(1))?;
+        if train {
+            d = d.shuffle(ctx.seed).repeat(Repeat::Forever);
+            if d.examples_per_epoch() < batch {
+                return Err(Error::Input(format!(
+                    "input {} of {} has {} examples, fewer than its batch of {batch}: give more examples or a smaller batch",
+                    ctx.input_index,
+                    ctx.inputs,
+                    d.examples_per_epoch()
+                )));
+            }
         }
-        Ok(Box::new(Batches { examples: self.clone(), indices, batch, train, seed: ctx.seed, position: 0 }))
+        let d = d.batch(batch, train)?.prefetch(2);
+        d.check()?;
+        Ok(Box::new(d))
     }
 }
 
-/// [`Examples`] as an [`Input`]: the batch at any position is a function of the position, so
-/// seeking is free and a resumed run reads exactly the batches it would have.
-struct Batches {
-    examples: Examples,
-    indices: Vec<usize>,
-    batch: usize,
-    train: bool,
-    seed: u64,
-    position: u64,
-}
-
-impl Batches {
-    /// The order of `epoch`: a seeded shuffle in training, the examples' order otherwise.
-    fn order(&self, epoch: u64) -> Vec<usize> {
-        let mut order = self.indices.clone();
-        if self.train {
-            let key = mix64(self.seed ^ mix64(epoch.wrapping_add(0x5eed)));
-            order.sort_by_key(|&i| mix64(key ^ i as u64));
-        }
-        order
-    }
-}
-
-impl Input for Batches {
-    fn next_batch(&mut self) -> Result<Option<TensorMap>> {
-        let n = self.indices.len();
-        let (per_epoch, epoch, k) = if self.train {
-            let per = (n / self.batch) as u64;
-            (per, self.position / per, (self.position % per) as usize)
-        } else {
-            (n.div_ceil(self.batch) as u64, 0, self.position as usize)
-        };
-        if !self.train && self.position >= per_epoch {
-            return Ok(None);
-        }
-        let order = self.order(epoch);
-        let end = ((k + 1) * self.batch).min(n);
-        self.position += 1;
-        Ok(Some(self.examples.gather(&order[k * self.batch..end])))
+impl Source for Examples {
+    fn len(&self) -> usize {
+        self.len
     }
 
-    fn position(&self) -> u64 {
-        self.position
+    fn gather(&self, indices: &[usize]) -> Result<TensorMap> {
+        Ok(Examples::gather(self, indices))
     }
 
-    fn seek(&mut self, position: u64) -> Result<()> {
-        self.position = position;
-        Ok(())
+    fn shapes(&self) -> BTreeMap<String, Vec<usize>> {
+        self.tensors.iter().map(|(k, t)| (k.clone(), t.shape()[1..].to_vec())).collect()
     }
 }
 

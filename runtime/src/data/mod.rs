@@ -1,18 +1,29 @@
-//! Data sets the runtime ships or reads: the 8×8 UCI digits (built into the binary, 57 kB)
-//! and safetensors files of examples.
+//! Data: the `tf.data`-style [`Dataset`] pipeline over random-access [`Source`]s, and the data
+//! sets the runtime ships or makes — the 8×8 UCI digits (built into the binary, 57 kB, checked
+//! against its SHA-256), generated [`Shapes`], and safetensors files of examples.
+
+pub mod pipeline;
+pub mod shapes;
 
 use std::io::Read;
 use std::path::Path;
+
+use sha2::{Digest, Sha256};
 
 use systolic_compiler::rng::mix64;
 use systolic_compiler::{Tensor, TensorMap, tensors};
 
 use crate::error::{Error, Result};
 use crate::input::Examples;
+pub use pipeline::{Dataset, MapFn, Repeat, Source};
+pub use shapes::Shapes;
 
 /// `data/digits/digits.csv.gz`: 1,797 images of handwritten digits (Alpaydin & Kaynak 1998,
 /// CC BY 4.0), one per line: 64 values 0..16, then the label.
-const DIGITS_GZ: &[u8] = include_bytes!("../../data/digits/digits.csv.gz");
+const DIGITS_GZ: &[u8] = include_bytes!("../../../data/digits/digits.csv.gz");
+
+/// `data/digits/SHA256SUMS`: the file's published checksum.
+const DIGITS_SHA256: &str = include_str!("../../../data/digits/SHA256SUMS");
 
 /// Examples in the training split of [`digits`].
 pub const DIGITS_TRAIN: usize = 1500;
@@ -21,6 +32,11 @@ pub const DIGITS_TRAIN: usize = 1500;
 /// `[1797]`, in the file's order.
 pub fn digits() -> Result<Examples> {
     let what = "the built-in digits data";
+    let want = DIGITS_SHA256.split_whitespace().next().unwrap_or_default();
+    let got: String = Sha256::digest(DIGITS_GZ).iter().map(|b| format!("{b:02x}")).collect();
+    if got != want {
+        return Err(Error::Input(format!("{what}: SHA-256 {got} is not the published {want}: the file is damaged")));
+    }
     let mut text = String::new();
     flate2::read::GzDecoder::new(DIGITS_GZ)
         .read_to_string(&mut text)
