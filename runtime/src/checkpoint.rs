@@ -8,6 +8,7 @@
 //! written. Reading checks the format, the checksum and the step; [`latest`] skips a
 //! truncated or corrupted checkpoint, says which and why, and takes the one before.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use systolic_compiler::tensors::{self, Metadata};
@@ -55,9 +56,12 @@ pub fn list(dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
     Ok(found)
 }
 
-/// A CRC-32 of every tensor's name, shape and f32 bytes, in name order.
-fn checksum(state: &TensorMap) -> u32 {
+/// A CRC-32 of the step, the input positions and every tensor's name, shape and f32 bytes
+/// (in name order): whatever a resume reads.
+fn checksum(step: u64, positions: &str, state: &TensorMap) -> u32 {
     let mut h = crc32fast::Hasher::new();
+    h.update(&step.to_le_bytes());
+    h.update(positions.as_bytes());
     for (name, t) in state {
         h.update(name.as_bytes());
         for &d in t.shape() {
@@ -79,15 +83,17 @@ pub fn save(dir: &Path, ckpt: &Checkpoint, keep: usize) -> Result<PathBuf> {
         (FORMAT.0.to_string(), FORMAT.1.to_string()),
         ("global_step".to_string(), ckpt.global_step.to_string()),
         ("input_positions".to_string(), positions.join(",")),
-        ("checksum".to_string(), format!("{:08x}", checksum(&ckpt.state))),
+        ("checksum".to_string(), format!("{:08x}", checksum(ckpt.global_step, &positions.join(","), &ckpt.state))),
     ]
     .into();
     remove_stale_temporaries(dir)?;
     let file = path(dir, ckpt.global_step);
     tensors::write_atomically(&file, &tensors::to_bytes_with_metadata(&ckpt.state, &metadata))?;
     if keep > 0 {
-        let all = list(dir)?;
-        for (_, old) in all.iter().take(all.len().saturating_sub(keep)) {
+        // The oldest by step, never the one just written (a newer-numbered checkpoint can
+        // only be another run's leftover).
+        let others: Vec<PathBuf> = list(dir)?.into_iter().map(|(_, p)| p).filter(|p| *p != file).collect();
+        for old in others.iter().take((others.len() + 1).saturating_sub(keep)) {
             std::fs::remove_file(old).map_err(|e| io(old, e))?;
         }
     }
@@ -127,7 +133,7 @@ pub fn load(file: &Path) -> Result<Checkpoint> {
             .map_err(|_| bad(format!("input_positions '{positions}' are not numbers")))?
     };
     let want = field("checksum")?;
-    let got = format!("{:08x}", checksum(&state));
+    let got = format!("{:08x}", checksum(global_step, positions, &state));
     if *want != got {
         return Err(bad(format!(
             "checksum {got} of its tensors is not the {want} it was written with: the file is corrupt"
@@ -140,15 +146,36 @@ pub fn load(file: &Path) -> Result<Checkpoint> {
     Ok(Checkpoint { global_step, input_positions, state })
 }
 
+/// Appended to a checkpoint that does not check when it is set aside.
+pub const CORRUPT_SUFFIX: &str = ".corrupt";
+
 /// The newest checkpoint in `dir` that reads and checks, with a note for each newer one that
-/// does not (which file, and why), or `None` when there is no usable checkpoint.
+/// does not (which file, and why; each is renamed `<file>.corrupt`, out of the way of the
+/// listing and of pruning, kept for inspection). `None` when `dir` holds no checkpoint; an
+/// error when it holds checkpoints and none of them checks (TensorFlow's DataLossError:
+/// starting afresh would silently throw the run away).
 pub fn latest(dir: &Path) -> Result<(Option<Checkpoint>, Vec<String>)> {
     let mut notes = Vec::new();
-    for (_, file) in list(dir)?.into_iter().rev() {
-        match load(&file) {
+    let all = list(dir)?;
+    for (_, file) in all.iter().rev() {
+        match load(file) {
             Ok(c) => return Ok((Some(c), notes)),
-            Err(e) => notes.push(format!("skipping checkpoint {e}")),
+            Err(e) => {
+                let aside = PathBuf::from(format!("{}{CORRUPT_SUFFIX}", file.display()));
+                std::fs::rename(file, &aside).map_err(|e| io(file, e))?;
+                notes.push(format!("skipping checkpoint {e} (renamed {})", aside.display()));
+            }
         }
+    }
+    if !all.is_empty() {
+        return Err(Error::Checkpoint {
+            path: dir.display().to_string(),
+            reason: format!(
+                "none of its {} checkpoints checks ({}): restore one from a backup, or remove them to start afresh",
+                all.len(),
+                notes.join("; ")
+            ),
+        });
     }
     Ok((None, notes))
 }
@@ -156,17 +183,17 @@ pub fn latest(dir: &Path) -> Result<(Option<Checkpoint>, Vec<String>)> {
 /// Checks a checkpoint's state against what a backend holds (`expected`, by name and
 /// shape): every expected tensor present with its shape; extra tensors are allowed only
 /// under `replica<r>/` (a slice's other replicas' statistics).
-pub fn check_state(file: &str, state: &TensorMap, expected: &TensorMap) -> Result<()> {
+pub fn check_state(file: &str, state: &TensorMap, expected: &BTreeMap<String, Vec<usize>>) -> Result<()> {
     let bad = |reason: String| Error::Checkpoint { path: file.to_string(), reason };
-    for (name, t) in expected {
+    for (name, shape) in expected {
         match state.get(name) {
             None => {
                 return Err(bad(format!(
                     "has no '{name}', which the model and optimizer need: was it written for another model or optimizer?"
                 )));
             }
-            Some(s) if s.shape() != t.shape() => {
-                return Err(bad(format!("'{name}' has shape {:?} but the model's is {:?}", s.shape(), t.shape())));
+            Some(s) if s.shape() != shape.as_slice() => {
+                return Err(bad(format!("'{name}' has shape {:?} but the model's is {shape:?}", s.shape())));
             }
             Some(_) => {}
         }
@@ -233,17 +260,38 @@ mod tests {
         assert_eq!(c.unwrap().global_step, 1);
         assert!(notes[0].contains("model.ckpt-2.safetensors") && notes[0].contains("checksum"), "{notes:?}");
 
+        assert!(d.join("model.ckpt-2.safetensors.corrupt").exists() && !newest.exists());
         std::fs::write(&newest, &bytes[..bytes.len() / 2]).unwrap();
         let (c, notes) = latest(&d).unwrap();
         assert_eq!(c.unwrap().global_step, 1);
         assert!(notes[0].contains("not a valid safetensors file"), "{notes:?}");
+        // Nothing usable left: an error, not a fresh start.
+        std::fs::write(path(&d, 1), b"junk").unwrap();
+        let e = latest(&d).unwrap_err().to_string();
+        assert!(e.contains("none of its 1 checkpoints checks"), "{e}");
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn pruning_never_deletes_the_checkpoint_just_written() {
+        let d = dir("prune");
+        save(&d, &ckpt(20), 1).unwrap();
+        let written = save(&d, &ckpt(17), 1).unwrap();
+        assert!(written.exists());
+        assert_eq!(list(&d).unwrap().iter().map(|c| c.0).collect::<Vec<_>>(), vec![17]);
+        // The step and the input positions are under the checksum too.
+        let mut bytes = std::fs::read(&written).unwrap();
+        let at = bytes.windows(5).position(|w| w == b"17,34").unwrap();
+        bytes[at + 3] = b'5';
+        std::fs::write(&written, &bytes).unwrap();
+        assert!(load(&written).unwrap_err().to_string().contains("checksum"));
         std::fs::remove_dir_all(&d).unwrap();
     }
 
     #[test]
     fn state_is_checked_against_the_model() {
-        let expected: TensorMap = [("w".to_string(), Tensor::zeros(vec![2, 2]))].into();
-        let mut state = expected.clone();
+        let expected: BTreeMap<String, Vec<usize>> = [("w".to_string(), vec![2, 2])].into();
+        let mut state: TensorMap = [("w".to_string(), Tensor::zeros(vec![2, 2]))].into();
         state.insert("replica1/bn/moving_mean".into(), Tensor::zeros(vec![3]));
         check_state("f", &state, &expected).unwrap();
         state.insert("w".into(), Tensor::zeros(vec![4]));

@@ -114,10 +114,11 @@ impl fmt::Display for IterationsPerLoop {
 /// `True` is `PerHostV1`, `False` `PerShard`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum InputPipeline {
-    /// One input pipeline per host, called once per replica of the host, in turn.
+    /// One input pipeline per host, its batches the host's share of the global batch.
     #[default]
     PerHostV1,
-    /// One pipeline per host making the batches of all its replicas at once.
+    /// One pipeline per host yielding a per-replica batch for each of the host's replicas in
+    /// turn.
     PerHostV2,
     /// One pipeline per replica.
     PerShard,

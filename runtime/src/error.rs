@@ -22,10 +22,11 @@ pub enum Error {
     Checkpoint { path: String, reason: String },
     /// Training produced a NaN or an infinity.
     #[error(
-        "training stopped at global step {step}: the first non-finite tensor is '{tensor}' ({value}), the loss {loss}; \
-         lower the learning rate or check the input"
+        "training stopped at global step {step}: the first non-finite tensor is '{tensor}' ({value}){}; lower the \
+         learning rate or check the input",
+        loss.map(|l| format!(", the loss {l}")).unwrap_or_default()
     )]
-    NonFinite { step: u64, loss: f32, tensor: String, value: f32 },
+    NonFinite { step: u64, loss: Option<f32>, tensor: String, value: f32 },
     /// A step left a NaN or an infinity in the state (the estimator names the step).
     #[error("the step left a non-finite value in '{tensor}' ({value})")]
     NonFiniteState { tensor: String, value: f32 },

@@ -46,6 +46,9 @@ pub fn inputs<'a>(model: &Graph, batch: &'a TensorMap, examples: usize) -> Resul
                     model.name()
                 )));
             }
+            if let Some(v) = t.iter().find(|v| !v.is_finite()) {
+                return Err(Error::Input(format!("input '{name}' holds {v}: inputs must be finite numbers")));
+            }
             Ok((name.clone(), t))
         })
         .collect()

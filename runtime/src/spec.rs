@@ -87,7 +87,10 @@ impl Params {
     pub fn batch_size(&self) -> Result<usize> {
         match self.values.get("batch_size") {
             Some(Value::Int(n)) if *n > 0 => Ok(*n as usize),
-            _ => Err(Error::Input("params has no batch_size: the estimator sets it for each call".into())),
+            _ => Err(Error::Input(
+                "params has no batch_size: a TpuEstimator sets it from its batch sizes; with the CPU Estimator put it in params"
+                    .into(),
+            )),
         }
     }
 

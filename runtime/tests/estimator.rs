@@ -166,9 +166,9 @@ fn loops_are_min_of_remaining_and_iterations_per_loop() {
 fn input_pipelines_follow_per_host_input_for_training() {
     use systolic_runtime::InputPipeline::*;
     for (kind, want) in [
-        (PerHostV1, vec![(0, 1, 4)]),
+        (PerHostV1, vec![(0, 1, 32)]),
         (PerShard, (0..8).map(|i| (i, 8, 4)).collect()),
-        (PerHostV2, vec![(0, 1, 32)]),
+        (PerHostV2, vec![(0, 1, 4)]),
         (Broadcast, vec![(0, 1, 32)]),
     ] {
         let seen: Rc<RefCell<Vec<(usize, usize, usize)>>> = Rc::default();
@@ -331,27 +331,75 @@ fn a_resumed_run_ends_bit_identical_to_an_uninterrupted_one() {
             assert!(a.state.keys().any(|k| k.starts_with("replica1/bn/")), "replicas keep their own statistics");
         }
         assert_eq!(a.state["optimizer/step"][[0]], 6.0);
-        // keep_checkpoint_max = 5 of 2, 4, 6: all kept; the metrics file has a line per loop.
+        // keep_checkpoint_max = 5 of 2, 4, 6: all kept. Resuming with another optimizer is
+        // refused: its slots are not in the checkpoint (and the momentum ones are extra).
         assert_eq!(systolic_runtime::checkpoint::list(&whole).unwrap().len(), 3);
+        let config = RunConfig { model_dir: Some(whole.clone()), ..RunConfig::default() };
+        let mut other = TpuEstimator::new(
+            with_optimizer(bn_model(), Optimizer::adam(0.01)),
+            TpuEstimatorArgs { use_tpu, config, ..tpu_args(16) },
+        )
+        .unwrap();
+        quiet(&mut other, |e, l| e.set_log(l));
+        let err = other.train(&digits_input(true), None, Some(8)).unwrap_err().to_string();
+        assert!(err.contains("model.ckpt-6.safetensors") && err.contains("another model or optimizer"), "{err}");
         for d in [whole, split] {
             std::fs::remove_dir_all(d).unwrap();
         }
     }
 }
 
+/// A diverging run stops at the step that went non-finite, on the CPU (the update leaves a
+/// NaN in a parameter) and on a simulated v2-8 (where a NaN can vanish behind a ReLU before it
+/// reaches the loss: the gradients are checked too), and writes no checkpoint of it.
 #[test]
 fn a_non_finite_loss_stops_training_naming_the_step() {
+    for use_tpu in [false, true] {
+        let dir = temp_dir(&format!("nan-{use_tpu}"));
+        let config =
+            RunConfig { model_dir: Some(dir.clone()), save_checkpoints_steps: Some(1), ..RunConfig::default() };
+        let model = zoo::build("digits_cnn").unwrap();
+        let mut e =
+            TpuEstimator::new(tpu_model_fn(model, 1e30), TpuEstimatorArgs { use_tpu, config, ..tpu_args(16) }).unwrap();
+        quiet(&mut e, |e, l| e.set_log(l));
+        match e.train(&digits_input(true), Some(20), None) {
+            Err(Error::NonFinite { step, tensor, .. }) => {
+                assert!((1..=3).contains(&step), "use_tpu {use_tpu}: step {step}");
+                assert!(!tensor.is_empty());
+                let saved = systolic_runtime::checkpoint::list(&dir).unwrap();
+                assert!(saved.iter().all(|c| c.0 < step), "a non-finite state was checkpointed: {saved:?}");
+            }
+            other => panic!("use_tpu {use_tpu}: expected a non-finite loss error, got {other:?}"),
+        }
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
+/// An input that ends at a loop boundary ends training there, checkpointed; training again
+/// from that checkpoint, the input has nothing left and training returns at once.
+#[test]
+fn an_input_that_ends_ends_training_with_a_checkpoint() {
+    let dir = temp_dir("end");
+    let config = RunConfig { model_dir: Some(dir.clone()), ..RunConfig::default() };
     let model = zoo::build("digits_cnn").unwrap();
     let mut e =
-        TpuEstimator::new(tpu_model_fn(model, 1e30), TpuEstimatorArgs { use_tpu: false, ..tpu_args(16) }).unwrap();
+        TpuEstimator::new(tpu_model_fn(model, 0.05), TpuEstimatorArgs { use_tpu: false, config, ..tpu_args(16) })
+            .unwrap();
     quiet(&mut e, |e, l| e.set_log(l));
-    match e.train(&digits_input(true), Some(20), None) {
-        Err(Error::NonFinite { step, tensor, .. }) => {
-            assert!((2..=20).contains(&step), "step {step}");
-            assert!(!tensor.is_empty());
-        }
-        other => panic!("expected a non-finite loss error, got {other:?}"),
-    }
+    let (train, _) = digits_split().unwrap();
+    let four = train.split(0..64);
+    let input = move |ctx: &InputContext| {
+        let d = systolic_runtime::data::Dataset::from_source(std::sync::Arc::new(four.clone()))
+            .batch(ctx.batch_size()?, true)?;
+        Ok(Box::new(d) as Box<dyn systolic_runtime::Input>)
+    };
+    let r = e.train(&input, Some(10), None).unwrap();
+    assert_eq!(r.global_step, 4);
+    let steps: Vec<u64> = systolic_runtime::checkpoint::list(&dir).unwrap().iter().map(|c| c.0).collect();
+    assert_eq!(steps, vec![4]);
+    let r = e.train(&input, Some(10), None).unwrap();
+    assert_eq!((r.start_step, r.global_step, r.loops.len()), (4, 4, 0));
+    std::fs::remove_dir_all(dir).unwrap();
 }
 
 /// Prediction pads the last partial batch and drops the padding; host calls see every step;
@@ -399,6 +447,11 @@ fn predict_pads_host_calls_run_and_eval_metrics_stream() {
     let input = move |ctx: &InputContext| few.input(ctx);
     let p = e.predict(&input).unwrap();
     assert_eq!(p["logits"].shape(), &[21, 10]);
+    // The padded batch's real rows are what a full batch gives those examples, bit for bit.
+    let (_, test) = digits_split().unwrap();
+    let next = test.split(16..32);
+    let full = e.predict(&move |ctx: &InputContext| next.input(ctx)).unwrap();
+    assert_eq!(p["logits"].slice(ndarray::s![16..21, ..]), full["logits"].slice(ndarray::s![0..5, ..]));
     let r = e.evaluate(&digits_input(false), Some(2)).unwrap();
     let (_, test) = digits_split().unwrap();
     let first = test.gather(&(0..32).collect::<Vec<_>>());
@@ -437,6 +490,19 @@ fn warm_start_maps_names_and_freezes() {
         var_name_to_prev_var_name: vec![],
         freeze: Some("conv1/.*".into()),
     };
+    // A name map entry for a variable vars_to_warm_start leaves out is refused.
+    let stray = systolic_runtime::WarmStart {
+        var_name_to_prev_var_name: vec![("fc1/kernel".into(), "fc1/kernel".into())],
+        ..warm.clone()
+    };
+    let mut e = TpuEstimator::new(
+        tpu_model_fn(model.clone(), 0.1),
+        TpuEstimatorArgs { use_tpu: false, warm_start_from: Some(stray), ..tpu_args(16) },
+    )
+    .unwrap();
+    quiet(&mut e, |e, l| e.set_log(l));
+    let err = e.train(&digits_input(true), Some(1), None).unwrap_err().to_string();
+    assert!(err.contains("maps 'fc1/kernel'"), "{err}");
     let target = temp_dir("warm-target");
     let config = RunConfig { model_dir: Some(target.clone()), ..RunConfig::default() };
     let mut e = TpuEstimator::new(

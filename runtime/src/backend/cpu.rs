@@ -123,6 +123,25 @@ impl Backend for Cpu {
         Ok(StepOutput { loss: None, outputs, simulated_seconds: None })
     }
 
+    fn state_shapes(&self) -> BTreeMap<String, Vec<usize>> {
+        // Shapes only: the state's own tensors, without copying values.
+        let mut shapes: BTreeMap<String, Vec<usize>> =
+            self.params.iter().map(|(k, t)| (k.clone(), t.shape().to_vec())).collect();
+        for name in self.slots.keys() {
+            let shape = self.params[name].shape().to_vec();
+            for slot in self.settings.optimizer.slots() {
+                shapes.insert(format!("{name}/{slot}"), shape.clone());
+            }
+        }
+        for (name, _) in self.settings.optimizer.initial_state() {
+            shapes.insert(name.to_string(), vec![1]);
+        }
+        if self.dropout {
+            shapes.insert(DROPOUT_STEP.into(), vec![1]);
+        }
+        shapes
+    }
+
     fn state(&mut self) -> Result<TensorMap> {
         let mut state = self.params.clone();
         for (name, slots) in &self.slots {

@@ -217,6 +217,11 @@ impl Backend for Simulated {
         Ok(StepOutput { loss: None, outputs, simulated_seconds: None })
     }
 
+    fn state_shapes(&self) -> std::collections::BTreeMap<String, Vec<usize>> {
+        let bound = self.step.executable.bindings.iter().filter(|b| b.role == Role::Parameter);
+        bound.map(|b| (b.name.clone(), b.shape.clone())).collect()
+    }
+
     fn state(&mut self) -> Result<TensorMap> {
         if let Some(initial) = &self.initial {
             return Ok(initial.clone());
@@ -229,7 +234,8 @@ impl Backend for Simulated {
             // continues exactly.
             for r in 1..self.replicas {
                 let own = self.cores[r].read(b.tile)?;
-                if own != first {
+                // Bit for bit (a NaN is not equal to itself, yet the same value).
+                if own.iter().zip(&first).any(|(a, b)| a.to_bits() != b.to_bits()) {
                     let t = Tensor::from_shape_vec(b.shape.clone(), own).expect("a binding's shape");
                     state.insert(session::replica_state(r, &b.name), t);
                 }

@@ -370,8 +370,10 @@ impl Runner {
         Some(match self.config.tpu_config.per_host_input_for_training {
             _ if r == 1 => Pipelines { global, batch: global, inputs: 1, per_step: 1 },
             InputPipeline::PerShard => Pipelines { global, batch: per_replica, inputs: r, per_step: 1 },
-            InputPipeline::PerHostV1 => Pipelines { global, batch: per_replica, inputs: h, per_step: r / h },
-            InputPipeline::PerHostV2 => Pipelines { global, batch: global / h, inputs: h, per_step: 1 },
+            // TPUConfig's docstring: batch_size is train_batch_size // #hosts in PER_HOST_V1,
+            // // #cores in PER_HOST_V2 (whose input yields each of its host's replicas a batch).
+            InputPipeline::PerHostV1 => Pipelines { global, batch: global / h, inputs: h, per_step: 1 },
+            InputPipeline::PerHostV2 => Pipelines { global, batch: per_replica, inputs: h, per_step: r / h },
             InputPipeline::Broadcast => Pipelines { global, batch: global, inputs: 1, per_step: 1 },
         })
     }

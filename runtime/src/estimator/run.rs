@@ -44,6 +44,11 @@ impl LoopReport {
         self.steps as f64 / self.wall_seconds.max(1e-9)
     }
 
+    /// Examples per second of this host's wall time.
+    pub fn examples_per_second(&self) -> f64 {
+        self.steps_per_second() * self.batch as f64
+    }
+
     /// Examples per second of the simulated machine.
     pub fn simulated_examples_per_second(&self) -> Option<f64> {
         self.simulated_seconds.map(|s| (self.steps as usize * self.batch) as f64 / s)
@@ -169,7 +174,7 @@ impl Runner {
             self.log(&format!("skipping training: global step {} is already at max_steps {target}", start.step));
             return Ok(report);
         }
-        let (seed, inputs_params) = (self.seed(), self.input_params(pipes.map(|p| p.batch)));
+        let (seed, inputs_params) = (self.seed(), self.model_params(pipes.map(|p| p.batch)));
         let (count, per_step) = pipes.map_or((1, 1), |p| (p.inputs, p.per_step));
         let mut inputs = open(input_fn, Mode::Train, &inputs_params, count, seed)?;
         if let Some(positions) = &start.positions {
@@ -185,13 +190,15 @@ impl Runner {
             }
         }
         let Some(first) = next_batch(&mut inputs, per_step, pipes.map(|p| p.batch))? else {
-            return Err(Error::Input("the training input gave no batch".into()));
+            // As TensorFlow: an input already read to its end ends training at once.
+            self.log(&format!("the training input has no more batches: training stays at global step {}", start.step));
+            return Ok(report);
         };
         let global = rows(&first);
         let mut backend = backend(self.placement.train.clone(), &model, start.state.clone(), global, settings)?;
         report.backend = backend.describe();
         if let Some(file) = &start.checkpoint {
-            checkpoint::check_state(file, &start.state, &backend.state()?)?;
+            checkpoint::check_state(file, &start.state, &backend.state_shapes())?;
             report.resumed_from = Some(file.clone());
             self.log(&format!("resuming from {file} at global step {}", start.step));
         }
@@ -202,12 +209,14 @@ impl Runner {
         let every = self.config.checkpoint_every()?;
         let (mut step, mut saved_step, mut saved_at) = (start.step, start.step, Instant::now());
         let mut pending = Some(first);
-        let mut wall_per_step: Option<f64> = None;
+        // Seconds per step for a duration-valued iterations_per_loop: the simulated machine's
+        // on a TPU (the device's time is what the loop spends), the host's on the CPU.
+        let mut seconds_per_step: Option<f64> = None;
         let bar = progress(target.saturating_sub(step), target != u64::MAX);
         'train: while step < target {
             let n = match self.config.tpu_config.iterations_per_loop {
                 IterationsPerLoop::Steps(k) => k,
-                IterationsPerLoop::Seconds(s) => wall_per_step.map_or(1, |w| ((s / w).floor() as u64).max(1)),
+                IterationsPerLoop::Seconds(s) => seconds_per_step.map_or(1, |w| ((s / w).floor() as u64).max(1)),
             }
             .min(target - step);
             let began = Instant::now();
@@ -233,14 +242,16 @@ impl Runner {
                 };
                 let out = match backend.train_step(&batch) {
                     Err(Error::NonFiniteState { tensor, value }) => {
-                        return Err(Error::NonFinite { step: step + 1, loss: f32::NAN, tensor, value });
+                        return Err(Error::NonFinite { step: step + 1, loss: None, tensor, value });
                     }
                     out => out?,
                 };
                 let loss = out.loss.unwrap_or(f32::NAN);
-                if !loss.is_finite() {
-                    let (tensor, value) = metrics::first_non_finite(&out.outputs).unwrap_or((LOSS.to_string(), loss));
-                    return Err(Error::NonFinite { step: step + 1, loss, tensor, value });
+                // The loss, then the gradients (a NaN can vanish behind a ReLU before it reaches
+                // the loss); the state is checked whenever it is read back.
+                let bad = (!loss.is_finite()).then(|| (LOSS.to_string(), loss));
+                if let Some((tensor, value)) = bad.or_else(|| metrics::first_non_finite(&out.outputs)) {
+                    return Err(Error::NonFinite { step: step + 1, loss: Some(loss), tensor, value });
                 }
                 step += 1;
                 if let Some(hc) = &host_call {
@@ -259,7 +270,7 @@ impl Runner {
             }
             l.wall_seconds = began.elapsed().as_secs_f64();
             l.global_step = step;
-            wall_per_step = Some(l.wall_seconds / l.steps as f64);
+            seconds_per_step = Some(l.simulated_seconds.unwrap_or(l.wall_seconds) / l.steps as f64);
             let mut stop = false;
             for h in hooks.iter_mut() {
                 stop |= h.after_loop(&l)? == HookAction::Stop;
@@ -289,9 +300,16 @@ impl Runner {
             }
         }
         bar.finish_and_clear();
+        // The input ended at a loop boundary: training ends here, saved as at any end.
+        if step != saved_step && self.config.model_dir.is_some() {
+            self.log(&format!("the training input ended at global step {step}"));
+            self.save(step, &inputs, backend.as_mut())?;
+        }
         report.global_step = step;
         let positions = inputs.iter().map(|i| i.position()).collect();
-        self.memory = Some((step, backend.state()?, positions));
+        let state = backend.state()?;
+        check_finite(step, &state)?;
+        self.memory = Some((step, state, positions));
         for h in hooks.iter_mut() {
             h.end(&report)?;
         }
@@ -307,12 +325,15 @@ impl Runner {
         let labels = labels_name(&spec.model)?;
         let smoothing = spec.loss.map_or(0.0, |l| l.label_smoothing);
         let (step, state) = self.trained("evaluate")?;
-        let mut input = open(input_fn, Mode::Eval, &self.input_params(global), 1, self.seed())?.remove(0);
+        let mut input = open(input_fn, Mode::Eval, &self.model_params(global), 1, self.seed())?.remove(0);
         let mut backend: Option<Box<dyn Backend>> = None;
         let mut means = Means::default();
         let (mut done, mut examples) = (0u64, 0usize);
         while steps.is_none_or(|s| done < s) {
             let Some(batch) = input.next_batch()? else { break };
+            if rows(&batch) == 0 {
+                continue;
+            }
             let (outputs, real) =
                 self.predict_padded(&mut backend, &spec, &state, global, &batch, self.placement.eval.clone())?;
             let logits = outputs.get(&output_name(&spec.model, 0)).expect("the first output is predicted");
@@ -362,7 +383,7 @@ impl Runner {
         let replicas = if matches!(self.placement.train, Target::Cpu) { 1 } else { self.placement.replicas };
         let (spec, _) = self.spec(Mode::Predict, &self.model_params(global.map(|g| g / replicas)))?;
         let (_, state) = self.trained("predict")?;
-        let mut input = open(input_fn, Mode::Predict, &self.input_params(global), 1, self.seed())?.remove(0);
+        let mut input = open(input_fn, Mode::Predict, &self.model_params(global), 1, self.seed())?.remove(0);
         let keys: Vec<String> = if spec.predictions.is_empty() {
             spec.model.outputs().iter().map(|&o| spec.model.node(o).name.clone()).collect()
         } else {
@@ -411,7 +432,9 @@ impl Runner {
         let b = backend.as_mut().expect("built above");
         let size = b.batch();
         if real > size {
-            return Err(Error::Input(format!("a batch of {real} examples is larger than the batch size {size}")));
+            return Err(Error::Input(format!(
+                "the input gave a batch of {real} examples, more than the batch size {size} it was asked for: make the input function batch by params.batch_size()"
+            )));
         }
         let inputs: TensorMap =
             session::inputs(&spec.model, batch, real)?.into_iter().map(|(n, t)| (n, pad_rows(t, size))).collect();
@@ -433,14 +456,10 @@ impl Runner {
     /// The trained state to evaluate or predict with: the newest checkpoint in the model
     /// folder, or what the last `train` left.
     fn trained(&mut self, verb: &str) -> Result<(u64, TensorMap)> {
-        if let Some(dir) = self.config.model_dir.clone() {
-            let (ckpt, notes) = checkpoint::latest(&dir)?;
-            for n in notes {
-                self.log(&n);
-            }
-            if let Some(c) = ckpt {
-                return Ok((c.global_step, c.state));
-            }
+        if let Some(dir) = self.config.model_dir.clone()
+            && let Some(c) = self.newest(&dir)?
+        {
+            return Ok((c.global_step, c.state));
         }
         match &self.memory {
             Some((step, state, _)) => Ok((*step, state.clone())),
@@ -454,20 +473,16 @@ impl Runner {
     /// The newest usable checkpoint, the last run in memory, or fresh (warm-started)
     /// parameters.
     fn start(&mut self, model: &Graph) -> Result<Start> {
-        if let Some(dir) = self.config.model_dir.clone() {
-            let (ckpt, notes) = checkpoint::latest(&dir)?;
-            for n in notes {
-                self.log(&n);
-            }
-            if let Some(c) = ckpt {
-                let file = checkpoint::path(&dir, c.global_step).display().to_string();
-                return Ok(Start {
-                    step: c.global_step,
-                    state: c.state,
-                    positions: Some(c.input_positions),
-                    checkpoint: Some(file),
-                });
-            }
+        if let Some(dir) = self.config.model_dir.clone()
+            && let Some(c) = self.newest(&dir)?
+        {
+            let file = checkpoint::path(&dir, c.global_step).display().to_string();
+            return Ok(Start {
+                step: c.global_step,
+                state: c.state,
+                positions: Some(c.input_positions),
+                checkpoint: Some(file),
+            });
         }
         if let Some((step, state, positions)) = &self.memory {
             return Ok(Start {
@@ -485,18 +500,35 @@ impl Runner {
         Ok(Start { step: 0, state, positions: None, checkpoint: None })
     }
 
+    /// The newest checkpoint in `dir` that checks, the ones skipped logged.
+    fn newest(&mut self, dir: &std::path::Path) -> Result<Option<Checkpoint>> {
+        let (ckpt, notes) = checkpoint::latest(dir)?;
+        for n in notes {
+            self.log(&n);
+        }
+        Ok(ckpt)
+    }
+
     /// Loads the warm start's variables into `state`; returns how many.
     fn warm_start(&mut self, model: &Graph, w: &super::WarmStart, state: &mut TensorMap) -> Result<usize> {
         let source = if w.from.is_dir() {
-            let (ckpt, notes) = checkpoint::latest(&w.from)?;
-            for n in notes {
-                self.log(&n);
-            }
+            let ckpt = self.newest(&w.from)?;
             ckpt.ok_or_else(|| Error::Input(format!("warm_start_from: no checkpoint in {}", w.from.display())))?.state
         } else {
             checkpoint::load(&w.from)?.state
         };
         let re = whole_match(w.vars_to_warm_start.as_deref().unwrap_or(".*"), "warm_start_from.vars_to_warm_start")?;
+        // As TensorFlow: a name map entry for a variable that is not warm-started is a mistake.
+        for (name, _) in &w.var_name_to_prev_var_name {
+            if model.find(name).is_none() || !re.is_match(name) {
+                return Err(Error::Config {
+                    field: "warm_start_from.var_name_to_prev_var_name".into(),
+                    reason: format!(
+                        "maps '{name}', which is not a parameter of the model that vars_to_warm_start selects"
+                    ),
+                });
+            }
+        }
         let mut n = 0;
         for id in model.parameters() {
             let name = &model.node(id).name;
@@ -533,11 +565,10 @@ impl Runner {
     /// Writes a checkpoint of the backend's state at `step`.
     fn save(&mut self, step: u64, inputs: &[Box<dyn Input>], backend: &mut dyn Backend) -> Result<()> {
         let dir = self.config.model_dir.clone().expect("only called with a model folder");
-        let ckpt = Checkpoint {
-            global_step: step,
-            input_positions: inputs.iter().map(|i| i.position()).collect(),
-            state: backend.state()?,
-        };
+        let state = backend.state()?;
+        check_finite(step, &state)?;
+        let ckpt =
+            Checkpoint { global_step: step, input_positions: inputs.iter().map(|i| i.position()).collect(), state };
         checkpoint::save(&dir, &ckpt, self.config.keep_checkpoint_max)?;
         Ok(())
     }
@@ -555,12 +586,16 @@ impl Runner {
         }
     }
 
-    fn input_params(&self, batch: Option<usize>) -> Params {
-        self.model_params(batch)
-    }
-
     fn eval_replicas(&self) -> usize {
         if matches!(self.placement.eval, Target::Cpu) { 1 } else { self.placement.replicas }
+    }
+}
+
+/// Refuses a state holding a NaN or an infinity (never checkpointed), naming the tensor.
+fn check_finite(step: u64, state: &TensorMap) -> Result<()> {
+    match metrics::first_non_finite(state) {
+        Some((tensor, value)) => Err(Error::NonFinite { step, loss: None, tensor, value }),
+        None => Ok(()),
     }
 }
 
@@ -675,7 +710,7 @@ fn loop_record(l: &LoopReport) -> serde_json::Value {
         "loss": l.mean_loss(),
         "steps": l.steps,
         "steps_per_second": l.steps_per_second(),
-        "examples_per_second": l.steps_per_second() * l.batch as f64,
+        "examples_per_second": l.examples_per_second(),
     });
     if let (Some(s), Some(ex)) = (l.simulated_seconds, l.simulated_examples_per_second()) {
         r["simulated_steps_per_second"] = json!(l.steps as f64 / s);
