@@ -8,6 +8,7 @@
 //! tensors follow (gradient and one-hot names, the loss, the state the lowering adds), so no
 //! caller spells them out. TensorFlow's estimator API (issue 10) builds on these.
 
+pub mod augment;
 pub mod backend;
 pub mod checkpoint;
 pub mod config;
