@@ -51,6 +51,8 @@ enum Command {
     Evaluate(commands::estimator::EvaluateArgs),
     /// Predict with the newest checkpoint in --model-dir and write the outputs.
     Predict(commands::estimator::PredictArgs),
+    /// Write a grid of images from a data set with augmented views of each (PNG).
+    Augment(commands::estimator::AugmentArgs),
 }
 
 fn main() {
@@ -78,6 +80,7 @@ fn main() {
         Command::Train(a) => commands::estimator::train(a),
         Command::Evaluate(a) => commands::estimator::evaluate(a),
         Command::Predict(a) => commands::estimator::predict(a),
+        Command::Augment(a) => commands::estimator::augment(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

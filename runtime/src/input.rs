@@ -110,29 +110,47 @@ impl Examples {
         Examples { tensors: self.gather(&idx), len: idx.len() }
     }
 
-    /// Batches of `ctx`'s batch size over this input's shard of the examples (example `i`
-    /// belongs to pipeline `i mod inputs`): in training shuffled afresh each epoch (seeded by
-    /// the run's seed) and repeated forever, full batches only; otherwise in order, once, the
-    /// last batch partial. A [`Dataset`] over these examples.
+    /// Batches of `ctx`'s batch size over this input's shard of the examples: in training
+    /// shuffled afresh each epoch (seeded by the run's seed), repeated forever, full batches
+    /// only; otherwise in order, once, the last batch partial. [`Examples::dataset`],
+    /// batched and prefetched.
     pub fn input(&self, ctx: &InputContext) -> Result<Box<dyn Input>> {
-        let batch = ctx.batch_size()?;
-        let train = ctx.mode == Mode::Train;
-        let mut d = Dataset::from_source(Arc::new(self.clone())).shard(ctx.input_index, ctx.inputs.max(1))?;
-        if train {
-            d = d.shuffle(ctx.seed).repeat(Repeat::Forever);
-            if d.examples_per_epoch() < batch {
-                return Err(Error::Input(format!(
-                    "input {} of {} has {} examples, fewer than its batch of {batch}: give more examples or a smaller batch",
-                    ctx.input_index,
-                    ctx.inputs,
-                    d.examples_per_epoch()
-                )));
-            }
-        }
-        let d = d.batch(batch, train)?.prefetch(2);
-        d.check()?;
-        Ok(Box::new(d))
+        Ok(Box::new(batched(Examples::dataset(self, ctx)?, ctx)?))
     }
+
+    /// These examples as `ctx`'s pipeline before batching (to add maps such as augmentation):
+    /// this input's shard (example `i` belongs to pipeline `i mod inputs`), in training
+    /// shuffled afresh each epoch and repeated forever.
+    pub fn dataset(&self, ctx: &InputContext) -> Result<Dataset> {
+        source_dataset(Arc::new(self.clone()), ctx)
+    }
+}
+
+/// `source` as `ctx`'s pipeline before batching: this input's shard, in training shuffled
+/// afresh each epoch (seeded by the run's seed) and repeated forever.
+pub fn source_dataset(source: Arc<dyn Source>, ctx: &InputContext) -> Result<Dataset> {
+    let batch = ctx.batch_size()?;
+    let mut d = Dataset::from_source(source).shard(ctx.input_index, ctx.inputs.max(1))?;
+    if ctx.mode == Mode::Train {
+        d = d.shuffle(ctx.seed).repeat(Repeat::Forever);
+        if d.examples_per_epoch() < batch {
+            return Err(Error::Input(format!(
+                "input {} of {} has {} examples, fewer than its batch of {batch}: give more examples or a smaller batch",
+                ctx.input_index,
+                ctx.inputs,
+                d.examples_per_epoch()
+            )));
+        }
+    }
+    Ok(d)
+}
+
+/// `d` in batches of `ctx`'s size (full ones only in training, as a TPU needs), two made
+/// ahead on a background thread.
+pub fn batched(d: Dataset, ctx: &InputContext) -> Result<Dataset> {
+    let d = d.batch(ctx.batch_size()?, ctx.mode == Mode::Train)?.prefetch(2);
+    d.check()?;
+    Ok(d)
 }
 
 impl Source for Examples {

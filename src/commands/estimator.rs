@@ -6,12 +6,16 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result};
+use std::sync::Arc;
 use systolic::compiler::optimizer::Optimizer;
 use systolic::compiler::{Graph, TensorMap};
-use systolic::runtime::data;
+
+use systolic::runtime::augment::{self, Augment, Image};
+use systolic::runtime::data::{self, ImageFolder, Shapes, Source, Subset};
+use systolic::runtime::input;
 use systolic::runtime::{
-    CrossShardOptimizer, Examples, InputContext, IterationsPerLoop, Loss, Mode, Params, RunConfig, TpuEstimator,
-    TpuEstimatorArgs, TpuEstimatorSpec,
+    CrossShardOptimizer, InputContext, IterationsPerLoop, Loss, Mode, Params, RunConfig, TpuEstimator,
+    TpuEstimatorArgs, TpuEstimatorSpec, WarmStart,
 };
 
 /// What every estimator command shares: the model, where it runs, the data and the run's
@@ -32,8 +36,11 @@ pub struct Common {
     /// Global batch size (every replica's examples); must divide by the replicas.
     #[arg(long, default_value_t = 64)]
     batch: usize,
-    /// `digits` (the built-in 8x8 digits: 1,500 to train, 297 to test) or a safetensors file of
-    /// examples (the model's inputs and integer `labels`, examples first).
+    /// `digits` (the built-in 8x8 digits: 1,500 to train, 297 to test), `shapes` (generated
+    /// RGB circles, squares and triangles at the model's input size: 2,000 to train, 400 to
+    /// test), a folder of class sub-folders of PNG/JPEG images (resized to the model's input),
+    /// or a safetensors file of examples (the model's inputs and integer `labels`, examples
+    /// first).
     #[arg(long, default_value = "digits")]
     dataset: String,
     /// Checkpoints and metrics.jsonl go here; training resumes from its newest checkpoint.
@@ -79,6 +86,23 @@ pub struct TrainArgs {
     /// Write a checkpoint every N steps (at the first loop boundary past each multiple).
     #[arg(long)]
     save_checkpoints_steps: Option<u64>,
+    /// Augment the training images at run time, freshly for every example in every step:
+    /// flip, flip_ud, crop, zoom, brightness, contrast, saturation, hue, rotate, rescale
+    /// (comma-separated, each optionally `=VALUE`, e.g. `flip,crop,brightness=0.2`).
+    #[arg(long, value_name = "OPS")]
+    augment: Option<String>,
+    /// Start from another run's newest checkpoint (its parameters, not its optimizer state),
+    /// when --model-dir has no checkpoint yet: transfer learning.
+    #[arg(long, value_name = "DIR")]
+    warm_start: Option<PathBuf>,
+    /// With --warm-start: the parameters to load (a regular expression over names, matched
+    /// whole); default every one whose shape fits is not assumed — give e.g. 'conv.*'.
+    #[arg(long, value_name = "REGEX", requires = "warm_start")]
+    warm_start_vars: Option<String>,
+    /// With --warm-start: parameters to freeze (a regular expression over names, matched
+    /// whole): no gradient, no update, e.g. 'conv.*'.
+    #[arg(long, value_name = "REGEX", requires = "warm_start")]
+    freeze: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -98,6 +122,36 @@ pub struct PredictArgs {
     /// Where to write the predictions (safetensors, one row per example).
     #[arg(long)]
     output: PathBuf,
+    /// Test-time augmentation: each prediction the mean over N augmented views (with --augment).
+    #[arg(long, value_name = "N", requires = "augment")]
+    tta: Option<usize>,
+    /// The augmentation of test-time augmentation's views (as train's --augment).
+    #[arg(long, value_name = "OPS", requires = "tta")]
+    augment: Option<String>,
+}
+
+#[derive(clap::Args)]
+pub struct AugmentArgs {
+    /// The model whose input size the images take (shapes and folders are made at it).
+    #[arg(long, default_value = "digits_cnn")]
+    model: String,
+    /// As train's --dataset (its training split).
+    #[arg(long, default_value = "digits")]
+    dataset: String,
+    /// The augmentation, as train's --augment.
+    #[arg(long, value_name = "OPS")]
+    augment: String,
+    /// Examples shown, one row each: the original, then --views augmented views.
+    #[arg(long, default_value_t = 6)]
+    count: usize,
+    #[arg(long, default_value_t = 5)]
+    views: usize,
+    /// Seeds the augmentation's draws.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Where to write the grid (PNG).
+    #[arg(long)]
+    out: PathBuf,
 }
 
 /// The model function every command uses: the model, its classifier loss, the optimizer in
@@ -141,6 +195,7 @@ impl Common {
         config: RunConfig,
         optimizer: Optimizer,
         label_smoothing: f32,
+        warm_start_from: Option<WarmStart>,
     ) -> Result<(TpuEstimator, Graph)> {
         let model = super::load_model(&self.model)?;
         let (machine, precision) = if self.cpu {
@@ -162,6 +217,7 @@ impl Common {
             train_batch_size: Some(self.batch),
             eval_batch_size: Some(self.batch),
             predict_batch_size: Some(self.batch),
+            warm_start_from,
             ..TpuEstimatorArgs::default()
         };
         let mut est = TpuEstimator::new(model_fn(model.clone(), optimizer, label_smoothing), args)?;
@@ -170,25 +226,75 @@ impl Common {
     }
 
     /// The examples of `--dataset` for training (`train`) or testing.
-    fn examples(&self, train: bool) -> Result<Examples> {
-        if self.dataset == "digits" {
-            let (tr, te) = data::digits_split()?;
-            return Ok(if train { tr } else { te });
-        }
-        let path = Path::new(&self.dataset);
-        anyhow::ensure!(
-            path.extension().is_some_and(|e| e == "safetensors"),
-            "--dataset {}: give digits or a .safetensors file of examples",
-            self.dataset
-        );
-        Ok(data::load(path)?)
+    fn examples(&self, model: &Graph, train: bool) -> Result<Arc<dyn Source>> {
+        dataset(&self.dataset, model, train)
     }
 }
 
+/// The examples of `--dataset` for training (`train`) or testing, at `model`'s input size.
+fn dataset(spec: &str, model: &Graph, train: bool) -> Result<Arc<dyn Source>> {
+    if spec == "digits" {
+        let (tr, te) = data::digits_split()?;
+        return Ok(Arc::new(if train { tr } else { te }));
+    }
+    // The first input's [H, W, C]: the size generated and decoded images take.
+    let input = model.inputs().first().map(|&i| model.node(i).shape.dims.clone()).unwrap_or_default();
+    let hwc = |what: &str| -> Result<(usize, usize)> {
+        match input.as_slice() {
+            [h, w, 3] => Ok((*h, *w)),
+            other => anyhow::bail!(
+                "--dataset {what}: makes RGB images, but model '{}' takes {other:?}: use a model with an [H, W, 3] input",
+                model.name()
+            ),
+        }
+    };
+    if spec == "shapes" {
+        let (h, w) = hwc("shapes")?;
+        anyhow::ensure!(h == w, "--dataset shapes: makes square images, but model '{}' takes {h}x{w}", model.name());
+        let all: Arc<dyn Source> = Arc::new(Shapes::new(SHAPES_TRAIN + SHAPES_TEST, h, SHAPES_SEED)?);
+        let range = if train { 0..SHAPES_TRAIN } else { SHAPES_TRAIN..SHAPES_TRAIN + SHAPES_TEST };
+        return Ok(Arc::new(Subset::new(all, range)?));
+    }
+    let path = Path::new(spec);
+    if path.is_dir() {
+        let (h, w) = hwc(spec)?;
+        return Ok(Arc::new(ImageFolder::open(path, h, w)?));
+    }
+    anyhow::ensure!(
+        path.extension().is_some_and(|e| e == "safetensors"),
+        "--dataset {spec}: give digits, shapes, a folder of class folders of images or a .safetensors file of examples"
+    );
+    Ok(Arc::new(data::load(path)?))
+}
+
+/// The `shapes` data set the commands use: its seed and split.
+const SHAPES_SEED: u64 = 11;
+const SHAPES_TRAIN: usize = 2000;
+const SHAPES_TEST: usize = 400;
+
+/// An input function over `source`, the training images augmented by `augment`.
 fn input_fn(
-    examples: Examples,
+    source: Arc<dyn Source>,
+    augment: Option<Augment>,
 ) -> impl Fn(&InputContext) -> systolic::runtime::Result<Box<dyn systolic::runtime::Input>> {
-    move |ctx| examples.input(ctx)
+    move |ctx| {
+        let mut d = input::source_dataset(source.clone(), ctx)?;
+        if let Some(a) = &augment
+            && ctx.mode == Mode::Train
+        {
+            d = d.map(data::augmentation("image", a.clone(), ctx.seed));
+        }
+        Ok(Box::new(input::batched(d, ctx)?))
+    }
+}
+
+/// Parses `--augment` and checks it against the model's image channels.
+fn parse_augment(spec: Option<&str>, model: &Graph) -> Result<Option<Augment>> {
+    let Some(spec) = spec else { return Ok(None) };
+    let a = Augment::parse(spec).with_context(|| format!("--augment {spec}"))?;
+    let channels = model.inputs().first().and_then(|&i| model.node(i).shape.dims.last().copied()).unwrap_or(0);
+    a.check(channels).with_context(|| format!("--augment {spec} on model '{}'", model.name()))?;
+    Ok(Some(a))
 }
 
 pub fn train(args: TrainArgs) -> Result<()> {
@@ -203,10 +309,17 @@ pub fn train(args: TrainArgs) -> Result<()> {
         config.save_checkpoints_secs = None;
     }
     let optimizer = super::compile::optimizer(&args.optimizer, args.lr, &args.schedule, args.weight_decay)?;
-    let (mut est, model) = c.estimator(config, optimizer, args.label_smoothing)?;
-    let examples = c.examples(true)?;
+    let warm = args.warm_start.as_ref().map(|from| WarmStart {
+        from: from.clone(),
+        vars_to_warm_start: args.warm_start_vars.clone(),
+        var_name_to_prev_var_name: Vec::new(),
+        freeze: args.freeze.clone(),
+    });
+    let (mut est, model) = c.estimator(config, optimizer, args.label_smoothing, warm)?;
+    let augment = parse_augment(args.augment.as_deref(), &model)?;
+    let examples = c.examples(&model, true)?;
     let began = Instant::now();
-    let report = est.train(&input_fn(examples), None, Some(args.steps))?;
+    let report = est.train(&input_fn(examples, augment), None, Some(args.steps))?;
     let wall = began.elapsed().as_secs_f64();
     if report.loops.is_empty() {
         println!("{} is already trained to global step {}", model.name(), report.global_step);
@@ -235,23 +348,62 @@ pub fn train(args: TrainArgs) -> Result<()> {
 
 pub fn evaluate(args: EvaluateArgs) -> Result<()> {
     let c = &args.common;
-    let (mut est, _) = c.estimator(c.config()?, Optimizer::default(), 0.0)?;
-    let examples = c.examples(false)?;
+    let (mut est, model) = c.estimator(c.config()?, Optimizer::default(), 0.0, None)?;
+    let examples = c.examples(&model, false)?;
     let steps = args.steps.unwrap_or(examples.len().div_ceil(c.batch) as u64);
     // The estimator prints the metrics (and writes them to the model folder's metrics file).
-    est.evaluate(&input_fn(examples), Some(steps))?;
+    est.evaluate(&input_fn(examples, None), Some(steps))?;
     Ok(())
 }
 
 pub fn predict(args: PredictArgs) -> Result<()> {
     let c = &args.common;
-    let (mut est, _) = c.estimator(c.config()?, Optimizer::default(), 0.0)?;
-    let mut examples = c.examples(false)?;
-    // Prediction reads features only.
-    examples = examples.without("labels");
-    let p: TensorMap = est.predict(&input_fn(examples))?;
+    let (mut est, model) = c.estimator(c.config()?, Optimizer::default(), 0.0, None)?;
+    let examples = c.examples(&model, false)?;
+    let p: TensorMap = match (args.tta, parse_augment(args.augment.as_deref(), &model)?) {
+        (Some(views), Some(a)) => {
+            anyhow::ensure!(views >= 1, "--tta {views}: give at least 1 view");
+            est.predict_with_tta(&input_fn(examples, None), &a, views)?
+        }
+        _ => est.predict(&input_fn(examples, None))?,
+    };
     super::save_tensors(&args.output, &p)?;
     let shapes: Vec<String> = p.iter().map(|(k, t)| format!("{k} {:?}", t.shape())).collect();
     println!("wrote {} to {}", shapes.join(", "), args.output.display());
+    Ok(())
+}
+
+/// `systolic augment`: a grid of examples, each row the original and augmented views.
+pub fn augment(args: AugmentArgs) -> Result<()> {
+    anyhow::ensure!(args.count >= 1, "--count {}: show at least one example", args.count);
+    let model = super::load_model(&args.model)?;
+    let augment = parse_augment(Some(&args.augment), &model)?.expect("given");
+    let source = dataset(&args.dataset, &model, true)?;
+    let n = args.count.min(source.len());
+    let batch = source.gather(&(0..n).collect::<Vec<_>>())?;
+    let images = batch.get("image").context("the data set has no 'image' tensor to augment")?;
+    let example: Vec<usize> = images.shape()[1..].to_vec();
+    let values = images.as_standard_layout();
+    let size: usize = example.iter().product();
+    let mut cells = Vec::new();
+    for (i, data) in values.as_slice().expect("standard layout").chunks(size).enumerate() {
+        let original = Image::from_example(&example, data)?;
+        cells.push(original.clone());
+        for view in 0..args.views {
+            let key =
+                systolic::compiler::rng::derive(systolic::compiler::rng::derive(args.seed, view as u64), i as u64);
+            cells.push(augment.apply(&original, key)?);
+        }
+    }
+    let grid = augment::grid(&cells, 1 + args.views, 2);
+    augment::write_png(&args.out, &grid)?;
+    println!(
+        "wrote {} ({}x{}): {n} examples of {}, each the original then {} views of {augment}",
+        args.out.display(),
+        grid.width,
+        grid.height,
+        args.dataset,
+        args.views
+    );
     Ok(())
 }

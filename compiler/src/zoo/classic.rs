@@ -1,8 +1,8 @@
-//! Plain convolutional stacks: simple_cnn, digits_cnn, LeNet-5, AlexNet, VGG-16.
+//! Plain convolutional stacks: simple_cnn, digits_cnn, shapes_cnn, LeNet-5, AlexNet, VGG-16.
 
 use super::ZooOptions;
 use crate::error::Result;
-use crate::graph::{ConvSpec, Graph, NodeId, Pool};
+use crate::graph::{BatchNorm, ConvSpec, Graph, NodeId, Pool};
 
 fn hw(opts: ZooOptions, default: usize) -> [usize; 2] {
     opts.input_hw.unwrap_or([default, default])
@@ -53,6 +53,30 @@ pub fn digits_cnn(opts: ZooOptions) -> Result<Graph> {
     let x = g.flatten("flatten", x)?;
     let x = dense_relu(&mut g, "fc1", x, 64)?;
     let logits = g.dense("logits", x, opts.classes.unwrap_or(10))?;
+    g.add_output(logits);
+    Ok(g)
+}
+
+/// A small RGB CNN for the generated shapes (and transfer learning's frozen features): three
+/// 3×3 convolution blocks with batch norm (16, 32, 64 channels; the first two pooled), global
+/// average pooling and a dense classifier (3 classes).
+pub fn shapes_cnn(opts: ZooOptions) -> Result<Graph> {
+    let [h, w] = hw(opts, 32);
+    let mut g = Graph::new("shapes_cnn");
+    let mut x = g.input("image", &[h, w, 3])?;
+    for (i, channels) in [16, 32, 64].into_iter().enumerate() {
+        let name = format!("conv{}", i + 1);
+        x = g.conv2d(&name, x, ConvSpec::new(channels, 3).same())?;
+        x = g.batch_norm(&format!("{name}_bn"), x, BatchNorm::default())?;
+        x = g.relu(&format!("{name}_relu"), x)?;
+        if i < 2 {
+            x = g.max_pool(&format!("pool{}", i + 1), x, pool(2, 2))?;
+        }
+    }
+    let dims = g.node(x).shape.dims.clone();
+    let x = g.avg_pool("global_pool", x, Pool { window: [dims[0], dims[1]], strides: [1, 1], ..Pool::default() })?;
+    let x = g.flatten("flatten", x)?;
+    let logits = g.dense("logits", x, opts.classes.unwrap_or(3))?;
     g.add_output(logits);
     Ok(g)
 }

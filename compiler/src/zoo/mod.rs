@@ -33,6 +33,11 @@ const MODELS: &[(&str, &str, BuildFn)] = &[
         classic::simple_cnn,
     ),
     ("digits_cnn", "8x8x1 handwritten digits: two 3x3 convs with pooling, dense 64, dense 10", classic::digits_cnn),
+    (
+        "shapes_cnn",
+        "32x32x3 generated shapes: three 3x3 conv blocks with batch norm, global average pool, dense 3",
+        classic::shapes_cnn,
+    ),
     ("lenet5", "LeCun et al. 1998, 32x32x1, ReLU and average-pool subsampling", classic::lenet5),
     ("alexnet", "Krizhevsky et al. 2012, torchvision's single-tower variant, 224x224x3", classic::alexnet),
     ("vgg16", "Simonyan & Zisserman 2014, configuration D, 224x224x3", classic::vgg16),

@@ -2,6 +2,7 @@
 //! sets the runtime ships or makes — the 8×8 UCI digits (built into the binary, 57 kB, checked
 //! against its SHA-256), generated [`Shapes`], and safetensors files of examples.
 
+pub mod folder;
 pub mod pipeline;
 pub mod shapes;
 
@@ -15,8 +16,25 @@ use systolic_compiler::{Tensor, TensorMap, tensors};
 
 use crate::error::{Error, Result};
 use crate::input::Examples;
-pub use pipeline::{Dataset, MapFn, Repeat, Source};
+pub use folder::ImageFolder;
+pub use pipeline::{Dataset, MapFn, Repeat, Source, Subset};
 pub use shapes::Shapes;
+
+use crate::augment::Augment;
+use systolic_compiler::rng::derive;
+
+/// A map that augments tensor `name` (`[N, H, W, C]` images) of every batch: each example
+/// with its own key, from `seed` and its running count in the stream — freshly random for
+/// every example in every epoch, the same on any thread and after a resume.
+pub fn augmentation(name: &str, augment: Augment, seed: u64) -> MapFn {
+    let name = name.to_string();
+    std::sync::Arc::new(move |mut batch: TensorMap, counts: &[u64]| {
+        let images = batch.get(&name).ok_or_else(|| Error::Input(format!("augment: the batch has no '{name}'")))?;
+        let out = augment.apply_batch(images, |i| derive(seed, counts[i]))?;
+        batch.insert(name.clone(), out);
+        Ok(batch)
+    })
+}
 
 /// `data/digits/digits.csv.gz`: 1,797 images of handwritten digits (Alpaydin & Kaynak 1998,
 /// CC BY 4.0), one per line: 64 values 0..16, then the label.

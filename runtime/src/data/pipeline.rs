@@ -34,6 +34,41 @@ pub trait Source: Send + Sync {
     fn shapes(&self) -> BTreeMap<String, Vec<usize>>;
 }
 
+/// Examples `range` of another source (a train/test split that copies nothing).
+pub struct Subset {
+    source: Arc<dyn Source>,
+    range: std::ops::Range<usize>,
+}
+
+impl Subset {
+    pub fn new(source: Arc<dyn Source>, range: std::ops::Range<usize>) -> Result<Subset> {
+        if range.end > source.len() || range.start >= range.end {
+            return Err(Error::Input(format!(
+                "examples {}..{} of a data set of {}: give a non-empty range inside it",
+                range.start,
+                range.end,
+                source.len()
+            )));
+        }
+        Ok(Subset { source, range })
+    }
+}
+
+impl Source for Subset {
+    fn len(&self) -> usize {
+        self.range.len()
+    }
+
+    fn gather(&self, indices: &[usize]) -> Result<TensorMap> {
+        let shifted: Vec<usize> = indices.iter().map(|&i| i + self.range.start).collect();
+        self.source.gather(&shifted)
+    }
+
+    fn shapes(&self) -> BTreeMap<String, Vec<usize>> {
+        self.source.shapes()
+    }
+}
+
 /// A map over a batch: the batch, and each example's running count in the stream (the key
 /// for its randomness).
 pub type MapFn = Arc<dyn Fn(TensorMap, &[u64]) -> Result<TensorMap> + Send + Sync>;

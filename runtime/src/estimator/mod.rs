@@ -20,6 +20,7 @@ use systolic_simulator::numerics::Precision;
 
 pub use run::{EvalReport, HookAction, LoopReport, TrainReport, TrainingHook};
 
+use crate::augment::Augment;
 use crate::backend::Target;
 use crate::config::{InputPipeline, RunConfig};
 use crate::error::{Error, Result};
@@ -126,7 +127,13 @@ impl Estimator {
 
     /// The predictions for every example of the input, in order.
     pub fn predict(&mut self, input_fn: &InputFn) -> Result<TensorMap> {
-        self.runner.predict(input_fn)
+        self.runner.predict(input_fn, None)
+    }
+
+    /// Test-time augmentation: each prediction the mean over `views` augmented views of its
+    /// example.
+    pub fn predict_with_tta(&mut self, input_fn: &InputFn, augment: &Augment, views: usize) -> Result<TensorMap> {
+        self.runner.predict(input_fn, Some((augment, views)))
     }
 
     /// Sends log lines to `log` instead of stderr.
@@ -299,7 +306,14 @@ impl TpuEstimator {
     /// batch padded to `predict_batch_size` and the padding dropped.
     pub fn predict(&mut self, input_fn: &InputFn) -> Result<TensorMap> {
         self.needs_batch("predict_batch_size", self.runner.placement.predict_batch)?;
-        self.runner.predict(input_fn)
+        self.runner.predict(input_fn, None)
+    }
+
+    /// Test-time augmentation: each prediction the mean over `views` augmented views of its
+    /// example (its image inputs augmented afresh for every view).
+    pub fn predict_with_tta(&mut self, input_fn: &InputFn, augment: &Augment, views: usize) -> Result<TensorMap> {
+        self.needs_batch("predict_batch_size", self.runner.placement.predict_batch)?;
+        self.runner.predict(input_fn, Some((augment, views)))
     }
 
     pub fn set_log(&mut self, log: impl FnMut(&str) + 'static) {

@@ -7,10 +7,12 @@ use std::time::Instant;
 
 use serde_json::json;
 use systolic_compiler::optimizer::Optimizer;
+use systolic_compiler::rng::derive;
 use systolic_compiler::{Graph, Tensor, TensorMap};
 use systolic_simulator::isa::Reduction;
 
 use super::{Runner, whole_match};
+use crate::augment::Augment;
 use crate::backend::{Backend, Settings, Target, backend};
 use crate::checkpoint::{self, Checkpoint};
 use crate::config::{CheckpointEvery, IterationsPerLoop};
@@ -118,6 +120,9 @@ pub enum HookAction {
     Continue,
     Stop,
 }
+
+/// Mixed into the run's seed for test-time augmentation's views.
+const TTA_SEED: u64 = 0x7e57_71e3;
 
 /// Where a run starts.
 struct Start {
@@ -378,7 +383,9 @@ impl Runner {
         Ok(report)
     }
 
-    pub(super) fn predict(&mut self, input_fn: &InputFn) -> Result<TensorMap> {
+    /// The predictions for every example; with `tta`, the mean over that many views of each
+    /// example, its image inputs augmented afresh for every view (test-time augmentation).
+    pub(super) fn predict(&mut self, input_fn: &InputFn, tta: Option<(&Augment, usize)>) -> Result<TensorMap> {
         let global = self.placement.predict_batch;
         let replicas = if matches!(self.placement.train, Target::Cpu) { 1 } else { self.placement.replicas };
         let (spec, _) = self.spec(Mode::Predict, &self.model_params(global.map(|g| g / replicas)))?;
@@ -391,9 +398,47 @@ impl Runner {
         };
         let mut backend: Option<Box<dyn Backend>> = None;
         let mut parts: BTreeMap<String, Vec<Tensor>> = BTreeMap::new();
+        // The model's image inputs ([N, H, W, C]): what test-time augmentation varies.
+        let images: Vec<String> = spec
+            .model
+            .inputs()
+            .into_iter()
+            .filter(|&i| spec.model.node(i).shape.dims.len() == 3)
+            .map(|i| spec.model.node(i).name.clone())
+            .collect();
+        let mut seen = 0u64;
         while let Some(batch) = input.next_batch()? {
             let target = self.placement.train.clone();
-            let (outputs, _) = self.predict_padded(&mut backend, &spec, &state, global, &batch, target)?;
+            let outputs = match tta {
+                None => self.predict_padded(&mut backend, &spec, &state, global, &batch, target)?.0,
+                Some((augment, views)) => {
+                    let mut sum: Option<TensorMap> = None;
+                    for view in 0..views {
+                        let mut b = batch.clone();
+                        let key = derive(self.seed() ^ TTA_SEED, view as u64);
+                        for name in &images {
+                            if let Some(t) = batch.get(name) {
+                                b.insert(name.clone(), augment.apply_batch(t, |i| derive(key, seen + i as u64))?);
+                            }
+                        }
+                        let (out, _) = self.predict_padded(&mut backend, &spec, &state, global, &b, target.clone())?;
+                        sum = Some(match sum {
+                            None => out,
+                            Some(mut acc) => {
+                                for (k, t) in acc.iter_mut() {
+                                    *t += &out[k];
+                                }
+                                acc
+                            }
+                        });
+                    }
+                    let mut mean =
+                        sum.ok_or_else(|| Error::Input("test-time augmentation needs at least 1 view".into()))?;
+                    mean.values_mut().for_each(|t| *t /= views as f32);
+                    mean
+                }
+            };
+            seen += rows(&batch) as u64;
             for k in &keys {
                 parts.entry(k.clone()).or_default().push(outputs[k].clone());
             }
