@@ -53,6 +53,8 @@ enum Command {
     Predict(commands::estimator::PredictArgs),
     /// Write a grid of images from a data set with augmented views of each (PNG).
     Augment(commands::estimator::AugmentArgs),
+    /// Measure this host's input pipeline (read, augment, batch) in examples/s, for simulate --input-rate.
+    DataBench(commands::data_bench::Args),
 }
 
 fn main() {
@@ -81,6 +83,7 @@ fn main() {
         Command::Evaluate(a) => commands::estimator::evaluate(a),
         Command::Predict(a) => commands::estimator::predict(a),
         Command::Augment(a) => commands::estimator::augment(a),
+        Command::DataBench(a) => commands::data_bench::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

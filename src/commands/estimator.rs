@@ -232,7 +232,7 @@ impl Common {
 }
 
 /// The examples of `--dataset` for training (`train`) or testing, at `model`'s input size.
-fn dataset(spec: &str, model: &Graph, train: bool) -> Result<Arc<dyn Source>> {
+pub fn dataset(spec: &str, model: &Graph, train: bool) -> Result<Arc<dyn Source>> {
     if spec == "digits" {
         let (tr, te) = data::digits_split()?;
         return Ok(Arc::new(if train { tr } else { te }));
@@ -289,7 +289,7 @@ fn input_fn(
 }
 
 /// Parses `--augment` and checks it against the model's image channels.
-fn parse_augment(spec: Option<&str>, model: &Graph) -> Result<Option<Augment>> {
+pub fn parse_augment(spec: Option<&str>, model: &Graph) -> Result<Option<Augment>> {
     let Some(spec) = spec else { return Ok(None) };
     let a = Augment::parse(spec).with_context(|| format!("--augment {spec}"))?;
     let channels = model.inputs().first().and_then(|&i| model.node(i).shape.dims.last().copied()).unwrap_or(0);

@@ -4,6 +4,7 @@
 pub mod collective;
 pub mod compare;
 pub mod compile;
+pub mod data_bench;
 pub mod estimator;
 pub mod export;
 pub mod grad;

@@ -23,9 +23,10 @@ pub struct SliceArgs {
     /// --batch, which is per core).
     #[arg(long)]
     pub global_batch: Option<usize>,
-    /// Examples per second each host's input pipeline makes (default: as fast as needed).
-    #[arg(long)]
-    pub input_rate: Option<f64>,
+    /// Examples per second each host's input pipeline makes (default: as fast as needed): a
+    /// number, or the JSON report of `systolic data-bench --json` (this host's measured rate).
+    #[arg(long, value_name = "RATE|FILE.json")]
+    pub input_rate: Option<String>,
     /// One host's pipeline at another rate, `HOST=EXAMPLES_PER_SECOND` (repeatable).
     #[arg(long = "host-rate", value_name = "HOST=RATE")]
     pub host_rates: Vec<String>,
@@ -143,7 +144,7 @@ pub fn slice_step(
     let exe = &compiled.executable;
     // What the host sends per example: the inputs' bytes (images, one-hot labels).
     let mut hosts = Hosts::new(batch, exe.input_bytes() / batch as u64);
-    hosts.examples_per_second = args.input_rate;
+    hosts.examples_per_second = args.input_rate.as_deref().map(input_rate).transpose()?;
     for spec in &args.host_rates {
         let (h, r) =
             spec.split_once('=').with_context(|| format!("--host-rate {spec}: write HOST=RATE, e.g. 3=2000"))?;
@@ -291,4 +292,22 @@ pub fn run(args: Args) -> Result<()> {
         println!("trace written to {} (open in ui.perfetto.dev)", path.display());
     }
     Ok(())
+}
+
+/// `--input-rate`: examples per second, or a `data-bench --json` report's measured rate.
+fn input_rate(spec: &str) -> Result<f64> {
+    let rate = match spec.parse::<f64>() {
+        Ok(r) => r,
+        Err(_) => {
+            let text = std::fs::read_to_string(spec)
+                .with_context(|| format!("--input-rate {spec}: neither a number nor a readable data-bench report"))?;
+            let report: serde_json::Value = serde_json::from_str(&text)
+                .with_context(|| format!("--input-rate {spec}: not a JSON report of systolic data-bench --json"))?;
+            report["examples_per_second"]
+                .as_f64()
+                .with_context(|| format!("--input-rate {spec}: the report has no examples_per_second"))?
+        }
+    };
+    anyhow::ensure!(rate.is_finite() && rate > 0.0, "--input-rate {spec}: give a positive rate of examples per second");
+    Ok(rate)
 }
