@@ -126,6 +126,78 @@ impl MetricsFile {
     }
 }
 
+impl MetricsFile {
+    /// The curves' file beside the metrics file.
+    pub const CURVES: &'static str = "curves.svg";
+
+    /// Writes `curves.svg` beside the metrics file: the training loss and the evaluation loss
+    /// against the global step (left axis), the evaluation accuracy (right axis). Rewritten
+    /// whole, atomically, from every record so far.
+    pub fn write_curves(&self) -> Result<PathBuf> {
+        let records = self.read()?;
+        let series = |mode: &str, key: &str| -> Vec<(f64, f64)> {
+            records
+                .iter()
+                .filter(|r| r["mode"] == mode)
+                .filter_map(|r| Some((r["global_step"].as_f64()?, r[key].as_f64()?)))
+                .collect()
+        };
+        let (train, eval_loss, accuracy) =
+            (series("train", "loss"), series("eval", "loss"), series("eval", "accuracy"));
+        let path = self.path.with_file_name(Self::CURVES);
+        let mut svg = String::new();
+        draw_curves(&mut svg, &train, &eval_loss, &accuracy)
+            .map_err(|e| Error::Input(format!("drawing {}: {e}", path.display())))?;
+        systolic_compiler::tensors::write_atomically(&path, svg.as_bytes())?;
+        Ok(path)
+    }
+}
+
+/// The curves as SVG text.
+fn draw_curves(
+    svg: &mut String,
+    train: &[(f64, f64)],
+    eval_loss: &[(f64, f64)],
+    accuracy: &[(f64, f64)],
+) -> std::result::Result<(), Box<dyn std::error::Error>> {
+    use plotters::prelude::*;
+    let root = SVGBackend::with_string(svg, (900, 520)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let all = train.iter().chain(eval_loss).chain(accuracy);
+    let last = all.clone().map(|p| p.0).fold(1.0, f64::max);
+    let top = train.iter().chain(eval_loss).map(|p| p.1).fold(0.0, f64::max).max(1e-3) * 1.1;
+    let mut chart = ChartBuilder::on(&root)
+        .caption("training and evaluation", ("sans-serif", 22))
+        .margin(16)
+        .x_label_area_size(44)
+        .y_label_area_size(60)
+        .right_y_label_area_size(60)
+        .build_cartesian_2d(0.0..last, 0.0..top)?
+        .set_secondary_coord(0.0..last, 0.0..1.0);
+    chart.configure_mesh().x_desc("global step").y_desc("loss").draw()?;
+    chart.configure_secondary_axes().y_desc("accuracy").draw()?;
+    for (points, colour, label) in [(train, BLUE, "training loss"), (eval_loss, RED, "evaluation loss")] {
+        if points.is_empty() {
+            continue;
+        }
+        chart
+            .draw_series(LineSeries::new(points.to_vec(), colour.stroke_width(2)))?
+            .label(label)
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], colour));
+        chart.draw_series(points.iter().map(|&p| Circle::new(p, 3, colour.filled())))?;
+    }
+    if !accuracy.is_empty() {
+        chart
+            .draw_secondary_series(LineSeries::new(accuracy.to_vec(), GREEN.stroke_width(2)))?
+            .label("evaluation accuracy")
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], GREEN));
+        chart.draw_secondary_series(accuracy.iter().map(|&p| Circle::new(p, 3, GREEN.filled())))?;
+    }
+    chart.configure_series_labels().border_style(BLACK).background_style(WHITE).draw()?;
+    root.present()?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -163,6 +235,20 @@ mod tests {
         assert_eq!(v["accuracy"], 0.5);
         let bad = Tensor::from_shape_vec(vec![2], vec![1.0, 2.0]).unwrap();
         assert!(classifier_metrics(&logits, "labels", &bad, 0.0).unwrap_err().to_string().contains("label 2"));
+    }
+
+    #[test]
+    fn curves_are_drawn_from_the_metrics_file() {
+        let dir = std::env::temp_dir().join(format!("systolic-curves-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let f = MetricsFile::new(&dir);
+        for (step, loss) in [(10, 2.0), (20, 1.0), (30, 0.5)] {
+            f.append(&serde_json::json!({"mode": "train", "global_step": step, "loss": loss})).unwrap();
+        }
+        f.append(&serde_json::json!({"mode": "eval", "global_step": 30, "loss": 0.6, "accuracy": 0.8})).unwrap();
+        let svg = std::fs::read_to_string(f.write_curves().unwrap()).unwrap();
+        assert!(svg.starts_with("<svg") && svg.contains("training loss") && svg.contains("evaluation accuracy"));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

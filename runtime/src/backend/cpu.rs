@@ -123,7 +123,7 @@ impl Backend for Cpu {
         Ok(StepOutput { loss: None, outputs, simulated_seconds: None })
     }
 
-    fn state_shapes(&self) -> BTreeMap<String, Vec<usize>> {
+    fn state_shapes(&mut self) -> Result<BTreeMap<String, Vec<usize>>> {
         // Shapes only: the state's own tensors, without copying values.
         let mut shapes: BTreeMap<String, Vec<usize>> =
             self.params.iter().map(|(k, t)| (k.clone(), t.shape().to_vec())).collect();
@@ -139,7 +139,7 @@ impl Backend for Cpu {
         if self.dropout {
             shapes.insert(DROPOUT_STEP.into(), vec![1]);
         }
-        shapes
+        Ok(shapes)
     }
 
     fn state(&mut self) -> Result<TensorMap> {

@@ -78,7 +78,7 @@ pub trait Backend {
     fn state(&mut self) -> Result<TensorMap>;
     /// The state's tensors this backend's step reads and writes, with their shapes: what a
     /// checkpoint to resume from must hold (beyond it only `replica<r>/` statistics).
-    fn state_shapes(&self) -> std::collections::BTreeMap<String, Vec<usize>>;
+    fn state_shapes(&mut self) -> Result<std::collections::BTreeMap<String, Vec<usize>>>;
 }
 
 /// A backend for `model` on `target`, starting from `state` (at least the model's

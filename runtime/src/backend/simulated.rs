@@ -22,7 +22,9 @@ pub struct Simulated {
     replicas: usize,
     /// Examples per replica.
     per_replica: usize,
-    step: Compiled,
+    settings: Settings,
+    /// The training step, once a training step asks for it.
+    step: Option<Compiled>,
     infer: Executable,
     cores: Vec<Functional>,
     /// The state to load before the first step (then it lives in HBM).
@@ -53,17 +55,10 @@ impl Simulated {
         }
         let per_replica = batch / replicas;
         let base = Options::new(machine.clone(), per_replica, settings.precision);
-        let training =
-            Some(Training { optimizer: settings.optimizer.clone(), label_smoothing: settings.label_smoothing });
-        let opts = Options { training, replicas, gradient_reduction: settings.reduction, ..base.clone() };
-        let step = compile(model, &opts)?;
-        step.executable.program.validate(&machine)?;
         let infer = compile(model, &base)?.executable;
         infer.program.validate(&machine)?;
-        let mut initial = step.initial_state.clone();
-        initial.extend(state);
-        for b in step.executable.bindings.iter().filter(|b| b.role == Role::Parameter) {
-            session::state_tensor(&initial, &b.name, &b.shape)?;
+        for b in infer.bindings.iter().filter(|b| b.role == Role::Parameter) {
+            session::state_tensor(&state, &b.name, &b.shape)?;
         }
         let cores = (0..replicas).map(|_| Functional::new(&machine)).collect();
         Ok(Simulated {
@@ -71,12 +66,36 @@ impl Simulated {
             machine,
             replicas,
             per_replica,
-            step,
+            settings,
+            step: None,
             infer,
             cores,
-            initial: Some(initial),
+            initial: Some(state),
             seconds: None,
         })
+    }
+
+    /// The training step, compiled (and validated) the first time it is needed: a backend
+    /// that only predicts never compiles one (nor needs a model with a classifier head).
+    fn training_step(&mut self) -> Result<&Compiled> {
+        if self.step.is_none() {
+            let s = &self.settings;
+            let base = Options::new(self.machine.clone(), self.per_replica, s.precision);
+            let training = Some(Training { optimizer: s.optimizer.clone(), label_smoothing: s.label_smoothing });
+            let opts = Options { training, replicas: self.replicas, gradient_reduction: s.reduction, ..base };
+            let step = compile(&self.model, &opts)?;
+            step.executable.program.validate(&self.machine)?;
+            // The state not given (slots, the optimizer's and dropout's counters) starts as
+            // the compiled step starts it; before the first step it is still on the host.
+            let mut initial = step.initial_state.clone();
+            initial.extend(self.initial.take().unwrap_or_default());
+            for b in step.executable.bindings.iter().filter(|b| b.role == Role::Parameter) {
+                session::state_tensor(&initial, &b.name, &b.shape)?;
+            }
+            self.initial = Some(initial);
+            self.step = Some(step);
+        }
+        Ok(self.step.as_ref().expect("compiled above"))
     }
 
     /// Replica `r`'s share of `t` (its rows of the batch).
@@ -90,11 +109,12 @@ impl Simulated {
         if let Some(s) = self.seconds {
             return Ok(s);
         }
-        let program = &self.step.executable.program;
+        let step = self.step.as_ref().expect("timed after a training step");
+        let program = &step.executable.program;
         let s = if self.replicas == 1 {
             timing::simulate_unchecked(&self.machine, program, false)?.report.seconds
         } else {
-            let hosts = Hosts::new(self.per_replica, self.step.executable.input_bytes() / self.per_replica as u64);
+            let hosts = Hosts::new(self.per_replica, step.executable.input_bytes() / self.per_replica as u64);
             slice::simulate(&self.machine, program, &hosts, &slice::Options::default())?.step_seconds
         };
         self.seconds = Some(s);
@@ -115,7 +135,8 @@ impl Backend for Simulated {
     }
 
     fn train_step(&mut self, batch: &TensorMap) -> Result<StepOutput> {
-        let exe = &self.step.executable;
+        self.training_step()?;
+        let exe = &self.step.as_ref().expect("compiled").executable;
         let mut feed: TensorMap =
             session::inputs(&self.model, batch, self.batch())?.into_iter().map(|(n, t)| (n, t.clone())).collect();
         feed.extend(session::one_hot_labels(exe, batch)?);
@@ -217,9 +238,9 @@ impl Backend for Simulated {
         Ok(StepOutput { loss: None, outputs, simulated_seconds: None })
     }
 
-    fn state_shapes(&self) -> std::collections::BTreeMap<String, Vec<usize>> {
-        let bound = self.step.executable.bindings.iter().filter(|b| b.role == Role::Parameter);
-        bound.map(|b| (b.name.clone(), b.shape.clone())).collect()
+    fn state_shapes(&mut self) -> Result<std::collections::BTreeMap<String, Vec<usize>>> {
+        let bound = self.training_step()?.executable.bindings.iter().filter(|b| b.role == Role::Parameter);
+        Ok(bound.map(|b| (b.name.clone(), b.shape.clone())).collect())
     }
 
     fn state(&mut self) -> Result<TensorMap> {
@@ -227,7 +248,8 @@ impl Backend for Simulated {
             return Ok(initial.clone());
         }
         let mut state = TensorMap::new();
-        for b in self.step.executable.bindings.iter().filter(|b| b.role == Role::Parameter) {
+        let step = self.step.as_ref().expect("the state is on the cores only after a training step");
+        for b in step.executable.bindings.iter().filter(|b| b.role == Role::Parameter) {
             let first = self.cores[0].read(b.tile)?;
             // Replicas differ only in what their own examples drive (batch norm's moving
             // statistics): each such value is kept under `replica<r>/`, so a restored slice

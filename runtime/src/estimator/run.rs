@@ -203,7 +203,7 @@ impl Runner {
         let mut backend = backend(self.placement.train.clone(), &model, start.state.clone(), global, settings)?;
         report.backend = backend.describe();
         if let Some(file) = &start.checkpoint {
-            checkpoint::check_state(file, &start.state, &backend.state_shapes())?;
+            checkpoint::check_state(file, &start.state, &backend.state_shapes()?)?;
             report.resumed_from = Some(file.clone());
             self.log(&format!("resuming from {file} at global step {}", start.step));
         }
@@ -315,6 +315,9 @@ impl Runner {
         let state = backend.state()?;
         check_finite(step, &state)?;
         self.memory = Some((step, state, positions));
+        if let Some(f) = &metrics_file {
+            f.write_curves()?;
+        }
         for h in hooks.iter_mut() {
             h.end(&report)?;
         }
@@ -378,7 +381,9 @@ impl Runner {
             for (k, v) in &report.metrics {
                 record[k] = json!(v);
             }
-            MetricsFile::new(dir).append(&record)?;
+            let file = MetricsFile::new(dir);
+            file.append(&record)?;
+            file.write_curves()?;
         }
         Ok(report)
     }

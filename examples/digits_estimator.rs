@@ -4,7 +4,7 @@
 //! Prints both loss curves, both test accuracies and the simulated examples/s.
 //!
 //! ```text
-//! cargo run --release --example digits -- [--steps 300] [--batch 64] [--lr 0.05] [--machine v2-8] [--cpu-only]
+//! cargo run --release --example digits_estimator -- [--steps 300] [--batch 64] [--lr 0.05] [--machine v2-8] [--cpu-only]
 //! ```
 //!
 //! The data (1,797 images, CC BY 4.0, Alpaydin & Kaynak 1998) ship in `data/digits/`:
@@ -66,12 +66,26 @@ fn curve(r: &TrainReport, every: usize) -> String {
         .join(" ")
 }
 
+/// What the example measured.
+#[allow(dead_code)] // Read by tests/examples.rs.
+pub struct Summary {
+    pub cpu_accuracy: f64,
+    pub tpu_accuracy: Option<f64>,
+    pub simulated_examples_per_second: Option<f64>,
+}
+
 fn main() -> Result<()> {
     let steps = number("--steps", 300.0)? as u64;
     let batch = number("--batch", 64.0)? as usize;
     let lr = number("--lr", 0.05)? as f32;
     let machine = arg("--machine").unwrap_or_else(|| "v2-8".into());
     let cpu_only = std::env::args().any(|a| a == "--cpu-only");
+    run(steps, batch, lr, &machine, cpu_only)?;
+    Ok(())
+}
+
+/// Trains with the CPU Estimator, then (unless `cpu_only`) with the TpuEstimator on `machine`.
+pub fn run(steps: u64, batch: usize, lr: f32, machine: &str, cpu_only: bool) -> Result<Summary> {
     let (train, test) = digits_split()?;
     let test_steps = test.len().div_ceil(batch) as u64;
 
@@ -86,8 +100,10 @@ fn main() -> Result<()> {
     println!("CPU Estimator (f32), {steps} steps of {batch} in {cpu_wall:.1} s:");
     println!("  loss every {} steps: {}", steps / 10, curve(&a, (steps / 10).max(1) as usize));
     println!("  test accuracy {:.1}% ({} examples)", 100.0 * ea.metrics["accuracy"], ea.examples);
+    let mut summary =
+        Summary { cpu_accuracy: ea.metrics["accuracy"], tpu_accuracy: None, simulated_examples_per_second: None };
     if cpu_only {
-        return Ok(());
+        return Ok(summary);
     }
 
     // After: steps 3 and 4 — a RunConfig with a TpuConfig, and the TpuEstimator.
@@ -97,7 +113,7 @@ fn main() -> Result<()> {
     };
     let args = TpuEstimatorArgs {
         config,
-        machine: Some(presets::preset(&machine)?),
+        machine: Some(presets::preset(machine)?),
         train_batch_size: Some(batch),
         eval_batch_size: Some(batch),
         ..TpuEstimatorArgs::default()
@@ -122,5 +138,7 @@ fn main() -> Result<()> {
         "  simulated {:.0} examples/s on {machine}; the functional simulation took {tpu_wall:.1} s of wall time",
         b.simulated_examples_per_second().unwrap_or(0.0)
     );
-    Ok(())
+    summary.tpu_accuracy = Some(eb.metrics["accuracy"]);
+    summary.simulated_examples_per_second = b.simulated_examples_per_second();
+    Ok(summary)
 }
