@@ -143,4 +143,13 @@ fn training_with_augmentation_warm_starts_and_test_time_augmentation() {
     std::fs::create_dir_all(empty.join("cats")).unwrap();
     let e = fails(&["train", "shapes_cnn", "--cpu", "--steps", "2", "--dataset", empty.to_str().unwrap()]);
     assert!(e.contains("class 'cats' has no PNG or JPEG images"), "{e}");
+    // A file whose labels are not the model's classes names the file and the label.
+    let file = tmp.path().join("bad_labels.safetensors");
+    let image = systolic::compiler::Tensor::zeros(vec![4, 8, 8, 1]);
+    let labels = systolic::compiler::Tensor::from_shape_vec(vec![4], vec![0.0, 1.0, 2.0, 12.0]).unwrap();
+    systolic::compiler::tensors::save(&file, &[("image".to_string(), image), ("labels".to_string(), labels)].into())
+        .unwrap();
+    let e =
+        fails(&["train", "digits_cnn", "--cpu", "--steps", "1", "--batch", "2", "--dataset", file.to_str().unwrap()]);
+    assert!(e.contains("bad_labels.safetensors") && e.contains("label 12 of example 3"), "{e}");
 }

@@ -78,6 +78,11 @@ impl Examples {
         self.len
     }
 
+    /// Tensor `name`, all examples.
+    pub fn tensor(&self, name: &str) -> Option<&Tensor> {
+        self.tensors.get(name)
+    }
+
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }

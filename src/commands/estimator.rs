@@ -256,15 +256,37 @@ pub fn dataset(spec: &str, model: &Graph, train: bool) -> Result<Arc<dyn Source>
         return Ok(Arc::new(Subset::new(all, range)?));
     }
     let path = Path::new(spec);
+    let classes = model_classes(model);
     if path.is_dir() {
         let (h, w) = hwc(spec)?;
-        return Ok(Arc::new(ImageFolder::open(path, h, w)?));
+        let folder = ImageFolder::open(path, h, w)?;
+        if let Some(c) = classes {
+            anyhow::ensure!(
+                folder.classes().len() <= c,
+                "{spec}: has {} class folders but model '{}' predicts {c} classes: give a model with a head of {}",
+                folder.classes().len(),
+                model.name(),
+                folder.classes().len()
+            );
+        }
+        return Ok(Arc::new(folder));
     }
     anyhow::ensure!(
         path.extension().is_some_and(|e| e == "safetensors"),
         "--dataset {spec}: give digits, shapes, a folder of class folders of images or a .safetensors file of examples"
     );
-    Ok(Arc::new(data::load(path)?))
+    let examples = data::load(path)?;
+    if let (Some(c), Some(labels)) = (classes, examples.tensor("labels")) {
+        systolic::compiler::reference::loss::check_labels("labels", &labels.iter().copied().collect::<Vec<_>>(), c)
+            .with_context(|| format!("{spec}: model '{}' predicts {c} classes", model.name()))?;
+    }
+    Ok(Arc::new(examples))
+}
+
+/// The classes a model predicts: its first output's last axis.
+fn model_classes(model: &Graph) -> Option<usize> {
+    let out = model.outputs().first()?;
+    model.node(*out).shape.dims.last().copied()
 }
 
 /// The `shapes` data set the commands use: its seed and split.

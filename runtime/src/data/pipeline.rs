@@ -413,6 +413,44 @@ mod tests {
         assert_eq!(b["x"].iter().copied().collect::<Vec<_>>(), vec![2004.0, 2005.0, 3000.0, 3001.0]);
     }
 
+    proptest::proptest! {
+        /// Over sizes, shards, batches and repeats: every batch holds the batch size (the last
+        /// may be short only without drop_remainder), the stream holds exactly the examples
+        /// it should, and `batches()` counts them.
+        #[test]
+        fn batches_always_have_the_batch_size(
+            n in 1usize..40, count in 1usize..4, batch in 1usize..12, times in 1u64..4, drop in proptest::bool::ANY,
+            shuffle in proptest::option::of(0u64..5),
+        ) {
+            let index = n % count;
+            let Ok(d) = Dataset::from_source(examples(n)).shard(index, count) else { return Ok(()) };
+            let per = d.examples_per_epoch();
+            proptest::prop_assume!(per > 0);
+            let mut d = d.repeat(Repeat::Times(times));
+            if let Some(seed) = shuffle {
+                d = d.shuffle(seed);
+            }
+            let d = d.batch(batch, drop).unwrap();
+            let expected = d.batches();
+            let got = all(d);
+            let total = per * times as usize;
+            proptest::prop_assert_eq!(Some(got.len() as u64), expected);
+            for (i, b) in got.iter().enumerate() {
+                let last = i + 1 == got.len();
+                proptest::prop_assert!(b.len() == batch || (!drop && last && b.len() == total % batch));
+            }
+            let seen: usize = got.iter().map(Vec::len).sum();
+            proptest::prop_assert_eq!(seen, if drop { total / batch * batch } else { total });
+            // Each epoch reads every example of the shard once.
+            if !drop && times == 1 {
+                let mut flat: Vec<usize> = got.concat();
+                flat.sort();
+                let want: Vec<usize> = (index..n).step_by(count).collect();
+                proptest::prop_assert_eq!(flat, want);
+            }
+        }
+    }
+
     #[test]
     fn empty_shards_and_batches_that_cannot_fill_are_refused() {
         assert!(Dataset::from_source(examples(3)).shard(3, 3).is_err());
