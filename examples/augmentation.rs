@@ -88,7 +88,7 @@ pub fn run(per_class: usize, steps: u64, spec: &str, out: &std::path::Path) -> R
         let input = move |ctx: &InputContext| -> systolic::runtime::Result<Box<dyn Input>> {
             let mut d = source.dataset(ctx)?;
             if let Some(a) = &with {
-                d = d.map(data::augmentation("image", a.clone(), ctx.seed));
+                d = d.map(data::augmentation("image", a.clone(), ctx.seed, ctx.input_index));
             }
             Ok(Box::new(inputs::batched(d, ctx)?))
         };

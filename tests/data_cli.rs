@@ -152,4 +152,27 @@ fn training_with_augmentation_warm_starts_and_test_time_augmentation() {
     let e =
         fails(&["train", "digits_cnn", "--cpu", "--steps", "1", "--batch", "2", "--dataset", file.to_str().unwrap()]);
     assert!(e.contains("bad_labels.safetensors") && e.contains("label 12 of example 3"), "{e}");
+    // Rescaling is preprocessing (every mode), not augmentation (training only).
+    let e = fails(&["train", "digits_cnn", "--cpu", "--steps", "1", "--augment", "flip,rescale"]);
+    assert!(e.contains("rescale is preprocessing") && e.contains("--rescale"), "{e}");
+    let c = tmp.path().join("c");
+    let o = ok(&[
+        "train",
+        "digits_cnn",
+        "--cpu",
+        "--steps",
+        "2",
+        "--batch",
+        "16",
+        "--rescale",
+        "--classes",
+        "12",
+        "--model-dir",
+        c.to_str().unwrap(),
+    ]);
+    assert!(o.contains("to 2"), "{o}");
+    let state = systolic::runtime::checkpoint::load(&systolic::runtime::checkpoint::path(&c, 2)).unwrap().state;
+    assert_eq!(state["logits/kernel"].shape(), &[64, 12]);
+    let e = fails(&["train", "no_such.ron", "--cpu", "--steps", "1", "--classes", "3"]);
+    assert!(e.contains("--classes applies to zoo models"), "{e}");
 }

@@ -27,19 +27,22 @@ fn digits_estimator_trains_on_the_cpu_and_a_simulated_v2_8() {
 
 #[test]
 fn transfer_learning_compares_three_starts() {
-    let s = transfer_learning::run(150, 40, 20).unwrap();
-    assert!(s.pretrained > 0.9, "pre-trained {}", s.pretrained);
-    // Every start learns the new digits; the warm ones lead after the short budget.
-    assert!(s.full.iter().all(|&a| a > 0.6), "{:?}", s.full);
-    assert!(s.short[1] > s.short[2], "fine-tuning {:?} vs scratch", s.short);
+    // The README's configuration (seconds on the CPU reference): its figures, deterministic.
+    let s = transfer_learning::run(300, 150, 20).unwrap();
+    assert!(s.pretrained > 0.95, "pre-trained {}", s.pretrained);
+    // Every start learns the new digits; the warm ones lead after the short budget, by more
+    // than a few test digits.
+    assert!(s.full.iter().all(|&a| a > 0.8), "{:?}", s.full);
+    assert!(s.short[0] > s.short[2] + 0.03 && s.short[1] > s.short[2] + 0.03, "{:?}", s.short);
 }
 
 #[test]
 fn augmentation_trains_with_and_without_and_writes_the_grid() {
     let dir = tempfile::tempdir().unwrap();
     let grid = dir.path().join("grid.png");
-    let s = augmentation::run(10, 150, "rotate=12,crop=0.7", &grid).unwrap();
-    assert!(s.plain > 0.5 && s.augmented > 0.5, "{} {}", s.plain, s.augmented);
+    // The README's configuration: augmentation must beat the plain run, as quoted.
+    let s = augmentation::run(10, 400, "rotate=12,crop=0.7,zoom=1.15", &grid).unwrap();
+    assert!(s.plain > 0.8 && s.augmented > s.plain + 0.01, "{} {}", s.plain, s.augmented);
     assert!(std::fs::metadata(&grid).unwrap().len() > 100);
 }
 

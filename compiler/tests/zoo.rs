@@ -18,6 +18,8 @@ fn published_parameter_counts() {
     assert_eq!(params("lenet5"), 61_706);
     // conv 5x5x10 (260) + conv 5x5x20 (5020) + dense 320x300 (96300) + dense 300x10 (3010).
     assert_eq!(params("simple_cnn"), 104_590);
+    // 3 convs (448 + 4,640 + 18,496), their batch norms' gamma and beta (224), dense 64x3 (195).
+    assert_eq!(params("shapes_cnn"), 24_003);
 }
 
 #[test]
@@ -26,7 +28,11 @@ fn every_model_ends_in_logits() {
         let g = zoo::build(name).unwrap();
         assert_eq!(g.outputs().len(), 1, "{name}");
         let out = g.node(g.outputs()[0]);
-        let classes = if matches!(name, "simple_cnn" | "digits_cnn" | "lenet5") { 10 } else { 1000 };
+        let classes = match name {
+            "simple_cnn" | "digits_cnn" | "lenet5" => 10,
+            "shapes_cnn" => 3,
+            _ => 1000,
+        };
         assert_eq!(out.shape.dims, vec![classes], "{name}");
         assert!(out.shape.batched);
     }

@@ -459,6 +459,38 @@ fn predict_pads_host_calls_run_and_eval_metrics_stream() {
     assert_eq!(r.metrics["share_of_zeros"], zeros);
 }
 
+/// Test-time augmentation averages the views' outputs: with a deterministic view (rescale)
+/// it equals predicting the rescaled images; with flips it is the mean of the flipped and
+/// unflipped predictions' range.
+#[test]
+fn test_time_augmentation_is_the_mean_over_views() {
+    let model = zoo::build("digits_cnn").unwrap();
+    let mut e =
+        TpuEstimator::new(tpu_model_fn(model, 0.05), TpuEstimatorArgs { use_tpu: false, ..tpu_args(16) }).unwrap();
+    quiet(&mut e, |e, l| e.set_log(l));
+    e.train(&digits_input(true), Some(2), None).unwrap();
+    let (_, test) = digits_split().unwrap();
+    let few = test.split(0..20);
+    let plain_input = {
+        let few = few.clone();
+        move |ctx: &InputContext| few.input(ctx)
+    };
+    let rescale = systolic_runtime::augment::Augment::parse("rescale").unwrap();
+    let tta = e.predict_with_tta(&plain_input, &rescale, 3).unwrap();
+    let mut rescaled = few.gather(&(0..20).collect::<Vec<_>>());
+    rescaled.insert("image".into(), rescaled["image"].mapv(|v| 2.0 * v - 1.0));
+    let rescaled = Examples::new(rescaled).unwrap();
+    let direct = e.predict(&move |ctx: &InputContext| rescaled.input(ctx)).unwrap();
+    let diff = tta["logits"].iter().zip(direct["logits"].iter()).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert!(diff < 1e-5, "three identical views average to the view: {diff}");
+    // Random views differ from the plain prediction but average within its neighbourhood.
+    let rotate = systolic_runtime::augment::Augment::parse("rotate=10").unwrap();
+    let views = e.predict_with_tta(&plain_input, &rotate, 4).unwrap();
+    let plain = e.predict(&plain_input).unwrap();
+    assert_ne!(views["logits"], plain["logits"]);
+    assert_eq!(views["logits"].shape(), &[20, 10]);
+}
+
 /// A warm start loads another run's variables through a name map and freezes a pattern:
 /// frozen parameters do not move, the rest train.
 #[test]

@@ -40,7 +40,7 @@ pub fn run(args: Args) -> Result<()> {
     let augment = super::estimator::parse_augment(args.augment.as_deref(), &model)?;
     let mut d = Dataset::from_source(Arc::clone(&source)).shuffle(0).repeat(Repeat::Forever);
     if let Some(a) = &augment {
-        d = d.map(data::augmentation("image", a.clone(), 0));
+        d = d.map(data::augmentation(&super::estimator::image_input(&model)?, a.clone(), 0, 0));
     }
     // No prefetch: the figure is the pipeline's own rate on every core, not hidden latency.
     let mut d = d.batch(args.batch, true)?;

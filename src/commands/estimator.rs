@@ -53,6 +53,13 @@ pub struct Common {
     /// Seeds parameter initialisation and the input's shuffle (RunConfig's random_seed).
     #[arg(long)]
     seed: Option<u64>,
+    /// Rescale images from [0, 1] to [-1, 1] in every mode (preprocessing: training,
+    /// evaluation and prediction must see the same; give it to each command).
+    #[arg(long)]
+    rescale: bool,
+    /// With a zoo model: this many classes in its head (transfer learning's new head).
+    #[arg(long)]
+    classes: Option<usize>,
 }
 
 #[derive(clap::Args)]
@@ -96,7 +103,7 @@ pub struct TrainArgs {
     #[arg(long, value_name = "DIR")]
     warm_start: Option<PathBuf>,
     /// With --warm-start: the parameters to load (a regular expression over names, matched
-    /// whole); default every one whose shape fits is not assumed — give e.g. 'conv.*'.
+    /// whole, e.g. 'conv.*'); default: every parameter (each must exist with its shape).
     #[arg(long, value_name = "REGEX", requires = "warm_start")]
     warm_start_vars: Option<String>,
     /// With --warm-start: parameters to freeze (a regular expression over names, matched
@@ -197,7 +204,7 @@ impl Common {
         label_smoothing: f32,
         warm_start_from: Option<WarmStart>,
     ) -> Result<(TpuEstimator, Graph)> {
-        let model = super::load_model(&self.model)?;
+        let model = self.model()?;
         let (machine, precision) = if self.cpu {
             (None, systolic::simulator::numerics::Precision::Highest)
         } else {
@@ -229,6 +236,30 @@ impl Common {
     fn examples(&self, model: &Graph, train: bool) -> Result<Arc<dyn Source>> {
         dataset(&self.dataset, model, train)
     }
+
+    /// The model, with `--classes` applied to a zoo model's head.
+    fn model(&self) -> Result<Graph> {
+        let Some(classes) = self.classes else { return super::load_model(&self.model) };
+        anyhow::ensure!(classes >= 1, "--classes {classes}: give at least one class");
+        anyhow::ensure!(
+            systolic::compiler::zoo::names().contains(&self.model.as_str()),
+            "--classes applies to zoo models; for {} change the head in the file",
+            self.model
+        );
+        let opts = systolic::compiler::zoo::ZooOptions { classes: Some(classes), ..Default::default() };
+        Ok(systolic::compiler::zoo::build_with(&self.model, opts)?)
+    }
+
+    /// The preprocessing every mode applies (`--rescale`).
+    fn preprocessing(&self) -> Option<Augment> {
+        self.rescale.then(|| Augment::new(vec![augment::Op::Rescale]).expect("rescale alone is valid"))
+    }
+}
+
+/// The model's image input: its first input (what augmentation and preprocessing change).
+pub fn image_input(model: &Graph) -> Result<String> {
+    let id = *model.inputs().first().with_context(|| format!("model '{}' has no inputs", model.name()))?;
+    Ok(model.node(id).name.clone())
 }
 
 /// The examples of `--dataset` for training (`train`) or testing, at `model`'s input size.
@@ -276,7 +307,18 @@ pub fn dataset(spec: &str, model: &Graph, train: bool) -> Result<Arc<dyn Source>
         "--dataset {spec}: give digits, shapes, a folder of class folders of images or a .safetensors file of examples"
     );
     let examples = data::load(path)?;
-    if let (Some(c), Some(labels)) = (classes, examples.tensor("labels")) {
+    for id in model.inputs() {
+        let name = &model.node(id).name;
+        anyhow::ensure!(
+            examples.tensor(name).is_some(),
+            "{spec}: has no tensor '{name}', the input of model '{}' (it holds {:?})",
+            model.name(),
+            examples.shapes().keys().collect::<Vec<_>>()
+        );
+    }
+    let labels =
+        examples.tensor("labels").with_context(|| format!("{spec}: has no tensor 'labels' (integer class ids)"))?;
+    if let Some(c) = classes {
         systolic::compiler::reference::loss::check_labels("labels", &labels.iter().copied().collect::<Vec<_>>(), c)
             .with_context(|| format!("{spec}: model '{}' predicts {c} classes", model.name()))?;
     }
@@ -294,17 +336,23 @@ const SHAPES_SEED: u64 = 11;
 const SHAPES_TRAIN: usize = 2000;
 const SHAPES_TEST: usize = 400;
 
-/// An input function over `source`, the training images augmented by `augment`.
+/// An input function over `source`: tensor `image`'s training batches augmented by
+/// `augment`, every mode's preprocessed by `preprocess`.
 fn input_fn(
     source: Arc<dyn Source>,
+    image: String,
     augment: Option<Augment>,
+    preprocess: Option<Augment>,
 ) -> impl Fn(&InputContext) -> systolic::runtime::Result<Box<dyn systolic::runtime::Input>> {
     move |ctx| {
         let mut d = input::source_dataset(source.clone(), ctx)?;
         if let Some(a) = &augment
             && ctx.mode == Mode::Train
         {
-            d = d.map(data::augmentation("image", a.clone(), ctx.seed));
+            d = d.map(data::augmentation(&image, a.clone(), ctx.seed, ctx.input_index));
+        }
+        if let Some(p) = &preprocess {
+            d = d.map(data::augmentation(&image, p.clone(), ctx.seed, ctx.input_index));
         }
         Ok(Box::new(input::batched(d, ctx)?))
     }
@@ -314,6 +362,10 @@ fn input_fn(
 pub fn parse_augment(spec: Option<&str>, model: &Graph) -> Result<Option<Augment>> {
     let Some(spec) = spec else { return Ok(None) };
     let a = Augment::parse(spec).with_context(|| format!("--augment {spec}"))?;
+    anyhow::ensure!(
+        !a.ops().contains(&augment::Op::Rescale),
+        "--augment {spec}: rescale is preprocessing, which evaluation and prediction must apply too: give --rescale to every command instead"
+    );
     let channels = model.inputs().first().and_then(|&i| model.node(i).shape.dims.last().copied()).unwrap_or(0);
     a.check(channels).with_context(|| format!("--augment {spec} on model '{}'", model.name()))?;
     Ok(Some(a))
@@ -341,7 +393,8 @@ pub fn train(args: TrainArgs) -> Result<()> {
     let augment = parse_augment(args.augment.as_deref(), &model)?;
     let examples = c.examples(&model, true)?;
     let began = Instant::now();
-    let report = est.train(&input_fn(examples, augment), None, Some(args.steps))?;
+    let input = input_fn(examples, image_input(&model)?, augment, c.preprocessing());
+    let report = est.train(&input, None, Some(args.steps))?;
     let wall = began.elapsed().as_secs_f64();
     if report.loops.is_empty() {
         println!("{} is already trained to global step {}", model.name(), report.global_step);
@@ -374,7 +427,7 @@ pub fn evaluate(args: EvaluateArgs) -> Result<()> {
     let examples = c.examples(&model, false)?;
     let steps = args.steps.unwrap_or(examples.len().div_ceil(c.batch) as u64);
     // The estimator prints the metrics (and writes them to the model folder's metrics file).
-    est.evaluate(&input_fn(examples, None), Some(steps))?;
+    est.evaluate(&input_fn(examples, image_input(&model)?, None, c.preprocessing()), Some(steps))?;
     Ok(())
 }
 
@@ -382,12 +435,13 @@ pub fn predict(args: PredictArgs) -> Result<()> {
     let c = &args.common;
     let (mut est, model) = c.estimator(c.config()?, Optimizer::default(), 0.0, None)?;
     let examples = c.examples(&model, false)?;
+    let input = input_fn(examples, image_input(&model)?, None, c.preprocessing());
     let p: TensorMap = match (args.tta, parse_augment(args.augment.as_deref(), &model)?) {
         (Some(views), Some(a)) => {
             anyhow::ensure!(views >= 1, "--tta {views}: give at least 1 view");
-            est.predict_with_tta(&input_fn(examples, None), &a, views)?
+            est.predict_with_tta(&input, &a, views)?
         }
-        _ => est.predict(&input_fn(examples, None))?,
+        _ => est.predict(&input)?,
     };
     super::save_tensors(&args.output, &p)?;
     let shapes: Vec<String> = p.iter().map(|(k, t)| format!("{k} {:?}", t.shape())).collect();
@@ -403,7 +457,8 @@ pub fn augment(args: AugmentArgs) -> Result<()> {
     let source = dataset(&args.dataset, &model, true)?;
     let n = args.count.min(source.len());
     let batch = source.gather(&(0..n).collect::<Vec<_>>())?;
-    let images = batch.get("image").context("the data set has no 'image' tensor to augment")?;
+    let name = image_input(&model)?;
+    let images = batch.get(&name).with_context(|| format!("the data set has no '{name}' tensor to augment"))?;
     let example: Vec<usize> = images.shape()[1..].to_vec();
     let values = images.as_standard_layout();
     let size: usize = example.iter().product();

@@ -88,10 +88,11 @@ impl Simulated {
             // The state not given (slots, the optimizer's and dropout's counters) starts as
             // the compiled step starts it; before the first step it is still on the host.
             let mut initial = step.initial_state.clone();
-            initial.extend(self.initial.take().unwrap_or_default());
+            initial.extend(self.initial.clone().unwrap_or_default());
             for b in step.executable.bindings.iter().filter(|b| b.role == Role::Parameter) {
                 session::state_tensor(&initial, &b.name, &b.shape)?;
             }
+            // Only once every check passed: a failed compile leaves the backend as it was.
             self.initial = Some(initial);
             self.step = Some(step);
         }

@@ -31,7 +31,9 @@ impl ImageFolder {
         let mut classes: Vec<(String, PathBuf)> = Vec::new();
         for entry in std::fs::read_dir(root).map_err(|e| io(root, e))? {
             let entry = entry.map_err(|e| io(root, e))?;
-            if entry.file_type().map_err(|e| io(&entry.path(), e))?.is_dir() {
+            // Hidden folders (`.ipynb_checkpoints`, `.git`) are not classes.
+            let hidden = entry.file_name().to_string_lossy().starts_with('.');
+            if !hidden && entry.file_type().map_err(|e| io(&entry.path(), e))?.is_dir() {
                 classes.push((entry.file_name().to_string_lossy().into_owned(), entry.path()));
             }
         }

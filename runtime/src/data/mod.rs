@@ -23,14 +23,20 @@ pub use shapes::Shapes;
 use crate::augment::Augment;
 use systolic_compiler::rng::derive;
 
+/// Mixed into the run's seed for augmentation draws (apart from the shuffle's).
+const AUGMENT_TAG: u64 = 0xa0_6e47;
+
 /// A map that augments tensor `name` (`[N, H, W, C]` images) of every batch: each example
-/// with its own key, from `seed` and its running count in the stream — freshly random for
-/// every example in every epoch, the same on any thread and after a resume.
-pub fn augmentation(name: &str, augment: Augment, seed: u64) -> MapFn {
+/// with its own key, from the run's `seed`, the input pipeline (`input_index`: replicas or
+/// hosts reading their own shards draw their own) and the example's running count in the
+/// stream — freshly random for every example in every epoch, the same on any thread and
+/// after a resume.
+pub fn augmentation(name: &str, augment: Augment, seed: u64, input_index: usize) -> MapFn {
     let name = name.to_string();
+    let key = derive(derive(seed, AUGMENT_TAG), input_index as u64);
     std::sync::Arc::new(move |mut batch: TensorMap, counts: &[u64]| {
         let images = batch.get(&name).ok_or_else(|| Error::Input(format!("augment: the batch has no '{name}'")))?;
-        let out = augment.apply_batch(images, |i| derive(seed, counts[i]))?;
+        let out = augment.apply_batch(images, |i| derive(key, counts[i]))?;
         batch.insert(name.clone(), out);
         Ok(batch)
     })
@@ -97,6 +103,17 @@ pub fn load(path: &Path) -> Result<Examples> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_input_pipeline_draws_its_own_augmentation() {
+        let images = Tensor::from_shape_fn(vec![2, 6, 6, 1], |i| (i[1] * 6 + i[2]) as f32 / 36.0);
+        let batch = TensorMap::from([("image".to_string(), images)]);
+        let aug = Augment::parse("rotate=20,brightness=0.2").unwrap();
+        let run = |seed, index| augmentation("image", aug.clone(), seed, index)(batch.clone(), &[0, 1]).unwrap();
+        assert_eq!(run(3, 0), run(3, 0));
+        assert_ne!(run(3, 0), run(3, 1), "two replicas' pipelines");
+        assert_ne!(run(3, 0), run(4, 0), "another run's seed");
+    }
 
     #[test]
     fn digits_load_and_split() {

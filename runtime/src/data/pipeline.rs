@@ -175,6 +175,8 @@ pub struct Dataset {
     position: u64,
     /// The prefetching thread's batches, with the position it started at.
     ahead: Option<Receiver<Result<Option<TensorMap>>>>,
+    /// The stream ended (the thread is gone): later reads end too, until a seek.
+    ended: bool,
 }
 
 impl Dataset {
@@ -196,6 +198,7 @@ impl Dataset {
             prefetch: 0,
             position: 0,
             ahead: None,
+            ended: false,
         }
     }
 
@@ -302,11 +305,21 @@ impl Input for Dataset {
         let batch = if self.prefetch == 0 {
             self.plan.batch_at(self.position)?
         } else {
+            if self.ended {
+                return Ok(None);
+            }
             if self.ahead.is_none() {
                 self.start_ahead();
             }
             let rx = self.ahead.as_ref().expect("started above");
-            rx.recv().map_err(|_| Error::Input("the prefetching thread stopped".into()))??
+            let got = rx.recv().map_err(|_| Error::Input("the prefetching thread stopped".into()))?;
+            if !matches!(got, Ok(Some(_))) {
+                // The thread has sent its last: the end, or an error (reported once; reading on
+                // starts again from this position).
+                self.ahead = None;
+                self.ended = matches!(got, Ok(None));
+            }
+            got?
         };
         if batch.is_some() {
             self.position += 1;
@@ -322,6 +335,7 @@ impl Input for Dataset {
         self.position = position;
         // The thread's batches were for the old position: start again from the new one.
         self.ahead = None;
+        self.ended = false;
         Ok(())
     }
 }

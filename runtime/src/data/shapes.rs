@@ -45,7 +45,8 @@ impl Shapes {
         let (cx, cy) = (radius + (n - 2.0 * radius) * u(2), radius + (n - 2.0 * radius) * u(3));
         let angle = std::f32::consts::TAU * u(4);
         let background = [u(5), u(6), u(7)].map(|v| 0.8 * v);
-        // The shape's colour: the background's complement, shifted, so it always stands out.
+        // The shape in the upper half of each channel's range, the background in the lower
+        // 80%: they can come close in a channel but the shape is the brighter on average.
         let colour = [u(8), u(9), u(10)].map(|v| 0.5 + 0.5 * v);
         let (sin, cos) = angle.sin_cos();
         let inside = |x: f32, y: f32| {
@@ -126,8 +127,6 @@ mod tests {
             counts[l as usize] += 1;
         }
         assert!(counts.iter().all(|&c| (70..130).contains(&c)), "{counts:?}");
-        // A circle covers about pi r^2 of the pixels; a triangle inscribed in the same circle
-        // about 0.41 pi r^2: the shape's share of pixels tells them apart.
         for i in 0..30 {
             let (pixels, class) = s.draw(i);
             let other = Shapes::new(300, 16, 6).unwrap().draw(i).0;

@@ -316,7 +316,11 @@ impl Runner {
         check_finite(step, &state)?;
         self.memory = Some((step, state, positions));
         if let Some(f) = &metrics_file {
-            f.write_curves()?;
+            // The curves are a view of the metrics: a failure to draw them is a note, not a
+            // failed run.
+            if let Err(e) = f.write_curves() {
+                self.log(&format!("note: curves not drawn: {e}"));
+            }
         }
         for h in hooks.iter_mut() {
             h.end(&report)?;
@@ -383,7 +387,9 @@ impl Runner {
             }
             let file = MetricsFile::new(dir);
             file.append(&record)?;
-            file.write_curves()?;
+            if let Err(e) = file.write_curves() {
+                self.log(&format!("note: curves not drawn: {e}"));
+            }
         }
         Ok(report)
     }
