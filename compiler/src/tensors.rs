@@ -178,6 +178,25 @@ mod tests {
     }
 
     #[test]
+    fn a_failed_write_keeps_what_was_there_and_leaves_no_temporary() {
+        let dir = std::env::temp_dir().join(format!("systolic-atomic-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("out.bin");
+        write_atomically(&file, b"first").unwrap();
+        // A folder where the file should go: the rename fails after the temporary was written.
+        let blocked = dir.join("blocked");
+        std::fs::create_dir_all(blocked.join("inside")).unwrap();
+        assert!(write_atomically(&blocked, b"second").is_err());
+        assert!(blocked.join("inside").is_dir());
+        assert_eq!(std::fs::read(&file).unwrap(), b"first");
+        let left: Vec<String> =
+            std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        assert!(left.iter().all(|n| !n.starts_with('.')), "temporaries left: {left:?}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn round_trip_through_bytes() {
         let mut m = TensorMap::new();
         m.insert(

@@ -179,6 +179,7 @@ pub fn layers(machine: &Machine, kernels: &[KernelReport], timing: &Timing) -> V
 }
 
 pub fn run(args: Args) -> Result<()> {
+    super::check_outputs([("--emit", args.emit.as_deref())])?;
     let (machine, precision) = args.what.target.resolve()?;
     if let Some(p) = &args.dump_after {
         anyhow::ensure!(
@@ -195,8 +196,7 @@ pub fn run(args: Args) -> Result<()> {
         println!("== after {} ==\n{}", pass.name(), compiled.dump(pass));
     }
     if let Some(path) = &args.emit {
-        std::fs::write(path, serde_json::to_vec(&compiled.executable)?)
-            .with_context(|| format!("writing {}", path.display()))?;
+        super::write_file(path, &serde_json::to_vec(&compiled.executable)?)?;
     }
     let start = Instant::now();
     let timing = simulate(&machine, &compiled.executable.program, true)?;

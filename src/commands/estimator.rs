@@ -432,6 +432,7 @@ pub fn evaluate(args: EvaluateArgs) -> Result<()> {
 }
 
 pub fn predict(args: PredictArgs) -> Result<()> {
+    super::check_outputs([("--output", Some(args.output.as_path()))])?;
     let c = &args.common;
     let (mut est, model) = c.estimator(c.config()?, Optimizer::default(), 0.0, None)?;
     let examples = c.examples(&model, false)?;
@@ -451,6 +452,7 @@ pub fn predict(args: PredictArgs) -> Result<()> {
 
 /// `systolic augment`: a grid of examples, each row the original and augmented views.
 pub fn augment(args: AugmentArgs) -> Result<()> {
+    super::check_outputs([("--out", Some(args.out.as_path()))])?;
     anyhow::ensure!(args.count >= 1, "--count {}: show at least one example", args.count);
     let model = super::load_model(&args.model)?;
     let augment = parse_augment(Some(&args.augment), &model)?.expect("given");

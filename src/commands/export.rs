@@ -14,6 +14,7 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<()> {
+    super::check_outputs([("--out", Some(args.out.as_path()))])?;
     let g = super::load_model(&args.model)?;
     g.save(&args.out)?;
     println!(

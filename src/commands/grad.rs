@@ -37,6 +37,7 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<()> {
+    super::check_outputs([("--output", Some(args.output.as_path()))])?;
     let model = super::load_model(&args.model)?;
     let train = autodiff::training_graph(&model, args.label_smoothing)?;
     let graph = &train.graph;

@@ -173,3 +173,32 @@ pub fn source_of<'a>(
 pub fn save_tensors(path: &Path, tensors: &TensorMap) -> Result<()> {
     Ok(tensors::save(path, tensors)?)
 }
+
+/// Writes `bytes` to `path` atomically (a temporary file beside it, flushed, renamed; removed
+/// on any failure): a failed write keeps the previous file whole and leaves nothing behind.
+pub fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
+    Ok(tensors::write_atomically(path, bytes)?)
+}
+
+/// Checks, before any work, that each output path can be written: its folder exists and
+/// takes a new file (tried with a temporary file, removed at once), and it is not a folder.
+/// A command that fails on its outputs then fails before it computes, writing nothing.
+pub fn check_outputs<'a>(paths: impl IntoIterator<Item = (&'a str, Option<&'a Path>)>) -> Result<()> {
+    for (option, path) in paths {
+        let Some(path) = path else { continue };
+        anyhow::ensure!(!path.is_dir(), "{option} {}: is a folder; give a file path", path.display());
+        let folder = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        anyhow::ensure!(
+            folder.is_dir(),
+            "{option} {}: the folder {} does not exist; create it or give another path",
+            path.display(),
+            folder.display()
+        );
+        let probe = folder.join(format!(".systolic-probe-{}", std::process::id()));
+        std::fs::write(&probe, b"").with_context(|| {
+            format!("{option} {}: the folder {} cannot be written", path.display(), folder.display())
+        })?;
+        let _ = std::fs::remove_file(&probe);
+    }
+    Ok(())
+}

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use serde_json::json;
 use systolic::simulator::Machine;
 use systolic::simulator::config::MxuTiming;
@@ -50,6 +50,7 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<()> {
+    super::check_outputs([("--trace", args.trace.as_deref())])?;
     let (machine, precision) = args.target.resolve()?;
     let (m, k, n) = (args.m, args.k, args.n);
     let mp = kernels::matmul(&machine, m, k, n, precision)?;
@@ -76,7 +77,7 @@ pub fn run(args: Args) -> Result<()> {
 
     if let Some(path) = &args.trace {
         let trace = chrome_trace(&machine, &mp.program, &timing.spans);
-        std::fs::write(path, serde_json::to_vec(&trace)?).with_context(|| format!("writing {}", path.display()))?;
+        super::write_file(path, &serde_json::to_vec(&trace)?)?;
     }
 
     let pe = if args.pe_level { Some(pe_check(&machine, m, k, n, precision)?) } else { None };

@@ -69,6 +69,10 @@ enum Backend {
 }
 
 pub fn run(args: Args) -> Result<()> {
+    super::check_outputs([
+        ("--output", Some(args.output.as_path())),
+        ("--save-weights", args.save_weights.as_deref()),
+    ])?;
     let graph = super::load_model(&args.model)?;
     let weights = super::load_weights(&graph, args.weights.as_deref(), args.seed)?;
     let inputs = match &args.input {

@@ -66,6 +66,7 @@ struct Row {
 }
 
 pub fn run(args: Args) -> Result<()> {
+    super::check_outputs([("--plot", args.plot.as_deref())])?;
     if args.cores.is_empty() {
         bail!("--cores: give at least one slice size");
     }
@@ -168,8 +169,9 @@ fn check_writable(path: &std::path::Path) -> Result<()> {
 /// Throughput (left axis, log-log) and scaling efficiency (right axis) against cores.
 fn plot(path: &std::path::Path, model: &str, rows: &[Row]) -> Result<()> {
     use plotters::prelude::*;
-    let draw = || -> std::result::Result<(), Box<dyn std::error::Error>> {
-        let root = SVGBackend::new(path, (900, 560)).into_drawing_area();
+    let mut svg = String::new();
+    let mut draw = || -> std::result::Result<(), Box<dyn std::error::Error>> {
+        let root = SVGBackend::with_string(&mut svg, (900, 560)).into_drawing_area();
         root.fill(&WHITE)?;
         let (c0, c1) = (rows[0].cores as f64, rows[rows.len() - 1].cores as f64 * 1.2);
         let top = rows.iter().map(|r| r.examples_per_second).fold(0.0, f64::max) * 1.5;
@@ -200,5 +202,6 @@ fn plot(path: &std::path::Path, model: &str, rows: &[Row]) -> Result<()> {
         root.present()?;
         Ok(())
     };
-    draw().map_err(|e| anyhow::anyhow!("writing the plot {}: {e}", path.display()))
+    draw().map_err(|e| anyhow::anyhow!("drawing the plot {}: {e}", path.display()))?;
+    super::write_file(path, svg.as_bytes())
 }

@@ -171,6 +171,7 @@ pub fn slice_step(
 }
 
 pub fn run(args: Args) -> Result<()> {
+    super::check_outputs([("--trace", args.trace.as_deref())])?;
     let (machine, precision) = args.what.target.resolve()?;
     let batch = per_core_batch(&machine, args.what.batch, args.slice.global_batch)?;
     let trace_cores = if args.trace.is_some() { args.trace_cores.clone() } else { vec![0] };
@@ -179,7 +180,7 @@ pub fn run(args: Args) -> Result<()> {
     let program = &step.compiled.executable.program;
     if let Some(path) = &args.trace {
         let trace = slice_trace(&machine, program, r);
-        std::fs::write(path, serde_json::to_vec(&trace)?).with_context(|| format!("writing {}", path.display()))?;
+        super::write_file(path, &serde_json::to_vec(&trace)?)?;
     }
     let examples_per_second = step.global_batch as f64 / r.step_seconds;
     // Gradient buckets (all-reduced, or reduce-scattered with the sharded update, whose
