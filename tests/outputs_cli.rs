@@ -1,6 +1,6 @@
-//! Output files as a user meets them: every output path is checked before any work, so a
-//! command that cannot write one of its outputs writes none of them; files are written
-//! atomically.
+//! Output files and options as a user meets them: every output path is checked before any
+//! work, so a command that cannot write one of its outputs writes none of them; files are
+//! written atomically; an option that does not apply is an error, never ignored.
 
 mod common;
 
@@ -36,4 +36,21 @@ fn traces_emitted_programs_and_plots_are_written_whole() {
     let names: Vec<String> =
         std::fs::read_dir(tmp.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
     assert!(names.iter().all(|n| !n.starts_with('.')), "temporaries left behind: {names:?}");
+}
+
+#[test]
+fn options_that_do_not_apply_are_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("y.safetensors");
+    let o = out.to_str().unwrap();
+    for (option, value) in [("--machine", "nosuch"), ("--precision", "nonsense"), ("--set", "core.nosuch=1")] {
+        let e = fails(&["run", "digits_cnn", "--output", o, option, value]);
+        assert!(e.contains(&format!("{option} applies to the simulated TPU")), "{e}");
+    }
+    let e = fails(&["compile", "digits_cnn", "--optimizer", "adam"]);
+    assert!(e.contains("--optimizer applies to a training step: add --train"), "{e}");
+    let e = fails(&["compare", "digits_cnn", "--labels", o]);
+    assert!(e.contains("--labels applies to a training step"), "{e}");
+    // The defaults still hold where they apply.
+    ok(&["run", "digits_cnn", "--output", o, "--backend", "tpu"]);
 }

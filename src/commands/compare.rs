@@ -118,6 +118,9 @@ pub fn run(args: Args) -> Result<()> {
 
     // What the reference computes: the outputs, or (training) the loss and every gradient.
     let training = args.train.training()?;
+    if training.is_none() && args.labels.is_some() {
+        anyhow::bail!("--labels applies to a training step: add --train or drop --labels");
+    }
     let grads = match training {
         None => None,
         Some(_) => {

@@ -53,30 +53,44 @@ pub struct TrainArgs {
     #[arg(long)]
     pub train: bool,
     /// With --train: sgd, momentum (0.9), nesterov (0.9), adam (0.9, 0.999, 1e-8), rmsprop
-    /// (decay 0.9, momentum 0, 1e-10) or lars (momentum 0.9, eta 0.001, epsilon 0).
-    #[arg(long, default_value = "sgd")]
-    pub optimizer: String,
-    /// With --train: the learning rate (the schedule's base rate).
-    #[arg(long, default_value_t = 0.01, allow_negative_numbers = true)]
-    pub learning_rate: f32,
+    /// (decay 0.9, momentum 0, 1e-10) or lars (momentum 0.9, eta 0.001, epsilon 0) [default: sgd].
+    #[arg(long)]
+    pub optimizer: Option<String>,
+    /// With --train: the learning rate (the schedule's base rate) [default: 0.01].
+    #[arg(long, allow_negative_numbers = true)]
+    pub learning_rate: Option<f32>,
     /// With --train: the learning rate by global step: constant, warmup=N, or a decay
     /// (step=B1/B2/...[,factor=F], poly=N[,end=F][,power=F], cosine=N[,alpha=F]) optionally
-    /// after warmup=N, e.g. warmup=500,step=3000/6000/8000,factor=0.1.
-    #[arg(long, default_value = "constant", value_name = "SPEC")]
-    pub schedule: String,
+    /// after warmup=N, e.g. warmup=500,step=3000/6000/8000,factor=0.1 [default: constant].
+    #[arg(long, value_name = "SPEC")]
+    pub schedule: Option<String>,
     /// With --train: L2 weight decay on all parameters but batch norm's and biases (the loss
-    /// reported does not include it).
-    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
-    pub weight_decay: f32,
+    /// reported does not include it) [default: 0].
+    #[arg(long, allow_negative_numbers = true)]
+    pub weight_decay: Option<f32>,
 }
 
 impl TrainArgs {
     /// The training settings, or None for inference.
     pub fn training(&self) -> Result<Option<Training>> {
         if !self.train {
+            let given = [
+                ("--optimizer", self.optimizer.is_some()),
+                ("--learning-rate", self.learning_rate.is_some()),
+                ("--schedule", self.schedule.is_some()),
+                ("--weight-decay", self.weight_decay.is_some()),
+            ];
+            if let Some((option, _)) = given.iter().find(|g| g.1) {
+                anyhow::bail!("{option} applies to a training step: add --train or drop {option}");
+            }
             return Ok(None);
         }
-        let optimizer = optimizer(&self.optimizer, self.learning_rate, &self.schedule, self.weight_decay)?;
+        let optimizer = optimizer(
+            self.optimizer.as_deref().unwrap_or("sgd"),
+            self.learning_rate.unwrap_or(0.01),
+            self.schedule.as_deref().unwrap_or("constant"),
+            self.weight_decay.unwrap_or(0.0),
+        )?;
         Ok(Some(Training { optimizer, label_smoothing: 0.0 }))
     }
 }

@@ -208,11 +208,8 @@ impl Common {
         let (machine, precision) = if self.cpu {
             (None, systolic::simulator::numerics::Precision::Highest)
         } else {
-            let target = super::Target {
-                machine: self.machine.clone().unwrap_or_else(|| "v2-8".into()),
-                precision: self.precision.clone().unwrap_or_else(|| "default".into()),
-                sets: Vec::new(),
-            };
+            let target =
+                super::Target { machine: self.machine.clone(), precision: self.precision.clone(), sets: Vec::new() };
             let (m, p) = target.resolve()?;
             (Some(m), p)
         };

@@ -29,12 +29,13 @@ use systolic::simulator::numerics::Precision;
 /// command shares.
 #[derive(clap::Args)]
 pub struct Target {
-    /// A machine preset or `.ron` file.
-    #[arg(long, default_value = "v2-8")]
-    pub machine: String,
-    /// MXU precision: default (one bf16 pass), high (3 passes) or highest (6 passes).
-    #[arg(long, default_value = "default")]
-    pub precision: String,
+    /// A machine preset or `.ron` file [default: v2-8].
+    #[arg(long)]
+    pub machine: Option<String>,
+    /// MXU precision: default (one bf16 pass), high (3 passes) or highest (6 passes)
+    /// [default: default].
+    #[arg(long)]
+    pub precision: Option<String>,
     /// Override a machine field (repeatable), e.g. `--set core.mxu.rows=256`.
     #[arg(long = "set", value_name = "FIELD=VALUE")]
     pub sets: Vec<String>,
@@ -43,10 +44,25 @@ pub struct Target {
 impl Target {
     /// The machine with its overrides applied, and the parsed precision.
     pub fn resolve(&self) -> Result<(Machine, Precision)> {
-        let machine = load_machine(&self.machine, &self.sets)?;
-        let precision = Precision::parse(&self.precision)
-            .with_context(|| format!("--precision {}: use default, high or highest", self.precision))?;
+        let machine = load_machine(self.machine.as_deref().unwrap_or("v2-8"), &self.sets)?;
+        let precision = self.precision.as_deref().unwrap_or("default");
+        let precision = Precision::parse(precision)
+            .with_context(|| format!("--precision {precision}: use default, high or highest"))?;
         Ok((machine, precision))
+    }
+
+    /// The first of these options given on the command line (for commands where they do not
+    /// apply: an option is never ignored in silence).
+    pub fn given(&self) -> Option<&'static str> {
+        if self.machine.is_some() {
+            Some("--machine")
+        } else if self.precision.is_some() {
+            Some("--precision")
+        } else if !self.sets.is_empty() {
+            Some("--set")
+        } else {
+            None
+        }
     }
 }
 

@@ -84,6 +84,13 @@ pub fn run(args: Args) -> Result<()> {
         args.storage.activations.is_none() || matches!(args.backend, Backend::Tpu),
         "--activations sets how the simulated TPU stores activations; the CPU reference keeps f32 (add --backend tpu)"
     );
+    if args.backend == Backend::Cpu
+        && let Some(option) = args.target.given()
+    {
+        anyhow::bail!(
+            "{option} applies to the simulated TPU, not the CPU reference: add --backend tpu or drop {option}"
+        );
+    }
     match args.backend {
         Backend::Cpu => run_reference(&args, &graph, weights, inputs),
         Backend::Tpu => run_simulated(&args, &graph, weights, inputs),

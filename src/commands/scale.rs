@@ -78,7 +78,11 @@ pub fn run(args: Args) -> Result<()> {
         let name = format!("{}-{cores}", args.machine);
         let what = Lowering {
             model: args.model.clone(),
-            target: super::Target { machine: name.clone(), precision: args.precision.clone(), sets: args.sets.clone() },
+            target: super::Target {
+                machine: Some(name.clone()),
+                precision: Some(args.precision.clone()),
+                sets: args.sets.clone(),
+            },
             storage: super::Storage { activations: args.storage.activations.clone() },
             batch: args.batch,
             train: args.train.clone(),
