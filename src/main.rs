@@ -6,7 +6,7 @@
 mod commands;
 mod table;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(
@@ -65,7 +65,14 @@ fn main() {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
-    let cli = Cli::parse();
+    // Negative numbers are values, never options (`--batch -1` is then refused by the option's
+    // own check, naming it, instead of clap's hint to write `-- -1`).
+    let mut command = Cli::command();
+    let names: Vec<String> = command.get_subcommands().map(|s| s.get_name().to_string()).collect();
+    for name in names {
+        command = command.mut_subcommand(name, |s| s.allow_negative_numbers(true));
+    }
+    let cli = Cli::from_arg_matches(&command.get_matches()).unwrap_or_else(|e| e.exit());
     let result = match cli.command {
         Command::Zoo(a) => commands::zoo::run(a),
         Command::Inspect(a) => commands::inspect::run(a),

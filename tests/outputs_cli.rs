@@ -54,3 +54,14 @@ fn options_that_do_not_apply_are_errors() {
     // The defaults still hold where they apply.
     ok(&["run", "digits_cnn", "--output", o, "--backend", "tpu"]);
 }
+
+#[test]
+fn negative_numbers_are_values_refused_by_their_option() {
+    let out = common::systolic(&["run", "digits_cnn", "--batch", "-1", "--output", "/tmp/never.safetensors"]);
+    let e = String::from_utf8(out.stderr).unwrap();
+    assert!(!out.status.success());
+    assert!(e.contains("invalid value '-1' for '--batch"), "{e}");
+    assert!(!e.contains("-- -1"), "{e}");
+    let e = fails(&["train", "digits_cnn", "--cpu", "--steps", "1", "--label-smoothing", "-0.5"]);
+    assert!(e.contains("-0.5"), "{e}");
+}
