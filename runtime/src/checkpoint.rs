@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use systolic_compiler::tensors::{self, Metadata};
-use systolic_compiler::{Tensor, TensorMap};
+use systolic_compiler::TensorMap;
 
 use crate::error::{Error, Result};
 
@@ -210,14 +210,10 @@ fn io(path: &Path, source: std::io::Error) -> Error {
     Error::Io { path: path.display().to_string(), source }
 }
 
-/// A one-element tensor (a step count, a scalar state).
-pub(crate) fn scalar(v: f32) -> Tensor {
-    Tensor::from_shape_vec(vec![1], vec![v]).expect("one value")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use systolic_compiler::Tensor;
 
     fn dir(name: &str) -> PathBuf {
         let d = std::env::temp_dir().join(format!("systolic-ckpt-{name}-{}", std::process::id()));

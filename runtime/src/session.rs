@@ -59,6 +59,12 @@ pub fn one_hot_labels(executable: &Executable, batch: &TensorMap) -> Result<Tens
     Ok(training::one_hot_feed(executable, batch)?)
 }
 
+/// A one-element tensor: how a step's scalar state (a counter, Adam's powers) and scalar
+/// results (the loss, the global step) are held.
+pub fn scalar(v: f32) -> Tensor {
+    Tensor::from_shape_vec(vec![1], vec![v]).expect("one value")
+}
+
 /// `name` from a state, which must have `shape` (the model's).
 pub fn state_tensor<'a>(state: &'a TensorMap, name: &str, shape: &[usize]) -> Result<&'a Tensor> {
     let t = state.get(name).ok_or_else(|| Error::Input(format!("the state has no parameter '{name}'")))?;

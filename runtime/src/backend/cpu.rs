@@ -153,13 +153,10 @@ impl Backend for Cpu {
             }
         }
         for ((name, _), &v) in self.settings.optimizer.initial_state().iter().zip(&self.shared) {
-            state.insert(name.to_string(), Tensor::from_shape_vec(vec![1], vec![v]).expect("one value"));
+            state.insert(name.to_string(), session::scalar(v));
         }
         if self.dropout {
-            state.insert(
-                DROPOUT_STEP.into(),
-                Tensor::from_shape_vec(vec![1], vec![self.step as f32]).expect("one value"),
-            );
+            state.insert(DROPOUT_STEP.into(), session::scalar(self.step as f32));
         }
         Ok(state)
     }

@@ -333,7 +333,8 @@ impl Runner {
             return Err(Error::Config { field: "evaluate".into(), reason: "steps must be positive".into() });
         }
         let global = self.placement.eval_batch;
-        let (spec, _) = self.spec(Mode::Eval, &self.model_params(global.map(|g| g / self.eval_replicas())))?;
+        let replicas = self.replicas_on(&self.placement.eval);
+        let (spec, _) = self.spec(Mode::Eval, &self.model_params(global.map(|g| g / replicas)))?;
         let labels = labels_name(&spec.model)?;
         let smoothing = spec.loss.map_or(0.0, |l| l.label_smoothing);
         let (step, state) = self.trained("evaluate")?;
@@ -398,7 +399,7 @@ impl Runner {
     /// example, its image inputs augmented afresh for every view (test-time augmentation).
     pub(super) fn predict(&mut self, input_fn: &InputFn, tta: Option<(&Augment, usize)>) -> Result<TensorMap> {
         let global = self.placement.predict_batch;
-        let replicas = if matches!(self.placement.train, Target::Cpu) { 1 } else { self.placement.replicas };
+        let replicas = self.replicas_on(&self.placement.train);
         let (spec, _) = self.spec(Mode::Predict, &self.model_params(global.map(|g| g / replicas)))?;
         let (_, state) = self.trained("predict")?;
         let mut input = open(input_fn, Mode::Predict, &self.model_params(global), 1, self.seed())?.remove(0);
@@ -642,8 +643,9 @@ impl Runner {
         }
     }
 
-    fn eval_replicas(&self) -> usize {
-        if matches!(self.placement.eval, Target::Cpu) { 1 } else { self.placement.replicas }
+    /// The replicas that run on `target` (evaluation can run on the CPU after TPU training).
+    fn replicas_on(&self, target: &Target) -> usize {
+        if matches!(target, Target::Cpu) { 1 } else { self.placement.replicas }
     }
 }
 
@@ -730,8 +732,8 @@ fn host_tensors(names: &[String], outputs: &TensorMap, batch: &TensorMap, loss: 
         .iter()
         .map(|name| {
             let t = match name.as_str() {
-                LOSS => checkpoint::scalar(loss),
-                "global_step" => checkpoint::scalar(step as f32),
+                LOSS => session::scalar(loss),
+                "global_step" => session::scalar(step as f32),
                 _ => outputs.get(name).or_else(|| batch.get(name)).cloned().ok_or_else(|| {
                     Error::Input(format!(
                         "host_call tensor '{name}' is not loss, global_step, a gradient (<param>/grad) or a batch tensor"
