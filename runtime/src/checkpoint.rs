@@ -11,8 +11,8 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use systolic_compiler::tensors::{self, Metadata};
 use systolic_compiler::TensorMap;
+use systolic_compiler::tensors::{self, Metadata};
 
 use crate::error::{Error, Result};
 
