@@ -4,6 +4,7 @@
 //! one line (`error: ...`) with a non-zero exit status.
 
 mod commands;
+mod progress;
 mod table;
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
@@ -17,6 +18,19 @@ use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Memory the value engines may use (CPU reference, functional engine, MXU kernels), e.g.
+    /// 64GiB, 500MB or 'none' to check nothing; by default what this host has available.
+    /// Runs that would need more are refused before they allocate.
+    #[arg(long, global = true, value_name = "SIZE", value_parser = memory_limit)]
+    memory_limit: Option<MemoryLimit>,
+}
+
+/// A parsed `--memory-limit` (`None`: check nothing).
+#[derive(Clone, Copy)]
+struct MemoryLimit(Option<u64>);
+
+fn memory_limit(text: &str) -> Result<MemoryLimit, String> {
+    systolic::simulator::host::parse_size(text).map(MemoryLimit)
 }
 
 #[derive(Subcommand)]
@@ -73,6 +87,13 @@ fn main() {
         command = command.mut_subcommand(name, |s| s.allow_negative_numbers(true));
     }
     let cli = Cli::from_arg_matches(&command.get_matches()).unwrap_or_else(|e| e.exit());
+    if let Some(MemoryLimit(limit)) = cli.memory_limit {
+        systolic::simulator::host::set_limit(limit);
+    }
+    // Long runs of the value engines show a bar (training draws its own, per step).
+    if matches!(cli.command, Command::Run(_) | Command::Grad(_) | Command::Compare(_)) {
+        progress::install();
+    }
     let result = match cli.command {
         Command::Zoo(a) => commands::zoo::run(a),
         Command::Inspect(a) => commands::inspect::run(a),

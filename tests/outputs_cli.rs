@@ -1,10 +1,11 @@
 //! Output files and options as a user meets them: every output path is checked before any
 //! work, so a command that cannot write one of its outputs writes none of them; files are
-//! written atomically; an option that does not apply is an error, never ignored.
+//! written atomically; an option that does not apply is an error, never ignored; a run the
+//! host cannot hold is refused before it allocates.
 
 mod common;
 
-use common::{fails, ok};
+use common::{fails, ok, systolic};
 
 #[test]
 fn a_bad_output_path_fails_before_any_work_and_writes_nothing() {
@@ -64,4 +65,103 @@ fn negative_numbers_are_values_refused_by_their_option() {
     assert!(!e.contains("-- -1"), "{e}");
     let e = fails(&["train", "digits_cnn", "--cpu", "--steps", "1", "--label-smoothing", "-0.5"]);
     assert!(e.contains("-0.5"), "{e}");
+}
+
+/// A graph that validates but holds 6.4e9 parameters (25.6 GB in f32).
+const HUGE_GRAPH: &str = r#"(
+  name: "huge",
+  nodes: [
+    (name: "x", op: Input(shape: [80000], dtype: F32)),
+    (name: "fc/kernel", op: Parameter(shape: [80000, 80000], init: GlorotUniform)),
+    (name: "fc", op: Dense, inputs: ["x", "fc/kernel"]),
+  ],
+  outputs: ["fc"],
+)"#;
+
+#[test]
+fn runs_the_host_cannot_hold_are_refused_before_they_allocate() {
+    let dir = tempfile::tempdir().unwrap();
+    let y = dir.path().join("y.safetensors");
+    let y = y.to_str().unwrap();
+    // Each of these used to end in "memory allocation of N bytes failed" (exit 134).
+    for args in [
+        vec!["run", "simple_cnn", "--batch", "99999999", "--output", y],
+        vec!["run", "resnet50", "--batch", "99999999", "--output", y],
+        vec!["compare", "resnet50", "--batch", "99999999"],
+        vec!["run", "simple_cnn", "--batch", "5000000", "--output", y],
+    ] {
+        let e = fails(&args);
+        assert!(e.contains("the CPU reference running") && e.contains("lower the batch to at most"), "{e}");
+        assert!(e.contains("--memory-limit"), "{e}");
+    }
+    let e = fails(&["run", "resnet50", "--batch", "99999999", "--backend", "tpu", "--output", y]);
+    assert!(e.contains("holding the inputs and parameters of 'resnet50'"), "{e}");
+    // A model whose parameters alone do not fit.
+    let huge = dir.path().join("huge.ron");
+    std::fs::write(&huge, HUGE_GRAPH).unwrap();
+    let e = fails(&["run", huge.to_str().unwrap(), "--batch", "2", "--output", y]);
+    assert!(e.contains("inputs and parameters 23.8 GiB"), "{e}");
+    // The bit-exact kernel with VMEM raised so far that the operands pass the VMEM check.
+    let e = fails(&[
+        "mxu",
+        "--m",
+        "100000",
+        "--k",
+        "100000",
+        "--n",
+        "100000",
+        "--set",
+        "core.vmem_bytes=1000000000000",
+        "--values",
+    ]);
+    assert!(e.contains("the bit-exact MXU kernel of a 100000x100000x100000 matmul needs about 149.0 GiB"), "{e}");
+    assert!(!y_exists(y));
+}
+
+fn y_exists(path: &str) -> bool {
+    std::path::Path::new(path).exists()
+}
+
+#[test]
+fn the_memory_limit_can_be_lowered_raised_and_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let y = dir.path().join("y.safetensors");
+    let y = y.to_str().unwrap();
+    // Below what a run needs: the reference, the functional engine, the PE-level array.
+    let e = fails(&["run", "simple_cnn", "--batch", "64", "--output", y, "--memory-limit", "1MiB"]);
+    assert!(e.contains("but 1.0 MiB may be used (the limit set by --memory-limit)"), "{e}");
+    assert!(e.contains("lower the batch to at most"), "{e}");
+    let e = fails(&["run", "digits_cnn", "--backend", "tpu", "--batch", "8", "--output", y, "--memory-limit", "64KiB"]);
+    assert!(e.contains("the functional engine running 'digits_cnn' on 1 core needs about"), "{e}");
+    let e = fails(&["mxu", "--m", "256", "--k", "256", "--n", "256", "--pe-level", "--memory-limit", "100KB"]);
+    assert!(e.contains("the PE-level check of a 256x256x256 matmul"), "{e}");
+    // The environment variable does the same; a limit of none checks nothing.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_systolic"))
+        .args(["run", "digits_cnn", "--batch", "4", "--output", y])
+        .env("SYSTOLIC_MEMORY_LIMIT", "10KB")
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && e.contains("(SYSTOLIC_MEMORY_LIMIT=10KB)"), "{e}");
+    ok(&["run", "digits_cnn", "--batch", "4", "--output", y, "--memory-limit", "none"]);
+    // Training on the CPU reference checks each step: an error, not an abort.
+    let model_dir = dir.path().join("model");
+    let e = fails(&[
+        "train",
+        "digits_cnn",
+        "--cpu",
+        "--steps",
+        "1",
+        "--batch",
+        "32",
+        "--model-dir",
+        model_dir.to_str().unwrap(),
+        "--memory-limit",
+        "16KiB",
+    ]);
+    assert!(e.contains("needs about") && e.contains("16.0 KiB"), "{e}");
+    // A size that is not one is refused by the option.
+    let out = systolic(&["zoo", "--memory-limit", "lots"]);
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && e.contains("'lots' is not a size"), "{e}");
 }

@@ -35,6 +35,10 @@ pub enum Error {
     /// Reading or writing a file failed.
     #[error("{}: {cause}", path.display())]
     Io { path: PathBuf, cause: std::io::Error },
+
+    /// A run would need more memory than the host may give it.
+    #[error(transparent)]
+    Memory(#[from] systolic_simulator::host::MemoryError),
 }
 
 impl Error {

@@ -29,4 +29,8 @@ pub enum Error {
 
     #[error("{}: {cause}", path.display())]
     Io { path: PathBuf, cause: std::io::Error },
+
+    /// A run would need more memory than the host may give it.
+    #[error(transparent)]
+    Memory(#[from] crate::host::MemoryError),
 }

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::Machine;
 use crate::error::{Error, Result};
 use crate::functional::Functional;
+use crate::host::{self, Need, format_bytes};
 use crate::isa::{Program, Tile};
 
 /// What a bound tensor is to the host.
@@ -41,9 +42,56 @@ pub struct Executable {
     pub bindings: Vec<Binding>,
     /// Bytes of HBM the executable uses at its peak (all buffers, by liveness).
     pub hbm_peak_bytes: u64,
+    /// How far the program and its bindings reach into (HBM, VMEM): what the functional
+    /// engine holds on the host per core ([`crate::functional::footprint`]).
+    pub footprint: (u64, u64),
 }
 
 impl Executable {
+    /// An executable; measures the program's footprint.
+    pub fn new(name: impl Into<String>, program: Program, bindings: Vec<Binding>, hbm_peak_bytes: u64) -> Executable {
+        let footprint = crate::functional::footprint(&program, bindings.iter().map(|b| &b.tile));
+        Executable { name: name.into(), program, bindings, hbm_peak_bytes, footprint }
+    }
+
+    /// What running this executable's values on `cores` functional cores holds on the host:
+    /// each core's HBM and VMEM as far as the program reaches, and the outputs read back.
+    pub fn memory_need(&self, cores: usize) -> Need {
+        let (hbm, vmem) = self.footprint;
+        let outputs: u64 = self
+            .bindings
+            .iter()
+            .filter(|b| b.role == Role::Output)
+            .map(|b| b.shape.iter().product::<usize>() as u64 * 4)
+            .sum();
+        let cores_u = cores as u64;
+        let mut parts = vec![
+            (format!("HBM {} x {cores}", format_bytes(hbm)), hbm * cores_u),
+            (format!("VMEM {} x {cores}", format_bytes(vmem)), vmem * cores_u),
+            (format!("outputs read back {} x {cores}", format_bytes(outputs)), outputs * cores_u),
+        ];
+        parts.sort_by_key(|p| std::cmp::Reverse(p.1));
+        Need {
+            what: format!(
+                "the functional engine running '{}' on {cores} core{}",
+                self.name,
+                if cores == 1 { "" } else { "s" }
+            ),
+            bytes: (hbm + vmem + outputs) * cores_u,
+            parts,
+            lower: "lower the batch per core (HBM and the outputs grow with it) or the number of cores".into(),
+        }
+    }
+
+    /// A fresh functional core for this executable, after checking that the host can hold it,
+    /// its memories sized once.
+    pub fn core(&self, machine: &Machine) -> Result<Functional> {
+        host::check(self.memory_need(1))?;
+        let mut core = Functional::new(machine);
+        core.reserve(self.footprint);
+        Ok(core)
+    }
+
     pub fn binding(&self, name: &str, role: Role) -> Option<&Binding> {
         self.bindings.iter().find(|b| b.name == name && b.role == role)
     }
@@ -55,7 +103,7 @@ impl Executable {
         machine: &Machine,
         tensors: impl Fn(&str) -> Option<&'a [f32]>,
     ) -> Result<Vec<(String, Vec<f32>)>> {
-        let mut core = Functional::new(machine);
+        let mut core = self.core(machine)?;
         self.load(&mut core, tensors)?;
         core.run(&self.program)?;
         self.outputs(&mut core)

@@ -64,6 +64,22 @@ impl Memory {
     }
 }
 
+/// How far a run reaches into each memory, (HBM, VMEM) bytes: the end of the furthest tile the
+/// program or the host touches. The engine's memories grow to exactly this
+/// ([`Functional::reserve`]), so it is what a run holds on the host.
+pub fn footprint<'a>(program: &Program, host_tiles: impl IntoIterator<Item = &'a Tile>) -> (u64, u64) {
+    let mut end = [0u64; 2];
+    let mut touch = |t: &Tile| {
+        let i = usize::from(t.space == Space::Vmem);
+        end[i] = end[i].max(t.span().1);
+    };
+    for instr in &program.instrs {
+        instr.op.reads().iter().chain(&instr.op.writes()).for_each(&mut touch);
+    }
+    host_tiles.into_iter().for_each(touch);
+    (end[0], end[1])
+}
+
 /// A core's memories and the machine they belong to.
 pub struct Functional {
     machine: Machine,
@@ -74,6 +90,15 @@ pub struct Functional {
 impl Functional {
     pub fn new(machine: &Machine) -> Functional {
         Functional { machine: machine.clone(), hbm: Memory::default(), vmem: Memory::default() }
+    }
+
+    /// Sizes the memories for a run whose [`footprint`] is given, once, so they never grow
+    /// (and never hold the spare capacity of a growing vector).
+    pub fn reserve(&mut self, (hbm, vmem): (u64, u64)) {
+        for (memory, end) in [(&mut self.hbm, hbm), (&mut self.vmem, vmem)] {
+            let extra = (end as usize).saturating_sub(memory.bytes.len());
+            memory.bytes.reserve_exact(extra);
+        }
     }
 
     fn memory(&mut self, space: Space) -> &mut Memory {
@@ -138,14 +163,19 @@ impl Functional {
     /// than one replica, whose index it returns (the slice executes it, then resumes after
     /// it), or to the end (`None`).
     pub fn run_until_collective(&mut self, program: &Program, from: usize) -> Result<Option<usize>> {
+        let total = program.instrs.len() as u64;
         for (i, instr) in program.instrs.iter().enumerate().skip(from) {
             if let Operation::Collective { replicas, .. } = instr.op
                 && replicas > 1
             {
                 return Ok(Some(i));
             }
+            if i % 1024 == 0 {
+                crate::progress::report("functional engine (instructions)", i as u64, total);
+            }
             self.execute(&instr.op).map_err(|reason| Error::Program { index: i, op: instr.op.name(), reason })?;
         }
+        crate::progress::report("functional engine (instructions)", total, total);
         Ok(None)
     }
 

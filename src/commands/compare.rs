@@ -107,12 +107,20 @@ pub fn run(args: Args) -> Result<()> {
     let (machine, precision) = args.target.resolve()?;
     let activations = args.storage.resolve(precision)?;
     let graph = super::load_model(&args.model)?;
+    let file_inputs = args.input.as_deref().map(super::load_inputs).transpose()?;
+    let batch = file_inputs
+        .as_ref()
+        .and_then(|inputs| inputs.values().next().and_then(|t| t.shape().first().copied()))
+        .unwrap_or(args.batch);
+    // The reference's run (the simulated core checks its own) before anything is made.
+    if batch > 0 {
+        super::check_reference_memory(&graph, graph.outputs(), batch)?;
+    }
     let weights = super::load_weights(&graph, args.weights.as_deref(), args.seed)?;
-    let inputs = match &args.input {
-        Some(path) => super::load_inputs(path)?,
+    let inputs = match file_inputs {
+        Some(inputs) => inputs,
         None => super::random_inputs(&graph, args.batch, args.seed)?,
     };
-    let batch = inputs.values().next().and_then(|t| t.shape().first().copied()).unwrap_or(args.batch);
     let mut bindings = weights;
     bindings.extend(inputs);
 

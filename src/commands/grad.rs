@@ -41,8 +41,15 @@ pub fn run(args: Args) -> Result<()> {
     let model = super::load_model(&args.model)?;
     let train = autodiff::training_graph(&model, args.label_smoothing)?;
     let graph = &train.graph;
+    let inputs = super::load_inputs(&args.input)?;
+    let batch = model.inputs().into_iter().find_map(|id| inputs.get(&model.node(id).name)?.shape().first().copied());
+    if let Some(batch) = batch.filter(|&b| b > 0) {
+        let mut fetch = vec![train.root];
+        fetch.extend(train.grads.values().copied());
+        super::check_reference_memory(graph, &fetch, batch)?;
+    }
     let mut bindings = super::load_weights(graph, args.weights.as_deref(), args.seed)?;
-    bindings.extend(super::load_inputs(&args.input)?);
+    bindings.extend(inputs);
 
     let labels_node = graph.node(graph.node(train.root).inputs[1]).name.clone();
     let label_file = super::load_inputs(&args.labels)?;

@@ -20,7 +20,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 use systolic::compiler::lower::Options;
-use systolic::compiler::{Error, Graph, Op, Tensor, TensorMap, rng, tensors, zoo as model_zoo};
+use systolic::compiler::{Error, Graph, NodeId, Op, Tensor, TensorMap, rng, tensors, zoo as model_zoo};
 use systolic::simulator::Machine;
 use systolic::simulator::isa::DType;
 use systolic::simulator::numerics::Precision;
@@ -155,6 +155,27 @@ pub fn random_inputs(graph: &Graph, batch: usize, seed: u64) -> Result<TensorMap
         m.insert(node.name.clone(), Tensor::from_shape_vec(shape, values)?);
     }
     Ok(m)
+}
+
+/// Refuses a run of the CPU reference that this host cannot hold, before its inputs and
+/// parameters are made (`--batch 99999999` is an error with the figure, not an abort).
+pub fn check_reference_memory(graph: &Graph, fetch: &[NodeId], batch: usize) -> Result<()> {
+    use systolic::compiler::reference::memory::{Leaves, check};
+    Ok(check(graph, fetch, batch, Leaves::ToAllocate)?)
+}
+
+/// Refuses inputs and parameters this host cannot hold, before they are made: what the
+/// simulated TPU's host side keeps (the functional engine checks its own memories).
+pub fn check_leaves_memory(graph: &Graph, batch: usize) -> Result<()> {
+    use systolic::compiler::reference::memory::footprint;
+    let bytes = footprint(graph, graph.outputs(), batch).bound;
+    systolic::simulator::host::check(systolic::simulator::host::Need {
+        what: format!("holding the inputs and parameters of '{}' at batch {batch}", graph.name()),
+        bytes,
+        parts: Vec::new(),
+        lower: "lower --batch".into(),
+    })?;
+    Ok(())
 }
 
 /// Adds the file a bad tensor came from to a binding error; `source` maps a tensor (node)

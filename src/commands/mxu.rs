@@ -8,7 +8,7 @@ use serde_json::json;
 use systolic::simulator::Machine;
 use systolic::simulator::config::MxuTiming;
 use systolic::simulator::kernels;
-use systolic::simulator::mxu::kernel::{Matrix, matmul};
+use systolic::simulator::mxu::kernel::{Matrix, matmul, workspace_bytes as kernel_workspace};
 use systolic::simulator::mxu::{passes, pe_array};
 use systolic::simulator::numerics::Precision;
 use systolic::simulator::timing::simulate;
@@ -80,6 +80,7 @@ pub fn run(args: Args) -> Result<()> {
         super::write_file(path, &serde_json::to_vec(&trace)?)?;
     }
 
+    check_memory(&machine, (m, k, n), precision, args.values, args.pe_level)?;
     let pe = if args.pe_level { Some(pe_check(&machine, m, k, n, precision)?) } else { None };
     let host = if args.values { Some(time_values(&machine, m, k, n, precision, args.repeat)?) } else { None };
 
@@ -212,6 +213,45 @@ fn explain(machine: &Machine, m: usize, k: usize, n: usize, passes: usize, cycle
         losses.push(format!("each MXU's N = {nc} uses {nc} of the {cols} columns"));
     }
     if losses.is_empty() { limiter } else { format!("{limiter}; also {}", losses.join(", ")) }
+}
+
+/// Refuses `--values` or `--pe-level` runs whose operands, results and workspace this host
+/// cannot hold, before any is allocated.
+fn check_memory(
+    machine: &Machine,
+    (m, k, n): (usize, usize, usize),
+    precision: Precision,
+    values: bool,
+    pe_level: bool,
+) -> Result<()> {
+    if !values && !pe_level {
+        return Ok(());
+    }
+    let f32s = |x: usize, y: usize| 4 * x as u64 * y as u64;
+    let chunk = machine.core.mxu.rows;
+    let mut parts = vec![
+        ("A".to_string(), f32s(m, k)),
+        ("B".to_string(), f32s(k, n)),
+        ("C".to_string(), f32s(m, n)),
+        ("packing workspace".to_string(), kernel_workspace(m, k, n, chunk, precision)),
+    ];
+    if pe_level {
+        let block = (n.div_ceil(machine.core.mxu.cols)).div_ceil(machine.core.mxu.count) * machine.core.mxu.cols;
+        let w = block.min(n);
+        parts.push(("PE-level passes".to_string(), pe_array::matmul_bytes(&machine.core.mxu, (m, k, w), precision)));
+        parts.push(("PE-level operands".to_string(), f32s(k + m, w)));
+    }
+    let bytes = parts.iter().map(|p| p.1).sum();
+    parts.sort_by_key(|p| std::cmp::Reverse(p.1));
+    parts.truncate(3);
+    let what = if pe_level { "the PE-level check" } else { "the bit-exact MXU kernel" };
+    systolic::simulator::host::check(systolic::simulator::host::Need {
+        what: format!("{what} of a {m}x{k}x{n} matmul"),
+        bytes,
+        parts,
+        lower: "lower --m, --k or --n".into(),
+    })?;
+    Ok(())
 }
 
 /// Runs the PE-level array on random data for every MXU's share; returns its cycles and whether

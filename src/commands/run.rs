@@ -74,9 +74,21 @@ pub fn run(args: Args) -> Result<()> {
         ("--save-weights", args.save_weights.as_deref()),
     ])?;
     let graph = super::load_model(&args.model)?;
+    let file_inputs = args.input.as_deref().map(super::load_inputs).transpose()?;
+    // What the run will hold is checked before the parameters and inputs are made.
+    let batch = match &file_inputs {
+        Some(inputs) => batch_of(&graph, inputs, args.input.as_deref()).ok(),
+        None => Some(args.batch),
+    };
+    if let Some(batch) = batch.filter(|&b| b > 0) {
+        match args.backend {
+            Backend::Cpu => super::check_reference_memory(&graph, graph.outputs(), batch)?,
+            Backend::Tpu => super::check_leaves_memory(&graph, batch)?,
+        }
+    }
     let weights = super::load_weights(&graph, args.weights.as_deref(), args.seed)?;
-    let inputs = match &args.input {
-        Some(path) => super::load_inputs(path)?,
+    let inputs = match file_inputs {
+        Some(inputs) => inputs,
         None => super::random_inputs(&graph, args.batch, args.seed)?,
     };
     anyhow::ensure!(args.repeat >= 1, "--repeat must be at least 1");

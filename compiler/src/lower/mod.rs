@@ -184,7 +184,7 @@ pub fn compile(graph: &Graph, opts: &Options) -> Result<Compiled> {
         .collect();
     let hbm_peak_bytes = lowering.plan.as_ref().expect("allocation ran").peak;
     let program = std::mem::take(&mut lowering.program);
-    let executable = Executable { name: graph.name().to_string(), program, bindings, hbm_peak_bytes };
+    let executable = Executable::new(graph.name(), program, bindings, hbm_peak_bytes);
     let added = step
         .updates
         .iter()

@@ -70,7 +70,7 @@ impl ConvGeom {
 
     /// A 1×1, stride-1, unpadded convolution: output pixels are input pixels, so the input
     /// is already the im2col matrix. (Padding on any side adds output pixels.)
-    fn is_pointwise(&self) -> bool {
+    pub(crate) fn is_pointwise(&self) -> bool {
         self.kh == 1
             && self.kw == 1
             && self.sh == 1
@@ -82,7 +82,7 @@ impl ConvGeom {
             && self.groups == 1
     }
 
-    fn is_depthwise(&self) -> bool {
+    pub(crate) fn is_depthwise(&self) -> bool {
         self.cin_g() == 1 && self.groups > 1
     }
 
@@ -206,7 +206,7 @@ pub fn backprop_input(g: &ConvGeom, dy: &[f32], kernel: &[f32]) -> Vec<f32> {
 }
 
 /// Images per partial kernel gradient: at most 16 partials, whatever the thread count.
-fn images_per_partial(n: usize) -> usize {
+pub(crate) fn images_per_partial(n: usize) -> usize {
     n.div_ceil(16).max(1)
 }
 

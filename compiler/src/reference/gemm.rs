@@ -101,10 +101,13 @@ pub fn par_matmul(m: usize, k: usize, n: usize, a: MatRef, b: MatRef, c: &mut [f
     });
 }
 
+/// Rows per partial product of [`par_matmul_tn`] (each partial is `p × q`, all kept until summed).
+pub const TN_CHUNK_ROWS: usize = 4096;
+
 /// `aᵀ · b` for row-major `a[rows×p]` and `b[rows×q]`, summing over the (long) row axis: fixed
 /// chunks of rows are multiplied in parallel and their partial products added in chunk order.
 pub fn par_matmul_tn(rows: usize, p: usize, q: usize, a: &[f32], b: &[f32]) -> Vec<f32> {
-    const CHUNK: usize = 4096;
+    const CHUNK: usize = TN_CHUNK_ROWS;
     let partials: Vec<Vec<f32>> = (0..rows.div_ceil(CHUNK))
         .into_par_iter()
         .map(|ci| {

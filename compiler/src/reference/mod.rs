@@ -12,6 +12,7 @@ pub mod conv;
 mod eval;
 pub mod gemm;
 pub mod loss;
+pub mod memory;
 pub mod norm;
 pub mod pool;
 
@@ -25,6 +26,7 @@ use ndarray::Dimension;
 use rayon::prelude::*;
 
 use systolic_simulator::numerics::bf16;
+use systolic_simulator::progress;
 
 use crate::graph::{Graph, NodeId, Shape};
 use crate::tensors::{Tensor, TensorMap};
@@ -159,6 +161,8 @@ pub fn run(graph: &Graph, bindings: &TensorMap, fetch: &[NodeId], opts: RunOptio
         });
     }
     let batch = batch.map_or(1, |(b, _)| b);
+    // The bound tensors exist; what the run computes is checked before it is allocated.
+    memory::check(graph, fetch, batch, memory::Leaves::Allocated)?;
 
     // The last consumer of each value, to free activations as soon as they are dead.
     let mut last_use = vec![0usize; graph.len()];
@@ -172,10 +176,12 @@ pub fn run(graph: &Graph, bindings: &TensorMap, fetch: &[NodeId], opts: RunOptio
 
     let mut updates = TensorMap::new();
     let mut node_seconds = Vec::new();
+    let total = graph.nodes().filter(|(id, node)| needed[id.index()] && !node.op.is_leaf()).count() as u64;
     for (id, node) in graph.nodes() {
         if !needed[id.index()] || node.op.is_leaf() {
             continue;
         }
+        progress::report("CPU reference (nodes)", node_seconds.len() as u64, total);
         let start = Instant::now();
         let out = {
             let inputs: Vec<&Tensor> = node
@@ -200,6 +206,7 @@ pub fn run(graph: &Graph, bindings: &TensorMap, fetch: &[NodeId], opts: RunOptio
             }
         }
     }
+    progress::report("CPU reference (nodes)", total, total);
     let values = values.into_iter().enumerate().map(|(i, v)| v.filter(|_| fetched[i]).map(Cow::into_owned)).collect();
     Ok(Evaluation { values, updates, batch, node_seconds })
 }

@@ -85,6 +85,9 @@ impl Simulated {
             let opts = Options { training, replicas: self.replicas, gradient_reduction: s.reduction, ..base };
             let step = compile(&self.model, &opts)?;
             step.executable.program.validate(&self.machine)?;
+            // Every replica's core holds the step's memories from the first step on.
+            systolic_simulator::host::check(step.executable.memory_need(self.replicas))
+                .map_err(systolic_simulator::Error::from)?;
             // The state not given (slots, the optimizer's and dropout's counters) starts as
             // the compiled step starts it; before the first step it is still on the host.
             let mut initial = step.initial_state.clone();
@@ -93,6 +96,9 @@ impl Simulated {
                 session::state_tensor(&initial, &b.name, &b.shape)?;
             }
             // Only once every check passed: a failed compile leaves the backend as it was.
+            for core in &mut self.cores {
+                core.reserve(step.executable.footprint);
+            }
             self.initial = Some(initial);
             self.step = Some(step);
         }
@@ -216,7 +222,7 @@ impl Backend for Simulated {
             }
             let find = |n: &str| feed.iter().find(|(k, _)| k == n).map(|(_, v)| v.as_slice());
             // Validated once in `new`: load, run, read.
-            let mut core = Functional::new(&self.machine);
+            let mut core = self.infer.core(&self.machine)?;
             self.infer.load(&mut core, find)?;
             if let Some(i) = core.run_until_collective(&self.infer.program, 0)? {
                 return Err(Error::Input(format!("instruction {i} of the inference program is a collective")));

@@ -87,6 +87,18 @@ pub fn matmul(a: Matrix, b: Matrix, acc: &mut [f32], ldc: usize, chunk: usize, p
     WORKSPACE.set(buf);
 }
 
+/// Bytes [`matmul`] allocates beside its operands: B packed for every (chunk, pass) step and
+/// one A panel per thread (for the host's memory check).
+pub fn workspace_bytes(m: usize, k: usize, n: usize, chunk: usize, precision: Precision) -> u64 {
+    let chunk = chunk.max(1);
+    let strips_n = n.div_ceil(NR) as u64;
+    let steps = (k.div_ceil(chunk) * precision.passes().len()) as u64;
+    let packed_b = steps * (strips_n * chunk.min(k) as u64 * NR as u64).div_ceil(16) * 16;
+    let threads = rayon::current_num_threads() as u64;
+    let a_panels = threads.min(m.div_ceil(MR * TASK_STRIPS_M).max(1) as u64) * (TASK_STRIPS_M * chunk * MR) as u64;
+    4 * (packed_b + a_panels + 32)
+}
+
 /// One (K-chunk, precision pass) step of the product.
 struct Step {
     k0: usize,
@@ -241,7 +253,7 @@ pub enum KernelChoice {
     Auto,
     /// Plain Rust with `f32::mul_add`.
     Portable,
-    /// The portable kernel compiled for AVX2 and FMA.
+    /// The hand-written AVX2 + FMA kernel.
     Avx2,
     /// The hand-written AVX-512 kernel (with gather-based packing).
     Avx512,
@@ -293,7 +305,7 @@ fn select_kernel() -> Kernel {
         #[cfg(target_arch = "x86_64")]
         KernelChoice::Avx512 => avx512::kernel,
         #[cfg(target_arch = "x86_64")]
-        KernelChoice::Avx2 => portable_fma,
+        KernelChoice::Avx2 => avx2::kernel,
         _ => portable,
     }
 }
@@ -321,18 +333,61 @@ unsafe fn portable(kc: usize, a: &[f32], b: &[f32], c: *mut f32, ldc: usize, m_v
     }
 }
 
-/// The portable kernel compiled for AVX2 + FMA (the same operations, vectorised by LLVM).
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn portable_fma_inner(kc: usize, a: &[f32], b: &[f32], c: *mut f32, ldc: usize, m_valid: usize, n_valid: usize) {
-    // SAFETY: forwarded contract.
-    unsafe { portable(kc, a, b, c, ldc, m_valid, n_valid) }
-}
+mod avx2 {
+    use std::arch::x86_64::*;
 
-#[cfg(target_arch = "x86_64")]
-unsafe fn portable_fma(kc: usize, a: &[f32], b: &[f32], c: *mut f32, ldc: usize, m_valid: usize, n_valid: usize) {
-    // SAFETY: only selected when the CPU has AVX2 and FMA; forwarded contract.
-    unsafe { portable_fma_inner(kc, a, b, c, ldc, m_valid, n_valid) }
+    use super::{MR, NR};
+
+    /// Rows per band: a band's 3 × 32 chunk sums are 12 of the 16 YMM registers, the four
+    /// vectors of a packed B row the other four.
+    const BAND: usize = 3;
+
+    /// The AVX2 + FMA micro-kernel: the 12 × 32 tile as four bands of three rows, each band
+    /// summing its whole chunk in registers (the packed B strip, `kc × 32`, stays in L1
+    /// between bands). Every sum is the portable kernel's: from +0.0, one FMA per k in k
+    /// order, then one add into `c`.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2 and FMA; `a` holds `kc × MR` and `b` `kc × NR` packed values; `c`
+    /// points to an `m_valid × n_valid` tile with row stride `ldc` inside one allocation.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn kernel(kc: usize, a: &[f32], b: &[f32], c: *mut f32, ldc: usize, m_valid: usize, n_valid: usize) {
+        assert!(a.len() >= kc * MR && b.len() >= kc * NR && MR.is_multiple_of(BAND) && NR == 32);
+        let (ap, bp) = (a.as_ptr(), b.as_ptr());
+        for r0 in (0..m_valid.min(MR)).step_by(BAND) {
+            let mut acc = [[_mm256_setzero_ps(); 4]; BAND];
+            for kk in 0..kc {
+                // SAFETY: kk < kc and r0 + r < MR, so every read is inside `a` and `b`.
+                unsafe {
+                    let bk = bp.add(kk * NR);
+                    let bv = [
+                        _mm256_loadu_ps(bk),
+                        _mm256_loadu_ps(bk.add(8)),
+                        _mm256_loadu_ps(bk.add(16)),
+                        _mm256_loadu_ps(bk.add(24)),
+                    ];
+                    for (r, row) in acc.iter_mut().enumerate() {
+                        let av = _mm256_broadcast_ss(&*ap.add(kk * MR + r0 + r));
+                        for (x, &bj) in row.iter_mut().zip(&bv) {
+                            *x = _mm256_fmadd_ps(av, bj, *x);
+                        }
+                    }
+                }
+            }
+            for (r, row) in acc.iter().enumerate().take(m_valid - r0) {
+                let mut sums = [0f32; NR];
+                for (j, v) in row.iter().enumerate() {
+                    // SAFETY: 8 lanes into a local array of 32.
+                    unsafe { _mm256_storeu_ps(sums.as_mut_ptr().add(8 * j), *v) };
+                }
+                for (j, v) in sums.iter().enumerate().take(n_valid) {
+                    // SAFETY: inside the tile the caller guarantees.
+                    unsafe { *c.add((r0 + r) * ldc + j) += v };
+                }
+            }
+        }
+    }
 }
 
 #[cfg(target_arch = "x86_64")]

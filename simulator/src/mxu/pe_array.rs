@@ -321,6 +321,17 @@ pub fn matmul(
     matmul_on(&mxu, a, b, shape, precision, acc)
 }
 
+/// Bytes [`matmul_on`] holds for an `m × k × n` product: every pass's weights and left-hand
+/// rows, rounded, before the array runs (each `cols`-wide block of N repeats A), and the
+/// array's own state (for the host's memory check).
+pub fn matmul_bytes(mxu: &Mxu, (m, k, n): (usize, usize, usize), precision: crate::numerics::Precision) -> u64 {
+    let splits = precision.passes().len() as u64;
+    let blocks = n.div_ceil(mxu.cols.max(1)) as u64;
+    let per_pass_data = (k as u64 * n as u64) + blocks * m as u64 * k as u64;
+    let array = 4 * (mxu.rows * mxu.cols) as u64 * 3 + k.div_ceil(mxu.rows.max(1)) as u64 * blocks * splits * 24;
+    4 * splits * per_pass_data + array
+}
+
 /// As [`matmul`], on one MXU of a machine: its array, its weight banks and its timing model.
 pub fn matmul_on(
     mxu: &Mxu,
