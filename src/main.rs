@@ -23,6 +23,10 @@ struct Cli {
     /// Runs that would need more are refused before they allocate.
     #[arg(long, global = true, value_name = "SIZE", value_parser = memory_limit)]
     memory_limit: Option<MemoryLimit>,
+    /// Refuse tensor files with tensors stored in another type than f32 or tensors the model
+    /// does not use (by default each is a note on stderr).
+    #[arg(long, global = true)]
+    strict: bool,
 }
 
 /// A parsed `--memory-limit` (`None`: check nothing).
@@ -71,6 +75,31 @@ enum Command {
     DataBench(commands::data_bench::Args),
 }
 
+/// Integer options (counts, sizes, seeds) refuse fractions, exponents and signs with a
+/// message that says so, instead of the integer parser's "invalid digit found in string".
+fn counts_explained(e: clap::Error) -> clap::Error {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    use std::num::IntErrorKind;
+    let Some(parse) = std::error::Error::source(&e).and_then(|s| s.downcast_ref::<std::num::ParseIntError>()) else {
+        return e;
+    };
+    let (Some(ContextValue::String(arg)), Some(ContextValue::String(value))) =
+        (e.get(ContextKind::InvalidArg), e.get(ContextKind::InvalidValue))
+    else {
+        return e;
+    };
+    let why = match parse.kind() {
+        IntErrorKind::PosOverflow => "too large for this option".to_string(),
+        IntErrorKind::Empty => "empty: give a whole number".to_string(),
+        _ if value.trim_start().starts_with('-') => "a negative number: this option takes 0 or more".to_string(),
+        _ if value.contains(['.', 'e', 'E']) => {
+            "not a whole number: this option counts (write 1000, not 1e3 or 2.5)".to_string()
+        }
+        _ => "not a whole number".to_string(),
+    };
+    Cli::command().error(ErrorKind::ValueValidation, format!("invalid value '{value}' for '{arg}': {why}"))
+}
+
 fn main() {
     // Die quietly on a closed pipe (`systolic inspect resnet50 | head`) like other Unix tools,
     // instead of panicking in `println!`.
@@ -86,7 +115,9 @@ fn main() {
     for name in names {
         command = command.mut_subcommand(name, |s| s.allow_negative_numbers(true));
     }
-    let cli = Cli::from_arg_matches(&command.get_matches()).unwrap_or_else(|e| e.exit());
+    let matches = command.try_get_matches().unwrap_or_else(|e| counts_explained(e).exit());
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    commands::set_strict(cli.strict);
     if let Some(MemoryLimit(limit)) = cli.memory_limit {
         systolic::simulator::host::set_limit(limit);
     }

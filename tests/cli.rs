@@ -8,7 +8,7 @@ use systolic::compiler::{Tensor, TensorMap, autodiff, tensors, zoo};
 
 mod common;
 
-use common::{fails, ok};
+use common::{fails, ok, systolic};
 
 struct Dir(tempfile::TempDir);
 
@@ -287,8 +287,15 @@ fn missing_input_tensor_is_named() {
     fixtures(&d);
     let other = TensorMap::from([("pixels".to_string(), Tensor::zeros(vec![2, 28, 28, 1]))]);
     tensors::save(d.path("other.safetensors"), &other).unwrap();
-    let e = fails(&run_args("simple_cnn", &d.s("w.safetensors"), &d.s("other.safetensors"), &d.s("y.safetensors")));
-    assert!(e.contains("'image'") && e.contains("missing"), "{e}");
+    let out =
+        systolic(&run_args("simple_cnn", &d.s("w.safetensors"), &d.s("other.safetensors"), &d.s("y.safetensors")));
+    let e = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(out.status.code(), Some(1), "{e}");
+    // The tensor the file has instead is noted first, then the one error line.
+    let lines: Vec<&str> = e.lines().collect();
+    assert!(lines[0].starts_with("note: ") && lines[0].contains("ignored: 'pixels'"), "{e}");
+    assert!(lines[1].starts_with("error: ") && lines[1].contains("'image'") && lines[1].contains("missing"), "{e}");
+    assert_eq!(lines.len(), 2, "{e}");
 }
 
 #[test]

@@ -63,6 +63,15 @@ fn negative_numbers_are_values_refused_by_their_option() {
     assert!(!out.status.success());
     assert!(e.contains("invalid value '-1' for '--batch"), "{e}");
     assert!(!e.contains("-- -1"), "{e}");
+    assert!(e.contains("a negative number: this option takes 0 or more"), "{e}");
+    // Fractions and exponents in whole-number options say so.
+    for (option, value) in [("--batch", "2.5"), ("--steps", "1e3")] {
+        let out = common::systolic(&["train", "digits_cnn", "--cpu", option, value]);
+        let e = String::from_utf8(out.stderr).unwrap();
+        assert!(!out.status.success());
+        assert!(e.contains(&format!("invalid value '{value}' for '{option} <")), "{e}");
+        assert!(e.contains("not a whole number: this option counts"), "{e}");
+    }
     let e = fails(&["train", "digits_cnn", "--cpu", "--steps", "1", "--label-smoothing", "-0.5"]);
     assert!(e.contains("-0.5"), "{e}");
 }
@@ -164,4 +173,83 @@ fn the_memory_limit_can_be_lowered_raised_and_named() {
     let out = systolic(&["zoo", "--memory-limit", "lots"]);
     let e = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && e.contains("'lots' is not a size"), "{e}");
+}
+
+/// A safetensors file from (name, dtype, shape, little-endian bytes), as other tools write them.
+fn safetensors_file(path: &std::path::Path, tensors: &[(&str, &str, Vec<usize>, Vec<u8>)]) {
+    let mut header = Vec::new();
+    let mut data = Vec::new();
+    for (name, dtype, shape, bytes) in tensors {
+        let (start, end) = (data.len(), data.len() + bytes.len());
+        header.push(format!(r#""{name}":{{"dtype":"{dtype}","shape":{shape:?},"data_offsets":[{start},{end}]}}"#));
+        data.extend_from_slice(bytes);
+    }
+    let mut json = format!("{{{}}}", header.join(","));
+    while json.len() % 8 != 0 {
+        json.push(' ');
+    }
+    let mut file = (json.len() as u64).to_le_bytes().to_vec();
+    file.extend_from_slice(json.as_bytes());
+    file.extend_from_slice(&data);
+    std::fs::write(path, file).unwrap();
+}
+
+#[test]
+fn conversions_and_unused_tensors_are_noted_or_refused_with_strict() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
+    let (x, y, labels) = (path("x.safetensors"), path("y.safetensors"), path("labels.safetensors"));
+    // digits_cnn's image as f64 (0.1 is not an f32: rounded), and a tensor it does not use.
+    let image: Vec<u8> = (0..2 * 64).flat_map(|_| 0.1f64.to_le_bytes()).collect();
+    safetensors_file(
+        std::path::Path::new(&x),
+        &[("image", "F64", vec![2, 8, 8, 1], image), ("extra", "F32", vec![1], 1f32.to_le_bytes().to_vec())],
+    );
+    let out = systolic(&["run", "digits_cnn", "--input", &x, "--output", &y]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains(&format!("note: {x}: converted to f32: 'image' (F64, rounded)")), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "note: {x}: 1 tensor the model 'digits_cnn' as an input does not use, ignored: 'extra'"
+        )),
+        "{stderr}"
+    );
+    let e = fails(&["run", "digits_cnn", "--input", &x, "--output", &y, "--strict"]);
+    assert!(e.contains("converted to f32: 'image' (F64, rounded) (refused by --strict"), "{e}");
+    // A weights file with a tensor the model does not have: noted, and left out.
+    let w = path("w.safetensors");
+    ok(&["run", "digits_cnn", "--batch", "2", "--output", &y, "--save-weights", &w]);
+    let mut weights = systolic::compiler::tensors::load(&w).unwrap();
+    weights.insert("conv9/kernel".into(), systolic::compiler::Tensor::zeros(vec![3]));
+    let w2 = path("w2.safetensors");
+    systolic::compiler::tensors::save(&w2, &weights).unwrap();
+    let out = systolic(&["run", "digits_cnn", "--batch", "2", "--output", &y, "--weights", &w2]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!("note: {w2}: 1 tensor the model 'digits_cnn' does not use, ignored: 'conv9/kernel'")),
+        "{stderr}"
+    );
+    // Integer labels are what labels are: no note; float inputs stored as f32 pass silently.
+    let f32_image: Vec<u8> = (0..2 * 64).flat_map(|i| (i as f32 / 128.0).to_le_bytes()).collect();
+    safetensors_file(std::path::Path::new(&x), &[("image", "F32", vec![2, 8, 8, 1], f32_image)]);
+    let ids: Vec<u8> = [3i32, 7].iter().flat_map(|v| v.to_le_bytes()).collect();
+    safetensors_file(std::path::Path::new(&labels), &[("labels", "I32", vec![2], ids)]);
+    let g = path("g.safetensors");
+    let out = systolic(&[
+        "grad",
+        "digits_cnn",
+        "--input",
+        &x,
+        "--labels",
+        &labels,
+        "--output",
+        &g,
+        "--weights",
+        &w,
+        "--strict",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && !stderr.contains("note"), "{stderr}");
 }

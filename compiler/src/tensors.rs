@@ -23,22 +23,51 @@ fn file_error(path: &Path, reason: impl Into<String>) -> Error {
     Error::TensorFile { path: path.to_path_buf(), reason: reason.into() }
 }
 
-/// Decodes one safetensors view to f32.
-fn decode(path: &Path, name: &str, dtype: Dtype, shape: &[usize], data: &[u8]) -> Result<Tensor> {
+/// A tensor stored in another type than f32, converted on load.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Conversion {
+    pub name: String,
+    /// The stored type, as safetensors names it (`F64`, `I32`, `F16`, ...).
+    pub from: String,
+    /// Whether every value survived exactly (f16, bf16 and small integers always do; f64 and
+    /// 32/64-bit integers only when each value is an f32).
+    pub exact: bool,
+}
+
+/// Decodes one safetensors view to f32; says what was converted.
+fn decode(path: &Path, name: &str, dtype: Dtype, shape: &[usize], data: &[u8]) -> Result<(Tensor, Option<Conversion>)> {
     let bad = |what: &str| file_error(path, format!("tensor '{name}': {what}"));
+    let mut exact = true;
     let values: Vec<f32> = match dtype {
         Dtype::F32 => data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
-        Dtype::F64 => {
-            data.chunks_exact(8).map(|b| f64::from_le_bytes(b.try_into().expect("chunk of 8")) as f32).collect()
-        }
+        Dtype::F64 => data
+            .chunks_exact(8)
+            .map(|b| {
+                let v = f64::from_le_bytes(b.try_into().expect("chunk of 8"));
+                exact &= v as f32 as f64 == v || v.is_nan();
+                v as f32
+            })
+            .collect(),
         Dtype::BF16 => {
             data.chunks_exact(2).map(|b| f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16)).collect()
         }
         Dtype::F16 => data.chunks_exact(2).map(|b| f16_to_f32(u16::from_le_bytes([b[0], b[1]]))).collect(),
-        Dtype::I64 => {
-            data.chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().expect("chunk of 8")) as f32).collect()
-        }
-        Dtype::I32 => data.chunks_exact(4).map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f32).collect(),
+        Dtype::I64 => data
+            .chunks_exact(8)
+            .map(|b| {
+                let v = i64::from_le_bytes(b.try_into().expect("chunk of 8"));
+                exact &= v as f32 as i64 == v;
+                v as f32
+            })
+            .collect(),
+        Dtype::I32 => data
+            .chunks_exact(4)
+            .map(|b| {
+                let v = i32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                exact &= v as f32 as i32 == v;
+                v as f32
+            })
+            .collect(),
         Dtype::I16 => data.chunks_exact(2).map(|b| i16::from_le_bytes([b[0], b[1]]) as f32).collect(),
         Dtype::U8 => data.iter().map(|&b| b as f32).collect(),
         Dtype::I8 => data.iter().map(|&b| b as i8 as f32).collect(),
@@ -46,7 +75,10 @@ fn decode(path: &Path, name: &str, dtype: Dtype, shape: &[usize], data: &[u8]) -
             return Err(bad(&format!("dtype {other:?} is not supported; store it as F32")));
         }
     };
-    Tensor::from_shape_vec(shape.to_vec(), values).map_err(|e| bad(&e.to_string()))
+    let tensor = Tensor::from_shape_vec(shape.to_vec(), values).map_err(|e| bad(&e.to_string()))?;
+    let conversion =
+        (dtype != Dtype::F32).then(|| Conversion { name: name.to_string(), from: format!("{dtype:?}"), exact });
+    Ok((tensor, conversion))
 }
 
 /// IEEE half to f32 (exact).
@@ -80,18 +112,35 @@ pub fn load_with_metadata(path: impl AsRef<Path>) -> Result<(TensorMap, Metadata
     from_bytes(path, &bytes)
 }
 
+/// Reads every tensor of a safetensors file, converted to f32, and which were stored in
+/// another type (for the note a command prints, or its refusal under `--strict`).
+pub fn load_with_conversions(path: impl AsRef<Path>) -> Result<(TensorMap, Vec<Conversion>)> {
+    let path = path.as_ref();
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let (tensors, _, conversions) = decode_file(path, &bytes)?;
+    Ok((tensors, conversions))
+}
+
 /// Decodes a safetensors file image (`path` names it in errors).
 pub fn from_bytes(path: &Path, bytes: &[u8]) -> Result<(TensorMap, Metadata)> {
+    let (tensors, metadata, _) = decode_file(path, bytes)?;
+    Ok((tensors, metadata))
+}
+
+fn decode_file(path: &Path, bytes: &[u8]) -> Result<(TensorMap, Metadata, Vec<Conversion>)> {
     let invalid = |e: safetensors::SafeTensorError| file_error(path, format!("not a valid safetensors file ({e})"));
     let st = SafeTensors::deserialize(bytes).map_err(invalid)?;
     let mut out = TensorMap::new();
+    let mut conversions = Vec::new();
     for (name, view) in st.tensors() {
-        let t = decode(path, &name, view.dtype(), view.shape(), view.data())?;
+        let (t, conversion) = decode(path, &name, view.dtype(), view.shape(), view.data())?;
+        conversions.extend(conversion);
         out.insert(name, t);
     }
+    conversions.sort_by(|a, b| a.name.cmp(&b.name));
     let (_, header) = SafeTensors::read_metadata(bytes).map_err(invalid)?;
     let metadata = header.metadata().as_ref().map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect());
-    Ok((out, metadata.unwrap_or_default()))
+    Ok((out, metadata.unwrap_or_default(), conversions))
 }
 
 /// A safetensors file's metadata: strings by key, in key order.

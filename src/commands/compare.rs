@@ -107,7 +107,7 @@ pub fn run(args: Args) -> Result<()> {
     let (machine, precision) = args.target.resolve()?;
     let activations = args.storage.resolve(precision)?;
     let graph = super::load_model(&args.model)?;
-    let file_inputs = args.input.as_deref().map(super::load_inputs).transpose()?;
+    let file_inputs = args.input.as_deref().map(|path| super::load_inputs(&graph, path)).transpose()?;
     let batch = file_inputs
         .as_ref()
         .and_then(|inputs| inputs.values().next().and_then(|t| t.shape().first().copied()))
@@ -136,12 +136,7 @@ pub fn run(args: Args) -> Result<()> {
             let labels_name = g.node(g.node(loss).inputs[1]).name.clone();
             let classes = *g.node(g.node(loss).inputs[0]).shape.dims.last().expect("logits have classes");
             let labels = match &args.labels {
-                Some(path) => {
-                    let mut file = super::load_inputs(path)?;
-                    file.remove(&labels_name).ok_or_else(|| {
-                        anyhow::anyhow!("{}: has no tensor '{labels_name}' (integer class ids)", path.display())
-                    })?
-                }
+                Some(path) => super::load_labels(path, &labels_name)?,
                 None => {
                     let key = rng::derive(args.seed, rng::hash_str(&labels_name));
                     let ids = (0..batch).map(|i| (rng::uniform(key, i as u64) * classes as f32).floor() as f32);

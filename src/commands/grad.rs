@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use systolic::compiler::autodiff;
 use systolic::compiler::reference::{self, Mode, RunOptions};
 
@@ -41,7 +41,7 @@ pub fn run(args: Args) -> Result<()> {
     let model = super::load_model(&args.model)?;
     let train = autodiff::training_graph(&model, args.label_smoothing)?;
     let graph = &train.graph;
-    let inputs = super::load_inputs(&args.input)?;
+    let inputs = super::load_inputs(&model, &args.input)?;
     let batch = model.inputs().into_iter().find_map(|id| inputs.get(&model.node(id).name)?.shape().first().copied());
     if let Some(batch) = batch.filter(|&b| b > 0) {
         let mut fetch = vec![train.root];
@@ -52,15 +52,7 @@ pub fn run(args: Args) -> Result<()> {
     bindings.extend(inputs);
 
     let labels_node = graph.node(graph.node(train.root).inputs[1]).name.clone();
-    let label_file = super::load_inputs(&args.labels)?;
-    let labels = match label_file.get(&labels_node) {
-        Some(t) => t.clone(),
-        None if label_file.len() == 1 => label_file.into_values().next().context("one tensor")?,
-        None => anyhow::bail!(
-            "{}: has no tensor '{labels_node}' (and more than one tensor, so none can be taken as the labels)",
-            args.labels.display()
-        ),
-    };
+    let labels = super::load_labels(&args.labels, &labels_node)?;
     bindings.insert(labels_node.clone(), labels);
 
     let mode = if args.inference_mode { Mode::Inference } else { Mode::Training };

@@ -17,6 +17,7 @@ pub mod simulate;
 pub mod zoo;
 
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context, Result};
 use systolic::compiler::lower::Options;
@@ -108,12 +109,52 @@ pub fn load_model(spec: &str) -> Result<Graph> {
     Ok(model_zoo::resolve(spec)?)
 }
 
+/// Whether what loading a file changed or left out is refused (`--strict`) rather than noted.
+static STRICT: AtomicBool = AtomicBool::new(false);
+
+/// Sets `--strict` for this process.
+pub fn set_strict(on: bool) {
+    STRICT.store(on, Ordering::Relaxed);
+}
+
+/// A note on stderr about a file (a conversion, tensors left out); an error under `--strict`.
+fn note(path: &Path, what: &str) -> Result<()> {
+    if STRICT.load(Ordering::Relaxed) {
+        anyhow::bail!("{}: {what} (refused by --strict: fix the file, or drop --strict)", path.display());
+    }
+    eprintln!("note: {}: {what}", path.display());
+    Ok(())
+}
+
+/// Reads a tensor file and notes (or under `--strict` refuses) the tensors stored in another
+/// type than f32 — all of them, or with `integers_expected` (labels) the non-integer ones —
+/// and the tensors `used` says nothing reads (`what` names the reader).
+fn load_noting(path: &Path, integers_expected: bool, used: impl Fn(&str) -> bool, what: &str) -> Result<TensorMap> {
+    let (loaded, conversions) = tensors::load_with_conversions(path)?;
+    let integer = |dtype: &str| dtype.starts_with('I') || dtype.starts_with('U');
+    let converted: Vec<String> = conversions
+        .iter()
+        .filter(|c| !(integers_expected && integer(&c.from)))
+        .map(|c| format!("'{}' ({}, {})", c.name, c.from, if c.exact { "exactly" } else { "rounded" }))
+        .collect();
+    if !converted.is_empty() {
+        note(path, &format!("converted to f32: {}", converted.join(", ")))?;
+    }
+    let unused: Vec<String> = loaded.keys().filter(|n| !used(n)).map(|n| format!("'{n}'")).collect();
+    if !unused.is_empty() {
+        let count = if unused.len() == 1 { "1 tensor".to_string() } else { format!("{} tensors", unused.len()) };
+        note(path, &format!("{count} {what} does not use, ignored: {}", unused.join(", ")))?;
+    }
+    Ok(loaded)
+}
+
 /// Parameter values: from a weights file (checked against the graph) or initialised from `seed`.
 pub fn load_weights(graph: &Graph, path: Option<&Path>, seed: u64) -> Result<TensorMap> {
     let Some(path) = path else {
         return Ok(graph.init_parameters(seed));
     };
-    let weights = tensors::load(path)?;
+    let is_parameter = |name: &str| graph.find(name).is_some_and(|id| matches!(graph.node(id).op, Op::Parameter(_)));
+    let weights = load_noting(path, false, is_parameter, &format!("the model '{}'", graph.name()))?;
     for id in graph.parameters() {
         let node = graph.node(id);
         match weights.get(&node.name) {
@@ -133,12 +174,28 @@ pub fn load_weights(graph: &Graph, path: Option<&Path>, seed: u64) -> Result<Ten
             Some(_) => {}
         }
     }
-    Ok(weights)
+    Ok(weights.into_iter().filter(|(name, _)| is_parameter(name)).collect())
 }
 
 /// Reads input tensors, named after the graph's Input nodes.
-pub fn load_inputs(path: &Path) -> Result<TensorMap> {
-    Ok(tensors::load(path)?)
+pub fn load_inputs(graph: &Graph, path: &Path) -> Result<TensorMap> {
+    let is_input = |name: &str| graph.find(name).is_some_and(|id| matches!(graph.node(id).op, Op::Input(_)));
+    load_noting(path, false, is_input, &format!("the model '{}' as an input", graph.name()))
+}
+
+/// Reads the labels (integer class ids, any integer or float type): the tensor named after
+/// the labels input, or a file's only tensor.
+pub fn load_labels(path: &Path, name: &str) -> Result<Tensor> {
+    let (loaded, _) = tensors::load_with_conversions(path)?;
+    let only = (loaded.len() == 1).then(|| loaded.keys().next().cloned()).flatten();
+    let chosen = if loaded.contains_key(name) { name.to_string() } else { only.unwrap_or_default() };
+    let mut file = load_noting(path, true, |n| n == chosen, "the labels")?;
+    file.remove(&chosen).ok_or_else(|| {
+        anyhow::anyhow!(
+            "{}: has no tensor '{name}' (integer class ids), and more than one tensor, so none can be taken as the labels",
+            path.display()
+        )
+    })
 }
 
 /// A batch of standard-normal inputs, one tensor per Input node, reproducible from `seed`:

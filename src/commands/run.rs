@@ -74,7 +74,7 @@ pub fn run(args: Args) -> Result<()> {
         ("--save-weights", args.save_weights.as_deref()),
     ])?;
     let graph = super::load_model(&args.model)?;
-    let file_inputs = args.input.as_deref().map(super::load_inputs).transpose()?;
+    let file_inputs = args.input.as_deref().map(|path| super::load_inputs(&graph, path)).transpose()?;
     // What the run will hold is checked before the parameters and inputs are made.
     let batch = match &file_inputs {
         Some(inputs) => batch_of(&graph, inputs, args.input.as_deref()).ok(),
