@@ -339,51 +339,71 @@ mod avx2 {
 
     use super::{MR, NR};
 
-    /// Rows per band: a band's 3 × 32 chunk sums are 12 of the 16 YMM registers, the four
-    /// vectors of a packed B row the other four.
-    const BAND: usize = 3;
+    /// A sub-tile of the 12 × 32 tile: 6 rows × 16 columns, whose chunk sums are 12 of the 16
+    /// YMM registers; two hold a packed B row's 16 values and one the broadcast A value, so
+    /// nothing spills (the 6 × 16 shape of BLIS's Haswell kernel).
+    const ROWS: usize = 6;
+    const COLS: usize = 16;
 
-    /// The AVX2 + FMA micro-kernel: the 12 × 32 tile as four bands of three rows, each band
-    /// summing its whole chunk in registers (the packed B strip, `kc × 32`, stays in L1
-    /// between bands). Every sum is the portable kernel's: from +0.0, one FMA per k in k
-    /// order, then one add into `c`.
+    /// The AVX2 + FMA micro-kernel: the 12 × 32 tile as four 6 × 16 sub-tiles, each summing
+    /// its whole chunk in registers (the packed strips stay in L1 between sub-tiles). Every
+    /// sum is the portable kernel's: from +0.0, one FMA per k in k order, then one add into
+    /// `c`.
     ///
     /// # Safety
     /// The CPU must have AVX2 and FMA; `a` holds `kc × MR` and `b` `kc × NR` packed values; `c`
     /// points to an `m_valid × n_valid` tile with row stride `ldc` inside one allocation.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn kernel(kc: usize, a: &[f32], b: &[f32], c: *mut f32, ldc: usize, m_valid: usize, n_valid: usize) {
-        assert!(a.len() >= kc * MR && b.len() >= kc * NR && MR.is_multiple_of(BAND) && NR == 32);
+        assert!(a.len() >= kc * MR && b.len() >= kc * NR && MR.is_multiple_of(ROWS) && NR.is_multiple_of(COLS));
         let (ap, bp) = (a.as_ptr(), b.as_ptr());
-        for r0 in (0..m_valid.min(MR)).step_by(BAND) {
-            let mut acc = [[_mm256_setzero_ps(); 4]; BAND];
-            for kk in 0..kc {
-                // SAFETY: kk < kc and r0 + r < MR, so every read is inside `a` and `b`.
-                unsafe {
-                    let bk = bp.add(kk * NR);
-                    let bv = [
-                        _mm256_loadu_ps(bk),
-                        _mm256_loadu_ps(bk.add(8)),
-                        _mm256_loadu_ps(bk.add(16)),
-                        _mm256_loadu_ps(bk.add(24)),
-                    ];
-                    for (r, row) in acc.iter_mut().enumerate() {
-                        let av = _mm256_broadcast_ss(&*ap.add(kk * MR + r0 + r));
-                        for (x, &bj) in row.iter_mut().zip(&bv) {
-                            *x = _mm256_fmadd_ps(av, bj, *x);
-                        }
+        for r0 in (0..m_valid.min(MR)).step_by(ROWS) {
+            for c0 in (0..n_valid.min(NR)).step_by(COLS) {
+                // Twelve named accumulators: in an array LLVM splits the loop in two halves that
+                // each broadcast A again.
+                let z = _mm256_setzero_ps();
+                let (mut c00, mut c01, mut c10, mut c11, mut c20, mut c21) = (z, z, z, z, z, z);
+                let (mut c30, mut c31, mut c40, mut c41, mut c50, mut c51) = (z, z, z, z, z, z);
+                for kk in 0..kc {
+                    // SAFETY: kk < kc, r0 + 6 <= MR and c0 + 16 <= NR, so every read is inside
+                    // `a` and `b`.
+                    unsafe {
+                        let bk = bp.add(kk * NR + c0);
+                        let (b0, b1) = (_mm256_loadu_ps(bk), _mm256_loadu_ps(bk.add(8)));
+                        let ak = ap.add(kk * MR + r0);
+                        let a0 = _mm256_broadcast_ss(&*ak);
+                        c00 = _mm256_fmadd_ps(a0, b0, c00);
+                        c01 = _mm256_fmadd_ps(a0, b1, c01);
+                        let a1 = _mm256_broadcast_ss(&*ak.add(1));
+                        c10 = _mm256_fmadd_ps(a1, b0, c10);
+                        c11 = _mm256_fmadd_ps(a1, b1, c11);
+                        let a2 = _mm256_broadcast_ss(&*ak.add(2));
+                        c20 = _mm256_fmadd_ps(a2, b0, c20);
+                        c21 = _mm256_fmadd_ps(a2, b1, c21);
+                        let a3 = _mm256_broadcast_ss(&*ak.add(3));
+                        c30 = _mm256_fmadd_ps(a3, b0, c30);
+                        c31 = _mm256_fmadd_ps(a3, b1, c31);
+                        let a4 = _mm256_broadcast_ss(&*ak.add(4));
+                        c40 = _mm256_fmadd_ps(a4, b0, c40);
+                        c41 = _mm256_fmadd_ps(a4, b1, c41);
+                        let a5 = _mm256_broadcast_ss(&*ak.add(5));
+                        c50 = _mm256_fmadd_ps(a5, b0, c50);
+                        c51 = _mm256_fmadd_ps(a5, b1, c51);
                     }
                 }
-            }
-            for (r, row) in acc.iter().enumerate().take(m_valid - r0) {
-                let mut sums = [0f32; NR];
-                for (j, v) in row.iter().enumerate() {
-                    // SAFETY: 8 lanes into a local array of 32.
-                    unsafe { _mm256_storeu_ps(sums.as_mut_ptr().add(8 * j), *v) };
-                }
-                for (j, v) in sums.iter().enumerate().take(n_valid) {
-                    // SAFETY: inside the tile the caller guarantees.
-                    unsafe { *c.add((r0 + r) * ldc + j) += v };
+                let acc = [[c00, c01], [c10, c11], [c20, c21], [c30, c31], [c40, c41], [c50, c51]];
+                let cols = (n_valid - c0).min(COLS);
+                for (r, row) in acc.iter().enumerate().take(m_valid - r0) {
+                    let mut sums = [0f32; COLS];
+                    // SAFETY: 16 lanes into a local array of 16.
+                    unsafe {
+                        _mm256_storeu_ps(sums.as_mut_ptr(), row[0]);
+                        _mm256_storeu_ps(sums.as_mut_ptr().add(8), row[1]);
+                    }
+                    for (j, v) in sums.iter().enumerate().take(cols) {
+                        // SAFETY: inside the tile the caller guarantees.
+                        unsafe { *c.add((r0 + r) * ldc + c0 + j) += v };
+                    }
                 }
             }
         }
