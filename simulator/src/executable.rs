@@ -13,6 +13,9 @@ use crate::functional::Functional;
 use crate::host::{self, Need, format_bytes};
 use crate::isa::{Program, Tile};
 
+/// Output values by binding name, as the host reads them back.
+pub type Outputs = Vec<(String, Vec<f32>)>;
+
 /// What a bound tensor is to the host.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Role {
@@ -107,6 +110,19 @@ impl Executable {
         self.load(&mut core, tensors)?;
         core.run(&self.program)?;
         self.outputs(&mut core)
+    }
+
+    /// As [`Self::run`], also returning the host time per instruction kind.
+    pub fn run_profiled<'a>(
+        &self,
+        machine: &Machine,
+        tensors: impl Fn(&str) -> Option<&'a [f32]>,
+    ) -> Result<(Outputs, crate::functional::Profile)> {
+        let mut core = self.core(machine)?;
+        core.enable_profile();
+        self.load(&mut core, tensors)?;
+        core.run(&self.program)?;
+        Ok((self.outputs(&mut core)?, core.profile()))
     }
 
     /// Writes every input and parameter from `tensors` into `core`'s HBM.

@@ -25,43 +25,63 @@ impl Memory {
         }
     }
 
+    /// Byte offset of row `r` of `t`.
+    fn row_start(t: &Tile, r: usize) -> usize {
+        t.offset as usize + r * t.stride as usize * t.dtype.size() as usize
+    }
+
     fn read(&self, t: &Tile) -> Vec<f32> {
-        let size = t.dtype.size() as usize;
+        let (cols, size) = (t.cols as usize, t.dtype.size() as usize);
         let mut out = Vec::with_capacity(t.elements() as usize);
         for r in 0..t.rows as usize {
-            let start = t.offset as usize + r * t.stride as usize * size;
-            for c in 0..t.cols as usize {
-                let at = start + c * size;
-                let v = match t.dtype {
-                    DType::F32 => {
-                        self.bytes.get(at..at + 4).map_or(0.0, |b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                    }
-                    DType::Bf16 => self
-                        .bytes
-                        .get(at..at + 2)
-                        .map_or(0.0, |b| f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16)),
-                };
-                out.push(v);
+            let start = Self::row_start(t, r);
+            // Bytes never written read as zero (memory grows on demand).
+            let have = self.bytes.len().saturating_sub(start).min(cols * size) / size;
+            let row = &self.bytes[start.min(self.bytes.len())..][..have * size];
+            match t.dtype {
+                DType::F32 => out.extend(row.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))),
+                DType::Bf16 => out.extend(
+                    row.chunks_exact(2).map(|b| f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16)),
+                ),
             }
+            out.resize(out.len() + cols - have, 0.0);
         }
         out
     }
 
     fn write(&mut self, t: &Tile, values: &[f32]) {
         self.ensure(t.span().1);
-        let size = t.dtype.size() as usize;
-        for r in 0..t.rows as usize {
-            let start = t.offset as usize + r * t.stride as usize * size;
-            for c in 0..t.cols as usize {
-                let v = values[r * t.cols as usize + c];
-                let at = start + c * size;
-                match t.dtype {
-                    DType::F32 => self.bytes[at..at + 4].copy_from_slice(&v.to_le_bytes()),
-                    DType::Bf16 => self.bytes[at..at + 2].copy_from_slice(&bf16_bits(v).to_le_bytes()),
+        let (cols, size) = (t.cols as usize, t.dtype.size() as usize);
+        for (r, row_values) in values.chunks_exact(cols).enumerate().take(t.rows as usize) {
+            let start = Self::row_start(t, r);
+            let row = &mut self.bytes[start..start + cols * size];
+            match t.dtype {
+                DType::F32 => {
+                    row.chunks_exact_mut(4).zip(row_values).for_each(|(b, v)| b.copy_from_slice(&v.to_le_bytes()))
                 }
+                DType::Bf16 => row
+                    .chunks_exact_mut(2)
+                    .zip(row_values)
+                    .for_each(|(b, &v)| b.copy_from_slice(&bf16_bits(v).to_le_bytes())),
             }
         }
     }
+}
+
+/// A DMA between tiles of one type whose bytes exist and do not overlap: row by row, bytes
+/// as they are (what `read` then `write` would give, without decoding). `None` when the fast
+/// path does not apply.
+fn copy_bytes(src_mem: &[u8], dst_mem: &mut Memory, src: &Tile, dst: &Tile) -> Option<()> {
+    if src.dtype != dst.dtype || src.span().1 as usize > src_mem.len() {
+        return None;
+    }
+    dst_mem.ensure(dst.span().1);
+    let len = src.cols as usize * src.dtype.size() as usize;
+    for r in 0..src.rows as usize {
+        let (from, to) = (Memory::row_start(src, r), Memory::row_start(dst, r));
+        dst_mem.bytes[to..to + len].copy_from_slice(&src_mem[from..from + len]);
+    }
+    Some(())
 }
 
 /// How far a run reaches into each memory, (HBM, VMEM) bytes: the end of the furthest tile the
@@ -80,16 +100,31 @@ pub fn footprint<'a>(program: &Program, host_tiles: impl IntoIterator<Item = &'a
     (end[0], end[1])
 }
 
+/// Host time per instruction kind: (kind, instructions run, seconds).
+pub type Profile = Vec<(&'static str, u64, f64)>;
+
 /// A core's memories and the machine they belong to.
 pub struct Functional {
     machine: Machine,
     hbm: Memory,
     vmem: Memory,
+    /// Per instruction kind: how many ran and the host seconds they took (when profiling).
+    profile: Option<std::collections::BTreeMap<&'static str, (u64, f64)>>,
 }
 
 impl Functional {
     pub fn new(machine: &Machine) -> Functional {
-        Functional { machine: machine.clone(), hbm: Memory::default(), vmem: Memory::default() }
+        Functional { machine: machine.clone(), hbm: Memory::default(), vmem: Memory::default(), profile: None }
+    }
+
+    /// Times every instruction from now on, by kind ([`Self::profile`]).
+    pub fn enable_profile(&mut self) {
+        self.profile.get_or_insert_default();
+    }
+
+    /// Per instruction kind (`dma`, `matmul`, ...): how many ran and the host seconds they took.
+    pub fn profile(&self) -> Profile {
+        self.profile.iter().flatten().map(|(&kind, &(n, secs))| (kind, n, secs)).collect()
     }
 
     /// Sizes the memories for a run whose [`footprint`] is given, once, so they never grow
@@ -173,7 +208,13 @@ impl Functional {
             if i % 1024 == 0 {
                 crate::progress::report("functional engine (instructions)", i as u64, total);
             }
+            let start = self.profile.is_some().then(std::time::Instant::now);
             self.execute(&instr.op).map_err(|reason| Error::Program { index: i, op: instr.op.name(), reason })?;
+            if let (Some(start), Some(profile)) = (start, &mut self.profile) {
+                let entry = profile.entry(instr.op.name()).or_default();
+                entry.0 += 1;
+                entry.1 += start.elapsed().as_secs_f64();
+            }
         }
         crate::progress::report("functional engine (instructions)", total, total);
         Ok(None)
@@ -187,8 +228,16 @@ impl Functional {
                 for i in 0..count {
                     let s = Tile { offset: src.offset + i * src_step, ..src };
                     let d = Tile { offset: dst.offset + i * dst_step, ..dst };
-                    let v = self.memory(s.space).read(&s);
-                    self.memory(d.space).write(&d, &v);
+                    let copied = match (s.space, d.space) {
+                        (Space::Hbm, Space::Vmem) => copy_bytes(&self.hbm.bytes, &mut self.vmem, &s, &d),
+                        (Space::Vmem, Space::Hbm) => copy_bytes(&self.vmem.bytes, &mut self.hbm, &s, &d),
+                        // Within one memory the regions may overlap: decode, then store.
+                        _ => None,
+                    };
+                    if copied.is_none() {
+                        let v = self.memory(s.space).read(&s);
+                        self.memory(d.space).write(&d, &v);
+                    }
                 }
             }
             Operation::MatMul { lhs, rhs, out, accumulate, precision, .. } => {
@@ -200,14 +249,14 @@ impl Functional {
                 self.vmem.write(&out, &c);
             }
             Operation::Unary { op, src, dst } => {
-                let v: Vec<f32> = self.vmem.read(&src).into_iter().map(|x| unary(op, x)).collect();
+                let mut v = self.vmem.read(&src);
+                unary_slice(op, &mut v);
                 self.vmem.write(&dst, &v);
             }
             Operation::Binary { op, a, b, dst } => {
-                let (av, bv) = (self.vmem.read(&a), self.vmem.read(&b));
-                let pick = broadcast_index(&a, &b);
-                let v: Vec<f32> = av.iter().enumerate().map(|(i, &x)| binary(op, x, bv[pick(i)])).collect();
-                self.vmem.write(&dst, &v);
+                let (mut av, bv) = (self.vmem.read(&a), self.vmem.read(&b));
+                binary_slice(op, &mut av, &bv, a.cols as usize, Broadcast::of(&a, &b));
+                self.vmem.write(&dst, &av);
             }
             Operation::MulAdd { a, b, acc } => {
                 let (av, bv, mut cv) = (self.vmem.read(&a), self.vmem.read(&b), self.vmem.read(&acc));
@@ -309,6 +358,107 @@ impl Functional {
     }
 }
 
+/// Elements per parallel piece of a VPU operation: smaller tiles run on one thread.
+const VPU_PIECE: usize = 1 << 15;
+
+/// Applies `f` to every element, in pieces of whole rows on every thread for large tiles
+/// (elementwise, so the bits do not depend on the split).
+#[inline(always)]
+fn each(v: &mut [f32], f: impl Fn(f32) -> f32 + Sync) {
+    use rayon::prelude::*;
+    if v.len() > VPU_PIECE {
+        v.par_chunks_mut(VPU_PIECE).for_each(|piece| piece.iter_mut().for_each(|x| *x = f(*x)));
+    } else {
+        v.iter_mut().for_each(|x| *x = f(*x));
+    }
+}
+
+/// [`unary`] over a slice: one loop per operation, so each loop's body is one operation and
+/// vectorises (the `match` resolved outside it).
+fn unary_slice(op: UnaryOp, v: &mut [f32]) {
+    match op {
+        UnaryOp::Copy => {}
+        UnaryOp::Relu => each(v, |x| unary(UnaryOp::Relu, x)),
+        UnaryOp::Relu6 => each(v, |x| unary(UnaryOp::Relu6, x)),
+        UnaryOp::Neg => each(v, |x| unary(UnaryOp::Neg, x)),
+        UnaryOp::Exp => each(v, |x| unary(UnaryOp::Exp, x)),
+        UnaryOp::Log => each(v, |x| unary(UnaryOp::Log, x)),
+        UnaryOp::Sqrt => each(v, |x| unary(UnaryOp::Sqrt, x)),
+        UnaryOp::Rsqrt => each(v, |x| unary(UnaryOp::Rsqrt, x)),
+        UnaryOp::Square => each(v, |x| unary(UnaryOp::Square, x)),
+        UnaryOp::Reciprocal => each(v, |x| unary(UnaryOp::Reciprocal, x)),
+        UnaryOp::Cos => each(v, |x| unary(UnaryOp::Cos, x)),
+        UnaryOp::Scale(c) => each(v, |x| unary(UnaryOp::Scale(c), x)),
+        UnaryOp::AddScalar(c) => each(v, |x| unary(UnaryOp::AddScalar(c), x)),
+    }
+}
+
+/// How a `Binary` operand `b` pairs with `a`'s elements.
+#[derive(Clone, Copy)]
+enum Broadcast {
+    /// The same shape: element by element.
+    Same,
+    /// One row, used by every row of `a`.
+    Row,
+    /// One column: row `r` of `a` uses `b[r]`.
+    Column,
+}
+
+impl Broadcast {
+    fn of(a: &Tile, b: &Tile) -> Broadcast {
+        if b.rows == 1 && a.rows > 1 {
+            Broadcast::Row
+        } else if b.cols == 1 && a.cols > 1 {
+            Broadcast::Column
+        } else {
+            Broadcast::Same
+        }
+    }
+}
+
+/// `a = f(a, b)` over rows of `cols`, `b` paired as `mode` says; large tiles in pieces of
+/// whole rows on every thread.
+#[inline(always)]
+fn each_pair(a: &mut [f32], b: &[f32], cols: usize, mode: Broadcast, f: impl Fn(f32, f32) -> f32 + Sync) {
+    use rayon::prelude::*;
+    let rows_per_piece = (VPU_PIECE / cols.max(1)).max(1);
+    let piece = |(p, chunk): (usize, &mut [f32])| {
+        let first_row = p * rows_per_piece;
+        match mode {
+            Broadcast::Same => {
+                let bs = &b[first_row * cols..][..chunk.len()];
+                chunk.iter_mut().zip(bs).for_each(|(x, &y)| *x = f(*x, y));
+            }
+            Broadcast::Row => {
+                chunk.chunks_exact_mut(cols).for_each(|row| row.iter_mut().zip(b).for_each(|(x, &y)| *x = f(*x, y)))
+            }
+            Broadcast::Column => chunk
+                .chunks_exact_mut(cols)
+                .zip(&b[first_row..])
+                .for_each(|(row, &y)| row.iter_mut().for_each(|x| *x = f(*x, y))),
+        }
+    };
+    if a.len() > VPU_PIECE && cols > 0 {
+        a.par_chunks_mut(rows_per_piece * cols).enumerate().for_each(piece);
+    } else {
+        piece((0, a));
+    }
+}
+
+/// [`binary`] over tiles (see [`unary_slice`]).
+fn binary_slice(op: BinaryOp, a: &mut [f32], b: &[f32], cols: usize, mode: Broadcast) {
+    match op {
+        BinaryOp::Add => each_pair(a, b, cols, mode, |x, y| binary(BinaryOp::Add, x, y)),
+        BinaryOp::Sub => each_pair(a, b, cols, mode, |x, y| binary(BinaryOp::Sub, x, y)),
+        BinaryOp::Mul => each_pair(a, b, cols, mode, |x, y| binary(BinaryOp::Mul, x, y)),
+        BinaryOp::Div => each_pair(a, b, cols, mode, |x, y| binary(BinaryOp::Div, x, y)),
+        BinaryOp::Max => each_pair(a, b, cols, mode, |x, y| binary(BinaryOp::Max, x, y)),
+        BinaryOp::Min => each_pair(a, b, cols, mode, |x, y| binary(BinaryOp::Min, x, y)),
+        BinaryOp::MaskPositive => each_pair(a, b, cols, mode, |x, y| binary(BinaryOp::MaskPositive, x, y)),
+        BinaryOp::MaskRelu6 => each_pair(a, b, cols, mode, |x, y| binary(BinaryOp::MaskRelu6, x, y)),
+    }
+}
+
 /// Maps element `i` of `a` to the element of `b` it pairs with (same shape, row or column broadcast).
 fn broadcast_index(a: &Tile, b: &Tile) -> impl Fn(usize) -> usize {
     let cols = a.cols as usize;
@@ -326,6 +476,7 @@ fn broadcast_index(a: &Tile, b: &Tile) -> impl Fn(usize) -> usize {
 
 /// One element of a `Unary` instruction: the compiler's optimizer reference evaluates its
 /// scalar programs with this, so both give the same bits.
+#[inline(always)]
 pub fn unary(op: UnaryOp, x: f32) -> f32 {
     match op {
         UnaryOp::Copy => x,
@@ -345,6 +496,7 @@ pub fn unary(op: UnaryOp, x: f32) -> f32 {
 }
 
 /// One element of a `Binary` instruction (see [`unary`]).
+#[inline(always)]
 pub fn binary(op: BinaryOp, a: f32, b: f32) -> f32 {
     match op {
         BinaryOp::Add => a + b,

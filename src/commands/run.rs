@@ -54,7 +54,8 @@ pub struct Args {
     /// Time the evaluation over this many runs and report the fastest and the median.
     #[arg(long, default_value_t = 1)]
     repeat: usize,
-    /// Print where the time went: per op kind and the slowest layers (of the last run).
+    /// Print where the host's time went (of the last run): on the CPU reference per op kind and
+    /// the slowest layers; on the simulated TPU per instruction kind of the functional engine.
     #[arg(long)]
     profile: bool,
     /// Print the timing as JSON (`{"model", "batch", "runs", "min_seconds", "median_seconds"}`).
@@ -162,11 +163,6 @@ fn run_reference(args: &Args, graph: &Graph, weights: TensorMap, inputs: TensorM
 
 /// Compiles for one core of `--machine` and computes the outputs with the functional simulator.
 fn run_simulated(args: &Args, graph: &Graph, weights: TensorMap, inputs: TensorMap) -> Result<()> {
-    anyhow::ensure!(
-        !args.profile,
-        "--profile times the CPU reference's ops; for the TPU's per-layer cycles run `systolic compile {}`",
-        args.model
-    );
     let (machine, precision) = args.target.resolve()?;
     let activations = args.storage.resolve(precision)?;
     let batch = batch_of(graph, &inputs, args.input.as_deref())?;
@@ -199,9 +195,17 @@ fn run_simulated(args: &Args, graph: &Graph, weights: TensorMap, inputs: TensorM
     }
     let mut times = Vec::with_capacity(args.repeat);
     let mut result = None;
+    let mut profile = Vec::new();
     for _ in 0..args.repeat {
         let start = Instant::now();
-        let got = exe.run(&machine, |name| bindings.get(name).and_then(|t| t.as_slice()))?;
+        let feed = |name: &str| bindings.get(name).and_then(|t| t.as_slice());
+        let got = if args.profile {
+            let (got, kinds) = exe.run_profiled(&machine, feed)?;
+            profile = kinds;
+            got
+        } else {
+            exe.run(&machine, feed)?
+        };
         times.push(start.elapsed().as_secs_f64());
         result = Some(got);
     }
@@ -247,8 +251,31 @@ fn run_simulated(args: &Args, graph: &Graph, weights: TensorMap, inputs: TensorM
         );
         let timing = timing_text(min, median, args.repeat);
         println!("computing the values on this host took {timing}; compiling {compile_seconds:.3} s");
+        if args.profile {
+            print_engine_profile(&profile);
+        }
     }
     save_weights(args, weights, updates)
+}
+
+/// The functional engine's host time per instruction kind, slowest first.
+fn print_engine_profile(profile: &[(&'static str, u64, f64)]) {
+    let total: f64 = profile.iter().map(|p| p.2).sum();
+    let mut rows: Vec<_> = profile.to_vec();
+    rows.sort_by(|a, b| b.2.total_cmp(&a.2));
+    println!();
+    println!("functional engine, host time per instruction kind (last run):");
+    let mut table = crate::table::Table::new(&["instruction", "count", "seconds", "share", "us each"]);
+    for (kind, count, seconds) in rows {
+        table.row(vec![
+            kind.to_string(),
+            crate::table::thousands(count),
+            format!("{seconds:.3}"),
+            format!("{:.1}%", 100.0 * seconds / total.max(f64::MIN_POSITIVE)),
+            format!("{:.1}", 1e6 * seconds / count.max(1) as f64),
+        ]);
+    }
+    print!("{}", table.render());
 }
 
 /// Wall time of `repeat` runs, as printed.
