@@ -41,6 +41,23 @@ print(json.dumps({"fastest": times[0], "median": times[len(times) // 2], "numpy"
 """
 
 
+def kernel_against_numpy(binary, n, rounds, reps):
+    """GFLOP/s of the bit-exact kernel and of NumPy's float32 matmul at n^3, timed in
+    alternation round by round (a shared VM's speed drifts): two lists, and NumPy's build."""
+    flop = 2.0 * n ** 3
+    numpy_env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")}
+    ours, theirs, meta = [], [], {}
+    for _ in range(rounds):
+        out = subprocess.run([binary, "mxu", "--m", str(n), "--k", str(n), "--n", str(n), "--values",
+                              "--repeat", str(reps), "--json"], check=True, capture_output=True, text=True)
+        ours.append(flop / json.loads(out.stdout)["host_seconds_fastest"] / 1e9)
+        out = subprocess.run([sys.executable, "-c", NUMPY_TIMER, str(n), str(reps)], check=True,
+                             capture_output=True, text=True, env=numpy_env)
+        meta = json.loads(out.stdout)
+        theirs.append(flop / meta["fastest"] / 1e9)
+    return ours, theirs, meta
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", type=int, default=1024)
@@ -49,17 +66,7 @@ def main():
     ap.add_argument("--systolic", default="target/release/systolic")
     args = ap.parse_args()
     n = args.size
-    flop = 2.0 * n ** 3
-    numpy_env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")}
-    ours, theirs, meta = [], [], {}
-    for _ in range(args.rounds):
-        out = subprocess.run([args.systolic, "mxu", "--m", str(n), "--k", str(n), "--n", str(n), "--values",
-                              "--repeat", str(args.reps), "--json"], check=True, capture_output=True, text=True)
-        ours.append(flop / json.loads(out.stdout)["host_seconds_fastest"] / 1e9)
-        out = subprocess.run([sys.executable, "-c", NUMPY_TIMER, str(n), str(args.reps)], check=True,
-                             capture_output=True, text=True, env=numpy_env)
-        meta = json.loads(out.stdout)
-        theirs.append(flop / meta["fastest"] / 1e9)
+    ours, theirs, meta = kernel_against_numpy(args.systolic, n, args.rounds, args.reps)
     print(f"{n}^3 matmul, {os.cpu_count()} CPUs, numpy {meta['numpy']} ({meta['blas']}), {args.rounds} alternating rounds")
     print(f"systolic bit-exact bf16 MXU kernel: best {max(ours):.1f} GFLOP/s, median {statistics.median(ours):.1f}")
     print(f"numpy float32 matmul:               best {max(theirs):.1f} GFLOP/s, median {statistics.median(theirs):.1f}")

@@ -197,8 +197,25 @@ def main():
     if args.grad:
         compare_gradients(args, jax)
         return
+    r = reference_against_jax(args.systolic, args.model, args.batch, args.repeat)
+    flops = r["flops"]
+    print(f"model {args.model}, batch {args.batch}, {flops / 1e9:.1f} GFLOP per forward pass, "
+          f"{os.cpu_count()} CPUs, jax {jax.__version__} ({jax.devices()[0].platform})")
+    print(f"systolic reference: median {r['systolic']:.3f} s ({flops / r['systolic'] / 1e9:.0f} GFLOP/s)")
+    print(f"jax (XLA:CPU):      median {r['jax']:.3f} s ({flops / r['jax'] / 1e9:.0f} GFLOP/s)")
+    print(f"ratio systolic / jax: {r['systolic'] / r['jax']:.2f}")
+    for name, (diff, scale) in r["outputs"].items():
+        print(f"output {name}: max |systolic - jax| = {diff:.3g} (max |value| {scale:.3g})")
+        if not diff <= 1e-3 * max(scale, 1.0):
+            sys.exit(f"outputs differ beyond f32 reassociation: {diff}")
 
-    info = json.loads(systolic(args.systolic, "inspect", args.model, "--batch", str(args.batch), "--json"))
+
+def reference_against_jax(binary, model, batch, repeat):
+    """The reference's and JAX's median forward time (s) on the same weights and input, and
+    each output's largest difference and largest value."""
+    import jax
+
+    info = json.loads(systolic(binary, "inspect", model, "--batch", str(batch), "--json"))
     with tempfile.TemporaryDirectory() as tmp:
         x_path, w_path = os.path.join(tmp, "x.safetensors"), os.path.join(tmp, "w.safetensors")
         y_path = os.path.join(tmp, "y.safetensors")
@@ -206,11 +223,10 @@ def main():
         inputs = {i["name"]: rng.standard_normal(i["shape"]).astype(np.float32) for i in info["inputs"]}
         save_file(inputs, x_path)
         # Initial weights from Systolic (seed 0), so both sides use the same parameters.
-        systolic(args.systolic, "run", args.model, "--seed", "0", "--save-weights", w_path,
-                 "--input", x_path, "--output", y_path)
+        systolic(binary, "run", model, "--seed", "0", "--save-weights", w_path, "--input", x_path, "--output", y_path)
         params = load_file(w_path)
-        timing = json.loads(systolic(args.systolic, "run", args.model, "--weights", w_path, "--input", x_path,
-                                     "--output", y_path, "--repeat", str(args.repeat), "--json"))
+        timing = json.loads(systolic(binary, "run", model, "--weights", w_path, "--input", x_path,
+                                     "--output", y_path, "--repeat", str(repeat), "--json"))
         ours = load_file(y_path)
 
     forward = jax.jit(jax_forward(info["layers"], info["outputs"]))
@@ -219,25 +235,16 @@ def main():
     for _ in range(2):  # compile and warm up
         jax.block_until_ready(forward(jparams, jinputs))
     times = []
-    for _ in range(args.repeat):
+    for _ in range(repeat):
         t = time.perf_counter()
         theirs = jax.block_until_ready(forward(jparams, jinputs))
         times.append(time.perf_counter() - t)
-    jax_median = statistics.median(times)
-
-    flops = info["total_flops"]
-    print(f"model {args.model}, batch {args.batch}, {flops / 1e9:.1f} GFLOP per forward pass, "
-          f"{os.cpu_count()} CPUs, jax {jax.__version__} ({jax.devices()[0].platform})")
-    print(f"systolic reference: median {timing['median_seconds']:.3f} s ({flops / timing['median_seconds'] / 1e9:.0f} GFLOP/s)")
-    print(f"jax (XLA:CPU):      median {jax_median:.3f} s ({flops / jax_median / 1e9:.0f} GFLOP/s)")
-    print(f"ratio systolic / jax: {timing['median_seconds'] / jax_median:.2f}")
+    outputs = {}
     for name, value in zip(info["outputs"], theirs):
         value = np.asarray(value)
-        diff = np.abs(ours[name] - value).max()
-        scale = np.abs(value).max()
-        print(f"output {name}: max |systolic - jax| = {diff:.3g} (max |value| {scale:.3g})")
-        if not diff <= 1e-3 * max(scale, 1.0):
-            sys.exit(f"outputs differ beyond f32 reassociation: {diff}")
+        outputs[name] = (float(np.abs(ours[name] - value).max()), float(np.abs(value).max()))
+    return {"systolic": timing["median_seconds"], "jax": statistics.median(times), "flops": info["total_flops"],
+            "outputs": outputs, "jax_version": jax.__version__}
 
 
 if __name__ == "__main__":

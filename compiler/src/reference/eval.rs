@@ -23,6 +23,10 @@ impl From<Tensor> for Output {
     }
 }
 
+fn slice(t: &mut Tensor) -> &mut [f32] {
+    t.as_slice_mut().expect("the interpreter keeps every tensor in standard layout")
+}
+
 fn data(t: &Tensor) -> &[f32] {
     t.as_slice().expect("the interpreter keeps every tensor in standard layout")
 }
@@ -264,6 +268,52 @@ pub fn eval(graph: &Graph, id: NodeId, inputs: &[&Tensor], opts: RunOptions) -> 
             x().slice_axis(Axis(axis), (s.start..s.start + s.len).into()).as_standard_layout().into_owned().into()
         }
     })
+}
+
+/// Whether [`eval_into`] can compute `op` in its first input's buffer: elementwise ops whose
+/// output has that input's shape.
+pub fn writes_in_place(op: &Op) -> bool {
+    matches!(op, Op::Relu | Op::Relu6 | Op::Add | Op::Mul | Op::BiasAdd | Op::BatchNorm(_))
+}
+
+/// Evaluates a node [`writes_in_place`] accepts into `x`, its first input's value, which dies
+/// here: the same operations as [`eval`] on each element (the same bits), no new buffer.
+pub fn eval_into(graph: &Graph, id: NodeId, mut x: Tensor, rest: &[&Tensor], opts: RunOptions) -> Result<Output> {
+    let node = graph.node(id);
+    let c = last(&x);
+    let mut updates = Vec::new();
+    match &node.op {
+        Op::Relu => x.par_mapv_inplace(|v| v.max(0.0)),
+        Op::Relu6 => x.par_mapv_inplace(|v| v.clamp(0.0, 6.0)),
+        Op::Add => Zip::from(&mut x).and(rest[0]).par_for_each(|o, &b| *o += b),
+        Op::Mul => Zip::from(&mut x).and(rest[0]).par_for_each(|o, &b| *o *= b),
+        Op::BiasAdd => add_bias(slice(&mut x), data(rest[0])),
+        Op::BatchNorm(bn) => {
+            let (gamma, beta, mm, mv) = (data(rest[0]), data(rest[1]), data(rest[2]), data(rest[3]));
+            if opts.mode == Mode::Training {
+                let (mean, var) = norm::moments(data(&x), c);
+                let rows = (x.len() / c) as f64;
+                let bessel = if rows > 1.0 { rows / (rows - 1.0) } else { 1.0 };
+                let m = bn.momentum as f64;
+                let new_mean: Vec<f32> = (0..c).map(|i| (m * mm[i] as f64 + (1.0 - m) * mean[i]) as f32).collect();
+                let new_var: Vec<f32> =
+                    (0..c).map(|i| (m * mv[i] as f64 + (1.0 - m) * var[i] * bessel) as f32).collect();
+                let stats = norm::Stats::new(mean, &var, bn.epsilon);
+                norm::forward_in_place(slice(&mut x), c, &stats, gamma, beta);
+                updates = vec![(node.inputs[3], tensor(vec![c], new_mean)), (node.inputs[4], tensor(vec![c], new_var))];
+            } else {
+                let mean = mm.iter().map(|&v| v as f64).collect();
+                let var: Vec<f64> = mv.iter().map(|&v| v as f64).collect();
+                norm::forward_in_place(slice(&mut x), c, &norm::Stats::new(mean, &var, bn.epsilon), gamma, beta);
+            }
+        }
+        _ => {
+            let mut inputs = vec![&x];
+            inputs.extend_from_slice(rest);
+            return eval(graph, id, &inputs, opts);
+        }
+    }
+    Ok(Output { value: x, updates })
 }
 
 /// Batch statistics in training, moving statistics in inference.

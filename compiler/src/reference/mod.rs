@@ -183,7 +183,24 @@ pub fn run(graph: &Graph, bindings: &TensorMap, fetch: &[NodeId], opts: RunOptio
         }
         progress::report("CPU reference (nodes)", node_seconds.len() as u64, total);
         let start = Instant::now();
-        let out = {
+        // An elementwise node whose first input dies here (computed, not fetched, used once
+        // by it) writes into that input's buffer.
+        let first = node.inputs.first().copied();
+        let in_place = first.is_some_and(|i0| {
+            eval::writes_in_place(&node.op)
+                && last_use[i0.index()] == id.index()
+                && !fetched[i0.index()]
+                && matches!(values[i0.index()], Some(Cow::Owned(_)))
+                && node.inputs.iter().filter(|&&j| j == i0).count() == 1
+        });
+        let out = if let (true, Some(i0)) = (in_place, first) {
+            let Some(Cow::Owned(x)) = values[i0.index()].take() else { unreachable!("checked above") };
+            let rest: Vec<&Tensor> = node.inputs[1..]
+                .iter()
+                .map(|&i| values[i.index()].as_deref().expect("inputs are evaluated before use"))
+                .collect();
+            eval::eval_into(graph, id, x, &rest, opts)?
+        } else {
             let inputs: Vec<&Tensor> = node
                 .inputs
                 .iter()

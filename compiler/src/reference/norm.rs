@@ -36,18 +36,23 @@ impl Stats {
 
 /// `y = γ · (x - μ) / σ + β`.
 pub fn forward(x: &[f32], c: usize, stats: &Stats, gamma: &[f32], beta: &[f32]) -> Vec<f32> {
+    let mut y = x.to_vec();
+    forward_in_place(&mut y, c, stats, gamma, beta);
+    y
+}
+
+/// [`forward`] into `x`'s own buffer (the reference does this when `x` dies at the node).
+pub fn forward_in_place(x: &mut [f32], c: usize, stats: &Stats, gamma: &[f32], beta: &[f32]) {
     let scale: Vec<f32> = (0..c).map(|ch| (gamma[ch] as f64 * stats.inv_std[ch]) as f32).collect();
     let shift: Vec<f32> =
         (0..c).map(|ch| (beta[ch] as f64 - stats.mean[ch] * gamma[ch] as f64 * stats.inv_std[ch]) as f32).collect();
-    let mut y = vec![0f32; x.len()];
-    y.par_chunks_mut(c * 64).zip(x.par_chunks(c * 64)).for_each(|(yb, xb)| {
-        for (yr, xr) in yb.chunks_exact_mut(c).zip(xb.chunks_exact(c)) {
-            for ch in 0..c {
-                yr[ch] = xr[ch] * scale[ch] + shift[ch];
+    x.par_chunks_mut(c * 64).for_each(|block| {
+        for row in block.chunks_exact_mut(c) {
+            for ((v, &a), &b) in row.iter_mut().zip(&scale).zip(&shift) {
+                *v = *v * a + b;
             }
         }
     });
-    y
 }
 
 /// `dy · x̂` elementwise.
