@@ -177,9 +177,34 @@ pub fn to_bytes_with_metadata(tensors: &TensorMap, metadata: &Metadata) -> Vec<u
             (name.clone(), F32View(t, bytes))
         })
         .collect();
-    let metadata = (!metadata.is_empty()).then(|| metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect());
-    safetensors::serialize(views.iter().map(|(n, v)| (n.as_str(), v)), metadata)
-        .expect("f32 tensors with consistent shapes always serialise")
+    let header = (!metadata.is_empty()).then(|| metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect());
+    let mut bytes = safetensors::serialize(views.iter().map(|(n, v)| (n.as_str(), v)), header)
+        .expect("f32 tensors with consistent shapes always serialise");
+    sort_metadata(&mut bytes, metadata);
+    bytes
+}
+
+/// Rewrites the header's `__metadata__` object with its keys in order: the safetensors crate
+/// writes them in a hash map's order, which differs from run to run, so two identical
+/// checkpoints would differ in bytes. The object keeps its length (the same pairs), so nothing
+/// else in the file moves.
+fn sort_metadata(bytes: &mut [u8], metadata: &Metadata) {
+    if metadata.is_empty() || bytes.len() < 8 {
+        return;
+    }
+    let header_len = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes")) as usize;
+    let Some(header) = bytes.get(8..8 + header_len) else { return };
+    let text = String::from_utf8_lossy(header).into_owned();
+    let key = "\"__metadata__\":";
+    let Some(start) = text.find(key).map(|at| at + key.len()) else { return };
+    let sorted = serde_json::to_string(metadata).expect("strings serialise");
+    if let Some(old) = text.get(start..start + sorted.len())
+        && old.starts_with('{')
+        && old.ends_with('}')
+        && serde_json::from_str::<Metadata>(old).is_ok_and(|m| &m == metadata)
+    {
+        bytes[8 + start..8 + start + sorted.len()].copy_from_slice(sorted.as_bytes());
+    }
 }
 
 /// Writes tensors as an F32 safetensors file, atomically.
@@ -215,6 +240,23 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn metadata_is_written_in_key_order_so_identical_files_are_identical_bytes() {
+        let tensors = TensorMap::from([("w".to_string(), Tensor::from_elem(vec![2], 1.5))]);
+        let metadata: Metadata = ["format", "global_step", "input_positions", "checksum", "z", "a"]
+            .iter()
+            .map(|k| (k.to_string(), format!("{k}!")))
+            .collect();
+        let first = to_bytes_with_metadata(&tensors, &metadata);
+        for _ in 0..8 {
+            assert_eq!(to_bytes_with_metadata(&tensors, &metadata), first);
+        }
+        let header = String::from_utf8_lossy(&first[8..]).into_owned();
+        assert!(header.contains(r#""__metadata__":{"a":"a!","checksum":"checksum!","format":"format!""#), "{header}");
+        let (back, meta) = from_bytes(Path::new("x"), &first).unwrap();
+        assert_eq!((back, meta), (tensors, metadata));
+    }
+
     use super::*;
 
     #[test]
