@@ -7,3 +7,6 @@
 pub use systolic_compiler as compiler;
 pub use systolic_runtime as runtime;
 pub use systolic_simulator as simulator;
+
+#[doc(hidden)]
+pub mod fuzz;

@@ -138,6 +138,30 @@ fn convolutions_take_any_explicit_padding_but_pools_do_not() {
     expect_error(&pool, 8, "must be smaller than the window");
 }
 
+/// Found by fuzzing (`systolic::fuzz::graph_file`): windows, dilations and explicit padding
+/// near `usize::MAX` overflowed while their output size was computed.
+#[test]
+fn huge_windows_dilations_and_padding_are_refused() {
+    let pool = TINY.replace(
+        "(name: \"relu\", op: Relu, inputs: [\"conv\"]),",
+        "(name: \"relu\", op: MaxPool(window: (18446744073709551615, 2), padding: Same), inputs: [\"conv\"]),",
+    );
+    expect_error(&pool, 8, "window [18446744073709551615, 2] spans more than 2^34 pixels");
+    let dilated =
+        TINY.replace("op: Conv2d(padding: Same)", "op: Conv2d(padding: Same, dilation: (9223372036854775807, 1))");
+    expect_error(&dilated, 7, "with dilation [9223372036854775807, 1]");
+    let padded = TINY.replace(
+        "op: Conv2d(padding: Same)",
+        "op: Conv2d(padding: Explicit(top: 18446744073709551615, bottom: 1, left: 0, right: 0))",
+    );
+    expect_error(&padded, 7, "more than 2^34 pixels on a side");
+    let gradient = TINY.replace(
+        "(name: \"relu\", op: Relu, inputs: [\"conv\"]),",
+        "(name: \"relu\", op: AvgPoolGrad(pool: (padding: Same), input_shape: (6, 18446744073709551615, 2)), inputs: [\"conv\"]),",
+    );
+    expect_error(&gradient, 8, "more than 2^34 elements");
+}
+
 #[test]
 fn a_model_with_its_own_loss_refuses_extra_label_smoothing() {
     let g = zoo::build("digits_cnn").unwrap();

@@ -72,6 +72,16 @@ fn impossible_machines_are_rejected_with_the_field_path() {
     assert!(e.contains("slice.wraparound") && e.contains("one entry per torus dimension"), "{e}");
 }
 
+/// Found by fuzzing (`systolic::fuzz::specs`): `slice.torus=[4, 18446744073709551615]`
+/// overflowed the chip count while the machine was validated.
+#[test]
+fn slices_too_large_to_count_are_refused() {
+    let e = v2().set("slice.torus", "[4, 18446744073709551615]").unwrap_err().to_string();
+    assert!(e.contains("slice.torus") && e.contains("more than the 1048576 chips"), "{e}");
+    let e = v2().set("chip.cores", "18446744073709551615").unwrap_err().to_string();
+    assert!(e.contains("chip.cores") && e.contains("cores this simulator models"), "{e}");
+}
+
 #[test]
 fn machines_round_trip_through_ron_files() {
     let dir = std::env::temp_dir().join(format!("systolic-machines-{}", std::process::id()));
@@ -110,6 +120,24 @@ fn out_of_bounds_and_over_capacity_tiles_are_rejected() {
     let mut p = Program::new("misaligned");
     p.push(Operation::dma(0, hbm(2, 1, 4), vmem(0, 1, 4)), &[]);
     assert!(program_error(&p, &m).contains("not a multiple of its element size"));
+}
+
+/// Found by fuzzing (`systolic::fuzz::program`): tiles at the top of the address space, and a
+/// repeated DMA whose steps run past it, overflowed in the validator's bounds arithmetic.
+#[test]
+fn tiles_at_the_top_of_the_address_space_are_out_of_bounds() {
+    let m = v2();
+    let mut p = Program::new("top");
+    p.push(Operation::dma(0, hbm(u64::MAX - 7, 4, 4), vmem(0, 4, 4)), &[]);
+    assert!(program_error(&p, &m).contains("HBM holds"));
+    let huge = Tile { stride: u32::MAX, ..vmem(0, u32::MAX as usize, 4) };
+    let mut p = Program::new("huge");
+    p.push(Operation::Unary { op: UnaryOp::Relu, src: huge, dst: vmem(0, 1, 4) }, &[]);
+    assert!(program_error(&p, &m).contains("VMEM holds"));
+    let mut p = Program::new("steps");
+    let repeat = Some(Repeat { count: 3, src_step: 1 << 63, dst_step: 64 });
+    p.push(Operation::Dma { engine: 0, src: hbm(0, 1, 4), dst: vmem(0, 1, 4), repeat }, &[]);
+    assert!(program_error(&p, &m).contains("instruction 0 (dma)"));
 }
 
 #[test]

@@ -129,6 +129,9 @@ fn conv_shapes(conv: &Conv2d, x: &Shape, kernel: &Shape) -> Result<([usize; 3], 
     if k.contains(&0) {
         return Err(format!("kernel shape {kernel} has a zero dimension"));
     }
+    // Gradient ops take these shapes from their attributes, unchecked until here.
+    checked_numel(&x.dims)?;
+    checked_numel(&kernel.dims)?;
     let g = conv.groups;
     if !c.is_multiple_of(g) || !k[3].is_multiple_of(g) {
         return Err(format!("groups {g} must divide the input channels ({c}) and the filters ({})", k[3]));
@@ -145,17 +148,36 @@ fn conv_shapes(conv: &Conv2d, x: &Shape, kernel: &Shape) -> Result<([usize; 3], 
     Ok(([h, w, c], k))
 }
 
+/// Refuses windows of more than [`MAX_ELEMENTS`] taps and explicit padding past it, so that
+/// resolving them (sums and products of sizes) cannot overflow.
+fn check_window(window: [usize; 2], padding: &Padding) -> Result<(), String> {
+    checked_numel(&window)
+        .map_err(|_| format!("window {window:?} spans more than 2^34 pixels, more than Systolic handles"))?;
+    if let Padding::Explicit { top, bottom, left, right } = *padding
+        && [top, bottom, left, right].iter().any(|&p| p as u64 > MAX_ELEMENTS)
+    {
+        return Err(format!("explicit padding {top},{bottom},{left},{right} is more than 2^34 pixels on a side"));
+    }
+    Ok(())
+}
+
 fn conv_output(conv: &Conv2d, x: &Shape, kernel: &Shape) -> Result<Shape, String> {
     let ([h, w, _], k) = conv_shapes(conv, x, kernel)?;
+    // The dilated window, (k - 1) * dilation + 1, checked before `window` computes it.
+    let dilated = |i: usize| (k[i] - 1).checked_mul(conv.dilation[i]).map_or(usize::MAX, |d| d.saturating_add(1));
+    check_window([dilated(0), dilated(1)], &conv.padding)
+        .map_err(|e| format!("kernel {kernel} with dilation {:?}: {e}", conv.dilation))?;
     let win = conv.window([h, w], [k[0], k[1]])?;
     Ok(Shape::batched(vec![win.out_h, win.out_w, k[3]]))
 }
 
 fn pool_output(pool: &Pool, x: &Shape) -> Result<Shape, String> {
     let [h, w, c] = x.image("pool input")?;
+    checked_numel(&x.dims)?;
     if pool.window.contains(&0) || pool.strides.contains(&0) {
         return Err(format!("window {:?} and strides {:?} must be at least 1", pool.window, pool.strides));
     }
+    check_window(pool.window, &pool.padding)?;
     let win = pool.resolve([h, w])?;
     Ok(Shape::batched(vec![win.out_h, win.out_w, c]))
 }
@@ -190,6 +212,14 @@ impl Op {
     /// Infers the op's output shape from its input shapes. The error says what is wrong with
     /// which input; the graph adds the node's name.
     pub fn infer_shape(&self, inputs: &[&Shape]) -> Result<Shape, String> {
+        // Shapes from attributes (a gradient's `input_hw`) and sums (concatenation) are held
+        // to the same bound as inputs and parameters.
+        let shape = self.infer_unbounded(inputs)?;
+        checked_numel(&shape.dims)?;
+        Ok(shape)
+    }
+
+    fn infer_unbounded(&self, inputs: &[&Shape]) -> Result<Shape, String> {
         let (lo, hi) = self.arity();
         if inputs.len() < lo || inputs.len() > hi {
             let expected = if lo == hi {

@@ -203,6 +203,9 @@ pub const FIELDS: [&str; 22] = [
     "slice.wraparound",
 ];
 
+/// The most cores (and chips) a machine may have: 128 times the largest preset's 8192.
+pub const MAX_CORES: usize = 1 << 20;
+
 /// A whole machine: a slice of chips, each of cores.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -445,6 +448,24 @@ impl Machine {
         }
         if self.slice.torus.contains(&0) {
             return bad("slice.torus", format!("{:?} has a zero dimension", self.slice.torus));
+        }
+        // Chips and cores are counted in usize everywhere after this, so their counts are
+        // bounded first (a torus of [4, 2^64 - 1] overflowed `chips`).
+        let chips = self.slice.torus.iter().try_fold(1usize, |n, &d| n.checked_mul(d)).filter(|&n| n <= MAX_CORES);
+        let Some(chips) = chips else {
+            return bad(
+                "slice.torus",
+                format!("{:?} is more than the {MAX_CORES} chips this simulator models", self.slice.torus),
+            );
+        };
+        if chips.checked_mul(self.chip.cores).is_none_or(|n| n > MAX_CORES) {
+            return bad(
+                "chip.cores",
+                format!(
+                    "{chips} chips of {} cores are more than the {MAX_CORES} cores this simulator models",
+                    self.chip.cores
+                ),
+            );
         }
         if self.slice.wraparound.len() != dims {
             return bad(

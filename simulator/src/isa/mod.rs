@@ -111,11 +111,13 @@ impl Tile {
         self.elements() * self.dtype.size()
     }
 
-    /// The byte range from the first element to just past the last one.
+    /// The byte range from the first element to just past the last one. The end saturates at
+    /// `u64::MAX`, past every memory, so the validator refuses a tile at the top of the address
+    /// space instead of overflowing.
     pub fn span(&self) -> (u64, u64) {
         let size = self.dtype.size();
         let last = (self.rows.max(1) as u64 - 1) * self.stride as u64 + self.cols as u64;
-        (self.offset, self.offset + last * size)
+        (self.offset, self.offset.saturating_add(last.saturating_mul(size)))
     }
 
     pub fn same_shape(&self, other: &Tile) -> bool {
@@ -441,13 +443,13 @@ impl Operation {
     }
 }
 
-/// `tile` and its repetitions `step` bytes apart.
+/// `tile` and its repetitions `step` bytes apart (offsets saturate, as [`Tile::span`] does).
 fn repeated(tile: Tile, repeat: Option<(u32, u64)>) -> Vec<Tile> {
     match repeat {
         None => vec![tile],
-        Some((count, step)) => {
-            (0..count.max(1) as u64).map(|i| Tile { offset: tile.offset + i * step, ..tile }).collect()
-        }
+        Some((count, step)) => (0..count.max(1) as u64)
+            .map(|i| Tile { offset: tile.offset.saturating_add(i.saturating_mul(step)), ..tile })
+            .collect(),
     }
 }
 

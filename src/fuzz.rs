@@ -1,0 +1,394 @@
+//! Fuzz targets: what users hand the toolchain (model, machine and tensor files, programs,
+//! option strings), each a function that must return on any bytes without a panic.
+//!
+//! Two drivers call them: `fuzz/` (cargo-fuzz, libFuzzer on nightly, for long runs) and
+//! `tests/fuzz.rs` (seeds and seeded mutations on stable, in CI); docs/validation.md has the
+//! commands and the figures. Errors are the expected outcome for most inputs and are dropped;
+//! a panic is a bug. Each target bounds what it runs after parsing so one input stays cheap.
+
+use std::path::Path;
+use std::sync::OnceLock;
+
+use crate::compiler::graph::Graph;
+use crate::compiler::reference::{self, RunOptions, memory};
+use crate::compiler::tensors::{self, Tensor, TensorMap};
+use crate::compiler::{autodiff, cost, optimizer, rng, zoo};
+use crate::runtime::augment::{Augment, Image};
+use crate::runtime::{IterationsPerLoop, RunConfig};
+use crate::simulator::config::{MxuTiming, presets};
+use crate::simulator::functional::{self, Functional};
+use crate::simulator::isa::*;
+use crate::simulator::numerics::Precision;
+use crate::simulator::{Machine, host, kernels, pod, timing, trace};
+
+/// Graphs at most this many elements (all nodes, batch 1) run on the reference.
+const GRAPH_ELEMENTS: u64 = 1 << 17;
+/// ... and at most this many FLOPs per example.
+const GRAPH_FLOPS: u64 = 1 << 23;
+
+/// A model file (RON text): parsed, written back and parsed again to the same text; its FLOP
+/// counts; and, when small, its training graph and a reference run at batch 1.
+pub fn graph_file(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else { return };
+    let Ok(graph) = Graph::from_ron(text, Path::new("fuzz.ron")) else { return };
+    let ron = graph.to_ron();
+    let again = Graph::from_ron(&ron, Path::new("fuzz.ron"))
+        .unwrap_or_else(|e| panic!("a graph's own RON does not load: {e}\n{ron}"));
+    assert_eq!(again.to_ron(), ron, "a graph's RON changes on a round trip");
+
+    for id in graph.node_ids() {
+        cost::flops(&graph, id, usize::MAX);
+        cost::layer_params(&graph, id);
+    }
+    let flops = cost::flops_per_example(&graph);
+    let elements = graph.nodes().fold(0u64, |n, (_, node)| n.saturating_add(node.shape.numel() as u64));
+    let footprint = memory::footprint(&graph, graph.outputs(), 1);
+    if elements > GRAPH_ELEMENTS || flops > GRAPH_FLOPS || footprint.peak.saturating_add(footprint.bound) > 64 << 20 {
+        return;
+    }
+    let _ = autodiff::training_graph(&graph, 0.1);
+    let mut bindings = graph.init_parameters(7);
+    for id in graph.inputs() {
+        let node = graph.node(id);
+        let shape = node.shape.concrete(1);
+        let values = (0..shape.iter().product::<usize>()).map(|i| rng::normal(3, i as u64)).collect();
+        bindings.insert(node.name.clone(), Tensor::from_shape_vec(shape, values).expect("numel values"));
+    }
+    let _ = reference::run_outputs(&graph, &bindings, RunOptions::default());
+    let _ = reference::run_outputs(&graph, &bindings, RunOptions::training(1));
+}
+
+/// A machine file (RON text): parsed and validated, written back to an equal machine; its
+/// figures, its slice's topology when small, and a tiny matmul timed and run.
+pub fn machine_file(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else { return };
+    let Ok(machine) = Machine::from_ron(text) else { return };
+    let ron = machine.to_ron();
+    let again = Machine::from_ron(&ron).unwrap_or_else(|e| panic!("a machine's own RON does not load: {e}\n{ron}"));
+    assert_eq!(again, machine, "a machine changes on a RON round trip");
+    machine.fields();
+    let _ = (machine.peak_flops(), machine.hbm_bytes_per_second(), machine.hosts());
+    if machine.cores() <= 64
+        && let Ok(topology) = pod::topology::Topology::of(&machine)
+    {
+        topology.group_sizes();
+        let _ = topology.groups(topology.cores());
+        topology.route(0, topology.chips() - 1);
+    }
+    for precision in [Precision::Default, Precision::Highest] {
+        let Ok(mm) = kernels::matmul(&machine, 3, 5, 7, precision) else { continue };
+        let _ = timing::simulate(&machine, &mm.program, false);
+        let mut core = Functional::new(&machine);
+        let ones = |t: &Tile| vec![1.0; t.elements() as usize];
+        if core.write(mm.a, &ones(&mm.a)).is_ok() && core.write(mm.b, &ones(&mm.b)).is_ok() {
+            let _ = core.run(&mm.program);
+        }
+    }
+}
+
+/// A safetensors file: decoded, encoded again to the same bits, and bound as the weights and
+/// inputs of digits_cnn, whose reference checks every shape and value before it runs.
+pub fn safetensors(data: &[u8]) {
+    let Ok((tensors, metadata)) = tensors::from_bytes(Path::new("fuzz.safetensors"), data) else { return };
+    let bytes = tensors::to_bytes_with_metadata(&tensors, &metadata);
+    let (again, meta) = tensors::from_bytes(Path::new("fuzz.safetensors"), &bytes)
+        .unwrap_or_else(|e| panic!("a safetensors file we wrote does not load: {e}"));
+    let bits = |m: &TensorMap| -> Vec<(String, Vec<usize>, Vec<u32>)> {
+        m.iter().map(|(n, t)| (n.clone(), t.shape().to_vec(), t.iter().map(|v| v.to_bits()).collect())).collect()
+    };
+    assert!(bits(&again) == bits(&tensors) && meta == metadata, "tensors change on a safetensors round trip");
+
+    static DIGITS: OnceLock<(Graph, TensorMap, TensorMap)> = OnceLock::new();
+    let (graph, params, input) = DIGITS.get_or_init(|| {
+        let graph = zoo::build("digits_cnn").expect("digits_cnn builds");
+        let params = graph.init_parameters(1);
+        let input = TensorMap::from([("image".to_string(), Tensor::zeros(vec![1, 8, 8, 1]))]);
+        (graph, params, input)
+    });
+    // The file as weights (over initial values), then as inputs, then as both.
+    for (base, over) in [(params, input), (input, params)] {
+        let mut bindings = base.clone();
+        bindings.extend(over.iter().map(|(n, t)| (n.clone(), t.clone())));
+        bindings.extend(tensors.iter().map(|(n, t)| (n.clone(), t.clone())));
+        let _ = reference::run_outputs(graph, &bindings, RunOptions::default());
+    }
+}
+
+/// The machine programs run on: small memories keep the functional engine's allocations
+/// small; the first byte picks the MXU size, timing model and buffering.
+fn program_machine(byte: u8) -> Machine {
+    static BASE: OnceLock<Machine> = OnceLock::new();
+    let mut m = BASE
+        .get_or_init(|| {
+            let mut m = presets::preset("v2-8").expect("v2-8 exists");
+            (m.core.hbm.bytes, m.core.vmem_bytes, m.core.mxu.count, m.core.dma.engines) = (1 << 16, 1 << 15, 2, 2);
+            m
+        })
+        .clone();
+    m.core.mxu.rows = [4, 8, 16, 8][byte as usize & 3];
+    m.core.mxu.cols = [4, 8, 8, 16][byte as usize >> 2 & 3];
+    m.core.mxu.timing = if byte & 16 == 0 { MxuTiming::Pipelined } else { MxuTiming::Scalesim };
+    m.core.mxu.weight_double_buffering = byte & 32 != 0;
+    m.core.vpu.alus = 1 + (byte as usize >> 6);
+    m
+}
+
+/// Bytes read as a program's fields; past the end every byte is 0.
+struct Reader<'a>(&'a [u8]);
+
+impl Reader<'_> {
+    fn byte(&mut self) -> u8 {
+        let Some((&b, rest)) = self.0.split_first() else { return 0 };
+        self.0 = rest;
+        b
+    }
+
+    fn u16(&mut self) -> u16 {
+        u16::from_le_bytes([self.byte(), self.byte()])
+    }
+
+    fn f32(&mut self) -> f32 {
+        f32::from_le_bytes([self.byte(), self.byte(), self.byte(), self.byte()])
+    }
+
+    /// A small count, 0 to `max` (0 makes empty tiles the validator must refuse).
+    fn small(&mut self, max: u8) -> u32 {
+        (self.byte() % (max + 1)) as u32
+    }
+
+    fn tile(&mut self, space: Space, rows: u32, cols: u32) -> Tile {
+        let flags = self.byte();
+        let dtype = if flags & 1 == 0 { DType::F32 } else { DType::Bf16 };
+        let space = if flags & 2 == 0 {
+            space
+        } else if space == Space::Hbm {
+            Space::Vmem
+        } else {
+            Space::Hbm
+        };
+        // Mostly aligned offsets within the memories; now and then unaligned, past the end or
+        // at the top of the address space.
+        let offset = match flags >> 5 {
+            0 => u64::MAX - u64::from(self.u16()),
+            1 => u64::from(self.u16()) * 2 + 1,
+            _ => u64::from(self.u16()) * 4 % (1 << 17),
+        };
+        let stride = match flags >> 2 & 7 {
+            0 => cols.saturating_sub(1),
+            1 => u32::MAX - self.small(4),
+            _ => cols + self.small(3),
+        };
+        Tile { space, offset, rows, cols, stride, dtype }
+    }
+
+    fn vmem(&mut self, rows: u32, cols: u32) -> Tile {
+        self.tile(Space::Vmem, rows, cols)
+    }
+
+    fn pool_shape(&mut self) -> PoolShape {
+        let (n, h, w) = (1 + self.small(2), 1 + self.small(5), 1 + self.small(5));
+        let window = [1 + self.small(3), 1 + self.small(3)];
+        let strides = [1 + self.small(2), 1 + self.small(2)];
+        let pad = [self.small(1), self.small(1)];
+        // The output size the geometry gives, or now and then one off.
+        let out = |size: u32, win: u32, stride: u32, pad: u32| ((size + 2 * pad).saturating_sub(win)) / stride + 1;
+        let skew = self.byte();
+        let out_h = (out(h, window[0], strides[0], pad[0]) + u32::from(skew == 1)).saturating_sub(u32::from(skew == 2));
+        let out_w = out(w, window[1], strides[1], pad[1]);
+        PoolShape { n, h, w, window, strides, pad, out_h, out_w }
+    }
+
+    fn operation(&mut self) -> Operation {
+        let (r, c) = (self.small(12), self.small(12));
+        match self.byte() % 15 {
+            0 => {
+                let (src, dst) = (self.tile(Space::Hbm, r, c), self.vmem(r, c));
+                let repeat = (self.byte() & 1 == 1).then(|| Repeat {
+                    count: self.small(3),
+                    src_step: u64::from(self.u16()) * 4,
+                    dst_step: u64::from(self.u16()) * 4,
+                });
+                Operation::Dma { engine: self.small(2) as u8, src, dst, repeat }
+            }
+            1 => {
+                let k = self.small(12);
+                let precision = [Precision::Default, Precision::High, Precision::Highest][self.small(2) as usize];
+                let (lhs, rhs, out) = (self.vmem(r, k), self.vmem(k, c), self.vmem(r, c));
+                Operation::MatMul {
+                    mxu: self.small(2) as u8,
+                    lhs,
+                    rhs,
+                    out,
+                    accumulate: self.byte() & 1 == 1,
+                    precision,
+                }
+            }
+            2 => {
+                let op = [
+                    UnaryOp::Copy,
+                    UnaryOp::Relu,
+                    UnaryOp::Relu6,
+                    UnaryOp::Neg,
+                    UnaryOp::Exp,
+                    UnaryOp::Log,
+                    UnaryOp::Sqrt,
+                    UnaryOp::Rsqrt,
+                    UnaryOp::Square,
+                    UnaryOp::Reciprocal,
+                    UnaryOp::Cos,
+                ];
+                let op = match self.small(12) as usize {
+                    11 => UnaryOp::Scale(self.f32()),
+                    12 => UnaryOp::AddScalar(self.f32()),
+                    i => op[i],
+                };
+                Operation::Unary { op, src: self.vmem(r, c), dst: self.vmem(r, c) }
+            }
+            3 | 4 => {
+                let (a, dst) = (self.vmem(r, c), self.vmem(r, c));
+                let b = match self.small(2) {
+                    0 => self.vmem(r, c),
+                    1 => self.vmem(1, c),
+                    _ => self.vmem(r, 1),
+                };
+                if self.byte() & 1 == 0 {
+                    let ops = [BinaryOp::Add, BinaryOp::Sub, BinaryOp::Mul, BinaryOp::Div, BinaryOp::Max];
+                    let ops = [ops.as_slice(), &[BinaryOp::Min, BinaryOp::MaskPositive, BinaryOp::MaskRelu6]].concat();
+                    Operation::Binary { op: ops[self.small(7) as usize], a, b, dst }
+                } else {
+                    Operation::MulAdd { a, b, acc: dst }
+                }
+            }
+            5 => Operation::Fill { dst: self.vmem(r, c), value: self.f32() },
+            6 => {
+                let axis = if self.byte() & 1 == 0 { Axis::Rows } else { Axis::Cols };
+                let dst = if axis == Axis::Rows { self.vmem(1, c) } else { self.vmem(r, 1) };
+                let op = if self.byte() & 1 == 0 { ReduceOp::Sum } else { ReduceOp::Max };
+                Operation::Reduce { op, axis, src: self.vmem(r, c), dst }
+            }
+            7 | 8 => {
+                let shape = self.pool_shape();
+                let op = if self.byte() & 1 == 0 { PoolOp::Max } else { PoolOp::Avg };
+                let input = self.vmem(shape.n * shape.h * shape.w, c);
+                let output = self.vmem(shape.n * shape.out_h * shape.out_w, c);
+                if self.byte() & 1 == 0 {
+                    Operation::Pool { op, shape, src: input, dst: output }
+                } else {
+                    let x = (self.byte() & 3 != 0).then(|| self.vmem(input.rows, c));
+                    Operation::PoolGrad { op, shape, x, dy: output, dst: input }
+                }
+            }
+            9 => Operation::Transpose { src: self.vmem(r, c), dst: self.vmem(c, r) },
+            10 => Operation::Dropout {
+                seed: u64::from(self.u16()),
+                rate: [0.0, 0.5, 0.99, 1.0, -0.1][self.small(4) as usize],
+                step: self.vmem(1, 1),
+                counter: u64::from(self.u16()) << (self.byte() % 64),
+                src: self.vmem(r, c),
+                dst: self.vmem(r, c),
+            },
+            11 => Operation::Barrier,
+            12 => {
+                let kinds = [
+                    CollectiveKind::AllReduce,
+                    CollectiveKind::ReduceScatter,
+                    CollectiveKind::AllGather,
+                    CollectiveKind::Broadcast,
+                    CollectiveKind::Shard,
+                ];
+                let kind = kinds[self.small(4) as usize];
+                let reduction = if self.byte() & 1 == 0 { Reduction::Sum } else { Reduction::Mean };
+                let tiles = (0..self.small(2)).map(|_| self.tile(Space::Hbm, r, c)).collect();
+                let rows = self.small(12);
+                let shard = (self.byte() & 1 == 1).then(|| self.tile(Space::Hbm, rows, c));
+                Operation::Collective { kind, reduction, tiles, shard, replicas: self.small(2) }
+            }
+            13 => Operation::Infeed { dst: self.tile(Space::Hbm, r, c) },
+            _ => Operation::Outfeed { src: self.tile(Space::Hbm, r, c) },
+        }
+    }
+}
+
+/// A program decoded from bytes (no file format holds programs: the compiler builds them):
+/// validated, and when valid run on the functional engine and timed, with its trace.
+pub fn program(data: &[u8]) {
+    let mut bytes = Reader(data);
+    let machine = program_machine(bytes.byte());
+    let mut program = Program::new("fuzz");
+    for i in 0..1 + bytes.small(15) {
+        let op = bytes.operation();
+        let deps: Vec<u32> = (0..bytes.small(2)).map(|_| u32::from(bytes.byte()) % (i + 2)).collect();
+        program.push(op, &deps);
+    }
+    if program.validate(&machine).is_err() {
+        return;
+    }
+    let mut core = Functional::new(&machine);
+    core.reserve(functional::footprint(&program, []));
+    let _ = core.run(&program);
+    if let Ok(timed) = timing::simulate(&machine, &program, true) {
+        trace::chrome_trace(&machine, &program, &timed.spans);
+    }
+}
+
+/// The option strings users type: the first byte picks the parser, the rest is its text.
+/// Optimizers, schedules, augmentations, run configurations, memory sizes, loop lengths and
+/// machine overrides; whatever parses is printed and parsed back, and used once.
+pub fn specs(data: &[u8]) {
+    let Some((&which, rest)) = data.split_first() else { return };
+    let Ok(text) = std::str::from_utf8(rest) else { return };
+    match which % 7 {
+        0 => {
+            let _ = optimizer::Optimizer::parse(text, 0.1);
+        }
+        1 => {
+            let Ok(schedule) = optimizer::Schedule::parse(text, 0.1) else { return };
+            let again = optimizer::Schedule::parse(&schedule.to_string(), 0.1);
+            assert_eq!(again.ok().as_ref(), Some(&schedule), "schedule '{text}' changes when printed as '{schedule}'");
+            for step in [0, 1, 1000, u64::MAX] {
+                schedule.rate(step);
+            }
+            let _ = optimizer::Optimizer::sgd(0.1).with_schedule(schedule).check();
+        }
+        2 => {
+            let Ok(augment) = Augment::parse(text) else { return };
+            let again = Augment::parse(&augment.to_string());
+            assert_eq!(
+                again.ok().as_ref(),
+                Some(&augment),
+                "augmentation '{text}' changes when printed as '{augment}'"
+            );
+            for channels in [1, 3] {
+                if augment.check(channels).is_ok() {
+                    let data = (0..36 * channels).map(|i| (i % 7) as f32 / 7.0).collect();
+                    let image = Image::new(6, 6, channels, data).expect("a 6x6 image");
+                    let _ = augment.apply(&image, 5);
+                }
+            }
+        }
+        3 => {
+            let Ok(config) = RunConfig::from_ron(text, Path::new("fuzz.ron")) else { return };
+            let _ = config.checkpoint_every();
+            if let Ok(ron) = config.to_ron() {
+                let again = RunConfig::from_ron(&ron, Path::new("fuzz.ron"));
+                assert_eq!(again.ok().as_ref(), Some(&config), "a run configuration changes on a RON round trip");
+            }
+        }
+        4 => {
+            if let Ok(Some(bytes)) = host::parse_size(text) {
+                host::format_bytes(bytes);
+            }
+        }
+        5 => {
+            let _ = text.parse::<IterationsPerLoop>();
+        }
+        _ => {
+            static V2: OnceLock<Machine> = OnceLock::new();
+            let mut machine = V2.get_or_init(|| presets::preset("v2-8").expect("v2-8 exists")).clone();
+            let (field, value) = text.split_once('=').unwrap_or((text, ""));
+            if machine.set(field, value).is_ok() {
+                machine_file(machine.to_ron().as_bytes());
+            }
+        }
+    }
+}
