@@ -921,7 +921,7 @@ fn collective_times_a_ring_against_its_closed_form() {
     let e = fails(&["collective", "all-reduce", "--bytes", "100000000", "--chunk-bytes", "1"]);
     assert!(e.contains("--chunk-bytes 1 cuts each transfer") && e.contains("use at least"), "{e}");
     let e = fails(&["collective", "all-reduce", "--bytes", "8", "--set", "slice.torus=[1000,1000]"]);
-    assert!(e.contains("slice.torus") && e.contains("at most 65536"), "{e}");
+    assert!(e.contains("slice.torus") && e.contains("more than the 1048576 cores this simulator models"), "{e}");
     let e = fails(&["collective", "all-reduce", "--bytes", "8", "--machine", "v9-8"]);
     assert!(e.contains("unknown machine"), "{e}");
 }

@@ -460,10 +460,11 @@ impl Machine {
         };
         if chips.checked_mul(self.chip.cores).is_none_or(|n| n > MAX_CORES) {
             return bad(
-                "chip.cores",
+                "slice.torus",
                 format!(
-                    "{chips} chips of {} cores are more than the {MAX_CORES} cores this simulator models",
-                    self.chip.cores
+                    "{:?} is {chips} chips of {} cores (chip.cores), more than the {MAX_CORES} cores this simulator \
+                     models: use a smaller torus or fewer cores per chip",
+                    self.slice.torus, self.chip.cores
                 ),
             );
         }
