@@ -397,6 +397,19 @@ mod avx2 {
                 }
                 let acc = [[c00, c01], [c10, c11], [c20, c21], [c30, c31], [c40, c41], [c50, c51]];
                 let cols = (n_valid - c0).min(COLS);
+                if cols == COLS {
+                    // A full row of the sub-tile: one vector add per 8 columns, the same
+                    // `c + sum` per element as below.
+                    for (r, row) in acc.iter().enumerate().take(m_valid - r0) {
+                        // SAFETY: 16 columns of row r0 + r inside the tile the caller guarantees.
+                        unsafe {
+                            let p = c.add((r0 + r) * ldc + c0);
+                            _mm256_storeu_ps(p, _mm256_add_ps(_mm256_loadu_ps(p), row[0]));
+                            _mm256_storeu_ps(p.add(8), _mm256_add_ps(_mm256_loadu_ps(p.add(8)), row[1]));
+                        }
+                    }
+                    continue;
+                }
                 for (r, row) in acc.iter().enumerate().take(m_valid - r0) {
                     let mut sums = [0f32; COLS];
                     // SAFETY: 16 lanes into a local array of 16.
