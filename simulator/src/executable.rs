@@ -101,15 +101,8 @@ impl Executable {
 
     /// Loads `tensors` (name, values) into a fresh core, runs the program and returns every
     /// output by name. Missing or mis-sized inputs are errors naming the tensor.
-    pub fn run<'a>(
-        &self,
-        machine: &Machine,
-        tensors: impl Fn(&str) -> Option<&'a [f32]>,
-    ) -> Result<Vec<(String, Vec<f32>)>> {
-        let mut core = self.core(machine)?;
-        self.load(&mut core, tensors)?;
-        core.run(&self.program)?;
-        self.outputs(&mut core)
+    pub fn run<'a>(&self, machine: &Machine, tensors: impl Fn(&str) -> Option<&'a [f32]>) -> Result<Outputs> {
+        Ok(self.run_with(machine, tensors, false)?.0)
     }
 
     /// As [`Self::run`], also returning the host time per instruction kind.
@@ -118,8 +111,19 @@ impl Executable {
         machine: &Machine,
         tensors: impl Fn(&str) -> Option<&'a [f32]>,
     ) -> Result<(Outputs, crate::functional::Profile)> {
+        self.run_with(machine, tensors, true)
+    }
+
+    fn run_with<'a>(
+        &self,
+        machine: &Machine,
+        tensors: impl Fn(&str) -> Option<&'a [f32]>,
+        profile: bool,
+    ) -> Result<(Outputs, crate::functional::Profile)> {
         let mut core = self.core(machine)?;
-        core.enable_profile();
+        if profile {
+            core.enable_profile();
+        }
         self.load(&mut core, tensors)?;
         core.run(&self.program)?;
         Ok((self.outputs(&mut core)?, core.profile()))
@@ -149,7 +153,7 @@ impl Executable {
     }
 
     /// Reads every output from `core`'s HBM, by name.
-    pub fn outputs(&self, core: &mut Functional) -> Result<Vec<(String, Vec<f32>)>> {
+    pub fn outputs(&self, core: &mut Functional) -> Result<Outputs> {
         self.bindings
             .iter()
             .filter(|b| b.role == Role::Output)

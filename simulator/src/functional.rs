@@ -260,9 +260,9 @@ impl Functional {
             }
             Operation::MulAdd { a, b, acc } => {
                 let (av, bv, mut cv) = (self.vmem.read(&a), self.vmem.read(&b), self.vmem.read(&acc));
-                let pick = broadcast_index(&a, &b);
+                let (mode, cols) = (Broadcast::of(&a, &b), a.cols as usize);
                 for (i, c) in cv.iter_mut().enumerate() {
-                    *c = av[i].mul_add(bv[pick(i)], *c);
+                    *c = av[i].mul_add(bv[mode.index(i, cols)], *c);
                 }
                 self.vmem.write(&acc, &cv);
             }
@@ -405,6 +405,15 @@ enum Broadcast {
 }
 
 impl Broadcast {
+    /// The element of `b` that element `i` of `a` (rows of `cols`) pairs with.
+    fn index(self, i: usize, cols: usize) -> usize {
+        match self {
+            Broadcast::Same => i,
+            Broadcast::Row => i % cols,
+            Broadcast::Column => i / cols,
+        }
+    }
+
     fn of(a: &Tile, b: &Tile) -> Broadcast {
         if b.rows == 1 && a.rows > 1 {
             Broadcast::Row
@@ -456,21 +465,6 @@ fn binary_slice(op: BinaryOp, a: &mut [f32], b: &[f32], cols: usize, mode: Broad
         BinaryOp::Min => each_pair(a, b, cols, mode, |x, y| binary(BinaryOp::Min, x, y)),
         BinaryOp::MaskPositive => each_pair(a, b, cols, mode, |x, y| binary(BinaryOp::MaskPositive, x, y)),
         BinaryOp::MaskRelu6 => each_pair(a, b, cols, mode, |x, y| binary(BinaryOp::MaskRelu6, x, y)),
-    }
-}
-
-/// Maps element `i` of `a` to the element of `b` it pairs with (same shape, row or column broadcast).
-fn broadcast_index(a: &Tile, b: &Tile) -> impl Fn(usize) -> usize {
-    let cols = a.cols as usize;
-    let (row, col) = (b.rows == 1 && a.rows > 1, b.cols == 1 && a.cols > 1);
-    move |i| {
-        if row {
-            i % cols
-        } else if col {
-            i / cols
-        } else {
-            i
-        }
     }
 }
 

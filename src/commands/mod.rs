@@ -131,6 +131,19 @@ fn note(path: &Path, what: &str) -> Result<()> {
 /// and the tensors `used` says nothing reads (`what` names the reader).
 fn load_noting(path: &Path, integers_expected: bool, used: impl Fn(&str) -> bool, what: &str) -> Result<TensorMap> {
     let (loaded, conversions) = tensors::load_with_conversions(path)?;
+    note_loaded(path, &loaded, &conversions, integers_expected, used, what)?;
+    Ok(loaded)
+}
+
+/// The notes of [`load_noting`] for a file already read.
+fn note_loaded(
+    path: &Path,
+    loaded: &TensorMap,
+    conversions: &[tensors::Conversion],
+    integers_expected: bool,
+    used: impl Fn(&str) -> bool,
+    what: &str,
+) -> Result<()> {
     let integer = |dtype: &str| dtype.starts_with('I') || dtype.starts_with('U');
     let converted: Vec<String> = conversions
         .iter()
@@ -145,7 +158,7 @@ fn load_noting(path: &Path, integers_expected: bool, used: impl Fn(&str) -> bool
         let count = if unused.len() == 1 { "1 tensor".to_string() } else { format!("{} tensors", unused.len()) };
         note(path, &format!("{count} {what} does not use, ignored: {}", unused.join(", ")))?;
     }
-    Ok(loaded)
+    Ok(())
 }
 
 /// Parameter values: from a weights file (checked against the graph) or initialised from `seed`.
@@ -186,11 +199,11 @@ pub fn load_inputs(graph: &Graph, path: &Path) -> Result<TensorMap> {
 /// Reads the labels (integer class ids, any integer or float type): the tensor named after
 /// the labels input, or a file's only tensor.
 pub fn load_labels(path: &Path, name: &str) -> Result<Tensor> {
-    let (loaded, _) = tensors::load_with_conversions(path)?;
+    let (mut loaded, conversions) = tensors::load_with_conversions(path)?;
     let only = (loaded.len() == 1).then(|| loaded.keys().next().cloned()).flatten();
     let chosen = if loaded.contains_key(name) { name.to_string() } else { only.unwrap_or_default() };
-    let mut file = load_noting(path, true, |n| n == chosen, "the labels")?;
-    file.remove(&chosen).ok_or_else(|| {
+    note_loaded(path, &loaded, &conversions, true, |n| n == chosen, "the labels")?;
+    loaded.remove(&chosen).ok_or_else(|| {
         anyhow::anyhow!(
             "{}: has no tensor '{name}' (integer class ids), and more than one tensor, so none can be taken as the labels",
             path.display()

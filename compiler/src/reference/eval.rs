@@ -61,12 +61,6 @@ fn zip_map(a: &Tensor, b: &Tensor, f: impl Fn(f32, f32) -> f32 + Sync + Send) ->
     out
 }
 
-fn map(a: &Tensor, f: impl Fn(f32) -> f32 + Sync + Send) -> Tensor {
-    let mut out = a.clone();
-    out.par_mapv_inplace(f);
-    out
-}
-
 fn add_bias(y: &mut [f32], bias: &[f32]) {
     let c = bias.len();
     y.par_chunks_mut(c * 64).for_each(|block| {
@@ -124,43 +118,10 @@ pub fn eval(graph: &Graph, id: NodeId, inputs: &[&Tensor], opts: RunOptions) -> 
             *shape.last_mut().expect("dense input has a feature axis") = dout;
             tensor(shape, y).into()
         }
-        Op::BiasAdd => {
-            let mut y = data(x()).to_vec();
-            add_bias(&mut y, data(inputs[1]));
-            tensor(x().shape().to_vec(), y).into()
-        }
-        Op::Add => zip_map(x(), inputs[1], |a, b| a + b).into(),
-        Op::Mul => zip_map(x(), inputs[1], |a, b| a * b).into(),
-        Op::Relu => map(x(), |v| v.max(0.0)).into(),
-        Op::Relu6 => map(x(), |v| v.clamp(0.0, 6.0)).into(),
-        Op::BatchNorm(bn) => {
-            let c = last(x());
-            let (gamma, beta, mm, mv) = (data(inputs[1]), data(inputs[2]), data(inputs[3]), data(inputs[4]));
-            if training {
-                let (mean, var) = norm::moments(data(x()), c);
-                let y = norm::forward(data(x()), c, &norm::Stats::new(mean.clone(), &var, bn.epsilon), gamma, beta);
-                let rows = (x().len() / c) as f64;
-                let bessel = if rows > 1.0 { rows / (rows - 1.0) } else { 1.0 };
-                let m = bn.momentum as f64;
-                let new_mean: Vec<f32> = (0..c).map(|i| (m * mm[i] as f64 + (1.0 - m) * mean[i]) as f32).collect();
-                let new_var: Vec<f32> =
-                    (0..c).map(|i| (m * mv[i] as f64 + (1.0 - m) * var[i] * bessel) as f32).collect();
-                Output {
-                    value: tensor(x().shape().to_vec(), y),
-                    updates: vec![
-                        (node.inputs[3], tensor(vec![c], new_mean)),
-                        (node.inputs[4], tensor(vec![c], new_var)),
-                    ],
-                }
-            } else {
-                let mean = mm.iter().map(|&v| v as f64).collect();
-                let var: Vec<f64> = mv.iter().map(|&v| v as f64).collect();
-                tensor(
-                    x().shape().to_vec(),
-                    norm::forward(data(x()), c, &norm::Stats::new(mean, &var, bn.epsilon), gamma, beta),
-                )
-                .into()
-            }
+        // Elementwise nodes: computed in a copy of x, as the interpreter computes them in x's
+        // own buffer when x dies here (one definition of each).
+        Op::BiasAdd | Op::Add | Op::Mul | Op::Relu | Op::Relu6 | Op::BatchNorm(_) => {
+            return eval_into(graph, id, x().clone(), &inputs[1..], opts);
         }
         Op::Dropout(d) => {
             if !training || d.rate == 0.0 {
@@ -276,8 +237,8 @@ pub fn writes_in_place(op: &Op) -> bool {
     matches!(op, Op::Relu | Op::Relu6 | Op::Add | Op::Mul | Op::BiasAdd | Op::BatchNorm(_))
 }
 
-/// Evaluates a node [`writes_in_place`] accepts into `x`, its first input's value, which dies
-/// here: the same operations as [`eval`] on each element (the same bits), no new buffer.
+/// Evaluates a node [`writes_in_place`] accepts into `x`, its first input's value (which dies
+/// here, or is a copy when [`eval`] calls this): the definition of these elementwise ops.
 pub fn eval_into(graph: &Graph, id: NodeId, mut x: Tensor, rest: &[&Tensor], opts: RunOptions) -> Result<Output> {
     let node = graph.node(id);
     let c = last(&x);

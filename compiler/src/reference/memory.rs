@@ -38,32 +38,36 @@ fn dims4(graph: &Graph, id: NodeId, batch: usize) -> [usize; 4] {
 fn workspace(graph: &Graph, id: NodeId, batch: usize) -> u64 {
     let node = graph.node(id);
     let threads = rayon::current_num_threads() as u64;
+    // im2col panels: one block of rows per thread (none for depthwise and 1x1 convolutions).
+    let panels = |g: &ConvGeom| {
+        if g.is_depthwise() || g.is_pointwise() { 0 } else { threads * (row_block(g.depth()) * g.depth()) as u64 }
+    };
+    // Partial products summed in order: one per chunk of rows, each `len` floats.
+    let partials = |rows: u64, chunk: u64, len: u64| rows.div_ceil(chunk).saturating_mul(len);
     let floats: u64 = match &node.op {
         Op::Conv2d(c) => {
-            let g = ConvGeom::new(c, dims4(graph, node.inputs[0], batch), dims4(graph, node.inputs[1], 1));
-            if g.is_depthwise() || g.is_pointwise() { 0 } else { threads * (row_block(g.depth()) * g.depth()) as u64 }
+            panels(&ConvGeom::new(c, dims4(graph, node.inputs[0], batch), dims4(graph, node.inputs[1], 1)))
         }
         Op::Conv2dBackpropInput(b) => {
             let [h, w, c] = b.input_shape;
-            let g = ConvGeom::new(&b.conv, [batch, h, w, c], dims4(graph, node.inputs[1], 1));
-            if g.is_depthwise() || g.is_pointwise() { 0 } else { threads * (row_block(g.depth()) * g.depth()) as u64 }
+            panels(&ConvGeom::new(&b.conv, [batch, h, w, c], dims4(graph, node.inputs[1], 1)))
         }
         Op::Conv2dBackpropFilter(b) => {
             let g = ConvGeom::new(&b.conv, dims4(graph, node.inputs[0], batch), b.kernel_shape);
             let len = (g.depth() * g.co) as u64;
             if g.is_pointwise() {
-                (batch * g.out_pixels_per_image()).div_ceil(TN_CHUNK_ROWS) as u64 * len
+                let rows = (batch as u64).saturating_mul(g.out_pixels_per_image() as u64);
+                partials(rows, TN_CHUNK_ROWS as u64, len)
             } else {
-                let partials = batch.div_ceil(images_per_partial(batch)) as u64;
-                partials * len + threads * (row_block(g.depth()) * g.depth()) as u64
+                partials(batch as u64, images_per_partial(batch) as u64, len).saturating_add(panels(&g))
             }
         }
         Op::DenseBackpropKernel => {
             let x = graph.node(node.inputs[0]).shape.concrete(batch);
             let din = *x.last().unwrap_or(&1);
-            let rows = x.iter().product::<usize>() / din.max(1);
+            let rows = x.iter().fold(1u64, |n, &d| n.saturating_mul(d as u64)) / din.max(1) as u64;
             let dout = *graph.node(node.inputs[1]).shape.dims.last().unwrap_or(&1);
-            rows.div_ceil(TN_CHUNK_ROWS) as u64 * (din * dout) as u64
+            partials(rows, TN_CHUNK_ROWS as u64, (din * dout) as u64)
         }
         _ => 0,
     };

@@ -34,14 +34,7 @@ impl Stats {
     }
 }
 
-/// `y = γ · (x - μ) / σ + β`.
-pub fn forward(x: &[f32], c: usize, stats: &Stats, gamma: &[f32], beta: &[f32]) -> Vec<f32> {
-    let mut y = x.to_vec();
-    forward_in_place(&mut y, c, stats, gamma, beta);
-    y
-}
-
-/// [`forward`] into `x`'s own buffer (the reference does this when `x` dies at the node).
+/// `x ← γ · (x - μ) / σ + β`, in `x`'s own buffer.
 pub fn forward_in_place(x: &mut [f32], c: usize, stats: &Stats, gamma: &[f32], beta: &[f32]) {
     let scale: Vec<f32> = (0..c).map(|ch| (gamma[ch] as f64 * stats.inv_std[ch]) as f32).collect();
     let shift: Vec<f32> =
