@@ -39,6 +39,17 @@ fn traces_emitted_programs_and_plots_are_written_whole() {
     assert!(names.iter().all(|n| !n.starts_with('.')), "temporaries left behind: {names:?}");
 }
 
+/// `--output /dev/null` discards the values and leaves the device a device: an atomic
+/// rename over it (as root) would make it a plain file that every later program writes into.
+#[cfg(unix)]
+#[test]
+fn a_device_as_output_is_written_in_place() {
+    use std::os::unix::fs::FileTypeExt;
+    ok(&["run", "digits_cnn", "--batch", "2", "--output", "/dev/null"]);
+    ok(&["simulate", "digits_cnn", "--batch", "8", "--trace", "/dev/null"]);
+    assert!(std::fs::metadata("/dev/null").unwrap().file_type().is_char_device());
+}
+
 #[test]
 fn options_that_do_not_apply_are_errors() {
     let tmp = tempfile::tempdir().unwrap();

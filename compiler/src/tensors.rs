@@ -216,8 +216,31 @@ pub fn save(path: impl AsRef<Path>, tensors: &TensorMap) -> Result<()> {
 /// into place (then flushes the folder, so the rename survives a crash too): an interrupted
 /// or failed write never leaves a truncated file at `path`, keeps any previous file there
 /// whole, and removes its temporary file.
+///
+/// Only regular files are replaced. A device or a pipe (`/dev/null`, `/dev/stdout`, a FIFO)
+/// is written in place: renaming over it would turn `/dev/null` into a plain file for every
+/// program on the host (run as root, an earlier version did exactly that). A symbolic link
+/// keeps pointing where it did: the file it names is the one replaced.
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     use std::io::Write;
+    if is_special_file(path) {
+        return std::fs::OpenOptions::new()
+            .write(true)
+            .open(path)
+            .and_then(|mut f| f.write_all(bytes))
+            .map_err(|e| Error::io(path, e));
+    }
+    let resolved;
+    let path = match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_symlink() => match std::fs::canonicalize(path) {
+            Ok(target) => {
+                resolved = target;
+                resolved.as_path()
+            }
+            Err(_) => path,
+        },
+        _ => path,
+    };
     let file_name = path.file_name().ok_or_else(|| file_error(path, "is not a file path"))?;
     let tmp = path.with_file_name(format!(".{}.tmp{}", file_name.to_string_lossy(), std::process::id()));
     let written = (|| {
@@ -236,6 +259,12 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
         let _ = dir.sync_all();
     }
     Ok(())
+}
+
+/// True when `path` exists and is neither a regular file nor a folder: a character or block
+/// device, a FIFO or a socket, which is written in place and never replaced.
+pub fn is_special_file(path: &Path) -> bool {
+    std::fs::metadata(path).is_ok_and(|m| !m.is_file() && !m.is_dir())
 }
 
 #[cfg(test)]
@@ -284,6 +313,32 @@ mod tests {
         let left: Vec<String> =
             std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
         assert!(left.iter().all(|n| !n.starts_with('.')), "temporaries left: {left:?}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_device_is_written_in_place_and_never_replaced() {
+        use std::os::unix::fs::FileTypeExt;
+        write_atomically(Path::new("/dev/null"), b"gone").unwrap();
+        assert!(std::fs::metadata("/dev/null").unwrap().file_type().is_char_device());
+        let dev: Vec<String> =
+            std::fs::read_dir("/dev").unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        assert!(!dev.iter().any(|n| n.starts_with(".null")), "temporaries left in /dev: {dev:?}");
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_symbolic_link_keeps_pointing_at_the_file_it_names() {
+        let dir = std::env::temp_dir().join(format!("systolic-link-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let (target, link) = (dir.join("target.bin"), dir.join("link.bin"));
+        std::fs::write(&target, b"old").unwrap();
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        write_atomically(&link, b"new").unwrap();
+        assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
+        assert_eq!(std::fs::read(&target).unwrap(), b"new");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
