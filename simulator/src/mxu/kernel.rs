@@ -23,10 +23,62 @@ const TASK_STRIPS_M: usize = 8;
 /// Column strips per parallel task (256 columns).
 const TASK_STRIPS_N: usize = 8;
 
+/// A matrix's elements: f32 values, or the little-endian bytes of a simulated memory, which
+/// the packing decodes as it reads them (so the functional engine multiplies tiles where they
+/// are in VMEM, with no decoded copy of each operand).
+#[derive(Clone, Copy)]
+pub enum Elements<'a> {
+    F32(&'a [f32]),
+    /// f32 values, four little-endian bytes each.
+    F32Bytes(&'a [u8]),
+    /// bfloat16 values (an f32's upper half), two little-endian bytes each.
+    Bf16Bytes(&'a [u8]),
+}
+
+impl Elements<'_> {
+    /// Decodes elements `at .. at + dst.len()` into `dst`.
+    #[inline]
+    pub fn decode(&self, at: usize, dst: &mut [f32]) {
+        match *self {
+            Elements::F32(v) => dst.copy_from_slice(&v[at..at + dst.len()]),
+            Elements::F32Bytes(b) => {
+                let src = b[4 * at..4 * (at + dst.len())].chunks_exact(4);
+                dst.iter_mut().zip(src).for_each(|(d, b)| *d = f32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+            }
+            Elements::Bf16Bytes(b) => {
+                let src = b[2 * at..2 * (at + dst.len())].chunks_exact(2);
+                dst.iter_mut()
+                    .zip(src)
+                    .for_each(|(d, b)| *d = f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16));
+            }
+        }
+    }
+
+    /// Element `i`.
+    #[inline]
+    fn get(&self, i: usize) -> f32 {
+        let mut v = [0f32];
+        self.decode(i, &mut v);
+        v[0]
+    }
+
+    /// `dst[j] = split(element at + j, part)`: a row rounded (or split) as it is packed.
+    #[inline]
+    fn load_rounded(&self, at: usize, dst: &mut [f32], part: u8) {
+        match *self {
+            Elements::F32(v) => round_into(dst, &v[at..at + dst.len()], part),
+            _ => {
+                self.decode(at, dst);
+                round_in_place(dst, part);
+            }
+        }
+    }
+}
+
 /// A row-major matrix view with a row stride.
 #[derive(Clone, Copy)]
 pub struct Matrix<'a> {
-    pub data: &'a [f32],
+    pub data: Elements<'a>,
     pub rows: usize,
     pub cols: usize,
     pub stride: usize,
@@ -34,12 +86,12 @@ pub struct Matrix<'a> {
 
 impl<'a> Matrix<'a> {
     pub fn new(data: &'a [f32], rows: usize, cols: usize) -> Self {
-        Matrix { data, rows, cols, stride: cols }
+        Matrix { data: Elements::F32(data), rows, cols, stride: cols }
     }
 
     #[inline]
     fn at(&self, r: usize, c: usize) -> f32 {
-        self.data[r * self.stride + c]
+        self.data.get(r * self.stride + c)
     }
 }
 
@@ -108,37 +160,17 @@ struct Step {
 }
 
 /// Packs rows `r0 ..` (at most `strips` strips of MR) of one chunk of A for one split part:
-/// each strip `kc × MR` (k-major), padded with zero rows.
+/// each strip `MR × kc`, row after row (the micro-kernels broadcast down a column, `kc`
+/// apart), padded with zero rows. Rounding a row is one vectorised pass; an interleaved
+/// (k-major) strip cost as much again for the narrow products of convolutions.
 fn pack_a(a: Matrix, r0: usize, strips: usize, st: &Step, out: &mut [f32]) {
     let kc = st.kc;
-    // Round the strip's rows (vectorised), then interleave them k-major.
-    let mut rows = vec![0f32; MR * kc];
-    for s in 0..strips {
-        for r in 0..MR {
-            let i = r0 + s * MR + r;
-            let dst = &mut rows[r * kc..(r + 1) * kc];
-            if i < a.rows {
-                let src = i * a.stride + st.k0;
-                round_into(dst, &a.data[src..src + kc], st.pa);
-            } else {
-                dst.fill(0.0);
-            }
-        }
-        interleave(&rows, kc, &mut out[s * kc * MR..(s + 1) * kc * MR]);
-    }
-}
-
-/// `strip[kk * MR + r] = rows[r * kc + kk]`: MR rows of `kc` values, k-major.
-fn interleave(rows: &[f32], kc: usize, strip: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if choice() == KernelChoice::Avx512 {
-        // SAFETY: AVX-512F is present (checked when chosen); `rows` and `strip` hold MR × kc values.
-        unsafe { avx512::interleave(rows, kc, strip) };
-        return;
-    }
-    for (kk, slot) in strip.chunks_exact_mut(MR).enumerate() {
-        for (r, v) in slot.iter_mut().enumerate() {
-            *v = rows[r * kc + kk];
+    for (i, dst) in out.chunks_exact_mut(kc).take(strips * MR).enumerate() {
+        let i = r0 + i;
+        if i < a.rows {
+            a.data.load_rounded(i * a.stride + st.k0, dst, st.pa);
+        } else {
+            dst.fill(0.0);
         }
     }
 }
@@ -148,6 +180,14 @@ fn round_into(dst: &mut [f32], src: &[f32], part: u8) {
     match part {
         0 => dst.iter_mut().zip(src).for_each(|(d, &v)| *d = bf16(v)),
         _ => dst.iter_mut().zip(src).for_each(|(d, &v)| *d = split(v, part)),
+    }
+}
+
+/// [`round_into`] in place.
+fn round_in_place(v: &mut [f32], part: u8) {
+    match part {
+        0 => v.iter_mut().for_each(|x| *x = bf16(*x)),
+        _ => v.iter_mut().for_each(|x| *x = split(*x, part)),
     }
 }
 
@@ -169,11 +209,15 @@ fn multiply(
     acc: &mut [f32],
     ldc: usize,
 ) {
-    // Up to TASK_STRIPS_M strips per task, fewer when that would leave under four tasks per
-    // thread: five tasks of 96 rows on two threads keep one thread idle for a fifth of the
-    // product. Which task computes a tile does not change its bits.
-    let per_task = strips_m.div_ceil(4 * rayon::current_num_threads()).clamp(1, TASK_STRIPS_M);
-    let tasks_m = strips_m.div_ceil(per_task);
+    // Tasks of at most TASK_STRIPS_M row strips, at least four per thread and as many on every
+    // thread, their sizes differing by one strip at most: eleven tasks of 96 rows on two
+    // threads keep one idle for a twelfth of the product. Which task computes a tile does not
+    // change its bits.
+    let threads = rayon::current_num_threads().max(1);
+    let rounds = strips_m.div_ceil(TASK_STRIPS_M * threads).max(4);
+    let tasks_m = (rounds * threads).min(strips_m);
+    let row_strips = |t: usize| strips_m * t / tasks_m..strips_m * (t + 1) / tasks_m;
+    let per_task = strips_m.div_ceil(tasks_m);
     let tasks_n = if tasks_m >= 4 { 1 } else { strips_n.div_ceil(TASK_STRIPS_N) };
     let cols_per_task = strips_n.div_ceil(tasks_n);
     let out = SharedOut(acc.as_mut_ptr(), acc.len());
@@ -181,7 +225,7 @@ fn multiply(
     let kc_max = packed.iter().map(|(st, _)| st.kc).max().unwrap_or(0);
     (0..tasks_m * tasks_n).into_par_iter().for_each(|task| {
         let (tm, tn) = (task / tasks_n, task % tasks_n);
-        let rows = tm * per_task..((tm + 1) * per_task).min(strips_m);
+        let rows = row_strips(tm);
         let cols = tn * cols_per_task..((tn + 1) * cols_per_task).min(strips_n);
         let mut a_buf = vec![0f32; per_task * kc_max * MR + 16];
         let a_start = a_buf.as_ptr().align_offset(64).min(16);
@@ -238,8 +282,7 @@ fn pack_b(b: Matrix, k0: usize, kc: usize, part: u8, out: &mut [f32]) {
     let strips = b.cols.div_ceil(NR);
     let mut row = vec![0f32; strips * NR];
     for kk in 0..kc {
-        let src = &b.data[(k0 + kk) * b.stride..(k0 + kk) * b.stride + b.cols];
-        round_into(&mut row[..b.cols], src, part);
+        b.data.load_rounded((k0 + kk) * b.stride, &mut row[..b.cols], part);
         for (s, piece) in row.chunks_exact(NR).enumerate() {
             out[(s * kc + kk) * NR..(s * kc + kk + 1) * NR].copy_from_slice(piece);
         }
@@ -323,7 +366,7 @@ unsafe fn portable(kc: usize, a: &[f32], b: &[f32], c: *mut f32, ldc: usize, m_v
     for kk in 0..kc {
         let bk = &b[kk * NR..(kk + 1) * NR];
         for (r, row) in acc.iter_mut().enumerate() {
-            let av = a[kk * MR + r];
+            let av = a[r * kc + kk];
             for (x, &bv) in row.iter_mut().zip(bk) {
                 *x = av.mul_add(bv, *x);
             }
@@ -355,7 +398,7 @@ mod avx2 {
     /// `c`.
     ///
     /// # Safety
-    /// The CPU must have AVX2 and FMA; `a` holds `kc × MR` and `b` `kc × NR` packed values; `c`
+    /// The CPU must have AVX2 and FMA; `a` holds `MR × kc` (row after row) and `b` `kc × NR` packed values; `c`
     /// points to an `m_valid × n_valid` tile with row stride `ldc` inside one allocation.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn kernel(kc: usize, a: &[f32], b: &[f32], c: *mut f32, ldc: usize, m_valid: usize, n_valid: usize) {
@@ -374,23 +417,23 @@ mod avx2 {
                     unsafe {
                         let bk = bp.add(kk * NR + c0);
                         let (b0, b1) = (_mm256_loadu_ps(bk), _mm256_loadu_ps(bk.add(8)));
-                        let ak = ap.add(kk * MR + r0);
+                        let ak = ap.add(r0 * kc + kk);
                         let a0 = _mm256_broadcast_ss(&*ak);
                         c00 = _mm256_fmadd_ps(a0, b0, c00);
                         c01 = _mm256_fmadd_ps(a0, b1, c01);
-                        let a1 = _mm256_broadcast_ss(&*ak.add(1));
+                        let a1 = _mm256_broadcast_ss(&*ak.add(kc));
                         c10 = _mm256_fmadd_ps(a1, b0, c10);
                         c11 = _mm256_fmadd_ps(a1, b1, c11);
-                        let a2 = _mm256_broadcast_ss(&*ak.add(2));
+                        let a2 = _mm256_broadcast_ss(&*ak.add(2 * kc));
                         c20 = _mm256_fmadd_ps(a2, b0, c20);
                         c21 = _mm256_fmadd_ps(a2, b1, c21);
-                        let a3 = _mm256_broadcast_ss(&*ak.add(3));
+                        let a3 = _mm256_broadcast_ss(&*ak.add(3 * kc));
                         c30 = _mm256_fmadd_ps(a3, b0, c30);
                         c31 = _mm256_fmadd_ps(a3, b1, c31);
-                        let a4 = _mm256_broadcast_ss(&*ak.add(4));
+                        let a4 = _mm256_broadcast_ss(&*ak.add(4 * kc));
                         c40 = _mm256_fmadd_ps(a4, b0, c40);
                         c41 = _mm256_fmadd_ps(a4, b1, c41);
-                        let a5 = _mm256_broadcast_ss(&*ak.add(5));
+                        let a5 = _mm256_broadcast_ss(&*ak.add(5 * kc));
                         c50 = _mm256_fmadd_ps(a5, b0, c50);
                         c51 = _mm256_fmadd_ps(a5, b1, c51);
                     }
@@ -433,45 +476,10 @@ mod avx512 {
 
     use super::{MR, NR};
 
-    /// `strip[kk * MR + r] = rows[r * kc + kk]` with gathers: each block of 16 k values is
-    /// `MR` (12) output vectors of 16 consecutive entries.
-    ///
-    /// # Safety
-    /// The CPU must have AVX-512F; `rows` and `strip` must hold `MR × kc` values.
-    #[target_feature(enable = "avx512f")]
-    pub unsafe fn interleave(rows: &[f32], kc: usize, strip: &mut [f32]) {
-        assert!(rows.len() >= MR * kc && strip.len() >= MR * kc && kc < (1 << 24));
-        let mut index = [_mm512_setzero_si512(); MR];
-        for (v, idx) in index.iter_mut().enumerate() {
-            let lanes: [i32; 16] = std::array::from_fn(|l| {
-                let p = v * 16 + l;
-                ((p % MR) * kc + p / MR) as i32
-            });
-            // SAFETY: reading 16 i32 from a local array.
-            *idx = unsafe { _mm512_loadu_si512(lanes.as_ptr().cast()) };
-        }
-        let blocks = kc / 16;
-        for kb in 0..blocks {
-            for (v, idx) in index.iter().enumerate() {
-                // SAFETY: every index points inside `rows` (row < MR, column < kb·16 + 16 ≤ kc),
-                // and the 16 outputs lie inside `strip`.
-                unsafe {
-                    let g = _mm512_i32gather_ps::<4>(*idx, rows.as_ptr().add(kb * 16));
-                    _mm512_storeu_ps(strip.as_mut_ptr().add(kb * 16 * MR + v * 16), g);
-                }
-            }
-        }
-        for kk in blocks * 16..kc {
-            for r in 0..MR {
-                strip[kk * MR + r] = rows[r * kc + kk];
-            }
-        }
-    }
-
     /// The AVX-512 micro-kernel: 12 × 32 chunk sums in 24 registers.
     ///
     /// # Safety
-    /// The CPU must have AVX-512F; `a` holds `kc × MR` and `b` `kc × NR` packed values; `c`
+    /// The CPU must have AVX-512F; `a` holds `MR × kc` (row after row) and `b` `kc × NR` packed values; `c`
     /// points to an `m_valid × n_valid` tile with row stride `ldc` inside one allocation.
     #[target_feature(enable = "avx512f")]
     pub unsafe fn kernel(kc: usize, a: &[f32], b: &[f32], c: *mut f32, ldc: usize, m_valid: usize, n_valid: usize) {
@@ -484,9 +492,8 @@ mod avx512 {
             unsafe {
                 let b0 = _mm512_load_ps(bp.add(kk * NR));
                 let b1 = _mm512_load_ps(bp.add(kk * NR + 16));
-                let ak = ap.add(kk * MR);
                 for (r, row) in acc.iter_mut().enumerate() {
-                    let av = _mm512_set1_ps(*ak.add(r));
+                    let av = _mm512_set1_ps(*ap.add(r * kc + kk));
                     row[0] = _mm512_fmadd_ps(av, b0, row[0]);
                     row[1] = _mm512_fmadd_ps(av, b1, row[1]);
                 }
