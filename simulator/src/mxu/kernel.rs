@@ -398,8 +398,9 @@ mod avx2 {
     /// `c`.
     ///
     /// # Safety
-    /// The CPU must have AVX2 and FMA; `a` holds `MR × kc` (row after row) and `b` `kc × NR` packed values; `c`
-    /// points to an `m_valid × n_valid` tile with row stride `ldc` inside one allocation.
+    /// The CPU must have AVX2 and FMA; `a` holds `MR × kc` (row after row) and `b` `kc × NR`
+    /// packed values; `c` points to an `m_valid × n_valid` tile with row stride `ldc` inside
+    /// one allocation.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn kernel(kc: usize, a: &[f32], b: &[f32], c: *mut f32, ldc: usize, m_valid: usize, n_valid: usize) {
         assert!(a.len() >= kc * MR && b.len() >= kc * NR && MR.is_multiple_of(ROWS) && NR.is_multiple_of(COLS));
@@ -411,6 +412,13 @@ mod avx2 {
                 let z = _mm256_setzero_ps();
                 let (mut c00, mut c01, mut c10, mut c11, mut c20, mut c21) = (z, z, z, z, z, z);
                 let (mut c30, mut c31, mut c40, mut c41, mut c50, mut c51) = (z, z, z, z, z, z);
+                // The accumulator rows this sub-tile adds into at its end: fetched while the
+                // chunk is summed, so the add does not wait on memory (a wide C leaves the
+                // caches between chunks).
+                for r in 0..(m_valid - r0).min(ROWS) {
+                    // SAFETY: a prefetch never faults; the address is inside the caller's tile.
+                    unsafe { _mm_prefetch::<_MM_HINT_T0>(c.add((r0 + r) * ldc + c0).cast()) };
+                }
                 for kk in 0..kc {
                     // SAFETY: kk < kc, r0 + 6 <= MR and c0 + 16 <= NR, so every read is inside
                     // `a` and `b`.
@@ -479,8 +487,9 @@ mod avx512 {
     /// The AVX-512 micro-kernel: 12 × 32 chunk sums in 24 registers.
     ///
     /// # Safety
-    /// The CPU must have AVX-512F; `a` holds `MR × kc` (row after row) and `b` `kc × NR` packed values; `c`
-    /// points to an `m_valid × n_valid` tile with row stride `ldc` inside one allocation.
+    /// The CPU must have AVX-512F; `a` holds `MR × kc` (row after row) and `b` `kc × NR`
+    /// packed values; `c` points to an `m_valid × n_valid` tile with row stride `ldc` inside
+    /// one allocation.
     #[target_feature(enable = "avx512f")]
     pub unsafe fn kernel(kc: usize, a: &[f32], b: &[f32], c: *mut f32, ldc: usize, m_valid: usize, n_valid: usize) {
         assert!(a.len() >= kc * MR && b.len() >= kc * NR && (b.as_ptr() as usize).is_multiple_of(64));
