@@ -336,3 +336,33 @@ fn every_micro_kernel_gives_the_same_bits() {
         }
     }
 }
+
+/// `matmul_into` (BLAS's beta = 0: the first step stores, never reading the output) gives the
+/// bits of `matmul` into zeros, on every micro-kernel, at every precision, with strided
+/// outputs whose gaps it must not touch and old values (NaN) it must not read.
+#[test]
+fn products_into_fresh_outputs_equal_products_added_to_zeros() {
+    use systolic_simulator::mxu::kernel::{KernelChoice, force_kernel, matmul_into};
+    for (m, k, n, ldc) in [(37, 300, 70, 70), (13, 128, 33, 40), (5, 0, 9, 12), (30, 1, 1, 3), (96, 257, 64, 64)] {
+        let a = values(m * k, 41);
+        let b = values(k * n, 42);
+        for p in [Precision::Default, Precision::High, Precision::Highest] {
+            let mut zeros = vec![0f32; m * ldc];
+            matmul(Matrix::new(&a, m, k), Matrix::new(&b, k, n), &mut zeros, ldc, 128, p);
+            for choice in [KernelChoice::Portable, KernelChoice::Avx2, KernelChoice::Avx512] {
+                if !choice.available() {
+                    continue;
+                }
+                force_kernel(choice);
+                let mut out = vec![f32::NAN; m * ldc];
+                matmul_into(Matrix::new(&a, m, k), Matrix::new(&b, k, n), &mut out, ldc, 128, p);
+                force_kernel(KernelChoice::Auto);
+                for i in 0..m {
+                    let (row, want) = (&out[i * ldc..(i + 1) * ldc], &zeros[i * ldc..i * ldc + n]);
+                    assert_eq!(bits(&row[..n]), bits(want), "{choice:?} {p:?} {m}x{k}x{n} row {i}");
+                    assert!(row[n..].iter().all(|x| x.is_nan()), "{choice:?} wrote into the stride's gap");
+                }
+            }
+        }
+    }
+}

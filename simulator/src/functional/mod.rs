@@ -16,7 +16,7 @@ pub use vpu::{binary, unary};
 use crate::config::Machine;
 use crate::error::{Error, Result};
 use crate::isa::*;
-use crate::mxu::kernel::{Matrix, matmul};
+use crate::mxu::kernel::{Matrix, matmul, matmul_into};
 
 /// How far a run reaches into each memory, (HBM, VMEM) bytes: the end of the furthest tile the
 /// program or the host touches. The engine's memories grow to exactly this
@@ -244,10 +244,11 @@ impl Functional {
                     && let Some(c) = f32s_mut(&out, region)
                 {
                     let (rows, cols, ldc) = (out.rows as usize, out.cols as usize, out.stride as usize);
-                    if !accumulate {
-                        c.chunks_mut(ldc).for_each(|row| row[..cols].fill(0.0));
+                    let (a, b, c) = (at(&lhs, l), at(&rhs, r), &mut c[..(rows - 1) * ldc + cols]);
+                    match accumulate {
+                        true => matmul(a, b, c, ldc, chunk, precision),
+                        false => matmul_into(a, b, c, ldc, chunk, precision),
                     }
-                    matmul(at(&lhs, l), at(&rhs, r), &mut c[..(rows - 1) * ldc + cols], ldc, chunk, precision);
                     return Ok(());
                 }
                 let a = self.vmem.read(&lhs);

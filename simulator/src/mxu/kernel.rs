@@ -98,10 +98,25 @@ impl<'a> Matrix<'a> {
 /// `acc (m × n, row stride ldc) += A (m × k) · B (k × n)` with K-chunks of `chunk` (the MXU's rows)
 /// and the passes of `precision`. Follows the contract bit for bit; parallel over output tiles.
 pub fn matmul(a: Matrix, b: Matrix, acc: &mut [f32], ldc: usize, chunk: usize, precision: Precision) {
+    product(a, b, acc, ldc, chunk, precision, false);
+}
+
+/// `out (m × n, row stride ldc) = A · B`: [`matmul`] into an accumulator of +0.0, bit for bit,
+/// without reading `out` (BLAS's `beta = 0`): the first step stores `+0.0 + sum` where the
+/// others add, so no pass zeroes `out` first and its old values are never loaded.
+pub fn matmul_into(a: Matrix, b: Matrix, out: &mut [f32], ldc: usize, chunk: usize, precision: Precision) {
+    product(a, b, out, ldc, chunk, precision, true);
+}
+
+/// [`matmul`] (`overwrite` false) or [`matmul_into`] (true).
+fn product(a: Matrix, b: Matrix, acc: &mut [f32], ldc: usize, chunk: usize, precision: Precision, overwrite: bool) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     assert_eq!(b.rows, k, "inner dimensions differ");
     assert!(chunk > 0 && ldc >= n, "bad chunk or stride");
     assert!(m == 0 || n == 0 || (m - 1) * ldc + n <= acc.len(), "accumulator too small");
+    if overwrite && k == 0 {
+        (0..m).for_each(|r| acc[r * ldc..r * ldc + n].fill(0.0));
+    }
     if m == 0 || n == 0 || k == 0 {
         return;
     }
@@ -134,7 +149,7 @@ pub fn matmul(a: Matrix, b: Matrix, acc: &mut [f32], ldc: usize, chunk: usize, p
         }
         views.par_iter_mut().zip(&steps).for_each(|(view, st)| pack_b(b, st.k0, st.kc, st.pb, view));
         let packed: Vec<(&Step, &[f32])> = steps.iter().zip(views.iter().map(|v| &v[..])).collect();
-        multiply(a, &packed, m, n, strips_m, strips_n, acc, ldc);
+        multiply(a, &packed, m, n, strips_m, strips_n, acc, ldc, overwrite);
     }
     WORKSPACE.set(buf);
 }
@@ -208,6 +223,7 @@ fn multiply(
     strips_n: usize,
     acc: &mut [f32],
     ldc: usize,
+    overwrite: bool,
 ) {
     // Tasks of at most TASK_STRIPS_M row strips, at least four per thread and as many on every
     // thread, their sizes differing by one strip at most: eleven tasks of 96 rows on two
@@ -230,8 +246,8 @@ fn multiply(
         let mut a_buf = vec![0f32; per_task * kc_max * MR + 16];
         let a_start = a_buf.as_ptr().align_offset(64).min(16);
         let a_pack = &mut a_buf[a_start..a_start + per_task * kc_max * MR];
-        for &(st, pb) in packed {
-            let kc = st.kc;
+        for (step, &(st, pb)) in packed.iter().enumerate() {
+            let (kc, first) = (st.kc, overwrite && step == 0);
             pack_a(a, rows.start * MR, rows.len(), st, a_pack);
             for sj in cols.clone() {
                 let bs = &pb[sj * kc * NR..(sj + 1) * kc * NR];
@@ -250,6 +266,7 @@ fn multiply(
                             ldc,
                             m_valid,
                             n_valid,
+                            first,
                         )
                     };
                 }
@@ -289,9 +306,10 @@ fn pack_b(b: Matrix, k0: usize, kc: usize, part: u8, out: &mut [f32]) {
     }
 }
 
-/// `c[r][j] += Σ_k a[k][r] · b[k][j]` for an `m_valid × n_valid` tile from packed strips: the
-/// chunk sum from +0.0 in k order with FMAs, then one add into the accumulator.
-type Kernel = unsafe fn(usize, &[f32], &[f32], *mut f32, usize, usize, usize);
+/// `c[r][j] += Σ_k a[r][k] · b[k][j]` for an `m_valid × n_valid` tile from packed strips: the
+/// chunk sum from +0.0 in k order with FMAs, then one add into the accumulator — or, when
+/// `first`, `c[r][j] = +0.0 + Σ`, the same bits as adding into +0.0, without reading `c`.
+type Kernel = unsafe fn(usize, &[f32], &[f32], *mut f32, usize, usize, usize, bool);
 
 /// Which micro-kernel runs: chosen from the CPU, or forced (tests run every one they can).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -361,7 +379,17 @@ fn select_kernel() -> Kernel {
 ///
 /// # Safety
 /// `c` must point to an `m_valid × n_valid` tile with row stride `ldc` inside one allocation.
-unsafe fn portable(kc: usize, a: &[f32], b: &[f32], c: *mut f32, ldc: usize, m_valid: usize, n_valid: usize) {
+#[allow(clippy::too_many_arguments)] // the Kernel signature
+unsafe fn portable(
+    kc: usize,
+    a: &[f32],
+    b: &[f32],
+    c: *mut f32,
+    ldc: usize,
+    m_valid: usize,
+    n_valid: usize,
+    first: bool,
+) {
     let mut acc = [[0f32; NR]; MR];
     for kk in 0..kc {
         let bk = &b[kk * NR..(kk + 1) * NR];
@@ -375,7 +403,10 @@ unsafe fn portable(kc: usize, a: &[f32], b: &[f32], c: *mut f32, ldc: usize, m_v
     for (r, row) in acc.iter().enumerate().take(m_valid) {
         for (j, v) in row.iter().enumerate().take(n_valid) {
             // SAFETY: inside the tile the caller guarantees.
-            unsafe { *c.add(r * ldc + j) += v };
+            unsafe {
+                let p = c.add(r * ldc + j);
+                *p = if first { 0.0 } else { *p } + v;
+            }
         }
     }
 }
@@ -402,7 +433,17 @@ mod avx2 {
     /// packed values; `c` points to an `m_valid × n_valid` tile with row stride `ldc` inside
     /// one allocation.
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn kernel(kc: usize, a: &[f32], b: &[f32], c: *mut f32, ldc: usize, m_valid: usize, n_valid: usize) {
+    #[allow(clippy::too_many_arguments)] // the Kernel signature
+    pub unsafe fn kernel(
+        kc: usize,
+        a: &[f32],
+        b: &[f32],
+        c: *mut f32,
+        ldc: usize,
+        m_valid: usize,
+        n_valid: usize,
+        first: bool,
+    ) {
         assert!(a.len() >= kc * MR && b.len() >= kc * NR && MR.is_multiple_of(ROWS) && NR.is_multiple_of(COLS));
         let (ap, bp) = (a.as_ptr(), b.as_ptr());
         for r0 in (0..m_valid.min(MR)).step_by(ROWS) {
@@ -415,7 +456,7 @@ mod avx2 {
                 // The accumulator rows this sub-tile adds into at its end: fetched while the
                 // chunk is summed, so the add does not wait on memory (a wide C leaves the
                 // caches between chunks).
-                for r in 0..(m_valid - r0).min(ROWS) {
+                for r in 0..if first { 0 } else { (m_valid - r0).min(ROWS) } {
                     // SAFETY: a prefetch never faults; the address is inside the caller's tile.
                     unsafe { _mm_prefetch::<_MM_HINT_T0>(c.add((r0 + r) * ldc + c0).cast()) };
                 }
@@ -450,13 +491,14 @@ mod avx2 {
                 let cols = (n_valid - c0).min(COLS);
                 if cols == COLS {
                     // A full row of the sub-tile: one vector add per 8 columns, the same
-                    // `c + sum` per element as below.
+                    // `c + sum` per element as below (c = +0.0 on a first step).
                     for (r, row) in acc.iter().enumerate().take(m_valid - r0) {
                         // SAFETY: 16 columns of row r0 + r inside the tile the caller guarantees.
                         unsafe {
                             let p = c.add((r0 + r) * ldc + c0);
-                            _mm256_storeu_ps(p, _mm256_add_ps(_mm256_loadu_ps(p), row[0]));
-                            _mm256_storeu_ps(p.add(8), _mm256_add_ps(_mm256_loadu_ps(p.add(8)), row[1]));
+                            let old = |p: *mut f32| if first { _mm256_setzero_ps() } else { _mm256_loadu_ps(p) };
+                            _mm256_storeu_ps(p, _mm256_add_ps(old(p), row[0]));
+                            _mm256_storeu_ps(p.add(8), _mm256_add_ps(old(p.add(8)), row[1]));
                         }
                     }
                     continue;
@@ -470,7 +512,10 @@ mod avx2 {
                     }
                     for (j, v) in sums.iter().enumerate().take(cols) {
                         // SAFETY: inside the tile the caller guarantees.
-                        unsafe { *c.add((r0 + r) * ldc + c0 + j) += v };
+                        unsafe {
+                            let p = c.add((r0 + r) * ldc + c0 + j);
+                            *p = if first { 0.0 } else { *p } + v;
+                        }
                     }
                 }
             }
@@ -491,7 +536,17 @@ mod avx512 {
     /// packed values; `c` points to an `m_valid × n_valid` tile with row stride `ldc` inside
     /// one allocation.
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn kernel(kc: usize, a: &[f32], b: &[f32], c: *mut f32, ldc: usize, m_valid: usize, n_valid: usize) {
+    #[allow(clippy::too_many_arguments)] // the Kernel signature
+    pub unsafe fn kernel(
+        kc: usize,
+        a: &[f32],
+        b: &[f32],
+        c: *mut f32,
+        ldc: usize,
+        m_valid: usize,
+        n_valid: usize,
+        first: bool,
+    ) {
         assert!(a.len() >= kc * MR && b.len() >= kc * NR && (b.as_ptr() as usize).is_multiple_of(64));
         let mut acc = [[_mm512_setzero_ps(); 2]; MR];
         let (ap, bp) = (a.as_ptr(), b.as_ptr());
@@ -524,10 +579,12 @@ mod avx512 {
             // SAFETY: masked loads and stores touch only the tile's first n_valid columns.
             unsafe {
                 let p = c.add(r * ldc);
-                let c0 = _mm512_maskz_loadu_ps(m0, p);
+                // c = +0.0 on a first step: the same `c + sum`, without reading c.
+                let old = |m, p| if first { _mm512_setzero_ps() } else { _mm512_maskz_loadu_ps(m, p) };
+                let c0 = old(m0, p);
                 _mm512_mask_storeu_ps(p, m0, _mm512_add_ps(c0, row[0]));
                 if n_valid > 16 {
-                    let c1 = _mm512_maskz_loadu_ps(m1, p.add(16));
+                    let c1 = old(m1, p.add(16));
                     _mm512_mask_storeu_ps(p.add(16), m1, _mm512_add_ps(c1, row[1]));
                 }
             }
