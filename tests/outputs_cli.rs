@@ -48,6 +48,24 @@ fn a_device_as_output_is_written_in_place() {
     ok(&["run", "digits_cnn", "--batch", "2", "--output", "/dev/null"]);
     ok(&["simulate", "digits_cnn", "--batch", "8", "--trace", "/dev/null"]);
     assert!(std::fs::metadata("/dev/null").unwrap().file_type().is_char_device());
+    // `--output /dev/stdout > file`: the tensors go through the same handle as the printed
+    // lines, in order, into the file the shell opened (not over it, not over the lines).
+    let tmp = tempfile::tempdir().unwrap();
+    let log = tmp.path().join("log");
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_systolic"))
+        .args(["run", "digits_cnn", "--batch", "2", "--output", "/dev/stdout"])
+        .stdout(std::fs::File::create(&log).unwrap())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let bytes = std::fs::read(&log).unwrap();
+    let text = String::from_utf8_lossy(&bytes);
+    // The tensors are written before the summary is printed: the file starts with them whole.
+    let header = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let end = 8 + header + 2 * 10 * 4;
+    assert!(text[8..8 + header].contains("\"logits\""), "{text}");
+    let printed = String::from_utf8_lossy(&bytes[end..]);
+    assert!(printed.starts_with("logits [2, 10]") && printed.contains("ran digits_cnn"), "{printed}");
 }
 
 #[test]

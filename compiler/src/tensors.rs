@@ -212,35 +212,77 @@ pub fn save(path: impl AsRef<Path>, tensors: &TensorMap) -> Result<()> {
     write_atomically(path.as_ref(), &to_bytes(tensors))
 }
 
+/// Where a write to a path goes ([`destination`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Destination {
+    /// Opened and appended to where it is: a device, a pipe or socket, or a path through
+    /// `/proc` (`/dev/stdout`, a link to `/proc/self/fd/1`, redirected to a file is the file
+    /// the shell opened; replacing it would lose what the program printed there).
+    InPlace,
+    /// This process's standard output (`/dev/stdout`, `/proc/self/fd/1`, a link to them):
+    /// written through the same handle as the program's printing, so the bytes land in order
+    /// with it whether stdout is a terminal, a pipe or a file the shell opened.
+    Stdout,
+    /// The regular file to replace atomically, symbolic links followed (even dangling ones,
+    /// so a link keeps pointing where it did).
+    Replace(std::path::PathBuf),
+}
+
+/// Whether a write to `path` replaces a regular file (and which) or goes in place.
+pub fn destination(path: &Path) -> Destination {
+    // The folder resolved (it exists when outputs were checked), so `..` or `/proc/self`
+    // cannot hide where a path goes.
+    let folder = |p: &Path| {
+        let folder = p.parent().filter(|f| !f.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        std::fs::canonicalize(folder).unwrap_or_else(|_| folder.to_path_buf())
+    };
+    let own_fds = Path::new("/proc").join(std::process::id().to_string()).join("fd");
+    let mut at = path.to_path_buf();
+    for _ in 0..40 {
+        if at.file_name().is_some_and(|n| n == "1") && folder(&at) == own_fds {
+            return Destination::Stdout;
+        }
+        if folder(&at).starts_with("/proc") {
+            return Destination::InPlace; // another descriptor: its link names no file to replace
+        }
+        match std::fs::symlink_metadata(&at) {
+            Ok(m) if m.file_type().is_symlink() => match std::fs::read_link(&at) {
+                Ok(target) => at = at.parent().unwrap_or(Path::new("")).join(target),
+                Err(_) => break,
+            },
+            _ => break,
+        }
+    }
+    if is_special_file(&at) { Destination::InPlace } else { Destination::Replace(at) }
+}
+
 /// Writes `bytes` to a temporary file beside `path`, flushes it to the disk and renames it
 /// into place (then flushes the folder, so the rename survives a crash too): an interrupted
 /// or failed write never leaves a truncated file at `path`, keeps any previous file there
 /// whole, and removes its temporary file.
 ///
-/// Only regular files are replaced. A device or a pipe (`/dev/null`, `/dev/stdout`, a FIFO)
-/// is written in place: renaming over it would turn `/dev/null` into a plain file for every
-/// program on the host (run as root, an earlier version did exactly that). A symbolic link
-/// keeps pointing where it did: the file it names is the one replaced.
+/// Only regular files are replaced ([`destination`]). A device, a pipe or a path through
+/// `/proc` (`/dev/null`, `/dev/stdout`, a FIFO) is appended to in place: renaming
+/// over `/dev/null` would turn it into a plain file for every program on the host (run as
+/// root, an earlier version did exactly that). A symbolic link keeps pointing where it did:
+/// the file it names is the one replaced.
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     use std::io::Write;
-    if is_special_file(path) {
-        return std::fs::OpenOptions::new()
-            .write(true)
-            .open(path)
-            .and_then(|mut f| f.write_all(bytes))
-            .map_err(|e| Error::io(path, e));
-    }
-    let resolved;
-    let path = match std::fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_symlink() => match std::fs::canonicalize(path) {
-            Ok(target) => {
-                resolved = target;
-                resolved.as_path()
-            }
-            Err(_) => path,
-        },
-        _ => path,
+    let resolved = match destination(path) {
+        Destination::Stdout => {
+            let mut out = std::io::stdout().lock();
+            return out.write_all(bytes).and_then(|_| out.flush()).map_err(|e| Error::io(path, e));
+        }
+        Destination::InPlace => {
+            return std::fs::OpenOptions::new()
+                .append(true)
+                .open(path)
+                .and_then(|mut f| f.write_all(bytes))
+                .map_err(|e| Error::io(path, e));
+        }
+        Destination::Replace(target) => target,
     };
+    let path = resolved.as_path();
     let file_name = path.file_name().ok_or_else(|| file_error(path, "is not a file path"))?;
     let tmp = path.with_file_name(format!(".{}.tmp{}", file_name.to_string_lossy(), std::process::id()));
     let written = (|| {
@@ -325,6 +367,32 @@ mod tests {
         let dev: Vec<String> =
             std::fs::read_dir("/dev").unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
         assert!(!dev.iter().any(|n| n.starts_with(".null")), "temporaries left in /dev: {dev:?}");
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn paths_through_dev_and_proc_are_written_in_place_and_links_are_followed() {
+        let dir = std::env::temp_dir().join(format!("systolic-dest-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        assert_eq!(destination(Path::new("/dev/stdout")), Destination::Stdout);
+        assert_eq!(destination(Path::new("/proc/self/fd/1")), Destination::Stdout);
+        assert_eq!(destination(Path::new("/dev/stderr")), Destination::InPlace);
+        assert_eq!(destination(&dir.join("../../dev/null")), Destination::InPlace);
+        // A file in a tmpfs under /dev is a file like any other.
+        if Path::new("/dev/shm").is_dir() {
+            assert_eq!(destination(Path::new("/dev/shm/y.bin")), Destination::Replace("/dev/shm/y.bin".into()));
+        }
+        // A link to stdout: stdout, whatever it is (a terminal, a pipe, a file).
+        std::os::unix::fs::symlink("/dev/stdout", dir.join("out")).unwrap();
+        assert_eq!(destination(&dir.join("out")), Destination::Stdout);
+        // A dangling relative link: the file it would name is the one written.
+        std::os::unix::fs::symlink("later.bin", dir.join("dangling")).unwrap();
+        assert_eq!(destination(&dir.join("dangling")), Destination::Replace(dir.join("later.bin")));
+        write_atomically(&dir.join("dangling"), b"x").unwrap();
+        assert_eq!(std::fs::read(dir.join("later.bin")).unwrap(), b"x");
+        assert!(std::fs::symlink_metadata(dir.join("dangling")).unwrap().file_type().is_symlink());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[cfg(unix)]

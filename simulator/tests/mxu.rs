@@ -313,9 +313,14 @@ fn results_do_not_depend_on_the_thread_count() {
     assert_eq!(one, run(3));
 }
 
+/// Held by every test that forces a micro-kernel: the choice is global to the process, and
+/// tests run in parallel, so a case would otherwise run whichever kernel another forced.
+static FORCING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[test]
 fn every_micro_kernel_gives_the_same_bits() {
     use systolic_simulator::mxu::kernel::{KernelChoice, force_kernel};
+    let _only_us = FORCING.lock().unwrap_or_else(|e| e.into_inner());
     let (m, k, n) = (37, 300, 70);
     let a = values(m * k, 31);
     let b = values(k * n, 32);
@@ -343,6 +348,7 @@ fn every_micro_kernel_gives_the_same_bits() {
 #[test]
 fn products_into_fresh_outputs_equal_products_added_to_zeros() {
     use systolic_simulator::mxu::kernel::{KernelChoice, force_kernel, matmul_into};
+    let _only_us = FORCING.lock().unwrap_or_else(|e| e.into_inner());
     for (m, k, n, ldc) in [(37, 300, 70, 70), (13, 128, 33, 40), (5, 0, 9, 12), (30, 1, 1, 3), (96, 257, 64, 64)] {
         let a = values(m * k, 41);
         let b = values(k * n, 42);

@@ -288,25 +288,25 @@ pub fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
 }
 
 /// Checks, before any work, that each output path can be written: its folder exists and
-/// takes a new file (tried with a temporary file, removed at once), and it is not a folder.
-/// A command that fails on its outputs then fails before it computes, writing nothing.
+/// takes a new file (tried with a temporary file, removed at once), and it is not a folder —
+/// for the file a symbolic link names; a device, pipe or path through `/proc` is
+/// written in place and not probed ([`tensors::destination`]). A command that fails on its
+/// outputs then fails before it computes, writing nothing.
 pub fn check_outputs<'a>(paths: impl IntoIterator<Item = (&'a str, Option<&'a Path>)>) -> Result<()> {
-    for (option, path) in paths {
-        let Some(path) = path else { continue };
-        if tensors::is_special_file(path) {
-            continue; // a device or pipe is written in place: there is no folder entry to make
-        }
-        anyhow::ensure!(!path.is_dir(), "{option} {}: is a folder; give a file path", path.display());
+    for (option, given) in paths {
+        let Some(given) = given else { continue };
+        let tensors::Destination::Replace(path) = tensors::destination(given) else { continue };
+        anyhow::ensure!(!path.is_dir(), "{option} {}: is a folder; give a file path", given.display());
         let folder = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
         anyhow::ensure!(
             folder.is_dir(),
             "{option} {}: the folder {} does not exist; create it or give another path",
-            path.display(),
+            given.display(),
             folder.display()
         );
         let probe = folder.join(format!(".systolic-probe-{}", std::process::id()));
         std::fs::write(&probe, b"").with_context(|| {
-            format!("{option} {}: the folder {} cannot be written", path.display(), folder.display())
+            format!("{option} {}: the folder {} cannot be written", given.display(), folder.display())
         })?;
         let _ = std::fs::remove_file(&probe);
     }

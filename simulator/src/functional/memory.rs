@@ -134,7 +134,8 @@ fn as_f32_mut(bytes: &mut [u8]) -> Option<&mut [f32]> {
     cfg!(target_endian = "little").then(|| bytemuck::try_cast_slice_mut(bytes).ok()).flatten()
 }
 
-/// Elements per parallel piece of a transfer: smaller ones run on one thread.
+/// Destination units per parallel piece of a transfer (elements, or bytes on the byte-wise
+/// paths): smaller transfers run on one thread.
 const TRANSFER_PIECE: usize = 1 << 16;
 
 /// A DMA from `src` (in `src_mem`) to `dst` (in `dst_mem`, a different memory or a tile apart

@@ -164,3 +164,96 @@ fn views_give_the_bits_of_decoded_copies() {
         assert!(ran.get(kind).copied().unwrap_or(0) >= 100, "only {ran:?} cases were valid programs");
     }
 }
+
+/// A DMA between tiles of one type moves bytes as they are (docs/isa.md): a bf16 signalling
+/// NaN stays signalling within a memory and between memories; a conversion quiets it.
+#[test]
+fn same_type_dmas_move_bytes_and_conversions_round() {
+    let machine = presets::preset("v2-8").unwrap();
+    let snan: u16 = 0x7F81; // bf16 signalling NaN (quiet bit clear, payload 1)
+    let tile = |space, offset, dtype| Tile { space, offset, rows: 1, cols: 1, stride: 1, dtype };
+    for views in [true, false] {
+        let mut f = Functional::new(&machine);
+        f.views = views;
+        f.hbm.bytes = snan.to_le_bytes().to_vec();
+        let (src, within, across) =
+            (tile(Space::Hbm, 0, DType::Bf16), tile(Space::Hbm, 64, DType::Bf16), tile(Space::Vmem, 0, DType::Bf16));
+        let wide = tile(Space::Vmem, 64, DType::F32);
+        for dst in [within, across, wide] {
+            f.execute(&Operation::Dma { engine: 0, src, dst, repeat: None }).unwrap();
+        }
+        assert_eq!(f.hbm.bytes[64..66], snan.to_le_bytes(), "views {views}: within HBM");
+        assert_eq!(f.vmem.bytes[0..2], snan.to_le_bytes(), "views {views}: HBM to VMEM");
+        // Widened to f32 exactly: the same NaN, its payload in the upper half.
+        assert_eq!(f.vmem.bytes[64..68], ((snan as u32) << 16).to_le_bytes(), "views {views}: widened");
+    }
+}
+
+/// Tiles large enough for the parallel pieces of the views (DMA rows, VPU rows), and operand
+/// bytes that are not aligned for f32 (the byte-wise fallbacks): the same bytes as the copies.
+#[test]
+fn large_and_misaligned_tiles_give_the_bits_of_decoded_copies() {
+    let machine = presets::preset("v2-8").unwrap();
+    let mut g = Gen(11);
+    let (rows, cols) = (300, 260); // 78,000 elements: above every parallel threshold
+    let region = |g: &mut Gen| (0..4 * rows * (cols + 8) * 3).map(|_| g.next() as u8).collect::<Vec<u8>>();
+    let big = |space, offset, dtype, stride| Tile { space, offset, rows, cols, stride, dtype };
+    let span = (rows * (cols + 8) * 4) as u64;
+    let ops = [
+        Operation::Dma {
+            engine: 0,
+            src: big(Space::Hbm, 0, DType::Bf16, cols + 3),
+            dst: big(Space::Vmem, 8, DType::F32, cols + 8),
+            repeat: None,
+        },
+        Operation::Dma {
+            engine: 0,
+            src: big(Space::Vmem, 0, DType::F32, cols),
+            dst: big(Space::Hbm, 2, DType::Bf16, cols + 1),
+            repeat: None,
+        },
+        Operation::Unary {
+            op: UnaryOp::Relu,
+            src: big(Space::Vmem, 0, DType::F32, cols + 2),
+            dst: big(Space::Vmem, span, DType::F32, cols + 5),
+        },
+        Operation::Binary {
+            op: BinaryOp::Mul,
+            a: big(Space::Vmem, 0, DType::F32, cols + 4),
+            b: Tile { rows: 1, ..big(Space::Vmem, span, DType::F32, cols) },
+            dst: big(Space::Vmem, 0, DType::F32, cols + 4),
+        },
+    ];
+    for op in ops {
+        let (hbm, vmem) = (region(&mut g), region(&mut g));
+        let mut engines = [true, false].map(|views| {
+            let mut f = Functional::new(&machine);
+            (f.hbm.bytes, f.vmem.bytes, f.views) = (hbm.clone(), vmem.clone(), views);
+            f
+        });
+        let mut program = Program::new("large");
+        program.push(op.clone(), &[]);
+        program.validate(&machine).unwrap();
+        for f in &mut engines {
+            f.execute(&op).unwrap();
+        }
+        assert!(
+            engines[0].hbm.bytes == engines[1].hbm.bytes && engines[0].vmem.bytes == engines[1].vmem.bytes,
+            "{op:?}"
+        );
+    }
+    // Rows decoded from bytes that start off f32 alignment: the byte-wise paths.
+    let bytes: Vec<u8> = (0..4 * 64 + 1).map(|_| g.next() as u8).collect();
+    let (odd, tile) = (&bytes[1..], Tile::new(Space::Hbm, 0, 8, 8, DType::F32));
+    let mut by_bytes = [0u8; 2 * 64 + 1];
+    assert!(memory::transfer(odd, &mut by_bytes[1..], &tile, &Tile { dtype: DType::Bf16, ..tile }));
+    let values: Vec<f32> = odd.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+    let rounded: Vec<u8> = values.iter().flat_map(|&v| crate::numerics::bf16_bits(v).to_le_bytes()).collect();
+    assert_eq!(by_bytes[1..], rounded[..]);
+    let mut decoded = vec![0f32; 64];
+    memory::elements(DType::F32, odd).decode(0, &mut decoded);
+    assert_eq!(
+        decoded.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+        values.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+    );
+}

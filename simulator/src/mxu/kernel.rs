@@ -1,4 +1,5 @@
-//! The fast bit-exact MXU product: `acc += A · B` under the numerics contract.
+//! The fast bit-exact MXU product: `acc += A · B` ([`matmul`]) or `out = A · B` ([`matmul_into`],
+//! the same bits as adding into zeros) under the numerics contract.
 //!
 //! For every output element and every (K-chunk, precision pass) in order, the chunk sum starts
 //! at +0.0 and takes one f32 fused multiply-add per k in order (exact bf16 products, one rounding
@@ -6,9 +7,10 @@
 //! array's height: operands are packed once per (chunk, pass) with the bf16 rounding or split
 //! applied, and a register-blocked micro-kernel computes `MR × NR` chunk sums at a time.
 //!
-//! The micro-kernel is AVX-512 where the CPU has it and portable Rust (`f32::mul_add`)
-//! elsewhere; both perform the same operations in the same order, so the bits never depend on
-//! the machine, and tiles are independent, so they never depend on the thread count.
+//! The micro-kernel is AVX-512 or AVX2 + FMA where the CPU has them and portable Rust
+//! (`f32::mul_add`) elsewhere; all perform the same operations in the same order, so the bits
+//! never depend on the machine, and tiles are independent, so they never depend on the thread
+//! count.
 
 use rayon::prelude::*;
 
@@ -320,7 +322,7 @@ pub enum KernelChoice {
     Portable,
     /// The hand-written AVX2 + FMA kernel.
     Avx2,
-    /// The hand-written AVX-512 kernel (with gather-based packing).
+    /// The hand-written AVX-512 kernel.
     Avx512,
 }
 
