@@ -50,10 +50,9 @@ pub fn max_forward(g: &PoolGeom, x: &[f32]) -> Vec<f32> {
             for ih in rows {
                 for iw in cols.clone() {
                     let xs = &x[((n * g.h + ih) * g.w + iw) * g.c..][..g.c];
+                    // A select rather than a branch, so the channel loop vectorises.
                     for (o, &v) in out.iter_mut().zip(xs) {
-                        if v > *o || v.is_nan() {
-                            *o = v;
-                        }
+                        *o = if v > *o || v.is_nan() { v } else { *o };
                     }
                 }
             }
@@ -68,22 +67,29 @@ pub fn max_backward(g: &PoolGeom, x: &[f32], dy: &[f32]) -> Vec<f32> {
     let ohw = g.win.out_h * g.win.out_w;
     dx.par_chunks_mut(img).enumerate().for_each(|(n, dx_img)| {
         let x_img = &x[n * img..(n + 1) * img];
+        // Each channel's first maximum, found over the window's taps in order for all channels
+        // at once (contiguous, selects rather than branches, so the loop vectorises).
+        let (mut best, mut at) = (vec![f32::NEG_INFINITY; g.c], vec![usize::MAX; g.c]);
         for oh in 0..g.win.out_h {
             for ow in 0..g.win.out_w {
                 let (rows, cols) = g.span(oh, ow);
                 let d = &dy[(n * ohw + oh * g.win.out_w + ow) * g.c..][..g.c];
-                for (ch, &dv) in d.iter().enumerate() {
-                    let mut best = (f32::NEG_INFINITY, usize::MAX);
-                    for ih in rows.clone() {
-                        for iw in cols.clone() {
-                            let at = (ih * g.w + iw) * g.c + ch;
-                            if best.1 == usize::MAX || x_img[at] > best.0 {
-                                best = (x_img[at], at);
-                            }
+                best.fill(f32::NEG_INFINITY);
+                at.fill(usize::MAX);
+                for ih in rows {
+                    for iw in cols.clone() {
+                        let base = (ih * g.w + iw) * g.c;
+                        let xs = &x_img[base..base + g.c];
+                        for (ch, ((b, a), &v)) in best.iter_mut().zip(at.iter_mut()).zip(xs).enumerate() {
+                            let take = *a == usize::MAX || v > *b;
+                            *b = if take { v } else { *b };
+                            *a = if take { base + ch } else { *a };
                         }
                     }
-                    if best.1 != usize::MAX {
-                        dx_img[best.1] += dv;
+                }
+                for (&a, &dv) in at.iter().zip(d) {
+                    if a != usize::MAX {
+                        dx_img[a] += dv;
                     }
                 }
             }
