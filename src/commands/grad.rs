@@ -34,6 +34,9 @@ pub struct Args {
     /// Training step mixed into dropout masks.
     #[arg(long, default_value_t = 0)]
     step: u64,
+    /// Print the host time per op kind and the slowest nodes of the forward and backward pass.
+    #[arg(long)]
+    profile: bool,
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -61,6 +64,9 @@ pub fn run(args: Args) -> Result<()> {
             let labels = Some((labels_node.as_str(), args.labels.as_path()));
             super::blame(e, |name| super::source_of(graph, name, args.weights.as_deref(), labels, Some(&args.input)))
         })?;
+    if args.profile {
+        super::run::print_profile(graph, &values.node_seconds, values.batch);
+    }
     let loss_value = values.root.first().copied().unwrap_or(f32::NAN);
     let mut out = values.grads;
     out.insert("loss".to_string(), values.root);

@@ -326,7 +326,7 @@ fn batch_of(graph: &Graph, inputs: &TensorMap, file: Option<&std::path::Path>) -
 }
 
 /// Time per op kind and the ten slowest layers, with achieved FLOP rates.
-fn print_profile(graph: &Graph, node_seconds: &[(NodeId, f64)], batch: usize) {
+pub(super) fn print_profile(graph: &Graph, node_seconds: &[(NodeId, f64)], batch: usize) {
     let total: f64 = node_seconds.iter().map(|(_, s)| s).sum();
     let mut kinds: Vec<(&str, f64, usize)> = Vec::new();
     for &(id, secs) in node_seconds {

@@ -132,9 +132,20 @@ pub fn sum_in_order(parts: Vec<Vec<f32>>, len: usize) -> Vec<f32> {
     acc
 }
 
-/// Per-column sums (in f64) of a row-major `rows × cols` matrix: fixed row chunks in parallel,
-/// combined in order.
+/// Per-column sums (in f64) of `f(column, value)` over a row-major `rows × cols` matrix: fixed
+/// row chunks in parallel, combined in order.
 pub fn column_sums(data: &[f32], cols: usize, f: impl Fn(usize, f32) -> f64 + Sync) -> Vec<f64> {
+    column_fold(data, cols, |acc, row| {
+        for (c, (a, &v)) in acc.iter_mut().zip(row).enumerate() {
+            *a += f(c, v);
+        }
+    })
+}
+
+/// The chunking of [`column_sums`] with the per-row step given whole (`add_row(acc, row)` adds
+/// one row into the chunk's f64 sums), so a step that zips its own per-column operands
+/// vectorises; the same chunks and order, so the same bits as the element-wise form.
+pub fn column_fold(data: &[f32], cols: usize, add_row: impl Fn(&mut [f64], &[f32]) + Sync) -> Vec<f64> {
     const CHUNK_ROWS: usize = 1024;
     let rows = data.len().checked_div(cols).unwrap_or(0);
     let partials: Vec<Vec<f64>> = (0..rows.div_ceil(CHUNK_ROWS))
@@ -143,9 +154,7 @@ pub fn column_sums(data: &[f32], cols: usize, f: impl Fn(usize, f32) -> f64 + Sy
             let mut acc = vec![0f64; cols];
             let r0 = ci * CHUNK_ROWS;
             for row in data[r0 * cols..(r0 + CHUNK_ROWS).min(rows) * cols].chunks_exact(cols) {
-                for (c, (a, &v)) in acc.iter_mut().zip(row).enumerate() {
-                    *a += f(c, v);
-                }
+                add_row(&mut acc, row);
             }
             acc
         })

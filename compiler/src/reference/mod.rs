@@ -249,6 +249,8 @@ pub struct GradientValues {
     /// New values of non-trainable parameters (training mode).
     pub updates: TensorMap,
     pub batch: usize,
+    /// Host seconds per node of the differentiated graph, in evaluation order.
+    pub node_seconds: Vec<(NodeId, f64)>,
 }
 
 /// Runs a graph built by [`crate::autodiff::differentiate`] and collects the gradients by name.
@@ -265,5 +267,6 @@ pub fn run_gradients(grads: &Gradients, bindings: &TensorMap, opts: RunOptions) 
         out.insert(name.clone(), Tensor::zeros(node.shape.concrete(ev.batch)));
     }
     let root = ev.take(grads.root).expect("the root is fetched");
-    Ok(GradientValues { root, grads: out, updates: std::mem::take(&mut ev.updates), batch: ev.batch })
+    let (updates, node_seconds) = (std::mem::take(&mut ev.updates), std::mem::take(&mut ev.node_seconds));
+    Ok(GradientValues { root, grads: out, updates, batch: ev.batch, node_seconds })
 }

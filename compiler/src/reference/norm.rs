@@ -10,14 +10,18 @@
 
 use rayon::prelude::*;
 
-use super::gemm::column_sums;
+use super::gemm::{column_fold, column_sums};
 
 /// Per-channel mean and biased variance of a row-major `rows × c` matrix.
 pub fn moments(x: &[f32], c: usize) -> (Vec<f64>, Vec<f64>) {
     let rows = (x.len() / c.max(1)) as f64;
     let mean: Vec<f64> = column_sums(x, c, |_, v| v as f64).into_iter().map(|s| s / rows).collect();
-    let var: Vec<f64> =
-        column_sums(x, c, |ch, v| (v as f64 - mean[ch]).powi(2)).into_iter().map(|s| s / rows).collect();
+    let squares = |acc: &mut [f64], row: &[f32]| {
+        for ((a, &v), &m) in acc.iter_mut().zip(row).zip(&mean) {
+            *a += (v as f64 - m).powi(2);
+        }
+    };
+    let var: Vec<f64> = column_fold(x, c, squares).into_iter().map(|s| s / rows).collect();
     (mean, var)
 }
 
@@ -39,7 +43,7 @@ pub fn forward_in_place(x: &mut [f32], c: usize, stats: &Stats, gamma: &[f32], b
     let scale: Vec<f32> = (0..c).map(|ch| (gamma[ch] as f64 * stats.inv_std[ch]) as f32).collect();
     let shift: Vec<f32> =
         (0..c).map(|ch| (beta[ch] as f64 - stats.mean[ch] * gamma[ch] as f64 * stats.inv_std[ch]) as f32).collect();
-    x.par_chunks_mut(c * 64).for_each(|block| {
+    x.par_chunks_mut(c * BLOCK_ROWS).for_each(|block| {
         for row in block.chunks_exact_mut(c) {
             for ((v, &a), &b) in row.iter_mut().zip(&scale).zip(&shift) {
                 *v = *v * a + b;
@@ -48,16 +52,23 @@ pub fn forward_in_place(x: &mut [f32], c: usize, stats: &Stats, gamma: &[f32], b
     });
 }
 
-/// `dy · x̂` elementwise.
+/// Rows per parallel block of the elementwise passes.
+const BLOCK_ROWS: usize = 64;
+
+/// `dy · x̂` elementwise, a block of rows per task and a row's channels in one zipped loop
+/// (no index arithmetic per element, so it vectorises).
 fn xhat_times_dy(x: &[f32], dy: &[f32], c: usize, stats: &Stats) -> Vec<f32> {
-    x.par_iter()
-        .zip(dy.par_iter())
-        .enumerate()
-        .map(|(i, (&xv, &d))| {
-            let ch = i % c;
-            (d as f64 * (xv as f64 - stats.mean[ch]) * stats.inv_std[ch]) as f32
-        })
-        .collect()
+    let mut out = vec![0f32; x.len()];
+    let block = c.max(1) * BLOCK_ROWS;
+    out.par_chunks_mut(block).zip(x.par_chunks(block)).zip(dy.par_chunks(block)).for_each(|((o, xb), db)| {
+        for ((orow, xrow), drow) in o.chunks_exact_mut(c).zip(xb.chunks_exact(c)).zip(db.chunks_exact(c)) {
+            let channels = stats.mean.iter().zip(&stats.inv_std);
+            for (((o, &xv), &d), (&mean, &inv_std)) in orow.iter_mut().zip(xrow).zip(drow).zip(channels) {
+                *o = (d as f64 * (xv as f64 - mean) * inv_std) as f32;
+            }
+        }
+    });
+    out
 }
 
 /// `Σ dy · x̂` per channel.
@@ -75,15 +86,20 @@ pub fn grad_input(x: &[f32], dy: &[f32], c: usize, stats: &Stats, gamma: &[f32],
     } else {
         (vec![0f64; c], vec![0f64; c])
     };
+    // Per channel: (μ, 1/σ, γ/σ, mean(dy), mean(dy · x̂)), each computed as before.
+    let channel: Vec<[f64; 5]> = (0..c)
+        .map(|ch| {
+            let inv_std = stats.inv_std[ch];
+            [stats.mean[ch], inv_std, gamma[ch] as f64 * inv_std, mean_dy[ch], mean_dy_xhat[ch]]
+        })
+        .collect();
     let mut dx = vec![0f32; x.len()];
-    dx.par_chunks_mut(c * 64).enumerate().for_each(|(bi, db)| {
-        let base = bi * c * 64;
-        for (r, dr) in db.chunks_exact_mut(c).enumerate() {
-            let off = base + r * c;
-            for ch in 0..c {
-                let xhat = (x[off + ch] as f64 - stats.mean[ch]) * stats.inv_std[ch];
-                let g = gamma[ch] as f64 * stats.inv_std[ch];
-                dr[ch] = (g * (dy[off + ch] as f64 - mean_dy[ch] - xhat * mean_dy_xhat[ch])) as f32;
+    let block = c.max(1) * BLOCK_ROWS;
+    dx.par_chunks_mut(block).zip(x.par_chunks(block)).zip(dy.par_chunks(block)).for_each(|((o, xb), db)| {
+        for ((orow, xrow), drow) in o.chunks_exact_mut(c).zip(xb.chunks_exact(c)).zip(db.chunks_exact(c)) {
+            for (((o, &xv), &d), &[mean, inv_std, g, mdy, mdyx]) in orow.iter_mut().zip(xrow).zip(drow).zip(&channel) {
+                let xhat = (xv as f64 - mean) * inv_std;
+                *o = (g * (d as f64 - mdy - xhat * mdyx)) as f32;
             }
         }
     });
