@@ -341,9 +341,8 @@ mod tests {
 
     #[test]
     fn a_failed_write_keeps_what_was_there_and_leaves_no_temporary() {
-        let dir = std::env::temp_dir().join(format!("systolic-atomic-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
         let file = dir.join("out.bin");
         write_atomically(&file, b"first").unwrap();
         // A folder where the file should go: the rename fails after the temporary was written.
@@ -353,9 +352,8 @@ mod tests {
         assert!(blocked.join("inside").is_dir());
         assert_eq!(std::fs::read(&file).unwrap(), b"first");
         let left: Vec<String> =
-            std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+            std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
         assert!(left.iter().all(|n| !n.starts_with('.')), "temporaries left: {left:?}");
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[cfg(unix)]
@@ -372,9 +370,8 @@ mod tests {
     #[cfg(unix)]
     #[test]
     fn paths_through_dev_and_proc_are_written_in_place_and_links_are_followed() {
-        let dir = std::env::temp_dir().join(format!("systolic-dest-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
         assert_eq!(destination(Path::new("/dev/stdout")), Destination::Stdout);
         assert_eq!(destination(Path::new("/proc/self/fd/1")), Destination::Stdout);
         assert_eq!(destination(Path::new("/dev/stderr")), Destination::InPlace);
@@ -392,22 +389,19 @@ mod tests {
         write_atomically(&dir.join("dangling"), b"x").unwrap();
         assert_eq!(std::fs::read(dir.join("later.bin")).unwrap(), b"x");
         assert!(std::fs::symlink_metadata(dir.join("dangling")).unwrap().file_type().is_symlink());
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[cfg(unix)]
     #[test]
     fn a_symbolic_link_keeps_pointing_at_the_file_it_names() {
-        let dir = std::env::temp_dir().join(format!("systolic-link-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
         let (target, link) = (dir.join("target.bin"), dir.join("link.bin"));
         std::fs::write(&target, b"old").unwrap();
         std::os::unix::fs::symlink(&target, &link).unwrap();
         write_atomically(&link, b"new").unwrap();
         assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
         assert_eq!(std::fs::read(&target).unwrap(), b"new");
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
@@ -418,11 +412,10 @@ mod tests {
             Tensor::from_shape_vec(vec![2, 3], (0..6).map(|i| i as f32 * 0.5).collect()).unwrap(),
         );
         m.insert("scalar".into(), Tensor::from_elem(vec![], 3.25));
-        let dir = std::env::temp_dir().join(format!("systolic-tensors-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
         let p = dir.join("t.safetensors");
         save(&p, &m).unwrap();
         assert_eq!(load(&p).unwrap(), m);
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -23,7 +23,7 @@ pub(super) fn span(t: &Tile) -> Range<usize> {
 }
 
 /// Byte range of row `r` of `t`.
-pub(super) fn row(t: &Tile, r: usize) -> Range<usize> {
+fn row(t: &Tile, r: usize) -> Range<usize> {
     let size = t.dtype.size() as usize;
     let start = t.offset as usize + r * t.stride as usize * size;
     start..start + t.cols as usize * size
@@ -42,6 +42,17 @@ pub(super) fn elements(dtype: DType, bytes: &[u8]) -> Elements<'_> {
 pub(super) enum Source<'m> {
     Apart(&'m [u8]),
     InPlace,
+}
+
+impl<'m> Source<'m> {
+    /// The values of f32 tile `t` this source gives: `Some(None)` when they are already in
+    /// the destination, `Some(Some(values))` when apart, `None` when the tile has no f32 view.
+    pub(super) fn f32s(self, t: &Tile) -> Option<Option<&'m [f32]>> {
+        match self {
+            Source::InPlace => Some(None),
+            Source::Apart(bytes) => f32s(t, bytes).map(Some),
+        }
+    }
 }
 
 impl Memory {

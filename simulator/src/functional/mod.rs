@@ -18,6 +18,11 @@ use crate::error::{Error, Result};
 use crate::isa::*;
 use crate::mxu::kernel::{Matrix, matmul, matmul_into};
 
+/// `t` moved to byte 0: its place within a view that starts where it starts.
+fn at_zero(t: &Tile) -> Tile {
+    Tile { offset: 0, ..*t }
+}
+
 /// How far a run reaches into each memory, (HBM, VMEM) bytes: the end of the furthest tile the
 /// program or the host touches. The engine's memories grow to exactly this
 /// ([`Functional::reserve`]), so it is what a run holds on the host.
@@ -166,7 +171,6 @@ impl Functional {
     /// A DMA between tiles whose bytes exist, without a decoded copy ([`transfer`]); false
     /// when the caller must read and write instead (bytes not yet written, overlapping spans).
     fn dma_in_place(&mut self, s: &Tile, d: &Tile) -> bool {
-        let at_zero = |t: &Tile| Tile { offset: 0, ..*t };
         match (s.space, d.space) {
             (Space::Hbm, Space::Vmem) => {
                 self.vmem.ensure(d.span().1);
@@ -193,7 +197,7 @@ impl Functional {
             let bytes = source.bytes[memory::span(s)].to_vec();
             let destination = self.memory(d.space);
             destination.ensure(d.span().1);
-            transfer(&bytes, &mut destination.bytes, &Tile { offset: 0, ..*s }, d);
+            transfer(&bytes, &mut destination.bytes, &at_zero(s), d);
         } else {
             let v = self.memory(s.space).read(s);
             self.memory(d.space).write(d, &v);
@@ -201,19 +205,17 @@ impl Functional {
     }
 
     /// A `Unary` instruction through decoded copies (tiles the views do not cover).
-    fn unary_copying(&mut self, op: UnaryOp, src: &Tile, dst: &Tile) -> std::result::Result<(), String> {
+    fn unary_copying(&mut self, op: UnaryOp, src: &Tile, dst: &Tile) {
         let mut v = self.vmem.read(src);
         unary_rows(op, &mut v, Rows::packed(src));
         self.vmem.write(dst, &v);
-        Ok(())
     }
 
     /// A `Binary` instruction through decoded copies (tiles the views do not cover).
-    fn binary_copying(&mut self, op: BinaryOp, a: &Tile, b: &Tile, dst: &Tile) -> std::result::Result<(), String> {
+    fn binary_copying(&mut self, op: BinaryOp, a: &Tile, b: &Tile, dst: &Tile) {
         let (mut av, bv) = (self.vmem.read(a), self.vmem.read(b));
         binary_rows(op, &mut av, Rows::packed(a), &bv, b.cols as usize, Broadcast::of(a, b));
         self.vmem.write(dst, &av);
-        Ok(())
     }
 
     fn execute(&mut self, op: &Operation) -> std::result::Result<(), String> {
@@ -262,38 +264,29 @@ impl Functional {
                 let rows = Rows::of(&dst);
                 if self.views
                     && let Some((region, [source])) = self.vmem.views(&dst, [&src])
-                    && let Some(v) = f32s_mut(&dst, region)
+                    && let (Some(v), Some(values)) = (f32s_mut(&dst, region), source.f32s(&src))
                 {
-                    match source {
-                        Source::InPlace => {}
-                        Source::Apart(s) => match f32s(&src, s) {
-                            Some(s) => copy_rows(v, rows, s, src.stride as usize),
-                            None => return self.unary_copying(op, &src, &dst),
-                        },
+                    if let Some(values) = values {
+                        copy_rows(v, rows, values, src.stride as usize);
                     }
                     unary_rows(op, v, rows);
-                    return Ok(());
+                } else {
+                    self.unary_copying(op, &src, &dst);
                 }
-                self.unary_copying(op, &src, &dst)?;
             }
             Operation::Binary { op, a, b, dst } => {
-                let mode = Broadcast::of(&a, &b);
                 let rows = Rows::of(&dst);
                 if self.views
                     && let Some((region, [source, Source::Apart(bs)])) = self.vmem.views(&dst, [&a, &b])
-                    && let (Some(v), Some(bv)) = (f32s_mut(&dst, region), f32s(&b, bs))
+                    && let (Some(v), Some(values), Some(bv)) = (f32s_mut(&dst, region), source.f32s(&a), f32s(&b, bs))
                 {
-                    match source {
-                        Source::InPlace => {}
-                        Source::Apart(s) => match f32s(&a, s) {
-                            Some(s) => copy_rows(v, rows, s, a.stride as usize),
-                            None => return self.binary_copying(op, &a, &b, &dst),
-                        },
+                    if let Some(values) = values {
+                        copy_rows(v, rows, values, a.stride as usize);
                     }
-                    binary_rows(op, v, rows, bv, b.stride as usize, mode);
-                    return Ok(());
+                    binary_rows(op, v, rows, bv, b.stride as usize, Broadcast::of(&a, &b));
+                } else {
+                    self.binary_copying(op, &a, &b, &dst);
                 }
-                self.binary_copying(op, &a, &b, &dst)?;
             }
             Operation::MulAdd { a, b, acc } => {
                 let (av, bv, mut cv) = (self.vmem.read(&a), self.vmem.read(&b), self.vmem.read(&acc));
