@@ -5,7 +5,8 @@
 //! at +0.0 and takes one f32 fused multiply-add per k in order (exact bf16 products, one rounding
 //! per step), then is added to the accumulator. That is a blocked GEMM whose K-block is the
 //! array's height: operands are packed once per (chunk, pass) with the bf16 rounding or split
-//! applied, and a register-blocked micro-kernel computes `MR × NR` chunk sums at a time.
+//! applied, and a register-blocked micro-kernel computes `MR × NR` chunk sums at a time, a few
+//! consecutive steps per call so that the tile it adds them into stays in L1.
 //!
 //! The micro-kernel is AVX-512 or AVX2 + FMA where the CPU has them and portable Rust
 //! (`f32::mul_add`) elsewhere; all perform the same operations in the same order, so the bits
@@ -24,6 +25,13 @@ const NR: usize = 32;
 const TASK_STRIPS_M: usize = 8;
 /// Column strips per parallel task (256 columns).
 const TASK_STRIPS_N: usize = 8;
+/// Steps one micro-kernel call sums in turn for its tile, at most: the tile's accumulator
+/// rows stay in L1 from one step's add to the next, and the calls' fixed costs (starting the
+/// FMA chains, draining them into `c`) are shared.
+const GROUP_STEPS: usize = 4;
+/// The total depth of the steps one call sums, at most, so that a group's packed strips of A
+/// and B stay in the caches while the task sweeps its tiles.
+const GROUP_DEPTH: usize = 256;
 
 /// A matrix's elements: f32 values, or the little-endian bytes of a simulated memory, which
 /// the packing decodes as it reads them (so the functional engine multiplies tiles where they
@@ -157,14 +165,16 @@ fn product(a: Matrix, b: Matrix, acc: &mut [f32], ldc: usize, chunk: usize, prec
 }
 
 /// Bytes [`matmul`] allocates beside its operands: B packed for every (chunk, pass) step and
-/// one A panel per thread (for the host's memory check).
+/// one A panel per thread and step of a group (for the host's memory check).
 pub fn workspace_bytes(m: usize, k: usize, n: usize, chunk: usize, precision: Precision) -> u64 {
     let chunk = chunk.max(1);
     let strips_n = n.div_ceil(NR) as u64;
     let steps = (k.div_ceil(chunk) * precision.passes().len()) as u64;
     let packed_b = steps * (strips_n * chunk.min(k) as u64 * NR as u64).div_ceil(16) * 16;
     let threads = rayon::current_num_threads() as u64;
-    let a_panels = threads.min(m.div_ceil(MR * TASK_STRIPS_M).max(1) as u64) * (TASK_STRIPS_M * chunk * MR) as u64;
+    let group = GROUP_STEPS.min(steps as usize) as u64;
+    let a_panels =
+        threads.min(m.div_ceil(MR * TASK_STRIPS_M).max(1) as u64) * group * (TASK_STRIPS_M * chunk * MR) as u64;
     4 * (packed_b + a_panels + 32)
 }
 
@@ -241,29 +251,52 @@ fn multiply(
     let out = SharedOut(acc.as_mut_ptr(), acc.len());
     let kernel = select_kernel();
     let kc_max = packed.iter().map(|(st, _)| st.kc).max().unwrap_or(0);
+    // Consecutive steps summed by one call: at most GROUP_STEPS of them, GROUP_DEPTH deep.
+    let mut groups: Vec<std::ops::Range<usize>> = Vec::new();
+    for (i, (st, _)) in packed.iter().enumerate() {
+        match groups.last_mut() {
+            Some(g)
+                if g.len() < GROUP_STEPS
+                    && packed[g.clone()].iter().map(|(s, _)| s.kc).sum::<usize>() + st.kc <= GROUP_DEPTH =>
+            {
+                g.end = i + 1
+            }
+            _ => groups.push(i..i + 1),
+        }
+    }
+    let group_steps = groups.iter().map(|g| g.len()).max().unwrap_or(1);
+    let a_step = per_task * kc_max * MR;
     (0..tasks_m * tasks_n).into_par_iter().for_each(|task| {
         let (tm, tn) = (task / tasks_n, task % tasks_n);
         let rows = row_strips(tm);
         let cols = tn * cols_per_task..((tn + 1) * cols_per_task).min(strips_n);
-        let mut a_buf = vec![0f32; per_task * kc_max * MR + 16];
+        let mut a_buf = vec![0f32; group_steps * a_step + 16];
         let a_start = a_buf.as_ptr().align_offset(64).min(16);
-        let a_pack = &mut a_buf[a_start..a_start + per_task * kc_max * MR];
-        for (step, &(st, pb)) in packed.iter().enumerate() {
-            let (kc, first) = (st.kc, overwrite && step == 0);
-            pack_a(a, rows.start * MR, rows.len(), st, a_pack);
+        let a_pack = &mut a_buf[a_start..a_start + group_steps * a_step];
+        for (g, steps) in groups.iter().enumerate() {
+            let group = &packed[steps.clone()];
+            for ((st, _), a_pack) in group.iter().zip(a_pack.chunks_exact_mut(a_step)) {
+                pack_a(a, rows.start * MR, rows.len(), st, a_pack);
+            }
+            let first = overwrite && g == 0;
             for sj in cols.clone() {
-                let bs = &pb[sj * kc * NR..(sj + 1) * kc * NR];
                 let n_valid = NR.min(n - sj * NR);
                 for (s, si) in rows.clone().enumerate() {
-                    let a_strip = &a_pack[s * kc * MR..(s + 1) * kc * MR];
                     let m_valid = MR.min(m - si * MR);
+                    let mut strips = [Strips { kc: 0, a: &[], b: &[] }; GROUP_STEPS];
+                    for ((slot, &(st, pb)), a_pack) in strips.iter_mut().zip(group).zip(a_pack.chunks_exact(a_step)) {
+                        let kc = st.kc;
+                        *slot = Strips {
+                            kc,
+                            a: &a_pack[s * kc * MR..(s + 1) * kc * MR],
+                            b: &pb[sj * kc * NR..(sj + 1) * kc * NR],
+                        };
+                    }
                     // SAFETY: tasks cover disjoint (row strip, column strip) tiles, so no two
                     // threads touch the same accumulator element; `tile` checks bounds.
                     unsafe {
                         kernel(
-                            kc,
-                            a_strip,
-                            bs,
+                            &strips[..group.len()],
                             out.tile(si * MR, sj * NR, m_valid, n_valid, ldc),
                             ldc,
                             m_valid,
@@ -308,10 +341,20 @@ fn pack_b(b: Matrix, k0: usize, kc: usize, part: u8, out: &mut [f32]) {
     }
 }
 
-/// `c[r][j] += Σ_k a[r][k] · b[k][j]` for an `m_valid × n_valid` tile from packed strips: the
-/// chunk sum from +0.0 in k order with FMAs, then one add into the accumulator — or, when
-/// `first`, `c[r][j] = +0.0 + Σ`, the same bits as adding into +0.0, without reading `c`.
-type Kernel = unsafe fn(usize, &[f32], &[f32], *mut f32, usize, usize, usize, bool);
+/// One step's packed strips for one tile: `a` holds `MR × kc` values (row after row), `b`
+/// `kc × NR`.
+#[derive(Clone, Copy)]
+struct Strips<'a> {
+    kc: usize,
+    a: &'a [f32],
+    b: &'a [f32],
+}
+
+/// For each step in order, `c[r][j] += Σ_k a[r][k] · b[k][j]` for an `m_valid × n_valid` tile
+/// from the step's packed strips: the chunk sum from +0.0 in k order with FMAs, then one add
+/// into the accumulator — or, for the first step when `first`, `c[r][j] = +0.0 + Σ`, the same
+/// bits as adding into +0.0, without reading `c`.
+type Kernel = unsafe fn(&[Strips], *mut f32, usize, usize, usize, bool);
 
 /// Which micro-kernel runs: chosen from the CPU, or forced (tests run every one they can).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -381,33 +424,26 @@ fn select_kernel() -> Kernel {
 ///
 /// # Safety
 /// `c` must point to an `m_valid × n_valid` tile with row stride `ldc` inside one allocation.
-#[allow(clippy::too_many_arguments)] // the Kernel signature
-unsafe fn portable(
-    kc: usize,
-    a: &[f32],
-    b: &[f32],
-    c: *mut f32,
-    ldc: usize,
-    m_valid: usize,
-    n_valid: usize,
-    first: bool,
-) {
-    let mut acc = [[0f32; NR]; MR];
-    for kk in 0..kc {
-        let bk = &b[kk * NR..(kk + 1) * NR];
-        for (r, row) in acc.iter_mut().enumerate() {
-            let av = a[r * kc + kk];
-            for (x, &bv) in row.iter_mut().zip(bk) {
-                *x = av.mul_add(bv, *x);
+unsafe fn portable(steps: &[Strips], c: *mut f32, ldc: usize, m_valid: usize, n_valid: usize, first: bool) {
+    for (i, &Strips { kc, a, b }) in steps.iter().enumerate() {
+        let store = first && i == 0;
+        let mut acc = [[0f32; NR]; MR];
+        for kk in 0..kc {
+            let bk = &b[kk * NR..(kk + 1) * NR];
+            for (r, row) in acc.iter_mut().enumerate() {
+                let av = a[r * kc + kk];
+                for (x, &bv) in row.iter_mut().zip(bk) {
+                    *x = av.mul_add(bv, *x);
+                }
             }
         }
-    }
-    for (r, row) in acc.iter().enumerate().take(m_valid) {
-        for (j, v) in row.iter().enumerate().take(n_valid) {
-            // SAFETY: inside the tile the caller guarantees.
-            unsafe {
-                let p = c.add(r * ldc + j);
-                *p = if first { 0.0 } else { *p } + v;
+        for (r, row) in acc.iter().enumerate().take(m_valid) {
+            for (j, v) in row.iter().enumerate().take(n_valid) {
+                // SAFETY: inside the tile the caller guarantees.
+                unsafe {
+                    let p = c.add(r * ldc + j);
+                    *p = if store { 0.0 } else { *p } + v;
+                }
             }
         }
     }
@@ -417,7 +453,7 @@ unsafe fn portable(
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{MR, NR};
+    use super::{MR, NR, Strips};
 
     /// A sub-tile of the 12 × 32 tile: 6 rows × 16 columns, whose chunk sums are 12 of the 16
     /// YMM registers; two hold a packed B row's 16 values and one the broadcast A value, so
@@ -426,97 +462,109 @@ mod avx2 {
     const COLS: usize = 16;
 
     /// The AVX2 + FMA micro-kernel: the 12 × 32 tile as four 6 × 16 sub-tiles, each summing
-    /// its whole chunk in registers (the packed strips stay in L1 between sub-tiles). Every
-    /// sum is the portable kernel's: from +0.0, one FMA per k in k order, then one add into
-    /// `c`.
+    /// every step's chunk in registers and adding it into `c` before the next step (so the
+    /// sub-tile's accumulator rows stay in L1). Every sum is the portable kernel's: from
+    /// +0.0, one FMA per k in k order, then one add into `c`.
     ///
     /// # Safety
-    /// The CPU must have AVX2 and FMA; `a` holds `MR × kc` (row after row) and `b` `kc × NR`
-    /// packed values; `c` points to an `m_valid × n_valid` tile with row stride `ldc` inside
-    /// one allocation.
+    /// The CPU must have AVX2 and FMA; every step's `a` holds `MR × kc` (row after row) and
+    /// `b` `kc × NR` packed values; `c` points to an `m_valid × n_valid` tile with row stride
+    /// `ldc` inside one allocation.
     #[target_feature(enable = "avx2,fma")]
-    #[allow(clippy::too_many_arguments)] // the Kernel signature
-    pub unsafe fn kernel(
-        kc: usize,
-        a: &[f32],
-        b: &[f32],
-        c: *mut f32,
-        ldc: usize,
-        m_valid: usize,
-        n_valid: usize,
-        first: bool,
-    ) {
-        assert!(a.len() >= kc * MR && b.len() >= kc * NR && MR.is_multiple_of(ROWS) && NR.is_multiple_of(COLS));
-        let (ap, bp) = (a.as_ptr(), b.as_ptr());
+    pub unsafe fn kernel(steps: &[Strips], c: *mut f32, ldc: usize, m_valid: usize, n_valid: usize, first: bool) {
+        assert!(MR.is_multiple_of(ROWS) && NR.is_multiple_of(COLS));
+        assert!(steps.iter().all(|s| s.a.len() >= s.kc * MR && s.b.len() >= s.kc * NR));
         for r0 in (0..m_valid.min(MR)).step_by(ROWS) {
             for c0 in (0..n_valid.min(NR)).step_by(COLS) {
-                // Twelve named accumulators: in an array LLVM splits the loop in two halves that
-                // each broadcast A again.
-                let z = _mm256_setzero_ps();
-                let (mut c00, mut c01, mut c10, mut c11, mut c20, mut c21) = (z, z, z, z, z, z);
-                let (mut c30, mut c31, mut c40, mut c41, mut c50, mut c51) = (z, z, z, z, z, z);
-                // The accumulator rows this sub-tile adds into at its end: fetched while the
-                // chunk is summed, so the add does not wait on memory (a wide C leaves the
-                // caches between chunks).
-                for r in 0..if first { 0 } else { (m_valid - r0).min(ROWS) } {
-                    // SAFETY: a prefetch never faults; the address is inside the caller's tile.
-                    unsafe { _mm_prefetch::<_MM_HINT_T0>(c.add((r0 + r) * ldc + c0).cast()) };
-                }
-                for kk in 0..kc {
-                    // SAFETY: kk < kc, r0 + 6 <= MR and c0 + 16 <= NR, so every read is inside
-                    // `a` and `b`.
-                    unsafe {
-                        let bk = bp.add(kk * NR + c0);
-                        let (b0, b1) = (_mm256_loadu_ps(bk), _mm256_loadu_ps(bk.add(8)));
-                        let ak = ap.add(r0 * kc + kk);
-                        let a0 = _mm256_broadcast_ss(&*ak);
-                        c00 = _mm256_fmadd_ps(a0, b0, c00);
-                        c01 = _mm256_fmadd_ps(a0, b1, c01);
-                        let a1 = _mm256_broadcast_ss(&*ak.add(kc));
-                        c10 = _mm256_fmadd_ps(a1, b0, c10);
-                        c11 = _mm256_fmadd_ps(a1, b1, c11);
-                        let a2 = _mm256_broadcast_ss(&*ak.add(2 * kc));
-                        c20 = _mm256_fmadd_ps(a2, b0, c20);
-                        c21 = _mm256_fmadd_ps(a2, b1, c21);
-                        let a3 = _mm256_broadcast_ss(&*ak.add(3 * kc));
-                        c30 = _mm256_fmadd_ps(a3, b0, c30);
-                        c31 = _mm256_fmadd_ps(a3, b1, c31);
-                        let a4 = _mm256_broadcast_ss(&*ak.add(4 * kc));
-                        c40 = _mm256_fmadd_ps(a4, b0, c40);
-                        c41 = _mm256_fmadd_ps(a4, b1, c41);
-                        let a5 = _mm256_broadcast_ss(&*ak.add(5 * kc));
-                        c50 = _mm256_fmadd_ps(a5, b0, c50);
-                        c51 = _mm256_fmadd_ps(a5, b1, c51);
+                for (i, &Strips { kc, a, b }) in steps.iter().enumerate() {
+                    let (ap, bp, first) = (a.as_ptr(), b.as_ptr(), first && i == 0);
+                    // Twelve named accumulators: in an array LLVM splits the loop in two halves that
+                    // each broadcast A again.
+                    let z = _mm256_setzero_ps();
+                    let (mut c00, mut c01, mut c10, mut c11, mut c20, mut c21) = (z, z, z, z, z, z);
+                    let (mut c30, mut c31, mut c40, mut c41, mut c50, mut c51) = (z, z, z, z, z, z);
+                    // The accumulator rows this sub-tile adds into at its end: fetched while the
+                    // chunk is summed, so the add does not wait on memory (a wide C leaves the
+                    // caches between chunks).
+                    for r in 0..if first || i > 0 { 0 } else { (m_valid - r0).min(ROWS) } {
+                        // SAFETY: a prefetch never faults; the address is inside the caller's tile.
+                        unsafe { _mm_prefetch::<_MM_HINT_T0>(c.add((r0 + r) * ldc + c0).cast()) };
                     }
-                }
-                let acc = [[c00, c01], [c10, c11], [c20, c21], [c30, c31], [c40, c41], [c50, c51]];
-                let cols = (n_valid - c0).min(COLS);
-                if cols == COLS {
-                    // A full row of the sub-tile: one vector add per 8 columns, the same
-                    // `c + sum` per element as below (c = +0.0 on a first step).
-                    for (r, row) in acc.iter().enumerate().take(m_valid - r0) {
-                        // SAFETY: 16 columns of row r0 + r inside the tile the caller guarantees.
+                    // Two pointers and one stride reach the six rows of A (rows 0-2 from `a0`,
+                    // 3-5 from `a3`, `kc` and `2 kc` apart), all advancing one element per k, so
+                    // each broadcast is one load with a fixed address form; four k per iteration.
+                    // SAFETY (the block): kk < kc, r0 + 6 <= MR and c0 + 16 <= NR, so every read
+                    // is inside `a` and `b`.
+                    let (mut a0, mut a3, mut bk) = unsafe { (ap.add(r0 * kc), ap.add((r0 + 3) * kc), bp.add(c0)) };
+                    macro_rules! step {
+                        ($d:expr) => {
+                            unsafe {
+                                let (b0, b1) = (_mm256_loadu_ps(bk.add($d * NR)), _mm256_loadu_ps(bk.add($d * NR + 8)));
+                                let x = _mm256_broadcast_ss(&*a0.add($d));
+                                c00 = _mm256_fmadd_ps(x, b0, c00);
+                                c01 = _mm256_fmadd_ps(x, b1, c01);
+                                let x = _mm256_broadcast_ss(&*a0.add(kc + $d));
+                                c10 = _mm256_fmadd_ps(x, b0, c10);
+                                c11 = _mm256_fmadd_ps(x, b1, c11);
+                                let x = _mm256_broadcast_ss(&*a0.add(2 * kc + $d));
+                                c20 = _mm256_fmadd_ps(x, b0, c20);
+                                c21 = _mm256_fmadd_ps(x, b1, c21);
+                                let x = _mm256_broadcast_ss(&*a3.add($d));
+                                c30 = _mm256_fmadd_ps(x, b0, c30);
+                                c31 = _mm256_fmadd_ps(x, b1, c31);
+                                let x = _mm256_broadcast_ss(&*a3.add(kc + $d));
+                                c40 = _mm256_fmadd_ps(x, b0, c40);
+                                c41 = _mm256_fmadd_ps(x, b1, c41);
+                                let x = _mm256_broadcast_ss(&*a3.add(2 * kc + $d));
+                                c50 = _mm256_fmadd_ps(x, b0, c50);
+                                c51 = _mm256_fmadd_ps(x, b1, c51);
+                            }
+                        };
+                    }
+                    for _ in 0..kc / 4 {
+                        step!(0);
+                        step!(1);
+                        step!(2);
+                        step!(3);
                         unsafe {
-                            let p = c.add((r0 + r) * ldc + c0);
-                            let old = |p: *mut f32| if first { _mm256_setzero_ps() } else { _mm256_loadu_ps(p) };
-                            _mm256_storeu_ps(p, _mm256_add_ps(old(p), row[0]));
-                            _mm256_storeu_ps(p.add(8), _mm256_add_ps(old(p.add(8)), row[1]));
+                            (a0, a3, bk) = (a0.add(4), a3.add(4), bk.add(4 * NR));
                         }
                     }
-                    continue;
-                }
-                for (r, row) in acc.iter().enumerate().take(m_valid - r0) {
-                    let mut sums = [0f32; COLS];
-                    // SAFETY: 16 lanes into a local array of 16.
-                    unsafe {
-                        _mm256_storeu_ps(sums.as_mut_ptr(), row[0]);
-                        _mm256_storeu_ps(sums.as_mut_ptr().add(8), row[1]);
-                    }
-                    for (j, v) in sums.iter().enumerate().take(cols) {
-                        // SAFETY: inside the tile the caller guarantees.
+                    for _ in 0..kc % 4 {
+                        step!(0);
                         unsafe {
-                            let p = c.add((r0 + r) * ldc + c0 + j);
-                            *p = if first { 0.0 } else { *p } + v;
+                            (a0, a3, bk) = (a0.add(1), a3.add(1), bk.add(NR));
+                        }
+                    }
+                    let acc = [[c00, c01], [c10, c11], [c20, c21], [c30, c31], [c40, c41], [c50, c51]];
+                    let cols = (n_valid - c0).min(COLS);
+                    if cols == COLS {
+                        // A full row of the sub-tile: one vector add per 8 columns, the same
+                        // `c + sum` per element as below (c = +0.0 on a first step).
+                        for (r, row) in acc.iter().enumerate().take(m_valid - r0) {
+                            // SAFETY: 16 columns of row r0 + r inside the tile the caller guarantees.
+                            unsafe {
+                                let p = c.add((r0 + r) * ldc + c0);
+                                let old = |p: *mut f32| if first { _mm256_setzero_ps() } else { _mm256_loadu_ps(p) };
+                                _mm256_storeu_ps(p, _mm256_add_ps(old(p), row[0]));
+                                _mm256_storeu_ps(p.add(8), _mm256_add_ps(old(p.add(8)), row[1]));
+                            }
+                        }
+                        continue;
+                    }
+                    for (r, row) in acc.iter().enumerate().take(m_valid - r0) {
+                        let mut sums = [0f32; COLS];
+                        // SAFETY: 16 lanes into a local array of 16.
+                        unsafe {
+                            _mm256_storeu_ps(sums.as_mut_ptr(), row[0]);
+                            _mm256_storeu_ps(sums.as_mut_ptr().add(8), row[1]);
+                        }
+                        for (j, v) in sums.iter().enumerate().take(cols) {
+                            // SAFETY: inside the tile the caller guarantees.
+                            unsafe {
+                                let p = c.add((r0 + r) * ldc + c0 + j);
+                                *p = if first { 0.0 } else { *p } + v;
+                            }
                         }
                     }
                 }
@@ -529,17 +577,30 @@ mod avx2 {
 mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::{MR, NR};
+    use super::{MR, NR, Strips};
 
-    /// The AVX-512 micro-kernel: 12 × 32 chunk sums in 24 registers.
+    /// The AVX-512 micro-kernel: each step's 12 × 32 chunk sums in 24 registers, added into
+    /// `c` before the next step.
     ///
     /// # Safety
-    /// The CPU must have AVX-512F; `a` holds `MR × kc` (row after row) and `b` `kc × NR`
-    /// packed values; `c` points to an `m_valid × n_valid` tile with row stride `ldc` inside
-    /// one allocation.
+    /// The CPU must have AVX-512F; every step's `a` holds `MR × kc` (row after row) and `b`
+    /// `kc × NR` packed values, `b` 64-byte aligned; `c` points to an `m_valid × n_valid` tile
+    /// with row stride `ldc` inside one allocation.
     #[target_feature(enable = "avx512f")]
-    #[allow(clippy::too_many_arguments)] // the Kernel signature
-    pub unsafe fn kernel(
+    pub unsafe fn kernel(steps: &[Strips], c: *mut f32, ldc: usize, m_valid: usize, n_valid: usize, first: bool) {
+        for (i, st) in steps.iter().enumerate() {
+            // SAFETY: the caller's guarantees, step by step.
+            unsafe { sum_step(st.kc, st.a, st.b, c, ldc, m_valid, n_valid, first && i == 0) };
+        }
+    }
+
+    /// One step of [`kernel`].
+    ///
+    /// # Safety
+    /// As [`kernel`]'s, for this step's `a` and `b`.
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)] // a step's strips and the tile
+    unsafe fn sum_step(
         kc: usize,
         a: &[f32],
         b: &[f32],
