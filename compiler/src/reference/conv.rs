@@ -97,42 +97,121 @@ impl ConvGeom {
     /// Gathers the patches of output pixels `p0 .. p0 + rows` (flattened over n, oh, ow) of
     /// channel group `g` into `panel` (`rows × depth`, row-major); taps outside are zero.
     fn im2col(&self, x: &[f32], g: usize, p0: usize, rows: usize, panel: &mut [f32]) {
-        let (cg, depth, ohw) = (self.cin_g(), self.depth(), self.out_pixels_per_image());
+        let (depth, ohw) = (self.depth(), self.out_pixels_per_image());
+        let runs = self.taps_are_runs();
         for r in 0..rows {
             let p = p0 + r;
             let (img, rem) = (p / ohw, p % ohw);
             let (oh, ow) = (rem / self.win.out_w, rem % self.win.out_w);
             let row = &mut panel[r * depth..(r + 1) * depth];
-            for i in 0..self.kh {
-                for j in 0..self.kw {
-                    let dst = &mut row[(i * self.kw + j) * cg..(i * self.kw + j + 1) * cg];
-                    match self.tap(oh, ow, i, j) {
-                        Some((ih, iw)) => {
-                            let src = ((img * self.h + ih) * self.w + iw) * self.c + g * cg;
-                            dst.copy_from_slice(&x[src..src + cg]);
-                        }
-                        None => dst.fill(0.0),
+            if runs {
+                self.gather_runs(x, img, oh, ow, row);
+            } else {
+                self.gather_taps(x, g, img, oh, ow, row);
+            }
+        }
+    }
+
+    /// One panel row of [`Self::im2col`], tap by tap: the definition [`Self::gather_runs`]
+    /// must equal.
+    fn gather_taps(&self, x: &[f32], g: usize, img: usize, oh: usize, ow: usize, row: &mut [f32]) {
+        let cg = self.cin_g();
+        for i in 0..self.kh {
+            for j in 0..self.kw {
+                let dst = &mut row[(i * self.kw + j) * cg..(i * self.kw + j + 1) * cg];
+                match self.tap(oh, ow, i, j) {
+                    Some((ih, iw)) => {
+                        let src = ((img * self.h + ih) * self.w + iw) * self.c + g * cg;
+                        dst.copy_from_slice(&x[src..src + cg]);
                     }
+                    None => dst.fill(0.0),
                 }
+            }
+        }
+    }
+
+    /// Whether every kernel row's taps are one contiguous run of the input: one group (so a
+    /// pixel's channels are all taken) and no dilation along the width (so the taps' pixels
+    /// are adjacent). Then [`Self::im2col`] and [`Self::col2im_add`] copy or add a kernel row
+    /// at once instead of tap by tap (the 7 x 7 first convolution's taps are 3 channels each).
+    fn taps_are_runs(&self) -> bool {
+        self.cin_g() == self.c && self.dw == 1
+    }
+
+    /// The taps `j0..j1` of a kernel row that read inside the input for output column `ow`
+    /// (tap j reads column `ow * sw + j - pad_left`), and the first one's input column.
+    fn inside_taps(&self, ow: usize) -> (usize, usize, usize) {
+        let (base, pad_left) = (ow * self.sw, self.win.pad_left);
+        let j0 = pad_left.saturating_sub(base).min(self.kw);
+        let j1 = (self.w + pad_left).saturating_sub(base).clamp(j0, self.kw);
+        (j0, j1, (base + j0).saturating_sub(pad_left))
+    }
+
+    /// The input row read by kernel row `i` for output row `oh`, if inside.
+    fn input_row(&self, oh: usize, i: usize) -> Option<usize> {
+        (oh * self.sh + i * self.dh).checked_sub(self.win.pad_top).filter(|&ih| ih < self.h)
+    }
+
+    /// One panel row of [`Self::im2col`] when [`Self::taps_are_runs`]: each kernel row's taps
+    /// inside the input copied at once, the ones in the padding zeroed.
+    fn gather_runs(&self, x: &[f32], img: usize, oh: usize, ow: usize, row: &mut [f32]) {
+        let c = self.c;
+        let (j0, j1, iw0) = self.inside_taps(ow);
+        for (i, dst) in row.chunks_exact_mut(self.kw * c).enumerate() {
+            match self.input_row(oh, i) {
+                Some(ih) if j1 > j0 => {
+                    dst[..j0 * c].fill(0.0);
+                    let src = ((img * self.h + ih) * self.w + iw0) * c;
+                    dst[j0 * c..j1 * c].copy_from_slice(&x[src..src + (j1 - j0) * c]);
+                    dst[j1 * c..].fill(0.0);
+                }
+                _ => dst.fill(0.0),
             }
         }
     }
 
     /// The inverse of [`Self::im2col`] for one image: adds each panel entry back into `dx`.
     fn col2im_add(&self, panel: &[f32], g: usize, p0: usize, rows: usize, dx_img: &mut [f32]) {
-        let (cg, depth) = (self.cin_g(), self.depth());
+        let depth = self.depth();
+        let runs = self.taps_are_runs();
         for r in 0..rows {
             let p = p0 + r;
             let (oh, ow) = (p / self.win.out_w, p % self.win.out_w);
             let row = &panel[r * depth..(r + 1) * depth];
-            for i in 0..self.kh {
-                for j in 0..self.kw {
-                    if let Some((ih, iw)) = self.tap(oh, ow, i, j) {
-                        let dst = (ih * self.w + iw) * self.c + g * cg;
-                        let src = &row[(i * self.kw + j) * cg..(i * self.kw + j + 1) * cg];
-                        dx_img[dst..dst + cg].iter_mut().zip(src).for_each(|(d, s)| *d += s);
-                    }
+            if runs {
+                self.scatter_runs(row, oh, ow, dx_img);
+            } else {
+                self.scatter_taps(row, g, oh, ow, dx_img);
+            }
+        }
+    }
+
+    /// One panel row of [`Self::col2im_add`], tap by tap: the definition
+    /// [`Self::scatter_runs`] must equal.
+    fn scatter_taps(&self, row: &[f32], g: usize, oh: usize, ow: usize, dx_img: &mut [f32]) {
+        let cg = self.cin_g();
+        for i in 0..self.kh {
+            for j in 0..self.kw {
+                if let Some((ih, iw)) = self.tap(oh, ow, i, j) {
+                    let dst = (ih * self.w + iw) * self.c + g * cg;
+                    let src = &row[(i * self.kw + j) * cg..(i * self.kw + j + 1) * cg];
+                    dx_img[dst..dst + cg].iter_mut().zip(src).for_each(|(d, s)| *d += s);
                 }
+            }
+        }
+    }
+
+    /// One panel row of [`Self::col2im_add`] when [`Self::taps_are_runs`]: each kernel row's
+    /// taps inside the input added at once. A row's taps reach distinct input values, so every
+    /// value takes its additions in the tap-wise order.
+    fn scatter_runs(&self, row: &[f32], oh: usize, ow: usize, dx_img: &mut [f32]) {
+        let c = self.c;
+        let (j0, j1, iw0) = self.inside_taps(ow);
+        for i in 0..self.kh {
+            if let Some(ih) = self.input_row(oh, i).filter(|_| j1 > j0) {
+                let dst = (ih * self.w + iw0) * c;
+                let src = &row[(i * self.kw + j0) * c..(i * self.kw + j1) * c];
+                dx_img[dst..dst + src.len()].iter_mut().zip(src).for_each(|(d, s)| *d += s);
             }
         }
     }
@@ -324,6 +403,58 @@ fn depthwise_backprop_filter(g: &ConvGeom, x: &[f32], dy: &[f32], images: std::o
                     }
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::graph::Padding;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, failure_persistence: None, ..ProptestConfig::default() })]
+
+        /// The run-wise gather copies exactly what the tap-wise one does, padding and strides
+        /// included (every input value distinct, so a wrong tap shows), and the run-wise
+        /// scatter adds the same values in the same order.
+        #[test]
+        fn runs_gather_and_scatter_what_taps_do(
+            (n, h, w, c) in (1usize..=2, 1usize..=9, 1usize..=9, 1usize..=4),
+            (kh, kw) in (1usize..=7, 1usize..=7),
+            (sh, sw, dh) in (1usize..=3, 1usize..=3, 1usize..=2),
+            (top, bottom, left, right) in (0usize..=3, 0usize..=3, 0usize..=3, 0usize..=3),
+            same in any::<bool>(),
+        ) {
+            let padding = if same { Padding::Same } else { Padding::Explicit { top, bottom, left, right } };
+            let conv = Conv2d { strides: [sh, sw], padding, dilation: [dh, 1], groups: 1 };
+            prop_assume!(conv.window([h, w], [kh, kw]).is_ok());
+            let g = ConvGeom::new(&conv, [n, h, w, c], [kh, kw, c, 2]);
+            prop_assume!(g.win.out_h > 0 && g.win.out_w > 0);
+            let x: Vec<f32> = (0..n * h * w * c).map(|i| i as f32 + 1.0).collect();
+            let depth = g.depth();
+            let (mut runs, mut taps) = (vec![f32::NAN; depth], vec![f32::NAN; depth]);
+            for p in 0..n * g.out_pixels_per_image() {
+                let (img, rem) = (p / g.out_pixels_per_image(), p % g.out_pixels_per_image());
+                let (oh, ow) = (rem / g.win.out_w, rem % g.win.out_w);
+                g.gather_runs(&x, img, oh, ow, &mut runs);
+                g.gather_taps(&x, 0, img, oh, ow, &mut taps);
+                prop_assert_eq!(&runs, &taps, "pixel {}", p);
+            }
+            // And the inverse: every pixel's panel row added back into one image, in the
+            // same order by both (values whose sums round, so an order change would show).
+            let img = h * w * c;
+            let (mut by_runs, mut by_taps) = (vec![0f32; img], vec![0f32; img]);
+            for p in 0..g.out_pixels_per_image() {
+                let row: Vec<f32> = (0..depth).map(|i| 0.1 + (p * depth + i) as f32 * 1.37e-3).collect();
+                let (oh, ow) = (p / g.win.out_w, p % g.win.out_w);
+                g.scatter_runs(&row, oh, ow, &mut by_runs);
+                g.scatter_taps(&row, 0, oh, ow, &mut by_taps);
+            }
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            prop_assert_eq!(bits(&by_runs), bits(&by_taps));
         }
     }
 }

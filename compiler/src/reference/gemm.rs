@@ -124,11 +124,19 @@ pub fn par_matmul_tn(rows: usize, p: usize, q: usize, a: &[f32], b: &[f32]) -> V
 
 /// Adds equally long vectors in the order given (deterministic whatever produced them).
 pub fn sum_in_order(parts: Vec<Vec<f32>>, len: usize) -> Vec<f32> {
+    const BLOCK: usize = 16 * 1024;
     let mut iter = parts.into_iter();
     let mut acc = iter.next().unwrap_or_else(|| vec![0.0; len]);
-    for p in iter {
-        acc.iter_mut().zip(&p).for_each(|(a, b)| *a += b);
-    }
+    let rest: Vec<Vec<f32>> = iter.collect();
+    // Every element adds the partials in their order, so blocks of elements run in parallel
+    // with the bits of one sequential pass; a block takes every partial while it is in cache.
+    acc.par_chunks_mut(BLOCK).enumerate().for_each(|(i, block)| {
+        let at = i * BLOCK;
+        for p in &rest {
+            let len = block.len();
+            block.iter_mut().zip(&p[at..at + len]).for_each(|(a, b)| *a += b);
+        }
+    });
     acc
 }
 
