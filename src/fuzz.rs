@@ -10,6 +10,7 @@ use std::path::Path;
 use std::sync::OnceLock;
 
 use crate::compiler::graph::Graph;
+use crate::compiler::lower::{self, Options, Training};
 use crate::compiler::reference::{self, RunOptions, memory};
 use crate::compiler::tensors::{self, Tensor, TensorMap};
 use crate::compiler::{autodiff, cost, optimizer, rng, zoo};
@@ -40,22 +41,149 @@ pub fn graph_file(data: &[u8]) {
         cost::flops(&graph, id, usize::MAX);
         cost::layer_params(&graph, id);
     }
-    let flops = cost::flops_per_example(&graph);
-    let elements = graph.nodes().fold(0u64, |n, (_, node)| n.saturating_add(node.shape.numel() as u64));
-    let footprint = memory::footprint(&graph, graph.outputs(), 1);
-    if elements > GRAPH_ELEMENTS || flops > GRAPH_FLOPS || footprint.peak.saturating_add(footprint.bound) > 64 << 20 {
+    if !is_small(&graph) {
         return;
     }
     let _ = autodiff::training_graph(&graph, 0.1);
+    let bindings = bindings(&graph, 1);
+    let _ = reference::run_outputs(&graph, &bindings, RunOptions::default());
+    let _ = reference::run_outputs(&graph, &bindings, RunOptions::training(1));
+}
+
+/// Whether a graph is small enough to run (and lower) once per fuzz input.
+fn is_small(graph: &Graph) -> bool {
+    let flops = cost::flops_per_example(graph);
+    let elements = graph.nodes().fold(0u64, |n, (_, node)| n.saturating_add(node.shape.numel() as u64));
+    let footprint = memory::footprint(graph, graph.outputs(), 1);
+    elements <= GRAPH_ELEMENTS && flops <= GRAPH_FLOPS && footprint.peak.saturating_add(footprint.bound) <= 64 << 20
+}
+
+/// A graph's parameters (initialised) and inputs (normal values) at `batch`.
+fn bindings(graph: &Graph, batch: usize) -> TensorMap {
     let mut bindings = graph.init_parameters(7);
     for id in graph.inputs() {
         let node = graph.node(id);
-        let shape = node.shape.concrete(1);
+        let shape = node.shape.concrete(batch);
         let values = (0..shape.iter().product::<usize>()).map(|i| rng::normal(3, i as u64)).collect();
         bindings.insert(node.name.clone(), Tensor::from_shape_vec(shape, values).expect("numel values"));
     }
-    let _ = reference::run_outputs(&graph, &bindings, RunOptions::default());
-    let _ = reference::run_outputs(&graph, &bindings, RunOptions::training(1));
+    bindings
+}
+
+/// A graph decoded from bytes (most mutations of a model file no longer parse, so the
+/// lowering would see few graphs otherwise): a small input image, then up to 8 layers, each
+/// on an earlier layer's output — convolutions (kernel 1 to 4, stride 1 to 3, valid, same or
+/// explicit padding, dilation, groups, depthwise), batch norm, ReLU and ReLU6, max and average
+/// pooling, residual adds, concatenation, dropout — and a dense classifier. Layers whose
+/// shapes do not fit are left out, as the graph builder refuses them.
+fn decode_graph(data: &[u8]) -> Option<Graph> {
+    use crate::compiler::graph::{BatchNorm, ConvSpec, Padding, Pool};
+    let mut r = Reader(data);
+    let mut g = Graph::new("fuzz");
+    let shape = [1 + r.small(8) as usize, 1 + r.small(8) as usize, 1 + r.small(4) as usize];
+    let mut values = vec![g.input("image", &shape).ok()?];
+    let padding = |r: &mut Reader| match r.small(3) {
+        0 => Padding::Valid,
+        1 => Padding::Same,
+        _ => Padding::Explicit {
+            top: r.small(2) as usize,
+            bottom: r.small(2) as usize,
+            left: r.small(2) as usize,
+            right: r.small(2) as usize,
+        },
+    };
+    for i in 0..1 + r.small(7) {
+        let name = format!("n{i}");
+        let x = values[r.byte() as usize % values.len()];
+        let other = values[r.byte() as usize % values.len()];
+        let node = match r.small(10) {
+            0 | 1 => {
+                let (filters, kernel) = (1 + r.small(7) as usize, 1 + r.small(3) as usize);
+                let spec = if r.small(4) == 0 { ConvSpec::depthwise(kernel) } else { ConvSpec::new(filters, kernel) };
+                let spec = spec.stride(1 + r.small(2) as usize).padding(padding(&mut r));
+                let spec = match r.small(5) {
+                    0 => spec.dilation(2),
+                    1 => spec.groups(1 + r.small(3) as usize),
+                    _ => spec,
+                };
+                g.conv2d(&name, x, spec)
+            }
+            2 => g.batch_norm(&name, x, BatchNorm::default()),
+            3 => g.relu(&name, x),
+            4 => g.relu6(&name, x),
+            5 | 6 => {
+                let window = [1 + r.small(2) as usize, 1 + r.small(2) as usize];
+                let pool = Pool {
+                    window,
+                    strides: [1 + r.small(2) as usize, 1 + r.small(2) as usize],
+                    padding: padding(&mut r),
+                };
+                if r.byte() & 1 == 0 { g.max_pool(&name, x, pool) } else { g.avg_pool(&name, x, pool) }
+            }
+            7 => g.add_op(&name, x, other),
+            8 => g.concat(&name, &[x, other], -1),
+            9 => g.dropout(&name, x, 0.25, u64::from(r.byte())),
+            _ => g.global_avg_pool(&name, x),
+        };
+        if let Ok(node) = node {
+            values.push(node);
+        }
+    }
+    let last = *values.last()?;
+    let flat = g.flatten("flatten", last).ok()?;
+    let logits = g.dense("logits", flat, 2 + r.small(3) as usize).ok()?;
+    g.add_output(logits);
+    Some(g)
+}
+
+/// A model file (or a graph decoded from bytes, when the bytes are not one) lowered, when
+/// small: inference at batch 1 and the training step (SGD, the
+/// classifier loss added when the graph has none) at batch 2, on one v2 core. Whatever
+/// compiles must be a valid program that the timing engine schedules; inference also runs on
+/// the functional engine with the graph's inputs and parameters. Errors are expected (a graph
+/// the lowering does not support says so); a panic or an invalid program is a bug.
+pub fn lowering(data: &[u8]) {
+    let parsed = std::str::from_utf8(data).ok().and_then(|text| Graph::from_ron(text, Path::new("fuzz.ron")).ok());
+    let Some(graph) = parsed.or_else(|| decode_graph(data)) else { return };
+    if !is_small(&graph) {
+        return;
+    }
+    let machine = presets::preset("v2-8").expect("the v2-8 preset");
+    // Inference at HIGHEST precision with f32 activations, whose values must match the f32
+    // reference's; the training step as TPUs train (DEFAULT, bf16 activations).
+    let inference = Options::new(machine.clone(), 1, Precision::Highest);
+    let training = Options {
+        training: Some(Training { optimizer: optimizer::Optimizer::sgd(0.1), label_smoothing: 0.0 }),
+        ..Options::new(machine.clone(), 2, Precision::Default)
+    };
+    for (opts, run) in [(inference, true), (training, false)] {
+        let Ok(compiled) = lower::compile(&graph, &opts) else { continue };
+        let program = &compiled.executable.program;
+        if let Err(e) = program.validate(&machine) {
+            panic!("the lowering emitted an invalid program: {e}");
+        }
+        let _ = timing::simulate(&machine, program, false);
+        if !run {
+            continue;
+        }
+        let bindings = bindings(&graph, opts.batch);
+        let Ok(simulated) = compiled.executable.run(&machine, |name| bindings.get(name).and_then(|t| t.as_slice()))
+        else {
+            continue;
+        };
+        let Ok((reference, _)) = reference::run_outputs(&graph, &bindings, RunOptions::default()) else { continue };
+        for (name, values) in &simulated {
+            let Some(want) = reference.get(name) else { continue };
+            let scale = want.iter().fold(1f32, |m, v| m.max(v.abs()));
+            for (i, (&got, &want)) in values.iter().zip(want.iter()).enumerate() {
+                // HIGHEST's six bf16 passes carry about 24 bits; sums in another order differ
+                // in the last bits of the largest values.
+                if !((got - want).abs() <= 1e-4 * scale || (got.is_nan() && want.is_nan())) {
+                    panic!("output '{name}'[{i}]: the lowered program gives {got}, the reference {want}");
+                }
+            }
+        }
+    }
 }
 
 /// A machine file (RON text): parsed and validated, written back to an equal machine; its

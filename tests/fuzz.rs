@@ -15,6 +15,8 @@ use systolic::simulator::config::presets;
 
 /// Mutated inputs per target (each target's seeds run as they are, too).
 const CASES: usize = 40_000;
+/// ... for the lowering, whose inputs that parse compile twice and run once.
+const LOWERING_CASES: usize = 3_000;
 
 /// SplitMix64: the same mutations on every run, so a failure reproduces.
 struct Rng(u64);
@@ -158,7 +160,12 @@ fn seeds(target: &str) -> Vec<Vec<u8>> {
 
 /// Runs `target` on its seeds and `CASES` mutations of them; a panic fails with the input.
 fn fuzz(name: &str, target: fn(&[u8]), text: bool) {
-    let seeds = seeds(name);
+    fuzz_from(name, name, CASES, target, text);
+}
+
+/// [`fuzz`] with another target's seeds and `cases` mutations.
+fn fuzz_from(name: &str, seeds_of: &str, cases: usize, target: fn(&[u8]), text: bool) {
+    let seeds = seeds(seeds_of);
     let mut rng = Rng(name.bytes().fold(0, |h, b| h.wrapping_mul(31).wrapping_add(u64::from(b))));
     let run = |case: usize, input: &[u8]| {
         if catch_unwind(AssertUnwindSafe(|| target(input))).is_err() {
@@ -169,7 +176,7 @@ fn fuzz(name: &str, target: fn(&[u8]), text: bool) {
     for (i, seed) in seeds.iter().enumerate() {
         run(i, seed);
     }
-    for case in 0..CASES {
+    for case in 0..cases {
         let mut data = seeds[rng.below(seeds.len())].clone();
         let other = &seeds[rng.below(seeds.len())];
         for _ in 0..1 + rng.below(4) {
@@ -182,6 +189,12 @@ fn fuzz(name: &str, target: fn(&[u8]), text: bool) {
 #[test]
 fn graph_files() {
     fuzz("graph_file", fuzz::graph_file, true);
+}
+
+/// The model files' seeds and mutations lowered (fewer: each that parses compiles twice).
+#[test]
+fn lowerings() {
+    fuzz_from("lowering", "graph_file", LOWERING_CASES, fuzz::lowering, true);
 }
 
 #[test]
