@@ -224,7 +224,8 @@ thread_local! {
 }
 
 /// Runs the micro-kernel over every output tile and step. Tasks are blocks of rows (and, when
-/// there are few rows, of columns too); each packs its rows of A per step and sweeps its columns.
+/// there are few rows, of columns too); for each group of steps, each packs its rows of A for
+/// the group's steps and sweeps its columns, one call per tile summing the group's steps.
 #[allow(clippy::too_many_arguments)] // the operands and their shapes
 fn multiply(
     a: Matrix,
