@@ -184,6 +184,46 @@ pub fn lowering(data: &[u8]) {
             }
         }
     }
+    training_step_matches(&graph, &machine);
+}
+
+/// One SGD step of `graph` (the classifier loss added) at batch 2 on the f32 reference and on
+/// one simulated core at HIGHEST precision with f32 activations, which must agree: the loss
+/// within 1e-5 of itself, each gradient within 1e-3 of its largest value plus 1e-4 of the
+/// largest gradient of all plus 1e-6 (a bias followed by batch norm has a gradient of exactly
+/// zero in exact arithmetic, which both compute as rounding noise of the other gradients'
+/// size, or of the loss's when every gradient vanishes). A
+/// parameter that does not reach the loss has no gradient on the core and zeros on the
+/// reference.
+fn training_step_matches(graph: &Graph, machine: &crate::simulator::Machine) {
+    use crate::runtime::{Settings, Target, backend};
+    let settings = Settings { precision: Precision::Highest, ..Settings::new(optimizer::Optimizer::sgd(0.1)) };
+    let n = 2;
+    let params = graph.init_parameters(7);
+    let mut batch = bindings(graph, n);
+    batch.retain(|name, _| !params.contains_key(name));
+    let Some(&logits) = graph.outputs().first() else { return };
+    let classes = graph.node(logits).shape.concrete(1).last().copied().unwrap_or(1).max(1);
+    let labels = (0..n).map(|i| (i % classes) as f32).collect();
+    batch.insert("labels".into(), Tensor::from_shape_vec(vec![n], labels).expect("n labels"));
+    let step = |target| backend(target, graph, params.clone(), n, settings.clone())?.train_step(&batch);
+    let (Ok(want), Ok(got)) = (step(Target::Cpu), step(Target::Core(machine.clone()))) else { return };
+    let (w, l) = (want.loss.unwrap_or(0.0), got.loss.unwrap_or(0.0));
+    assert!((w - l).abs() <= 1e-5 * w.abs().max(1.0), "loss: the lowered step gives {l}, the reference {w}");
+    let largest = want.outputs.values().flat_map(|g| g.iter()).fold(0f32, |m, v| m.max(v.abs()));
+    for (name, want) in &want.outputs {
+        let Some(got) = got.outputs.get(name) else {
+            assert!(want.iter().all(|&v| v == 0.0), "'{name}': the reference's is not zero, the core gives none");
+            continue;
+        };
+        let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+        for (i, (&a, &b)) in want.iter().zip(got.iter()).enumerate() {
+            assert!(
+                (a - b).abs() <= 1e-3 * scale + 1e-4 * largest + 1e-6,
+                "'{name}'[{i}]: the lowered step gives {b}, the reference {a}"
+            );
+        }
+    }
 }
 
 /// A machine file (RON text): parsed and validated, written back to an equal machine; its

@@ -160,12 +160,12 @@ fn seeds(target: &str) -> Vec<Vec<u8>> {
 
 /// Runs `target` on its seeds and `CASES` mutations of them; a panic fails with the input.
 fn fuzz(name: &str, target: fn(&[u8]), text: bool) {
-    fuzz_from(name, name, CASES, target, text);
+    fuzz_from(name, &[name], CASES, target, text);
 }
 
-/// [`fuzz`] with another target's seeds and `cases` mutations.
-fn fuzz_from(name: &str, seeds_of: &str, cases: usize, target: fn(&[u8]), text: bool) {
-    let seeds = seeds(seeds_of);
+/// [`fuzz`] with the seeds of the targets `seeds_of` and `cases` mutations.
+fn fuzz_from(name: &str, seeds_of: &[&str], cases: usize, target: fn(&[u8]), text: bool) {
+    let seeds: Vec<Vec<u8>> = seeds_of.iter().flat_map(|t| seeds(t)).collect();
     let mut rng = Rng(name.bytes().fold(0, |h, b| h.wrapping_mul(31).wrapping_add(u64::from(b))));
     let run = |case: usize, input: &[u8]| {
         if catch_unwind(AssertUnwindSafe(|| target(input))).is_err() {
@@ -191,10 +191,11 @@ fn graph_files() {
     fuzz("graph_file", fuzz::graph_file, true);
 }
 
-/// The model files' seeds and mutations lowered (fewer: each that parses compiles twice).
+/// Model files and graphs decoded from bytes, lowered: the model files' seeds, random bytes
+/// (`fuzz/seeds/lowering/`) and their mutations (fewer: each compiles twice and trains once).
 #[test]
 fn lowerings() {
-    fuzz_from("lowering", "graph_file", LOWERING_CASES, fuzz::lowering, true);
+    fuzz_from("lowering", &["graph_file", "lowering"], LOWERING_CASES, fuzz::lowering, false);
 }
 
 #[test]
@@ -257,6 +258,12 @@ fn write_seeds() {
     let mut training = autodiff::training_graph(&blocks(), 0.1).unwrap().graph;
     training.set_name("blocks_training");
     write("graph_file", "blocks_training.ron", training.to_ron().as_bytes());
+    // Graphs for the lowering, decoded from random bytes (`systolic::fuzz::lowering`).
+    let mut rng = Rng(13);
+    for i in 0..16 {
+        let bytes: Vec<u8> = (0..64).map(|_| rng.next() as u8).collect();
+        write("lowering", &format!("random{i:02}.bin"), &bytes);
+    }
 
     let v2 = presets::preset("v2-8").unwrap();
     write("machine_file", "v2-8.ron", v2.to_ron().as_bytes());
