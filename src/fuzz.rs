@@ -74,8 +74,8 @@ fn bindings(graph: &Graph, batch: usize) -> TensorMap {
 /// lowering would see few graphs otherwise): a small input image, then up to 8 layers, each
 /// on an earlier layer's output — convolutions (kernel 1 to 4, stride 1 to 3, valid, same or
 /// explicit padding, dilation, groups, depthwise), batch norm, ReLU and ReLU6, max and average
-/// pooling, residual adds, concatenation, dropout — and a dense classifier. Layers whose
-/// shapes do not fit are left out, as the graph builder refuses them.
+/// pooling, residual adds, concatenation, dropout, global pooling — and a dense classifier.
+/// Layers whose shapes do not fit are left out, as the graph builder refuses them.
 fn decode_graph(data: &[u8]) -> Option<Graph> {
     use crate::compiler::graph::{BatchNorm, ConvSpec, Padding, Pool};
     let mut r = Reader(data);
@@ -137,11 +137,13 @@ fn decode_graph(data: &[u8]) -> Option<Graph> {
 }
 
 /// A model file (or a graph decoded from bytes, when the bytes are not one) lowered, when
-/// small: inference at batch 1 and the training step (SGD, the
-/// classifier loss added when the graph has none) at batch 2, on one v2 core. Whatever
-/// compiles must be a valid program that the timing engine schedules; inference also runs on
-/// the functional engine with the graph's inputs and parameters. Errors are expected (a graph
-/// the lowering does not support says so); a panic or an invalid program is a bug.
+/// small, on one v2 core: inference at batch 1 (HIGHEST) and the training step (SGD, the
+/// classifier loss added when the graph has none) at batch 2 (DEFAULT, bf16 activations).
+/// Whatever compiles must be a valid program that the timing engine schedules; the inference
+/// program runs on the functional engine and must give the reference's outputs, and one
+/// training step must give the reference's loss and gradients ([`training_step_matches`]).
+/// Errors are expected (a graph the lowering does not support says so); a panic, an invalid
+/// program or a disagreement with the reference is a bug.
 pub fn lowering(data: &[u8]) {
     let parsed = std::str::from_utf8(data).ok().and_then(|text| Graph::from_ron(text, Path::new("fuzz.ron")).ok());
     let Some(graph) = parsed.or_else(|| decode_graph(data)) else { return };

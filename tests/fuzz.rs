@@ -15,7 +15,7 @@ use systolic::simulator::config::presets;
 
 /// Mutated inputs per target (each target's seeds run as they are, too).
 const CASES: usize = 40_000;
-/// ... for the lowering, whose inputs that parse compile twice and run once.
+/// ... for the lowering, each of whose inputs compiles twice and trains on both backends.
 const LOWERING_CASES: usize = 3_000;
 
 /// SplitMix64: the same mutations on every run, so a failure reproduces.

@@ -253,16 +253,17 @@ fn multiply(
     let kernel = select_kernel();
     let kc_max = packed.iter().map(|(st, _)| st.kc).max().unwrap_or(0);
     // Consecutive steps summed by one call: at most GROUP_STEPS of them, GROUP_DEPTH deep.
-    let mut groups: Vec<std::ops::Range<usize>> = Vec::new();
+    let (mut groups, mut depth): (Vec<std::ops::Range<usize>>, usize) = (Vec::new(), 0);
     for (i, (st, _)) in packed.iter().enumerate() {
         match groups.last_mut() {
-            Some(g)
-                if g.len() < GROUP_STEPS
-                    && packed[g.clone()].iter().map(|(s, _)| s.kc).sum::<usize>() + st.kc <= GROUP_DEPTH =>
-            {
-                g.end = i + 1
+            Some(g) if g.len() < GROUP_STEPS && depth + st.kc <= GROUP_DEPTH => {
+                g.end = i + 1;
+                depth += st.kc;
             }
-            _ => groups.push(i..i + 1),
+            _ => {
+                groups.push(i..i + 1);
+                depth = st.kc;
+            }
         }
     }
     let group_steps = groups.iter().map(|g| g.len()).max().unwrap_or(1);
