@@ -655,3 +655,25 @@ fn inference_graphs_with_a_loss_compute_it() {
         assert!(e < 1e-2, "{name}: {e}");
     }
 }
+
+/// An add or product whose two operands are one tensor (`h + h`, `h * h`): right after the
+/// op making `h` (which must then be written out and read back twice) and as the first op on
+/// a graph input, forward and in a training step (whose gradient adds a value to itself).
+#[test]
+fn ops_taking_one_tensor_as_both_operands_match_the_reference() {
+    let mut g = Graph::new("self_operands");
+    let x = g.input("x", &[6, 6, 4]).unwrap();
+    let doubled = g.add_op("doubled", x, x).unwrap();
+    let h = g.conv2d("c1", doubled, ConvSpec::new(8, 3).same()).unwrap();
+    let h = g.add_op("twice", h, h).unwrap();
+    let h = g.relu("twice_relu", h).unwrap();
+    let h = g.conv2d("c2", h, ConvSpec::new(8, 1)).unwrap();
+    let h = g.mul("squared", h, h).unwrap();
+    let h = g.global_avg_pool("gap", h).unwrap();
+    let logits = g.dense("logits", h, 10).unwrap();
+    g.set_outputs(vec![logits]);
+    for (name, err) in differential(&g, "v2-8", 3, Precision::Highest) {
+        assert!(err < 1e-5, "{name}: {err}");
+    }
+    gradients_match(g, 3);
+}

@@ -134,3 +134,47 @@ fn a_batch_must_split_over_the_replicas() {
     let e = cpu.train_step(&batch(5, 0)).unwrap_err().to_string();
     assert!(e.contains("give 4 examples"), "{e}");
 }
+
+/// A parameter the loss does not reach (a second head beside the classifier's): every
+/// backend reports its gradient as zeros and leaves it as it is — no weight decay, no
+/// momentum — as TensorFlow's optimizers skip a variable without a gradient.
+#[test]
+fn parameters_the_loss_does_not_reach_stay_as_they_are() {
+    let mut g = Graph::new("two_heads");
+    let x = g.input("image", &[8, 8, 1]).unwrap();
+    let h = g.conv2d("conv", x, ConvSpec::new(4, 3).same()).unwrap();
+    let h = g.flatten("flat", h).unwrap();
+    let logits = g.dense("logits", h, 10).unwrap();
+    let aux = g.dense("aux", h, 3).unwrap();
+    g.set_outputs(vec![logits, aux]);
+    let n = 8;
+    let optimizer = Optimizer::momentum(0.1, 0.9).with_weight_decay(0.1);
+    let settings = Settings { precision: Precision::Highest, ..Settings::new(optimizer) };
+    let machine = presets::preset("v2-8").unwrap();
+    let start = g.init_parameters(3);
+    for target in [Target::Cpu, Target::Core(machine.clone()), Target::Slice(machine)] {
+        let mut b = backend(target, &g, start.clone(), n, settings.clone()).unwrap();
+        let what = b.describe();
+        for s in 0..2 {
+            let out = b.train_step(&batch(n, s)).unwrap();
+            for name in ["aux/kernel", "aux/bias"] {
+                let grad = out
+                    .outputs
+                    .get(&session::grad_name(name))
+                    .unwrap_or_else(|| panic!("{what}: no gradient of {name}: {:?}", out.outputs.keys()));
+                assert_eq!(grad.shape(), start[name].shape(), "{what}: {name}");
+                assert!(grad.iter().all(|&v| v == 0.0), "{what}: {name}'s gradient is not zero");
+            }
+            let logits = &out.outputs[&session::grad_name("logits/kernel")];
+            assert!(logits.iter().any(|&v| v != 0.0), "{what}: the classifier's gradient is zero");
+        }
+        // Predictions read every head's parameters.
+        let predicted = b.predict(&batch(n, 5)).unwrap();
+        assert_eq!(predicted.outputs["aux"].shape(), &[n, 3], "{what}");
+        let state = b.state().unwrap();
+        for name in ["aux/kernel", "aux/bias"] {
+            assert_eq!(state[name], start[name], "{what}: {name} moved");
+        }
+        assert_ne!(state["logits/kernel"], start["logits/kernel"], "{what}");
+    }
+}

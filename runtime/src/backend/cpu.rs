@@ -98,12 +98,18 @@ impl Backend for Cpu {
         let mut outputs = TensorMap::new();
         for (name, slots) in &mut self.slots {
             let Some(g) = out.grads.get(name) else { continue };
+            outputs.insert(session::grad_name(name), g.clone());
+            // A parameter the loss does not reach has no gradient: like a TPU step (which has
+            // no update for it) and TensorFlow's optimizers (which skip a variable without a
+            // gradient), it is left as it is, weight decay and momentum included.
+            if self.train.unconnected.contains(name) {
+                continue;
+            }
             let grad: Vec<f32> = g.iter().copied().collect();
             let p = self.params.get_mut(name).expect("every trainable parameter is held");
             let shape = p.shape().to_vec();
             let values = p.as_slice_mut().expect("parameters are contiguous");
             opt.apply(name, &shape, values, &grad, slots, &self.shared);
-            outputs.insert(session::grad_name(name), g.clone());
         }
         // The reference refuses non-finite parameters, so a diverging update is reported
         // here, naming the parameter, rather than as the next step's bad binding.

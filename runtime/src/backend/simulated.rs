@@ -29,6 +29,9 @@ pub struct Simulated {
     cores: Vec<Functional>,
     /// The state to load before the first step (then it lives in HBM).
     initial: Option<TensorMap>,
+    /// Parameters the training step does not bind (the loss does not reach them, so no step
+    /// changes them): held on the host from the first step on, part of the state.
+    unbound: TensorMap,
     /// The step's simulated time, once measured.
     seconds: Option<f64>,
 }
@@ -71,6 +74,7 @@ impl Simulated {
             infer,
             cores,
             initial: Some(state),
+            unbound: TensorMap::new(),
             seconds: None,
         })
     }
@@ -183,7 +187,16 @@ impl Backend for Simulated {
                 core.write(b.tile, values)?;
             }
         }
-        self.initial = None;
+        if let Some(initial) = self.initial.take() {
+            let bound = |name: &str| exe.bindings.iter().any(|b| b.role == Role::Parameter && b.name == name);
+            for id in self.model.parameters() {
+                let name = &self.model.node(id).name;
+                if !bound(name) {
+                    let t = initial.get(name).ok_or_else(|| Error::Input(format!("no parameter '{name}'")))?;
+                    self.unbound.insert(name.clone(), t.clone());
+                }
+            }
+        }
         let program = &exe.program;
         if self.replicas == 1 {
             if let Some(i) = self.cores[0].run_until_collective(program, 0)? {
@@ -205,6 +218,12 @@ impl Backend for Simulated {
                     outputs.insert(b.name.clone(), t);
                 }
             }
+        }
+        // A parameter the loss does not reach has no gradient in the program (and no update):
+        // its gradient is reported as zeros, as the CPU reference reports it.
+        for id in self.model.trainable_parameters() {
+            let node = self.model.node(id);
+            outputs.entry(session::grad_name(&node.name)).or_insert_with(|| Tensor::zeros(node.shape.dims.clone()));
         }
         Ok(StepOutput { loss: Some(loss), outputs, simulated_seconds: Some(self.seconds()?) })
     }
@@ -247,7 +266,14 @@ impl Backend for Simulated {
 
     fn state_shapes(&mut self) -> Result<std::collections::BTreeMap<String, Vec<usize>>> {
         let bound = self.training_step()?.executable.bindings.iter().filter(|b| b.role == Role::Parameter);
-        Ok(bound.map(|b| (b.name.clone(), b.shape.clone())).collect())
+        let mut shapes: std::collections::BTreeMap<String, Vec<usize>> =
+            bound.map(|b| (b.name.clone(), b.shape.clone())).collect();
+        // With the parameters the step does not bind, which predictions read.
+        for id in self.model.parameters() {
+            let node = self.model.node(id);
+            shapes.entry(node.name.clone()).or_insert_with(|| node.shape.dims.clone());
+        }
+        Ok(shapes)
     }
 
     fn state(&mut self) -> Result<TensorMap> {
@@ -271,6 +297,7 @@ impl Backend for Simulated {
             }
             state.insert(b.name.clone(), Tensor::from_shape_vec(b.shape.clone(), first).expect("a binding's shape"));
         }
+        state.extend(self.unbound.iter().map(|(k, t)| (k.clone(), t.clone())));
         Ok(state)
     }
 }

@@ -135,14 +135,14 @@ fn fuse(graph: &Graph, training: bool) -> Result<Vec<Kernel>> {
         // A pointwise kernel's first node is itself an epilogue step on its input.
         let mut cur = id;
         if let Main::Pointwise { input } = main {
-            let step = match epilogue_step(graph, id, input) {
+            let step = match epilogue_step(graph, id, input, true) {
                 Some(Epilogue::BatchNorm(n)) if training => Epilogue::BatchNormTrain(n),
                 Some(step) => step,
                 None => {
                     return Err(unsupported(
                         graph,
                         id,
-                        "an elementwise op with operands it cannot take (a bias or batch-norm parameter that is computed rather than a Parameter, or both operands the same tensor)",
+                        "an elementwise op with operands it cannot take (a bias or batch-norm parameter that is computed rather than a Parameter)",
                     ));
                 }
             };
@@ -163,7 +163,7 @@ fn fuse(graph: &Graph, training: bool) -> Result<Vec<Kernel>> {
                 if fused[next.index()] || (training && matches!(graph.node(next).op, Op::BatchNorm(_))) {
                     break;
                 }
-                let Some(step) = epilogue_step(graph, next, cur) else { break };
+                let Some(step) = epilogue_step(graph, next, cur, false) else { break };
                 let is_mask = matches!(step, Epilogue::Mask { .. });
                 let allowed = if only_adds { is_mask || matches!(step, Epilogue::Residual(_)) } else { !is_mask };
                 if !allowed {
@@ -248,8 +248,9 @@ fn group_batch_norm_grads(graph: &Graph, needed: &[bool], fused: &mut [bool]) ->
     groups
 }
 
-/// `next` as an epilogue step applied to the running value `cur`, if it can be one.
-fn epilogue_step(graph: &Graph, next: NodeId, cur: NodeId) -> Option<Epilogue> {
+/// `next` as an epilogue step applied to the running value `cur`, if it can be one;
+/// `cur_in_hbm` when `cur` is the kernel's input rather than a value fused so far.
+fn epilogue_step(graph: &Graph, next: NodeId, cur: NodeId, cur_in_hbm: bool) -> Option<Epilogue> {
     let node = graph.node(next);
     let is_param = |id: NodeId| matches!(graph.node(id).op, Op::Parameter(_));
     match &node.op {
@@ -264,13 +265,18 @@ fn epilogue_step(graph: &Graph, next: NodeId, cur: NodeId) -> Option<Epilogue> {
         Op::Relu6 if node.inputs[0] == cur => Some(Epilogue::Relu6),
         Op::Add | Op::Mul => {
             let (a, b) = (node.inputs[0], node.inputs[1]);
-            let other = if a == cur && b != cur {
+            let other = if a == cur {
                 b
-            } else if b == cur && a != cur {
+            } else if b == cur {
                 a
             } else {
                 return None;
             };
+            // `cur + cur` reads its second operand from HBM: only a kernel's input is there,
+            // never a value fused so far (that one ends this kernel and starts the next).
+            if other == cur && !cur_in_hbm {
+                return None;
+            }
             Some(if matches!(node.op, Op::Add) { Epilogue::Residual(other) } else { Epilogue::Product(other) })
         }
         // The elementwise ops above, with operands they cannot take as an epilogue step.
