@@ -316,3 +316,24 @@ fn max_pool_sends_the_gradient_to_the_first_of_tied_maxima() {
     let ev = systolic_compiler::reference::run(&grads.graph, &b, &[grads.grads["x"]], INFER).unwrap();
     assert_eq!(ev.get(grads.grads["x"]).unwrap().as_slice().unwrap(), &[0.0, 5.0, 0.0, 0.0]);
 }
+
+/// One input normalised by two batch norms with different ε, summed: both share the batch's
+/// moments and the upstream gradient, so the interpreter's shared per-channel sums must be
+/// kept apart by ε (x̂ depends on it) — each γ's gradient against finite differences.
+#[test]
+fn batch_norms_of_one_input_keep_their_own_sums() {
+    let mut g = Graph::new("two_bns");
+    let x = g.input("x", &[2, 2, 3]).unwrap();
+    let a = g.batch_norm("a", x, BatchNorm { momentum: 0.9, epsilon: 1e-3 }).unwrap();
+    let b = g.batch_norm("b", x, BatchNorm { momentum: 0.9, epsilon: 0.5 }).unwrap();
+    let y = g.add("y", Op::Add, &[a, b]).unwrap();
+    let mut bind = TensorMap::new();
+    bind.insert("x".into(), rand_tensor(&[3, 2, 2, 3], 1));
+    for (name, seed) in [("a", 10), ("b", 20)] {
+        bind.insert(format!("{name}/gamma"), rand_tensor(&[3], seed) + 1.5);
+        bind.insert(format!("{name}/beta"), rand_tensor(&[3], seed + 1));
+        bind.insert(format!("{name}/moving_mean"), rand_tensor(&[3], seed + 2) * 0.1);
+        bind.insert(format!("{name}/moving_variance"), rand_tensor(&[3], seed + 3) * 0.1 + 1.0);
+    }
+    check_gradients(&g, y, &bind, &["x", "a/gamma", "b/gamma", "a/beta", "b/beta"], TRAIN, 1e-2, 36);
+}

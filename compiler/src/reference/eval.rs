@@ -1,5 +1,7 @@
 //! Evaluation of one node from its input values: the dispatch from [`Op`] to the kernels.
 
+use std::collections::HashMap;
+
 use ndarray::{Axis, Zip};
 use rayon::prelude::*;
 
@@ -70,8 +72,34 @@ fn add_bias(y: &mut [f32], bias: &[f32]) {
     });
 }
 
-/// Evaluates node `id` of `graph` on `inputs` (the values of its input nodes, in order).
-pub fn eval(graph: &Graph, id: NodeId, inputs: &[&Tensor], opts: RunOptions) -> Result<Output> {
+/// Values several nodes of one run compute from the same tensors, computed once by the first
+/// node that needs them exactly as each would, so sharing them changes no bit: batch norm's
+/// batch moments (its forward pass and both gradients in training), `Σ dy · x̂` (γ's and the
+/// input's gradient) and `Σ dy` (β's gradient, a BiasAddGrad, and the input's). Keyed by the
+/// nodes they are computed from, whose values never change within a run.
+#[derive(Default)]
+pub struct Memo {
+    moments: HashMap<NodeId, (Vec<f64>, Vec<f64>)>,
+    /// By (x, dy, ε's bits): x̂ depends on ε.
+    sum_xhat_dy: HashMap<(NodeId, NodeId, u32), Vec<f64>>,
+    sum_dy: HashMap<NodeId, Vec<f64>>,
+}
+
+impl Memo {
+    /// The batch moments of node `x`, whose value is `values` with `c` channels.
+    fn moments(&mut self, x: NodeId, values: &[f32], c: usize) -> &(Vec<f64>, Vec<f64>) {
+        self.moments.entry(x).or_insert_with(|| norm::moments(values, c))
+    }
+
+    /// `Σ dy` per channel of node `dy`, whose value is `values`.
+    fn sum_dy(&mut self, dy: NodeId, values: &[f32], c: usize) -> Vec<f64> {
+        self.sum_dy.entry(dy).or_insert_with(|| norm::sum_dy(values, c)).clone()
+    }
+}
+
+/// Evaluates node `id` of `graph` on `inputs` (the values of its input nodes, in order),
+/// reusing what `memo` holds from earlier nodes of the same run.
+pub fn eval(graph: &Graph, id: NodeId, inputs: &[&Tensor], opts: RunOptions, memo: &mut Memo) -> Result<Output> {
     let node = graph.node(id);
     let training = opts.mode == Mode::Training;
     let x = inputs.first().copied();
@@ -121,7 +149,7 @@ pub fn eval(graph: &Graph, id: NodeId, inputs: &[&Tensor], opts: RunOptions) -> 
         // Elementwise nodes: computed in a copy of x, as the interpreter computes them in x's
         // own buffer when x dies here (one definition of each).
         Op::BiasAdd | Op::Add | Op::Mul | Op::Relu | Op::Relu6 | Op::BatchNorm(_) => {
-            return eval_into(graph, id, x().clone(), &inputs[1..], opts);
+            return eval_into(graph, id, x().clone(), &inputs[1..], opts, memo);
         }
         Op::Dropout(d) => {
             if !training || d.rate == 0.0 {
@@ -202,24 +230,37 @@ pub fn eval(graph: &Graph, id: NodeId, inputs: &[&Tensor], opts: RunOptions) -> 
         }
         Op::BiasAddGrad => {
             let c = last(x());
-            let sums = gemm::column_sums(data(x()), c, |_, v| v as f64);
+            let sums = memo.sum_dy(node.inputs[0], data(x()), c);
             tensor(vec![c], sums.into_iter().map(|s| s as f32).collect()).into()
         }
         Op::ReluGrad => zip_map(x(), inputs[1], |v, d| if v > 0.0 { d } else { 0.0 }).into(),
         Op::Relu6Grad => zip_map(x(), inputs[1], |v, d| if v > 0.0 && v < 6.0 { d } else { 0.0 }).into(),
         Op::BatchNormGradInput(bn) => {
             let c = last(x());
-            let stats = bn_stats(data(x()), c, data(inputs[2]), data(inputs[3]), bn.epsilon, training);
-            tensor(
-                x().shape().to_vec(),
-                norm::grad_input(data(x()), data(inputs[4]), c, &stats, data(inputs[1]), training),
-            )
-            .into()
+            let (xv, dy) = (data(x()), data(inputs[4]));
+            let stats = bn_stats(memo, node.inputs[0], xv, c, data(inputs[2]), data(inputs[3]), bn.epsilon, training);
+            let dx = if training {
+                let key = (node.inputs[0], node.inputs[4], bn.epsilon.to_bits());
+                let sum_xhat_dy =
+                    memo.sum_xhat_dy.entry(key).or_insert_with(|| norm::sum_xhat_dy(xv, dy, c, &stats)).clone();
+                let sum_dy = memo.sum_dy(node.inputs[4], dy, c);
+                norm::grad_input(xv, dy, c, &stats, data(inputs[1]), Some((&sum_dy, &sum_xhat_dy)))
+            } else {
+                norm::grad_input(xv, dy, c, &stats, data(inputs[1]), None)
+            };
+            tensor(x().shape().to_vec(), dx).into()
         }
         Op::BatchNormGradGamma(bn) => {
             let c = last(x());
-            let stats = bn_stats(data(x()), c, data(inputs[1]), data(inputs[2]), bn.epsilon, training);
-            tensor(vec![c], norm::grad_gamma(data(x()), data(inputs[3]), c, &stats)).into()
+            let (xv, dy) = (data(x()), data(inputs[3]));
+            let stats = bn_stats(memo, node.inputs[0], xv, c, data(inputs[1]), data(inputs[2]), bn.epsilon, training);
+            let sums = if training {
+                let key = (node.inputs[0], node.inputs[3], bn.epsilon.to_bits());
+                memo.sum_xhat_dy.entry(key).or_insert_with(|| norm::sum_xhat_dy(xv, dy, c, &stats)).clone()
+            } else {
+                norm::sum_xhat_dy(xv, dy, c, &stats)
+            };
+            tensor(vec![c], sums.into_iter().map(|s| s as f32).collect()).into()
         }
         Op::SoftmaxGrad => {
             tensor(x().shape().to_vec(), loss::softmax_grad(data(x()), data(inputs[1]), last(x()))).into()
@@ -239,7 +280,14 @@ pub fn writes_in_place(op: &Op) -> bool {
 
 /// Evaluates a node [`writes_in_place`] accepts into `x`, its first input's value (which dies
 /// here, or is a copy when [`eval`] calls this): the definition of these elementwise ops.
-pub fn eval_into(graph: &Graph, id: NodeId, mut x: Tensor, rest: &[&Tensor], opts: RunOptions) -> Result<Output> {
+pub fn eval_into(
+    graph: &Graph,
+    id: NodeId,
+    mut x: Tensor,
+    rest: &[&Tensor],
+    opts: RunOptions,
+    memo: &mut Memo,
+) -> Result<Output> {
     let node = graph.node(id);
     let c = last(&x);
     let mut updates = Vec::new();
@@ -252,7 +300,7 @@ pub fn eval_into(graph: &Graph, id: NodeId, mut x: Tensor, rest: &[&Tensor], opt
         Op::BatchNorm(bn) => {
             let (gamma, beta, mm, mv) = (data(rest[0]), data(rest[1]), data(rest[2]), data(rest[3]));
             if opts.mode == Mode::Training {
-                let (mean, var) = norm::moments(data(&x), c);
+                let (mean, var) = memo.moments(node.inputs[0], data(&x), c).clone();
                 let rows = (x.len() / c) as f64;
                 let bessel = if rows > 1.0 { rows / (rows - 1.0) } else { 1.0 };
                 let m = bn.momentum as f64;
@@ -271,17 +319,27 @@ pub fn eval_into(graph: &Graph, id: NodeId, mut x: Tensor, rest: &[&Tensor], opt
         _ => {
             let mut inputs = vec![&x];
             inputs.extend_from_slice(rest);
-            return eval(graph, id, &inputs, opts);
+            return eval(graph, id, &inputs, opts, memo);
         }
     }
     Ok(Output { value: x, updates })
 }
 
-/// Batch statistics in training, moving statistics in inference.
-fn bn_stats(x: &[f32], c: usize, moving_mean: &[f32], moving_var: &[f32], eps: f32, training: bool) -> norm::Stats {
+/// Batch statistics of node `x` (value `xv`) in training, moving statistics in inference.
+#[allow(clippy::too_many_arguments)] // the node, its value and the batch norm's operands
+fn bn_stats(
+    memo: &mut Memo,
+    x: NodeId,
+    xv: &[f32],
+    c: usize,
+    moving_mean: &[f32],
+    moving_var: &[f32],
+    eps: f32,
+    training: bool,
+) -> norm::Stats {
     if training {
-        let (mean, var) = norm::moments(x, c);
-        norm::Stats::new(mean, &var, eps)
+        let (mean, var) = memo.moments(x, xv, c);
+        norm::Stats::new(mean.clone(), var, eps)
     } else {
         let var: Vec<f64> = moving_var.iter().map(|&v| v as f64).collect();
         norm::Stats::new(moving_mean.iter().map(|&v| v as f64).collect(), &var, eps)

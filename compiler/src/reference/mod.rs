@@ -176,6 +176,7 @@ pub fn run(graph: &Graph, bindings: &TensorMap, fetch: &[NodeId], opts: RunOptio
 
     let mut updates = TensorMap::new();
     let mut node_seconds = Vec::new();
+    let mut memo = eval::Memo::default();
     let total = graph.nodes().filter(|(id, node)| needed[id.index()] && !node.op.is_leaf()).count() as u64;
     for (id, node) in graph.nodes() {
         if !needed[id.index()] || node.op.is_leaf() {
@@ -199,14 +200,14 @@ pub fn run(graph: &Graph, bindings: &TensorMap, fetch: &[NodeId], opts: RunOptio
                 .iter()
                 .map(|&i| values[i.index()].as_deref().expect("inputs are evaluated before use"))
                 .collect();
-            eval::eval_into(graph, id, x, &rest, opts)?
+            eval::eval_into(graph, id, x, &rest, opts, &mut memo)?
         } else {
             let inputs: Vec<&Tensor> = node
                 .inputs
                 .iter()
                 .map(|&i| values[i.index()].as_deref().expect("inputs are evaluated before use"))
                 .collect();
-            eval::eval(graph, id, &inputs, opts)?
+            eval::eval(graph, id, &inputs, opts, &mut memo)?
         };
         for (pid, t) in out.updates {
             updates.insert(graph.node(pid).name.clone(), t);

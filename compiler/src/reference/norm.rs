@@ -71,20 +71,34 @@ fn xhat_times_dy(x: &[f32], dy: &[f32], c: usize, stats: &Stats) -> Vec<f32> {
     out
 }
 
-/// `Σ dy · x̂` per channel.
-pub fn grad_gamma(x: &[f32], dy: &[f32], c: usize, stats: &Stats) -> Vec<f32> {
-    column_sums(&xhat_times_dy(x, dy, c, stats), c, |_, v| v as f64).into_iter().map(|s| s as f32).collect()
+/// `Σ dy · x̂` per channel, in f64: γ's gradient (rounded to f32) and, over the rows, a term of
+/// the input gradient in training.
+pub fn sum_xhat_dy(x: &[f32], dy: &[f32], c: usize, stats: &Stats) -> Vec<f64> {
+    column_sums(&xhat_times_dy(x, dy, c, stats), c, |_, v| v as f64)
 }
 
-/// The input gradient; `training` selects whether the statistics depend on x.
-pub fn grad_input(x: &[f32], dy: &[f32], c: usize, stats: &Stats, gamma: &[f32], training: bool) -> Vec<f32> {
+/// `Σ dy` per channel, in f64: β's gradient (a BiasAddGrad, rounded to f32) and, over the
+/// rows, a term of the input gradient in training.
+pub fn sum_dy(dy: &[f32], c: usize) -> Vec<f64> {
+    column_sums(dy, c, |_, v| v as f64)
+}
+
+/// The input gradient. In training the statistics depend on x, and `sums` holds `Σ dy` and
+/// `Σ dy · x̂` per channel ([`sum_dy`], [`sum_xhat_dy`]); at inference it is `None`.
+pub fn grad_input(
+    x: &[f32],
+    dy: &[f32],
+    c: usize,
+    stats: &Stats,
+    gamma: &[f32],
+    sums: Option<(&[f64], &[f64])>,
+) -> Vec<f32> {
     let rows = (x.len() / c.max(1)) as f64;
-    let (mean_dy, mean_dy_xhat) = if training {
-        let sum_dy = column_sums(dy, c, |_, v| v as f64);
-        let sum_xhat_dy = column_sums(&xhat_times_dy(x, dy, c, stats), c, |_, v| v as f64);
-        (sum_dy.iter().map(|s| s / rows).collect(), sum_xhat_dy.iter().map(|s| s / rows).collect())
-    } else {
-        (vec![0f64; c], vec![0f64; c])
+    let (mean_dy, mean_dy_xhat) = match sums {
+        Some((sum_dy, sum_xhat_dy)) => {
+            (sum_dy.iter().map(|s| s / rows).collect(), sum_xhat_dy.iter().map(|s| s / rows).collect())
+        }
+        None => (vec![0f64; c], vec![0f64; c]),
     };
     // Per channel: (μ, 1/σ, γ/σ, mean(dy), mean(dy · x̂)), each computed as before.
     let channel: Vec<[f64; 5]> = (0..c)
