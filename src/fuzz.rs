@@ -299,6 +299,15 @@ fn program_machine(byte: u8) -> Machine {
     m
 }
 
+/// Every collective, for decoders to pick from.
+const COLLECTIVE_KINDS: [CollectiveKind; 5] = [
+    CollectiveKind::AllReduce,
+    CollectiveKind::ReduceScatter,
+    CollectiveKind::AllGather,
+    CollectiveKind::Broadcast,
+    CollectiveKind::Shard,
+];
+
 /// Bytes read as a program's fields; past the end every byte is 0.
 struct Reader<'a>(&'a [u8]);
 
@@ -455,14 +464,7 @@ impl Reader<'_> {
             },
             11 => Operation::Barrier,
             12 => {
-                let kinds = [
-                    CollectiveKind::AllReduce,
-                    CollectiveKind::ReduceScatter,
-                    CollectiveKind::AllGather,
-                    CollectiveKind::Broadcast,
-                    CollectiveKind::Shard,
-                ];
-                let kind = kinds[self.small(4) as usize];
+                let kind = COLLECTIVE_KINDS[self.small(4) as usize];
                 let reduction = if self.byte() & 1 == 0 { Reduction::Sum } else { Reduction::Mean };
                 let tiles = (0..self.small(2)).map(|_| self.tile(Space::Hbm, r, c)).collect();
                 let rows = self.small(12);
@@ -494,6 +496,164 @@ pub fn program(data: &[u8]) {
     let _ = core.run(&program);
     if let Ok(timed) = timing::simulate(&machine, &program, true) {
         trace::chrome_trace(&machine, &program, &timed.spans);
+    }
+}
+
+/// Collectives over a small slice decoded from bytes — 1 to 3 × 1 to 3 chips (each axis a
+/// ring or a line) of 1 or 2 cores — then up to four all-reduces, reduce-scatters,
+/// all-gathers, broadcasts and shards, one after another, of HBM tiles of random shapes and
+/// strides, over a group size the slice has; each core's HBM starts with its own values.
+/// What validates runs for values on every core (`pod::slice::run_values`) and is timed
+/// (`pod::slice::simulate`); every core's HBM must then hold what the collectives mean,
+/// computed here from their definitions on a copy of each core's memory: moves exactly, sums
+/// and means within f32 rounding of the exact sum (any order of the adds).
+pub fn collectives(data: &[u8]) {
+    use pod::slice;
+    let mut bytes = Reader(data);
+    let mut machine = presets::preset("v2-8").expect("v2-8 exists");
+    let shape = bytes.byte();
+    machine.slice.torus = vec![1 + (shape % 3) as usize, 1 + (shape / 3 % 3) as usize];
+    machine.slice.wraparound = vec![shape & 0x20 != 0, shape & 0x40 != 0];
+    machine.chip.cores = 1 + (shape >> 7) as usize;
+    machine.core.hbm.bytes = 1 << 16;
+    let Ok(topology) = pod::topology::Topology::of(&machine) else { return };
+    let (cores, sizes) = (topology.cores(), topology.group_sizes());
+    // Each tile in its own region of HBM (collectives refuse overlapping tiles), 4 KiB apart.
+    let mut region = 0u64;
+    let mut tile = |bytes: &mut Reader, elements_at_least: u64| {
+        let cols = 1 + bytes.small(8);
+        let rows = (1 + bytes.small(5)).max(elements_at_least.div_ceil(u64::from(cols)) as u32);
+        let stride = cols + bytes.small(2);
+        region += 1;
+        Tile { space: Space::Hbm, offset: region * 4096, rows, cols, stride, dtype: DType::F32 }
+    };
+    let mut program = Program::new("collectives");
+    let mut ops = Vec::new();
+    for i in 0..1 + bytes.small(3) {
+        let kind = COLLECTIVE_KINDS[bytes.small(4) as usize];
+        let reduction = if kind.reduces() && bytes.byte() & 1 == 1 { Reduction::Mean } else { Reduction::Sum };
+        let replicas = sizes[bytes.byte() as usize % sizes.len()] as u32;
+        let tiles: Vec<Tile> = (0..1 + bytes.small(1)).map(|_| tile(&mut bytes, 0)).collect();
+        let elements: u64 = tiles.iter().map(|t| t.elements()).sum();
+        let takes_shard = matches!(kind, CollectiveKind::ReduceScatter | CollectiveKind::AllGather);
+        let shard = (kind == CollectiveKind::Shard || (takes_shard && bytes.byte() & 1 == 1))
+            .then(|| tile(&mut bytes, elements.div_ceil(u64::from(replicas))));
+        let op = Operation::Collective { kind, reduction, tiles, shard, replicas };
+        ops.push(op.clone());
+        let deps: Vec<u32> = (i > 0).then(|| i - 1).into_iter().collect();
+        program.push(op, &deps);
+    }
+    program
+        .validate(&machine)
+        .unwrap_or_else(|e| panic!("collectives built to be valid were refused: {e}\n{program:?}"));
+    // Every core's HBM as f32 values (4 KiB regions, the first unused), its own values first.
+    let words = ((region + 1) * 1024) as usize;
+    let image = |core: usize| -> Vec<f32> {
+        (0..words)
+            .map(|i| {
+                let r = rng::derive(u64::from(shape) << 32 | core as u64, i as u64);
+                // Mostly moderate values, now and then an exact zero or a large one.
+                match r % 16 {
+                    0 => 0.0,
+                    1 => (r >> 8) as f32 * 1e20,
+                    _ => ((r >> 8) % 20_001) as f32 / 1000.0 - 10.0,
+                }
+            })
+            .collect()
+    };
+    let whole =
+        Tile { space: Space::Hbm, offset: 0, rows: 1, cols: words as u32, stride: words as u32, dtype: DType::F32 };
+    let mut want: Vec<Vec<f64>> = (0..cores).map(|c| image(c).into_iter().map(f64::from).collect()).collect();
+    let mut engines: Vec<Functional> = (0..cores)
+        .map(|c| {
+            let mut core = Functional::new(&machine);
+            core.reserve(functional::footprint(&program, [&whole]));
+            core.write(whole, &image(c)).expect("the image fits HBM");
+            core
+        })
+        .collect();
+    slice::run_values(&machine, &program, &mut engines).unwrap_or_else(|e| panic!("a valid program failed: {e}"));
+    let _ = slice::simulate(&machine, &program, &slice::Hosts::new(1, 1024), &slice::Options::default());
+    // The definitions, on each core's copy; `bound` is each word's allowed error.
+    let mut bound: Vec<Vec<f64>> = vec![vec![0.0; words]; cores];
+    let at = |t: &Tile| -> Vec<usize> {
+        let base = (t.offset / 4) as usize;
+        (0..t.rows as usize).flat_map(|r| (0..t.cols as usize).map(move |c| base + r * t.stride as usize + c)).collect()
+    };
+    for op in &ops {
+        let Operation::Collective { kind, reduction, tiles, shard, replicas } = op else { unreachable!() };
+        let n = *replicas as usize;
+        let words_of: Vec<usize> = tiles.iter().flat_map(&at).collect();
+        let ranges = pod::collectives::shards(words_of.len(), n);
+        for first in (0..cores).step_by(n) {
+            let members = first..first + n;
+            let operand = |c: usize, want: &[Vec<f64>]| -> Vec<f64> { words_of.iter().map(|&w| want[c][w]).collect() };
+            let own: Vec<Vec<f64>> = members.clone().map(|c| operand(c, &want)).collect();
+            let (result, error): (Vec<f64>, Vec<f64>) = match kind {
+                CollectiveKind::AllReduce | CollectiveKind::ReduceScatter => {
+                    let scale = if *reduction == Reduction::Mean { n as f64 } else { 1.0 };
+                    (0..words_of.len())
+                        .map(|i| {
+                            let (sum, magnitude) =
+                                own.iter().fold((0.0, 0.0), |(s, m): (f64, f64), v| (s + v[i], m + v[i].abs()));
+                            (sum / scale, (n as f64 + 1.0) * f64::from(f32::EPSILON) * magnitude / scale + 1e-30)
+                        })
+                        .unzip()
+                }
+                CollectiveKind::Broadcast => (own[0].clone(), vec![0.0; words_of.len()]),
+                CollectiveKind::AllGather => {
+                    let mut all = vec![0.0; words_of.len()];
+                    for (r, range) in ranges.iter().enumerate() {
+                        for i in range.clone() {
+                            all[i] = match shard {
+                                // Member r's shard comes from its shard tile.
+                                Some(s) => want[first + r][at(s)[i - range.start]],
+                                None => own[r][i],
+                            };
+                        }
+                    }
+                    (all, vec![0.0; words_of.len()])
+                }
+                CollectiveKind::Shard => (Vec::new(), Vec::new()),
+            };
+            for (r, c) in members.enumerate() {
+                let range = ranges[r].clone();
+                match (kind, shard) {
+                    (CollectiveKind::ReduceScatter, Some(s)) => {
+                        for (j, &w) in at(s).iter().take(range.len()).enumerate() {
+                            (want[c][w], bound[c][w]) = (result[range.start + j], error[range.start + j]);
+                        }
+                    }
+                    (CollectiveKind::Shard, Some(s)) => {
+                        for (j, &w) in at(s).iter().take(range.len()).enumerate() {
+                            (want[c][w], bound[c][w]) = (own[r][range.start + j], 0.0);
+                        }
+                    }
+                    (CollectiveKind::ReduceScatter, None) => {
+                        for i in range {
+                            (want[c][words_of[i]], bound[c][words_of[i]]) = (result[i], error[i]);
+                        }
+                    }
+                    _ => {
+                        for (i, &w) in words_of.iter().enumerate() {
+                            (want[c][w], bound[c][w]) = (result[i], error[i]);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    for (c, engine) in engines.iter_mut().enumerate() {
+        let got = engine.read(whole).expect("HBM reads back");
+        for (w, (&g, (&x, &b))) in got.iter().zip(want[c].iter().zip(&bound[c])).enumerate() {
+            // A reduced word is f32: its own rounding, then the adds' error.
+            let allowed = b + (x.abs() * f64::from(f32::EPSILON)).max(if b > 0.0 { 1e-30 } else { 0.0 });
+            let ok = if b == 0.0 { f64::from(g) == x } else { (f64::from(g) - x).abs() <= allowed };
+            assert!(
+                ok,
+                "core {c}, HBM word {w}: the slice gives {g}, the collectives' definitions {x} (± {allowed})\n{ops:?}"
+            );
+        }
     }
 }
 

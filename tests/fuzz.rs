@@ -17,6 +17,8 @@ use systolic::simulator::config::presets;
 const CASES: usize = 40_000;
 /// ... for the lowering, each of whose inputs compiles twice and trains on both backends.
 const LOWERING_CASES: usize = 3_000;
+/// ... for collectives, each of whose inputs runs a whole slice.
+const COLLECTIVE_CASES: usize = 5_000;
 
 /// SplitMix64: the same mutations on every run, so a failure reproduces.
 struct Rng(u64);
@@ -198,6 +200,12 @@ fn lowerings() {
     fuzz_from("lowering", &["graph_file", "lowering"], LOWERING_CASES, fuzz::lowering, false);
 }
 
+/// Collectives on slices of 1 to 18 cores, checked against their definitions.
+#[test]
+fn collectives() {
+    fuzz_from("collectives", &["collectives"], COLLECTIVE_CASES, fuzz::collectives, false);
+}
+
 #[test]
 fn machine_files() {
     fuzz("machine_file", fuzz::machine_file, true);
@@ -263,6 +271,12 @@ fn write_seeds() {
     for i in 0..16 {
         let bytes: Vec<u8> = (0..64).map(|_| rng.next() as u8).collect();
         write("lowering", &format!("random{i:02}.bin"), &bytes);
+    }
+    // Slices and their collectives, decoded from random bytes (`systolic::fuzz::collectives`).
+    let mut rng = Rng(17);
+    for i in 0..16 {
+        let bytes: Vec<u8> = (0..48).map(|_| rng.next() as u8).collect();
+        write("collectives", &format!("random{i:02}.bin"), &bytes);
     }
 
     let v2 = presets::preset("v2-8").unwrap();
