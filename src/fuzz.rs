@@ -501,12 +501,14 @@ pub fn program(data: &[u8]) {
 
 /// Collectives over a small slice decoded from bytes — 1 to 3 × 1 to 3 chips (each axis a
 /// ring or a line) of 1 or 2 cores — then up to four all-reduces, reduce-scatters,
-/// all-gathers, broadcasts and shards, one after another, of HBM tiles of random shapes and
-/// strides, over a group size the slice has; each core's HBM starts with its own values.
-/// What validates runs for values on every core (`pod::slice::run_values`) and is timed
-/// (`pod::slice::simulate`); every core's HBM must then hold what the collectives mean,
-/// computed here from their definitions on a copy of each core's memory: moves exactly, sums
-/// and means within f32 rounding of the exact sum (any order of the adds).
+/// all-gathers, broadcasts and shards in a row, of HBM tiles of random shapes and strides
+/// (fresh, or one an earlier collective wrote, so results feed the next), over a group size
+/// the slice has; each core's HBM starts with its own values. The program must validate, run
+/// for values on every core (`pod::slice::run_values`) and be timed (`pod::slice::simulate`);
+/// every core's HBM must then hold what the collectives mean, computed here from their
+/// definitions on an f64 copy of each core's memory that carries each word's error bound:
+/// words moved exactly, sums and means within f32 rounding of the exact sum (any order of the
+/// adds) plus the bounds of the words they sum.
 pub fn collectives(data: &[u8]) {
     use pod::slice;
     let mut bytes = Reader(data);
@@ -518,14 +520,22 @@ pub fn collectives(data: &[u8]) {
     machine.core.hbm.bytes = 1 << 16;
     let Ok(topology) = pod::topology::Topology::of(&machine) else { return };
     let (cores, sizes) = (topology.cores(), topology.group_sizes());
-    // Each tile in its own region of HBM (collectives refuse overlapping tiles), 4 KiB apart.
-    let mut region = 0u64;
-    let mut tile = |bytes: &mut Reader, elements_at_least: u64| {
+    // Each tile fills its own 4 KiB region of HBM, so two tiles overlap only if they are one;
+    // a collective's tiles must not (the validator refuses that), later ones may reuse them.
+    let mut made: Vec<Tile> = Vec::new();
+    let mut tile = |bytes: &mut Reader, taken: &[Tile], elements_at_least: u64| {
+        let reuse = bytes.byte();
+        let old = made.get(reuse as usize / 4 % made.len().max(1)).copied();
+        if let Some(t) = old.filter(|t| reuse & 3 == 0 && !taken.contains(t) && t.elements() >= elements_at_least) {
+            return t;
+        }
         let cols = 1 + bytes.small(8);
         let rows = (1 + bytes.small(5)).max(elements_at_least.div_ceil(u64::from(cols)) as u32);
         let stride = cols + bytes.small(2);
-        region += 1;
-        Tile { space: Space::Hbm, offset: region * 4096, rows, cols, stride, dtype: DType::F32 }
+        let t =
+            Tile { space: Space::Hbm, offset: (made.len() as u64 + 1) * 4096, rows, cols, stride, dtype: DType::F32 };
+        made.push(t);
+        t
     };
     let mut program = Program::new("collectives");
     let mut ops = Vec::new();
@@ -533,11 +543,15 @@ pub fn collectives(data: &[u8]) {
         let kind = COLLECTIVE_KINDS[bytes.small(4) as usize];
         let reduction = if kind.reduces() && bytes.byte() & 1 == 1 { Reduction::Mean } else { Reduction::Sum };
         let replicas = sizes[bytes.byte() as usize % sizes.len()] as u32;
-        let tiles: Vec<Tile> = (0..1 + bytes.small(1)).map(|_| tile(&mut bytes, 0)).collect();
+        let mut tiles: Vec<Tile> = Vec::new();
+        for _ in 0..1 + bytes.small(1) {
+            let t = tile(&mut bytes, &tiles, 0);
+            tiles.push(t);
+        }
         let elements: u64 = tiles.iter().map(|t| t.elements()).sum();
         let takes_shard = matches!(kind, CollectiveKind::ReduceScatter | CollectiveKind::AllGather);
         let shard = (kind == CollectiveKind::Shard || (takes_shard && bytes.byte() & 1 == 1))
-            .then(|| tile(&mut bytes, elements.div_ceil(u64::from(replicas))));
+            .then(|| tile(&mut bytes, &tiles, elements.div_ceil(u64::from(replicas))));
         let op = Operation::Collective { kind, reduction, tiles, shard, replicas };
         ops.push(op.clone());
         let deps: Vec<u32> = (i > 0).then(|| i - 1).into_iter().collect();
@@ -546,16 +560,17 @@ pub fn collectives(data: &[u8]) {
     program
         .validate(&machine)
         .unwrap_or_else(|e| panic!("collectives built to be valid were refused: {e}\n{program:?}"));
-    // Every core's HBM as f32 values (4 KiB regions, the first unused), its own values first.
-    let words = ((region + 1) * 1024) as usize;
+    // Every core's HBM as f32 values (the first 4 KiB region unused), its own values first.
+    let words = (made.len() + 1) * 1024;
     let image = |core: usize| -> Vec<f32> {
         (0..words)
             .map(|i| {
                 let r = rng::derive(u64::from(shape) << 32 | core as u64, i as u64);
-                // Mostly moderate values, now and then an exact zero or a large one.
+                // Mostly moderate values, now and then an exact zero or a large one (small
+                // enough that four sums over 18 cores stay finite in f32).
                 match r % 16 {
                     0 => 0.0,
-                    1 => (r >> 8) as f32 * 1e20,
+                    1 => ((r >> 8) % 1_000_000) as f32 * 1e25,
                     _ => ((r >> 8) % 20_001) as f32 / 1000.0 - 10.0,
                 }
             })
@@ -563,7 +578,6 @@ pub fn collectives(data: &[u8]) {
     };
     let whole =
         Tile { space: Space::Hbm, offset: 0, rows: 1, cols: words as u32, stride: words as u32, dtype: DType::F32 };
-    let mut want: Vec<Vec<f64>> = (0..cores).map(|c| image(c).into_iter().map(f64::from).collect()).collect();
     let mut engines: Vec<Functional> = (0..cores)
         .map(|c| {
             let mut core = Functional::new(&machine);
@@ -573,13 +587,17 @@ pub fn collectives(data: &[u8]) {
         })
         .collect();
     slice::run_values(&machine, &program, &mut engines).unwrap_or_else(|e| panic!("a valid program failed: {e}"));
-    let _ = slice::simulate(&machine, &program, &slice::Hosts::new(1, 1024), &slice::Options::default());
-    // The definitions, on each core's copy; `bound` is each word's allowed error.
-    let mut bound: Vec<Vec<f64>> = vec![vec![0.0; words]; cores];
+    slice::simulate(&machine, &program, &slice::Hosts::new(1, 1024), &slice::Options::default())
+        .unwrap_or_else(|e| panic!("a valid program was not timed: {e}"));
+    // The definitions, on each core's copy: each word's value and how far the f32 result may
+    // be from it.
+    let mut want: Vec<Vec<(f64, f64)>> =
+        (0..cores).map(|c| image(c).into_iter().map(|v| (f64::from(v), 0.0)).collect()).collect();
     let at = |t: &Tile| -> Vec<usize> {
         let base = (t.offset / 4) as usize;
         (0..t.rows as usize).flat_map(|r| (0..t.cols as usize).map(move |c| base + r * t.stride as usize + c)).collect()
     };
+    let eps = f64::from(f32::EPSILON);
     for op in &ops {
         let Operation::Collective { kind, reduction, tiles, shard, replicas } = op else { unreachable!() };
         let n = *replicas as usize;
@@ -587,22 +605,27 @@ pub fn collectives(data: &[u8]) {
         let ranges = pod::collectives::shards(words_of.len(), n);
         for first in (0..cores).step_by(n) {
             let members = first..first + n;
-            let operand = |c: usize, want: &[Vec<f64>]| -> Vec<f64> { words_of.iter().map(|&w| want[c][w]).collect() };
-            let own: Vec<Vec<f64>> = members.clone().map(|c| operand(c, &want)).collect();
-            let (result, error): (Vec<f64>, Vec<f64>) = match kind {
+            // Every member's operand, read before any member's result is written.
+            let own: Vec<Vec<(f64, f64)>> =
+                members.clone().map(|c| words_of.iter().map(|&w| want[c][w]).collect()).collect();
+            let result: Vec<(f64, f64)> = match kind {
                 CollectiveKind::AllReduce | CollectiveKind::ReduceScatter => {
                     let scale = if *reduction == Reduction::Mean { n as f64 } else { 1.0 };
                     (0..words_of.len())
                         .map(|i| {
-                            let (sum, magnitude) =
-                                own.iter().fold((0.0, 0.0), |(s, m): (f64, f64), v| (s + v[i], m + v[i].abs()));
-                            (sum / scale, (n as f64 + 1.0) * f64::from(f32::EPSILON) * magnitude / scale + 1e-30)
+                            let (sum, error, magnitude) =
+                                own.iter().fold((0.0, 0.0, 0.0), |(s, e, m): (f64, f64, f64), v| {
+                                    (s + v[i].0, e + v[i].1, m + v[i].0.abs() + v[i].1)
+                                });
+                            // n - 1 rounded adds in some order, then the mean's division.
+                            let x = sum / scale;
+                            (x, (error + (n as f64 + 1.0) * eps * magnitude) / scale + eps * x.abs() + 1e-30)
                         })
-                        .unzip()
+                        .collect()
                 }
-                CollectiveKind::Broadcast => (own[0].clone(), vec![0.0; words_of.len()]),
+                CollectiveKind::Broadcast => own[0].clone(),
                 CollectiveKind::AllGather => {
-                    let mut all = vec![0.0; words_of.len()];
+                    let mut all = vec![(0.0, 0.0); words_of.len()];
                     for (r, range) in ranges.iter().enumerate() {
                         for i in range.clone() {
                             all[i] = match shard {
@@ -612,31 +635,31 @@ pub fn collectives(data: &[u8]) {
                             };
                         }
                     }
-                    (all, vec![0.0; words_of.len()])
+                    all
                 }
-                CollectiveKind::Shard => (Vec::new(), Vec::new()),
+                CollectiveKind::Shard => Vec::new(),
             };
             for (r, c) in members.enumerate() {
                 let range = ranges[r].clone();
                 match (kind, shard) {
                     (CollectiveKind::ReduceScatter, Some(s)) => {
                         for (j, &w) in at(s).iter().take(range.len()).enumerate() {
-                            (want[c][w], bound[c][w]) = (result[range.start + j], error[range.start + j]);
+                            want[c][w] = result[range.start + j];
                         }
                     }
                     (CollectiveKind::Shard, Some(s)) => {
                         for (j, &w) in at(s).iter().take(range.len()).enumerate() {
-                            (want[c][w], bound[c][w]) = (own[r][range.start + j], 0.0);
+                            want[c][w] = own[r][range.start + j];
                         }
                     }
                     (CollectiveKind::ReduceScatter, None) => {
                         for i in range {
-                            (want[c][words_of[i]], bound[c][words_of[i]]) = (result[i], error[i]);
+                            want[c][words_of[i]] = result[i];
                         }
                     }
                     _ => {
                         for (i, &w) in words_of.iter().enumerate() {
-                            (want[c][w], bound[c][w]) = (result[i], error[i]);
+                            want[c][w] = result[i];
                         }
                     }
                 }
@@ -645,13 +668,11 @@ pub fn collectives(data: &[u8]) {
     }
     for (c, engine) in engines.iter_mut().enumerate() {
         let got = engine.read(whole).expect("HBM reads back");
-        for (w, (&g, (&x, &b))) in got.iter().zip(want[c].iter().zip(&bound[c])).enumerate() {
-            // A reduced word is f32: its own rounding, then the adds' error.
-            let allowed = b + (x.abs() * f64::from(f32::EPSILON)).max(if b > 0.0 { 1e-30 } else { 0.0 });
-            let ok = if b == 0.0 { f64::from(g) == x } else { (f64::from(g) - x).abs() <= allowed };
+        for (w, (&g, &(x, bound))) in got.iter().zip(&want[c]).enumerate() {
+            let ok = if bound == 0.0 { f64::from(g) == x } else { (f64::from(g) - x).abs() <= bound };
             assert!(
                 ok,
-                "core {c}, HBM word {w}: the slice gives {g}, the collectives' definitions {x} (± {allowed})\n{ops:?}"
+                "core {c}, HBM word {w}: the slice gives {g}, the collectives' definitions {x} (± {bound})\n{ops:?}"
             );
         }
     }

@@ -146,18 +146,26 @@ fn parameters_the_loss_does_not_reach_stay_as_they_are() {
     let h = g.flatten("flat", h).unwrap();
     let logits = g.dense("logits", h, 10).unwrap();
     let aux = g.dense("aux", h, 3).unwrap();
+    // And a dead branch: a head on no output, whose parameters no program binds.
+    g.dense("dead", h, 2).unwrap();
     g.set_outputs(vec![logits, aux]);
     let n = 8;
     let optimizer = Optimizer::momentum(0.1, 0.9).with_weight_decay(0.1);
     let settings = Settings { precision: Precision::Highest, ..Settings::new(optimizer) };
     let machine = presets::preset("v2-8").unwrap();
     let start = g.init_parameters(3);
+    let mut states = Vec::new();
     for target in [Target::Cpu, Target::Core(machine.clone()), Target::Slice(machine)] {
+        // Every backend needs every parameter, reached or not, and says which is missing.
+        let mut partial = start.clone();
+        partial.remove("dead/bias");
+        let e = backend(target.clone(), &g, partial, n, settings.clone()).err().expect("a state without dead/bias");
+        assert!(e.to_string().contains("'dead/bias'"), "{e}");
         let mut b = backend(target, &g, start.clone(), n, settings.clone()).unwrap();
         let what = b.describe();
         for s in 0..2 {
             let out = b.train_step(&batch(n, s)).unwrap();
-            for name in ["aux/kernel", "aux/bias"] {
+            for name in ["aux/kernel", "aux/bias", "dead/kernel", "dead/bias"] {
                 let grad = out
                     .outputs
                     .get(&session::grad_name(name))
@@ -172,9 +180,15 @@ fn parameters_the_loss_does_not_reach_stay_as_they_are() {
         let predicted = b.predict(&batch(n, 5)).unwrap();
         assert_eq!(predicted.outputs["aux"].shape(), &[n, 3], "{what}");
         let state = b.state().unwrap();
-        for name in ["aux/kernel", "aux/bias"] {
+        for name in ["aux/kernel", "aux/bias", "dead/kernel", "dead/bias"] {
             assert_eq!(state[name], start[name], "{what}: {name} moved");
         }
         assert_ne!(state["logits/kernel"], start["logits/kernel"], "{what}");
+        // The same tensors on every backend (no slots for a parameter never updated), so a
+        // checkpoint of one resumes on another.
+        let shapes = b.state_shapes().unwrap();
+        assert_eq!(shapes.keys().collect::<Vec<_>>(), state.keys().collect::<Vec<_>>(), "{what}");
+        states.push(shapes);
     }
+    assert!(states.windows(2).all(|w| w[0] == w[1]), "{states:?}");
 }

@@ -40,9 +40,14 @@ impl Cpu {
             // Standard layout: the optimizer updates parameters as flat slices.
             params.insert(node.name.clone(), t.as_standard_layout().into_owned());
         }
+        // Slots for the parameters the loss reaches: one it does not reach is never updated (as
+        // on a TPU, whose compiled step has no update and no slots for it).
         let mut slots = BTreeMap::new();
         for id in model.trainable_parameters() {
             let name = &model.node(id).name;
+            if train.unconnected.contains(name) {
+                continue;
+            }
             let len = params[name].len();
             let values = settings
                 .optimizer
@@ -96,15 +101,17 @@ impl Backend for Cpu {
         let out = reference::run_gradients(&self.train, &b, RunOptions::training(self.step))?;
         let opt = &self.settings.optimizer;
         let mut outputs = TensorMap::new();
+        // A parameter the loss does not reach has a zero gradient and, like a TPU step (which
+        // has no update for it) and TensorFlow's optimizers (which skip a variable without a
+        // gradient), no update: weight decay and momentum leave it as it is.
+        for name in self.train.unconnected.iter().filter(|n| self.params.contains_key(*n)) {
+            if let Some(g) = out.grads.get(name) {
+                outputs.insert(session::grad_name(name), g.clone());
+            }
+        }
         for (name, slots) in &mut self.slots {
             let Some(g) = out.grads.get(name) else { continue };
             outputs.insert(session::grad_name(name), g.clone());
-            // A parameter the loss does not reach has no gradient: like a TPU step (which has
-            // no update for it) and TensorFlow's optimizers (which skip a variable without a
-            // gradient), it is left as it is, weight decay and momentum included.
-            if self.train.unconnected.contains(name) {
-                continue;
-            }
             let grad: Vec<f32> = g.iter().copied().collect();
             let p = self.params.get_mut(name).expect("every trainable parameter is held");
             let shape = p.shape().to_vec();

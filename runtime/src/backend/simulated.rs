@@ -60,8 +60,14 @@ impl Simulated {
         let base = Options::new(machine.clone(), per_replica, settings.precision);
         let infer = compile(model, &base)?.executable;
         infer.program.validate(&machine)?;
+        // Every parameter of the model, as the CPU backend checks: those no program binds (the
+        // outputs and the loss do not reach them) stay on the host, part of the state.
         for b in infer.bindings.iter().filter(|b| b.role == Role::Parameter) {
             session::state_tensor(&state, &b.name, &b.shape)?;
+        }
+        for id in model.parameters() {
+            let node = model.node(id);
+            session::state_tensor(&state, &node.name, &node.shape.dims)?;
         }
         let cores = (0..replicas).map(|_| Functional::new(&machine)).collect();
         Ok(Simulated {
@@ -187,13 +193,24 @@ impl Backend for Simulated {
                 core.write(b.tile, values)?;
             }
         }
+        // The state the step does not bind stays on the host (with any replica's own value).
         if let Some(initial) = self.initial.take() {
             let bound = |name: &str| exe.bindings.iter().any(|b| b.role == Role::Parameter && b.name == name);
-            for id in self.model.parameters() {
-                let name = &self.model.node(id).name;
-                if !bound(name) {
-                    let t = initial.get(name).ok_or_else(|| Error::Input(format!("no parameter '{name}'")))?;
-                    self.unbound.insert(name.clone(), t.clone());
+            let unbound: Vec<&str> = self
+                .model
+                .parameters()
+                .into_iter()
+                .map(|id| self.model.node(id).name.as_str())
+                .filter(|name| !bound(name))
+                .collect();
+            let of_replica = |key: &str| {
+                key.split_once('/').is_some_and(|(r, name)| {
+                    r.strip_prefix("replica").is_some_and(|n| n.parse::<usize>().is_ok()) && unbound.contains(&name)
+                })
+            };
+            for (key, t) in initial {
+                if unbound.contains(&key.as_str()) || of_replica(&key) {
+                    self.unbound.insert(key, t);
                 }
             }
         }
