@@ -198,7 +198,7 @@ pub fn check_state(file: &str, state: &TensorMap, expected: &BTreeMap<String, Ve
             Some(_) => {}
         }
     }
-    if let Some(extra) = state.keys().find(|n| !expected.contains_key(*n) && !n.starts_with("replica")) {
+    if let Some(extra) = state.keys().find(|n| !expected.contains_key(*n) && crate::session::replica_of(n).is_none()) {
         return Err(bad(format!(
             "holds '{extra}', which the model does not have: was it written for another model or optimizer?"
         )));
@@ -290,6 +290,10 @@ mod tests {
         let mut state: TensorMap = [("w".to_string(), Tensor::zeros(vec![2, 2]))].into();
         state.insert("replica1/bn/moving_mean".into(), Tensor::zeros(vec![3]));
         check_state("f", &state, &expected).unwrap();
+        // Only `replica<r>/` names are a replica's own: another name that starts alike is not.
+        let mut odd = state.clone();
+        odd.insert("replicas/w".into(), Tensor::zeros(vec![3]));
+        assert!(check_state("f", &odd, &expected).unwrap_err().to_string().contains("'replicas/w'"));
         state.insert("w".into(), Tensor::zeros(vec![4]));
         assert!(check_state("f", &state, &expected).unwrap_err().to_string().contains("shape [4]"));
         let e = check_state("f", &TensorMap::new(), &expected).unwrap_err();

@@ -23,6 +23,12 @@ pub fn replica_state(r: usize, name: &str) -> String {
     format!("replica{r}/{name}")
 }
 
+/// The replica and state name of a [`replica_state`] name; `None` for any other name.
+pub fn replica_of(key: &str) -> Option<(usize, &str)> {
+    let (replica, name) = key.split_once('/')?;
+    Some((replica.strip_prefix("replica")?.parse().ok()?, name))
+}
+
 /// The model's inputs in `batch` by name (the labels are not among them), each checked for
 /// its batch size.
 pub fn inputs<'a>(model: &Graph, batch: &'a TensorMap, examples: usize) -> Result<Vec<(String, &'a Tensor)>> {

@@ -95,6 +95,25 @@ impl Memo {
     fn sum_dy(&mut self, dy: NodeId, values: &[f32], c: usize) -> Vec<f64> {
         self.sum_dy.entry(dy).or_insert_with(|| norm::sum_dy(values, c)).clone()
     }
+
+    /// `Σ dy · x̂` per channel of nodes `x` and `dy` (values `xv`, `dyv`) under `stats`: shared
+    /// in training, where `stats` are x's batch moments with ε; at inference x̂ comes from each
+    /// batch norm's own moving statistics, so it is computed afresh.
+    #[allow(clippy::too_many_arguments)] // the two nodes, their values and the statistics
+    fn sum_xhat_dy(
+        &mut self,
+        (x, dy): (NodeId, NodeId),
+        (xv, dyv): (&[f32], &[f32]),
+        c: usize,
+        stats: &norm::Stats,
+        eps: f32,
+        training: bool,
+    ) -> Vec<f64> {
+        if !training {
+            return norm::sum_xhat_dy(xv, dyv, c, stats);
+        }
+        self.sum_xhat_dy.entry((x, dy, eps.to_bits())).or_insert_with(|| norm::sum_xhat_dy(xv, dyv, c, stats)).clone()
+    }
 }
 
 /// Evaluates node `id` of `graph` on `inputs` (the values of its input nodes, in order),
@@ -240,9 +259,8 @@ pub fn eval(graph: &Graph, id: NodeId, inputs: &[&Tensor], opts: RunOptions, mem
             let (xv, dy) = (data(x()), data(inputs[4]));
             let stats = bn_stats(memo, node.inputs[0], xv, c, data(inputs[2]), data(inputs[3]), bn.epsilon, training);
             let dx = if training {
-                let key = (node.inputs[0], node.inputs[4], bn.epsilon.to_bits());
-                let sum_xhat_dy =
-                    memo.sum_xhat_dy.entry(key).or_insert_with(|| norm::sum_xhat_dy(xv, dy, c, &stats)).clone();
+                let nodes = (node.inputs[0], node.inputs[4]);
+                let sum_xhat_dy = memo.sum_xhat_dy(nodes, (xv, dy), c, &stats, bn.epsilon, true);
                 let sum_dy = memo.sum_dy(node.inputs[4], dy, c);
                 norm::grad_input(xv, dy, c, &stats, data(inputs[1]), Some((&sum_dy, &sum_xhat_dy)))
             } else {
@@ -254,12 +272,7 @@ pub fn eval(graph: &Graph, id: NodeId, inputs: &[&Tensor], opts: RunOptions, mem
             let c = last(x());
             let (xv, dy) = (data(x()), data(inputs[3]));
             let stats = bn_stats(memo, node.inputs[0], xv, c, data(inputs[1]), data(inputs[2]), bn.epsilon, training);
-            let sums = if training {
-                let key = (node.inputs[0], node.inputs[3], bn.epsilon.to_bits());
-                memo.sum_xhat_dy.entry(key).or_insert_with(|| norm::sum_xhat_dy(xv, dy, c, &stats)).clone()
-            } else {
-                norm::sum_xhat_dy(xv, dy, c, &stats)
-            };
+            let sums = memo.sum_xhat_dy((node.inputs[0], node.inputs[3]), (xv, dy), c, &stats, bn.epsilon, training);
             tensor(vec![c], sums.into_iter().map(|s| s as f32).collect()).into()
         }
         Op::SoftmaxGrad => {

@@ -62,9 +62,6 @@ impl Simulated {
         infer.program.validate(&machine)?;
         // Every parameter of the model, as the CPU backend checks: those no program binds (the
         // outputs and the loss do not reach them) stay on the host, part of the state.
-        for b in infer.bindings.iter().filter(|b| b.role == Role::Parameter) {
-            session::state_tensor(&state, &b.name, &b.shape)?;
-        }
         for id in model.parameters() {
             let node = model.node(id);
             session::state_tensor(&state, &node.name, &node.shape.dims)?;
@@ -203,13 +200,9 @@ impl Backend for Simulated {
                 .map(|id| self.model.node(id).name.as_str())
                 .filter(|name| !bound(name))
                 .collect();
-            let of_replica = |key: &str| {
-                key.split_once('/').is_some_and(|(r, name)| {
-                    r.strip_prefix("replica").is_some_and(|n| n.parse::<usize>().is_ok()) && unbound.contains(&name)
-                })
-            };
             for (key, t) in initial {
-                if unbound.contains(&key.as_str()) || of_replica(&key) {
+                let name = session::replica_of(&key).map_or(key.as_str(), |(_, name)| name);
+                if unbound.contains(&name) {
                     self.unbound.insert(key, t);
                 }
             }

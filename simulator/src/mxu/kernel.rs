@@ -498,28 +498,24 @@ mod avx2 {
                     // SAFETY (the block): kk < kc, r0 + 6 <= MR and c0 + 16 <= NR, so every read
                     // is inside `a` and `b`.
                     let (mut a0, mut a3, mut bk) = unsafe { (ap.add(r0 * kc), ap.add((r0 + 3) * kc), bp.add(c0)) };
+                    // One row of the sub-tile for one k: A's value broadcast, times both B vectors.
+                    macro_rules! row {
+                        ($a:expr, $b0:ident, $b1:ident, $lo:ident, $hi:ident) => {
+                            let x = _mm256_broadcast_ss(&*$a);
+                            $lo = _mm256_fmadd_ps(x, $b0, $lo);
+                            $hi = _mm256_fmadd_ps(x, $b1, $hi);
+                        };
+                    }
                     macro_rules! step {
                         ($d:expr) => {
                             unsafe {
                                 let (b0, b1) = (_mm256_loadu_ps(bk.add($d * NR)), _mm256_loadu_ps(bk.add($d * NR + 8)));
-                                let x = _mm256_broadcast_ss(&*a0.add($d));
-                                c00 = _mm256_fmadd_ps(x, b0, c00);
-                                c01 = _mm256_fmadd_ps(x, b1, c01);
-                                let x = _mm256_broadcast_ss(&*a0.add(kc + $d));
-                                c10 = _mm256_fmadd_ps(x, b0, c10);
-                                c11 = _mm256_fmadd_ps(x, b1, c11);
-                                let x = _mm256_broadcast_ss(&*a0.add(2 * kc + $d));
-                                c20 = _mm256_fmadd_ps(x, b0, c20);
-                                c21 = _mm256_fmadd_ps(x, b1, c21);
-                                let x = _mm256_broadcast_ss(&*a3.add($d));
-                                c30 = _mm256_fmadd_ps(x, b0, c30);
-                                c31 = _mm256_fmadd_ps(x, b1, c31);
-                                let x = _mm256_broadcast_ss(&*a3.add(kc + $d));
-                                c40 = _mm256_fmadd_ps(x, b0, c40);
-                                c41 = _mm256_fmadd_ps(x, b1, c41);
-                                let x = _mm256_broadcast_ss(&*a3.add(2 * kc + $d));
-                                c50 = _mm256_fmadd_ps(x, b0, c50);
-                                c51 = _mm256_fmadd_ps(x, b1, c51);
+                                row!(a0.add($d), b0, b1, c00, c01);
+                                row!(a0.add(kc + $d), b0, b1, c10, c11);
+                                row!(a0.add(2 * kc + $d), b0, b1, c20, c21);
+                                row!(a3.add($d), b0, b1, c30, c31);
+                                row!(a3.add(kc + $d), b0, b1, c40, c41);
+                                row!(a3.add(2 * kc + $d), b0, b1, c50, c51);
                             }
                         };
                     }
